@@ -1,1 +1,15 @@
-//! placeholder
+//! The reflex inference server: loads an export, runs the policy on an
+//! engine and serves `reflex.v1.Policy` over gRPC.
+//!
+//! Modules: `config` (export config and hashes), `export` (the reference
+//! export writer), `tokenizer`, `preprocess` (image decode/resize/normalise),
+//! `engine` (the `Engine` trait and the `cpu` engine), `policy` (the Act
+//! pipeline: cache, noise, Euler loop), `pool` (bounded inference workers),
+//! `service` (wire ↔ domain), `serve` (listeners, health, reflection, shutdown).
+
+pub mod config;
+pub mod engine;
+pub mod export;
+pub mod policy;
+pub mod preprocess;
+pub mod tokenizer;

@@ -1,0 +1,123 @@
+//! Engines run the two graphs of an export; the policy drives them.
+//!
+//! The contract an engine keeps (and a GPU engine must keep too): inputs and
+//! outputs are flat row-major f32/i64 slices in the shapes of the export's
+//! graphs; the same inputs give the same outputs bit for bit on one machine.
+//! `denoise` runs the whole Euler loop so an engine can capture it as one unit
+//! (a CUDA graph); the default drives `expert_step` from the host.
+
+pub mod cpu;
+
+use std::collections::BTreeMap;
+
+/// Failure inside an engine. The message says which graph and why.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("loading {graph} failed: {message}")]
+    Load { graph: String, message: String },
+    #[error("running {graph} failed: {message}")]
+    Run { graph: &'static str, message: String },
+    #[error("engine {engine} is not available: {reason}")]
+    Unavailable { engine: &'static str, reason: String },
+}
+
+/// Which engine to run, from `--engine`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineKind {
+    #[default]
+    Cpu,
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(EngineKind::Cpu),
+            other => Err(format!("unknown engine {other:?} (this build has: cpu)")),
+        }
+    }
+}
+
+/// Shapes an engine needs to know; taken from the export's config.
+#[derive(Debug, Clone)]
+pub struct Shapes {
+    pub cameras: usize,
+    pub height: usize,
+    pub width: usize,
+    pub tokens: usize,
+    pub prefix_dim: usize,
+    pub state_dim: usize,
+    pub chunk: usize,
+    pub action_dim: usize,
+}
+
+pub trait Engine: Send + Sync {
+    /// Name reported as `mode` in responses and traces ("cpu", "cuda").
+    fn mode(&self) -> &'static str;
+
+    /// Facts for the trace header's `hardware` block.
+    fn hardware(&self) -> BTreeMap<String, String>;
+
+    /// `pixels [cameras,3,H,W]` + `tokens [1,T]` → `prefix [1,D]`.
+    fn prefix(&self, pixels: &[f32], tokens: &[i64]) -> Result<Vec<f32>, EngineError>;
+
+    /// One flow-matching step: velocity at (`x_t`, `t`).
+    fn expert_step(
+        &self,
+        x: &[f32],
+        t: f32,
+        prefix: &[f32],
+        state: &[f32],
+    ) -> Result<Vec<f32>, EngineError>;
+
+    /// Integrates from `noise` (t=0) to t=1 in `steps` Euler steps.
+    fn denoise(
+        &self,
+        noise: Vec<f32>,
+        prefix: &[f32],
+        state: &[f32],
+        steps: u32,
+    ) -> Result<Vec<f32>, EngineError> {
+        euler(noise, steps, |x, t| self.expert_step(x, t, prefix, state))
+    }
+}
+
+/// x ← x + dt·v(x, t) at t = k/steps, k = 0..steps. Shared by every engine
+/// that steps from the host, so all of them integrate identically.
+pub fn euler(
+    mut x: Vec<f32>,
+    steps: u32,
+    mut velocity: impl FnMut(&[f32], f32) -> Result<Vec<f32>, EngineError>,
+) -> Result<Vec<f32>, EngineError> {
+    let dt = 1.0 / steps as f32;
+    for k in 0..steps {
+        let t = k as f32 * dt;
+        let v = velocity(&x, t)?;
+        for (xi, vi) in x.iter_mut().zip(&v) {
+            *xi += dt * vi;
+        }
+    }
+    Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn euler_integrates_a_constant_velocity_exactly() {
+        let x = euler(vec![0.0, 1.0], 4, |_, _| Ok(vec![1.0, -2.0])).unwrap();
+        assert_eq!(x, vec![1.0, -1.0]);
+    }
+
+    #[test]
+    fn euler_passes_the_step_times() {
+        let mut seen = vec![];
+        euler(vec![0.0], 5, |_, t| {
+            seen.push(t);
+            Ok(vec![0.0])
+        })
+        .unwrap();
+        assert_eq!(seen, vec![0.0, 0.2, 0.4, 0.6, 0.8]);
+    }
+}

@@ -1,0 +1,539 @@
+//! The policy pipeline around an engine: one Act from validated input to
+//! de-normalised actions.
+//!
+//! Order of work for one call: hash each camera image (SHA-256) → look the
+//! prefix up in the cache (key: image hashes + instruction) → on a miss decode,
+//! resize and normalise the images, tokenize the instruction and run the
+//! prefix graph → draw noise from ChaCha8 seeded with the request's seed (or a
+//! fresh one) → Euler-integrate the expert → de-normalise. The same seed and
+//! inputs give the same actions bit for bit.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+use crate::config::{ConfigError, ExportConfig, hex, model_hash};
+use crate::engine::{Engine, EngineError, EngineKind, Shapes, cpu::CpuEngine};
+use crate::preprocess::{self, ImageError};
+use crate::tokenizer;
+
+/// Longest instruction accepted, in bytes.
+pub const MAX_INSTRUCTION_BYTES: usize = 4096;
+
+/// One camera frame as it arrived.
+#[derive(Debug, Clone)]
+pub struct FrameInput {
+    /// Position of this image in the request's `images` list (for messages).
+    pub index: usize,
+    pub data: Vec<u8>,
+    /// Hex SHA-256 the client says `data` has, checked when present.
+    pub expect_sha256: Option<String>,
+    /// Name of the request field that carried the expected hash.
+    pub sha_field: &'static str,
+}
+
+/// A request mapped onto the model's cameras; built by the service.
+#[derive(Debug, Clone, Default)]
+pub struct ActInput {
+    /// One slot per configured camera, in config order.
+    pub frames: Vec<Option<FrameInput>>,
+    pub instruction: String,
+    pub state: Vec<f32>,
+    pub noise_seed: Option<u64>,
+}
+
+/// Something wrong with the request; each message names the field.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum InputError {
+    #[error("images is empty: the primary camera {camera:?} image is required")]
+    MissingPrimary { camera: String },
+    #[error("images has {got} entries; this model has {max} cameras ({cameras})")]
+    TooManyImages { got: usize, max: usize, cameras: String },
+    #[error("images[{index}].camera {name:?} is not a camera of this model (cameras: {cameras})")]
+    UnknownCamera { index: usize, name: String, cameras: String },
+    #[error("images[{index}].camera {name:?} appears twice")]
+    DuplicateCamera { index: usize, name: String },
+    #[error("images[0] must be the primary camera {primary:?}, got {got:?}")]
+    PrimaryNotFirst { primary: String, got: String },
+    #[error(
+        "images[{index}].data is empty (camera {camera:?}); a trace recorded with --record-images hash_only keeps only hashes: replay it with --image-dir"
+    )]
+    EmptyImage { index: usize, camera: String },
+    #[error("image_b64 and images[0].data are both set; send the primary image once")]
+    TwoPrimaryImages,
+    #[error("images[{index}].data (camera {camera:?}) {source}")]
+    BadImage { index: usize, camera: String, source: ImageError },
+    #[error("{field} does not match the SHA-256 of the image bytes ({actual})")]
+    ShaMismatch { field: String, actual: String },
+    #[error("state has {got} values; this model takes {want}")]
+    StateLength { got: usize, want: usize },
+    #[error("state[{index}] is not a finite number")]
+    StateNotFinite { index: usize },
+    #[error("instruction is {got} bytes; the limit is {MAX_INSTRUCTION_BYTES}")]
+    InstructionTooLong { got: usize },
+    #[error("request is {got} bytes; the limit is {limit} bytes (--max-message-mb)")]
+    TooLarge { got: usize, limit: usize },
+}
+
+/// Why an Act did not produce actions.
+#[derive(Debug, thiserror::Error)]
+pub enum ActError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    Disabled,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Disabled => "n/a",
+        }
+    }
+}
+
+/// Per-stage wall time of one call, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimes {
+    pub decode_ms: f64,
+    pub prefix_ms: f64,
+    pub denoise_ms: f64,
+    pub postprocess_ms: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ActOutput {
+    /// Row-major chunk × action_dim, robot units.
+    pub actions: Vec<f32>,
+    pub noise_seed: u64,
+    pub cache: CacheStatus,
+    pub times: StageTimes,
+    pub steps_used: u32,
+    /// Hex SHA-256 per camera slot (None: camera absent).
+    pub image_sha256: Vec<Option<String>>,
+}
+
+/// Knobs of the policy that are not part of the export.
+#[derive(Debug, Clone)]
+pub struct PolicyOptions {
+    pub engine: EngineKind,
+    /// Prefix cache entries; 0 disables the cache (status "n/a").
+    pub cache_entries: usize,
+}
+
+impl Default for PolicyOptions {
+    fn default() -> Self {
+        PolicyOptions { engine: EngineKind::Cpu, cache_entries: 1024 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+type CacheKey = [u8; 32];
+
+pub struct Policy {
+    cfg: ExportConfig,
+    engine: Box<dyn Engine>,
+    // A Mutex, not a sharded map: a lookup is a hash probe (~100 ns) beside
+    // milliseconds of inference, and LRU order needs exclusive access anyway.
+    cache: Option<Mutex<lru::LruCache<CacheKey, std::sync::Arc<[f32]>>>>,
+    model_hash: String,
+    config_hash: String,
+    export_dir: PathBuf,
+    seed_base: u64,
+    seed_counter: AtomicU64,
+}
+
+impl Policy {
+    /// Loads an export directory: config, hashes, engine (graphs optimised once).
+    pub fn load(dir: &Path, opts: &PolicyOptions) -> Result<Self, LoadError> {
+        let cfg = ExportConfig::load(dir)?;
+        let model_hash = model_hash(dir, &cfg.model_files())?;
+        let config_hash = cfg.config_hash();
+        let shapes = Shapes {
+            cameras: cfg.cameras.len(),
+            height: cfg.image.height as usize,
+            width: cfg.image.width as usize,
+            tokens: cfg.instruction.max_tokens,
+            prefix_dim: cfg.prefix_dim,
+            state_dim: cfg.state_dim,
+            chunk: cfg.chunk_size,
+            action_dim: cfg.action_dim,
+        };
+        let engine: Box<dyn Engine> = match opts.engine {
+            EngineKind::Cpu => Box::new(CpuEngine::load(
+                &dir.join(&cfg.graphs.prefix),
+                &dir.join(&cfg.graphs.expert),
+                shapes,
+            )?),
+        };
+        let cache = NonZeroUsize::new(opts.cache_entries).map(|n| Mutex::new(lru::LruCache::new(n)));
+        Ok(Policy {
+            cfg,
+            engine,
+            cache,
+            model_hash,
+            config_hash,
+            export_dir: dir.to_path_buf(),
+            seed_base: os_random_u64(),
+            seed_counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &ExportConfig {
+        &self.cfg
+    }
+    pub fn model_hash(&self) -> &str {
+        &self.model_hash
+    }
+    pub fn config_hash(&self) -> &str {
+        &self.config_hash
+    }
+    pub fn export_dir(&self) -> &Path {
+        &self.export_dir
+    }
+    pub fn mode(&self) -> &'static str {
+        self.engine.mode()
+    }
+    pub fn hardware(&self) -> BTreeMap<String, String> {
+        self.engine.hardware()
+    }
+
+    /// Checks that need no image work: run on the async side before queueing.
+    pub fn check_cheap(&self, input: &ActInput) -> Result<(), InputError> {
+        if input.state.len() != self.cfg.state_dim {
+            return Err(InputError::StateLength { got: input.state.len(), want: self.cfg.state_dim });
+        }
+        if let Some(index) = input.state.iter().position(|v| !v.is_finite()) {
+            return Err(InputError::StateNotFinite { index });
+        }
+        if input.instruction.len() > MAX_INSTRUCTION_BYTES {
+            return Err(InputError::InstructionTooLong { got: input.instruction.len() });
+        }
+        if input.frames.first().is_none_or(|f| f.is_none()) {
+            return Err(InputError::MissingPrimary { camera: self.cfg.cameras[0].clone() });
+        }
+        Ok(())
+    }
+
+    /// Runs one Act. Blocking: call it from a worker thread, not the runtime.
+    pub fn act(&self, input: &ActInput) -> Result<ActOutput, ActError> {
+        self.check_cheap(input)?;
+        let t0 = Instant::now();
+        let image_sha256 = self.hash_frames(input)?;
+
+        let key = self.cache.as_ref().map(|_| cache_key(&image_sha256, &input.instruction));
+        let cached = key.as_ref().and_then(|k| self.cache.as_ref()?.lock().ok()?.get(k).cloned());
+        let mut times = StageTimes::default();
+        let (prefix, cache) = match cached {
+            Some(p) => {
+                times.decode_ms = ms(t0);
+                (p, CacheStatus::Hit)
+            }
+            None => {
+                let pixels = self.pixels(input)?;
+                let tokens = tokenizer::tokenize(
+                    &input.instruction,
+                    self.cfg.instruction.vocab_size,
+                    self.cfg.instruction.max_tokens,
+                );
+                times.decode_ms = ms(t0);
+                let t1 = Instant::now();
+                let p: std::sync::Arc<[f32]> = self.engine.prefix(&pixels, &tokens)?.into();
+                times.prefix_ms = ms(t1);
+                if let (Some(k), Some(c)) = (key, &self.cache)
+                    && let Ok(mut c) = c.lock()
+                {
+                    c.put(k, p.clone());
+                }
+                let status = if self.cache.is_some() { CacheStatus::Miss } else { CacheStatus::Disabled };
+                (p, status)
+            }
+        };
+
+        let t2 = Instant::now();
+        let noise_seed = input.noise_seed.unwrap_or_else(|| self.fresh_seed());
+        let noise = gaussian_noise(noise_seed, self.cfg.chunk_size * self.cfg.action_dim);
+        let stats = &self.cfg.normalization;
+        let state: Vec<f32> = input
+            .state
+            .iter()
+            .zip(stats.state.mean.iter().zip(&stats.state.std))
+            .map(|(s, (m, sd))| (s - m) / sd)
+            .collect();
+        let steps = self.cfg.denoise.steps;
+        let mut actions = self.engine.denoise(noise, &prefix, &state, steps)?;
+        times.denoise_ms = ms(t2);
+
+        let t3 = Instant::now();
+        let ad = self.cfg.action_dim;
+        for row in actions.chunks_exact_mut(ad) {
+            for (j, a) in row.iter_mut().enumerate() {
+                *a = *a * stats.actions.std[j] + stats.actions.mean[j];
+            }
+        }
+        times.postprocess_ms = ms(t3);
+        Ok(ActOutput { actions, noise_seed, cache, times, steps_used: steps, image_sha256 })
+    }
+
+    fn hash_frames(&self, input: &ActInput) -> Result<Vec<Option<String>>, InputError> {
+        let mut out = Vec::with_capacity(input.frames.len());
+        for (slot, frame) in input.frames.iter().enumerate() {
+            let Some(f) = frame else {
+                out.push(None);
+                continue;
+            };
+            if f.data.is_empty() {
+                return Err(InputError::EmptyImage { index: f.index, camera: self.cfg.cameras[slot].clone() });
+            }
+            let sha = hex(&Sha256::digest(&f.data));
+            if let Some(want) = &f.expect_sha256
+                && !want.eq_ignore_ascii_case(&sha)
+            {
+                return Err(InputError::ShaMismatch { field: f.sha_field.to_string(), actual: sha });
+            }
+            out.push(Some(sha));
+        }
+        Ok(out)
+    }
+
+    fn pixels(&self, input: &ActInput) -> Result<Vec<f32>, InputError> {
+        let img = &self.cfg.image;
+        let per = 3 * (img.height * img.width) as usize;
+        let mut pixels = vec![0.0f32; per * self.cfg.cameras.len()];
+        for (slot, out) in pixels.chunks_exact_mut(per).enumerate() {
+            match input.frames.get(slot).and_then(|f| f.as_ref()) {
+                Some(f) => preprocess::decode_into(&f.data, img, out).map_err(|source| InputError::BadImage {
+                    index: f.index,
+                    camera: self.cfg.cameras[slot].clone(),
+                    source,
+                })?,
+                None => preprocess::blank_into(img, out),
+            }
+        }
+        Ok(pixels)
+    }
+
+    /// A fresh seed below 2^53, so it survives any JSON tool (jq reads doubles).
+    fn fresh_seed(&self) -> u64 {
+        let n = self.seed_counter.fetch_add(1, Ordering::Relaxed);
+        splitmix64(self.seed_base.wrapping_add(n)) & ((1u64 << 53) - 1)
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+fn cache_key(image_sha256: &[Option<String>], instruction: &str) -> CacheKey {
+    let mut h = Sha256::new();
+    for s in image_sha256 {
+        match s {
+            Some(s) => {
+                h.update([1u8]);
+                h.update(s.as_bytes());
+            }
+            None => h.update([0u8]),
+        }
+    }
+    h.update(instruction.as_bytes());
+    h.finalize().into()
+}
+
+/// `n` standard normal f32 from ChaCha8 seeded with `seed` (Box–Muller).
+pub fn gaussian_noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        // u1 in (0, 1]: never ln(0).
+        let u1 = ((rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+        let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let th = std::f64::consts::TAU * u2;
+        out.push((r * th.cos()) as f32);
+        out.push((r * th.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// 64 bits from the OS via std's randomly keyed hasher (no extra dependency).
+fn os_random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::write_reference_export;
+    use crate::preprocess::encode_jpeg;
+
+    fn frame(index: usize, data: Vec<u8>) -> Option<FrameInput> {
+        Some(FrameInput { index, data, expect_sha256: None, sha_field: "images[0].sha256" })
+    }
+
+    fn image(shade: u8) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(224, 224, |x, y| {
+            image::Rgb([(x as u8).wrapping_add(shade), (y as u8).wrapping_mul(2), shade])
+        });
+        encode_jpeg(&img, 90)
+    }
+
+    fn input(seed: Option<u64>) -> ActInput {
+        ActInput {
+            frames: vec![frame(0, image(10)), None],
+            instruction: "pick up the red cup".into(),
+            state: vec![0.0, 0.2, 0.0, -1.8, 0.0, 2.0, 0.8, 0.04],
+            noise_seed: seed,
+        }
+    }
+
+    fn policy(seed: u64, cache_entries: usize) -> (tempfile::TempDir, Policy) {
+        let dir = tempfile::tempdir().unwrap();
+        write_reference_export(dir.path(), seed).unwrap();
+        let p = Policy::load(dir.path(), &PolicyOptions { cache_entries, ..Default::default() }).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn same_seed_same_bits_other_seed_other_actions() {
+        let (_d, p) = policy(0, 0);
+        let a = p.act(&input(Some(7))).unwrap();
+        let b = p.act(&input(Some(7))).unwrap();
+        let c = p.act(&input(Some(8))).unwrap();
+        assert_eq!(a.actions.len(), 50 * 7);
+        assert!(a.actions.iter().all(|v| v.is_finite()));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.actions), bits(&b.actions));
+        assert_ne!(bits(&a.actions), bits(&c.actions));
+        assert_eq!((a.noise_seed, a.steps_used, a.cache), (7, 10, CacheStatus::Disabled));
+    }
+
+    #[test]
+    fn fresh_seeds_are_returned_and_replay_exactly() {
+        let (_d, p) = policy(0, 0);
+        let a = p.act(&input(None)).unwrap();
+        let b = p.act(&input(None)).unwrap();
+        assert_ne!(a.noise_seed, b.noise_seed);
+        assert!(a.noise_seed < (1 << 53));
+        let again = p.act(&input(Some(a.noise_seed))).unwrap();
+        assert_eq!(a.actions, again.actions);
+    }
+
+    #[test]
+    fn actions_are_smooth_over_the_chunk() {
+        let (_d, p) = policy(0, 0);
+        let out = p.act(&input(Some(1))).unwrap();
+        let std = &p.config().normalization.actions.std;
+        // Mean step between consecutive rows, in units of each dim's std, is
+        // well below the spread of the chunk: a trajectory, not noise.
+        for j in 0..7 {
+            let col: Vec<f32> = out.actions.chunks(7).map(|r| r[j] / std[j]).collect();
+            let step: f32 = col.windows(2).map(|w| (w[1] - w[0]).abs()).sum::<f32>() / 49.0;
+            let mean = col.iter().sum::<f32>() / 50.0;
+            let spread = (col.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 50.0).sqrt();
+            assert!(step < 0.3 * spread.max(0.05), "dim {j}: step {step}, spread {spread}");
+        }
+    }
+
+    #[test]
+    fn cache_hits_on_same_image_and_instruction_and_gives_same_actions() {
+        let (_d, p) = policy(0, 8);
+        let a = p.act(&input(Some(3))).unwrap();
+        let b = p.act(&input(Some(3))).unwrap();
+        assert_eq!((a.cache, b.cache), (CacheStatus::Miss, CacheStatus::Hit));
+        assert_eq!(a.actions, b.actions);
+        assert_eq!(b.times.prefix_ms, 0.0);
+        let mut other = input(Some(3));
+        other.instruction = "open the drawer".into();
+        assert_eq!(p.act(&other).unwrap().cache, CacheStatus::Miss);
+        let mut moved = input(Some(3));
+        moved.frames[0] = frame(0, image(11));
+        let m = p.act(&moved).unwrap();
+        assert_eq!(m.cache, CacheStatus::Miss);
+        assert_ne!(m.actions, a.actions);
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let (_d, p) = policy(0, 2);
+        for shade in [1u8, 2, 3] {
+            let mut i = input(Some(1));
+            i.frames[0] = frame(0, image(shade));
+            p.act(&i).unwrap();
+        }
+        assert_eq!(p.cache.as_ref().unwrap().lock().unwrap().len(), 2);
+        let mut first = input(Some(1));
+        first.frames[0] = frame(0, image(1));
+        assert_eq!(p.act(&first).unwrap().cache, CacheStatus::Miss, "evicted entry");
+    }
+
+    #[test]
+    fn bad_inputs_name_the_field() {
+        let (_d, p) = policy(0, 0);
+        let mut i = input(Some(1));
+        i.state.pop();
+        assert_eq!(p.act(&i).unwrap_err().to_string(), "state has 7 values; this model takes 8");
+        let mut i = input(Some(1));
+        i.state[2] = f32::NAN;
+        assert!(p.act(&i).unwrap_err().to_string().contains("state[2]"));
+        let mut i = input(Some(1));
+        i.frames[0] = frame(0, b"not an image".to_vec());
+        let msg = p.act(&i).unwrap_err().to_string();
+        assert!(msg.contains("images[0].data") && msg.contains("JPEG or PNG"), "{msg}");
+        let mut i = input(Some(1));
+        i.frames[0].as_mut().unwrap().expect_sha256 = Some("00".repeat(32));
+        assert!(p.act(&i).unwrap_err().to_string().contains("images[0].sha256"));
+        let mut i = input(Some(1));
+        i.frames[0] = None;
+        assert!(p.act(&i).unwrap_err().to_string().contains("primary camera"));
+    }
+
+    #[test]
+    fn noise_is_standard_normal_ish_and_seeded() {
+        let a = gaussian_noise(5, 10_001);
+        assert_eq!(a.len(), 10_001);
+        assert_eq!(a, gaussian_noise(5, 10_001));
+        assert_ne!(a, gaussian_noise(6, 10_001));
+        let mean = a.iter().sum::<f32>() / a.len() as f32;
+        let var = a.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / a.len() as f32;
+        assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.1, "mean {mean} var {var}");
+    }
+}

@@ -1,0 +1,152 @@
+//! Camera frames in, model pixels out: decode JPEG/PNG, fit to the model's
+//! size, normalise to CHW f32.
+//!
+//! Decoding is bounded (dimensions and allocation) so a hostile image cannot
+//! take the server's memory; formats other than JPEG and PNG are refused.
+
+use std::io::Cursor;
+
+use image::{ImageFormat, ImageReader, Limits, imageops::FilterType};
+
+use crate::config::{ImageConfig, ResizePolicy};
+
+/// Largest side accepted from the wire before resizing.
+pub const MAX_SIDE: u32 = 4096;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ImageError {
+    #[error("is not a JPEG or PNG image")]
+    UnknownFormat,
+    #[error("could not be decoded as {format}: {message}")]
+    Decode { format: &'static str, message: String },
+    #[error("is {width}×{height}; this model takes exactly {want_w}×{want_h} (resize policy \"exact\")")]
+    WrongSize { width: u32, height: u32, want_w: u32, want_h: u32 },
+}
+
+/// Decodes `bytes` and writes `3·H·W` normalised floats (CHW, RGB) into `out`.
+pub fn decode_into(bytes: &[u8], cfg: &ImageConfig, out: &mut [f32]) -> Result<(), ImageError> {
+    let format = match image::guess_format(bytes) {
+        Ok(ImageFormat::Jpeg) => ImageFormat::Jpeg,
+        Ok(ImageFormat::Png) => ImageFormat::Png,
+        _ => return Err(ImageError::UnknownFormat),
+    };
+    let name = if format == ImageFormat::Jpeg { "JPEG" } else { "PNG" };
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_SIDE as u64 * MAX_SIDE as u64 * 4);
+    reader.limits(limits);
+    let img = reader
+        .decode()
+        .map_err(|e| ImageError::Decode { format: name, message: e.to_string() })?;
+    let (w, h) = (cfg.width, cfg.height);
+    let rgb = if img.width() == w && img.height() == h {
+        img.into_rgb8()
+    } else if cfg.resize == ResizePolicy::Exact {
+        return Err(ImageError::WrongSize { width: img.width(), height: img.height(), want_w: w, want_h: h });
+    } else {
+        image::imageops::resize(&img.into_rgb8(), w, h, FilterType::Triangle)
+    };
+    normalise(rgb.as_raw(), cfg, out);
+    Ok(())
+}
+
+/// HWC u8 → CHW f32, `(p/255 − mean)/std` per channel.
+fn normalise(hwc: &[u8], cfg: &ImageConfig, out: &mut [f32]) {
+    let plane = (cfg.width * cfg.height) as usize;
+    debug_assert_eq!(hwc.len(), plane * 3);
+    debug_assert_eq!(out.len(), plane * 3);
+    for c in 0..3 {
+        // Precomputed per channel: out = p·scale + offset.
+        let scale = 1.0 / (255.0 * cfg.std[c]);
+        let offset = -cfg.mean[c] / cfg.std[c];
+        let dst = &mut out[c * plane..(c + 1) * plane];
+        for (d, px) in dst.iter_mut().zip(hwc.chunks_exact(3)) {
+            *d = px[c] as f32 * scale + offset;
+        }
+    }
+}
+
+/// What an absent optional camera contributes: a mid-grey frame (zeros after
+/// normalisation with the reference stats).
+pub fn blank_into(cfg: &ImageConfig, out: &mut [f32]) {
+    let plane = (cfg.width * cfg.height) as usize;
+    for c in 0..3 {
+        out[c * plane..(c + 1) * plane].fill((0.5 - cfg.mean[c]) / cfg.std[c]);
+    }
+}
+
+/// Encodes an RGB image as JPEG (used by the demo, benches and tests).
+pub fn encode_jpeg(rgb: &image::RgbImage, quality: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
+    rgb.write_with_encoder(enc).expect("encoding to a Vec cannot fail");
+    out
+}
+
+/// Encodes an RGB image as PNG.
+pub fn encode_png(rgb: &image::RgbImage) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    rgb.write_to(&mut out, ImageFormat::Png).expect("encoding to a Vec cannot fail");
+    out.into_inner()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::reference_config;
+
+    fn solid(w: u32, h: u32, rgb: [u8; 3]) -> image::RgbImage {
+        image::RgbImage::from_pixel(w, h, image::Rgb(rgb))
+    }
+
+    #[test]
+    fn png_decodes_and_normalises_per_channel() {
+        let cfg = reference_config(0).image;
+        let png = encode_png(&solid(224, 224, [255, 0, 128]));
+        let mut out = vec![0.0; 3 * 224 * 224];
+        decode_into(&png, &cfg, &mut out).unwrap();
+        let plane = 224 * 224;
+        assert_eq!(out[0], 1.0);
+        assert_eq!(out[plane], -1.0);
+        assert!((out[2 * plane] - (128.0 / 255.0 - 0.5) / 0.5).abs() < 1e-6);
+        assert!(out.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn other_sizes_are_resized_or_refused_by_policy() {
+        let mut cfg = reference_config(0).image;
+        let jpg = encode_jpeg(&solid(320, 240, [10, 20, 30]), 90);
+        let mut out = vec![0.0; 3 * 224 * 224];
+        decode_into(&jpg, &cfg, &mut out).unwrap();
+        cfg.resize = ResizePolicy::Exact;
+        let err = decode_into(&jpg, &cfg, &mut out).unwrap_err();
+        assert_eq!(err, ImageError::WrongSize { width: 320, height: 240, want_w: 224, want_h: 224 });
+        assert!(err.to_string().contains("320×240"));
+    }
+
+    #[test]
+    fn garbage_and_truncated_images_are_errors_not_panics() {
+        let cfg = reference_config(0).image;
+        let mut out = vec![0.0; 3 * 224 * 224];
+        assert_eq!(decode_into(b"hello", &cfg, &mut out), Err(ImageError::UnknownFormat));
+        let jpg = encode_jpeg(&solid(224, 224, [1, 2, 3]), 90);
+        let cut = &jpg[..jpg.len() / 3];
+        // A cut JPEG either fails cleanly or decodes a partial frame; never panics.
+        let _ = decode_into(cut, &cfg, &mut out);
+        let png = encode_png(&solid(224, 224, [1, 2, 3]));
+        assert!(matches!(decode_into(&png[..60], &cfg, &mut out), Err(ImageError::Decode { .. })));
+    }
+
+    #[test]
+    fn oversized_dimensions_are_refused_before_allocating() {
+        let cfg = reference_config(0).image;
+        // A PNG header claiming 100000×100000 pixels.
+        let mut png = encode_png(&solid(1, 1, [0, 0, 0]));
+        png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let mut out = vec![0.0; 3 * 224 * 224];
+        assert!(decode_into(&png, &cfg, &mut out).is_err());
+    }
+}
