@@ -1,1 +1,123 @@
-fn main() {}
+//! `reflex`: one binary, thin. Parses the command line, sets up logging and
+//! signals, and hands off to the crates. Exit codes: 0 success, 1 error
+//! (`reflex replay` documents its own 1/2/3).
+
+mod bench;
+mod demo;
+mod scene;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "reflex",
+    version,
+    about = "gRPC inference server for robot policies, with a sidecar trace recorder and a replayer",
+    long_about = "gRPC inference server for robot policies (vision-language-action models).\n\n\
+                  Start with `reflex demo`: it writes the built-in reference model, serves it, drives \
+                  Act calls like a robot would and prints what happened."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve one export over gRPC (reflex.v1.Policy, health, reflection).
+    Serve(reflex_server::serve::ServeArgs),
+    /// Write the reference export (a small decomposed VLA) into DIR.
+    ExportDemo(ExportDemoArgs),
+    /// The main job on the built-in reference model: serve it and drive it like a robot.
+    Demo(demo::DemoArgs),
+    /// Measure Act latency: engine-only, Unix socket and TCP, side by side in one run.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportDemoArgs {
+    /// Directory to write (created if missing; existing model files are replaced).
+    dir: PathBuf,
+    /// Weight seed; another seed gives another model with the same shapes.
+    #[arg(long, default_value_t = reflex_server::export::DEFAULT_SEED)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    let shutdown = shutdown_on_signals()?;
+    match command {
+        Command::Serve(args) => {
+            let recording = reflex_server::recording::Recording::off();
+            let running = reflex_server::serve::start(args, recording, shutdown).await?;
+            running.wait().await?;
+        }
+        Command::ExportDemo(a) => {
+            let cfg = reflex_server::export::write_reference_export(&a.dir, a.seed)?;
+            let hash = reflex_server::config::model_hash(&a.dir, &cfg.model_files())?;
+            println!("wrote reference export to {} (seed {}, model_hash {hash}, config_hash {})",
+                a.dir.display(), a.seed, cfg.config_hash());
+        }
+        Command::Demo(args) => demo::run(args, shutdown).await?,
+        Command::Bench(args) => bench::run(args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM and SIGINT cancel one token; every long-running task races it.
+fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "stopping"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "stopping"),
+        }
+        t.cancel();
+    });
+    Ok(token)
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default `info`). Under journald
+/// (JOURNAL_STREAM set) no timestamps and no colour: journald adds its own.
+fn init_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!journald && std::io::stderr().is_terminal())
+        .with_target(false);
+    if journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}

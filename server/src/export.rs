@@ -19,7 +19,8 @@
 //!
 //! Weights come from ChaCha8 seeded with `--seed`; the same seed writes the
 //! same bytes on every machine, another seed gives another model of the same
-//! shapes. ONNX opset 20 (LayerNormalization, Gelu, ReduceMean with axes input).
+//! shapes. ONNX opset 18 (LayerNormalization; GELU written out with Erf as
+//! exporters do before opset 20; ReduceMean with an axes input).
 
 use std::path::Path;
 
@@ -245,10 +246,24 @@ impl GraphBuilder {
         )
     }
 
+    /// Exact GELU, x·½·(1 + erf(x/√2)), as exporters write it for opsets before 20.
+    fn gelu(&mut self, x: &str) -> String {
+        self.next += 1;
+        let n = self.next;
+        let sqrt2 = self.f32s(&format!("gelu_{n}.sqrt2"), &[], &[std::f32::consts::SQRT_2]);
+        let one = self.f32s(&format!("gelu_{n}.one"), &[], &[1.0]);
+        let half = self.f32s(&format!("gelu_{n}.half"), &[], &[0.5]);
+        let scaled = self.node("Div", &[x, &sqrt2], vec![]);
+        let erf = self.node("Erf", &[&scaled], vec![]);
+        let shifted = self.node("Add", &[&erf, &one], vec![]);
+        let gated = self.node("Mul", &[x, &shifted], vec![]);
+        self.node("Mul", &[&gated, &half], vec![])
+    }
+
     fn model(self) -> pb::ModelProto {
         pb::ModelProto {
             ir_version: 9,
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 20 }],
+            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 18 }],
             producer_name: "reflex".into(),
             producer_version: env!("CARGO_PKG_VERSION").into(),
             graph: Some(self.graph),
@@ -350,7 +365,7 @@ fn prefix_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
     let b2 = g.f32s("block.mlp.b2", &[d], &weights(rng, DIM, DIM, 0.1));
     let m = g.node("MatMul", &[&ln2, &w1], vec![]);
     let m = g.node("Add", &[&m, &b1], vec![]);
-    let m = g.node("Gelu", &[&m], vec![]);
+    let m = g.gelu(&m);
     let m = g.node("MatMul", &[&m, &w2], vec![]);
     let m = g.node("Add", &[&m, &b2], vec![]);
     let h2 = g.node("Add", &[&h1, &m], vec![]);
@@ -408,7 +423,7 @@ fn expert_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
         let b = g.f32s(&format!("mlp.{i}.bias"), &[fo as i64], &weights(rng, fo, fo, 0.1));
         h = g.node("Gemm", &[&h, &w, &b], vec![]);
         if i + 1 < layers.len() {
-            h = g.node("Gelu", &[&h], vec![]);
+            h = g.gelu(&h);
         }
     }
     let c = g.reshape(&h, &[1, k, ad]);

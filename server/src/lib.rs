@@ -5,11 +5,17 @@
 //! export writer), `tokenizer`, `preprocess` (image decode/resize/normalise),
 //! `engine` (the `Engine` trait and the `cpu` engine), `policy` (the Act
 //! pipeline: cache, noise, Euler loop), `pool` (bounded inference workers),
-//! `service` (wire ↔ domain), `serve` (listeners, health, reflection, shutdown).
+//! `service` (wire ↔ domain), `serve` (listeners, health, reflection, shutdown), `authority` (the
+//! Unix-socket `:authority` rewrite that lets grpcio and grpcurl clients in).
 
+pub mod authority;
 pub mod config;
 pub mod engine;
 pub mod export;
 pub mod policy;
 pub mod preprocess;
 pub mod tokenizer;
+pub mod pool;
+pub mod recording;
+pub mod service;
+pub mod serve;

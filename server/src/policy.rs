@@ -36,7 +36,7 @@ pub struct FrameInput {
     /// Hex SHA-256 the client says `data` has, checked when present.
     pub expect_sha256: Option<String>,
     /// Name of the request field that carried the expected hash.
-    pub sha_field: &'static str,
+    pub sha_field: String,
 }
 
 /// A request mapped onto the model's cameras; built by the service.
@@ -312,7 +312,7 @@ impl Policy {
             if let Some(want) = &f.expect_sha256
                 && !want.eq_ignore_ascii_case(&sha)
             {
-                return Err(InputError::ShaMismatch { field: f.sha_field.to_string(), actual: sha });
+                return Err(InputError::ShaMismatch { field: f.sha_field.clone(), actual: sha });
             }
             out.push(Some(sha));
         }
@@ -387,7 +387,7 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 /// 64 bits from the OS via std's randomly keyed hasher (no extra dependency).
-fn os_random_u64() -> u64 {
+pub(crate) fn os_random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -406,7 +406,7 @@ mod tests {
     use crate::preprocess::encode_jpeg;
 
     fn frame(index: usize, data: Vec<u8>) -> Option<FrameInput> {
-        Some(FrameInput { index, data, expect_sha256: None, sha_field: "images[0].sha256" })
+        Some(FrameInput { index, data, expect_sha256: None, sha_field: "images[0].sha256".into() })
     }
 
     fn image(shade: u8) -> Vec<u8> {

@@ -1,0 +1,431 @@
+//! The recorder daemon: the `reflex.v1.Recorder` service on a Unix socket.
+//!
+//! [`RecorderService`] only translates between the wire and the domain: it checks the first
+//! message of a `Record` stream (`SessionStart`, validated before anything touches the
+//! disk), hands the session to its writer thread ([`crate::session`]) and forwards events
+//! with backpressure. Domain errors become a gRPC `Status` in one place
+//! ([`RecordError`]'s `From` impl).
+//!
+//! Limits: message size (`--max-message-mb`), concurrent sessions (`--max-sessions`,
+//! RESOURCE_EXHAUSTED beyond), per-session buffer (bytes and messages), time to send
+//! `SessionStart`.
+//!
+//! Order of work in [`serve_with`]: create the directory, repair footer-less files
+//! ([`crate::recovery`]) and apply retention — all before the first stream is accepted —
+//! then serve. Shutdown, when the token is cancelled: stop accepting; every open session
+//! writes its footer (`shutdown`), the gzip trailer and fsyncs; the streams are answered;
+//! then `serve` returns. If that takes longer than the drain deadline, `serve` returns
+//! anyway and the files left without footer are repaired at the next start.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use prost::Message as _;
+use reflex_proto::v1::recorder_server::{Recorder, RecorderServer};
+use reflex_proto::v1::{
+    RecordEvent, RecordSummary, RecorderStatus, SessionStart, SessionStatus, StatusRequest, record_event::Event,
+};
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::args::RecorderArgs;
+use crate::recovery;
+use crate::retention::Retention;
+use crate::session::{self, Command, End, SessionHandle, SessionState, lock};
+use crate::trace::{Header, StartError};
+use crate::writer::{self, WriteError};
+
+/// Mode of the listening socket.
+pub const SOCKET_MODE: u32 = 0o660;
+
+/// What the daemon needs to know; [`RecorderArgs::config`] makes one from flags.
+#[derive(Debug, Clone)]
+pub struct RecorderConfig {
+    /// The trace directory.
+    pub dir: PathBuf,
+    /// A session's records reach the OS at least this often.
+    pub flush_interval: Duration,
+    /// Rotate a session's file once it is this large.
+    pub max_file_bytes: Option<u64>,
+    /// Delete the oldest closed traces to keep the directory under this.
+    pub max_total_bytes: Option<u64>,
+    /// Concurrent Record streams.
+    pub max_sessions: usize,
+    /// Largest decoded message.
+    pub max_message_bytes: usize,
+    /// Encoded bytes of records one session may have queued for its writer.
+    pub session_buffer_bytes: usize,
+    /// gzip level of trace files.
+    pub gzip_level: u32,
+    /// A stream that sends no `SessionStart` within this is closed.
+    pub start_timeout: Duration,
+    /// After shutdown is requested, `serve` waits this long for sessions to close.
+    pub drain_deadline: Duration,
+    /// Test hook: sessions whose writes go to `/dev/full` after the header.
+    #[cfg(test)]
+    pub(crate) fail_sessions: Vec<String>,
+}
+
+impl RecorderConfig {
+    /// Defaults for a trace directory.
+    pub fn new(dir: impl Into<PathBuf>) -> RecorderConfig {
+        RecorderConfig {
+            dir: dir.into(),
+            flush_interval: Duration::from_millis(100),
+            max_file_bytes: None,
+            max_total_bytes: None,
+            max_sessions: 64,
+            max_message_bytes: 32 * 1024 * 1024,
+            session_buffer_bytes: 64 * 1024 * 1024,
+            gzip_level: writer::DEFAULT_LEVEL,
+            start_timeout: Duration::from_secs(10),
+            drain_deadline: Duration::from_secs(10),
+            #[cfg(test)]
+            fail_sessions: Vec::new(),
+        }
+    }
+}
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("another recorder is listening on {}", .0.display())]
+    AlreadyListening(PathBuf),
+    #[error("{} exists and is not a socket; not replacing it", .0.display())]
+    NotASocket(PathBuf),
+    #[error("cannot listen on {}: {source}", path.display())]
+    Bind { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Dir(#[from] WriteError),
+    #[error("start-up recovery of {} failed: {source}", path.display())]
+    Recovery { path: PathBuf, source: io::Error },
+    #[error("recorder gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("recorder task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Daemon-wide state shared by the service and the session threads.
+pub(crate) struct State {
+    pub config: RecorderConfig,
+    pub retention: Retention,
+    pub records: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Drops of sessions that have ended.
+    pub dropped_done: AtomicU64,
+    sessions_total: AtomicU64,
+    degraded: Mutex<Option<String>>,
+    sessions: Mutex<BTreeMap<u64, Arc<SessionState>>>,
+    slots: Arc<Semaphore>,
+}
+
+impl State {
+    fn new(config: RecorderConfig) -> State {
+        State {
+            retention: Retention::new(config.dir.clone(), config.max_total_bytes),
+            slots: Arc::new(Semaphore::new(config.max_sessions)),
+            config,
+            records: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            dropped_done: AtomicU64::new(0),
+            sessions_total: AtomicU64::new(0),
+            degraded: Mutex::new(None),
+            sessions: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Marks the daemon degraded (sticky; the first reason is kept).
+    pub(crate) fn set_degraded(&self, reason: String) {
+        lock(&self.degraded).get_or_insert(reason);
+    }
+
+    /// One retention pass; a failure is logged, never fatal.
+    pub(crate) fn enforce_retention(&self) {
+        if let Err(e) = self.retention.enforce() {
+            tracing::warn!(dir = %self.config.dir.display(), error = %e, "retention pass failed");
+        }
+    }
+}
+
+/// Why a Record stream was refused or ended early (the client's view).
+#[derive(Debug, thiserror::Error)]
+enum RecordError {
+    #[error("too many recording sessions (max {0})")]
+    TooManySessions(usize),
+    #[error("the stream ended before SessionStart")]
+    NoStart,
+    #[error("no SessionStart within {0:?}")]
+    StartTimeout(Duration),
+    #[error("the first message must be SessionStart")]
+    FirstNotStart,
+    #[error("invalid SessionStart: {0}")]
+    BadStart(#[from] StartError),
+    #[error("invalid SessionStart: {0}")]
+    BadName(WriteError),
+    #[error("the recorder is shutting down")]
+    ShuttingDown,
+    #[error("cannot start the session's writer: {0}")]
+    Internal(io::Error),
+    #[error(transparent)]
+    Stream(Status),
+}
+
+/// The one place domain errors become gRPC statuses.
+impl From<RecordError> for Status {
+    fn from(e: RecordError) -> Status {
+        let msg = e.to_string();
+        match e {
+            RecordError::TooManySessions(_) => Status::resource_exhausted(msg),
+            RecordError::NoStart | RecordError::FirstNotStart | RecordError::BadStart(_) | RecordError::BadName(_) => {
+                Status::invalid_argument(msg)
+            }
+            RecordError::StartTimeout(_) => Status::deadline_exceeded(msg),
+            RecordError::ShuttingDown => Status::unavailable(msg),
+            RecordError::Internal(_) => Status::internal("cannot start the session's writer"),
+            RecordError::Stream(status) => status,
+        }
+    }
+}
+
+/// `reflex.v1.Recorder`.
+pub struct RecorderService {
+    state: Arc<State>,
+    shutdown: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl Recorder for RecorderService {
+    async fn record(&self, request: Request<Streaming<RecordEvent>>) -> Result<Response<RecordSummary>, Status> {
+        let max = self.state.config.max_sessions;
+        let _slot = self.state.slots.clone().try_acquire_owned().map_err(|_| RecordError::TooManySessions(max))?;
+        let mut stream = request.into_inner();
+        let start = self.first_message(&mut stream).await?;
+        let header = validate_start(&start)?;
+        let session = session::spawn(self.state.clone(), header, !start.no_gzip, self.shutdown.clone())
+            .map_err(RecordError::Internal)?;
+        let id = self.state.sessions_total.fetch_add(1, Ordering::Relaxed);
+        lock(&self.state.sessions).insert(id, session.state.clone());
+        tracing::info!(session_id = %start.session_id, model_hash = %start.model_hash, "session started");
+        let summary = self.pump(&mut stream, session).await;
+        lock(&self.state.sessions).remove(&id);
+        Ok(Response::new(summary))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<RecorderStatus>, Status> {
+        let state = &self.state;
+        let sessions: Vec<SessionStatus> = lock(&state.sessions)
+            .values()
+            .map(|s| SessionStatus {
+                session_id: s.session_id.clone(),
+                file: lock(&s.file).clone(),
+                records_written: s.records.load(Ordering::Relaxed),
+                bytes_written: s.bytes.load(Ordering::Relaxed),
+                dropped_requests: s.dropped.load(Ordering::Relaxed),
+                degraded: s.degraded.load(Ordering::Relaxed),
+                model_hash: s.model_hash.clone(),
+            })
+            .collect();
+        let live_dropped: u64 = sessions.iter().map(|s| s.dropped_requests).sum();
+        let degraded_reason = lock(&state.degraded).clone().unwrap_or_default();
+        Ok(Response::new(RecorderStatus {
+            dir: state.config.dir.display().to_string(),
+            sessions,
+            sessions_total: state.sessions_total.load(Ordering::Relaxed),
+            records_written: state.records.load(Ordering::Relaxed),
+            bytes_written: state.bytes.load(Ordering::Relaxed),
+            dropped_requests: state.dropped_done.load(Ordering::Relaxed) + live_dropped,
+            degraded: !degraded_reason.is_empty(),
+            degraded_reason,
+            reflex_version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+}
+
+/// Everything in a `SessionStart` that could reach a path or the header is checked here,
+/// before a file exists.
+fn validate_start(start: &SessionStart) -> Result<Header, RecordError> {
+    writer::check_session_id(&start.session_id).map_err(RecordError::BadName)?;
+    writer::check_model_hash(&start.model_hash).map_err(RecordError::BadName)?;
+    Ok(Header::from_start(start)?)
+}
+
+impl RecorderService {
+    async fn first_message(&self, stream: &mut Streaming<RecordEvent>) -> Result<SessionStart, RecordError> {
+        let timeout = self.state.config.start_timeout;
+        let msg = tokio::select! {
+            msg = stream.message() => msg.map_err(RecordError::Stream)?,
+            _ = tokio::time::sleep(timeout) => return Err(RecordError::StartTimeout(timeout)),
+            _ = self.shutdown.cancelled() => return Err(RecordError::ShuttingDown),
+        };
+        match msg {
+            Some(RecordEvent { event: Some(Event::Start(start)) }) => Ok(start),
+            Some(_) => Err(RecordError::FirstNotStart),
+            None => Err(RecordError::NoStart),
+        }
+    }
+
+    /// Forwards the stream to the writer thread until it ends; returns the summary once
+    /// the file is closed.
+    async fn pump(&self, stream: &mut Streaming<RecordEvent>, session: SessionHandle) -> RecordSummary {
+        let SessionHandle { tx, done, state } = session;
+        let budget_total = self.state.config.session_buffer_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        let budget = Arc::new(Semaphore::new(budget_total));
+        let mut tick = tokio::time::interval(self.state.config.flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break End::reason("shutdown"),
+                _ = tick.tick() => {
+                    // A full queue means the writer is busy and checks the clock itself.
+                    let _ = tx.try_send(Command::Flush);
+                }
+                msg = stream.message() => match msg {
+                    Ok(Some(RecordEvent { event: Some(Event::Act(act)) })) => {
+                        let cost = (act.encoded_len().clamp(1, budget_total)) as u32;
+                        // Waiting here is the backpressure: the stream is not read meanwhile.
+                        let permit = tokio::select! {
+                            p = budget.clone().acquire_many_owned(cost) => p,
+                            _ = self.shutdown.cancelled() => break End::reason("shutdown"),
+                        };
+                        // The budget semaphore is never closed.
+                        let Ok(permit) = permit else { break End::reason("shutdown") };
+                        tokio::select! {
+                            sent = tx.send(Command::Act(Box::new(act), permit)) => {
+                                if sent.is_err() {
+                                    break End::reason("client_lost");
+                                }
+                            }
+                            _ = self.shutdown.cancelled() => break End::reason("shutdown"),
+                        }
+                    }
+                    Ok(Some(RecordEvent { event: Some(Event::End(end)) })) => break End::from_client(end),
+                    Ok(Some(RecordEvent { event: Some(Event::Start(_)) })) => {
+                        tracing::warn!(session_id = %state.session_id, "second SessionStart ignored");
+                    }
+                    Ok(Some(RecordEvent { event: None })) => {}
+                    Ok(None) => break End::reason("client_lost"),
+                    Err(status) => {
+                        tracing::info!(session_id = %state.session_id, error = %status, "record stream lost");
+                        break End::reason("client_lost");
+                    }
+                }
+            }
+        };
+        tracing::info!(session_id = %state.session_id, reason = %end.reason, "session ending");
+        // The writer drains what is queued before it sees End; it never stops receiving.
+        let _ = tx.send(Command::End(end)).await;
+        drop(tx);
+        done.await.unwrap_or_default()
+    }
+}
+
+/// Binds the recorder's Unix socket at `path`: creates the parent directory (0750) if
+/// missing, replaces a stale socket file, refuses a live one, and sets mode 0660.
+pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
+    let bind_err = |source| DaemonError::Bind { path: path.to_path_buf(), source };
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        fs::DirBuilder::new().recursive(true).mode(0o750).create(parent).map_err(bind_err)?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => return Err(DaemonError::NotASocket(path.to_path_buf())),
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(DaemonError::AlreadyListening(path.to_path_buf())),
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound) => {
+                tracing::info!(socket = %path.display(), "stale socket removed");
+                fs::remove_file(path).map_err(bind_err)?;
+            }
+            Err(e) => return Err(bind_err(e)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    // The socket exists with umask bits for an instant; its directory (0750 when we made
+    // it) is what keeps strangers out meanwhile.
+    fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Serves `reflex.v1.Recorder` on an already-bound listener until `shutdown` is cancelled.
+pub async fn serve(listener: UnixListener, config: RecorderConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    serve_with(listener, config, shutdown, || {}).await
+}
+
+/// [`serve`] for a listener handed over as a std socket (socket activation).
+pub async fn serve_std(
+    listener: std::os::unix::net::UnixListener,
+    config: RecorderConfig,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let bind_err = |source| DaemonError::Bind { path: PathBuf::from("(inherited socket)"), source };
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    serve(UnixListener::from_std(listener).map_err(bind_err)?, config, shutdown).await
+}
+
+/// [`serve`], calling `ready` once recovery is done and streams are accepted (for
+/// readiness notification).
+pub async fn serve_with(
+    listener: UnixListener,
+    config: RecorderConfig,
+    shutdown: CancellationToken,
+    ready: impl FnOnce() + Send,
+) -> Result<(), DaemonError> {
+    let state = Arc::new(State::new(config));
+    let prep = state.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), DaemonError> {
+        let dir = &prep.config.dir;
+        writer::ensure_dir(dir)?;
+        let report = recovery::recover_dir(dir, prep.config.gzip_level)
+            .map_err(|source| DaemonError::Recovery { path: dir.clone(), source })?;
+        if !report.repaired.is_empty() || !report.left_alone.is_empty() {
+            tracing::info!(repaired = report.repaired.len(), left_alone = report.left_alone.len(), "start-up recovery done");
+        }
+        prep.enforce_retention();
+        Ok(())
+    })
+    .await??;
+
+    let service = RecorderService { state: state.clone(), shutdown: shutdown.clone() };
+    let max_message = state.config.max_message_bytes;
+    let server = tonic::transport::Server::builder()
+        .add_service(RecorderServer::new(service).max_decoding_message_size(max_message))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.clone().cancelled_owned());
+    tracing::info!(dir = %state.config.dir.display(), "recorder ready");
+    ready();
+    let drain = state.config.drain_deadline;
+    tokio::select! {
+        served = server => served?,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
+            tracing::warn!(open = lock(&state.sessions).len(), "shutdown deadline passed; open files are left to start-up recovery");
+        }
+    }
+    Ok(())
+}
+
+/// `reflex recorder`: binds the socket from `--listen`, serves until `shutdown`, removes
+/// the socket file.
+pub async fn run(args: RecorderArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = args.config();
+    let socket = args.listen.path().to_path_buf();
+    let listener = bind(&socket)?;
+    tracing::info!(socket = %socket.display(), dir = %config.dir.display(), "recorder listening");
+    let served = serve(listener, config, shutdown).await;
+    let _ = fs::remove_file(&socket);
+    served.with_context(|| format!("recorder on {}", socket.display()))
+}
+
+#[cfg(test)]
+mod tests;

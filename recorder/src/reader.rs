@@ -1,0 +1,682 @@
+//! The trace reader: the one way into a trace file (the replayer and start-up recovery both
+//! read through it).
+//!
+//! It opens `.jsonl` or `.jsonl.gz` (gzip is recognised by its magic bytes, multi-member
+//! streams included), reads the header eagerly, then yields the records after it. Every line
+//! is dispatched on its `schema_version` by [`crate::trace::parse_line`].
+//!
+//! **A tail cut by a crash is not an error.** A gzip stream that ends without its trailer,
+//! a last line without `\n`, or a last line that is cut JSON: the reader yields every whole
+//! line before the cut and then reports [`Truncation`] (line number and why) instead of
+//! failing. A bad line *followed by more lines* is damage, not a cut, and is an error.
+//!
+//! Speed: one 256 KiB buffer under the decompressor and one above it, one reused line
+//! buffer, typed serde straight from the bytes (no intermediate `serde_json::Value`).
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use flate2::bufread::MultiGzDecoder;
+
+use crate::trace::{self, Footer, Header, LineError, Record};
+
+const BUF_SIZE: usize = 256 * 1024;
+
+/// Why reading a trace stopped with an error. Every variant names the file; those about
+/// one line name it 1-based.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot open trace {}: {source}", path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot read trace {} at line {line}: {source}", path.display())]
+    Io { path: PathBuf, line: u64, source: io::Error },
+    #[error("trace {} is corrupt (gzip) at line {line}: {source}", path.display())]
+    Corrupt { path: PathBuf, line: u64, source: io::Error },
+    #[error("trace {} has no header: {what}", path.display())]
+    NoHeader { path: PathBuf, line: u64, what: String },
+    #[error("{}:{line}: unknown schema_version {version} (this reader knows {})", path.display(), trace::SCHEMA_VERSION)]
+    UnknownSchemaVersion { path: PathBuf, line: u64, version: String },
+    #[error("{}:{line}: malformed record: {source}", path.display())]
+    Malformed { path: PathBuf, line: u64, source: serde_json::Error },
+    #[error("{}:{line}: unknown record kind {kind}", path.display())]
+    UnknownKind { path: PathBuf, line: u64, kind: String },
+}
+
+impl ReadError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            ReadError::Open { path, .. }
+            | ReadError::Io { path, .. }
+            | ReadError::Corrupt { path, .. }
+            | ReadError::NoHeader { path, .. }
+            | ReadError::UnknownSchemaVersion { path, .. }
+            | ReadError::Malformed { path, .. }
+            | ReadError::UnknownKind { path, .. } => path,
+        }
+    }
+
+    /// The 1-based line the error is about (0 for errors about the whole file).
+    pub fn line(&self) -> u64 {
+        match self {
+            ReadError::Open { .. } => 0,
+            ReadError::Io { line, .. }
+            | ReadError::Corrupt { line, .. }
+            | ReadError::NoHeader { line, .. }
+            | ReadError::UnknownSchemaVersion { line, .. }
+            | ReadError::Malformed { line, .. }
+            | ReadError::UnknownKind { line, .. } => *line,
+        }
+    }
+}
+
+/// Where and why a file ends early. Everything before `line` was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncation {
+    /// 1-based number of the first line that is missing or incomplete.
+    pub line: u64,
+    pub reason: TruncationReason,
+}
+
+/// How the tail was cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TruncationReason {
+    /// The gzip stream ends without its trailer (the writer never closed the file).
+    GzipTrailerMissing,
+    /// The last line has no `\n` (it was read if it is a whole record).
+    NoFinalNewline,
+    /// The last line is not a whole record (the JSON error says where it stops).
+    CutRecord(String),
+}
+
+impl std::fmt::Display for Truncation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.reason {
+            TruncationReason::GzipTrailerMissing => write!(f, "gzip stream ends without trailer at line {}", self.line),
+            TruncationReason::NoFinalNewline => write!(f, "line {} has no final newline", self.line),
+            TruncationReason::CutRecord(e) => write!(f, "line {} is cut: {e}", self.line),
+        }
+    }
+}
+
+/// Reads one trace file: the header on [`TraceReader::open`], then records one by one
+/// ([`TraceReader::next_record`] or the `Iterator` impl, which stops after the first error).
+pub struct TraceReader {
+    path: PathBuf,
+    input: Input,
+    header: Header,
+    header_line: Vec<u8>,
+    line: Vec<u8>,
+    line_no: u64,
+    bytes_read: u64,
+    requests_read: u64,
+    footer: Option<Footer>,
+    truncation: Option<Truncation>,
+    done: bool,
+}
+
+enum Input {
+    Plain(BufReader<Counted<File>>),
+    Gzip(BufReader<MultiGzDecoder<BufReader<Counted<File>>>>),
+}
+
+/// What one attempt to read a line found.
+enum Got {
+    /// A `\n`-terminated line (the newline is stripped).
+    Whole,
+    /// Bytes at the end of a plain file without a newline.
+    Unterminated,
+    /// The gzip stream stopped without its trailer; the buffer holds what came before.
+    StreamCut,
+    Eof,
+}
+
+impl TraceReader {
+    /// Opens a trace and reads its header.
+    pub fn open(path: impl AsRef<Path>) -> Result<TraceReader, ReadError> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|source| ReadError::Open { path: path.clone(), source })?;
+        let mut raw = BufReader::with_capacity(BUF_SIZE, Counted { inner: file, count: 0 });
+        let magic = raw.fill_buf().map_err(|source| ReadError::Open { path: path.clone(), source })?;
+        let input = if magic.starts_with(&[0x1f, 0x8b]) {
+            Input::Gzip(BufReader::with_capacity(BUF_SIZE, MultiGzDecoder::new(raw)))
+        } else {
+            Input::Plain(raw)
+        };
+        let mut reader = TraceReader {
+            path,
+            input,
+            header: Header::default(),
+            header_line: Vec::new(),
+            line: Vec::with_capacity(16 * 1024),
+            line_no: 0,
+            bytes_read: 0,
+            requests_read: 0,
+            footer: None,
+            truncation: None,
+            done: false,
+        };
+        reader.read_header()?;
+        Ok(reader)
+    }
+
+    fn read_header(&mut self) -> Result<(), ReadError> {
+        let got = loop {
+            let got = self.read_line()?;
+            if !matches!(got, Got::Whole) || !is_blank(&self.line) {
+                break got;
+            }
+        };
+        let no_header = |this: &Self, what: &str| ReadError::NoHeader {
+            path: this.path.clone(),
+            line: this.line_no.max(1),
+            what: what.to_string(),
+        };
+        match got {
+            Got::Eof => return Err(no_header(self, "the file is empty")),
+            Got::StreamCut if self.line.is_empty() => {
+                return Err(no_header(self, "the gzip stream ends before the first line"));
+            }
+            _ => {}
+        }
+        let record = match trace::parse_line(&self.line) {
+            Ok(r) => r,
+            Err(LineError::Malformed(_)) if !matches!(got, Got::Whole) => {
+                return Err(no_header(self, "the file ends inside its first line"));
+            }
+            Err(e) => return Err(self.line_error(e)),
+        };
+        match record {
+            Record::Header(h) => {
+                self.header = *h;
+                self.header_line = std::mem::take(&mut self.line);
+            }
+            Record::Request(_) => return Err(no_header(self, "the first record is a request")),
+            Record::Footer(_) => return Err(no_header(self, "the first record is a footer")),
+        }
+        match got {
+            Got::Unterminated | Got::StreamCut => {
+                self.done = true;
+                self.truncation = Some(Truncation {
+                    line: self.line_no + u64::from(matches!(got, Got::StreamCut)),
+                    reason: if matches!(got, Got::StreamCut) {
+                        TruncationReason::GzipTrailerMissing
+                    } else {
+                        TruncationReason::NoFinalNewline
+                    },
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The header (first record).
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The header's line as it is in the file (no newline).
+    pub fn header_line(&self) -> &[u8] {
+        &self.header_line
+    }
+
+    /// The path given to [`TraceReader::open`].
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The raw bytes (no newline) of the line of the last record returned.
+    pub fn last_line(&self) -> &[u8] {
+        &self.line
+    }
+
+    /// 1-based number of the last line read.
+    pub fn line_number(&self) -> u64 {
+        self.line_no
+    }
+
+    /// How the file ends early, once reading has reached the end.
+    pub fn truncation(&self) -> Option<&Truncation> {
+        self.truncation.as_ref()
+    }
+
+    /// The footer, once it has been read.
+    pub fn footer(&self) -> Option<&Footer> {
+        self.footer.as_ref()
+    }
+
+    /// Request records returned so far.
+    pub fn requests_read(&self) -> u64 {
+        self.requests_read
+    }
+
+    /// Decoded (JSON) bytes consumed so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
+    /// Bytes of the file itself consumed so far (compressed size for `.gz`).
+    pub fn file_bytes_read(&self) -> u64 {
+        match &self.input {
+            Input::Plain(r) => r.get_ref().count - r.buffer().len() as u64,
+            Input::Gzip(r) => {
+                let raw = r.get_ref().get_ref();
+                raw.get_ref().count - raw.buffer().len() as u64
+            }
+        }
+    }
+
+    /// Whether the file is gzip.
+    pub fn is_gzip(&self) -> bool {
+        matches!(self.input, Input::Gzip(_))
+    }
+
+    /// The next record after the header; `Ok(None)` at the end (see [`Self::truncation`]).
+    pub fn next_record(&mut self) -> Result<Option<Record>, ReadError> {
+        while !self.done {
+            let got = self.read_line()?;
+            match got {
+                Got::Eof => {
+                    self.done = true;
+                    return Ok(None);
+                }
+                Got::Whole if is_blank(&self.line) => continue,
+                Got::StreamCut if self.line.is_empty() => {
+                    self.done = true;
+                    self.truncate(self.line_no + 1, TruncationReason::GzipTrailerMissing);
+                    return Ok(None);
+                }
+                _ => {}
+            }
+            let parsed = trace::parse_line(&self.line);
+            let whole = matches!(got, Got::Whole);
+            let last = !whole || self.at_end();
+            match parsed {
+                Ok(record) => {
+                    if !whole {
+                        self.done = true;
+                        let reason = if matches!(got, Got::StreamCut) {
+                            TruncationReason::GzipTrailerMissing
+                        } else {
+                            TruncationReason::NoFinalNewline
+                        };
+                        self.truncate(self.line_no, reason);
+                    }
+                    match &record {
+                        Record::Request(_) => self.requests_read += 1,
+                        Record::Footer(f) => self.footer = Some(f.clone()),
+                        Record::Header(_) => {}
+                    }
+                    return Ok(Some(record));
+                }
+                Err(LineError::Malformed(e)) if last => {
+                    self.done = true;
+                    self.truncate(self.line_no, TruncationReason::CutRecord(e.to_string()));
+                    return Ok(None);
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Err(self.line_error(e));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn truncate(&mut self, line: u64, reason: TruncationReason) {
+        self.truncation.get_or_insert(Truncation { line, reason });
+    }
+
+    /// Whether nothing but a clean end or a cut gzip stream follows the current line.
+    fn at_end(&mut self) -> bool {
+        let peek = match &mut self.input {
+            Input::Plain(r) => r.fill_buf().map(|b| b.is_empty()),
+            Input::Gzip(r) => r.fill_buf().map(|b| b.is_empty()),
+        };
+        match peek {
+            Ok(empty) => empty,
+            Err(e) => e.kind() == io::ErrorKind::UnexpectedEof,
+        }
+    }
+
+    fn read_line(&mut self) -> Result<Got, ReadError> {
+        self.line.clear();
+        let (res, gzip) = match &mut self.input {
+            Input::Plain(r) => (r.read_until(b'\n', &mut self.line), false),
+            Input::Gzip(r) => (r.read_until(b'\n', &mut self.line), true),
+        };
+        self.bytes_read += self.line.len() as u64;
+        if !self.line.is_empty() {
+            self.line_no += 1;
+        }
+        match res {
+            Ok(0) => Ok(Got::Eof),
+            Ok(_) if self.line.last() == Some(&b'\n') => {
+                self.line.pop();
+                if self.line.last() == Some(&b'\r') {
+                    self.line.pop();
+                }
+                Ok(Got::Whole)
+            }
+            Ok(_) => Ok(Got::Unterminated),
+            Err(e) if gzip && e.kind() == io::ErrorKind::UnexpectedEof => Ok(Got::StreamCut),
+            Err(e) if gzip && matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData) => {
+                self.done = true;
+                Err(ReadError::Corrupt { path: self.path.clone(), line: self.line_no.max(1), source: e })
+            }
+            Err(e) => {
+                self.done = true;
+                Err(ReadError::Io { path: self.path.clone(), line: self.line_no.max(1), source: e })
+            }
+        }
+    }
+
+    fn line_error(&self, e: LineError) -> ReadError {
+        let (path, line) = (self.path.clone(), self.line_no.max(1));
+        match e {
+            LineError::Malformed(source) => ReadError::Malformed { path, line, source },
+            LineError::UnknownSchemaVersion(version) => ReadError::UnknownSchemaVersion { path, line, version },
+            LineError::UnknownKind(kind) => ReadError::UnknownKind { path, line, kind },
+        }
+    }
+}
+
+impl Iterator for TraceReader {
+    type Item = Result<Record, ReadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_record().transpose()
+    }
+}
+
+fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
+/// Counts the bytes read from the file.
+struct Counted<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::{ImageMode, RequestRecord, encode_line};
+    use crate::writer::{TraceWriter, WriterOptions};
+    use std::io::Write;
+
+    fn header() -> Header {
+        Header {
+            reflex_version: "0.1.0".into(),
+            model_hash: "7a8b3c1d9f2e4a55".into(),
+            session_id: "c9d4f0ea-0001".into(),
+            ..Default::default()
+        }
+    }
+
+    fn request(seq: u64) -> RequestRecord {
+        let mut act = crate::trace::tests::sample_act(seq, b"image");
+        act.actions = (0..350).map(|i| ((seq * 350 + i) as f32 * 0.37).sin()).collect();
+        act.num_actions = 50;
+        RequestRecord::from_act(act, ImageMode::HashOnly)
+    }
+
+    fn lines(n: u64, footer: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_line(&header(), &mut out).unwrap();
+        for seq in 0..n {
+            encode_line(&request(seq), &mut out).unwrap();
+        }
+        if footer {
+            encode_line(&Footer { total_requests: n, ended_reason: "shutdown".into(), ..Default::default() }, &mut out)
+                .unwrap();
+        }
+        out
+    }
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// Reads everything; returns the request seqs, whether a footer came, and the truncation.
+    fn read_all(path: &Path) -> Result<(Vec<u64>, bool, Option<Truncation>), ReadError> {
+        let mut r = TraceReader::open(path)?;
+        let mut seqs = Vec::new();
+        let mut footer = false;
+        while let Some(rec) = r.next_record()? {
+            match rec {
+                Record::Request(q) => seqs.push(q.seq),
+                Record::Footer(_) => footer = true,
+                Record::Header(_) => {}
+            }
+        }
+        Ok((seqs, footer, r.truncation().cloned()))
+    }
+
+    #[test]
+    fn reads_plain_and_gzip_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = lines(20, true);
+        // The extension says nothing: gzip is told by its magic bytes.
+        for (name, bytes) in [("a.jsonl", text.clone()), ("b.jsonl.gz", gzip(&text)), ("c.jsonl", gzip(&text))] {
+            let p = write(dir.path(), name, &bytes);
+            let mut r = TraceReader::open(&p).unwrap();
+            assert_eq!(r.header(), &header());
+            let recs: Vec<_> = r.by_ref().collect::<Result<_, _>>().unwrap();
+            assert_eq!(recs.len(), 21);
+            assert_eq!(recs[5], Record::Request(Box::new(request(5))));
+            assert!(r.truncation().is_none(), "{name}");
+            assert_eq!(r.footer().unwrap().total_requests, 20);
+            assert_eq!(r.requests_read(), 20);
+            assert_eq!(r.bytes_read(), text.len() as u64);
+            assert_eq!(r.file_bytes_read(), bytes.len() as u64);
+        }
+        // Multi-member gzip (two flushes written as separate members, or `cat a.gz b.gz`).
+        let (a, b) = text.split_at(text.len() / 2);
+        let mut multi = gzip(a);
+        multi.extend(gzip(b));
+        let p = write(dir.path(), "m.jsonl.gz", &multi);
+        assert_eq!(read_all(&p).unwrap(), ((0..20).collect(), true, None));
+    }
+
+    #[test]
+    fn reads_a_seed_trace() {
+        // Written by hand after the seed page's example (Reflex 0.7).
+        let seed = concat!(
+            r#"{"kind":"header","schema_version":1,"reflex_version":"0.7.0","model_hash":"7a8b3c1d9f2e4a55","config_hash":"e12f44c7b1a93802","session_id":"c9d4f0ea","started_at":"2026-04-24T17:13:05Z","model_type":"pi0.5","export_kind":"decomposed","embodiment":"franka","hardware":{"gpu":"Jetson Orin","vram_gb":64},"redaction":{"image":"hash_only","instruction":"as_is"}}"#, "\n",
+            r#"{"kind":"request","schema_version":1,"seq":0,"chunk_id":0,"timestamp":"2026-04-24T17:13:05.412Z","request":{"image_sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","instruction":"pick up the red cup","state":[0.1,0.2,0.3]},"response":{"actions":[[0.1,0.2],[0.3,0.4]],"num_actions":2,"action_dim":2},"latency":{"total_ms":98.0},"denoise":{"steps":10},"mode":"onnx_gpu"}"#, "\n",
+            r#"{"kind":"request","schema_version":1,"seq":1,"chunk_id":1,"timestamp":"2026-04-24T17:13:05.512Z","request":{"image_b64":"aGk=","instruction":"pick up the red cup","state":[0.1,0.2,0.3]},"response":{"actions":[[0.5,0.6],[0.7,0.8]]},"latency":{"total_ms":103.0},"mode":"onnx_gpu","cache":{"status":"hit"}}"#, "\n",
+            r#"{"kind":"footer","schema_version":1,"ended_at":"2026-04-24T17:20:00Z","total_requests":2}"#, "\n",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "20260424-171305-7a8b3c1d-c9d4f0ea.jsonl.gz", &gzip(seed.as_bytes()));
+        let mut r = TraceReader::open(&p).unwrap();
+        assert_eq!(r.header().reflex_version, "0.7.0");
+        assert_eq!(r.header().hardware["vram_gb"], "64");
+        let Some(Record::Request(a)) = r.next_record().unwrap() else { panic!() };
+        assert_eq!(a.mode, "onnx_gpu");
+        assert_eq!(a.request.image_sha256.len(), 64);
+        assert_eq!(a.response.actions, [0.1, 0.2, 0.3, 0.4]);
+        assert_eq!(a.latency.total_ms, 98.0);
+        assert_eq!(a.cache, None);
+        let Some(Record::Request(b)) = r.next_record().unwrap() else { panic!() };
+        assert_eq!(b.request.image_b64, b"hi");
+        assert_eq!((b.response.num_actions, b.response.action_dim), (2, 2));
+        assert_eq!(b.cache.as_ref().unwrap().status, "hit");
+        let Some(Record::Footer(f)) = r.next_record().unwrap() else { panic!() };
+        assert_eq!((f.total_requests, f.dropped_requests, f.records_written), (2, 0, None));
+        assert!(r.next_record().unwrap().is_none());
+        assert!(r.truncation().is_none());
+    }
+
+    #[test]
+    fn file_errors_say_which() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.jsonl.gz");
+        assert!(matches!(TraceReader::open(&missing), Err(ReadError::Open { .. })));
+
+        let empty = write(dir.path(), "empty.jsonl", b"");
+        let e = TraceReader::open(&empty).err().unwrap();
+        assert!(matches!(e, ReadError::NoHeader { .. }), "{e}");
+        assert!(e.to_string().contains("empty"), "{e}");
+
+        let mut body = Vec::new();
+        encode_line(&request(0), &mut body).unwrap();
+        let p = write(dir.path(), "headless.jsonl", &body);
+        let e = TraceReader::open(&p).err().unwrap();
+        assert!(matches!(e, ReadError::NoHeader { line: 1, .. }), "{e}");
+
+        let mut v2 = lines(3, true);
+        let at = v2.len() / 2;
+        let next = at + v2[at..].iter().position(|&b| b == b'\n').unwrap() + 1;
+        v2.splice(next..next, br#"{"kind":"request","schema_version":2,"seq":99}"#.iter().chain(b"\n").copied());
+        let p = write(dir.path(), "v2.jsonl", &v2);
+        let e = read_all(&p).unwrap_err();
+        match &e {
+            ReadError::UnknownSchemaVersion { version, line, .. } => {
+                assert_eq!(version, "2");
+                assert_eq!(*line, 4);
+            }
+            other => panic!("{other}"),
+        }
+        assert!(e.to_string().contains("unknown schema_version 2"), "{e}");
+        // Even on the header line, and even as the last line.
+        let p = write(dir.path(), "v3.jsonl", br#"{"kind":"header","schema_version":3}"#);
+        assert!(matches!(TraceReader::open(&p), Err(ReadError::UnknownSchemaVersion { line: 1, .. })));
+
+        let mut kinds = lines(2, false);
+        kinds.extend(b"{\"kind\":\"metrics\",\"schema_version\":1}\n");
+        let p = write(dir.path(), "kind.jsonl", &kinds);
+        assert!(matches!(read_all(&p), Err(ReadError::UnknownKind { line: 4, .. })));
+    }
+
+    #[test]
+    fn malformed_middle_line_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = String::from_utf8(lines(5, true)).unwrap();
+        let mut ls: Vec<&str> = text.lines().collect();
+        ls[3] = r#"{"kind":"request","schema_version":1,"seq":2,"request":{"state":[1.0,"#;
+        let broken = ls.join("\n") + "\n";
+        for (name, bytes) in [("m.jsonl", broken.as_bytes().to_vec()), ("m.jsonl.gz", gzip(broken.as_bytes()))] {
+            let p = write(dir.path(), name, &bytes);
+            let mut r = TraceReader::open(&p).unwrap();
+            assert!(matches!(r.next(), Some(Ok(Record::Request(_)))));
+            assert!(matches!(r.next(), Some(Ok(Record::Request(_)))));
+            match r.next() {
+                Some(Err(ReadError::Malformed { line: 4, .. })) => {}
+                other => panic!("{other:?}"),
+            }
+            assert!(r.next().is_none(), "the iterator stops after an error");
+        }
+    }
+
+    #[test]
+    fn cut_plain_file_reads_whole_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = lines(10, true);
+        let ends: Vec<usize> = text.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i + 1).collect();
+        // Mid-line in the 6th request (line 7): six whole requests, truncation at line 7.
+        let cut = ends[6] + 40;
+        let p = write(dir.path(), "cut.jsonl", &text[..cut]);
+        let (seqs, footer, t) = read_all(&p).unwrap();
+        assert_eq!(seqs, (0..6).collect::<Vec<_>>());
+        assert!(!footer);
+        let t = t.unwrap();
+        assert_eq!(t.line, 8);
+        assert!(matches!(t.reason, TruncationReason::CutRecord(_)), "{t}");
+        // Cut right before a newline: the record is whole and read; the cut is still reported.
+        let p = write(dir.path(), "nonl.jsonl", &text[..ends[6] - 1]);
+        let (seqs, _, t) = read_all(&p).unwrap();
+        assert_eq!(seqs.len(), 6);
+        assert_eq!(t.unwrap().reason, TruncationReason::NoFinalNewline);
+        // Cut in the header: nothing to read.
+        let p = write(dir.path(), "head.jsonl", &text[..10]);
+        assert!(matches!(TraceReader::open(&p), Err(ReadError::NoHeader { .. })));
+    }
+
+    /// Truncates a real file written by the writer at many offsets, mid-line included.
+    #[test]
+    fn cut_gzip_stream_reads_up_to_the_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WriterOptions { gzip: true, ..Default::default() };
+        let mut w = TraceWriter::create(dir.path(), &header(), &opts).unwrap();
+        let mut flushed_at = Vec::new();
+        for seq in 0..300 {
+            w.write_request(&request(seq)).unwrap();
+            if seq % 50 == 49 {
+                w.flush().unwrap();
+                flushed_at.push((std::fs::metadata(w.path()).unwrap().len(), seq + 1));
+            }
+        }
+        let closed = w.finish(&Footer { total_requests: 300, ..Default::default() }).unwrap();
+        let full = std::fs::read(&closed.path).unwrap();
+        assert_eq!(read_all(&closed.path).unwrap(), ((0..300).collect(), true, None));
+
+        let mut cuts: Vec<usize> = (1..40).map(|i| full.len() * i / 40).collect();
+        cuts.extend([11, 30, full.len() - 1, full.len() - 8, full.len() - 9]);
+        let mut last_seen = 0;
+        for cut in cuts {
+            let p = write(dir.path(), "cut.jsonl.gz", &full[..cut]);
+            match read_all(&p) {
+                Ok((seqs, footer, t)) => {
+                    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "cut at {cut}");
+                    let t = t.unwrap_or_else(|| panic!("cut at {cut} of {} not reported", full.len()));
+                    assert_eq!(t.line, seqs.len() as u64 + 2 + u64::from(footer), "cut at {cut}: {t}");
+                    assert!(seqs.len() >= last_seen, "more bytes never read less");
+                    last_seen = seqs.len();
+                    // Everything flushed before the cut reads back.
+                    for &(len, n) in &flushed_at {
+                        if cut as u64 >= len {
+                            assert!(seqs.len() as u64 >= n, "cut at {cut}: {} < {n}", seqs.len());
+                        }
+                    }
+                }
+                Err(ReadError::NoHeader { .. }) => assert!(cut < 200, "cut at {cut}"),
+                Err(e) => panic!("cut at {cut}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn flipped_byte_is_a_clean_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = gzip(&lines(200, true));
+        let mut errors = 0;
+        for i in 1..30 {
+            let mut bad = full.clone();
+            let at = bad.len() * i / 30;
+            bad[at] ^= 0x55;
+            let p = write(dir.path(), "flip.jsonl.gz", &bad);
+            // Never a panic, never a silent success.
+            match read_all(&p) {
+                Err(e) => {
+                    errors += 1;
+                    assert!(e.to_string().contains("flip.jsonl.gz"), "{e}");
+                }
+                Ok((seqs, footer, t)) => {
+                    assert!(t.is_some() || !footer || seqs.len() < 200, "flip at {at} went unnoticed");
+                }
+            }
+        }
+        assert!(errors >= 20, "{errors}");
+    }
+}

@@ -1,0 +1,148 @@
+//! Which files in the trace directory are ours, which are open, and which may go.
+//!
+//! **Invariant: only whole, closed trace files whose names match our pattern are ever
+//! deleted**, oldest first (by the UTC stamp in the name), and only to bring the directory's
+//! trace bytes under `--max-total-mb`. A file is "open" from just before it is created
+//! until it is closed or abandoned; the set of open names is held under one lock while a
+//! file is created and while a retention pass deletes, so a pass never sees a file that a
+//! writer is about to claim. Files we did not name (other tools', temp files, links we did
+//! not make) are never touched, and do not count toward the cap.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::session::lock;
+
+/// Whether `name` is a trace file name the recorder makes:
+/// `YYYYMMDD-HHMMSS-<8 hex>-<session_id>.jsonl[.gz]`.
+pub fn is_trace_name(name: &str) -> bool {
+    let stem = name.strip_suffix(".jsonl.gz").or_else(|| name.strip_suffix(".jsonl"));
+    let Some(stem) = stem else { return false };
+    let b = stem.as_bytes();
+    if b.len() < 8 + 1 + 6 + 1 + 8 + 1 + 8 {
+        return false;
+    }
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    let hex = b[16..24].iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
+    let session = &stem[25..];
+    digits(0..8)
+        && b[8] == b'-'
+        && digits(9..15)
+        && b[15] == b'-'
+        && hex
+        && b[24] == b'-'
+        && crate::writer::check_session_id(session).is_ok()
+}
+
+/// The directory's deletion policy and its set of open files.
+pub struct Retention {
+    dir: PathBuf,
+    max_total: Option<u64>,
+    open: Mutex<HashSet<String>>,
+}
+
+impl Retention {
+    pub fn new(dir: PathBuf, max_total: Option<u64>) -> Retention {
+        Retention { dir, max_total, open: Mutex::new(HashSet::new()) }
+    }
+
+    /// The set of open file names; hold it while creating a file.
+    pub fn lock_open(&self) -> MutexGuard<'_, HashSet<String>> {
+        lock(&self.open)
+    }
+
+    /// Deletes the oldest closed trace files until the directory's trace files total at
+    /// most the cap. Returns the names deleted.
+    pub fn enforce(&self) -> io::Result<Vec<String>> {
+        let Some(cap) = self.max_total else { return Ok(Vec::new()) };
+        let open = self.lock_open();
+        let mut files = trace_files(&self.dir)?;
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        let mut deleted = Vec::new();
+        for (name, size) in files {
+            if total <= cap {
+                break;
+            }
+            if open.contains(&name) {
+                continue;
+            }
+            match fs::remove_file(self.dir.join(&name)) {
+                Ok(()) => {
+                    tracing::info!(file = %name, bytes = size, "old trace deleted (max total size)");
+                    total -= size;
+                    deleted.push(name);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => total -= size,
+                Err(e) => tracing::warn!(file = %name, error = %e, "cannot delete old trace"),
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+/// `(name, size)` of the regular files in `dir` with trace names.
+pub fn trace_files(dir: &Path) -> io::Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let Ok(name) = entry.file_name().into_string() else { continue };
+        if !is_trace_name(&name) {
+            continue;
+        }
+        // Not following links: a planted symlink is neither counted nor deleted.
+        match entry.metadata() {
+            Ok(m) if m.file_type().is_file() => out.push((name, m.len())),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_only_our_names() {
+        for ok in [
+            "20260424-171305-7a8b3c1d-c9d4f0ea.jsonl.gz",
+            "20260424-171305-7a8b3c1d-c9d4f0ea-aaaa-bbbb.jsonl",
+        ] {
+            assert!(is_trace_name(ok), "{ok}");
+        }
+        for bad in [
+            "20260424-171305-7a8b3c1d-c9d4f0ea.json",
+            "20260424-171305-7A8B3C1D-c9d4f0ea.jsonl.gz",
+            "2026042-1171305-7a8b3c1d-c9d4f0ea.jsonl.gz",
+            "20260424-171305-7a8b3c1d-short.jsonl.gz",
+            ".20260424-171305-7a8b3c1d-c9d4f0ea.jsonl.gz.recovering",
+            "notes.txt",
+            "20260424-171305-7a8b3c1d-c9d4f0ea.jsonl.gz.bak",
+        ] {
+            assert!(!is_trace_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deletes_oldest_closed_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = |i: u32| format!("20260424-1713{i:02}-7a8b3c1d-session{i:02}.jsonl.gz");
+        for i in 0..6 {
+            fs::write(dir.path().join(name(i)), vec![0u8; 1000]).unwrap();
+        }
+        fs::write(dir.path().join("keep-me.txt"), vec![0u8; 5000]).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join(name(7))).unwrap();
+        let r = Retention::new(dir.path().to_path_buf(), Some(2500));
+        // The oldest is open: it stays, the next ones go.
+        r.lock_open().insert(name(0));
+        assert_eq!(r.enforce().unwrap(), vec![name(1), name(2), name(3), name(4)]);
+        let mut left: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, vec![name(0), name(5), name(7), "keep-me.txt".to_string()]);
+        assert!(Retention::new(dir.path().to_path_buf(), None).enforce().unwrap().is_empty());
+    }
+}

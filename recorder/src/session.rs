@@ -1,0 +1,392 @@
+//! One Record stream's writer: a thread that owns the session's [`TraceWriter`], fed by a
+//! bounded channel from the stream's async task.
+//!
+//! File I/O (JSON encoding, gzip, write, fsync) never runs on the async runtime. The
+//! channel holds at most [`CHANNEL_CAP`] messages *and* at most the session's byte budget
+//! (each message carries semaphore permits for its encoded size), so a slow disk makes the
+//! stream wait — gRPC flow control then pushes back on the server, whose own bounded queue
+//! drops and counts — and nothing is ever buffered without bound.
+//!
+//! The thread also does the session's disk policy: the timer-driven flush (a `Flush`
+//! message every interval, plus a check after each record), rotation at the size cap
+//! (footer `rotated`, new header, seq continues), a retention pass after each closed file,
+//! and on any write error: one `slug=record-disk-full` error log, degraded state, and from
+//! then on only counting (the stream keeps being consumed so the server is never blocked).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use reflex_proto::v1::{ActRecord, RecordSummary, SessionEnd};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::UtcTime;
+use crate::daemon::State;
+use crate::trace::{Footer, Header, ImageMode, RequestRecord};
+use crate::writer::{TraceWriter, WriteError, WriterOptions};
+
+/// Messages queued per session (the byte budget usually binds first).
+pub const CHANNEL_CAP: usize = 1024;
+
+/// What the stream task sends to the writer thread.
+pub(crate) enum Command {
+    /// One record; the permit returns its bytes to the session's budget once written.
+    Act(Box<ActRecord>, OwnedSemaphorePermit),
+    /// Timer tick: flush what was written since the last flush.
+    Flush,
+    /// The session is over.
+    End(End),
+}
+
+/// How a session ended.
+pub(crate) struct End {
+    pub reason: String,
+    /// `(total_requests, dropped_requests)` as the server reported them.
+    pub totals: Option<(u64, u64)>,
+    pub ended_at: Option<String>,
+}
+
+impl End {
+    pub(crate) fn reason(reason: &str) -> End {
+        End { reason: reason.to_string(), totals: None, ended_at: None }
+    }
+
+    pub(crate) fn from_client(end: SessionEnd) -> End {
+        End {
+            reason: sanitize_reason(&end.reason),
+            totals: Some((end.total_requests, end.dropped_requests)),
+            ended_at: (!end.ended_at.is_empty()).then_some(end.ended_at),
+        }
+    }
+}
+
+/// `[a-z_]{1,32}`: lowercased, `-` and spaces become `_`, anything else is dropped;
+/// empty means `shutdown`.
+pub fn sanitize_reason(reason: &str) -> String {
+    let s: String = reason
+        .chars()
+        .filter_map(|c| match c {
+            'a'..='z' | '_' => Some(c),
+            'A'..='Z' => Some(c.to_ascii_lowercase()),
+            '-' | ' ' => Some('_'),
+            _ => None,
+        })
+        .take(32)
+        .collect();
+    if s.is_empty() { "shutdown".to_string() } else { s }
+}
+
+/// Live numbers of one session, read by `Status`.
+pub(crate) struct SessionState {
+    pub session_id: String,
+    pub model_hash: String,
+    pub file: Mutex<String>,
+    pub records: AtomicU64,
+    pub bytes: AtomicU64,
+    pub dropped: AtomicU64,
+    pub degraded: AtomicBool,
+}
+
+/// The stream task's end of a session.
+pub(crate) struct SessionHandle {
+    pub tx: mpsc::Sender<Command>,
+    pub done: oneshot::Receiver<RecordSummary>,
+    pub state: Arc<SessionState>,
+}
+
+/// Starts the writer thread of a session whose header has been validated.
+pub(crate) fn spawn(
+    daemon: Arc<State>,
+    header: Header,
+    gzip: bool,
+    shutdown: CancellationToken,
+) -> std::io::Result<SessionHandle> {
+    let state = Arc::new(SessionState {
+        session_id: header.session_id.clone(),
+        model_hash: header.model_hash.clone(),
+        file: Mutex::new(String::new()),
+        records: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+        degraded: AtomicBool::new(false),
+    });
+    let (tx, rx) = mpsc::channel(CHANNEL_CAP);
+    let (done_tx, done) = oneshot::channel();
+    let opts = WriterOptions { gzip, level: daemon.config.gzip_level };
+    let mut worker = Worker {
+        mode: header.redaction.image,
+        session_first_seq: header.first_seq,
+        header,
+        opts,
+        daemon,
+        state: state.clone(),
+        writer: None,
+        failed: false,
+        last_file: String::new(),
+        written: 0,
+        received: 0,
+        max_seq: None,
+        bytes_closed: 0,
+        bytes_reported: 0,
+        bytes_at_retention: 0,
+        last_flush: Instant::now(),
+    };
+    let name = format!("rec-{}", worker.header.session_id.chars().take(8).collect::<String>());
+    std::thread::Builder::new().name(name).spawn(move || {
+        let summary = worker.run(rx, &shutdown);
+        // The stream task may be gone (shutdown deadline); the summary then has no reader.
+        let _ = done_tx.send(summary);
+    })?;
+    Ok(SessionHandle { tx, done, state })
+}
+
+struct Worker {
+    daemon: Arc<State>,
+    state: Arc<SessionState>,
+    /// Template for the headers of rotated files.
+    header: Header,
+    mode: ImageMode,
+    opts: WriterOptions,
+    writer: Option<TraceWriter>,
+    failed: bool,
+    last_file: String,
+    session_first_seq: u64,
+    written: u64,
+    received: u64,
+    max_seq: Option<u64>,
+    /// Sizes of this session's closed files.
+    bytes_closed: u64,
+    /// Bytes already added to the daemon's total.
+    bytes_reported: u64,
+    bytes_at_retention: u64,
+    last_flush: Instant,
+}
+
+impl Worker {
+    fn run(&mut self, mut rx: mpsc::Receiver<Command>, shutdown: &CancellationToken) -> RecordSummary {
+        self.open_file();
+        let end = loop {
+            match rx.blocking_recv() {
+                Some(Command::Act(act, _permit)) => self.on_act(*act),
+                Some(Command::Flush) => self.flush(),
+                Some(Command::End(end)) => break end,
+                // The stream task went away without a word: the server vanished, or the
+                // daemon is past its shutdown deadline.
+                None => break End::reason(if shutdown.is_cancelled() { "shutdown" } else { "client_lost" }),
+            }
+        };
+        self.finish(end)
+    }
+
+    fn on_act(&mut self, act: ActRecord) {
+        self.received += 1;
+        self.max_seq = Some(self.max_seq.map_or(act.seq, |s| s.max(act.seq)));
+        if let Some(w) = self.writer.as_mut() {
+            let record = RequestRecord::from_act(act, self.mode);
+            match w.write_request(&record) {
+                Ok(()) => {
+                    self.written += 1;
+                    self.state.records.fetch_add(1, Ordering::Relaxed);
+                    self.daemon.records.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => self.fail(e),
+            }
+        }
+        self.update_numbers();
+        let max_file = self.daemon.config.max_file_bytes;
+        if let (Some(max), Some(w)) = (max_file, self.writer.as_ref())
+            && w.bytes_written() >= max
+        {
+            self.rotate();
+        }
+        if self.last_flush.elapsed() >= self.daemon.config.flush_interval {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        self.last_flush = Instant::now();
+        if let Some(w) = self.writer.as_mut()
+            && let Err(e) = w.flush()
+        {
+            self.fail(e);
+        }
+        self.update_numbers();
+        if let Some(cap) = self.daemon.config.max_total_bytes {
+            // Between closes, a long session still lets old files go now and then.
+            let session_bytes = self.bytes_closed + self.writer.as_ref().map_or(0, TraceWriter::bytes_written);
+            if session_bytes - self.bytes_at_retention >= (cap / 16).max(1 << 20) {
+                self.bytes_at_retention = session_bytes;
+                self.daemon.enforce_retention();
+            }
+        }
+    }
+
+    fn update_numbers(&mut self) {
+        let bytes = self.bytes_closed + self.writer.as_ref().map_or(0, TraceWriter::bytes_written);
+        self.daemon.bytes.fetch_add(bytes.saturating_sub(self.bytes_reported), Ordering::Relaxed);
+        self.bytes_reported = self.bytes_reported.max(bytes);
+        self.state.bytes.store(bytes, Ordering::Relaxed);
+        self.state.dropped.store(self.computed_dropped(), Ordering::Relaxed);
+    }
+
+    /// Calls the session skipped (seq gaps) or could not write.
+    fn computed_dropped(&self) -> u64 {
+        let expected = self.max_seq.map_or(0, |m| (m + 1).saturating_sub(self.session_first_seq)).max(self.received);
+        expected - self.written
+    }
+
+    fn open_file(&mut self) {
+        let created = {
+            // Hold the open-file set while creating, so that a retention pass never sees
+            // the new file unclaimed.
+            let mut open = self.daemon.retention.lock_open();
+            let created = TraceWriter::create(&self.daemon.config.dir, &self.header, &self.opts);
+            if let Ok(w) = &created {
+                open.insert(w.file_name().to_string());
+            }
+            created
+        };
+        match created {
+            Ok(w) => {
+                tracing::info!(session_id = %self.state.session_id, file = %w.file_name(), "trace file opened");
+                self.last_file = w.file_name().to_string();
+                *lock(&self.state.file) = self.last_file.clone();
+                self.writer = Some(w);
+                #[cfg(test)]
+                self.inject_fault();
+            }
+            Err(e) => self.fail(e),
+        }
+        self.last_flush = Instant::now();
+    }
+
+    #[cfg(test)]
+    fn inject_fault(&mut self) {
+        if self.daemon.config.fail_sessions.contains(&self.state.session_id)
+            && let Some(w) = self.writer.as_mut()
+        {
+            let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+            w.redirect(full);
+        }
+    }
+
+    fn rotate(&mut self) {
+        let Some(w) = self.writer.take() else { return };
+        let next_first = w.last_seq().map_or(self.header.first_seq, |s| s + 1);
+        let (total, dropped) = w.seq_totals();
+        let footer = Footer {
+            ended_at: UtcTime::now().rfc3339_millis(),
+            total_requests: total,
+            dropped_requests: dropped,
+            ended_reason: "rotated".into(),
+            records_written: None,
+        };
+        if self.close(w, &footer) {
+            tracing::info!(session_id = %self.state.session_id, file = %self.last_file, "trace file rotated");
+            self.header.first_seq = next_first;
+            self.open_file();
+            self.daemon.enforce_retention();
+        }
+    }
+
+    /// Writes the footer and closes; false (and degraded) on a write error.
+    fn close(&mut self, w: TraceWriter, footer: &Footer) -> bool {
+        let name = w.file_name().to_string();
+        let result = w.finish(footer);
+        self.daemon.retention.lock_open().remove(&name);
+        match result {
+            Ok(closed) => {
+                self.bytes_closed += closed.bytes;
+                self.update_numbers();
+                true
+            }
+            Err(e) => {
+                self.fail(e);
+                false
+            }
+        }
+    }
+
+    fn finish(&mut self, end: End) -> RecordSummary {
+        // For Status: what the server dropped, or what never reached the file, if more.
+        let dropped = match end.totals {
+            Some((_, dropped)) => dropped.max(self.computed_dropped()),
+            None => self.computed_dropped(),
+        };
+        if let Some(w) = self.writer.take() {
+            let (total, dropped) = match end.totals {
+                Some((total, dropped)) if total > 0 || dropped > 0 => (total, dropped),
+                // A server that sent no numbers (or a lost one): what the seqs say.
+                _ => w.seq_totals(),
+            };
+            let footer = Footer {
+                ended_at: end.ended_at.clone().unwrap_or_else(|| UtcTime::now().rfc3339_millis()),
+                total_requests: total,
+                dropped_requests: dropped,
+                ended_reason: end.reason.clone(),
+                records_written: None,
+            };
+            if self.close(w, &footer) {
+                tracing::info!(
+                    session_id = %self.state.session_id,
+                    file = %self.last_file,
+                    records = self.written,
+                    reason = %end.reason,
+                    "trace file closed"
+                );
+            }
+            self.daemon.enforce_retention();
+        }
+        self.update_numbers();
+        self.daemon.dropped_done.fetch_add(dropped, Ordering::Relaxed);
+        RecordSummary {
+            file: self.last_file.clone(),
+            records_written: self.written,
+            bytes_written: self.bytes_closed.max(self.bytes_reported),
+        }
+    }
+
+    /// The one place a write error lands: log once, mark degraded, stop writing.
+    fn fail(&mut self, e: WriteError) {
+        if let Some(w) = self.writer.take() {
+            // The file stays as it is (no footer): start-up recovery repairs it.
+            self.daemon.retention.lock_open().remove(w.file_name());
+            self.bytes_closed += w.bytes_written();
+        }
+        if !self.failed {
+            self.failed = true;
+            tracing::error!(
+                slug = "record-disk-full",
+                session_id = %self.state.session_id,
+                file = %self.last_file,
+                error = %e,
+                "trace write failed; recording stopped for this session"
+            );
+            self.state.degraded.store(true, Ordering::Relaxed);
+            self.daemon.set_degraded(format!("session {}: {e}", self.state.session_id));
+        }
+    }
+}
+
+/// A poisoned lock here only means another thread panicked while holding plain data;
+/// the data is still usable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_sanitized() {
+        assert_eq!(sanitize_reason("shutdown"), "shutdown");
+        assert_eq!(sanitize_reason(""), "shutdown");
+        assert_eq!(sanitize_reason("Model-Reload now"), "model_reload_now");
+        assert_eq!(sanitize_reason("../../etc/passwd\n{\"x\":1}"), "etcpasswdx");
+        assert_eq!(sanitize_reason(&"a".repeat(100)).len(), 32);
+        assert_eq!(sanitize_reason("1234"), "shutdown");
+    }
+}

@@ -1,0 +1,1170 @@
+//! Trace schema v1: the on-disk format of reflex traces. This module comment is its
+//! design document; the types below are the only place the schema is written down in code.
+//!
+//! # Files
+//! One file per server session (and per rotation of it), named by the recorder alone:
+//! `<YYYYMMDD>-<HHMMSS>-<model_hash[..8]>-<session_id>.jsonl.gz` (UTC creation time), or
+//! `.jsonl` when the session asked for plain text. Nothing in a name comes from the wire
+//! unvalidated: `session_id` matches `[0-9A-Za-z-]{8,64}`, `model_hash` is 16 lowercase hex.
+//! A `.jsonl.gz` file is one gzip member written with periodic sync flushes (see
+//! [`crate::writer`] for the durability contract); readers also accept multi-member gzip and
+//! detect compression by the magic bytes, never by the extension.
+//!
+//! # Records
+//! UTF-8 JSON, one object per line, `\n`-terminated. Every record starts with
+//! `"kind"` and `"schema_version"`:
+//!
+//! ```text
+//! {"kind":"header","schema_version":1,"reflex_version":"0.1.0","model_hash":"7a8b3c1d9f2e4a55",...}
+//! {"kind":"request","schema_version":1,"seq":0,"chunk_id":0,"timestamp":"...","request":{...},...}
+//! {"kind":"footer","schema_version":1,"ended_at":"...","total_requests":1843,...}
+//! ```
+//!
+//! - **header** ([`Header`]), exactly one, first: `reflex_version, model_hash, config_hash,
+//!   session_id, started_at` (RFC 3339 UTC, ms, `Z`)`, export_dir, model_type, export_kind,
+//!   embodiment, hardware` (string map)`, mode, redaction {image, instruction}, first_seq`.
+//! - **request** ([`RequestRecord`]), one per Act call: `seq, chunk_id, timestamp, request,
+//!   response {actions, num_actions, action_dim}, latency {total_ms, queue_ms, decode_ms,
+//!   prefix_ms, denoise_ms, postprocess_ms}` (ms, rounded to 3 decimals)`, denoise
+//!   {steps_used, steps_configured, adaptive}, cache {status}, mode, noise_seed`, and
+//!   `error {slug, message}` only when Act failed (then `actions` may be empty).
+//! - **footer** ([`Footer`]), last, absent when the writer died: `ended_at, total_requests,
+//!   dropped_requests, ended_reason` (`shutdown`, `rotated`, `client_lost`,
+//!   `recorder_lost`, or the server's reason)`, records_written`.
+//!
+//! **Invariant: the `request` object is the protobuf-JSON form of `reflex.v1.ActRequest`**
+//! (proto field names, bytes as standard base64, `uint64` as a decimal string), so
+//! `jq -c .request` of a line can be sent as is with `grpcurl -d @`. Its `noise_seed` is the
+//! seed the call actually used, so such a replay draws the same noise.
+//!
+//! # Image modes (`header.redaction.image`)
+//! - `full`: the primary image's bytes in `request.image_b64`; `images[0]` is
+//!   `{camera, sha256}` without `data`; secondary cameras keep their bytes in `images[i].data`.
+//! - `hash_only` (default): `images: [{camera, sha256}]` and `image_sha256`; no image bytes
+//!   anywhere in the file.
+//! - `none`: no `images`, `image_sha256` or `image_b64` key at all.
+//!
+//! The recorder applies the mode itself ([`RequestRecord::from_act`]) whatever the client
+//! sent: bytes the mode does not allow never reach the disk.
+//!
+//! # Numbers
+//! `actions` and `state` are `f32` and read back bit for bit: the writer prints each value
+//! as the shortest decimal that round-trips *as an f32* (ryu), and the reader parses that
+//! text straight to `f32`. Going through `f64` (what most JSON readers do) rounds twice and
+//! is wrong for a few values (±7.038531e-26: an exhaustive check of all 2^32 bit patterns
+//! found exactly these two), so the reader never does. JSON has no NaN or infinity:
+//! those are written as `null` and read back as NaN. `actions` is written as nested rows
+//! (`num_actions` rows of `action_dim`) and held in memory row-major and flat, as the proto
+//! has it. Empty or absent optional values are omitted from the line.
+//!
+//! # Versions and compatibility
+//! `schema_version` is dispatched on for every record; a reader rejects a version it does
+//! not know and names it. Additive fields do not bump the version: readers ignore unknown
+//! fields, and almost every field is optional with a default on the read side (`null`
+//! included), so traces of the seed's tool (Reflex 0.7: `request {image_b64 | image_sha256,
+//! instruction, state}`, `latency {total_ms}`, no `cache`, `noise_seed` or `chunk_id`) read
+//! as well.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::Engine as _;
+use reflex_proto::v1::{ActRecord, ActRequest, Image, SessionStart};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::ser::Serializer;
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use crate::clock::UtcTime;
+
+/// The only schema version this crate writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The `kind` of each record, as written on every line.
+pub trait Kind: Serialize {
+    /// `"header"`, `"request"` or `"footer"`.
+    const KIND: &'static str;
+}
+
+/// What a session asked to keep of its images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageMode {
+    /// Encoded bytes kept (base64).
+    Full,
+    /// SHA-256 of the bytes only.
+    #[default]
+    HashOnly,
+    /// No image field at all.
+    None,
+    /// A mode this version does not know (read side only).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ImageMode {
+    /// Parses the wire form; empty means the default, `hash_only`.
+    pub fn parse(s: &str) -> Option<ImageMode> {
+        match s {
+            "" | "hash_only" => Some(ImageMode::HashOnly),
+            "full" => Some(ImageMode::Full),
+            "none" => Some(ImageMode::None),
+            _ => None,
+        }
+    }
+
+    /// The wire and trace form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageMode::Full => "full",
+            ImageMode::HashOnly => "hash_only",
+            ImageMode::None => "none",
+            ImageMode::Unknown => "unknown",
+        }
+    }
+}
+
+/// `header.redaction`: what was left out of the trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Redaction {
+    #[serde(default, deserialize_with = "nullable")]
+    pub image: ImageMode,
+    /// `"as_is"`: instructions are recorded as sent.
+    #[serde(default, deserialize_with = "nullable")]
+    pub instruction: String,
+}
+
+impl Default for Redaction {
+    fn default() -> Self {
+        Redaction { image: ImageMode::HashOnly, instruction: "as_is".into() }
+    }
+}
+
+/// The first record of a file: what model ran, where, and how the session is recorded.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Header {
+    #[serde(default, deserialize_with = "nullable")]
+    pub reflex_version: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub model_hash: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub config_hash: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub session_id: String,
+    /// RFC 3339 UTC with milliseconds.
+    #[serde(default, deserialize_with = "nullable")]
+    pub started_at: String,
+    /// As the server saw it; recorded, never opened.
+    #[serde(default, deserialize_with = "nullable")]
+    pub export_dir: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub model_type: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub export_kind: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub embodiment: String,
+    #[serde(default, deserialize_with = "string_map")]
+    pub hardware: BTreeMap<String, String>,
+    /// Engine of the session ("cpu", "cuda"; "onnx_gpu" in seed traces).
+    #[serde(default, deserialize_with = "nullable")]
+    pub mode: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub redaction: Redaction,
+    /// Seq of the first request this file may hold (rotation and reconnects continue it).
+    #[serde(default, deserialize_with = "nullable")]
+    pub first_seq: u64,
+}
+
+impl Kind for Header {
+    const KIND: &'static str = "header";
+}
+
+/// Why a `SessionStart` cannot become a header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    #[error("image_mode {0:?} is not one of full, hash_only, none")]
+    ImageMode(String),
+    #[error("instruction_mode {0:?} is not supported (only as_is)")]
+    InstructionMode(String),
+}
+
+impl Header {
+    /// The header of a session's file. The recorder's clock fills `started_at` when the
+    /// server sent none.
+    pub fn from_start(start: &SessionStart) -> Result<Header, StartError> {
+        let image = ImageMode::parse(&start.image_mode)
+            .ok_or_else(|| StartError::ImageMode(start.image_mode.clone()))?;
+        let instruction = match start.instruction_mode.as_str() {
+            "" | "as_is" => "as_is".to_string(),
+            other => return Err(StartError::InstructionMode(other.to_string())),
+        };
+        let started_at = if start.started_at.is_empty() {
+            UtcTime::now().rfc3339_millis()
+        } else {
+            start.started_at.clone()
+        };
+        Ok(Header {
+            reflex_version: start.reflex_version.clone(),
+            model_hash: start.model_hash.clone(),
+            config_hash: start.config_hash.clone(),
+            session_id: start.session_id.clone(),
+            started_at,
+            export_dir: start.export_dir.clone(),
+            model_type: start.model_type.clone(),
+            export_kind: start.export_kind.clone(),
+            embodiment: start.embodiment.clone(),
+            hardware: start.hardware.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            mode: start.mode.clone(),
+            redaction: Redaction { image, instruction },
+            first_seq: start.first_seq,
+        })
+    }
+}
+
+/// One Act call.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RequestRecord {
+    #[serde(default, deserialize_with = "nullable")]
+    pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_id: Option<u64>,
+    /// RFC 3339 UTC, when the call arrived at the server.
+    #[serde(default, deserialize_with = "nullable")]
+    pub timestamp: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub request: TraceRequest,
+    #[serde(default, deserialize_with = "nullable")]
+    pub response: TraceResponse,
+    #[serde(default, deserialize_with = "nullable")]
+    pub latency: TraceLatency,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denoise: Option<TraceDenoise>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheInfo>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub mode: String,
+    /// The noise seed the call used.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lenient_u64")]
+    pub noise_seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TraceError>,
+}
+
+impl Kind for RequestRecord {
+    const KIND: &'static str = "request";
+}
+
+/// `request`: the protobuf-JSON form of `reflex.v1.ActRequest` (field names are the
+/// proto's; keep them in step with `reflex.proto`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TraceRequest {
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "nullable")]
+    pub images: Vec<TraceImage>,
+    #[serde(default, skip_serializing_if = "String::is_empty", deserialize_with = "nullable")]
+    pub instruction: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "f32_vec")]
+    pub state: Vec<f32>,
+    #[serde(default, skip_serializing_if = "String::is_empty", deserialize_with = "nullable")]
+    pub episode_id: String,
+    /// Written as a decimal string (protobuf JSON's `uint64`); numbers read too.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "u64_as_string",
+        deserialize_with = "lenient_u64"
+    )]
+    pub noise_seed: Option<u64>,
+    /// Lowercase hex SHA-256 of the primary image's bytes.
+    #[serde(default, skip_serializing_if = "String::is_empty", deserialize_with = "nullable")]
+    pub image_sha256: String,
+    /// Encoded bytes of the primary image (`full` mode only), base64 in JSON.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "base64_bytes")]
+    pub image_b64: Vec<u8>,
+}
+
+/// One camera frame of `request.images` (`reflex.v1.Image`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TraceImage {
+    #[serde(default, skip_serializing_if = "String::is_empty", deserialize_with = "nullable")]
+    pub camera: String,
+    /// Encoded bytes, base64 in JSON; only secondary cameras of `full` traces carry them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "base64_bytes")]
+    pub data: Vec<u8>,
+    #[serde(default, skip_serializing_if = "String::is_empty", deserialize_with = "nullable")]
+    pub sha256: String,
+}
+
+/// `response`: the action chunk, row-major and flat in memory, nested rows in JSON.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TraceResponse {
+    /// `num_actions × action_dim` values, row-major.
+    pub actions: Vec<f32>,
+    pub num_actions: u32,
+    pub action_dim: u32,
+}
+
+/// `latency`, milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct TraceLatency {
+    #[serde(default, deserialize_with = "nullable")]
+    pub total_ms: f64,
+    #[serde(default, deserialize_with = "nullable")]
+    pub queue_ms: f64,
+    #[serde(default, deserialize_with = "nullable")]
+    pub decode_ms: f64,
+    #[serde(default, deserialize_with = "nullable")]
+    pub prefix_ms: f64,
+    #[serde(default, deserialize_with = "nullable")]
+    pub denoise_ms: f64,
+    #[serde(default, deserialize_with = "nullable")]
+    pub postprocess_ms: f64,
+}
+
+/// `denoise`: flow-matching steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TraceDenoise {
+    #[serde(default, deserialize_with = "nullable")]
+    pub steps_used: u32,
+    #[serde(default, deserialize_with = "nullable")]
+    pub steps_configured: u32,
+    #[serde(default, deserialize_with = "nullable")]
+    pub adaptive: bool,
+}
+
+/// `cache {status}`: "hit", "miss" or "n/a". A bare string reads too.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct CacheInfo {
+    pub status: String,
+}
+
+/// `error {slug, message}` of a failed call; `slug` is the gRPC code name. A bare string
+/// reads as the message.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct TraceError {
+    pub slug: String,
+    pub message: String,
+}
+
+/// The last record of a file.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Footer {
+    #[serde(default, deserialize_with = "nullable")]
+    pub ended_at: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub total_requests: u64,
+    #[serde(default, deserialize_with = "nullable")]
+    pub dropped_requests: u64,
+    #[serde(default, deserialize_with = "nullable")]
+    pub ended_reason: String,
+    /// Request records in this file (absent in seed traces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records_written: Option<u64>,
+}
+
+impl Kind for Footer {
+    const KIND: &'static str = "footer";
+}
+
+/// One record after the header, as the reader yields it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Request(Box<RequestRecord>),
+    Footer(Footer),
+    /// A header after the first line (for example two traces concatenated).
+    Header(Box<Header>),
+}
+
+/// Why one line is not a v1 record.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    #[error("malformed JSON: {0}")]
+    Malformed(#[source] serde_json::Error),
+    #[error("unknown schema_version {0} (this reader knows {SCHEMA_VERSION})")]
+    UnknownSchemaVersion(String),
+    #[error("unknown record kind {0}")]
+    UnknownKind(String),
+}
+
+impl RequestRecord {
+    /// The trace record of one `ActRecord` as the recorder writes it, with `mode` applied
+    /// defensively: image bytes and hashes the mode does not allow are dropped even if the
+    /// client sent them, and a missing SHA-256 is computed from the bytes.
+    pub fn from_act(act: ActRecord, mode: ImageMode) -> RequestRecord {
+        let failed = act.error.is_some();
+        let mut request = TraceRequest::recorded(act.request.unwrap_or_default(), mode);
+        if request.noise_seed.is_none() && !failed {
+            // The seed the call drew, so that `.request` alone replays bit-exactly.
+            request.noise_seed = Some(act.noise_seed);
+        }
+        let latency = act.latency.unwrap_or_default();
+        let denoise = act.denoise.unwrap_or_default();
+        RequestRecord {
+            seq: act.seq,
+            chunk_id: Some(act.chunk_id),
+            timestamp: if act.timestamp.is_empty() {
+                UtcTime::now().rfc3339_millis()
+            } else {
+                act.timestamp
+            },
+            request,
+            response: TraceResponse {
+                actions: act.actions,
+                num_actions: act.num_actions,
+                action_dim: act.action_dim,
+            },
+            latency: TraceLatency {
+                total_ms: round3(latency.total_ms),
+                queue_ms: round3(latency.queue_ms),
+                decode_ms: round3(latency.decode_ms),
+                prefix_ms: round3(latency.prefix_ms),
+                denoise_ms: round3(latency.denoise_ms),
+                postprocess_ms: round3(latency.postprocess_ms),
+            },
+            denoise: Some(TraceDenoise {
+                steps_used: denoise.steps_used,
+                steps_configured: denoise.steps_configured,
+                adaptive: denoise.adaptive,
+            }),
+            cache: (!act.cache.is_empty()).then_some(CacheInfo { status: act.cache }),
+            mode: act.mode,
+            noise_seed: Some(act.noise_seed),
+            error: act.error.map(|e| TraceError { slug: e.code, message: e.message }),
+        }
+    }
+}
+
+impl TraceRequest {
+    /// Applies the image mode to a request as the server sent it.
+    fn recorded(req: ActRequest, mode: ImageMode) -> TraceRequest {
+        let ActRequest { images, instruction, state, episode_id, noise_seed, image_b64, image_sha256 } = req;
+        let mut out = TraceRequest { instruction, state, episode_id, noise_seed, ..Default::default() };
+        if matches!(mode, ImageMode::None | ImageMode::Unknown) {
+            return out;
+        }
+        let keep_bytes = mode == ImageMode::Full;
+        let mut images = images;
+        // The primary image's bytes: `images[0].data`, or the single-image `image_b64`.
+        let mut primary = image_b64;
+        if let Some(first) = images.first_mut()
+            && !first.data.is_empty()
+        {
+            primary = std::mem::take(&mut first.data);
+        }
+        let primary_sha = first_valid_sha(&[
+            images.first().map(|i| i.sha256.as_str()).unwrap_or(""),
+            &image_sha256,
+        ])
+        .map(str::to_string)
+        .or_else(|| (!primary.is_empty()).then(|| sha256_hex(&primary)));
+        if images.is_empty() && primary_sha.is_some() {
+            images.push(Image::default());
+        }
+        out.images = images
+            .into_iter()
+            .enumerate()
+            .map(|(i, img)| {
+                let sha256 = if i == 0 {
+                    primary_sha.clone().unwrap_or_default()
+                } else if is_sha256_hex(&img.sha256) {
+                    img.sha256
+                } else if !img.data.is_empty() {
+                    sha256_hex(&img.data)
+                } else {
+                    String::new()
+                };
+                let data = if keep_bytes && i > 0 { img.data } else { Vec::new() };
+                TraceImage { camera: img.camera, data, sha256 }
+            })
+            .collect();
+        out.image_sha256 = primary_sha.unwrap_or_default();
+        if keep_bytes {
+            out.image_b64 = primary;
+        }
+        out
+    }
+
+    /// The `ActRequest` this record replays (image bytes only where the trace kept them).
+    pub fn to_proto(&self) -> ActRequest {
+        ActRequest {
+            images: self
+                .images
+                .iter()
+                .map(|i| Image { camera: i.camera.clone(), data: i.data.clone(), sha256: i.sha256.clone() })
+                .collect(),
+            instruction: self.instruction.clone(),
+            state: self.state.clone(),
+            episode_id: self.episode_id.clone(),
+            noise_seed: self.noise_seed,
+            image_b64: self.image_b64.clone(),
+            image_sha256: self.image_sha256.clone(),
+        }
+    }
+}
+
+/// Appends one record as a JSON line (with its `kind`, `schema_version` and `\n`).
+pub fn encode_line<T: Kind>(record: &T, out: &mut Vec<u8>) -> serde_json::Result<()> {
+    #[derive(Serialize)]
+    struct Tagged<'a, T> {
+        kind: &'static str,
+        schema_version: u32,
+        #[serde(flatten)]
+        body: &'a T,
+    }
+    serde_json::to_writer(&mut *out, &Tagged { kind: T::KIND, schema_version: SCHEMA_VERSION, body: record })?;
+    out.push(b'\n');
+    Ok(())
+}
+
+/// Parses one line (without its `\n`), dispatching on `schema_version`, then `kind`.
+pub fn parse_line(line: &[u8]) -> Result<Record, LineError> {
+    // Every writer we know puts these two keys first: parse a request line once, straight
+    // into its type. Anything else goes through the probe below.
+    const FAST: &[u8] = br#"{"kind":"request","schema_version":1,"#;
+    if line.starts_with(FAST) {
+        return serde_json::from_slice::<RequestRecord>(line)
+            .map(|r| Record::Request(Box::new(r)))
+            .map_err(LineError::Malformed);
+    }
+    #[derive(Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow, default)]
+        kind: Option<Cow<'a, str>>,
+        #[serde(default)]
+        schema_version: Option<serde_json::Value>,
+    }
+    let probe: Probe = serde_json::from_slice(line).map_err(LineError::Malformed)?;
+    match probe.schema_version {
+        Some(v) if v.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {}
+        Some(v) => return Err(LineError::UnknownSchemaVersion(v.to_string())),
+        None => return Err(LineError::UnknownSchemaVersion("(missing)".into())),
+    }
+    match probe.kind.as_deref() {
+        Some("request") => serde_json::from_slice(line).map(|r| Record::Request(Box::new(r))),
+        Some("footer") => serde_json::from_slice(line).map(Record::Footer),
+        Some("header") => serde_json::from_slice(line).map(|h| Record::Header(Box::new(h))),
+        Some(other) => return Err(LineError::UnknownKind(format!("{other:?}"))),
+        None => return Err(LineError::UnknownKind("(missing)".into())),
+    }
+    .map_err(LineError::Malformed)
+}
+
+/// `true` for 64 lowercase hex digits.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    let digest = sha2::Sha256::digest(data);
+    let mut s = String::with_capacity(64);
+    for b in digest.iter() {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    s
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn first_valid_sha<'a>(candidates: &[&'a str]) -> Option<&'a str> {
+    candidates.iter().copied().find(|s| is_sha256_hex(s))
+}
+
+fn round3(ms: f64) -> f64 {
+    if ms.is_finite() { (ms * 1000.0).round() / 1000.0 } else { 0.0 }
+}
+
+// ---------------------------------------------------------------------------
+// serde helpers. Read side: lenient (null is the default, numbers may be strings) and
+// allocation-light, since the replayer reads 100,000s of lines through them.
+// ---------------------------------------------------------------------------
+
+/// `null` reads as the default value.
+fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+fn u64_as_string<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
+}
+
+/// A u64 written as a JSON number or as a decimal string; `null` is `None`.
+fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an unsigned integer or a decimal string")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u64::try_from(v).map(Some).map_err(|_| E::custom("negative u64"))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            v.trim().parse().map(Some).map_err(|_| E::custom(format!("{v:?} is not a u64")))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// An f32 parsed from the number's own text, never via f64 (see "Numbers" above);
+/// `null` is NaN.
+struct ExactF32(f32);
+
+impl<'de> Deserialize<'de> for ExactF32 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = <&serde_json::value::RawValue>::deserialize(d)?;
+        parse_f32(raw.get()).map(ExactF32).map_err(de::Error::custom)
+    }
+}
+
+fn parse_f32(text: &str) -> Result<f32, String> {
+    if text == "null" {
+        return Ok(f32::NAN);
+    }
+    text.parse::<f32>().map_err(|_| format!("{text} is not a number"))
+}
+
+fn f32_vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<f32>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array of numbers")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(16));
+            while let Some(ExactF32(x)) = seq.next_element()? {
+                out.push(x);
+            }
+            Ok(out)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+impl Serialize for TraceResponse {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Rows<'a>(&'a [f32], usize);
+        impl Serialize for Rows<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.chunks(self.1.max(1)))
+            }
+        }
+        let dim = self.action_dim as usize;
+        // A shape that does not fit the values is written as one row rather than lost.
+        let row = if dim > 0 && self.actions.len() % dim == 0 { dim } else { self.actions.len() };
+        let mut st = s.serialize_struct("TraceResponse", 3)?;
+        st.serialize_field("actions", &Rows(&self.actions, row))?;
+        st.serialize_field("num_actions", &self.num_actions)?;
+        st.serialize_field("action_dim", &self.action_dim)?;
+        st.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for TraceResponse {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Wire {
+            #[serde(default)]
+            actions: Nested,
+            #[serde(default, deserialize_with = "nullable")]
+            num_actions: Option<u32>,
+            #[serde(default, deserialize_with = "nullable")]
+            action_dim: Option<u32>,
+        }
+        let w = Wire::deserialize(d)?;
+        let n = w.actions.values.len();
+        // Seed traces may lack the shape: take it from the nesting.
+        let action_dim = w.action_dim.unwrap_or(match w.actions.first_row {
+            Some(r) => r as u32,
+            None => n as u32,
+        });
+        let num_actions = w.num_actions.unwrap_or(match w.actions.first_row {
+            Some(_) => w.actions.rows as u32,
+            None => u32::from(n > 0),
+        });
+        Ok(TraceResponse { actions: w.actions.values, num_actions, action_dim })
+    }
+}
+
+/// `[[f32]]` (or a flat `[f32]`) read into one flat vector without a `Vec` per row.
+#[derive(Default)]
+struct Nested {
+    values: Vec<f32>,
+    rows: usize,
+    first_row: Option<usize>,
+}
+
+impl<'de> Deserialize<'de> for Nested {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Outer;
+        impl<'de> Visitor<'de> for Outer {
+            type Value = Nested;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of rows of numbers")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Nested, E> {
+                Ok(Nested::default())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Nested, A::Error> {
+                let mut out = Nested { values: Vec::with_capacity(64 * 8), ..Default::default() };
+                while let Some(elem) = seq.next_element_seed(Element(&mut out.values))? {
+                    if let Some(len) = elem {
+                        out.rows += 1;
+                        out.first_row.get_or_insert(len);
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(Outer)
+    }
+}
+
+/// One element of `actions`: a row (yields its length) or, in a flat array, a number.
+/// Flat arrays come only from other tools, which print f32 values widened to f64 (Python's
+/// `repr`); for those text the f64 path is exact, so it is taken there.
+struct Element<'a>(&'a mut Vec<f32>);
+
+impl<'de> DeserializeSeed<'de> for Element<'_> {
+    type Value = Option<usize>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Element<'_> {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a row of numbers or a number")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<usize>, A::Error> {
+        let before = self.0.len();
+        while let Some(ExactF32(x)) = seq.next_element()? {
+            self.0.push(x);
+        }
+        Ok(Some(self.0.len() - before))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Option<usize>, E> {
+        self.0.push(v as f32);
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<usize>, E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<usize>, E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Option<usize>, E> {
+        self.visit_f64(f64::NAN)
+    }
+}
+
+impl<'de> Deserialize<'de> for CacheInfo {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CacheInfo;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("{\"status\": ...} or a status string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<CacheInfo, E> {
+                Ok(CacheInfo { status: v.to_string() })
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<CacheInfo, E> {
+                Ok(CacheInfo::default())
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<CacheInfo, A::Error> {
+                let mut out = CacheInfo::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "status" {
+                        out.status = map.next_value::<Option<String>>()?.unwrap_or_default();
+                    } else {
+                        map.next_value::<de::IgnoredAny>()?;
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for TraceError {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TraceError;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("{\"slug\": ..., \"message\": ...} or a message string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TraceError, E> {
+                Ok(TraceError { slug: String::new(), message: v.to_string() })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TraceError, A::Error> {
+                let mut out = TraceError::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match &*key {
+                        // `code` is the proto's name for the slug.
+                        "slug" | "code" => out.slug = map.next_value::<Option<String>>()?.unwrap_or_default(),
+                        "message" => out.message = map.next_value::<Option<String>>()?.unwrap_or_default(),
+                        _ => {
+                            map.next_value::<de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `hardware`: values that are not strings (numbers, booleans, objects) keep their JSON text.
+fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw: Option<BTreeMap<String, serde_json::Value>> = Option::deserialize(d)?;
+    Ok(raw
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => (k, s),
+            other => (k, other.to_string()),
+        })
+        .collect())
+}
+
+/// `bytes` as protobuf JSON has them: standard base64 (URL-safe and unpadded read too).
+mod base64_bytes {
+    use super::*;
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
+    use base64::engine::DecodePaddingMode;
+
+    const LENIENT: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    const STD_LENIENT: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);
+    const URL_LENIENT: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, LENIENT);
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&base64::display::Base64Display::new(v, &STANDARD))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text: Option<Cow<'de, str>> = Option::deserialize(d)?;
+        let Some(text) = text else { return Ok(Vec::new()) };
+        STD_LENIENT
+            .decode(text.as_bytes())
+            .or_else(|_| URL_LENIENT.decode(text.as_bytes()))
+            .map_err(|e| de::Error::custom(format!("invalid base64: {e}")))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use reflex_proto::v1::{ActError, Denoise, Latency};
+
+    pub(crate) fn sample_act(seq: u64, image: &[u8]) -> ActRecord {
+        ActRecord {
+            seq,
+            chunk_id: seq,
+            timestamp: "2026-04-24T17:13:05.123Z".into(),
+            request: Some(ActRequest {
+                images: vec![
+                    Image { camera: "base".into(), data: image.to_vec(), sha256: String::new() },
+                    Image { camera: "wrist".into(), data: b"wrist-bytes".to_vec(), sha256: String::new() },
+                ],
+                instruction: "pick up the red cup".into(),
+                state: vec![0.1, -0.2, 3.5e-8, 1.0],
+                episode_id: "ep-1".into(),
+                noise_seed: None,
+                image_b64: Vec::new(),
+                image_sha256: String::new(),
+            }),
+            actions: (0..14).map(|i| (i as f32 * 0.1f32).sin() / 3.0).collect(),
+            num_actions: 2,
+            action_dim: 7,
+            latency: Some(Latency {
+                total_ms: 98.123456,
+                queue_ms: 0.0004,
+                decode_ms: 1.5,
+                prefix_ms: 20.0,
+                denoise_ms: 70.25,
+                postprocess_ms: 0.1,
+            }),
+            denoise: Some(Denoise { steps_used: 10, steps_configured: 10, adaptive: false }),
+            cache: "miss".into(),
+            mode: "cpu".into(),
+            noise_seed: u64::MAX - 7,
+            error: None,
+        }
+    }
+
+    fn line<T: Kind>(r: &T) -> String {
+        let mut out = Vec::new();
+        encode_line(r, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn b64(data: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(data)
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let start = SessionStart {
+            session_id: "c9d4f0ea-0001".into(),
+            reflex_version: "0.1.0".into(),
+            model_hash: "7a8b3c1d9f2e4a55".into(),
+            config_hash: "e12f44c7b1a93802".into(),
+            export_dir: "/srv/export".into(),
+            model_type: "pi0.5".into(),
+            export_kind: "decomposed".into(),
+            embodiment: "franka".into(),
+            mode: "cpu".into(),
+            hardware: [("gpu".to_string(), "none".to_string())].into(),
+            image_mode: "full".into(),
+            instruction_mode: String::new(),
+            no_gzip: false,
+            started_at: "2026-04-24T17:13:05.000Z".into(),
+            first_seq: 42,
+        };
+        let h = Header::from_start(&start).unwrap();
+        let text = line(&h);
+        assert!(text.starts_with(r#"{"kind":"header","schema_version":1,"reflex_version":"0.1.0""#), "{text}");
+        assert!(text.contains(r#""redaction":{"image":"full","instruction":"as_is"}"#), "{text}");
+        assert!(text.contains(r#""first_seq":42"#));
+        match parse_line(text.trim_end().as_bytes()).unwrap() {
+            Record::Header(back) => assert_eq!(*back, h),
+            other => panic!("{other:?}"),
+        }
+        let bad = SessionStart { image_mode: "jpeg".into(), ..start.clone() };
+        assert_eq!(Header::from_start(&bad), Err(StartError::ImageMode("jpeg".into())));
+        let bad = SessionStart { instruction_mode: "redact".into(), ..start };
+        assert!(matches!(Header::from_start(&bad), Err(StartError::InstructionMode(_))));
+    }
+
+    #[test]
+    fn request_round_trips_with_exact_floats() {
+        let mut act = sample_act(7, b"primary-image-bytes");
+        // Values whose shortest f32 text goes wrong through f64 (double rounding),
+        // plus the awkward ones.
+        act.actions[0] = 7.038531e-26;
+        act.actions[1] = f32::MIN_POSITIVE / 3.0;
+        act.actions[2] = -0.0;
+        act.actions[3] = f32::MAX;
+        act.actions[4] = 16_777_217.0;
+        let rec = RequestRecord::from_act(act, ImageMode::HashOnly);
+        let text = line(&rec);
+        assert!(text.starts_with(r#"{"kind":"request","schema_version":1,"seq":7,"chunk_id":7,"#), "{text}");
+        assert!(text.contains(r#""latency":{"total_ms":98.123,"queue_ms":0.0,"#), "{text}");
+        assert!(text.contains(r#""cache":{"status":"miss"}"#));
+        assert!(text.contains(&format!(r#""noise_seed":"{}""#, u64::MAX - 7)), "request.noise_seed is a string");
+        assert!(text.contains(&format!(r#""noise_seed":{}}}"#, u64::MAX - 7)) || text.contains(&format!(r#""noise_seed":{}"#, u64::MAX - 7)));
+        let back = match parse_line(text.trim_end().as_bytes()).unwrap() {
+            Record::Request(r) => *r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(back, rec);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back.response.actions), bits(&rec.response.actions));
+        assert_eq!(bits(&back.request.state), bits(&rec.request.state));
+        // Nested rows on disk.
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["response"]["actions"].as_array().unwrap().len(), 2);
+        assert_eq!(v["response"]["actions"][1].as_array().unwrap().len(), 7);
+    }
+
+    #[test]
+    fn random_f32_bits_round_trip() {
+        // xorshift over the whole bit space, finite values only.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut values = Vec::new();
+        while values.len() < 200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let f = f32::from_bits(x as u32);
+            if f.is_finite() {
+                values.push(f);
+            }
+        }
+        let rec = RequestRecord {
+            response: TraceResponse { num_actions: (values.len() / 8) as u32, action_dim: 8, actions: values },
+            ..Default::default()
+        };
+        let back = match parse_line(line(&rec).trim_end().as_bytes()).unwrap() {
+            Record::Request(r) => r,
+            other => panic!("{other:?}"),
+        };
+        for (a, b) in rec.response.actions.iter().zip(&back.response.actions) {
+            assert_eq!(a.to_bits(), b.to_bits(), "{a:e}");
+        }
+    }
+
+    #[test]
+    fn nan_is_written_as_null_and_read_as_nan() {
+        let rec = RequestRecord {
+            response: TraceResponse { actions: vec![f32::NAN, 1.0], num_actions: 1, action_dim: 2 },
+            ..Default::default()
+        };
+        let text = line(&rec);
+        assert!(text.contains(r#""actions":[[null,1.0]]"#), "{text}");
+        let Record::Request(back) = parse_line(text.trim_end().as_bytes()).unwrap() else { panic!() };
+        assert!(back.response.actions[0].is_nan());
+    }
+
+    #[test]
+    fn image_modes_keep_only_what_they_allow() {
+        let image = b"\x89PNG-primary-image-bytes-that-must-not-leak".to_vec();
+        let (img_b64, wrist_b64) = (b64(&image), b64(b"wrist-bytes"));
+        let sha = sha256_hex(&image);
+
+        let full = line(&RequestRecord::from_act(sample_act(0, &image), ImageMode::Full));
+        let v: serde_json::Value = serde_json::from_str(&full).unwrap();
+        assert_eq!(v["request"]["image_b64"], img_b64.as_str());
+        assert_eq!(v["request"]["image_sha256"], sha.as_str());
+        assert_eq!(v["request"]["images"][0], serde_json::json!({"camera": "base", "sha256": sha}));
+        assert_eq!(v["request"]["images"][1]["data"], wrist_b64.as_str());
+
+        let hash = line(&RequestRecord::from_act(sample_act(0, &image), ImageMode::HashOnly));
+        assert!(!hash.contains(&img_b64) && !hash.contains(&wrist_b64), "{hash}");
+        assert!(!hash.contains("image_b64") && !hash.contains("\"data\""));
+        let v: serde_json::Value = serde_json::from_str(&hash).unwrap();
+        assert_eq!(v["request"]["image_sha256"], sha.as_str());
+        assert_eq!(v["request"]["images"][1]["sha256"], sha256_hex(b"wrist-bytes").as_str());
+
+        // A client that sent the single-image field and a hash of its own.
+        let mut act = sample_act(0, &image);
+        let req = act.request.as_mut().unwrap();
+        req.images.clear();
+        req.image_b64 = image.clone();
+        req.image_sha256 = "ab".repeat(32);
+        let hash2 = line(&RequestRecord::from_act(act, ImageMode::HashOnly));
+        assert!(!hash2.contains(&img_b64));
+        let v: serde_json::Value = serde_json::from_str(&hash2).unwrap();
+        assert_eq!(v["request"]["image_sha256"], "ab".repeat(32));
+        assert_eq!(v["request"]["images"], serde_json::json!([{"sha256": "ab".repeat(32)}]));
+
+        let none = line(&RequestRecord::from_act(sample_act(0, &image), ImageMode::None));
+        for key in ["images", "image_sha256", "image_b64", &img_b64, &wrist_b64, &sha] {
+            assert!(!none.contains(key), "{key} in {none}");
+        }
+    }
+
+    #[test]
+    fn request_object_uses_the_proto_field_names() {
+        let rec = RequestRecord::from_act(sample_act(0, b"img"), ImageMode::Full);
+        let v: serde_json::Value = serde_json::from_str(&line(&rec)).unwrap();
+        let proto = include_str!("../../proto/proto/reflex/v1/reflex.proto");
+        let fields_of = |message: &str| -> Vec<String> {
+            let body = proto.split(&format!("message {message} {{")).nth(1).unwrap().split("\n}").next().unwrap();
+            body.lines()
+                .filter_map(|l| {
+                    let l = l.trim();
+                    (!l.starts_with("//") && l.contains(" = ")).then(|| {
+                        l.split(" = ").next().unwrap().split_whitespace().last().unwrap().to_string()
+                    })
+                })
+                .collect()
+        };
+        let act_request = fields_of("ActRequest");
+        for key in v["request"].as_object().unwrap().keys() {
+            assert!(act_request.contains(key), "request.{key} is not an ActRequest field: {act_request:?}");
+        }
+        assert_eq!(v["request"].as_object().unwrap().len(), act_request.len(), "every field is set here");
+        let image = fields_of("Image");
+        for key in v["request"]["images"][1].as_object().unwrap().keys() {
+            assert!(image.contains(key), "{key} not in {image:?}");
+        }
+        let mut latency = fields_of("Latency");
+        latency.sort();
+        let keys: Vec<_> = v["latency"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, latency);
+        // Replays as the request it was (with the noise seed the call used).
+        let back = rec.request.to_proto();
+        assert_eq!(back.noise_seed, Some(u64::MAX - 7));
+        assert_eq!(back.image_b64, b"img");
+    }
+
+    #[test]
+    fn failed_call_records_its_error() {
+        let mut act = sample_act(3, b"x");
+        act.actions.clear();
+        act.num_actions = 0;
+        act.error = Some(ActError { code: "INVALID_ARGUMENT".into(), message: "state has 3 values, expected 4".into() });
+        let rec = RequestRecord::from_act(act, ImageMode::HashOnly);
+        assert_eq!(rec.request.noise_seed, None, "a failed call drew no noise");
+        let text = line(&rec);
+        assert!(text.contains(r#""error":{"slug":"INVALID_ARGUMENT","message":"state has 3 values, expected 4"}"#));
+        assert!(text.contains(r#""actions":[]"#));
+        let Record::Request(back) = parse_line(text.trim_end().as_bytes()).unwrap() else { panic!() };
+        assert_eq!(*back, rec);
+    }
+
+    #[test]
+    fn footer_round_trips() {
+        let f = Footer {
+            ended_at: "2026-04-24T18:00:00.000Z".into(),
+            total_requests: 1843,
+            dropped_requests: 2,
+            ended_reason: "shutdown".into(),
+            records_written: Some(1841),
+        };
+        let text = line(&f);
+        assert_eq!(
+            text,
+            "{\"kind\":\"footer\",\"schema_version\":1,\"ended_at\":\"2026-04-24T18:00:00.000Z\",\"total_requests\":1843,\"dropped_requests\":2,\"ended_reason\":\"shutdown\",\"records_written\":1841}\n"
+        );
+        assert_eq!(parse_line(text.trim_end().as_bytes()).unwrap(), Record::Footer(f));
+    }
+
+    #[test]
+    fn dispatch_errors() {
+        let e = parse_line(br#"{"kind":"request","schema_version":2,"seq":0}"#).unwrap_err();
+        assert!(matches!(&e, LineError::UnknownSchemaVersion(v) if v == "2"), "{e}");
+        let e = parse_line(br#"{"kind":"request","seq":0}"#).unwrap_err();
+        assert!(matches!(e, LineError::UnknownSchemaVersion(_)));
+        let e = parse_line(br#"{"schema_version":1,"kind":"metrics"}"#).unwrap_err();
+        assert!(matches!(&e, LineError::UnknownKind(k) if k == "\"metrics\""), "{e}");
+        let e = parse_line(br#"{"kind":"request","schema_version":1,"seq":"#).unwrap_err();
+        assert!(matches!(e, LineError::Malformed(_)));
+        // Key order and unknown fields do not matter.
+        let r = parse_line(br#"{"future":{"x":[1,2]},"seq":5,"schema_version":1,"kind":"request","mode":"cpu"}"#).unwrap();
+        assert!(matches!(r, Record::Request(r) if r.seq == 5 && r.mode == "cpu"));
+    }
+
+    #[test]
+    fn reads_seed_style_records() {
+        let line = br#"{"kind":"request","schema_version":1,"seq":0,"chunk_id":null,"timestamp":"2026-04-24T17:13:05.412Z","request":{"image_b64":"aGVsbG8=","instruction":"pick up the cup","state":[0.1,0.2]},"response":{"actions":[[0.10000000149011612,0.5],[1,2]],"latency_ms":98.1},"latency":{"total_ms":98.1},"denoise":{"steps":10},"mode":"onnx_gpu","cache":"hit","error":null}"#;
+        let Record::Request(r) = parse_line(line).unwrap() else { panic!() };
+        assert_eq!(r.request.image_b64, b"hello");
+        assert_eq!(r.response.actions, vec![0.1, 0.5, 1.0, 2.0]);
+        assert_eq!((r.response.num_actions, r.response.action_dim), (2, 2));
+        assert_eq!(r.cache.unwrap().status, "hit");
+        assert_eq!(r.noise_seed, None);
+        assert_eq!(r.chunk_id, None);
+        assert_eq!(r.error, None);
+        assert_eq!(r.latency.total_ms, 98.1);
+    }
+}

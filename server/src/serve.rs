@@ -1,0 +1,359 @@
+//! `reflex serve`: binds the listeners, serves Policy + Health + reflection,
+//! and shuts down in order.
+//!
+//! Shutdown order (SIGTERM/SIGINT cancel one token): health → NOT_SERVING,
+//! stop accepting, let in-flight calls finish (bounded by `--drain-ms`), end
+//! the recording session, return. The caller exits 0.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use reflex_proto::v1::policy_server::PolicyServer;
+use tokio::task::JoinSet;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::authority::{AuthorityFix, AuthorityFixOptions};
+use crate::engine::EngineKind;
+use crate::policy::{Policy, PolicyOptions};
+use crate::recording::Recording;
+use crate::service::{PolicyHandle, PolicyService, ServiceOptions};
+
+/// Where a listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    /// `127.0.0.1:50051`, `tcp://[::1]:50051`, `unix:///run/reflex/x.sock`, `unix:rel.sock`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")) {
+            if rest.is_empty() {
+                return Err(format!("{s:?}: a unix listener needs a socket path"));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(rest)));
+        }
+        let hostport = s.strip_prefix("tcp://").unwrap_or(s);
+        hostport.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+            format!("{s:?} is not a listen address (use 127.0.0.1:PORT, [::1]:PORT or unix:///path/to.sock)")
+        })
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "tcp://{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+/// Run the inference server for one export.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Export directory (reflex_config.json + ONNX graphs), e.g. from `reflex export-demo`.
+    #[arg(value_name = "EXPORT_DIR", env = "REFLEX_EXPORT_DIR")]
+    pub export_dir: PathBuf,
+
+    /// Address to serve on; repeat for several. TCP `127.0.0.1:50051` or `unix:///run/reflex/NAME.sock`.
+    ///
+    /// Loopback by default. A non-loopback TCP address is refused unless --insecure is given.
+    /// Port 0 picks a free port (the log says which).
+    #[arg(long = "listen", value_name = "URI", env = "REFLEX_LISTEN", value_delimiter = ',', default_value = "127.0.0.1:50051")]
+    pub listen: Vec<ListenAddr>,
+
+    /// Allow listening on a non-loopback TCP address without authentication.
+    #[arg(long, env = "REFLEX_INSECURE")]
+    pub insecure: bool,
+
+    /// Engine that runs the model.
+    #[arg(long, value_name = "ENGINE", env = "REFLEX_ENGINE", default_value = "cpu")]
+    pub engine: EngineKind,
+
+    /// Inference worker threads (each runs one call at a time). Default: CPU cores, at most 4.
+    #[arg(long, value_name = "N", env = "REFLEX_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
+
+    /// Calls allowed to wait for a worker; beyond this Act answers RESOURCE_EXHAUSTED.
+    #[arg(long, value_name = "N", env = "REFLEX_QUEUE_DEPTH", default_value_t = 32)]
+    pub queue_depth: usize,
+
+    /// Prefix cache entries (image hashes + instruction → prefix features); 0 disables it.
+    #[arg(long, value_name = "N", env = "REFLEX_CACHE_ENTRIES", default_value_t = 1024)]
+    pub cache_entries: usize,
+
+    /// Largest Act request accepted, in MiB; larger ones get INVALID_ARGUMENT.
+    #[arg(long, value_name = "MIB", env = "REFLEX_MAX_MESSAGE_MB", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub max_message_mb: u32,
+
+    /// Robot embodiment recorded in traces and ModelInfo (e.g. franka).
+    #[arg(long, value_name = "NAME", env = "REFLEX_EMBODIMENT", default_value = "unknown")]
+    pub embodiment: String,
+
+    /// How long shutdown waits for in-flight calls, in milliseconds.
+    #[arg(long, value_name = "MS", env = "REFLEX_DRAIN_MS", default_value_t = 5000)]
+    pub drain_ms: u64,
+}
+
+impl ServeArgs {
+    /// Defaults for an in-process server on the given listeners (demo, tests).
+    pub fn new(export_dir: PathBuf, listen: Vec<ListenAddr>) -> Self {
+        ServeArgs {
+            export_dir,
+            listen,
+            insecure: false,
+            engine: EngineKind::Cpu,
+            workers: None,
+            queue_depth: 32,
+            cache_entries: 1024,
+            max_message_mb: 8,
+            embodiment: "unknown".into(),
+            drain_ms: 5000,
+        }
+    }
+}
+
+/// A started server.
+pub struct Running {
+    /// Bound addresses (port 0 resolved).
+    pub listening: Vec<ListenAddr>,
+    pub service: Arc<PolicyService>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Waits until the server has shut down (after the token is cancelled).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("server task failed")?
+    }
+}
+
+/// Loads the model, binds every listener, and starts serving.
+pub async fn start(args: ServeArgs, recording: Recording, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    for l in &args.listen {
+        if let ListenAddr::Tcp(a) = l
+            && !a.ip().is_loopback()
+            && !args.insecure
+        {
+            bail!(
+                "refusing to listen on {a}: it is not a loopback address and this server has no authentication; \
+                 use a Unix socket or 127.0.0.1, or pass --insecure if the network is trusted"
+            );
+        }
+    }
+    let dir = args.export_dir.clone();
+    let popts = PolicyOptions { engine: args.engine, cache_entries: args.cache_entries };
+    let t0 = std::time::Instant::now();
+    // Loading optimises the graphs: seconds of CPU, kept off the runtime.
+    let policy = tokio::task::spawn_blocking(move || Policy::load(&dir, &popts))
+        .await
+        .context("model loading task failed")?
+        .with_context(|| format!("cannot load the model in {}", args.export_dir.display()))?;
+    tracing::info!(
+        model_hash = policy.model_hash(),
+        config_hash = policy.config_hash(),
+        mode = policy.mode(),
+        load_ms = t0.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    let workers = args.workers.map(usize::from).unwrap_or_else(|| {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4)
+    });
+    let max_message_bytes = args.max_message_mb as usize * 1024 * 1024;
+    let sopts = ServiceOptions {
+        workers,
+        queue_depth: args.queue_depth,
+        max_message_bytes,
+        embodiment: args.embodiment.clone(),
+        session_id: recording.session_id().to_string(),
+    };
+    let service = Arc::new(PolicyService::new(Arc::new(policy), &sopts, recording));
+
+    // Bind everything before serving anything: a bad address fails the start.
+    let mut bound = Vec::new();
+    for l in &args.listen {
+        bound.push(bind(l).await?);
+    }
+    let listening: Vec<ListenAddr> = bound.iter().map(|b| b.addr.clone()).collect();
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<PolicyServer<PolicyHandle>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(reflex_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(reflex_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    // The transport refuses messages far over the limit before decoding them;
+    // those up to 4× the limit decode and get a clear INVALID_ARGUMENT.
+    let policy_svc = PolicyServer::new(PolicyHandle(service.clone()))
+        .max_decoding_message_size(max_message_bytes.saturating_mul(4))
+        .max_encoding_message_size(max_message_bytes.saturating_mul(4));
+
+    let stop_accepting = CancellationToken::new();
+    let mut listeners = JoinSet::new();
+    for b in bound {
+        let router = Server::builder()
+            .max_concurrent_streams(Some(256))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(health_svc.clone())
+            .add_service(reflection_v1.clone())
+            .add_service(reflection_v1alpha.clone())
+            .add_service(policy_svc.clone());
+        let stop = stop_accepting.clone();
+        let addr = b.addr.clone();
+        listeners.spawn(async move {
+            let res = match b.listener {
+                Bound::Tcp(l) => {
+                    let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+                    router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await
+                }
+                Bound::Unix(l) => {
+                    // Python grpcio, grpc-java and grpcurl -unix send the socket
+                    // path as :authority, which h2 refuses; the adapter rewrites it.
+                    let incoming = UnixListenerStream::new(l).map(|conn| conn.map(fix_authority));
+                    router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await
+                }
+            };
+            if let ListenAddr::Unix(p) = &addr {
+                let _ = std::fs::remove_file(p);
+            }
+            res.with_context(|| format!("listener {addr} failed"))
+        });
+    }
+    for l in &listening {
+        tracing::info!(listen = %l, "serving");
+    }
+
+    let drain = Duration::from_millis(args.drain_ms);
+    let svc = service.clone();
+    let task = tokio::spawn(async move {
+        let failed = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            // A listener that ends on its own has failed: take the server down.
+            Some(res) = listeners.join_next() => Some(res),
+        };
+        tracing::info!("shutting down");
+        health.set_not_serving::<PolicyServer<PolicyHandle>>().await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        stop_accepting.cancel();
+        let drained = tokio::time::timeout(drain, async {
+            while listeners.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(drain_ms = drain.as_millis() as u64, "in-flight calls did not finish in time");
+            listeners.abort_all();
+        }
+        svc.recording().finish("shutdown").await;
+        tracing::info!("stopped");
+        match failed {
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(e)) => Err(anyhow::anyhow!("listener task panicked: {e}")),
+            _ => Ok(()),
+        }
+    });
+    Ok(Running { listening, service, task })
+}
+
+fn fix_authority(io: tokio::net::UnixStream) -> AuthorityFix<tokio::net::UnixStream> {
+    // 64 KiB of headers is far beyond any gRPC client and caps the HPACK work per request.
+    AuthorityFix::with_options(io, AuthorityFixOptions { max_header_block: 64 * 1024, ..Default::default() })
+}
+
+enum Bound {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+struct BoundListener {
+    addr: ListenAddr,
+    listener: Bound,
+}
+
+async fn bind(addr: &ListenAddr) -> anyhow::Result<BoundListener> {
+    match addr {
+        ListenAddr::Tcp(a) => {
+            let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("cannot listen on {a}"))?;
+            let local = l.local_addr()?;
+            Ok(BoundListener { addr: ListenAddr::Tcp(local), listener: Bound::Tcp(l) })
+        }
+        ListenAddr::Unix(p) => {
+            let l = bind_unix(p).await?;
+            Ok(BoundListener { addr: addr.clone(), listener: Bound::Unix(l) })
+        }
+    }
+}
+
+/// Binds a Unix socket with mode 0660. A leftover socket file nobody answers
+/// on is replaced; a live one is an error (another server owns it).
+pub async fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o750))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!("{} is in use: another process is listening on it", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set permissions on {}", path.display()))?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_parse() {
+        assert_eq!("127.0.0.1:5".parse::<ListenAddr>().unwrap(), ListenAddr::Tcp("127.0.0.1:5".parse().unwrap()));
+        assert_eq!("tcp://[::1]:7".parse::<ListenAddr>().unwrap(), ListenAddr::Tcp("[::1]:7".parse().unwrap()));
+        assert_eq!("unix:///run/x.sock".parse::<ListenAddr>().unwrap(), ListenAddr::Unix("/run/x.sock".into()));
+        assert_eq!("unix:a.sock".parse::<ListenAddr>().unwrap(), ListenAddr::Unix("a.sock".into()));
+        assert!("localhost".parse::<ListenAddr>().unwrap_err().contains("not a listen address"));
+        assert!("unix://".parse::<ListenAddr>().is_err());
+    }
+
+    #[tokio::test]
+    async fn unix_socket_is_0660_and_a_live_one_is_not_stolen() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("sub/x.sock");
+        let l = bind_unix(&p).await.unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        let err = bind_unix(&p).await.unwrap_err().to_string();
+        assert!(err.contains("in use"), "{err}");
+        drop(l);
+        // The file is left behind by the dropped listener: stale, so replaced.
+        bind_unix(&p).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn non_loopback_tcp_needs_insecure() {
+        let args = ServeArgs::new("/nonexistent".into(), vec!["0.0.0.0:0".parse().unwrap()]);
+        let err = start(args, Recording::off(), CancellationToken::new()).await.err().unwrap().to_string();
+        assert!(err.contains("not a loopback address") && err.contains("--insecure"), "{err}");
+    }
+}

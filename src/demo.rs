@@ -1,0 +1,132 @@
+//! `reflex demo`: the main job on the built-in reference model.
+//!
+//! Writes the reference export to the user's cache folder, serves it on a
+//! Unix socket in a temporary folder, drives Act calls the way a robot's
+//! control loop does (two cameras, changing state, one instruction, pauses
+//! where frames repeat), prints a latency and cache summary, stops cleanly.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use reflex_proto::v1::{self as pb, policy_client::PolicyClient};
+use reflex_server::serve::{ListenAddr, ServeArgs};
+use tokio_util::sync::CancellationToken;
+
+use crate::bench::{Summary, ms_since};
+use crate::scene::{Scene, Tick};
+
+pub const INSTRUCTION: &str = "pick up the red cup";
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Act calls to make.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub calls: u32,
+    /// Where the reference export is written (default: $XDG_CACHE_HOME/reflex or ~/.cache/reflex).
+    #[arg(long, value_name = "DIR")]
+    pub export_dir: Option<PathBuf>,
+}
+
+/// The user's cache folder for reflex.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("reflex")
+}
+
+/// The Act request a robot sends at `tick`.
+pub fn request(tick: &Tick, noise_seed: Option<u64>) -> pb::ActRequest {
+    pb::ActRequest {
+        images: vec![
+            pb::Image { camera: "base".into(), data: tick.base_jpeg.clone(), sha256: String::new() },
+            pb::Image { camera: "wrist".into(), data: tick.wrist_jpeg.clone(), sha256: String::new() },
+        ],
+        instruction: INSTRUCTION.into(),
+        state: tick.state.clone(),
+        episode_id: "demo-episode-1".into(),
+        noise_seed,
+        ..Default::default()
+    }
+}
+
+pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let export_dir = args.export_dir.unwrap_or_else(|| cache_dir().join("reference-export-seed0"));
+    reflex_server::export::write_reference_export(&export_dir, reflex_server::export::DEFAULT_SEED)
+        .with_context(|| format!("cannot write the reference export to {}", export_dir.display()))?;
+    let work = tempfile::Builder::new().prefix("reflex-demo-").tempdir()?;
+    let socket = work.path().join("policy.sock");
+    let server_stop = CancellationToken::new();
+    let serve_args = ServeArgs {
+        embodiment: "franka-sim".into(),
+        ..ServeArgs::new(export_dir.clone(), vec![ListenAddr::Unix(socket.clone())])
+    };
+    let recording = reflex_server::recording::Recording::off();
+    let running = reflex_server::serve::start(serve_args, recording, server_stop.clone()).await?;
+    let target = format!("unix://{}", socket.display());
+    let mut client = PolicyClient::new(reflex_proto::connect(&target).await?);
+    let info = client.get_model_info(pb::GetModelInfoRequest {}).await?.into_inner();
+
+    println!("reflex demo: reference model {} (model_hash {}, engine {})", info.model_type, info.model_hash, info.mode);
+    println!("  export:  {}", export_dir.display());
+    println!("  serving: {target}");
+    println!(
+        "  driving {} Act calls: cameras {}, state {}, chunks {}×{}, instruction {INSTRUCTION:?}",
+        args.calls,
+        info.cameras.join("+"),
+        info.state_dim,
+        info.chunk_size,
+        info.action_dim
+    );
+
+    let scene = Scene::new();
+    let mut rtt = Summary::default();
+    let mut stages = [Summary::default(), Summary::default(), Summary::default()];
+    let (mut hits, mut misses, mut failed) = (0u32, 0u32, 0u32);
+    let started = Instant::now();
+    for i in 0..args.calls as usize {
+        if shutdown.is_cancelled() {
+            println!("  interrupted after {i} calls");
+            break;
+        }
+        let req = request(&scene.tick(i), None);
+        let t = Instant::now();
+        match client.act(req).await {
+            Ok(resp) => {
+                rtt.push(ms_since(t));
+                let r = resp.into_inner();
+                let l = r.latency.unwrap_or_default();
+                stages[0].push(l.decode_ms);
+                stages[1].push(l.prefix_ms);
+                stages[2].push(l.denoise_ms);
+                match r.cache.as_str() {
+                    "hit" => hits += 1,
+                    _ => misses += 1,
+                }
+            }
+            Err(status) => {
+                failed += 1;
+                tracing::warn!(%status, "act failed");
+            }
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    println!("  calls:    {} ok, {failed} failed, {:.0} calls/s", rtt.len(), rtt.len() as f64 / wall);
+    println!("  latency:  p50 {:.2} ms, p99 {:.2} ms (client round trip)", rtt.pct(50.0), rtt.pct(99.0));
+    println!(
+        "  stages:   decode {:.2} ms, prefix {:.2} ms (misses), denoise {:.2} ms (p50)",
+        stages[0].pct(50.0),
+        stages[1].nonzero().pct(50.0),
+        stages[2].pct(50.0)
+    );
+    let total = (hits + misses).max(1);
+    println!("  cache:    {hits} hit, {misses} miss ({:.0}% hits: frames repeat while the arm is still)", 100.0 * hits as f64 / total as f64);
+
+    server_stop.cancel();
+    running.wait().await?;
+    println!("  stopped cleanly");
+    anyhow::ensure!(failed == 0, "{failed} Act calls failed");
+    Ok(())
+}
