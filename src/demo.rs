@@ -84,14 +84,16 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let scene = Scene::new();
     let mut rtt = Summary::default();
     let mut stages = [Summary::default(), Summary::default(), Summary::default()];
-    let (mut hits, mut misses, mut failed) = (0u32, 0u32, 0u32);
+    let (mut hits, mut misses, mut failed, mut still) = (0u32, 0u32, 0u32, 0u32);
     let started = Instant::now();
     for i in 0..args.calls as usize {
         if shutdown.is_cancelled() {
             println!("  interrupted after {i} calls");
             break;
         }
-        let req = request(&scene.tick(i), None);
+        let tick = scene.tick(i);
+        still += tick.still as u32;
+        let req = request(&tick, None);
         let t = Instant::now();
         match client.act(req).await {
             Ok(resp) => {
@@ -122,7 +124,10 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         stages[2].pct(50.0)
     );
     let total = (hits + misses).max(1);
-    println!("  cache:    {hits} hit, {misses} miss ({:.0}% hits: frames repeat while the arm is still)", 100.0 * hits as f64 / total as f64);
+    println!(
+        "  cache:    {hits} hit, {misses} miss ({:.0}% hits; the arm stood still for {still} ticks and sent repeated frames)",
+        100.0 * hits as f64 / total as f64
+    );
 
     server_stop.cancel();
     running.wait().await?;

@@ -193,10 +193,14 @@ pub async fn start(args: ServeArgs, recording: Recording, shutdown: Cancellation
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(reflex_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("reflex.v1.Policy")
+        .with_service_name("grpc.health.v1.Health")
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(reflex_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("reflex.v1.Policy")
+        .with_service_name("grpc.health.v1.Health")
         .build_v1alpha()?;
     // The transport refuses messages far over the limit before decoding them;
     // those up to 4× the limit decode and get a clear INVALID_ARGUMENT.

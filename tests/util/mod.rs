@@ -1,0 +1,175 @@
+//! Shared helpers for the workspace tests: real `reflex` processes in a temp
+//! dir per test, killed on drop, their stderr shown when a test fails.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reflex_proto::v1 as pb;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_reflex");
+
+/// Every await in a test is bounded by this.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub async fn timeout<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(TIMEOUT, f).await.expect("timed out")
+}
+
+/// Writes the reference export with `seed` into `dir` using the real binary.
+pub fn export(dir: &Path, seed: u64) {
+    let out = Command::new(BIN)
+        .args(["export-demo", dir.to_str().unwrap(), "--seed", &seed.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "export-demo failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A running `reflex` child process.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    /// Starts `reflex ARGS...`; stderr is collected in the background.
+    pub fn start(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting reflex");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Proc { child, name: name.into(), stderr }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until stderr contains `needle`; returns the matching line.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(line) = self.stderr().lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "{}: no log line with {needle:?}; stderr:\n{}", self.name, self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The TCP address the server logged for its port-0 listener.
+    pub fn tcp_addr(&self) -> String {
+        let line = self.wait_for_log("listen=tcp://");
+        let at = line.find("listen=tcp://").unwrap() + "listen=tcp://".len();
+        line[at..].split_whitespace().next().unwrap().to_string()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits for exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("----- {} stderr -----\n{}", self.name, self.stderr());
+        }
+    }
+}
+
+/// Starts `reflex serve EXPORT --listen unix://SOCK [--listen 127.0.0.1:0] EXTRA...` and waits for health.
+pub async fn serve(dir: &Path, export: &Path, extra: &[&str]) -> (Proc, PathBuf) {
+    let sock = dir.join("policy.sock");
+    let listen = format!("unix://{}", sock.display());
+    let mut args = vec!["serve", export.to_str().unwrap(), "--listen", &listen];
+    args.extend_from_slice(extra);
+    let p = Proc::start("reflex serve", &args, &[]);
+    wait_healthy(&format!("unix://{}", sock.display()), &p).await;
+    (p, sock)
+}
+
+/// Polls grpc.health.v1 until SERVING (no sleeping on a guess).
+pub async fn wait_healthy(target: &str, p: &Proc) {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient, health_check_response::ServingStatus};
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Ok(ch) = reflex_proto::connect(target).await {
+            let mut c = HealthClient::new(ch);
+            if let Ok(r) = c.check(HealthCheckRequest { service: String::new() }).await
+                && r.into_inner().status == ServingStatus::Serving as i32
+            {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{} never became healthy; stderr:\n{}", p.name, p.stderr());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub async fn policy_client(target: &str) -> pb::policy_client::PolicyClient<tonic::transport::Channel> {
+    pb::policy_client::PolicyClient::new(timeout(reflex_proto::connect(target)).await.unwrap())
+}
+
+/// A 224×224 JPEG with a pattern that depends on `shade`.
+pub fn jpeg(shade: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(224, 224, |x, y| {
+        image::Rgb([(x as u8).wrapping_add(shade), (y as u8).wrapping_mul(3), shade.wrapping_mul(7)])
+    });
+    reflex_server::preprocess::encode_jpeg(&img, 90)
+}
+
+pub fn state() -> Vec<f32> {
+    vec![0.0, 0.2, 0.0, -1.8, 0.0, 2.0, 0.8, 0.04]
+}
+
+/// A valid Act request for the reference model.
+pub fn act_request(shade: u8, seed: Option<u64>) -> pb::ActRequest {
+    pb::ActRequest {
+        images: vec![pb::Image { camera: "base".into(), data: jpeg(shade), sha256: String::new() }],
+        instruction: "pick up the red cup".into(),
+        state: state(),
+        episode_id: "ep-test".into(),
+        noise_seed: seed,
+        ..Default::default()
+    }
+}
+
+pub fn read_to_string(path: &Path) -> String {
+    let mut s = String::new();
+    std::fs::File::open(path).unwrap().read_to_string(&mut s).unwrap();
+    s
+}
