@@ -69,7 +69,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         cache_entries: if args.cache { 1024 } else { 0 },
         ..ServeArgs::new(export, vec![ListenAddr::Unix(socket.clone()), "127.0.0.1:0".parse().unwrap()])
     };
-    let running = reflex_server::serve::start(serve_args, reflex_server::recording::Recording::off(), stop.clone()).await?;
+    let running = reflex_server::serve::start(serve_args, stop.clone()).await?;
     let tcp = running
         .listening
         .iter()

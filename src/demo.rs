@@ -63,8 +63,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         embodiment: "franka-sim".into(),
         ..ServeArgs::new(export_dir.clone(), vec![ListenAddr::Unix(socket.clone())])
     };
-    let recording = reflex_server::recording::Recording::off();
-    let running = reflex_server::serve::start(serve_args, recording, server_stop.clone()).await?;
+    let running = reflex_server::serve::start(serve_args, server_stop.clone()).await?;
     let target = format!("unix://{}", socket.display());
     let mut client = PolicyClient::new(reflex_proto::connect(&target).await?);
     let info = client.get_model_info(pb::GetModelInfoRequest {}).await?.into_inner();

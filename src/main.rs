@@ -70,8 +70,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     let shutdown = shutdown_on_signals()?;
     match command {
         Command::Serve(args) => {
-            let recording = reflex_server::recording::Recording::off();
-            let running = reflex_server::serve::start(args, recording, shutdown).await?;
+            let running = reflex_server::serve::start(args, shutdown).await?;
             running.wait().await?;
         }
         Command::ExportDemo(a) => {

@@ -23,7 +23,8 @@ use tonic::transport::server::TcpIncoming;
 use crate::authority::{AuthorityFix, AuthorityFixOptions};
 use crate::engine::EngineKind;
 use crate::policy::{Policy, PolicyOptions};
-use crate::recording::Recording;
+use crate::recording::{ImageMode, RecordOptions, RecordTarget, Recording};
+use reflex_proto::v1 as pb;
 use crate::service::{PolicyHandle, PolicyService, ServiceOptions};
 
 /// Where a listener binds.
@@ -105,6 +106,31 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight calls, in milliseconds.
     #[arg(long, value_name = "MS", env = "REFLEX_DRAIN_MS", default_value_t = 5000)]
     pub drain_ms: u64,
+
+    /// Record every Act call into trace files in DIR (created if missing).
+    ///
+    /// Without --recorder the server runs and supervises a private `reflex recorder` child for DIR.
+    #[arg(long, value_name = "DIR", env = "REFLEX_RECORD")]
+    pub record: Option<PathBuf>,
+
+    /// Record through a shared recorder daemon at URI, e.g. unix:///run/reflex/recorder.sock.
+    ///
+    /// The daemon owns the trace folder and the disk policy; --record is then not needed.
+    #[arg(long, value_name = "URI", env = "REFLEX_RECORDER")]
+    pub recorder: Option<String>,
+
+    /// What image data traces keep: full (encoded bytes), hash_only (SHA-256) or none.
+    #[arg(long, value_name = "MODE", env = "REFLEX_RECORD_IMAGES", default_value = "hash_only")]
+    pub record_images: ImageMode,
+
+    /// Write plain .jsonl traces instead of .jsonl.gz (handy for grep during development).
+    #[arg(long, env = "REFLEX_RECORD_NO_GZIP")]
+    pub record_no_gzip: bool,
+
+    /// Records that may wait for a slow or absent recorder before new ones are dropped (and counted).
+    #[arg(long, value_name = "N", env = "REFLEX_RECORD_QUEUE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub record_queue: u32,
 }
 
 impl ServeArgs {
@@ -121,6 +147,11 @@ impl ServeArgs {
             max_message_mb: 8,
             embodiment: "unknown".into(),
             drain_ms: 5000,
+            record: None,
+            recorder: None,
+            record_images: ImageMode::HashOnly,
+            record_no_gzip: false,
+            record_queue: 1024,
         }
     }
 }
@@ -141,7 +172,7 @@ impl Running {
 }
 
 /// Loads the model, binds every listener, and starts serving.
-pub async fn start(args: ServeArgs, recording: Recording, shutdown: CancellationToken) -> anyhow::Result<Running> {
+pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Running> {
     for l in &args.listen {
         if let ListenAddr::Tcp(a) = l
             && !a.ip().is_loopback()
@@ -168,6 +199,7 @@ pub async fn start(args: ServeArgs, recording: Recording, shutdown: Cancellation
         load_ms = t0.elapsed().as_millis() as u64,
         "model loaded"
     );
+    let recording = recording_for(&args, &policy);
     let workers = args.workers.map(usize::from).unwrap_or_else(|| {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4)
     });
@@ -280,6 +312,44 @@ fn fix_authority(io: tokio::net::UnixStream) -> AuthorityFix<tokio::net::UnixStr
     AuthorityFix::with_options(io, AuthorityFixOptions { max_header_block: 64 * 1024, ..Default::default() })
 }
 
+/// The recording session this server's flags ask for.
+fn recording_for(args: &ServeArgs, policy: &Policy) -> Recording {
+    let target = match (&args.recorder, &args.record) {
+        (Some(uri), dir) => {
+            if dir.is_some() {
+                tracing::warn!("--record DIR is ignored with --recorder: the shared recorder owns its folder");
+            }
+            RecordTarget::Daemon(uri.clone())
+        }
+        (None, Some(dir)) => RecordTarget::Private(dir.clone()),
+        (None, None) => return Recording::off(),
+    };
+    let cfg = policy.config();
+    let session = pb::SessionStart {
+        reflex_version: env!("CARGO_PKG_VERSION").into(),
+        model_hash: policy.model_hash().into(),
+        config_hash: policy.config_hash().into(),
+        export_dir: std::fs::canonicalize(policy.export_dir())
+            .unwrap_or_else(|_| policy.export_dir().to_path_buf())
+            .display()
+            .to_string(),
+        model_type: cfg.model_type.clone(),
+        export_kind: cfg.export_kind.clone(),
+        embodiment: args.embodiment.clone(),
+        mode: policy.mode().into(),
+        hardware: policy.hardware().into_iter().collect(),
+        ..Default::default()
+    };
+    let opts = RecordOptions {
+        target,
+        image_mode: args.record_images,
+        no_gzip: args.record_no_gzip,
+        queue: args.record_queue as usize,
+    };
+    tracing::info!(target = ?opts.target, images = opts.image_mode.as_str(), "recording on");
+    Recording::start(opts, session)
+}
+
 enum Bound {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
@@ -357,7 +427,7 @@ mod tests {
     #[tokio::test]
     async fn non_loopback_tcp_needs_insecure() {
         let args = ServeArgs::new("/nonexistent".into(), vec!["0.0.0.0:0".parse().unwrap()]);
-        let err = start(args, Recording::off(), CancellationToken::new()).await.err().unwrap().to_string();
+        let err = start(args, CancellationToken::new()).await.err().unwrap().to_string();
         assert!(err.contains("not a loopback address") && err.contains("--insecure"), "{err}");
     }
 }

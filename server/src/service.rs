@@ -87,14 +87,18 @@ impl PolicyService {
         let chunk_id = self.chunk_id(&req.episode_id);
         let result = self.run(&req, arrived).await;
         let total_ms = arrived.elapsed().as_secs_f64() * 1e3;
+        let cfg = self.policy.config();
         let (seq, recorded) = self.recording.complete(|seq| ActEvent {
             seq,
             chunk_id,
             timestamp,
             request: &req,
+            cameras: &cfg.cameras,
             result: &result,
             total_ms,
             mode: self.policy.mode(),
+            action_dim: cfg.action_dim as u32,
+            steps_configured: cfg.denoise.steps,
         });
         match result {
             Ok((out, queue_ms)) => Ok(self.response(out, queue_ms, total_ms, seq, recorded)),
