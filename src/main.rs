@@ -30,6 +30,13 @@ struct Cli {
 enum Command {
     /// Serve one export over gRPC (reflex.v1.Policy, health, reflection).
     Serve(reflex_server::serve::ServeArgs),
+    /// The recorder daemon: owns trace files and the disk policy; servers stream every Act to it.
+    Recorder(reflex_recorder::RecorderArgs),
+    /// Replay a trace against a server or an export and diff actions, latency and cache.
+    ///
+    /// Exit codes: 0 all passed (or --no-replay done), 1 trace file error, 2 target failed,
+    /// 3 --fail-on triggered.
+    Replay(reflex_replayer::ReplayArgs),
     /// Write the reference export (a small decomposed VLA) into DIR.
     ExportDemo(ExportDemoArgs),
     /// The main job on the built-in reference model: serve it and drive it like a robot.
@@ -72,6 +79,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             let running = reflex_server::serve::start(args, shutdown).await?;
             running.wait().await?;
+        }
+        Command::Recorder(args) => reflex_recorder::run(args, shutdown).await?,
+        Command::Replay(args) => {
+            let code = reflex_replayer::run(args, shutdown).await;
+            return Ok(ExitCode::from(code as u8));
         }
         Command::ExportDemo(a) => {
             let cfg = reflex_server::export::write_reference_export(&a.dir, a.seed)?;

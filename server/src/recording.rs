@@ -456,14 +456,20 @@ impl PrivateRecorder {
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                let spawned = tokio::process::Command::new(&exe)
-                    .arg("recorder")
-                    .arg("--dir")
-                    .arg(&dir)
-                    .arg("--listen")
-                    .arg(&listen)
-                    .kill_on_drop(true)
-                    .spawn();
+                let mut cmd = tokio::process::Command::new(&exe);
+                cmd.arg("recorder").arg("--dir").arg(&dir).arg("--listen").arg(&listen).kill_on_drop(true);
+                // Its own process group: a terminal's Ctrl-C reaches only the
+                // server, which ends the session before stopping the child.
+                cmd.process_group(0);
+                // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+                // The child gets SIGTERM if the server dies (even by SIGKILL): no orphans.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                        Ok(())
+                    });
+                }
+                let spawned = cmd.spawn();
                 let mut child = match spawned {
                     Ok(c) => c,
                     Err(e) => {
