@@ -44,6 +44,13 @@ pub struct RecorderArgs {
     /// Largest message accepted from a server, in MiB.
     #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub max_message_mb: u64,
+
+    /// gzip level of trace files, 1 (fastest) to 9 (smallest).
+    ///
+    /// The default, 1, keeps one core above 20,000 records/s; 2 makes files about a third
+    /// smaller at about 1.5× the CPU (see the writer module's measurements).
+    #[arg(long, value_name = "N", default_value_t = crate::writer::DEFAULT_LEVEL, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub gzip_level: u32,
 }
 
 impl RecorderArgs {
@@ -55,6 +62,7 @@ impl RecorderArgs {
             max_total_bytes: self.max_total_mb.map(|n| n * MIB),
             max_sessions: self.max_sessions as usize,
             max_message_bytes: (self.max_message_mb * MIB) as usize,
+            gzip_level: self.gzip_level,
             ..RecorderConfig::new(self.dir.clone())
         }
     }
@@ -77,13 +85,17 @@ impl FromStr for ListenAddr {
     fn from_str(s: &str) -> Result<Self, String> {
         let path = if let Some(p) = s.strip_prefix("unix://") {
             if !p.starts_with('/') {
-                return Err(format!("{s:?}: unix:// needs an absolute path (unix:///run/reflex/recorder.sock)"));
+                return Err(format!(
+                    "{s:?}: unix:// needs an absolute path (unix:///run/reflex/recorder.sock)"
+                ));
             }
             p
         } else if let Some(p) = s.strip_prefix("unix:") {
             p
         } else {
-            return Err(format!("{s:?}: the recorder listens on a Unix socket only (unix:///path/to.sock)"));
+            return Err(format!(
+                "{s:?}: the recorder listens on a Unix socket only (unix:///path/to.sock)"
+            ));
         };
         if path.is_empty() || path.ends_with('/') {
             return Err(format!("{s:?}: no socket file name"));
@@ -115,13 +127,27 @@ mod tests {
         assert_eq!(c.dir, Path::new("/var/log/reflex"));
         assert_eq!(c.flush_interval, Duration::from_millis(100));
         assert_eq!((c.max_file_bytes, c.max_total_bytes), (None, None));
-        assert_eq!((c.max_sessions, c.max_message_bytes), (64, 32 * 1024 * 1024));
+        assert_eq!(
+            (c.max_sessions, c.max_message_bytes),
+            (64, 32 * 1024 * 1024)
+        );
+        assert_eq!(c.gzip_level, 1);
     }
 
     #[test]
     fn flags_are_validated_while_parsing() {
         assert!(parse(&[]).is_err(), "--dir is required");
-        let a = parse(&["--dir", "d", "--listen", "unix:run/r.sock", "--max-file-mb", "5", "--max-total-mb", "50"]).unwrap();
+        let a = parse(&[
+            "--dir",
+            "d",
+            "--listen",
+            "unix:run/r.sock",
+            "--max-file-mb",
+            "5",
+            "--max-total-mb",
+            "50",
+        ])
+        .unwrap();
         assert_eq!(a.listen.path(), Path::new("run/r.sock"));
         assert_eq!(a.config().max_file_bytes, Some(5 * MIB));
         for bad in [
@@ -132,6 +158,8 @@ mod tests {
             &["--dir", "d", "--max-file-mb", "0"],
             &["--dir", "d", "--max-sessions", "0"],
             &["--dir", "d", "--max-message-mb", "-1"],
+            &["--dir", "d", "--gzip-level", "0"],
+            &["--dir", "d", "--gzip-level", "10"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

@@ -22,23 +22,35 @@ impl UtcTime {
     /// Converts a `SystemTime` (times before 1970 are clamped to the epoch).
     pub fn from_system(t: SystemTime) -> Self {
         let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-        Self { secs: d.as_secs() as i64, millis: d.subsec_millis() }
+        Self {
+            secs: d.as_secs() as i64,
+            millis: d.subsec_millis(),
+        }
     }
 
     /// Seconds since the epoch.
     pub fn from_unix(secs: i64, millis: u32) -> Self {
-        Self { secs, millis: millis.min(999) }
+        Self {
+            secs,
+            millis: millis.min(999),
+        }
     }
 
     /// The same instant shifted by whole seconds.
     pub fn plus_secs(self, secs: i64) -> Self {
-        Self { secs: self.secs + secs, millis: self.millis }
+        Self {
+            secs: self.secs + secs,
+            millis: self.millis,
+        }
     }
 
     /// `2026-04-24T17:13:05.123Z`.
     pub fn rfc3339_millis(self) -> String {
         let (y, mo, d, h, mi, s) = self.civil();
-        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:03}Z", self.millis)
+        format!(
+            "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:03}Z",
+            self.millis
+        )
     }
 
     /// `20260424-171305`, the time part of a trace file name.
@@ -76,14 +88,23 @@ mod tests {
 
     #[test]
     fn formats_known_instants() {
-        assert_eq!(UtcTime::from_unix(0, 0).rfc3339_millis(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            UtcTime::from_unix(0, 0).rfc3339_millis(),
+            "1970-01-01T00:00:00.000Z"
+        );
         // 2026-04-24T17:13:05Z, the seed page's example file.
         let t = UtcTime::from_unix(1_777_050_785, 7);
         assert_eq!(t.rfc3339_millis(), "2026-04-24T17:13:05.007Z");
         assert_eq!(t.file_stamp(), "20260424-171305");
         // Leap day and the end of a year.
-        assert_eq!(UtcTime::from_unix(951_782_400, 0).file_stamp(), "20000229-000000");
-        assert_eq!(UtcTime::from_unix(1_735_689_599, 999).rfc3339_millis(), "2024-12-31T23:59:59.999Z");
+        assert_eq!(
+            UtcTime::from_unix(951_782_400, 0).file_stamp(),
+            "20000229-000000"
+        );
+        assert_eq!(
+            UtcTime::from_unix(1_735_689_599, 999).rfc3339_millis(),
+            "2024-12-31T23:59:59.999Z"
+        );
         assert_eq!(t.plus_secs(55).file_stamp(), "20260424-171400");
     }
 }

@@ -4,7 +4,7 @@
 //! message of a `Record` stream (`SessionStart`, validated before anything touches the
 //! disk), hands the session to its writer thread ([`crate::session`]) and forwards events
 //! with backpressure. Domain errors become a gRPC `Status` in one place
-//! ([`RecordError`]'s `From` impl).
+//! (`RecordError`'s `From` impl).
 //!
 //! Limits: message size (`--max-message-mb`), concurrent sessions (`--max-sessions`,
 //! RESOURCE_EXHAUSTED beyond), per-session buffer (bytes and messages), time to send
@@ -30,7 +30,8 @@ use anyhow::Context as _;
 use prost::Message as _;
 use reflex_proto::v1::recorder_server::{Recorder, RecorderServer};
 use reflex_proto::v1::{
-    RecordEvent, RecordSummary, RecorderStatus, SessionStart, SessionStatus, StatusRequest, record_event::Event,
+    RecordEvent, RecordSummary, RecorderStatus, SessionStart, SessionStatus, StatusRequest,
+    record_event::Event,
 };
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
@@ -186,9 +187,10 @@ impl From<RecordError> for Status {
         let msg = e.to_string();
         match e {
             RecordError::TooManySessions(_) => Status::resource_exhausted(msg),
-            RecordError::NoStart | RecordError::FirstNotStart | RecordError::BadStart(_) | RecordError::BadName(_) => {
-                Status::invalid_argument(msg)
-            }
+            RecordError::NoStart
+            | RecordError::FirstNotStart
+            | RecordError::BadStart(_)
+            | RecordError::BadName(_) => Status::invalid_argument(msg),
             RecordError::StartTimeout(_) => Status::deadline_exceeded(msg),
             RecordError::ShuttingDown => Status::unavailable(msg),
             RecordError::Internal(_) => Status::internal("cannot start the session's writer"),
@@ -205,14 +207,27 @@ pub struct RecorderService {
 
 #[tonic::async_trait]
 impl Recorder for RecorderService {
-    async fn record(&self, request: Request<Streaming<RecordEvent>>) -> Result<Response<RecordSummary>, Status> {
+    async fn record(
+        &self,
+        request: Request<Streaming<RecordEvent>>,
+    ) -> Result<Response<RecordSummary>, Status> {
         let max = self.state.config.max_sessions;
-        let _slot = self.state.slots.clone().try_acquire_owned().map_err(|_| RecordError::TooManySessions(max))?;
+        let _slot = self
+            .state
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| RecordError::TooManySessions(max))?;
         let mut stream = request.into_inner();
         let start = self.first_message(&mut stream).await?;
         let header = validate_start(&start)?;
-        let session = session::spawn(self.state.clone(), header, !start.no_gzip, self.shutdown.clone())
-            .map_err(RecordError::Internal)?;
+        let session = session::spawn(
+            self.state.clone(),
+            header,
+            !start.no_gzip,
+            self.shutdown.clone(),
+        )
+        .map_err(RecordError::Internal)?;
         let id = self.state.sessions_total.fetch_add(1, Ordering::Relaxed);
         lock(&self.state.sessions).insert(id, session.state.clone());
         tracing::info!(session_id = %start.session_id, model_hash = %start.model_hash, "session started");
@@ -221,7 +236,10 @@ impl Recorder for RecorderService {
         Ok(Response::new(summary))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<RecorderStatus>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<RecorderStatus>, Status> {
         let state = &self.state;
         let sessions: Vec<SessionStatus> = lock(&state.sessions)
             .values()
@@ -260,7 +278,10 @@ fn validate_start(start: &SessionStart) -> Result<Header, RecordError> {
 }
 
 impl RecorderService {
-    async fn first_message(&self, stream: &mut Streaming<RecordEvent>) -> Result<SessionStart, RecordError> {
+    async fn first_message(
+        &self,
+        stream: &mut Streaming<RecordEvent>,
+    ) -> Result<SessionStart, RecordError> {
         let timeout = self.state.config.start_timeout;
         let msg = tokio::select! {
             msg = stream.message() => msg.map_err(RecordError::Stream)?,
@@ -268,7 +289,9 @@ impl RecorderService {
             _ = self.shutdown.cancelled() => return Err(RecordError::ShuttingDown),
         };
         match msg {
-            Some(RecordEvent { event: Some(Event::Start(start)) }) => Ok(start),
+            Some(RecordEvent {
+                event: Some(Event::Start(start)),
+            }) => Ok(start),
             Some(_) => Err(RecordError::FirstNotStart),
             None => Err(RecordError::NoStart),
         }
@@ -276,49 +299,86 @@ impl RecorderService {
 
     /// Forwards the stream to the writer thread until it ends; returns the summary once
     /// the file is closed.
-    async fn pump(&self, stream: &mut Streaming<RecordEvent>, session: SessionHandle) -> RecordSummary {
+    async fn pump(
+        &self,
+        stream: &mut Streaming<RecordEvent>,
+        session: SessionHandle,
+    ) -> RecordSummary {
         let SessionHandle { tx, done, state } = session;
-        let budget_total = self.state.config.session_buffer_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        let budget_total = self
+            .state
+            .config
+            .session_buffer_bytes
+            .clamp(1, Semaphore::MAX_PERMITS);
         let budget = Arc::new(Semaphore::new(budget_total));
         let mut tick = tokio::time::interval(self.state.config.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = loop {
-            tokio::select! {
+            let first = tokio::select! {
                 _ = self.shutdown.cancelled() => break End::reason("shutdown"),
                 _ = tick.tick() => {
                     // A full queue means the writer is busy and checks the clock itself.
                     let _ = tx.try_send(Command::Flush);
+                    continue;
                 }
-                msg = stream.message() => match msg {
-                    Ok(Some(RecordEvent { event: Some(Event::Act(act)) })) => {
-                        let cost = (act.encoded_len().clamp(1, budget_total)) as u32;
-                        // Waiting here is the backpressure: the stream is not read meanwhile.
-                        let permit = tokio::select! {
-                            p = budget.clone().acquire_many_owned(cost) => p,
-                            _ = self.shutdown.cancelled() => break End::reason("shutdown"),
-                        };
-                        // The budget semaphore is never closed.
-                        let Ok(permit) = permit else { break End::reason("shutdown") };
-                        tokio::select! {
-                            sent = tx.send(Command::Act(Box::new(act), permit)) => {
-                                if sent.is_err() {
-                                    break End::reason("client_lost");
-                                }
-                            }
-                            _ = self.shutdown.cancelled() => break End::reason("shutdown"),
+                msg = stream.message() => msg,
+            };
+            // Take what has already arrived along with the first message: one queue
+            // operation (and at most one wake-up of the writer) per batch, not per record.
+            let mut batch = Vec::new();
+            let mut cost = 0usize;
+            let mut ending = None;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Ok(Some(RecordEvent {
+                        event: Some(Event::Act(act)),
+                    })) => {
+                        cost += act.encoded_len();
+                        batch.push(act);
+                        if batch.len() < MAX_BATCH && cost < budget_total / 4 {
+                            next = now_or_never(stream.message());
                         }
                     }
-                    Ok(Some(RecordEvent { event: Some(Event::End(end)) })) => break End::from_client(end),
-                    Ok(Some(RecordEvent { event: Some(Event::Start(_)) })) => {
+                    Ok(Some(RecordEvent {
+                        event: Some(Event::End(end)),
+                    })) => ending = Some(End::from_client(end)),
+                    Ok(Some(RecordEvent {
+                        event: Some(Event::Start(_)),
+                    })) => {
                         tracing::warn!(session_id = %state.session_id, "second SessionStart ignored");
                     }
                     Ok(Some(RecordEvent { event: None })) => {}
-                    Ok(None) => break End::reason("client_lost"),
+                    Ok(None) => ending = Some(End::reason("client_lost")),
                     Err(status) => {
                         tracing::info!(session_id = %state.session_id, error = %status, "record stream lost");
-                        break End::reason("client_lost");
+                        ending = Some(End::reason("client_lost"));
                     }
                 }
+            }
+            if !batch.is_empty() {
+                let cost = cost.clamp(1, budget_total) as u32;
+                // Waiting for budget or queue room is the backpressure: the stream is not
+                // read meanwhile, so gRPC flow control holds the server back.
+                let permit = tokio::select! {
+                    p = budget.clone().acquire_many_owned(cost) => p,
+                    _ = self.shutdown.cancelled() => break End::reason("shutdown"),
+                };
+                // The budget semaphore is never closed.
+                let Ok(permit) = permit else {
+                    break End::reason("shutdown");
+                };
+                tokio::select! {
+                    sent = tx.send(Command::Acts(batch, permit)) => {
+                        if sent.is_err() {
+                            break End::reason("client_lost");
+                        }
+                    }
+                    _ = self.shutdown.cancelled() => break End::reason("shutdown"),
+                }
+            }
+            if let Some(end) = ending {
+                break end;
             }
         };
         tracing::info!(session_id = %state.session_id, reason = %end.reason, "session ending");
@@ -329,21 +389,49 @@ impl RecorderService {
     }
 }
 
+/// Records forwarded to the writer in one queue message, at most.
+const MAX_BATCH: usize = 64;
+
+/// Polls a future once: its output if it is ready now. `Streaming::message` keeps its state
+/// in the stream, so dropping it pending loses nothing.
+fn now_or_never<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// Binds the recorder's Unix socket at `path`: creates the parent directory (0750) if
 /// missing, replaces a stale socket file, refuses a live one, and sets mode 0660.
 pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
-    let bind_err = |source| DaemonError::Bind { path: path.to_path_buf(), source };
+    let bind_err = |source| DaemonError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(parent) = path.parent()
         && !parent.as_os_str().is_empty()
         && !parent.exists()
     {
-        fs::DirBuilder::new().recursive(true).mode(0o750).create(parent).map_err(bind_err)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(parent)
+            .map_err(bind_err)?;
     }
     match fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => return Err(DaemonError::NotASocket(path.to_path_buf())),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(DaemonError::NotASocket(path.to_path_buf()));
+        }
         Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => return Err(DaemonError::AlreadyListening(path.to_path_buf())),
-            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                ) =>
+            {
                 tracing::info!(socket = %path.display(), "stale socket removed");
                 fs::remove_file(path).map_err(bind_err)?;
             }
@@ -360,7 +448,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
 }
 
 /// Serves `reflex.v1.Recorder` on an already-bound listener until `shutdown` is cancelled.
-pub async fn serve(listener: UnixListener, config: RecorderConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
+pub async fn serve(
+    listener: UnixListener,
+    config: RecorderConfig,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     serve_with(listener, config, shutdown, || {}).await
 }
 
@@ -370,9 +462,17 @@ pub async fn serve_std(
     config: RecorderConfig,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
-    let bind_err = |source| DaemonError::Bind { path: PathBuf::from("(inherited socket)"), source };
+    let bind_err = |source| DaemonError::Bind {
+        path: PathBuf::from("(inherited socket)"),
+        source,
+    };
     listener.set_nonblocking(true).map_err(bind_err)?;
-    serve(UnixListener::from_std(listener).map_err(bind_err)?, config, shutdown).await
+    serve(
+        UnixListener::from_std(listener).map_err(bind_err)?,
+        config,
+        shutdown,
+    )
+    .await
 }
 
 /// [`serve`], calling `ready` once recovery is done and streams are accepted (for
@@ -388,21 +488,35 @@ pub async fn serve_with(
     tokio::task::spawn_blocking(move || -> Result<(), DaemonError> {
         let dir = &prep.config.dir;
         writer::ensure_dir(dir)?;
-        let report = recovery::recover_dir(dir, prep.config.gzip_level)
-            .map_err(|source| DaemonError::Recovery { path: dir.clone(), source })?;
+        let report = recovery::recover_dir(dir, prep.config.gzip_level).map_err(|source| {
+            DaemonError::Recovery {
+                path: dir.clone(),
+                source,
+            }
+        })?;
         if !report.repaired.is_empty() || !report.left_alone.is_empty() {
-            tracing::info!(repaired = report.repaired.len(), left_alone = report.left_alone.len(), "start-up recovery done");
+            tracing::info!(
+                repaired = report.repaired.len(),
+                left_alone = report.left_alone.len(),
+                "start-up recovery done"
+            );
         }
         prep.enforce_retention();
         Ok(())
     })
     .await??;
 
-    let service = RecorderService { state: state.clone(), shutdown: shutdown.clone() };
+    let service = RecorderService {
+        state: state.clone(),
+        shutdown: shutdown.clone(),
+    };
     let max_message = state.config.max_message_bytes;
     let server = tonic::transport::Server::builder()
         .add_service(RecorderServer::new(service).max_decoding_message_size(max_message))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
     tracing::info!(dir = %state.config.dir.display(), "recorder ready");
     ready();
     let drain = state.config.drain_deadline;

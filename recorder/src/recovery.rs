@@ -56,7 +56,10 @@ pub fn recover_dir(dir: &Path, level: u32) -> io::Result<RecoveryReport> {
     for (name, _) in files {
         match recover_file(&dir.join(&name), level) {
             Ok(Outcome::Closed) => {}
-            Ok(Outcome::Repaired { records, footer_added }) => {
+            Ok(Outcome::Repaired {
+                records,
+                footer_added,
+            }) => {
                 tracing::warn!(file = %name, records, footer_added, "trace without footer repaired (recorder_lost)");
                 report.repaired.push(name);
             }
@@ -96,7 +99,10 @@ pub fn recover_file(path: &Path, level: u32) -> Result<Outcome, RecoverError> {
     }
 
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let temp = dir.join(format!(".{name}{TEMP_SUFFIX}"));
     let result = rewrite(path, &temp, level);
     if result.is_err() {
@@ -105,13 +111,19 @@ pub fn recover_file(path: &Path, level: u32) -> Result<Outcome, RecoverError> {
     let (records, footer_added) = result?;
     fs::rename(&temp, path)?;
     sync_dir(dir)?;
-    Ok(Outcome::Repaired { records, footer_added })
+    Ok(Outcome::Repaired {
+        records,
+        footer_added,
+    })
 }
 
 /// Second pass: copies every whole line into `temp`, adds the footer, fsyncs.
 fn rewrite(path: &Path, temp: &Path, level: u32) -> Result<(u64, bool), RecoverError> {
     let mut reader = TraceReader::open(path)?;
-    let opts = WriterOptions { gzip: reader.is_gzip(), level };
+    let opts = WriterOptions {
+        gzip: reader.is_gzip(),
+        level,
+    };
     let mut sink = Sink::new(create_exclusive(temp)?, temp.to_path_buf(), &opts);
     let first_seq = reader.header().first_seq;
     let mut line = Vec::with_capacity(16 * 1024);
@@ -154,11 +166,19 @@ mod tests {
     use crate::writer::TraceWriter;
 
     fn header() -> Header {
-        Header { model_hash: "7a8b3c1d9f2e4a55".into(), session_id: "recover-0001".into(), first_seq: 5, ..Default::default() }
+        Header {
+            model_hash: "7a8b3c1d9f2e4a55".into(),
+            session_id: "recover-0001".into(),
+            first_seq: 5,
+            ..Default::default()
+        }
     }
 
     fn request(seq: u64) -> RequestRecord {
-        RequestRecord::from_act(crate::trace::tests::sample_act(seq, b"image"), ImageMode::HashOnly)
+        RequestRecord::from_act(
+            crate::trace::tests::sample_act(seq, b"image"),
+            ImageMode::HashOnly,
+        )
     }
 
     fn read(path: &Path) -> (Vec<u64>, Option<Footer>, bool) {
@@ -177,7 +197,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut names = Vec::new();
         for gzip in [true, false] {
-            let mut w = TraceWriter::create(dir.path(), &header(), &WriterOptions { gzip, ..Default::default() }).unwrap();
+            let mut w = TraceWriter::create(
+                dir.path(),
+                &header(),
+                &WriterOptions {
+                    gzip,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             for seq in [5, 6, 8] {
                 w.write_request(&request(seq)).unwrap();
             }
@@ -196,28 +224,52 @@ mod tests {
         // A closed file, and junk with a trace name.
         let mut w = TraceWriter::create(dir.path(), &header(), &WriterOptions::default()).unwrap();
         w.write_request(&request(5)).unwrap();
-        let closed = w.finish(&Footer { ended_reason: "shutdown".into(), ..Default::default() }).unwrap();
+        let closed = w
+            .finish(&Footer {
+                ended_reason: "shutdown".into(),
+                ..Default::default()
+            })
+            .unwrap();
         let closed_bytes = fs::read(&closed.path).unwrap();
-        let junk = dir.path().join("20200101-000000-7a8b3c1d-junkjunk.jsonl.gz");
+        let junk = dir
+            .path()
+            .join("20200101-000000-7a8b3c1d-junkjunk.jsonl.gz");
         fs::write(&junk, b"\x1f\x8b\x08garbage").unwrap();
         fs::write(dir.path().join(".x.jsonl.gz.recovering"), b"half").unwrap();
 
         let report = recover_dir(dir.path(), 1).unwrap();
         assert_eq!(report.repaired.len(), 2, "{report:?}");
         assert_eq!(report.left_alone.len(), 1);
-        assert_eq!(report.removed_temps, vec![".x.jsonl.gz.recovering".to_string()]);
+        assert_eq!(
+            report.removed_temps,
+            vec![".x.jsonl.gz.recovering".to_string()]
+        );
         for path in &names {
             let (seqs, footer, truncated) = read(path);
             assert_eq!(seqs, vec![5, 6, 8]);
             let f = footer.unwrap();
             assert_eq!(f.ended_reason, "recorder_lost");
-            assert_eq!((f.total_requests, f.dropped_requests, f.records_written), (4, 1, Some(3)));
+            assert_eq!(
+                (f.total_requests, f.dropped_requests, f.records_written),
+                (4, 1, Some(3))
+            );
             assert!(!truncated);
             assert!(writer::footer_at_tail(path).unwrap());
-            assert_eq!(fs::metadata(path).unwrap().permissions().mode() & 0o777, 0o640);
+            assert_eq!(
+                fs::metadata(path).unwrap().permissions().mode() & 0o777,
+                0o640
+            );
         }
-        assert_eq!(fs::read(&closed.path).unwrap(), closed_bytes, "closed file untouched");
-        assert_eq!(fs::read(&junk).unwrap(), b"\x1f\x8b\x08garbage", "unreadable file untouched");
+        assert_eq!(
+            fs::read(&closed.path).unwrap(),
+            closed_bytes,
+            "closed file untouched"
+        );
+        assert_eq!(
+            fs::read(&junk).unwrap(),
+            b"\x1f\x8b\x08garbage",
+            "unreadable file untouched"
+        );
         // Idempotent.
         assert!(recover_dir(dir.path(), 1).unwrap().repaired.is_empty());
     }
@@ -229,11 +281,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = TraceWriter::create(dir.path(), &header(), &WriterOptions::default()).unwrap();
         w.write_request(&request(5)).unwrap();
-        let closed = w.finish(&Footer { ended_reason: "shutdown".into(), total_requests: 1, ..Default::default() }).unwrap();
+        let closed = w
+            .finish(&Footer {
+                ended_reason: "shutdown".into(),
+                total_requests: 1,
+                ..Default::default()
+            })
+            .unwrap();
         let bytes = fs::read(&closed.path).unwrap();
         fs::write(&closed.path, &bytes[..bytes.len() - 4]).unwrap();
-        assert_eq!(recover_file(&closed.path, 1).unwrap(), Outcome::Repaired { records: 1, footer_added: false });
+        assert_eq!(
+            recover_file(&closed.path, 1).unwrap(),
+            Outcome::Repaired {
+                records: 1,
+                footer_added: false
+            }
+        );
         let (seqs, footer, truncated) = read(&closed.path);
-        assert_eq!((seqs, footer.unwrap().ended_reason.as_str(), truncated), (vec![5], "shutdown", false));
+        assert_eq!(
+            (seqs, footer.unwrap().ended_reason.as_str(), truncated),
+            (vec![5], "shutdown", false)
+        );
     }
 }

@@ -19,14 +19,18 @@ use crate::session::lock;
 /// Whether `name` is a trace file name the recorder makes:
 /// `YYYYMMDD-HHMMSS-<8 hex>-<session_id>.jsonl[.gz]`.
 pub fn is_trace_name(name: &str) -> bool {
-    let stem = name.strip_suffix(".jsonl.gz").or_else(|| name.strip_suffix(".jsonl"));
+    let stem = name
+        .strip_suffix(".jsonl.gz")
+        .or_else(|| name.strip_suffix(".jsonl"));
     let Some(stem) = stem else { return false };
     let b = stem.as_bytes();
     if b.len() < 8 + 1 + 6 + 1 + 8 + 1 + 8 {
         return false;
     }
     let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
-    let hex = b[16..24].iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
+    let hex = b[16..24]
+        .iter()
+        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
     let session = &stem[25..];
     digits(0..8)
         && b[8] == b'-'
@@ -46,7 +50,11 @@ pub struct Retention {
 
 impl Retention {
     pub fn new(dir: PathBuf, max_total: Option<u64>) -> Retention {
-        Retention { dir, max_total, open: Mutex::new(HashSet::new()) }
+        Retention {
+            dir,
+            max_total,
+            open: Mutex::new(HashSet::new()),
+        }
     }
 
     /// The set of open file names; hold it while creating a file.
@@ -57,7 +65,9 @@ impl Retention {
     /// Deletes the oldest closed trace files until the directory's trace files total at
     /// most the cap. Returns the names deleted.
     pub fn enforce(&self) -> io::Result<Vec<String>> {
-        let Some(cap) = self.max_total else { return Ok(Vec::new()) };
+        let Some(cap) = self.max_total else {
+            return Ok(Vec::new());
+        };
         let open = self.lock_open();
         let mut files = trace_files(&self.dir)?;
         let mut total: u64 = files.iter().map(|f| f.1).sum();
@@ -89,7 +99,9 @@ pub fn trace_files(dir: &Path) -> io::Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
-        let Ok(name) = entry.file_name().into_string() else { continue };
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
         if !is_trace_name(&name) {
             continue;
         }
@@ -139,10 +151,24 @@ mod tests {
         let r = Retention::new(dir.path().to_path_buf(), Some(2500));
         // The oldest is open: it stays, the next ones go.
         r.lock_open().insert(name(0));
-        assert_eq!(r.enforce().unwrap(), vec![name(1), name(2), name(3), name(4)]);
-        let mut left: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert_eq!(
+            r.enforce().unwrap(),
+            vec![name(1), name(2), name(3), name(4)]
+        );
+        let mut left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         left.sort();
-        assert_eq!(left, vec![name(0), name(5), name(7), "keep-me.txt".to_string()]);
-        assert!(Retention::new(dir.path().to_path_buf(), None).enforce().unwrap().is_empty());
+        assert_eq!(
+            left,
+            vec![name(0), name(5), name(7), "keep-me.txt".to_string()]
+        );
+        assert!(
+            Retention::new(dir.path().to_path_buf(), None)
+                .enforce()
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -31,8 +31,9 @@ pub const CHANNEL_CAP: usize = 1024;
 
 /// What the stream task sends to the writer thread.
 pub(crate) enum Command {
-    /// One record; the permit returns its bytes to the session's budget once written.
-    Act(Box<ActRecord>, OwnedSemaphorePermit),
+    /// Records in arrival order; the permit returns their bytes to the session's budget
+    /// once they are written.
+    Acts(Vec<ActRecord>, OwnedSemaphorePermit),
     /// Timer tick: flush what was written since the last flush.
     Flush,
     /// The session is over.
@@ -49,7 +50,11 @@ pub(crate) struct End {
 
 impl End {
     pub(crate) fn reason(reason: &str) -> End {
-        End { reason: reason.to_string(), totals: None, ended_at: None }
+        End {
+            reason: reason.to_string(),
+            totals: None,
+            ended_at: None,
+        }
     }
 
     pub(crate) fn from_client(end: SessionEnd) -> End {
@@ -74,7 +79,11 @@ pub fn sanitize_reason(reason: &str) -> String {
         })
         .take(32)
         .collect();
-    if s.is_empty() { "shutdown".to_string() } else { s }
+    if s.is_empty() {
+        "shutdown".to_string()
+    } else {
+        s
+    }
 }
 
 /// Live numbers of one session, read by `Status`.
@@ -113,7 +122,10 @@ pub(crate) fn spawn(
     });
     let (tx, rx) = mpsc::channel(CHANNEL_CAP);
     let (done_tx, done) = oneshot::channel();
-    let opts = WriterOptions { gzip, level: daemon.config.gzip_level };
+    let opts = WriterOptions {
+        gzip,
+        level: daemon.config.gzip_level,
+    };
     let mut worker = Worker {
         mode: header.redaction.image,
         session_first_seq: header.first_seq,
@@ -132,7 +144,10 @@ pub(crate) fn spawn(
         bytes_at_retention: 0,
         last_flush: Instant::now(),
     };
-    let name = format!("rec-{}", worker.header.session_id.chars().take(8).collect::<String>());
+    let name = format!(
+        "rec-{}",
+        worker.header.session_id.chars().take(8).collect::<String>()
+    );
     std::thread::Builder::new().name(name).spawn(move || {
         let summary = worker.run(rx, &shutdown);
         // The stream task may be gone (shutdown deadline); the summary then has no reader.
@@ -164,16 +179,28 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&mut self, mut rx: mpsc::Receiver<Command>, shutdown: &CancellationToken) -> RecordSummary {
+    fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<Command>,
+        shutdown: &CancellationToken,
+    ) -> RecordSummary {
         self.open_file();
         let end = loop {
             match rx.blocking_recv() {
-                Some(Command::Act(act, _permit)) => self.on_act(*act),
+                Some(Command::Acts(acts, _permit)) => {
+                    acts.into_iter().for_each(|act| self.on_act(act))
+                }
                 Some(Command::Flush) => self.flush(),
                 Some(Command::End(end)) => break end,
                 // The stream task went away without a word: the server vanished, or the
                 // daemon is past its shutdown deadline.
-                None => break End::reason(if shutdown.is_cancelled() { "shutdown" } else { "client_lost" }),
+                None => {
+                    break End::reason(if shutdown.is_cancelled() {
+                        "shutdown"
+                    } else {
+                        "client_lost"
+                    });
+                }
             }
         };
         self.finish(end)
@@ -215,7 +242,8 @@ impl Worker {
         self.update_numbers();
         if let Some(cap) = self.daemon.config.max_total_bytes {
             // Between closes, a long session still lets old files go now and then.
-            let session_bytes = self.bytes_closed + self.writer.as_ref().map_or(0, TraceWriter::bytes_written);
+            let session_bytes =
+                self.bytes_closed + self.writer.as_ref().map_or(0, TraceWriter::bytes_written);
             if session_bytes - self.bytes_at_retention >= (cap / 16).max(1 << 20) {
                 self.bytes_at_retention = session_bytes;
                 self.daemon.enforce_retention();
@@ -225,15 +253,22 @@ impl Worker {
 
     fn update_numbers(&mut self) {
         let bytes = self.bytes_closed + self.writer.as_ref().map_or(0, TraceWriter::bytes_written);
-        self.daemon.bytes.fetch_add(bytes.saturating_sub(self.bytes_reported), Ordering::Relaxed);
+        self.daemon
+            .bytes
+            .fetch_add(bytes.saturating_sub(self.bytes_reported), Ordering::Relaxed);
         self.bytes_reported = self.bytes_reported.max(bytes);
         self.state.bytes.store(bytes, Ordering::Relaxed);
-        self.state.dropped.store(self.computed_dropped(), Ordering::Relaxed);
+        self.state
+            .dropped
+            .store(self.computed_dropped(), Ordering::Relaxed);
     }
 
     /// Calls the session skipped (seq gaps) or could not write.
     fn computed_dropped(&self) -> u64 {
-        let expected = self.max_seq.map_or(0, |m| (m + 1).saturating_sub(self.session_first_seq)).max(self.received);
+        let expected = self
+            .max_seq
+            .map_or(0, |m| (m + 1).saturating_sub(self.session_first_seq))
+            .max(self.received);
         expected - self.written
     }
 
@@ -264,10 +299,17 @@ impl Worker {
 
     #[cfg(test)]
     fn inject_fault(&mut self) {
-        if self.daemon.config.fail_sessions.contains(&self.state.session_id)
+        if self
+            .daemon
+            .config
+            .fail_sessions
+            .contains(&self.state.session_id)
             && let Some(w) = self.writer.as_mut()
         {
-            let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+            let full = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .expect("/dev/full");
             w.redirect(full);
         }
     }
@@ -322,7 +364,10 @@ impl Worker {
                 _ => w.seq_totals(),
             };
             let footer = Footer {
-                ended_at: end.ended_at.clone().unwrap_or_else(|| UtcTime::now().rfc3339_millis()),
+                ended_at: end
+                    .ended_at
+                    .clone()
+                    .unwrap_or_else(|| UtcTime::now().rfc3339_millis()),
                 total_requests: total,
                 dropped_requests: dropped,
                 ended_reason: end.reason.clone(),
@@ -340,7 +385,9 @@ impl Worker {
             self.daemon.enforce_retention();
         }
         self.update_numbers();
-        self.daemon.dropped_done.fetch_add(dropped, Ordering::Relaxed);
+        self.daemon
+            .dropped_done
+            .fetch_add(dropped, Ordering::Relaxed);
         RecordSummary {
             file: self.last_file.clone(),
             records_written: self.written,
@@ -365,7 +412,8 @@ impl Worker {
                 "trace write failed; recording stopped for this session"
             );
             self.state.degraded.store(true, Ordering::Relaxed);
-            self.daemon.set_degraded(format!("session {}: {e}", self.state.session_id));
+            self.daemon
+                .set_degraded(format!("session {}: {e}", self.state.session_id));
         }
     }
 }

@@ -30,7 +30,13 @@
 //!   `error {slug, message}` only when Act failed (then `actions` may be empty).
 //! - **footer** ([`Footer`]), last, absent when the writer died: `ended_at, total_requests,
 //!   dropped_requests, ended_reason` (`shutdown`, `rotated`, `client_lost`,
-//!   `recorder_lost`, or the server's reason)`, records_written`.
+//!   `recorder_lost`, or the server's reason)`, records_written`. The numbers are the
+//!   server's (its `SessionEnd`, session-wide) when it sent them; otherwise they come from
+//!   the seqs of the file: `total_requests = last_seq - first_seq + 1`, and what is missing
+//!   was dropped. `records_written` is always this file's.
+//!
+//! A session rotated to a new file (size cap) gets a new header — the session's, with the
+//! next `first_seq` — and its old file the footer `rotated`; seqs continue across files.
 //!
 //! **Invariant: the `request` object is the protobuf-JSON form of `reflex.v1.ActRequest`**
 //! (proto field names, bytes as standard base64, `uint64` as a decimal string), so
@@ -71,7 +77,7 @@ use std::fmt;
 
 use base64::Engine as _;
 use reflex_proto::v1::{ActRecord, ActRequest, Image, SessionStart};
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
@@ -137,7 +143,10 @@ pub struct Redaction {
 
 impl Default for Redaction {
     fn default() -> Self {
-        Redaction { image: ImageMode::HashOnly, instruction: "as_is".into() }
+        Redaction {
+            image: ImageMode::HashOnly,
+            instruction: "as_is".into(),
+        }
     }
 }
 
@@ -214,7 +223,11 @@ impl Header {
             model_type: start.model_type.clone(),
             export_kind: start.export_kind.clone(),
             embodiment: start.embodiment.clone(),
-            hardware: start.hardware.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            hardware: start
+                .hardware
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             mode: start.mode.clone(),
             redaction: Redaction { image, instruction },
             first_seq: start.first_seq,
@@ -245,7 +258,11 @@ pub struct RequestRecord {
     #[serde(default, deserialize_with = "nullable")]
     pub mode: String,
     /// The noise seed the call used.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lenient_u64")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_u64"
+    )]
     pub noise_seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TraceError>,
@@ -259,13 +276,29 @@ impl Kind for RequestRecord {
 /// proto's; keep them in step with `reflex.proto`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct TraceRequest {
-    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "nullable")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "nullable"
+    )]
     pub images: Vec<TraceImage>,
-    #[serde(default, skip_serializing_if = "String::is_empty", deserialize_with = "nullable")]
+    #[serde(
+        default,
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "nullable"
+    )]
     pub instruction: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "f32_vec")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "f32_vec"
+    )]
     pub state: Vec<f32>,
-    #[serde(default, skip_serializing_if = "String::is_empty", deserialize_with = "nullable")]
+    #[serde(
+        default,
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "nullable"
+    )]
     pub episode_id: String,
     /// Written as a decimal string (protobuf JSON's `uint64`); numbers read too.
     #[serde(
@@ -276,7 +309,11 @@ pub struct TraceRequest {
     )]
     pub noise_seed: Option<u64>,
     /// Lowercase hex SHA-256 of the primary image's bytes.
-    #[serde(default, skip_serializing_if = "String::is_empty", deserialize_with = "nullable")]
+    #[serde(
+        default,
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "nullable"
+    )]
     pub image_sha256: String,
     /// Encoded bytes of the primary image (`full` mode only), base64 in JSON.
     #[serde(default, skip_serializing_if = "Vec::is_empty", with = "base64_bytes")]
@@ -286,12 +323,20 @@ pub struct TraceRequest {
 /// One camera frame of `request.images` (`reflex.v1.Image`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct TraceImage {
-    #[serde(default, skip_serializing_if = "String::is_empty", deserialize_with = "nullable")]
+    #[serde(
+        default,
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "nullable"
+    )]
     pub camera: String,
     /// Encoded bytes, base64 in JSON; only secondary cameras of `full` traces carry them.
     #[serde(default, skip_serializing_if = "Vec::is_empty", with = "base64_bytes")]
     pub data: Vec<u8>,
-    #[serde(default, skip_serializing_if = "String::is_empty", deserialize_with = "nullable")]
+    #[serde(
+        default,
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "nullable"
+    )]
     pub sha256: String,
 }
 
@@ -429,7 +474,10 @@ impl RequestRecord {
             cache: (!act.cache.is_empty()).then_some(CacheInfo { status: act.cache }),
             mode: act.mode,
             noise_seed: Some(act.noise_seed),
-            error: act.error.map(|e| TraceError { slug: e.code, message: e.message }),
+            error: act.error.map(|e| TraceError {
+                slug: e.code,
+                message: e.message,
+            }),
         }
     }
 }
@@ -437,8 +485,22 @@ impl RequestRecord {
 impl TraceRequest {
     /// Applies the image mode to a request as the server sent it.
     fn recorded(req: ActRequest, mode: ImageMode) -> TraceRequest {
-        let ActRequest { images, instruction, state, episode_id, noise_seed, image_b64, image_sha256 } = req;
-        let mut out = TraceRequest { instruction, state, episode_id, noise_seed, ..Default::default() };
+        let ActRequest {
+            images,
+            instruction,
+            state,
+            episode_id,
+            noise_seed,
+            image_b64,
+            image_sha256,
+        } = req;
+        let mut out = TraceRequest {
+            instruction,
+            state,
+            episode_id,
+            noise_seed,
+            ..Default::default()
+        };
         if matches!(mode, ImageMode::None | ImageMode::Unknown) {
             return out;
         }
@@ -473,8 +535,16 @@ impl TraceRequest {
                 } else {
                     String::new()
                 };
-                let data = if keep_bytes && i > 0 { img.data } else { Vec::new() };
-                TraceImage { camera: img.camera, data, sha256 }
+                let data = if keep_bytes && i > 0 {
+                    img.data
+                } else {
+                    Vec::new()
+                };
+                TraceImage {
+                    camera: img.camera,
+                    data,
+                    sha256,
+                }
             })
             .collect();
         out.image_sha256 = primary_sha.unwrap_or_default();
@@ -490,7 +560,11 @@ impl TraceRequest {
             images: self
                 .images
                 .iter()
-                .map(|i| Image { camera: i.camera.clone(), data: i.data.clone(), sha256: i.sha256.clone() })
+                .map(|i| Image {
+                    camera: i.camera.clone(),
+                    data: i.data.clone(),
+                    sha256: i.sha256.clone(),
+                })
                 .collect(),
             instruction: self.instruction.clone(),
             state: self.state.clone(),
@@ -511,7 +585,14 @@ pub fn encode_line<T: Kind>(record: &T, out: &mut Vec<u8>) -> serde_json::Result
         #[serde(flatten)]
         body: &'a T,
     }
-    serde_json::to_writer(&mut *out, &Tagged { kind: T::KIND, schema_version: SCHEMA_VERSION, body: record })?;
+    serde_json::to_writer(
+        &mut *out,
+        &Tagged {
+            kind: T::KIND,
+            schema_version: SCHEMA_VERSION,
+            body: record,
+        },
+    )?;
     out.push(b'\n');
     Ok(())
 }
@@ -551,7 +632,9 @@ pub fn parse_line(line: &[u8]) -> Result<Record, LineError> {
 
 /// `true` for 64 lowercase hex digits.
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Lowercase hex SHA-256.
@@ -572,7 +655,11 @@ fn first_valid_sha<'a>(candidates: &[&'a str]) -> Option<&'a str> {
 }
 
 fn round3(ms: f64) -> f64 {
-    if ms.is_finite() { (ms * 1000.0).round() / 1000.0 } else { 0.0 }
+    if ms.is_finite() {
+        (ms * 1000.0).round() / 1000.0
+    } else {
+        0.0
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -608,10 +695,15 @@ fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
             Ok(Some(v))
         }
         fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-            u64::try_from(v).map(Some).map_err(|_| E::custom("negative u64"))
+            u64::try_from(v)
+                .map(Some)
+                .map_err(|_| E::custom("negative u64"))
         }
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            v.trim().parse().map(Some).map_err(|_| E::custom(format!("{v:?} is not a u64")))
+            v.trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| E::custom(format!("{v:?} is not a u64")))
         }
         fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
             Ok(None)
@@ -623,43 +715,76 @@ fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
     d.deserialize_any(V)
 }
 
-/// An f32 parsed from the number's own text, never via f64 (see "Numbers" above);
-/// `null` is NaN.
-struct ExactF32(f32);
-
-impl<'de> Deserialize<'de> for ExactF32 {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = <&serde_json::value::RawValue>::deserialize(d)?;
-        parse_f32(raw.get()).map(ExactF32).map_err(de::Error::custom)
+/// Arrays of f32 (`state`, and `actions` as rows or flat) are taken as one raw slice of
+/// the line and scanned here: each number's own text goes straight to `f32` (never via
+/// f64, see "Numbers" above), and `null` is NaN. Serde's per-element machinery costs
+/// three times the parsing itself on a 350-value chunk, which is why this is not a
+/// `Visitor`. Reads only from borrowed input (`from_slice`, `from_str`).
+fn scan_f32s(text: &str, max_depth: u32, out: &mut Vec<f32>) -> Result<Shape, String> {
+    let b = text.as_bytes();
+    let mut shape = Shape::default();
+    if text.trim() == "null" {
+        return Ok(shape);
     }
+    let (mut depth, mut i, mut row_start) = (0u32, 0usize, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'[' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(format!("arrays nested deeper than {max_depth}"));
+                }
+                row_start = out.len();
+                i += 1;
+            }
+            b']' => {
+                if depth == 2 {
+                    shape.rows += 1;
+                    shape.first_row.get_or_insert(out.len() - row_start);
+                }
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b',' | b' ' | b'\n' | b'\r' | b'\t' => i += 1,
+            b'n' if b[i..].starts_with(b"null") && depth > 0 => {
+                out.push(f32::NAN);
+                i += 4;
+            }
+            b'-' | b'0'..=b'9' if depth > 0 => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let num = &text[start..i];
+                out.push(
+                    num.parse::<f32>()
+                        .map_err(|_| format!("{num} is not a number"))?,
+                );
+            }
+            _ => {
+                return Err(format!(
+                    "expected an array of numbers, found {}",
+                    text.chars().take(40).collect::<String>()
+                ));
+            }
+        }
+    }
+    Ok(shape)
 }
 
-fn parse_f32(text: &str) -> Result<f32, String> {
-    if text == "null" {
-        return Ok(f32::NAN);
-    }
-    text.parse::<f32>().map_err(|_| format!("{text} is not a number"))
+/// Nesting found by [`scan_f32s`].
+#[derive(Default)]
+struct Shape {
+    rows: usize,
+    first_row: Option<usize>,
 }
 
 fn f32_vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = Vec<f32>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("an array of numbers")
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(16));
-            while let Some(ExactF32(x)) = seq.next_element()? {
-                out.push(x);
-            }
-            Ok(out)
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(Vec::new())
-        }
-    }
-    d.deserialize_any(V)
+    let raw = <&serde_json::value::RawValue>::deserialize(d)?;
+    let mut out = Vec::new();
+    scan_f32s(raw.get(), 1, &mut out).map_err(de::Error::custom)?;
+    Ok(out)
 }
 
 impl Serialize for TraceResponse {
@@ -673,7 +798,11 @@ impl Serialize for TraceResponse {
         }
         let dim = self.action_dim as usize;
         // A shape that does not fit the values is written as one row rather than lost.
-        let row = if dim > 0 && self.actions.len() % dim == 0 { dim } else { self.actions.len() };
+        let row = if dim > 0 && self.actions.len().is_multiple_of(dim) {
+            dim
+        } else {
+            self.actions.len()
+        };
         let mut st = s.serialize_struct("TraceResponse", 3)?;
         st.serialize_field("actions", &Rows(&self.actions, row))?;
         st.serialize_field("num_actions", &self.num_actions)?;
@@ -704,7 +833,11 @@ impl<'de> Deserialize<'de> for TraceResponse {
             Some(_) => w.actions.rows as u32,
             None => u32::from(n > 0),
         });
-        Ok(TraceResponse { actions: w.actions.values, num_actions, action_dim })
+        Ok(TraceResponse {
+            actions: w.actions.values,
+            num_actions,
+            action_dim,
+        })
     }
 }
 
@@ -718,66 +851,14 @@ struct Nested {
 
 impl<'de> Deserialize<'de> for Nested {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Outer;
-        impl<'de> Visitor<'de> for Outer {
-            type Value = Nested;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an array of rows of numbers")
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Nested, E> {
-                Ok(Nested::default())
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Nested, A::Error> {
-                let mut out = Nested { values: Vec::with_capacity(64 * 8), ..Default::default() };
-                while let Some(elem) = seq.next_element_seed(Element(&mut out.values))? {
-                    if let Some(len) = elem {
-                        out.rows += 1;
-                        out.first_row.get_or_insert(len);
-                    }
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_any(Outer)
-    }
-}
-
-/// One element of `actions`: a row (yields its length) or, in a flat array, a number.
-/// Flat arrays come only from other tools, which print f32 values widened to f64 (Python's
-/// `repr`); for those text the f64 path is exact, so it is taken there.
-struct Element<'a>(&'a mut Vec<f32>);
-
-impl<'de> DeserializeSeed<'de> for Element<'_> {
-    type Value = Option<usize>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Element<'_> {
-    type Value = Option<usize>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a row of numbers or a number")
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<usize>, A::Error> {
-        let before = self.0.len();
-        while let Some(ExactF32(x)) = seq.next_element()? {
-            self.0.push(x);
-        }
-        Ok(Some(self.0.len() - before))
-    }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Option<usize>, E> {
-        self.0.push(v as f32);
-        Ok(None)
-    }
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<usize>, E> {
-        self.visit_f64(v as f64)
-    }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<usize>, E> {
-        self.visit_f64(v as f64)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Option<usize>, E> {
-        self.visit_f64(f64::NAN)
+        let raw = <&serde_json::value::RawValue>::deserialize(d)?;
+        let mut values = Vec::with_capacity(raw.get().len() / 8);
+        let shape = scan_f32s(raw.get(), 2, &mut values).map_err(de::Error::custom)?;
+        Ok(Nested {
+            values,
+            rows: shape.rows,
+            first_row: shape.first_row,
+        })
     }
 }
 
@@ -790,7 +871,9 @@ impl<'de> Deserialize<'de> for CacheInfo {
                 f.write_str("{\"status\": ...} or a status string")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<CacheInfo, E> {
-                Ok(CacheInfo { status: v.to_string() })
+                Ok(CacheInfo {
+                    status: v.to_string(),
+                })
             }
             fn visit_unit<E: de::Error>(self) -> Result<CacheInfo, E> {
                 Ok(CacheInfo::default())
@@ -820,15 +903,22 @@ impl<'de> Deserialize<'de> for TraceError {
                 f.write_str("{\"slug\": ..., \"message\": ...} or a message string")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<TraceError, E> {
-                Ok(TraceError { slug: String::new(), message: v.to_string() })
+                Ok(TraceError {
+                    slug: String::new(),
+                    message: v.to_string(),
+                })
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TraceError, A::Error> {
                 let mut out = TraceError::default();
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     match &*key {
                         // `code` is the proto's name for the slug.
-                        "slug" | "code" => out.slug = map.next_value::<Option<String>>()?.unwrap_or_default(),
-                        "message" => out.message = map.next_value::<Option<String>>()?.unwrap_or_default(),
+                        "slug" | "code" => {
+                            out.slug = map.next_value::<Option<String>>()?.unwrap_or_default()
+                        }
+                        "message" => {
+                            out.message = map.next_value::<Option<String>>()?.unwrap_or_default()
+                        }
                         _ => {
                             map.next_value::<de::IgnoredAny>()?;
                         }
@@ -857,8 +947,8 @@ fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String
 /// `bytes` as protobuf JSON has them: standard base64 (URL-safe and unpadded read too).
 mod base64_bytes {
     use super::*;
-    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
     use base64::engine::DecodePaddingMode;
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 
     const LENIENT: GeneralPurposeConfig =
         GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
@@ -871,7 +961,9 @@ mod base64_bytes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let text: Option<Cow<'de, str>> = Option::deserialize(d)?;
-        let Some(text) = text else { return Ok(Vec::new()) };
+        let Some(text) = text else {
+            return Ok(Vec::new());
+        };
         STD_LENIENT
             .decode(text.as_bytes())
             .or_else(|_| URL_LENIENT.decode(text.as_bytes()))
@@ -891,8 +983,16 @@ pub(crate) mod tests {
             timestamp: "2026-04-24T17:13:05.123Z".into(),
             request: Some(ActRequest {
                 images: vec![
-                    Image { camera: "base".into(), data: image.to_vec(), sha256: String::new() },
-                    Image { camera: "wrist".into(), data: b"wrist-bytes".to_vec(), sha256: String::new() },
+                    Image {
+                        camera: "base".into(),
+                        data: image.to_vec(),
+                        sha256: String::new(),
+                    },
+                    Image {
+                        camera: "wrist".into(),
+                        data: b"wrist-bytes".to_vec(),
+                        sha256: String::new(),
+                    },
                 ],
                 instruction: "pick up the red cup".into(),
                 state: vec![0.1, -0.2, 3.5e-8, 1.0],
@@ -912,7 +1012,11 @@ pub(crate) mod tests {
                 denoise_ms: 70.25,
                 postprocess_ms: 0.1,
             }),
-            denoise: Some(Denoise { steps_used: 10, steps_configured: 10, adaptive: false }),
+            denoise: Some(Denoise {
+                steps_used: 10,
+                steps_configured: 10,
+                adaptive: false,
+            }),
             cache: "miss".into(),
             mode: "cpu".into(),
             noise_seed: u64::MAX - 7,
@@ -951,17 +1055,35 @@ pub(crate) mod tests {
         };
         let h = Header::from_start(&start).unwrap();
         let text = line(&h);
-        assert!(text.starts_with(r#"{"kind":"header","schema_version":1,"reflex_version":"0.1.0""#), "{text}");
-        assert!(text.contains(r#""redaction":{"image":"full","instruction":"as_is"}"#), "{text}");
+        assert!(
+            text.starts_with(r#"{"kind":"header","schema_version":1,"reflex_version":"0.1.0""#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#""redaction":{"image":"full","instruction":"as_is"}"#),
+            "{text}"
+        );
         assert!(text.contains(r#""first_seq":42"#));
         match parse_line(text.trim_end().as_bytes()).unwrap() {
             Record::Header(back) => assert_eq!(*back, h),
             other => panic!("{other:?}"),
         }
-        let bad = SessionStart { image_mode: "jpeg".into(), ..start.clone() };
-        assert_eq!(Header::from_start(&bad), Err(StartError::ImageMode("jpeg".into())));
-        let bad = SessionStart { instruction_mode: "redact".into(), ..start };
-        assert!(matches!(Header::from_start(&bad), Err(StartError::InstructionMode(_))));
+        let bad = SessionStart {
+            image_mode: "jpeg".into(),
+            ..start.clone()
+        };
+        assert_eq!(
+            Header::from_start(&bad),
+            Err(StartError::ImageMode("jpeg".into()))
+        );
+        let bad = SessionStart {
+            instruction_mode: "redact".into(),
+            ..start
+        };
+        assert!(matches!(
+            Header::from_start(&bad),
+            Err(StartError::InstructionMode(_))
+        ));
     }
 
     #[test]
@@ -976,11 +1098,23 @@ pub(crate) mod tests {
         act.actions[4] = 16_777_217.0;
         let rec = RequestRecord::from_act(act, ImageMode::HashOnly);
         let text = line(&rec);
-        assert!(text.starts_with(r#"{"kind":"request","schema_version":1,"seq":7,"chunk_id":7,"#), "{text}");
-        assert!(text.contains(r#""latency":{"total_ms":98.123,"queue_ms":0.0,"#), "{text}");
+        assert!(
+            text.starts_with(r#"{"kind":"request","schema_version":1,"seq":7,"chunk_id":7,"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#""latency":{"total_ms":98.123,"queue_ms":0.0,"#),
+            "{text}"
+        );
         assert!(text.contains(r#""cache":{"status":"miss"}"#));
-        assert!(text.contains(&format!(r#""noise_seed":"{}""#, u64::MAX - 7)), "request.noise_seed is a string");
-        assert!(text.contains(&format!(r#""noise_seed":{}}}"#, u64::MAX - 7)) || text.contains(&format!(r#""noise_seed":{}"#, u64::MAX - 7)));
+        assert!(
+            text.contains(&format!(r#""noise_seed":"{}""#, u64::MAX - 7)),
+            "request.noise_seed is a string"
+        );
+        assert!(
+            text.contains(&format!(r#""noise_seed":{}}}"#, u64::MAX - 7))
+                || text.contains(&format!(r#""noise_seed":{}"#, u64::MAX - 7))
+        );
         let back = match parse_line(text.trim_end().as_bytes()).unwrap() {
             Record::Request(r) => *r,
             other => panic!("{other:?}"),
@@ -1010,7 +1144,11 @@ pub(crate) mod tests {
             }
         }
         let rec = RequestRecord {
-            response: TraceResponse { num_actions: (values.len() / 8) as u32, action_dim: 8, actions: values },
+            response: TraceResponse {
+                num_actions: (values.len() / 8) as u32,
+                action_dim: 8,
+                actions: values,
+            },
             ..Default::default()
         };
         let back = match parse_line(line(&rec).trim_end().as_bytes()).unwrap() {
@@ -1025,12 +1163,18 @@ pub(crate) mod tests {
     #[test]
     fn nan_is_written_as_null_and_read_as_nan() {
         let rec = RequestRecord {
-            response: TraceResponse { actions: vec![f32::NAN, 1.0], num_actions: 1, action_dim: 2 },
+            response: TraceResponse {
+                actions: vec![f32::NAN, 1.0],
+                num_actions: 1,
+                action_dim: 2,
+            },
             ..Default::default()
         };
         let text = line(&rec);
         assert!(text.contains(r#""actions":[[null,1.0]]"#), "{text}");
-        let Record::Request(back) = parse_line(text.trim_end().as_bytes()).unwrap() else { panic!() };
+        let Record::Request(back) = parse_line(text.trim_end().as_bytes()).unwrap() else {
+            panic!()
+        };
         assert!(back.response.actions[0].is_nan());
     }
 
@@ -1040,19 +1184,34 @@ pub(crate) mod tests {
         let (img_b64, wrist_b64) = (b64(&image), b64(b"wrist-bytes"));
         let sha = sha256_hex(&image);
 
-        let full = line(&RequestRecord::from_act(sample_act(0, &image), ImageMode::Full));
+        let full = line(&RequestRecord::from_act(
+            sample_act(0, &image),
+            ImageMode::Full,
+        ));
         let v: serde_json::Value = serde_json::from_str(&full).unwrap();
         assert_eq!(v["request"]["image_b64"], img_b64.as_str());
         assert_eq!(v["request"]["image_sha256"], sha.as_str());
-        assert_eq!(v["request"]["images"][0], serde_json::json!({"camera": "base", "sha256": sha}));
+        assert_eq!(
+            v["request"]["images"][0],
+            serde_json::json!({"camera": "base", "sha256": sha})
+        );
         assert_eq!(v["request"]["images"][1]["data"], wrist_b64.as_str());
 
-        let hash = line(&RequestRecord::from_act(sample_act(0, &image), ImageMode::HashOnly));
-        assert!(!hash.contains(&img_b64) && !hash.contains(&wrist_b64), "{hash}");
+        let hash = line(&RequestRecord::from_act(
+            sample_act(0, &image),
+            ImageMode::HashOnly,
+        ));
+        assert!(
+            !hash.contains(&img_b64) && !hash.contains(&wrist_b64),
+            "{hash}"
+        );
         assert!(!hash.contains("image_b64") && !hash.contains("\"data\""));
         let v: serde_json::Value = serde_json::from_str(&hash).unwrap();
         assert_eq!(v["request"]["image_sha256"], sha.as_str());
-        assert_eq!(v["request"]["images"][1]["sha256"], sha256_hex(b"wrist-bytes").as_str());
+        assert_eq!(
+            v["request"]["images"][1]["sha256"],
+            sha256_hex(b"wrist-bytes").as_str()
+        );
 
         // A client that sent the single-image field and a hash of its own.
         let mut act = sample_act(0, &image);
@@ -1064,10 +1223,23 @@ pub(crate) mod tests {
         assert!(!hash2.contains(&img_b64));
         let v: serde_json::Value = serde_json::from_str(&hash2).unwrap();
         assert_eq!(v["request"]["image_sha256"], "ab".repeat(32));
-        assert_eq!(v["request"]["images"], serde_json::json!([{"sha256": "ab".repeat(32)}]));
+        assert_eq!(
+            v["request"]["images"],
+            serde_json::json!([{"sha256": "ab".repeat(32)}])
+        );
 
-        let none = line(&RequestRecord::from_act(sample_act(0, &image), ImageMode::None));
-        for key in ["images", "image_sha256", "image_b64", &img_b64, &wrist_b64, &sha] {
+        let none = line(&RequestRecord::from_act(
+            sample_act(0, &image),
+            ImageMode::None,
+        ));
+        for key in [
+            "images",
+            "image_sha256",
+            "image_b64",
+            &img_b64,
+            &wrist_b64,
+            &sha,
+        ] {
             assert!(!none.contains(key), "{key} in {none}");
         }
     }
@@ -1078,21 +1250,40 @@ pub(crate) mod tests {
         let v: serde_json::Value = serde_json::from_str(&line(&rec)).unwrap();
         let proto = include_str!("../../proto/proto/reflex/v1/reflex.proto");
         let fields_of = |message: &str| -> Vec<String> {
-            let body = proto.split(&format!("message {message} {{")).nth(1).unwrap().split("\n}").next().unwrap();
+            let body = proto
+                .split(&format!("message {message} {{"))
+                .nth(1)
+                .unwrap()
+                .split("\n}")
+                .next()
+                .unwrap();
             body.lines()
                 .filter_map(|l| {
                     let l = l.trim();
                     (!l.starts_with("//") && l.contains(" = ")).then(|| {
-                        l.split(" = ").next().unwrap().split_whitespace().last().unwrap().to_string()
+                        l.split(" = ")
+                            .next()
+                            .unwrap()
+                            .split_whitespace()
+                            .last()
+                            .unwrap()
+                            .to_string()
                     })
                 })
                 .collect()
         };
         let act_request = fields_of("ActRequest");
         for key in v["request"].as_object().unwrap().keys() {
-            assert!(act_request.contains(key), "request.{key} is not an ActRequest field: {act_request:?}");
+            assert!(
+                act_request.contains(key),
+                "request.{key} is not an ActRequest field: {act_request:?}"
+            );
         }
-        assert_eq!(v["request"].as_object().unwrap().len(), act_request.len(), "every field is set here");
+        assert_eq!(
+            v["request"].as_object().unwrap().len(),
+            act_request.len(),
+            "every field is set here"
+        );
         let image = fields_of("Image");
         for key in v["request"]["images"][1].as_object().unwrap().keys() {
             assert!(image.contains(key), "{key} not in {image:?}");
@@ -1112,13 +1303,20 @@ pub(crate) mod tests {
         let mut act = sample_act(3, b"x");
         act.actions.clear();
         act.num_actions = 0;
-        act.error = Some(ActError { code: "INVALID_ARGUMENT".into(), message: "state has 3 values, expected 4".into() });
+        act.error = Some(ActError {
+            code: "INVALID_ARGUMENT".into(),
+            message: "state has 3 values, expected 4".into(),
+        });
         let rec = RequestRecord::from_act(act, ImageMode::HashOnly);
         assert_eq!(rec.request.noise_seed, None, "a failed call drew no noise");
         let text = line(&rec);
-        assert!(text.contains(r#""error":{"slug":"INVALID_ARGUMENT","message":"state has 3 values, expected 4"}"#));
+        assert!(text.contains(
+            r#""error":{"slug":"INVALID_ARGUMENT","message":"state has 3 values, expected 4"}"#
+        ));
         assert!(text.contains(r#""actions":[]"#));
-        let Record::Request(back) = parse_line(text.trim_end().as_bytes()).unwrap() else { panic!() };
+        let Record::Request(back) = parse_line(text.trim_end().as_bytes()).unwrap() else {
+            panic!()
+        };
         assert_eq!(*back, rec);
     }
 
@@ -1136,28 +1334,42 @@ pub(crate) mod tests {
             text,
             "{\"kind\":\"footer\",\"schema_version\":1,\"ended_at\":\"2026-04-24T18:00:00.000Z\",\"total_requests\":1843,\"dropped_requests\":2,\"ended_reason\":\"shutdown\",\"records_written\":1841}\n"
         );
-        assert_eq!(parse_line(text.trim_end().as_bytes()).unwrap(), Record::Footer(f));
+        assert_eq!(
+            parse_line(text.trim_end().as_bytes()).unwrap(),
+            Record::Footer(f)
+        );
     }
 
     #[test]
     fn dispatch_errors() {
         let e = parse_line(br#"{"kind":"request","schema_version":2,"seq":0}"#).unwrap_err();
-        assert!(matches!(&e, LineError::UnknownSchemaVersion(v) if v == "2"), "{e}");
+        assert!(
+            matches!(&e, LineError::UnknownSchemaVersion(v) if v == "2"),
+            "{e}"
+        );
         let e = parse_line(br#"{"kind":"request","seq":0}"#).unwrap_err();
         assert!(matches!(e, LineError::UnknownSchemaVersion(_)));
         let e = parse_line(br#"{"schema_version":1,"kind":"metrics"}"#).unwrap_err();
-        assert!(matches!(&e, LineError::UnknownKind(k) if k == "\"metrics\""), "{e}");
+        assert!(
+            matches!(&e, LineError::UnknownKind(k) if k == "\"metrics\""),
+            "{e}"
+        );
         let e = parse_line(br#"{"kind":"request","schema_version":1,"seq":"#).unwrap_err();
         assert!(matches!(e, LineError::Malformed(_)));
         // Key order and unknown fields do not matter.
-        let r = parse_line(br#"{"future":{"x":[1,2]},"seq":5,"schema_version":1,"kind":"request","mode":"cpu"}"#).unwrap();
+        let r = parse_line(
+            br#"{"future":{"x":[1,2]},"seq":5,"schema_version":1,"kind":"request","mode":"cpu"}"#,
+        )
+        .unwrap();
         assert!(matches!(r, Record::Request(r) if r.seq == 5 && r.mode == "cpu"));
     }
 
     #[test]
     fn reads_seed_style_records() {
         let line = br#"{"kind":"request","schema_version":1,"seq":0,"chunk_id":null,"timestamp":"2026-04-24T17:13:05.412Z","request":{"image_b64":"aGVsbG8=","instruction":"pick up the cup","state":[0.1,0.2]},"response":{"actions":[[0.10000000149011612,0.5],[1,2]],"latency_ms":98.1},"latency":{"total_ms":98.1},"denoise":{"steps":10},"mode":"onnx_gpu","cache":"hit","error":null}"#;
-        let Record::Request(r) = parse_line(line).unwrap() else { panic!() };
+        let Record::Request(r) = parse_line(line).unwrap() else {
+            panic!()
+        };
         assert_eq!(r.request.image_b64, b"hello");
         assert_eq!(r.response.actions, vec![0.1, 0.5, 1.0, 2.0]);
         assert_eq!((r.response.num_actions, r.response.action_dim), (2, 2));

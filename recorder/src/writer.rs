@@ -25,10 +25,23 @@
 //! `gzip`, ours) reads the two members as one text.
 //!
 //! # Compression level
-//! Level 1 (`Compression::fast()`), chosen by measurement (see the report in the crate
-//! tests, `writer::tests::measure_levels`): with 50×7 f32 actions the text is mostly the
-//! digits of the floats, which no level compresses much better, while level 6 costs about
-//! 3× the CPU and would not keep 20,000 records/s on one core.
+//! Level 1 (zlib-rs' quick deflate), chosen by measurement; `--gzip-level` changes it.
+//! Per 1000 hash_only records of 50×7 actions (`writer::tests::measure_levels` and the
+//! daemon's `ingest_throughput`, run by hand; one core of a shared 2-core machine):
+//!
+//! | level | full-entropy f32 actions | smooth actions | writer CPU per record |
+//! |---|---|---|---|
+//! | plain | 4.9 MB | 4.9 MB | ~16 µs (JSON only) |
+//! | 1 | 2.1–2.8 MB | 0.97 MB | ~46 µs |
+//! | 2 | 1.4–1.9 MB | 0.68 MB | ~65 µs |
+//! | 6 | 1.8 MB | 0.46 MB | ~170 µs |
+//!
+//! The whole ingest path (socket, decode, convert, JSON, gzip, write) at level 1 costs
+//! 45–56 µs of recorder CPU per record, i.e. 18,000–22,000 records/s on one core; level 2
+//! would cost a third more for files a third smaller. The seed's 0.9 MB per 1000 records is
+//! out of reach for real policy outputs whatever the level: a 350-value chunk of f32 with
+//! noisy low bits holds over 1 KB of entropy, and the reader must get every bit back. Only
+//! smooth, low-entropy chunks get there.
 //!
 //! # Errors
 //! Any write error (ENOSPC included) is returned as [`WriteError::Write`] and poisons the
@@ -66,7 +79,10 @@ pub struct WriterOptions {
 
 impl Default for WriterOptions {
     fn default() -> Self {
-        WriterOptions { gzip: true, level: DEFAULT_LEVEL }
+        WriterOptions {
+            gzip: true,
+            level: DEFAULT_LEVEL,
+        }
     }
 }
 
@@ -90,31 +106,49 @@ pub enum WriteError {
 impl WriteError {
     /// Errors caused by what the client sent (the rest are the disk's).
     pub fn is_invalid_input(&self) -> bool {
-        matches!(self, WriteError::InvalidSessionId(_) | WriteError::InvalidModelHash(_))
+        matches!(
+            self,
+            WriteError::InvalidSessionId(_) | WriteError::InvalidModelHash(_)
+        )
     }
 
     /// Whether the disk (or quota) is full.
     pub fn is_disk_full(&self) -> bool {
         let source = match self {
-            WriteError::CreateDir { source, .. } | WriteError::Create { source, .. } | WriteError::Write { source, .. } => {
-                source
-            }
+            WriteError::CreateDir { source, .. }
+            | WriteError::Create { source, .. }
+            | WriteError::Write { source, .. } => source,
             _ => return false,
         };
-        matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        matches!(
+            source.raw_os_error(),
+            Some(libc::ENOSPC) | Some(libc::EDQUOT)
+        )
     }
 }
 
 /// Checks a client's session id before it is used in a file name.
 pub fn check_session_id(id: &str) -> Result<(), WriteError> {
-    let ok = (8..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-    if ok { Ok(()) } else { Err(WriteError::InvalidSessionId(clip(id))) }
+    let ok =
+        (8..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(WriteError::InvalidSessionId(clip(id)))
+    }
 }
 
 /// Checks a model hash before its first 8 characters are used in a file name.
 pub fn check_model_hash(hash: &str) -> Result<(), WriteError> {
-    let ok = hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if ok { Ok(()) } else { Err(WriteError::InvalidModelHash(clip(hash))) }
+    let ok = hash.len() == 16
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(WriteError::InvalidModelHash(clip(hash)))
+    }
 }
 
 /// A hostile value is quoted in errors and logs only in part.
@@ -123,11 +157,20 @@ fn clip(s: &str) -> String {
 }
 
 /// `<YYYYMMDD>-<HHMMSS>-<model_hash[..8]>-<session_id>.jsonl[.gz]`, from validated parts.
-pub fn file_name(time: UtcTime, model_hash: &str, session_id: &str, gzip: bool) -> Result<String, WriteError> {
+pub fn file_name(
+    time: UtcTime,
+    model_hash: &str,
+    session_id: &str,
+    gzip: bool,
+) -> Result<String, WriteError> {
     check_session_id(session_id)?;
     check_model_hash(model_hash)?;
     let ext = if gzip { "jsonl.gz" } else { "jsonl" };
-    Ok(format!("{}-{}-{session_id}.{ext}", time.file_stamp(), &model_hash[..8]))
+    Ok(format!(
+        "{}-{}-{session_id}.{ext}",
+        time.file_stamp(),
+        &model_hash[..8]
+    ))
 }
 
 /// Creates the trace directory (0750) if it does not exist.
@@ -135,15 +178,26 @@ pub fn ensure_dir(dir: &Path) -> Result<(), WriteError> {
     if dir.is_dir() {
         return Ok(());
     }
-    let err = |source| WriteError::CreateDir { path: dir.to_path_buf(), source };
-    fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir).map_err(err)?;
+    let err = |source| WriteError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(err)?;
     // The umask may have taken bits off; the mode is part of the contract.
     fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE)).map_err(err)
 }
 
 /// Creates a new file with `O_EXCL` and mode 0640 exactly (whatever the umask).
 pub(crate) fn create_exclusive(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(path)?;
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)?;
     file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
     Ok(file)
 }
@@ -176,13 +230,22 @@ pub struct TraceWriter {
 impl TraceWriter {
     /// Creates the file for `header` in `dir` and writes the header (flushed to the OS at
     /// once, so even a file that dies young has a readable header).
-    pub fn create(dir: &Path, header: &Header, opts: &WriterOptions) -> Result<TraceWriter, WriteError> {
+    pub fn create(
+        dir: &Path,
+        header: &Header,
+        opts: &WriterOptions,
+    ) -> Result<TraceWriter, WriteError> {
         check_session_id(&header.session_id)?;
         check_model_hash(&header.model_hash)?;
         ensure_dir(dir)?;
         let now = UtcTime::now();
         for bump in 0..NAME_TRIES {
-            let name = file_name(now.plus_secs(bump), &header.model_hash, &header.session_id, opts.gzip)?;
+            let name = file_name(
+                now.plus_secs(bump),
+                &header.model_hash,
+                &header.session_id,
+                opts.gzip,
+            )?;
             let path = dir.join(&name);
             match create_exclusive(&path) {
                 Ok(file) => return Self::start(file, path, name, header, opts),
@@ -190,10 +253,19 @@ impl TraceWriter {
                 Err(source) => return Err(WriteError::Create { path, source }),
             }
         }
-        Err(WriteError::NameTaken { dir: dir.to_path_buf(), session_id: header.session_id.clone() })
+        Err(WriteError::NameTaken {
+            dir: dir.to_path_buf(),
+            session_id: header.session_id.clone(),
+        })
     }
 
-    fn start(file: File, path: PathBuf, file_name: String, header: &Header, opts: &WriterOptions) -> Result<TraceWriter, WriteError> {
+    fn start(
+        file: File,
+        path: PathBuf,
+        file_name: String,
+        header: &Header,
+        opts: &WriterOptions,
+    ) -> Result<TraceWriter, WriteError> {
         let mut w = TraceWriter {
             sink: Sink::new(file, path, opts),
             file_name,
@@ -210,7 +282,10 @@ impl TraceWriter {
 
     fn encode<T: trace::Kind>(&mut self, record: &T) -> Result<(), WriteError> {
         self.line.clear();
-        trace::encode_line(record, &mut self.line).map_err(|e| self.sink.error(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+        trace::encode_line(record, &mut self.line).map_err(|e| {
+            self.sink
+                .error(io::Error::new(io::ErrorKind::InvalidData, e))
+        })?;
         self.sink.write_all(&self.line)?;
         self.dirty = true;
         Ok(())
@@ -247,11 +322,22 @@ impl TraceWriter {
     /// Writes the footer (its `records_written` is this file's), the gzip trailer, and
     /// fsyncs the file and its directory.
     pub fn finish(mut self, footer: &Footer) -> Result<ClosedFile, WriteError> {
-        let footer = Footer { records_written: Some(self.records), ..footer.clone() };
+        let footer = Footer {
+            records_written: Some(self.records),
+            ..footer.clone()
+        };
         self.line.clear();
-        trace::encode_line(&footer, &mut self.line).map_err(|e| self.sink.error(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+        trace::encode_line(&footer, &mut self.line).map_err(|e| {
+            self.sink
+                .error(io::Error::new(io::ErrorKind::InvalidData, e))
+        })?;
         let bytes = self.sink.finish(&self.line)?;
-        Ok(ClosedFile { path: self.sink.path.clone(), file_name: self.file_name, records: self.records, bytes })
+        Ok(ClosedFile {
+            path: self.sink.path.clone(),
+            file_name: self.file_name,
+            records: self.records,
+            bytes,
+        })
     }
 
     /// Full path of the file.
@@ -303,20 +389,31 @@ enum SinkKind {
 
 impl Sink {
     pub(crate) fn new(file: File, path: PathBuf, opts: &WriterOptions) -> Sink {
-        let counted = Counted { file, bytes: 0, failed: false };
+        let counted = Counted {
+            file,
+            bytes: 0,
+            failed: false,
+        };
         let kind = if opts.gzip {
             SinkKind::Gzip(GzEncoder::new(counted, Compression::new(opts.level.min(9))))
         } else {
             SinkKind::Plain(BufWriter::with_capacity(64 * 1024, counted))
         };
-        Sink { kind, path, level: opts.level.min(9) }
+        Sink {
+            kind,
+            path,
+            level: opts.level.min(9),
+        }
     }
 
     fn error(&mut self, source: io::Error) -> WriteError {
         if let Some(c) = self.counted_opt() {
             c.failed = true;
         }
-        WriteError::Write { path: self.path.clone(), source }
+        WriteError::Write {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     pub(crate) fn write_all(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
@@ -357,12 +454,21 @@ impl Sink {
                 SinkKind::Gone => Err(io::Error::other("trace file already finished")),
             }
         })();
-        let counted = res.map_err(|e| WriteError::Write { path: self.path.clone(), source: e })?;
-        let sync = counted.file.sync_all().and_then(|()| match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
-            _ => Ok(()),
-        });
-        sync.map_err(|source| WriteError::Write { path: self.path.clone(), source })?;
+        let counted = res.map_err(|e| WriteError::Write {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        let sync = counted
+            .file
+            .sync_all()
+            .and_then(|()| match self.path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
+                _ => Ok(()),
+            });
+        sync.map_err(|source| WriteError::Write {
+            path: self.path.clone(),
+            source,
+        })?;
         Ok(counted.bytes)
     }
 
@@ -398,7 +504,9 @@ struct Counted {
 impl Write for Counted {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.failed {
-            return Err(io::Error::other("an earlier write to this trace file failed"));
+            return Err(io::Error::other(
+                "an earlier write to this trace file failed",
+            ));
         }
         match self.file.write(buf) {
             Ok(n) => {
@@ -432,7 +540,10 @@ pub fn footer_at_tail(path: &Path) -> io::Result<bool> {
     let is_footer = |line: &[u8]| {
         line.last() == Some(&b'\n')
             && !line[..line.len() - 1].contains(&b'\n')
-            && matches!(trace::parse_line(&line[..line.len() - 1]), Ok(Record::Footer(_)))
+            && matches!(
+                trace::parse_line(&line[..line.len() - 1]),
+                Ok(Record::Footer(_))
+            )
     };
     let mut head = [0u8; 2];
     file.seek(SeekFrom::Start(0))?;
@@ -464,12 +575,18 @@ mod tests {
     use crate::trace::ImageMode;
 
     fn header(session: &str) -> Header {
-        Header { model_hash: "7a8b3c1d9f2e4a55".into(), session_id: session.into(), ..Default::default() }
+        Header {
+            model_hash: "7a8b3c1d9f2e4a55".into(),
+            session_id: session.into(),
+            ..Default::default()
+        }
     }
 
     fn request(seq: u64) -> RequestRecord {
         let mut act = crate::trace::tests::sample_act(seq, b"image");
-        act.actions = (0..350).map(|i| ((seq * 350 + i) as f32 * 0.37).sin()).collect();
+        act.actions = (0..350)
+            .map(|i| ((seq * 350 + i) as f32 * 0.37).sin())
+            .collect();
         act.num_actions = 50;
         RequestRecord::from_act(act, ImageMode::HashOnly)
     }
@@ -481,17 +598,44 @@ mod tests {
             file_name(t, "7a8b3c1d9f2e4a55", "c9d4f0ea", true).unwrap(),
             "20260424-171305-7a8b3c1d-c9d4f0ea.jsonl.gz"
         );
-        assert_eq!(file_name(t, "7a8b3c1d9f2e4a55", "c9d4f0ea", false).unwrap(), "20260424-171305-7a8b3c1d-c9d4f0ea.jsonl");
-        for bad in ["../../etc/x", "short", "has space-0001", "a/b-cdefgh", "x".repeat(65).as_str(), "ünïcode-0001", ""] {
+        assert_eq!(
+            file_name(t, "7a8b3c1d9f2e4a55", "c9d4f0ea", false).unwrap(),
+            "20260424-171305-7a8b3c1d-c9d4f0ea.jsonl"
+        );
+        for bad in [
+            "../../etc/x",
+            "short",
+            "has space-0001",
+            "a/b-cdefgh",
+            "x".repeat(65).as_str(),
+            "ünïcode-0001",
+            "",
+        ] {
             assert!(check_session_id(bad).is_err(), "{bad}");
         }
-        for bad in ["7A8B3C1D9F2E4A55", "7a8b3c1d", "7a8b3c1d9f2e4a55ff", "../../../etc/pas", ""] {
+        for bad in [
+            "7A8B3C1D9F2E4A55",
+            "7a8b3c1d",
+            "7a8b3c1d9f2e4a55ff",
+            "../../../etc/pas",
+            "",
+        ] {
             assert!(check_model_hash(bad).is_err(), "{bad}");
         }
         let dir = tempfile::tempdir().unwrap();
-        let e = TraceWriter::create(dir.path(), &header("../../etc/x"), &WriterOptions::default()).err().unwrap();
+        let e = TraceWriter::create(
+            dir.path(),
+            &header("../../etc/x"),
+            &WriterOptions::default(),
+        )
+        .err()
+        .unwrap();
         assert!(e.is_invalid_input());
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "nothing created");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "nothing created"
+        );
     }
 
     #[test]
@@ -503,11 +647,17 @@ mod tests {
         let a = TraceWriter::create(&dir, &h, &opts).unwrap();
         let b = TraceWriter::create(&dir, &h, &opts).unwrap();
         let c = TraceWriter::create(&dir, &h, &opts).unwrap();
-        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, DIR_MODE);
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            DIR_MODE
+        );
         let names = [a.file_name(), b.file_name(), c.file_name()];
         assert!(names[0] < names[1] && names[1] < names[2], "{names:?}");
         for w in [&a, &b, &c] {
-            assert_eq!(fs::metadata(w.path()).unwrap().permissions().mode() & 0o777, FILE_MODE);
+            assert_eq!(
+                fs::metadata(w.path()).unwrap().permissions().mode() & 0o777,
+                FILE_MODE
+            );
             assert!(w.file_name().ends_with("-7a8b3c1d-c9d4f0ea-0001.jsonl.gz"));
         }
     }
@@ -518,13 +668,28 @@ mod tests {
         for gzip in [true, false] {
             let mut h = header(if gzip { "sessiongz" } else { "sessionplain" });
             h.first_seq = 10;
-            let mut w = TraceWriter::create(dir.path(), &h, &WriterOptions { gzip, ..Default::default() }).unwrap();
+            let mut w = TraceWriter::create(
+                dir.path(),
+                &h,
+                &WriterOptions {
+                    gzip,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             assert_eq!(w.file_name().ends_with(".gz"), gzip);
             for seq in [10, 11, 13, 14] {
                 w.write_request(&request(seq)).unwrap();
             }
             assert_eq!(w.seq_totals(), (5, 1));
-            let closed = w.finish(&Footer { ended_reason: "shutdown".into(), total_requests: 5, dropped_requests: 1, ..Default::default() }).unwrap();
+            let closed = w
+                .finish(&Footer {
+                    ended_reason: "shutdown".into(),
+                    total_requests: 5,
+                    dropped_requests: 1,
+                    ..Default::default()
+                })
+                .unwrap();
             assert_eq!(closed.bytes, fs::metadata(&closed.path).unwrap().len());
             assert!(footer_at_tail(&closed.path).unwrap());
             let mut r = TraceReader::open(&closed.path).unwrap();
@@ -532,7 +697,9 @@ mod tests {
             let recs: Vec<_> = r.by_ref().collect::<Result<_, _>>().unwrap();
             assert_eq!(recs.len(), 5);
             assert_eq!(recs[2], Record::Request(Box::new(request(13))));
-            let Record::Footer(f) = &recs[4] else { panic!() };
+            let Record::Footer(f) = &recs[4] else {
+                panic!()
+            };
             assert_eq!(f.records_written, Some(4));
             assert!(r.truncation().is_none());
         }
@@ -542,7 +709,12 @@ mod tests {
     fn flushed_records_survive_a_kill() {
         // What a kill -9 leaves: the bytes in the file at the moment, no trailer.
         let dir = tempfile::tempdir().unwrap();
-        let mut w = TraceWriter::create(dir.path(), &header("killed-0001"), &WriterOptions::default()).unwrap();
+        let mut w = TraceWriter::create(
+            dir.path(),
+            &header("killed-0001"),
+            &WriterOptions::default(),
+        )
+        .unwrap();
         for seq in 0..100 {
             w.write_request(&request(seq)).unwrap();
         }
@@ -554,7 +726,7 @@ mod tests {
         fs::copy(w.path(), &snapshot).unwrap();
         assert!(!footer_at_tail(&snapshot).unwrap());
         let mut r = TraceReader::open(&snapshot).unwrap();
-        let n = r.by_ref().map(|x| x.unwrap()).count();
+        let n = r.by_ref().inspect(|x| assert!(x.is_ok())).count();
         assert!((100..=103).contains(&n), "{n}");
         assert!(r.truncation().is_some());
     }
@@ -562,7 +734,12 @@ mod tests {
     #[test]
     fn write_error_is_returned_and_poisons() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = TraceWriter::create(dir.path(), &header("diskfull-0001"), &WriterOptions::default()).unwrap();
+        let mut w = TraceWriter::create(
+            dir.path(),
+            &header("diskfull-0001"),
+            &WriterOptions::default(),
+        )
+        .unwrap();
         let before = fs::read(w.path()).unwrap();
         w.redirect(OpenOptions::new().write(true).open("/dev/full").unwrap());
         let mut err = None;
@@ -577,7 +754,20 @@ mod tests {
         assert!(matches!(err, WriteError::Write { .. }));
         assert!(w.write_request(&request(1)).is_err(), "poisoned");
         drop(w);
-        assert_eq!(fs::read(dir.path().join(fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().file_name())).unwrap(), before);
+        assert_eq!(
+            fs::read(
+                dir.path().join(
+                    fs::read_dir(dir.path())
+                        .unwrap()
+                        .next()
+                        .unwrap()
+                        .unwrap()
+                        .file_name()
+                )
+            )
+            .unwrap(),
+            before
+        );
     }
 
     #[test]
@@ -593,7 +783,10 @@ mod tests {
         fs::write(&p, e.finish().unwrap()).unwrap();
         assert!(!footer_at_tail(&p).unwrap());
         fs::write(&p, &text).unwrap();
-        assert!(footer_at_tail(&p).unwrap(), "plain: the last line is enough");
+        assert!(
+            footer_at_tail(&p).unwrap(),
+            "plain: the last line is enough"
+        );
         fs::write(&p, &text[..text.len() - 1]).unwrap();
         assert!(!footer_at_tail(&p).unwrap());
         fs::write(&p, b"").unwrap();
@@ -623,7 +816,10 @@ mod tests {
                             // Uniform in [-1, 1): every mantissa bit is noise.
                             "random" => rng() * 2.0 - 1.0,
                             // A smooth trajectory computed in f32 (a policy's chunk looks so).
-                            _ => ((seq as f32) * 0.05 + (i / 7) as f32 * 0.02 + (i % 7) as f32).sin() * 0.8,
+                            _ => {
+                                ((seq as f32) * 0.05 + (i / 7) as f32 * 0.02 + (i % 7) as f32).sin()
+                                    * 0.8
+                            }
                         })
                         .collect();
                     act.num_actions = 50;
@@ -637,7 +833,15 @@ mod tests {
             for level in [0u32, 1, 2, 3, 6, 9] {
                 let h = header(&format!("level{level}-{kind}"));
                 let t = Instant::now();
-                let mut w = TraceWriter::create(dir.path(), &h, &WriterOptions { gzip: level > 0, level }).unwrap();
+                let mut w = TraceWriter::create(
+                    dir.path(),
+                    &h,
+                    &WriterOptions {
+                        gzip: level > 0,
+                        level,
+                    },
+                )
+                .unwrap();
                 for r in &recs {
                     w.write_request(r).unwrap();
                 }
@@ -649,85 +853,6 @@ mod tests {
                     1000.0 / secs
                 );
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod bench {
-    use super::*;
-    use crate::trace::ImageMode;
-    use std::time::Instant;
-
-    #[test]
-    #[ignore]
-    fn split_costs() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut rng = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32
-        };
-        let recs: Vec<RequestRecord> = (0..5000u64)
-            .map(|seq| {
-                let mut act = crate::trace::tests::sample_act(seq, b"image");
-                act.actions = (0..350).map(|_| rng() * 2.0 - 1.0).collect();
-                act.num_actions = 50;
-                RequestRecord::from_act(act, ImageMode::HashOnly)
-            })
-            .collect();
-        let t = Instant::now();
-        let mut out = Vec::with_capacity(30 << 20);
-        for r in &recs {
-            trace::encode_line(r, &mut out).unwrap();
-        }
-        let enc = t.elapsed().as_secs_f64() / recs.len() as f64;
-        println!("encode: {:.1} us/record, {} bytes/record", enc * 1e6, out.len() / recs.len());
-        let t = Instant::now();
-        let mut floats = Vec::with_capacity(30 << 20);
-        for r in &recs {
-            serde_json::to_writer(&mut floats, &r.response.actions).unwrap();
-        }
-        println!("floats alone: {:.1} us/record", t.elapsed().as_secs_f64() / recs.len() as f64 * 1e6);
-        for level in [1u32, 2] {
-            let t = Instant::now();
-            let mut c = flate2::Compress::new(Compression::new(level), false);
-            let mut z = Vec::with_capacity(out.len());
-            c.compress_vec(&out, &mut z, flate2::FlushCompress::Finish).unwrap();
-            println!("raw deflate level {level}: {:.1} us/record, {} bytes in, {} out", t.elapsed().as_secs_f64() / recs.len() as f64 * 1e6, c.total_in(), c.total_out());
-        }
-        let t = Instant::now();
-        let mut c = 0u64;
-        let mut buf = Vec::with_capacity(8000);
-        for r in &recs {
-            buf.clear();
-            for f in &r.response.actions {
-                let mut b = ryu::Buffer::new();
-                buf.extend_from_slice(b.format_finite(*f).as_bytes());
-                buf.push(b',');
-            }
-            c += buf.len() as u64;
-        }
-        println!("ryu alone: {:.1} us/record ({c})", t.elapsed().as_secs_f64() / recs.len() as f64 * 1e6);
-        let t = Instant::now();
-        let mut c = 0u32;
-        for _ in &recs {
-            let mut crc = flate2::Crc::new();
-            crc.update(&out[..4800]);
-            c = c.wrapping_add(crc.sum());
-        }
-        assert!(c != 1);
-        println!("crc: {:.1} us/record", t.elapsed().as_secs_f64() / recs.len() as f64 * 1e6);
-        for level in 1..=2 {
-            let t = Instant::now();
-            let mut e = GzEncoder::new(Vec::new(), Compression::new(level));
-            for chunk in out.chunks(4900) {
-                e.write_all(chunk).unwrap();
-            }
-            let z = e.finish().unwrap();
-            let s = t.elapsed().as_secs_f64() / recs.len() as f64;
-            println!("level {level}: {:.1} us/record, {:.3} MB/1000", s * 1e6, z.len() as f64 / recs.len() as f64 / 1000.0);
         }
     }
 }

@@ -173,3 +173,62 @@ pub fn read_to_string(path: &Path) -> String {
     std::fs::File::open(path).unwrap().read_to_string(&mut s).unwrap();
     s
 }
+
+/// Starts `reflex recorder --dir DIR --listen unix://SOCK EXTRA...` and waits until Status answers.
+pub async fn recorder(dir: &Path, sock: &Path, extra: &[&str]) -> Proc {
+    let listen = format!("unix://{}", sock.display());
+    let mut args = vec!["recorder", "--dir", dir.to_str().unwrap(), "--listen", &listen];
+    args.extend_from_slice(extra);
+    let p = Proc::start("reflex recorder", &args, &[]);
+    let deadline = Instant::now() + TIMEOUT;
+    while recorder_status(sock).await.is_none() {
+        assert!(Instant::now() < deadline, "recorder never answered Status; stderr:\n{}", p.stderr());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    p
+}
+
+pub async fn recorder_status(sock: &Path) -> Option<pb::RecorderStatus> {
+    let ch = reflex_proto::connect(&format!("unix://{}", sock.display())).await.ok()?;
+    let mut c = pb::recorder_client::RecorderClient::new(ch);
+    tokio::time::timeout(Duration::from_secs(5), c.status(pb::StatusRequest {})).await.ok()?.ok().map(|r| r.into_inner())
+}
+
+/// Trace files (`*.jsonl.gz` / `*.jsonl`) in `dir`, sorted by name.
+pub fn trace_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.retain(|p| {
+        let n = p.file_name().unwrap().to_string_lossy().to_string();
+        n.ends_with(".jsonl.gz") || n.ends_with(".jsonl")
+    });
+    v.sort();
+    v
+}
+
+/// Decompressed text of a trace file (tolerates a cut gzip stream).
+pub fn trace_text(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        let _ = flate2::read::MultiGzDecoder::new(&bytes[..]).read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    } else {
+        String::from_utf8(bytes).unwrap()
+    }
+}
+
+/// The trace's whole JSON lines, parsed.
+pub fn trace_lines(path: &Path) -> Vec<serde_json::Value> {
+    trace_text(path).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Waits until `f` holds, polling.
+pub async fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

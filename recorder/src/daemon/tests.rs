@@ -40,7 +40,11 @@ impl Daemon {
         Self::start_in(tmp, dir, tweak).await
     }
 
-    async fn start_in(tmp: tempfile::TempDir, dir: PathBuf, tweak: impl FnOnce(&mut RecorderConfig)) -> Daemon {
+    async fn start_in(
+        tmp: tempfile::TempDir,
+        dir: PathBuf,
+        tweak: impl FnOnce(&mut RecorderConfig),
+    ) -> Daemon {
         let socket = tmp.path().join("run/recorder.sock");
         let mut config = RecorderConfig::new(&dir);
         tweak(&mut config);
@@ -51,7 +55,13 @@ impl Daemon {
             let _ = ready_tx.send(());
         }));
         timeout(ready_rx).await.unwrap();
-        Daemon { _tmp: tmp, dir, socket, shutdown, task: Some(task) }
+        Daemon {
+            _tmp: tmp,
+            dir,
+            socket,
+            shutdown,
+            task: Some(task),
+        }
     }
 
     async fn client(&self) -> RecorderClient<Channel> {
@@ -65,7 +75,9 @@ impl Daemon {
 
     fn files(&self) -> Vec<String> {
         let mut v: Vec<String> = match fs::read_dir(&self.dir) {
-            Ok(rd) => rd.map(|e| e.unwrap().file_name().into_string().unwrap()).collect(),
+            Ok(rd) => rd
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect(),
             Err(_) => Vec::new(),
         };
         v.sort();
@@ -73,7 +85,10 @@ impl Daemon {
     }
 
     async fn status(&self) -> RecorderStatus {
-        timeout(self.client().await.status(StatusRequest {})).await.unwrap().into_inner()
+        timeout(self.client().await.status(StatusRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
     }
 }
 
@@ -110,23 +125,39 @@ fn start_event(session_id: &str) -> RecordEvent {
 
 fn act(seq: u64) -> ActRecord {
     let mut a = crate::trace::tests::sample_act(seq, b"image-bytes");
-    a.actions = (0..350).map(|i| ((seq * 350 + i) as f32 * 0.37).sin()).collect();
+    a.actions = (0..350)
+        .map(|i| ((seq * 350 + i) as f32 * 0.37).sin())
+        .collect();
     a.num_actions = 50;
     a
 }
 
 fn act_event(seq: u64) -> RecordEvent {
-    RecordEvent { event: Some(Event::Act(act(seq))) }
+    RecordEvent {
+        event: Some(Event::Act(act(seq))),
+    }
 }
 
 fn end_event(reason: &str, total: u64, dropped: u64) -> RecordEvent {
     RecordEvent {
-        event: Some(Event::End(SessionEnd { reason: reason.into(), total_requests: total, dropped_requests: dropped, ended_at: String::new() })),
+        event: Some(Event::End(SessionEnd {
+            reason: reason.into(),
+            total_requests: total,
+            dropped_requests: dropped,
+            ended_at: String::new(),
+        })),
     }
 }
 
 /// Header, requests, footer and truncation of one file.
-fn read_trace(path: &Path) -> (crate::trace::Header, Vec<RequestRecord>, Option<Footer>, bool) {
+fn read_trace(
+    path: &Path,
+) -> (
+    crate::trace::Header,
+    Vec<RequestRecord>,
+    Option<Footer>,
+    bool,
+) {
     let mut r = TraceReader::open(path).unwrap();
     let mut reqs = Vec::new();
     while let Some(rec) = r.next_record().unwrap() {
@@ -134,7 +165,12 @@ fn read_trace(path: &Path) -> (crate::trace::Header, Vec<RequestRecord>, Option<
             reqs.push(*q);
         }
     }
-    (r.header().clone(), reqs, r.footer().cloned(), r.truncation().is_some())
+    (
+        r.header().clone(),
+        reqs,
+        r.footer().cloned(),
+        r.truncation().is_some(),
+    )
 }
 
 /// A session the test drives event by event.
@@ -147,7 +183,12 @@ async fn open(client: &mut RecorderClient<Channel>, session_id: &str) -> Live {
     let (tx, rx) = mpsc::channel(16);
     tx.send(start_event(session_id)).await.unwrap();
     let mut client = client.clone();
-    let call = tokio::spawn(async move { client.record(ReceiverStream::new(rx)).await.map(|r| r.into_inner()) });
+    let call = tokio::spawn(async move {
+        client
+            .record(ReceiverStream::new(rx))
+            .await
+            .map(|r| r.into_inner())
+    });
     Live { tx, call }
 }
 
@@ -173,7 +214,10 @@ async fn two_concurrent_streams_write_two_files() {
             let mut events = vec![start_event(id)];
             events.extend((0..n).map(act_event));
             events.push(end_event("shutdown", n, 0));
-            c.record(tokio_stream::iter(events)).await.unwrap().into_inner()
+            c.record(tokio_stream::iter(events))
+                .await
+                .unwrap()
+                .into_inner()
         })
     };
     let (a, b) = (run("server-a-0001", 40), run("server-b-0002", 60));
@@ -187,22 +231,43 @@ async fn two_concurrent_streams_write_two_files() {
     });
     for (summary, n, id) in [(&a, 40, "server-a-0001"), (&b, 60, "server-b-0002")] {
         let path = d.dir.join(&summary.file);
-        assert!(summary.file.ends_with(&format!("-7a8b3c1d-{id}.jsonl.gz")), "{}", summary.file);
+        assert!(
+            summary.file.ends_with(&format!("-7a8b3c1d-{id}.jsonl.gz")),
+            "{}",
+            summary.file
+        );
         assert_eq!(summary.bytes_written, fs::metadata(&path).unwrap().len());
         let (h, reqs, footer, truncated) = read_trace(&path);
         assert_eq!(h.session_id, id);
-        assert_eq!(reqs.iter().map(|r| r.seq).collect::<Vec<_>>(), (0..n).collect::<Vec<_>>());
-        assert_eq!(reqs[3], RequestRecord::from_act(act(3), crate::ImageMode::HashOnly));
+        assert_eq!(
+            reqs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (0..n).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            reqs[3],
+            RequestRecord::from_act(act(3), crate::ImageMode::HashOnly)
+        );
         let f = footer.unwrap();
-        assert_eq!((f.ended_reason.as_str(), f.total_requests, f.records_written), ("shutdown", n, Some(n)));
+        assert_eq!(
+            (f.ended_reason.as_str(), f.total_requests, f.records_written),
+            ("shutdown", n, Some(n))
+        );
         assert!(!truncated);
         assert_eq!(mode(&path), 0o640);
     }
     assert_eq!(mode(&d.dir), 0o750);
-    assert!(fs::symlink_metadata(&d.socket).unwrap().file_type().is_socket());
+    assert!(
+        fs::symlink_metadata(&d.socket)
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
     assert_eq!(mode(&d.socket), 0o660);
     let st = d.status().await;
-    assert_eq!((st.sessions_total, st.records_written, st.degraded), (2, 100, false));
+    assert_eq!(
+        (st.sessions_total, st.records_written, st.degraded),
+        (2, 100, false)
+    );
     assert!(st.sessions.is_empty());
 }
 
@@ -218,7 +283,11 @@ async fn lost_client_gets_client_lost_footer_within_a_second() {
         }
         let file = loop {
             let st = d.status().await;
-            if let Some(s) = st.sessions.iter().find(|s| s.session_id == id && s.records_written == 10) {
+            if let Some(s) = st
+                .sessions
+                .iter()
+                .find(|s| s.session_id == id && s.records_written == 10)
+            {
                 break s.file.clone();
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -232,7 +301,9 @@ async fn lost_client_gets_client_lost_footer_within_a_second() {
         }
         let path = d.dir.join(&file);
         eventually("footer written", Duration::from_secs(1), || {
-            TraceReader::open(&path).map(|mut r| r.by_ref().flatten().count() == 11 && r.footer().is_some()).unwrap_or(false)
+            TraceReader::open(&path)
+                .map(|mut r| r.by_ref().flatten().count() == 11 && r.footer().is_some())
+                .unwrap_or(false)
         })
         .await;
         let (h, reqs, footer, _) = read_trace(&path);
@@ -240,7 +311,10 @@ async fn lost_client_gets_client_lost_footer_within_a_second() {
         assert_eq!(f.ended_reason, "client_lost", "{id}");
         // No SessionEnd: the numbers come from the seqs (first_seq 0, last 14).
         assert_eq!(h.first_seq, 0);
-        assert_eq!((f.total_requests, f.dropped_requests, f.records_written), (15, 5, Some(10)));
+        assert_eq!(
+            (f.total_requests, f.dropped_requests, f.records_written),
+            (15, 5, Some(10))
+        );
         assert_eq!(reqs.len(), 10);
         println!("{id}: footer within {:?}", t0.elapsed());
     }
@@ -253,7 +327,10 @@ async fn rotation_continues_seqs_across_files() {
     let mut events = vec![start_event("rotating-0001")];
     events.extend((0..400).map(act_event));
     events.push(end_event("model_reload", 400, 0));
-    let summary = timeout(c.record(tokio_stream::iter(events))).await.unwrap().into_inner();
+    let summary = timeout(c.record(tokio_stream::iter(events)))
+        .await
+        .unwrap()
+        .into_inner();
     let files = d.files();
     assert!(files.len() >= 4, "{files:?}");
     assert_eq!(summary.file, *files.last().unwrap());
@@ -271,7 +348,10 @@ async fn rotation_continues_seqs_across_files() {
         let f = footer.unwrap();
         if i + 1 < files.len() {
             assert_eq!(f.ended_reason, "rotated");
-            assert_eq!((f.total_requests, f.dropped_requests), (reqs.len() as u64, 0));
+            assert_eq!(
+                (f.total_requests, f.dropped_requests),
+                (reqs.len() as u64, 0)
+            );
         } else {
             assert_eq!(f.ended_reason, "model_reload");
             assert_eq!(f.total_requests, 400, "the server's session totals");
@@ -314,7 +394,11 @@ async fn max_total_deletes_oldest_closed_files_only() {
     for id in ["closes-0001", "closes-0002"] {
         let events = vec![start_event(id), act_event(0), end_event("shutdown", 1, 0)];
         timeout(c.record(tokio_stream::iter(events))).await.unwrap();
-        assert_eq!(d.files(), vec![open_file.clone()], "closed {id} deleted, open file kept");
+        assert_eq!(
+            d.files(),
+            vec![open_file.clone()],
+            "closed {id} deleted, open file kept"
+        );
     }
     open_one.tx.send(end_event("shutdown", 1, 0)).await.unwrap();
     timeout(open_one.call).await.unwrap().unwrap();
@@ -338,9 +422,23 @@ async fn write_error_degrades_that_session_only() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!(st.degraded_reason.contains("faulty-0001"), "{}", st.degraded_reason);
-    assert!(st.degraded_reason.contains("No space left"), "{}", st.degraded_reason);
-    let by_id = |id: &str| st.sessions.iter().find(|s| s.session_id == id).unwrap().clone();
+    assert!(
+        st.degraded_reason.contains("faulty-0001"),
+        "{}",
+        st.degraded_reason
+    );
+    assert!(
+        st.degraded_reason.contains("No space left"),
+        "{}",
+        st.degraded_reason
+    );
+    let by_id = |id: &str| {
+        st.sessions
+            .iter()
+            .find(|s| s.session_id == id)
+            .unwrap()
+            .clone()
+    };
     assert!(by_id("faulty-0001").degraded);
     assert!(!by_id("healthy-0002").degraded);
     // The faulty stream is still consumed; both calls end normally.
@@ -348,13 +446,20 @@ async fn write_error_degrades_that_session_only() {
         faulty.tx.send(act_event(seq)).await.unwrap();
     }
     faulty.tx.send(end_event("shutdown", 400, 0)).await.unwrap();
-    healthy.tx.send(end_event("shutdown", 300, 0)).await.unwrap();
+    healthy
+        .tx
+        .send(end_event("shutdown", 300, 0))
+        .await
+        .unwrap();
     let f = timeout(faulty.call).await.unwrap().unwrap();
     let h = timeout(healthy.call).await.unwrap().unwrap();
     assert!(f.records_written < 400);
     assert_eq!(h.records_written, 300);
     let (_, reqs, footer, _) = read_trace(&d.dir.join(&h.file));
-    assert_eq!((reqs.len(), footer.unwrap().ended_reason.as_str()), (300, "shutdown"));
+    assert_eq!(
+        (reqs.len(), footer.unwrap().ended_reason.as_str()),
+        (300, "shutdown")
+    );
     let st = d.status().await;
     assert!(st.degraded);
     assert!(st.dropped_requests >= 400 - f.records_written, "{st:?}");
@@ -370,7 +475,10 @@ async fn disk_full_on_a_real_tiny_tmpfs() {
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("tiny");
     fs::create_dir(&mnt).unwrap();
-    let status = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&mnt).status();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&mnt)
+        .status();
     if !matches!(status, Ok(s) if s.success()) {
         println!("SKIPPED disk_full_on_a_real_tiny_tmpfs: mount -t tmpfs failed ({status:?})");
         return;
@@ -378,7 +486,10 @@ async fn disk_full_on_a_real_tiny_tmpfs() {
     struct Unmount(PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _unmount = Unmount(mnt.clone());
@@ -387,17 +498,31 @@ async fn disk_full_on_a_real_tiny_tmpfs() {
     let mut events = vec![start_event("fills-disk-0001")];
     events.extend((0..400).map(act_event));
     events.push(end_event("shutdown", 400, 0));
-    let summary = timeout(c.record(tokio_stream::iter(events))).await.unwrap().into_inner();
+    let summary = timeout(c.record(tokio_stream::iter(events)))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(summary.records_written < 400, "{summary:?}");
     let st = d.status().await;
     assert!(st.degraded, "{st:?}");
-    assert!(st.degraded_reason.contains("No space left on device"), "{}", st.degraded_reason);
+    assert!(
+        st.degraded_reason.contains("No space left on device"),
+        "{}",
+        st.degraded_reason
+    );
     // Still serving: a status call and a new (degraded) session both answer.
-    let events = vec![start_event("after-full-0002"), act_event(0), end_event("shutdown", 1, 0)];
+    let events = vec![
+        start_event("after-full-0002"),
+        act_event(0),
+        end_event("shutdown", 1, 0),
+    ];
     timeout(c.record(tokio_stream::iter(events))).await.unwrap();
     // What reached the disk reads back up to the cut.
     let (_, reqs, _, _) = read_trace(&d.dir.join(&summary.file));
-    assert_eq!(reqs.iter().map(|r| r.seq).collect::<Vec<_>>(), (0..reqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        reqs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (0..reqs.len() as u64).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,14 +531,26 @@ async fn hostile_clients_are_refused_and_the_daemon_keeps_serving() {
     let mut c = d.client().await;
     let refused = |events: Vec<RecordEvent>| {
         let mut c = c.clone();
-        async move { timeout(c.record(tokio_stream::iter(events))).await.unwrap_err() }
+        async move {
+            timeout(c.record(tokio_stream::iter(events)))
+                .await
+                .unwrap_err()
+        }
     };
     let e = refused(vec![act_event(0), end_event("", 1, 0)]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().contains("first message must be SessionStart"), "{e:?}");
+    assert!(
+        e.message().contains("first message must be SessionStart"),
+        "{e:?}"
+    );
     let e = refused(vec![]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    for bad in ["../../etc/x", "/etc/passwd-0001", "ok-looking\0-id", "a b c d e f g h"] {
+    for bad in [
+        "../../etc/x",
+        "/etc/passwd-0001",
+        "ok-looking\0-id",
+        "a b c d e f g h",
+    ] {
         let e = refused(vec![start_event(bad), act_event(0)]).await;
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
         assert!(e.message().contains("session_id"), "{e:?}");
@@ -422,12 +559,18 @@ async fn hostile_clients_are_refused_and_the_daemon_keeps_serving() {
     if let Some(Event::Start(s)) = &mut bad_hash.event {
         s.model_hash = "../../../../tmp/".into();
     }
-    assert_eq!(refused(vec![bad_hash]).await.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        refused(vec![bad_hash]).await.code(),
+        tonic::Code::InvalidArgument
+    );
     let mut bad_mode = start_event("good-session-02");
     if let Some(Event::Start(s)) = &mut bad_mode.event {
         s.image_mode = "raw".into();
     }
-    assert_eq!(refused(vec![bad_mode]).await.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        refused(vec![bad_mode]).await.code(),
+        tonic::Code::InvalidArgument
+    );
 
     // 40 MiB: over the 32 MiB limit, as the first message and in the middle of a session.
     let mut huge = start_event("huge-session-01");
@@ -435,26 +578,56 @@ async fn hostile_clients_are_refused_and_the_daemon_keeps_serving() {
         s.export_dir = "x".repeat(40 << 20);
     }
     let e = refused(vec![huge]).await;
-    assert!(matches!(e.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{e:?}");
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{e:?}"
+    );
     assert!(d.files().is_empty(), "nothing written: {:?}", d.files());
     let mut big_act = act(1);
     big_act.request.as_mut().unwrap().images[0].data = vec![7u8; 40 << 20];
-    let events = vec![start_event("huge-session-02"), act_event(0), RecordEvent { event: Some(Event::Act(big_act)) }];
+    let events = vec![
+        start_event("huge-session-02"),
+        act_event(0),
+        RecordEvent {
+            event: Some(Event::Act(big_act)),
+        },
+    ];
     let _ = timeout(c.record(tokio_stream::iter(events))).await;
     eventually("session closed", T, || d.files().len() == 1).await;
     let path = d.dir.join(&d.files()[0]);
-    eventually("footer", T, || TraceReader::open(&path).map(|mut r| r.by_ref().flatten().count() == 2).unwrap_or(false)).await;
+    eventually("footer", T, || {
+        TraceReader::open(&path)
+            .map(|mut r| r.by_ref().flatten().count() == 2)
+            .unwrap_or(false)
+    })
+    .await;
     let (_, reqs, footer, _) = read_trace(&path);
-    assert_eq!((reqs.len(), footer.unwrap().ended_reason.as_str()), (1, "client_lost"));
+    assert_eq!(
+        (reqs.len(), footer.unwrap().ended_reason.as_str()),
+        (1, "client_lost")
+    );
 
     // Nothing escaped the directory; the daemon still serves.
     let parent = d.dir.parent().unwrap();
-    let mut around: Vec<_> = fs::read_dir(parent).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut around: Vec<_> = fs::read_dir(parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     around.sort();
     assert_eq!(around, vec!["run", "traces"]);
     assert!(!Path::new("/etc/x").exists());
-    let events = vec![start_event("after-attack-01"), act_event(0), end_event("shutdown", 1, 0)];
-    let ok = timeout(c.record(tokio_stream::iter(events))).await.unwrap().into_inner();
+    let events = vec![
+        start_event("after-attack-01"),
+        act_event(0),
+        end_event("shutdown", 1, 0),
+    ];
+    let ok = timeout(c.record(tokio_stream::iter(events)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(ok.records_written, 1);
 }
 
@@ -465,7 +638,9 @@ async fn too_many_sessions_is_resource_exhausted() {
     let first = open(&mut c, "first-session-1").await;
     first.tx.send(act_event(0)).await.unwrap();
     eventually("first open", T, || d.files().len() == 1).await;
-    let e = timeout(c.record(tokio_stream::iter(vec![start_event("second-session")]))).await.unwrap_err();
+    let e = timeout(c.record(tokio_stream::iter(vec![start_event("second-session")])))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     drop(first.tx);
     timeout(first.call).await.unwrap().unwrap();
@@ -484,7 +659,11 @@ async fn startup_repairs_footerless_files_before_serving() {
     .unwrap();
     let mut w = TraceWriter::create(&dir, &header, &WriterOptions::default()).unwrap();
     for seq in 0..20 {
-        w.write_request(&RequestRecord::from_act(act(seq), crate::ImageMode::HashOnly)).unwrap();
+        w.write_request(&RequestRecord::from_act(
+            act(seq),
+            crate::ImageMode::HashOnly,
+        ))
+        .unwrap();
     }
     w.flush().unwrap();
     // kill -9: only what was flushed stays.
@@ -496,7 +675,10 @@ async fn startup_repairs_footerless_files_before_serving() {
     assert_eq!(reqs.len(), 20);
     assert!(!truncated);
     let f = footer.unwrap();
-    assert_eq!((f.ended_reason.as_str(), f.total_requests, f.records_written), ("recorder_lost", 20, Some(20)));
+    assert_eq!(
+        (f.ended_reason.as_str(), f.total_requests, f.records_written),
+        ("recorder_lost", 20, Some(20))
+    );
     drop(d);
 }
 
@@ -511,7 +693,9 @@ async fn shutdown_closes_open_files_with_footer() {
     eventually("file", T, || d.files().len() == 1).await;
     let path = d.dir.join(&d.files()[0]);
     eventually("records written", T, || {
-        TraceReader::open(&path).map(|r| r.flatten().count() == 25).unwrap_or(false)
+        TraceReader::open(&path)
+            .map(|r| r.flatten().count() == 25)
+            .unwrap_or(false)
     })
     .await;
     d.stop().await;
@@ -527,9 +711,16 @@ async fn shutdown_closes_open_files_with_footer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_live_stale_and_not_a_socket() {
     let d = Daemon::start(|_| {}).await;
-    assert!(matches!(bind(&d.socket), Err(DaemonError::AlreadyListening(_))));
+    assert!(matches!(
+        bind(&d.socket),
+        Err(DaemonError::AlreadyListening(_))
+    ));
     let e = bind(&d.socket).err().unwrap();
-    assert!(e.to_string().starts_with("another recorder is listening on"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("another recorder is listening on"),
+        "{e}"
+    );
 
     let tmp = tempfile::tempdir().unwrap();
     let stale = tmp.path().join("stale.sock");
@@ -555,14 +746,25 @@ async fn run_binds_serves_and_removes_its_socket() {
     let socket = tmp.path().join("sock/recorder.sock");
     let listen = format!("unix://{}", socket.display());
     let dir = tmp.path().join("traces");
-    let cli = Cli::try_parse_from(["recorder", "--dir", dir.to_str().unwrap(), "--listen", &listen, "--flush-ms", "50"]).unwrap();
+    let cli = Cli::try_parse_from([
+        "recorder",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--flush-ms",
+        "50",
+    ])
+    .unwrap();
     let token = CancellationToken::new();
     let task = tokio::spawn(run(cli.args, token.clone()));
     eventually("socket", T, || socket.exists()).await;
     let st = loop {
         // The socket is bound before recovery finishes; retry until the service answers.
         let mut c = connect(&socket).await;
-        if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(1), c.status(StatusRequest {})).await {
+        if let Ok(Ok(st)) =
+            tokio::time::timeout(Duration::from_secs(1), c.status(StatusRequest {})).await
+        {
             break st.into_inner();
         }
     };
@@ -571,6 +773,104 @@ async fn run_binds_serves_and_removes_its_socket() {
     token.cancel();
     timeout(task).await.unwrap().unwrap();
     assert!(!socket.exists(), "socket removed");
+}
+
+/// Runs a daemon in a child process for `kill_9_loses_at_most_the_flush_interval`
+/// (does nothing when run on its own).
+#[test]
+#[ignore]
+fn child_daemon() {
+    let (Ok(dir), Ok(socket)) = (
+        std::env::var("REFLEX_TEST_CHILD_DIR"),
+        std::env::var("REFLEX_TEST_CHILD_SOCKET"),
+    ) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = bind(Path::new(&socket)).unwrap();
+        // Never cancelled: the parent kills this process.
+        serve(listener, RecorderConfig::new(dir), CancellationToken::new())
+            .await
+            .unwrap();
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_at_most_the_flush_interval() {
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, socket) = (tmp.path().join("traces"), tmp.path().join("child.sock"));
+    let mut child = Kill(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "daemon::tests::child_daemon",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env("REFLEX_TEST_CHILD_DIR", &dir)
+            .env("REFLEX_TEST_CHILD_SOCKET", &socket)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("child socket", T, || socket.exists()).await;
+    let mut c = connect(&socket).await;
+    let live = open(&mut c, "killed-hard-01").await;
+    for seq in 0..200 {
+        live.tx.send(act_event(seq)).await.unwrap();
+    }
+    loop {
+        let st = timeout(c.status(StatusRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        if st.records_written == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Longer than the flush interval: the 200 are on their way to the disk.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    for seq in 200..205 {
+        live.tx.send(act_event(seq)).await.unwrap();
+    }
+    child.0.kill().unwrap(); // SIGKILL
+    child.0.wait().unwrap();
+    let name = fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let path = dir.join(name);
+    let (_, reqs, footer, truncated) = read_trace(&path);
+    assert!((200..=205).contains(&reqs.len()), "{}", reqs.len());
+    assert_eq!(
+        reqs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (0..reqs.len() as u64).collect::<Vec<_>>()
+    );
+    assert!(footer.is_none());
+    assert!(truncated, "no gzip trailer");
+    // The next recorder repairs it before serving.
+    let survivors = reqs.len();
+    let d = Daemon::start_in(tmp, dir, |_| {}).await;
+    let (_, reqs, footer, truncated) = read_trace(&path);
+    assert_eq!(reqs.len(), survivors);
+    assert!(!truncated);
+    assert_eq!(footer.unwrap().ended_reason, "recorder_lost");
+    drop(d);
 }
 
 /// Ingest throughput through the real socket, one session, hash_only (run by hand:
@@ -589,15 +889,24 @@ fn ingest_throughput() {
         std::thread::Builder::new()
             .name("recorder-rt".into())
             .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
                 rt.block_on(async move {
                     let listener = bind(&socket).unwrap();
-                    serve(listener, RecorderConfig::new(dir), shutdown).await.unwrap();
+                    serve(listener, RecorderConfig::new(dir), shutdown)
+                        .await
+                        .unwrap();
                 });
             })
             .unwrap()
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let n = 100_000u64;
     let (summary, secs, cpu) = rt.block_on(async {
         eventually("socket", T, || socket.exists()).await;
@@ -651,7 +960,10 @@ fn recorder_cpu_secs() -> f64 {
         let rest = stat.rsplit(')').next().unwrap_or("");
         let f: Vec<&str> = rest.split_whitespace().collect();
         if f.len() > 12 {
-            total += (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / ticks;
+            let secs =
+                (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / ticks;
+            println!("  thread {}: {secs:.2} s", comm.trim());
+            total += secs;
         }
     }
     total
