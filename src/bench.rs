@@ -47,6 +47,23 @@ pub fn ms_since(t: Instant) -> f64 {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub suite: Option<Suite>,
+    #[command(flatten)]
+    pub serve: ServeBench,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Suite {
+    /// Act latency with recording off vs hash_only vs full, and trace bytes per 1000 calls per mode.
+    Record(crate::bench_record::RecordBench),
+    /// Recorder ingest: records/s through the real socket, 1 and 4 sessions, hash_only and full.
+    Ingest(crate::bench_record::IngestBench),
+}
+
+/// Serving latency (the default suite).
+#[derive(Debug, clap::Args)]
+pub struct ServeBench {
     /// Measured calls per path (after the warm-up).
     #[arg(long, default_value_t = 300)]
     pub calls: usize,
@@ -59,6 +76,14 @@ pub struct BenchArgs {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.suite {
+        None => serve_bench(args.serve).await,
+        Some(Suite::Record(a)) => crate::bench_record::record(a).await,
+        Some(Suite::Ingest(a)) => crate::bench_record::ingest(a).await,
+    }
+}
+
+async fn serve_bench(args: ServeBench) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("reflex-bench-").tempdir()?;
     let export = work.path().join("export");
     reflex_server::export::write_reference_export(&export, 0)?;
