@@ -26,6 +26,12 @@ pub struct DemoArgs {
     /// Where the reference export is written (default: $XDG_CACHE_HOME/reflex or ~/.cache/reflex).
     #[arg(long, value_name = "DIR")]
     pub export_dir: Option<PathBuf>,
+    /// Where the recorder writes the demo's trace (default: the cache folder's demo-traces).
+    #[arg(long, value_name = "DIR")]
+    pub trace_dir: Option<PathBuf>,
+    /// Image data kept in the trace: full, hash_only or none.
+    #[arg(long, value_name = "MODE", default_value = "full")]
+    pub record_images: reflex_server::recording::ImageMode,
 }
 
 /// The user's cache folder for reflex.
@@ -56,11 +62,25 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let export_dir = args.export_dir.unwrap_or_else(|| cache_dir().join("reference-export-seed0"));
     reflex_server::export::write_reference_export(&export_dir, reflex_server::export::DEFAULT_SEED)
         .with_context(|| format!("cannot write the reference export to {}", export_dir.display()))?;
+    let trace_dir = args.trace_dir.unwrap_or_else(|| cache_dir().join("demo-traces"));
     let work = tempfile::Builder::new().prefix("reflex-demo-").tempdir()?;
     let socket = work.path().join("policy.sock");
+
+    // The recorder daemon, as on a robot: its own socket, owns the trace folder.
+    let recorder_stop = CancellationToken::new();
+    let recorder_sock = work.path().join("recorder.sock");
+    let listener = reflex_recorder::bind(&recorder_sock)?;
+    let recorder = tokio::spawn(reflex_recorder::serve(
+        listener,
+        reflex_recorder::RecorderConfig::new(trace_dir.clone()),
+        recorder_stop.clone(),
+    ));
+
     let server_stop = CancellationToken::new();
     let serve_args = ServeArgs {
         embodiment: "franka-sim".into(),
+        recorder: Some(format!("unix://{}", recorder_sock.display())),
+        record_images: args.record_images,
         ..ServeArgs::new(export_dir.clone(), vec![ListenAddr::Unix(socket.clone())])
     };
     let running = reflex_server::serve::start(serve_args, server_stop.clone()).await?;
@@ -130,7 +150,28 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
 
     server_stop.cancel();
     running.wait().await?;
+    recorder_stop.cancel();
+    recorder.await??;
+    let trace = find_trace(&trace_dir, &info.session_id)?;
+    let size = std::fs::metadata(&trace)?.len();
+    println!(
+        "  trace:    {} ({:.1} KB, images {})",
+        trace.display(),
+        size as f64 / 1024.0,
+        args.record_images.as_str()
+    );
     println!("  stopped cleanly");
     anyhow::ensure!(failed == 0, "{failed} Act calls failed");
     Ok(())
+}
+
+/// The trace file the recorder made for `session_id` (names end in the session id).
+fn find_trace(dir: &std::path::Path, session_id: &str) -> anyhow::Result<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains(session_id)))
+        .collect();
+    found.sort();
+    found.pop().with_context(|| format!("no trace for session {session_id} in {}", dir.display()))
 }

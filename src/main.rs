@@ -57,7 +57,9 @@ struct ExportDemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The demo and benches print their own report; their logs default to warnings.
+    let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
+    init_logging(if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -115,12 +117,12 @@ fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
     Ok(token)
 }
 
-/// Logs to stderr, filtered by RUST_LOG (default `info`). Under journald
-/// (JOURNAL_STREAM set) no timestamps and no colour: journald adds its own.
-fn init_logging() {
+/// Logs to stderr, filtered by RUST_LOG (default `default_level`). Under
+/// journald (JOURNAL_STREAM set) no timestamps and no colour: journald adds its own.
+fn init_logging(default_level: &str) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
