@@ -34,12 +34,12 @@ fn endpoint(target: &str) -> Result<Connector, tonic::transport::Error> {
     } else {
         format!("http://{rest}")
     };
-    Ok(Connector::Tcp(tonic::transport::Endpoint::from_shared(uri)?.tcp_nodelay(true)))
+    Ok(Connector::Tcp(Box::new(tonic::transport::Endpoint::from_shared(uri)?.tcp_nodelay(true))))
 }
 
 enum Connector {
     Unix(std::path::PathBuf),
-    Tcp(tonic::transport::Endpoint),
+    Tcp(Box<tonic::transport::Endpoint>),
 }
 
 impl Connector {
