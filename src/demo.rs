@@ -161,8 +161,50 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         args.record_images.as_str()
     );
     println!("  stopped cleanly");
+
+    // Replay the trace against the same model: recorded seeds go back in, so
+    // the actions must come out bit for bit; latency and cache are diffed too.
+    println!("replaying the trace against the same model (reflex replay {} --model {} --diff all):", trace.display(), export_dir.display());
+    let mut replay_args = reflex_replayer::ReplayArgs::new(trace.clone());
+    replay_args.model = Some(export_dir.clone());
+    replay_args.diff = reflex_replayer::args::DiffMode::All;
+    if args.record_images != reflex_server::recording::ImageMode::Full {
+        replay_args.no_replay = true;
+        println!("  (images were not recorded in full: the trace is summarised, not replayed)");
+    }
+    let buf = SharedBuf::default();
+    let (exit, _) = reflex_replayer::run_with(&replay_args, &shutdown, Box::new(buf.clone()), Box::new(std::io::stderr())).await;
+    let text = buf.text();
+    let summary = text.split_once("Summary:").map(|(_, s)| s).unwrap_or(&text);
+    for line in summary.lines().filter(|l| !l.trim().is_empty()) {
+        println!("  {}", line.trim());
+    }
+    for line in text.lines().filter(|l| l.starts_with("warning:")) {
+        println!("  {line}");
+    }
     anyhow::ensure!(failed == 0, "{failed} Act calls failed");
+    anyhow::ensure!(exit == reflex_replayer::Exit::Passed, "replay ended with exit code {}", exit as u8);
     Ok(())
+}
+
+/// A writer the replay prints into, read back for the demo's summary.
+#[derive(Clone, Default)]
+struct SharedBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl SharedBuf {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().map(|b| b.clone()).unwrap_or_default()).into_owned()
+    }
+}
+
+impl std::io::Write for SharedBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The trace file the recorder made for `session_id` (names end in the session id).

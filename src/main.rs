@@ -119,19 +119,20 @@ fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
 
 /// Logs to stderr, filtered by RUST_LOG (default `default_level`). Under
 /// journald (JOURNAL_STREAM set) no timestamps and no colour: journald adds its own.
+/// Beside the log sits the OpenTelemetry slot, empty until `serve` (or `replay`)
+/// starts tracing; RUST_LOG does not filter what it exports.
 fn init_logging(default_level: &str) {
     use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(!journald && std::io::stderr().is_terminal())
         .with_target(false);
-    if journald {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
+    let fmt = if journald { fmt.without_time().boxed() } else { fmt.boxed() };
+    tracing_subscriber::registry()
+        .with(reflex_server::telemetry::layer())
+        .with(fmt.with_filter(reflex_server::telemetry::without_spans(filter)))
+        .init();
 }
