@@ -34,7 +34,7 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub n: u64,
 
-    /// Write a machine-readable JSON report to PATH (schema: replayer/REPORT.md).
+    /// Write a machine-readable JSON report to PATH (schema: README, "Replay report").
     #[arg(long, value_name = "PATH")]
     pub output: Option<PathBuf>,
 

@@ -19,7 +19,7 @@
 //! - [`diff`]: the comparisons and their thresholds.
 //! - [`images`]: recorded request → `ActRequest` with image bytes; the `--image-dir` index.
 //! - [`target`]: the server driven: `--target URI` or the private server of `--model DIR`.
-//! - [`report`]: text lines, summary, the JSON report (schema in `REPORT.md`), the console.
+//! - [`report`]: text lines, summary, the JSON report (schema in the README, "Replay report"), the console.
 //! - [`inspection`]: `--no-replay`, a summary of the trace without a model.
 //! - [`progress`]: the progress bar (stderr, terminals only).
 

@@ -411,7 +411,7 @@ async fn same_model_replays_bit_exactly_through_a_private_server() {
         }
     }
 
-    // The JSON report, parsed back: the fields REPORT.md documents.
+    // The JSON report, parsed back: the fields the README documents.
     let v = json_report(&report_path);
     assert_eq!(v["report_version"], 1);
     assert_eq!(v["trace"], t.full.display().to_string());
