@@ -254,6 +254,31 @@ pub fn cpu_hardware() -> BTreeMap<String, String> {
 mod tests {
     use super::*;
 
+    fn write_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Result<ExportConfig, ConfigError> {
+        let mut v = serde_json::to_value(crate::export::reference_config(0)).unwrap();
+        edit(&mut v);
+        std::fs::write(dir.join(CONFIG_FILE), v.to_string()).unwrap();
+        ExportConfig::load(dir)
+    }
+
+    #[test]
+    fn config_parses_and_bad_configs_say_what_is_wrong() {
+        let d = tempfile::tempdir().unwrap();
+        let ok = write_config(d.path(), |_| {}).unwrap();
+        assert_eq!(ok.cameras, vec!["base", "wrist"]);
+        // The canonical form sorts keys and is compact, so the hash ignores formatting.
+        assert!(ok.canonical_json().starts_with("{\"action_dim\":7,"));
+        assert_eq!(ok.config_hash(), hex(&Sha256::digest(ok.canonical_json().as_bytes()))[..16]);
+        let err = |edit: fn(&mut serde_json::Value)| write_config(d.path(), edit).unwrap_err().to_string();
+        assert!(err(|v| v["graphs"]["prefix"] = "../../etc/passwd".into()).contains("plain file name"));
+        assert!(err(|v| v["state_dim"] = 9.into()).contains("normalization.state needs 9"));
+        assert!(err(|v| v["format_version"] = 2.into()).contains("unsupported export format"));
+        assert!(err(|v| v["cameras"] = serde_json::json!(["a", "a"])).contains("unique"));
+        assert!(err(|v| v["surprise"] = 1.into()).contains("unknown field"));
+        let missing = tempfile::tempdir().unwrap();
+        assert!(matches!(ExportConfig::load(missing.path()), Err(ConfigError::Missing(_))));
+    }
+
     #[test]
     fn hex_is_lowercase_and_complete() {
         assert_eq!(hex(&[0x00, 0xab, 0x0f, 0xff]), "00ab0fff");
