@@ -311,11 +311,8 @@ async fn image_modes_keep_exactly_what_they_promise() {
     let exp = dir.path().join("export");
     export(&exp, 0);
     let img = jpeg(1);
-    let b64_prefix = {
-        // The first 48 bytes of the image in base64: present iff bytes were stored.
-        let enc = base64(&img[..48]);
-        enc
-    };
+    // The first 48 bytes of the image in base64: present iff bytes were stored.
+    let b64_prefix = base64(&img[..48]);
     let sha = {
         use sha2::Digest;
         reflex_server::config::hex(&sha2::Sha256::digest(&img))
@@ -351,15 +348,4 @@ async fn image_modes_keep_exactly_what_they_promise() {
             }
         }
     }
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    bytes
-        .chunks(3)
-        .flat_map(|c| {
-            let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
-            (0..4).map(move |i| if i <= c.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' })
-        })
-        .collect()
 }

@@ -159,7 +159,7 @@ async fn grpcurl_lists_services_by_reflection_and_acts_from_json_over_both_socke
     for svc in ["reflex.v1.Policy", "grpc.health.v1.Health"] {
         assert!(listed.lines().any(|l| l == svc), "{svc} missing from:\n{listed}");
     }
-    let b64 = base64_encode(&jpeg(4));
+    let b64 = base64(&jpeg(4));
     let body = format!(
         r#"{{"images":[{{"camera":"base","data":"{b64}"}}],"instruction":"pick up the red cup","state":[0,0.2,0,-1.8,0,2,0.8,0.04],"episode_id":"ep-1","noise_seed":"42"}}"#
     );
@@ -230,21 +230,4 @@ fn non_loopback_listen_without_insecure_is_refused() {
     let out = Command::new(BIN).args(["serve", exp.to_str().unwrap(), "--listen", "0.0.0.0:0"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
-}
-
-fn base64_encode(bytes: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }

@@ -39,22 +39,11 @@ impl Proc {
     /// Starts `reflex ARGS...`; stderr is collected in the background.
     pub fn start(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(BIN);
-        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
+        cmd.args(args).env("RUST_LOG", "info");
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("starting reflex");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Proc { child, name: name.into(), stderr }
+        Proc::spawn(name, cmd)
     }
 
     pub fn stderr(&self) -> String {
@@ -113,13 +102,7 @@ impl Drop for Proc {
 
 /// Starts `reflex serve EXPORT --listen unix://SOCK [--listen 127.0.0.1:0] EXTRA...` and waits for health.
 pub async fn serve(dir: &Path, export: &Path, extra: &[&str]) -> (Proc, PathBuf) {
-    let sock = dir.join("policy.sock");
-    let listen = format!("unix://{}", sock.display());
-    let mut args = vec!["serve", export.to_str().unwrap(), "--listen", &listen];
-    args.extend_from_slice(extra);
-    let p = Proc::start("reflex serve", &args, &[]);
-    wait_healthy(&format!("unix://{}", sock.display()), &p).await;
-    (p, sock)
+    serve_env(dir, export, extra, &[]).await
 }
 
 /// Polls grpc.health.v1 until SERVING (no sleeping on a guess).
@@ -166,6 +149,18 @@ pub fn act_request(shade: u8, seed: Option<u64>) -> pb::ActRequest {
         noise_seed: seed,
         ..Default::default()
     }
+}
+
+/// Standard base64 with padding (what protobuf JSON uses for bytes).
+pub fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    bytes
+        .chunks(3)
+        .flat_map(|c| {
+            let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+            (0..4).map(move |i| if i <= c.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' })
+        })
+        .collect()
 }
 
 pub fn read_to_string(path: &Path) -> String {
@@ -230,5 +225,47 @@ pub async fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Like [`serve`], with extra environment variables for the server.
+pub async fn serve_env(dir: &Path, export: &Path, extra: &[&str], envs: &[(&str, &str)]) -> (Proc, PathBuf) {
+    let sock = dir.join("policy.sock");
+    let listen = format!("unix://{}", sock.display());
+    let mut args = vec!["serve", export.to_str().unwrap(), "--listen", &listen];
+    args.extend_from_slice(extra);
+    let p = Proc::start("reflex serve", &args, envs);
+    wait_healthy(&format!("unix://{}", sock.display()), &p).await;
+    (p, sock)
+}
+
+/// `GET http://ADDR/PATH` over a plain TCP connection; the whole response, headers included.
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = timeout(tokio::net::TcpStream::connect(addr)).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    timeout(s.write_all(req.as_bytes())).await.unwrap();
+    let mut out = String::new();
+    timeout(s.read_to_string(&mut out)).await.unwrap();
+    out
+}
+
+impl Proc {
+    /// Like [`Proc::start`] for a command the test prepared itself (inherited descriptors,
+    /// a wrapper such as `sh -c`): stderr is collected, the child is killed on drop.
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("starting the command");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Proc { child, name: name.into(), stderr }
     }
 }
