@@ -3,16 +3,21 @@
 //! one run. Tracing is set up once per process, so each variant is a real
 //! `reflex serve` child of this binary on its own Unix socket, all exporting
 //! to one in-process OTLP receiver; calls are interleaved round by round (the
-//! starting variant rotates) so machine noise hits all alike. A second "off"
-//! server shows the spread between two identical servers: the noise band the
-//! other rows are read against. `--baseline-bin` adds a server from another
-//! build (e.g. one without the feature) with the same flags as "off".
+//! starting variant rotates) so machine noise hits all alike. A process keeps
+//! a speed of its own (where its buffers and threads land), so the run is
+//! repeated in `--trials` with fresh processes and the samples pooled; the
+//! per-trial p50 range shows that spread, and a second "off" server shows
+//! the spread between two identical servers: the noise band the other rows
+//! are read against. `--baseline-bin` adds a server from another build (e.g.
+//! one without the feature) with the same flags as "off".
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{MetricsService, MetricsServiceServer};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
@@ -26,9 +31,12 @@ use crate::scene::Scene;
 
 #[derive(Debug, clap::Args)]
 pub struct TelemetryBench {
-    /// Measured calls per server (after the warm-up).
-    #[arg(long, default_value_t = 1000)]
+    /// Measured calls per server and trial (after the warm-up).
+    #[arg(long, default_value_t = 300)]
     pub calls: usize,
+    /// Rounds with fresh server processes; the samples are pooled.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub trials: u32,
     /// Warm-up calls per server, not measured.
     #[arg(long, default_value_t = 50)]
     pub warmup: usize,
@@ -61,68 +69,81 @@ pub async fn run(args: TelemetryBench) -> anyhow::Result<()> {
         v("off (2nd server)", vec![]),
         v("trace 1.0", vec!["--otel-endpoint", "{otlp}", "--otel-sample", "1"]),
         v("trace 0.01", vec!["--otel-endpoint", "{otlp}", "--otel-sample", "0.01"]),
-        v("trace 1.0 + prometheus", vec!["--otel-endpoint", "{otlp}", "--otel-sample", "1", "--metrics-listen", "127.0.0.1:0"]),
+        v(
+            "trace 1.0 + prometheus",
+            vec!["--otel-endpoint", "{otlp}", "--otel-sample", "1", "--metrics-listen", "127.0.0.1:0"],
+        ),
     ]);
-
-    let mut servers = vec![];
-    for (i, v) in variants.iter().enumerate() {
-        let sock = work.path().join(format!("s{i}.sock"));
-        let child = spawn_server(&v.bin, &export, &sock, &v.flags, &otlp, &format!("bench-{i}"))?;
-        let client = PolicyClient::new(connect_when_up(&sock).await?);
-        servers.push((child, client, Summary::default()));
-    }
 
     let scene = Scene::new();
     let reqs: Vec<pb::ActRequest> = (0..16).map(|i| request(&scene.tick(i * 3), Some(i as u64))).collect();
-    let n = servers.len();
-    for round in 0..args.warmup + args.calls {
-        let req = &reqs[round % reqs.len()];
-        for k in 0..n {
-            let (_, client, lat) = &mut servers[(round + k) % n];
-            let t = Instant::now();
-            client.act(req.clone()).await?;
-            if round >= args.warmup {
-                lat.push(ms_since(t));
+    let n = variants.len();
+    let mut results = vec![Summary::default(); n];
+    let mut trial_p50s: Vec<Vec<f64>> = vec![vec![]; n];
+    for trial in 0..args.trials {
+        let mut servers = vec![];
+        for (i, v) in variants.iter().enumerate() {
+            let sock = work.path().join(format!("t{trial}-s{i}.sock"));
+            let child = spawn_server(&v.bin, &export, &sock, &v.flags, &otlp, &format!("bench-{i}"))?;
+            let client = PolicyClient::new(connect_when_up(&sock).await?);
+            servers.push((child, client, Summary::default()));
+        }
+        for round in 0..args.warmup + args.calls {
+            let req = &reqs[round % reqs.len()];
+            for k in 0..n {
+                let j = (round + k) % n;
+                let (_, client, lat) = &mut servers[j];
+                let t = Instant::now();
+                client.act(req.clone()).await?;
+                if round >= args.warmup {
+                    let ms = ms_since(t);
+                    lat.push(ms);
+                    results[j].push(ms);
+                }
             }
         }
-    }
-
-    // SIGTERM: each server flushes its last spans before it exits.
-    let mut results = vec![];
-    for (mut child, _, lat) in servers {
-        if let Some(pid) = child.id() {
-            // SAFETY: a plain kill(2) on our own child's pid.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        // SIGTERM: each server flushes its last spans before it exits.
+        for (i, (mut child, _, lat)) in servers.into_iter().enumerate() {
+            if let Some(pid) = child.id() {
+                // SAFETY: a plain kill(2) on our own child's pid.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+            if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
+                child.kill().await?;
+            }
+            trial_p50s[i].push(lat.pct(50.0));
         }
-        if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
-            child.kill().await?;
-        }
-        results.push(lat);
     }
     sink_stop.cancel();
 
     let spans = sink.lock().map(|s| s.clone()).unwrap_or_default();
     let base = &results[variants.iter().position(|v| v.name == "off").unwrap_or(0)];
     println!(
-        "reflex bench telemetry: reference model, {} calls per server (+{} warm-up), 1 worker, cache off, Unix socket, OTLP receiver in-process",
-        args.calls, args.warmup
+        "reflex bench telemetry: reference model, {} trials × {} calls per server (+{} warm-up each), 1 worker, cache off, \
+         Unix socket, OTLP receiver in-process",
+        args.trials, args.calls, args.warmup
     );
-    println!("{:<24} {:>9} {:>9} {:>10} {:>10} {:>14}", "telemetry", "p50 ms", "p99 ms", "p50 ratio", "p99 ratio", "spans exported");
+    println!(
+        "{:<24} {:>9} {:>9} {:>10} {:>10} {:>17} {:>14}",
+        "telemetry", "p50 ms", "p99 ms", "p50 ratio", "p99 ratio", "trial p50 range", "spans exported"
+    );
     for (i, (v, lat)) in variants.iter().zip(&results).enumerate() {
         let exported = spans.iter().find(|(s, _)| *s == format!("bench-{i}")).map(|(_, n)| *n).unwrap_or(0);
+        let (lo, hi) = trial_p50s[i].iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &p| (lo.min(p), hi.max(p)));
         println!(
-            "{:<24} {:>9.3} {:>9.3} {:>10.3} {:>10.3} {:>14}",
+            "{:<24} {:>9.3} {:>9.3} {:>10.3} {:>10.3} {:>17} {:>14}",
             v.name,
             lat.pct(50.0),
             lat.pct(99.0),
             lat.pct(50.0) / base.pct(50.0),
             lat.pct(99.0) / base.pct(99.0),
+            format!("{lo:.3}–{hi:.3}"),
             exported
         );
     }
     println!(
         "{} Act calls per server in all; a sampled call exports 6 spans (act + queue, decode, prefix, denoise, postprocess)",
-        args.calls + args.warmup
+        (args.calls + args.warmup) * args.trials as usize
     );
     Ok(())
 }

@@ -56,6 +56,10 @@ struct ExportDemoArgs {
 }
 
 fn main() -> ExitCode {
+    // Capture systemd's NOTIFY_SOCKET/LISTEN_FDS/WATCHDOG_* and remove them from
+    // the environment, so a private recorder child does not inherit them.
+    // SAFETY: first thing in main; no other thread exists yet.
+    unsafe { reflex_server::systemd::take_environment() };
     let cli = Cli::parse();
     // The demo and benches print their own report; their logs default to warnings.
     let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_));

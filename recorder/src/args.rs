@@ -11,45 +11,48 @@ pub const DEFAULT_LISTEN: &str = "unix:///run/reflex/recorder.sock";
 
 const MIB: u64 = 1024 * 1024;
 
-/// Flags of `reflex recorder`.
+/// Flags of `reflex recorder`. Each can also come from a `REFLEX_RECORDER_*` variable (what
+/// systemd's `EnvironmentFile=` sets); a flag on the command line wins. The prefix keeps
+/// them apart from `reflex serve`'s `REFLEX_*`, which a server's private recorder child
+/// inherits.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RecorderArgs {
     /// Directory that holds the trace files (created 0750 if missing).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, env = "REFLEX_RECORDER_DIR", value_name = "DIR")]
     pub dir: PathBuf,
 
     /// Unix socket to listen on, as unix:///abs/path or unix:rel/path.
     ///
     /// The parent directory is created if missing. A stale socket file is replaced; a live
     /// one (another recorder answers) is an error.
-    #[arg(long, value_name = "URI", default_value = DEFAULT_LISTEN)]
+    #[arg(long, env = "REFLEX_RECORDER_LISTEN", value_name = "URI", default_value = DEFAULT_LISTEN)]
     pub listen: ListenAddr,
 
     /// Flush interval in milliseconds: a kill -9 loses at most this much of a trace.
-    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(long, env = "REFLEX_RECORDER_FLUSH_MS", value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub flush_ms: u64,
 
     /// Rotate a session to a new file once its file reaches N MiB.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    #[arg(long, env = "REFLEX_RECORDER_MAX_FILE_MB", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub max_file_mb: Option<u64>,
 
     /// Delete the oldest closed trace files to keep the directory under N MiB.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
+    #[arg(long, env = "REFLEX_RECORDER_MAX_TOTAL_MB", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
     pub max_total_mb: Option<u64>,
 
     /// Most Record streams at once; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    #[arg(long, env = "REFLEX_RECORDER_MAX_SESSIONS", value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub max_sessions: u64,
 
     /// Largest message accepted from a server, in MiB.
-    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, env = "REFLEX_RECORDER_MAX_MESSAGE_MB", value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub max_message_mb: u64,
 
     /// gzip level of trace files, 1 (fastest) to 9 (smallest).
     ///
     /// The default, 1, keeps one core above 20,000 records/s; 2 makes files about a third
     /// smaller at about 1.5× the CPU (see the writer module's measurements).
-    #[arg(long, value_name = "N", default_value_t = crate::writer::DEFAULT_LEVEL, value_parser = clap::value_parser!(u32).range(1..=9))]
+    #[arg(long, env = "REFLEX_RECORDER_GZIP_LEVEL", value_name = "N", default_value_t = crate::writer::DEFAULT_LEVEL, value_parser = clap::value_parser!(u32).range(1..=9))]
     pub gzip_level: u32,
 }
 

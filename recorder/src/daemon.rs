@@ -33,6 +33,7 @@ use reflex_proto::v1::{
     RecordEvent, RecordSummary, RecorderStatus, SessionStart, SessionStatus, StatusRequest,
     record_event::Event,
 };
+use reflex_systemd::State as Notice;
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -529,16 +530,87 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// `reflex recorder`: binds the socket from `--listen`, serves until `shutdown`, removes
-/// the socket file.
+/// `reflex recorder`: serves on the socket systemd passed (socket activation) or else binds
+/// `--listen`, until `shutdown`; then removes the socket file it bound itself.
+///
+/// Under systemd (`Type=notify`) it says READY=1 once recovery is done and streams are
+/// accepted, and STOPPING=1 when shutdown begins. An inherited socket belongs to systemd:
+/// it is neither replaced nor removed, so servers can connect while the recorder restarts.
 pub async fn run(args: RecorderArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = args.config();
-    let socket = args.listen.path().to_path_buf();
-    let listener = bind(&socket)?;
-    tracing::info!(socket = %socket.display(), dir = %config.dir.display(), "recorder listening");
-    let served = serve(listener, config, shutdown).await;
-    let _ = fs::remove_file(&socket);
-    served.with_context(|| format!("recorder on {}", socket.display()))
+    let (listener, owned_path, socket) = match inherited_listener()? {
+        Some((l, name)) => {
+            tracing::info!(fd_name = %name, "using the socket passed by the service manager; --listen is ignored");
+            let at = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()));
+            (
+                l,
+                None,
+                at.unwrap_or_else(|| format!("inherited socket {name}")),
+            )
+        }
+        None => {
+            let path = args.listen.path().to_path_buf();
+            (bind(&path)?, Some(path.clone()), path.display().to_string())
+        }
+    };
+    tracing::info!(socket = %socket, dir = %config.dir.display(), "recorder listening");
+    let stopping = shutdown.clone();
+    let notice = tokio::spawn(async move {
+        stopping.cancelled().await;
+        notify(&[
+            Notice::Stopping,
+            Notice::Status("stopping: closing trace files"),
+        ]);
+    });
+    let status = format!("recording into {} from {socket}", config.dir.display());
+    let ready = move || notify(&[Notice::Ready, Notice::Status(&status)]);
+    let served = serve_with(listener, config, shutdown, ready).await;
+    notice.abort();
+    if let Some(path) = owned_path {
+        let _ = fs::remove_file(path);
+    }
+    served.with_context(|| format!("recorder on {socket}"))
+}
+
+/// The listening Unix socket passed by socket activation (`LISTEN_FDS`), with its name.
+/// One descriptor is used as is; of several, the one named `recorder`
+/// (`FileDescriptorName=recorder`).
+fn inherited_listener() -> anyhow::Result<Option<(UnixListener, String)>> {
+    let mut fds = reflex_systemd::listen_fds().context("socket activation")?;
+    let fd = match fds.len() {
+        0 => return Ok(None),
+        1 => fds.remove(0),
+        _ => {
+            let names: Vec<String> = fds.iter().map(|f| f.name.clone()).collect();
+            let at = names.iter().position(|n| n == "recorder").ok_or_else(|| {
+                anyhow::anyhow!(
+                    "socket activation passed {} sockets ({}) and none is named \"recorder\"; \
+                     set FileDescriptorName=recorder in the .socket unit",
+                    names.len(),
+                    names.join(", ")
+                )
+            })?;
+            fds.swap_remove(at)
+        }
+    };
+    let name = fd.name.clone();
+    let std_listener = fd.into_unix_listener().context("socket activation")?;
+    std_listener
+        .set_nonblocking(true)
+        .context("socket activation")?;
+    Ok(Some((
+        UnixListener::from_std(std_listener).context("socket activation")?,
+        name,
+    )))
+}
+
+fn notify(states: &[Notice<'_>]) {
+    if let Err(e) = reflex_systemd::notify(states) {
+        tracing::warn!(error = %e, slug = "systemd-notify-failed", "cannot notify the service manager");
+    }
 }
 
 #[cfg(test)]

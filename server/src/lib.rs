@@ -6,7 +6,9 @@
 //! `engine` (the `Engine` trait and the `cpu` engine), `policy` (the Act
 //! pipeline: cache, noise, Euler loop), `pool` (bounded inference workers),
 //! `service` (wire ↔ domain), `serve` (listeners, health, reflection, shutdown), `authority` (the
-//! Unix-socket `:authority` rewrite that lets grpcio and grpcurl clients in).
+//! Unix-socket `:authority` rewrite that lets grpcio and grpcurl clients in), `systemd`
+//! (readiness, the engine-probing watchdog and stopping notices under systemd), `telemetry`
+//! (OpenTelemetry spans and metrics, the Prometheus endpoint, `traceparent`).
 
 pub mod authority;
 pub mod config;
@@ -19,3 +21,5 @@ pub mod pool;
 pub mod recording;
 pub mod service;
 pub mod serve;
+pub mod telemetry;
+pub mod systemd;

@@ -298,6 +298,22 @@ impl Policy {
         Ok(ActOutput { actions, noise_seed, cache, times, steps_used: steps, image_sha256 })
     }
 
+    /// A liveness check for the watchdog: one expert step on zeros, the cheapest call that
+    /// still goes through the engine (and, for a GPU engine, the device). Blocking, like
+    /// [`Policy::act`]; it touches neither the cache nor the seed sequence.
+    pub fn probe(&self) -> Result<(), EngineError> {
+        let cfg = &self.cfg;
+        let x = vec![0.0f32; cfg.chunk_size * cfg.action_dim];
+        let v = self.engine.expert_step(&x, 0.0, &vec![0.0; cfg.prefix_dim], &vec![0.0; cfg.state_dim])?;
+        if v.len() != x.len() || v.iter().any(|f| !f.is_finite()) {
+            return Err(EngineError::Run {
+                graph: "expert",
+                message: format!("liveness probe: {} values, non-finite or not {}", v.len(), x.len()),
+            });
+        }
+        Ok(())
+    }
+
     fn hash_frames(&self, input: &ActInput) -> Result<Vec<Option<String>>, InputError> {
         let mut out = Vec::with_capacity(input.frames.len());
         for (slot, frame) in input.frames.iter().enumerate() {
@@ -444,6 +460,16 @@ mod tests {
         assert_eq!(bits(&a.actions), bits(&b.actions));
         assert_ne!(bits(&a.actions), bits(&c.actions));
         assert_eq!((a.noise_seed, a.steps_used, a.cache), (7, 10, CacheStatus::Disabled));
+    }
+
+    #[test]
+    fn the_liveness_probe_runs_the_engine_and_leaves_no_trace() {
+        let (_d, p) = policy(0, 4);
+        p.act(&input(None)).unwrap();
+        p.probe().unwrap();
+        let after = p.act(&input(None)).unwrap();
+        assert_eq!(after.cache, CacheStatus::Hit, "the probe does not touch the prefix cache");
+        assert_eq!(p.seed_counter.load(Ordering::Relaxed), 2, "nor the seed sequence");
     }
 
     #[test]

@@ -5,7 +5,15 @@
 //! answers `RESOURCE_EXHAUSTED`, so load cannot pile up unbounded requests in
 //! memory. Dropping the pool closes the queue; workers finish what is queued
 //! and exit.
+//!
+//! One more slot is reserved for the watchdog's liveness probe
+//! ([`Pool::submit_probe`]): Act calls fill at most `queue` slots, so a queue
+//! full of calls cannot starve the probe and restart a server that is busy but
+//! healthy. The probe does not bypass the bound either: it waits in line behind
+//! the queued calls (so it only returns if the workers make progress), and at
+//! most one probe is ever queued, so the channel holds at most `queue + 1` jobs.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -22,16 +30,30 @@ pub enum SubmitError {
     Closed,
 }
 
+/// Why the liveness probe was not queued.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProbeSubmitError {
+    #[error("the previous liveness probe is still waiting for a worker")]
+    Pending,
+    #[error("the server is shutting down")]
+    Closed,
+}
+
 pub struct Pool {
     tx: Option<SyncSender<Job>>,
     queue: usize,
+    /// Act jobs in the channel (not yet taken by a worker); at most `queue`.
+    queued: Arc<AtomicUsize>,
+    /// A probe is in the channel; it owns the one reserved slot.
+    probe_queued: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
 }
 
 impl Pool {
     /// `workers` threads, at most `queue` jobs waiting beyond those running.
     pub fn new(workers: usize, queue: usize) -> Pool {
-        let (tx, rx) = sync_channel::<Job>(queue);
+        // `queue` slots for calls + 1 reserved for the liveness probe.
+        let (tx, rx) = sync_channel::<Job>(queue + 1);
         // One receiver shared by all workers; the lock is held only while
         // taking a job, never while running one.
         let rx = Arc::new(Mutex::new(rx));
@@ -44,7 +66,13 @@ impl Pool {
                     .expect("spawning an inference thread")
             })
             .collect();
-        Pool { tx: Some(tx), queue, workers }
+        Pool {
+            tx: Some(tx),
+            queue,
+            queued: Arc::new(AtomicUsize::new(0)),
+            probe_queued: Arc::new(AtomicBool::new(false)),
+            workers,
+        }
     }
 
     /// Queues `f`; its result arrives on the returned receiver.
@@ -52,16 +80,59 @@ impl Pool {
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Result<oneshot::Receiver<R>, SubmitError> {
+        let tx = self.tx.as_ref().ok_or(SubmitError::Closed)?;
+        // Count first, then send: the count never undercounts what is in the channel, so
+        // calls can never take the probe's slot.
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.queue {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::Busy(self.queue));
+        }
         let (done, rx) = oneshot::channel();
+        let queued = self.queued.clone();
         let job: Job = Box::new(move || {
+            queued.fetch_sub(1, Ordering::AcqRel);
             // The caller may have gone away (client cancelled); nothing to do then.
             let _ = done.send(f());
         });
-        let tx = self.tx.as_ref().ok_or(SubmitError::Closed)?;
         match tx.try_send(job) {
             Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(SubmitError::Busy(self.queue)),
-            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Closed),
+            Err(e) => {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::Busy(self.queue),
+                    TrySendError::Disconnected(_) => SubmitError::Closed,
+                })
+            }
+        }
+    }
+
+    /// Queues the watchdog's liveness probe in the reserved slot (see the module docs).
+    /// `Pending` while an earlier probe still waits for a worker.
+    pub fn submit_probe<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<oneshot::Receiver<R>, ProbeSubmitError> {
+        let tx = self.tx.as_ref().ok_or(ProbeSubmitError::Closed)?;
+        if self.probe_queued.swap(true, Ordering::AcqRel) {
+            return Err(ProbeSubmitError::Pending);
+        }
+        let (done, rx) = oneshot::channel();
+        let flag = self.probe_queued.clone();
+        let job: Job = Box::new(move || {
+            flag.store(false, Ordering::Release);
+            let _ = done.send(f());
+        });
+        match tx.try_send(job) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                self.probe_queued.store(false, Ordering::Release);
+                Err(match e {
+                    // Unreachable while the accounting above holds; a probe that cannot
+                    // be queued is one that has not returned yet.
+                    TrySendError::Full(_) => ProbeSubmitError::Pending,
+                    TrySendError::Disconnected(_) => ProbeSubmitError::Closed,
+                })
+            }
         }
     }
 }
@@ -122,6 +193,57 @@ mod tests {
         release_tx.send(()).unwrap();
         busy.await.unwrap();
         assert_eq!(queued.await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_does_not_starve_the_probe_and_the_probe_waits_in_line() {
+        let pool = Pool::new(1, 2);
+        let (release_tx, release_rx) = channel::<()>();
+        let (started_tx, started_rx) = channel::<()>();
+        let busy = pool
+            .submit(move || {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            })
+            .unwrap();
+        started_rx.recv().unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let q: Vec<_> = (0..2)
+            .map(|i| {
+                let o = order.clone();
+                pool.submit(move || o.lock().unwrap().push(i)).unwrap()
+            })
+            .collect();
+        assert_eq!(pool.submit(|| ()).unwrap_err(), SubmitError::Busy(2), "calls never take the probe's slot");
+        let o = order.clone();
+        let probe = pool.submit_probe(move || o.lock().unwrap().push(99)).unwrap();
+        assert_eq!(pool.submit_probe(|| ()).unwrap_err(), ProbeSubmitError::Pending, "one probe at a time");
+        assert_eq!(pool.submit(|| ()).unwrap_err(), SubmitError::Busy(2));
+        release_tx.send(()).unwrap();
+        busy.await.unwrap();
+        probe.await.unwrap();
+        for r in q {
+            r.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 99], "the probe ran after the calls queued before it");
+        // Slots are given back as jobs are taken.
+        pool.submit_probe(|| ()).unwrap().await.unwrap();
+        let again: Vec<_> = (0..2).map(|_| pool.submit(|| ()).unwrap()).collect();
+        for r in again {
+            r.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wedged_worker_never_answers_the_probe() {
+        let pool = Pool::new(1, 1);
+        let (release_tx, release_rx) = channel::<()>();
+        let _wedged = pool.submit(move || release_rx.recv().unwrap()).unwrap();
+        let probe = pool.submit_probe(|| ()).unwrap();
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(200), probe).await;
+        assert!(waited.is_err(), "the probe cannot return while the only worker is stuck");
+        assert_eq!(pool.submit_probe(|| ()).unwrap_err(), ProbeSubmitError::Pending);
+        release_tx.send(()).unwrap();
     }
 
     #[tokio::test]

@@ -1,9 +1,14 @@
 //! `reflex serve`: binds the listeners, serves Policy + Health + reflection,
 //! and shuts down in order.
 //!
-//! Shutdown order (SIGTERM/SIGINT cancel one token): health → NOT_SERVING,
-//! stop accepting, let in-flight calls finish (bounded by `--drain-ms`), end
-//! the recording session, return. The caller exits 0.
+//! Start-up order: load the model, bind every listener, health → SERVING,
+//! start accepting, then tell systemd READY=1 and start the watchdog
+//! ([`crate::systemd`]).
+//!
+//! Shutdown order (SIGTERM/SIGINT cancel one token): STOPPING=1 and the
+//! watchdog stops, health → NOT_SERVING, stop accepting, let in-flight calls
+//! finish (bounded by `--drain-ms`), end the recording session, return. The
+//! caller exits 0.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -26,6 +31,7 @@ use crate::policy::{Policy, PolicyOptions};
 use crate::recording::{ImageMode, RecordOptions, RecordTarget, Recording};
 use reflex_proto::v1 as pb;
 use crate::service::{PolicyHandle, PolicyService, ServiceOptions};
+use crate::telemetry::{Telemetry, TelemetryConfig};
 
 /// Where a listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +137,21 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", env = "REFLEX_RECORD_QUEUE", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub record_queue: u32,
+
+    /// Send OpenTelemetry spans and metrics over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317.
+    ///
+    /// Off by default. Without the flag, OTEL_EXPORTER_OTLP_ENDPOINT turns it on; OTEL_SERVICE_NAME
+    /// names the service (default reflex). No TLS: use a local collector.
+    #[arg(long, value_name = "URI", env = "REFLEX_OTEL_ENDPOINT", value_parser = crate::telemetry::parse_endpoint)]
+    pub otel_endpoint: Option<String>,
+
+    /// Fraction of calls traced, 0 to 1 (default 1, or OTEL_TRACES_SAMPLER_ARG). A caller's traceparent decides for its own calls.
+    #[arg(long, value_name = "RATIO", env = "REFLEX_OTEL_SAMPLE", value_parser = crate::telemetry::parse_sample)]
+    pub otel_sample: Option<f64>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464. Off by default.
+    #[arg(long, value_name = "ADDR", env = "REFLEX_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -152,6 +173,9 @@ impl ServeArgs {
             record_images: ImageMode::HashOnly,
             record_no_gzip: false,
             record_queue: 1024,
+            otel_endpoint: None,
+            otel_sample: None,
+            metrics_listen: None,
         }
     }
 }
@@ -161,6 +185,8 @@ pub struct Running {
     /// Bound addresses (port 0 resolved).
     pub listening: Vec<ListenAddr>,
     pub service: Arc<PolicyService>,
+    /// The Prometheus endpoint's address (port 0 resolved), with `--metrics-listen`.
+    pub metrics: Option<SocketAddr>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -211,7 +237,19 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         embodiment: args.embodiment.clone(),
         session_id: recording.session_id().to_string(),
     };
-    let service = Arc::new(PolicyService::new(Arc::new(policy), &sopts, recording));
+    let tcfg = TelemetryConfig::resolve(
+        args.otel_endpoint.as_deref(),
+        args.otel_sample,
+        args.metrics_listen,
+        "reflex",
+        |k| std::env::var(k).ok(),
+    );
+    let mut telemetry = Telemetry::start(&tcfg).await?;
+    let service =
+        Arc::new(PolicyService::new(Arc::new(policy), &sopts, recording).with_telemetry(telemetry.act()));
+    // Only a shared daemon's socket is known here; see `telemetry` on the private child.
+    telemetry.observe(&service, args.recorder.clone());
+    let metrics = telemetry.metrics_addr;
 
     // Bind everything before serving anything: a bad address fails the start.
     let mut bound = Vec::new();
@@ -275,6 +313,14 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     for l in &listening {
         tracing::info!(listen = %l, "serving");
     }
+    let on: Vec<String> = listening.iter().map(ToString::to_string).collect();
+    crate::systemd::ready(&format!(
+        "serving model {} ({}) on {}",
+        service.policy().model_hash(),
+        service.policy().mode(),
+        on.join(", ")
+    ));
+    crate::systemd::spawn_watchdog(service.clone(), stop_accepting.clone());
 
     let drain = Duration::from_millis(args.drain_ms);
     let svc = service.clone();
@@ -285,6 +331,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             Some(res) = listeners.join_next() => Some(res),
         };
         tracing::info!("shutting down");
+        crate::systemd::stopping();
         health.set_not_serving::<PolicyServer<PolicyHandle>>().await;
         health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         stop_accepting.cancel();
@@ -297,6 +344,8 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             listeners.abort_all();
         }
         svc.recording().finish("shutdown").await;
+        // Last: the spans of the drained calls go out before the exporters close.
+        telemetry.shutdown().await;
         tracing::info!("stopped");
         match failed {
             Some(Ok(Err(e))) => Err(e),
@@ -304,7 +353,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             _ => Ok(()),
         }
     });
-    Ok(Running { listening, service, task })
+    Ok(Running { listening, service, metrics, task })
 }
 
 fn fix_authority(io: tokio::net::UnixStream) -> AuthorityFix<tokio::net::UnixStream> {

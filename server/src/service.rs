@@ -12,10 +12,13 @@ use prost::Message;
 use reflex_proto::v1::{self as pb, policy_server::Policy as PolicyRpc};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
+use crate::engine::EngineError;
 use crate::policy::{ActError, ActInput, ActOutput, FrameInput, InputError, Policy};
-use crate::pool::{Pool, SubmitError};
+use crate::pool::{Pool, ProbeSubmitError, SubmitError};
 use crate::recording::{ActEvent, Recording};
+use crate::telemetry::{ActSpan, ActTelemetry};
 
 /// Everything the handlers share.
 pub struct PolicyService {
@@ -25,6 +28,7 @@ pub struct PolicyService {
     max_message_bytes: usize,
     recording: Recording,
     episode: Mutex<(String, u64)>,
+    telemetry: ActTelemetry,
 }
 
 /// What the service answers that is not in the export.
@@ -65,7 +69,18 @@ impl PolicyService {
             max_message_bytes: opts.max_message_bytes,
             recording,
             episode: Mutex::new((String::new(), 0)),
+            telemetry: ActTelemetry::default(),
         }
+    }
+
+    /// Turns on the spans and metrics `telemetry` carries (off by default).
+    pub fn with_telemetry(mut self, telemetry: ActTelemetry) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
+
+    pub fn telemetry(&self) -> &ActTelemetry {
+        &self.telemetry
     }
 
     pub fn info(&self) -> &pb::ModelInfo {
@@ -80,8 +95,39 @@ impl PolicyService {
         &self.recording
     }
 
+    /// Proves the engine still answers: a cheap engine call ([`Policy::probe`]) through the
+    /// same pool as Act calls, in the slot the pool reserves for it. It returns only once a
+    /// worker has run it, so a wedged engine or a stuck pool makes it hang; the caller (the
+    /// systemd watchdog) bounds the wait.
+    pub async fn probe(&self) -> Result<(), ProbeError> {
+        let policy = self.policy.clone();
+        let rx = self.pool.submit_probe(move || policy.probe())?;
+        rx.await.map_err(|_| ProbeError::WorkerLost)??;
+        Ok(())
+    }
+
     /// One Act, from wire request to wire response.
     pub async fn act(&self, req: pb::ActRequest) -> Result<pb::ActResponse, Status> {
+        self.act_in_trace(req, None).await
+    }
+
+    /// One Act inside the caller's trace (`parent`, from its `traceparent`).
+    /// With tracing off this is [`PolicyService::act`]: no span is built.
+    pub async fn act_in_trace(
+        &self,
+        req: pb::ActRequest,
+        parent: Option<opentelemetry::Context>,
+    ) -> Result<pb::ActResponse, Status> {
+        match self.telemetry.act_span(&self.info, parent) {
+            Some(span) => {
+                let inner = span.span.clone();
+                self.act_spanned(req, Some(&span)).instrument(inner).await
+            }
+            None => self.act_spanned(req, None).await,
+        }
+    }
+
+    async fn act_spanned(&self, req: pb::ActRequest, span: Option<&ActSpan>) -> Result<pb::ActResponse, Status> {
         let arrived = Instant::now();
         let timestamp = crate::recording::now_rfc3339();
         let chunk_id = self.chunk_id(&req.episode_id);
@@ -100,6 +146,12 @@ impl PolicyService {
             action_dim: cfg.action_dim as u32,
             steps_configured: cfg.denoise.steps,
         });
+        if let Some(span) = span {
+            self.telemetry.finish_act_span(span, seq, recorded, &result, total_ms, cfg.denoise.steps);
+        }
+        if let Some(m) = self.telemetry.metrics() {
+            m.record(total_ms, &result);
+        }
         match result {
             Ok((out, queue_ms)) => Ok(self.response(out, queue_ms, total_ms, seq, recorded)),
             Err(e) => {
@@ -117,7 +169,9 @@ impl PolicyService {
         let input = to_input(req, &self.policy.config().cameras)?;
         self.policy.check_cheap(&input)?;
         let policy = self.policy.clone();
+        let waiting = self.telemetry.metrics().map(|m| m.waiting());
         let rx = self.pool.submit(move || {
+            drop(waiting);
             let queue_ms = arrived.elapsed().as_secs_f64() * 1e3;
             policy.act(&input).map(|out| (out, queue_ms))
         })?;
@@ -180,6 +234,17 @@ pub enum ServiceError {
     #[error(transparent)]
     Submit(#[from] SubmitError),
     #[error("an inference worker failed on this request")]
+    WorkerLost,
+}
+
+/// Why the liveness probe failed (see [`PolicyService::probe`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Submit(#[from] ProbeSubmitError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("an inference worker panicked while running the probe")]
     WorkerLost,
 }
 
@@ -283,7 +348,8 @@ pub struct PolicyHandle(pub Arc<PolicyService>);
 #[tonic::async_trait]
 impl PolicyRpc for PolicyHandle {
     async fn act(&self, request: Request<pb::ActRequest>) -> Result<Response<pb::ActResponse>, Status> {
-        self.0.act(request.into_inner()).await.map(Response::new)
+        let parent = self.0.telemetry.parent(request.metadata());
+        self.0.act_in_trace(request.into_inner(), parent).await.map(Response::new)
     }
 
     type ActStreamStream = ActStream;
@@ -292,6 +358,8 @@ impl PolicyRpc for PolicyHandle {
         &self,
         request: Request<Streaming<pb::ActRequest>>,
     ) -> Result<Response<Self::ActStreamStream>, Status> {
+        // Every message's span continues the stream's `traceparent`, if any.
+        let parent = self.0.telemetry.parent(request.metadata());
         let mut inbound = request.into_inner();
         // Small buffer: a control loop has one request in flight; backpressure
         // beyond that reaches the client through HTTP/2 flow control.
@@ -300,7 +368,7 @@ impl PolicyRpc for PolicyHandle {
         tokio::spawn(async move {
             while let Some(msg) = inbound.next().await {
                 let reply = match msg {
-                    Ok(req) => match svc.act(req).await {
+                    Ok(req) => match svc.act_in_trace(req, parent.clone()).await {
                         Ok(resp) => Ok(resp),
                         Err(status) => Ok(pb::ActResponse {
                             error: Some(pb::ActError {

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what tests/deploy.rs needs, once: systemd's tools (systemd-analyze verify,
+# systemd-sysusers, systemd-tmpfiles, deb-systemd-helper for the package's scripts), dpkg
+# and objcopy (building and installing the .deb), and cargo-deb. Idempotent: a tool that is
+# already there is not fetched again. Debian/Ubuntu, as root (CI) or with sudo.
+set -euo pipefail
+
+CARGO_DEB_VERSION=3.8.0
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
+
+missing=()
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v systemd-sysusers >/dev/null || missing+=(systemd)
+command -v deb-systemd-helper >/dev/null || missing+=(init-system-helpers)
+command -v dpkg-deb >/dev/null || missing+=(dpkg)
+command -v objcopy >/dev/null || missing+=(binutils)
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    "${SUDO[@]}" apt-get update -qq
+    # --no-install-recommends: the tools, not a booting init system.
+    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Built from source (about two minutes on two cores); pinned so CI is reproducible.
+if [ "$(cargo deb --version 2>/dev/null || true)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
+    cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
+fi
+
+systemd-analyze --version | head -n1
+cargo deb --version
