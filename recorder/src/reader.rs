@@ -1010,7 +1010,7 @@ mod bench {
     /// Reader speed against `gzip -dc` on a 100,000-record file (run by hand:
     /// `cargo test -p reflex-recorder --release reader_speed -- --ignored --nocapture`).
     #[test]
-    #[ignore]
+    #[ignore = "benchmark: cargo test -p reflex-recorder --release reader_speed -- --ignored --nocapture"]
     fn reader_speed() {
         let dir = tempfile::tempdir().unwrap();
         let header = Header {

@@ -796,7 +796,7 @@ mod tests {
     /// Size and speed per compression level (run by hand:
     /// `cargo test -p reflex-recorder --release measure_levels -- --ignored --nocapture`).
     #[test]
-    #[ignore]
+    #[ignore = "benchmark: cargo test -p reflex-recorder --release measure_levels -- --ignored --nocapture"]
     fn measure_levels() {
         use std::time::Instant;
         let dir = tempfile::tempdir().unwrap();

@@ -778,7 +778,7 @@ async fn run_binds_serves_and_removes_its_socket() {
 /// Runs a daemon in a child process for `kill_9_loses_at_most_the_flush_interval`
 /// (does nothing when run on its own).
 #[test]
-#[ignore]
+#[ignore = "helper process: run by kill_9_loses_at_most_the_flush_interval, does nothing on its own"]
 fn child_daemon() {
     let (Ok(dir), Ok(socket)) = (
         std::env::var("REFLEX_TEST_CHILD_DIR"),
@@ -878,7 +878,7 @@ async fn kill_9_loses_at_most_the_flush_interval() {
 /// The daemon runs on its own one-thread runtime so that its CPU time (runtime thread +
 /// the session's writer thread) can be told from the client's.
 #[test]
-#[ignore]
+#[ignore = "benchmark: cargo test -p reflex-recorder --release ingest_throughput -- --ignored --nocapture"]
 fn ingest_throughput() {
     let tmp = tempfile::tempdir().unwrap();
     let socket = tmp.path().join("recorder.sock");
