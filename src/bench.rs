@@ -59,6 +59,8 @@ pub enum Suite {
     Record(crate::bench_record::RecordBench),
     /// Recorder ingest: records/s through the real socket, 1 and 4 sessions, hash_only and full.
     Ingest(crate::bench_record::IngestBench),
+    /// Act latency with telemetry off vs tracing at sample 1.0 and 0.01 (real serve children).
+    Telemetry(crate::bench_telemetry::TelemetryBench),
 }
 
 /// Serving latency (the default suite).
@@ -80,6 +82,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => serve_bench(args.serve).await,
         Some(Suite::Record(a)) => crate::bench_record::record(a).await,
         Some(Suite::Ingest(a)) => crate::bench_record::ingest(a).await,
+        Some(Suite::Telemetry(a)) => crate::bench_telemetry::run(a).await,
     }
 }
 

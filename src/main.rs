@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_record;
+mod bench_telemetry;
 mod demo;
 mod scene;
 

@@ -385,3 +385,41 @@ async fn prometheus_counts_calls_and_the_drops_after_the_recorder_is_killed() {
     assert_eq!(sample(&text, "reflex_act_requests_total{status=\"ok\"}"), Some(27.0), "{text}");
     assert!(http_get(&addr, "/").await.starts_with("HTTP/1.1 404"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_traces_each_call_beside_the_original_with_the_servers_act_as_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("export");
+    export(&exp, 0);
+    let traces = dir.path().join("traces");
+    let (mut server, sock) =
+        serve(dir.path(), &exp, &["--record", traces.to_str().unwrap(), "--record-images", "full", "--record-no-gzip"])
+            .await;
+    let mut c = policy_client(&format!("unix://{}", sock.display())).await;
+    for i in 0..3u8 {
+        timeout(c.act(act_request(i, Some(i as u64)))).await.unwrap();
+    }
+    stop(&mut server);
+    let trace = trace_files(&traces).pop().expect("a trace file");
+
+    // The replay and its private server (--model) trace to the receiver through the standard variable.
+    let rx = Receiver::start().await;
+    let out = tokio::process::Command::new(BIN)
+        .args(["replay", trace.to_str().unwrap(), "--model", exp.to_str().unwrap()])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &rx.endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .output();
+    let out = timeout(out).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spans = rx.spans();
+    let replays: Vec<&Span> = spans.iter().filter(|s| s.name == "replay.act").collect();
+    assert_eq!(replays.len(), 3, "{spans:#?}");
+    for r in replays {
+        let seq = attr_int(r, "reflex.record.seq");
+        assert!(r.parent_span_id.is_empty(), "each replayed call starts its own trace");
+        let act =
+            spans.iter().find(|s| s.name == "act" && s.parent_span_id == r.span_id).expect("the server's act span");
+        assert_eq!(act.trace_id, r.trace_id);
+        assert_eq!(attr_int(act, "reflex.record.seq"), seq, "a fresh private server counts the same seqs");
+    }
+}

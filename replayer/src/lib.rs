@@ -62,7 +62,11 @@ pub enum Exit {
 /// Runs a replay, printing the report to stdout (errors to stderr); returns the exit code.
 pub async fn run(args: ReplayArgs, shutdown: CancellationToken) -> Exit {
     let mut console = report::Console::stdio();
-    replay::execute(&args, &shutdown, &mut console).await.0
+    // Tracing follows the standard OTEL_* variables; off when they are unset.
+    let telemetry = reflex_server::telemetry::Telemetry::tracing_from_env("reflex-replay").await;
+    let exit = replay::execute(&args, &shutdown, &mut console).await.0;
+    telemetry.shutdown().await;
+    exit
 }
 
 /// [`run`] with the text going to the given writers instead; also returns the report.

@@ -585,7 +585,7 @@ impl Run {
                             let client = self.client.clone();
                             let diffs = self.diffs;
                             let handle = tokio::spawn(async move {
-                                let res = call(client, req).await;
+                                let res = call(client, req, seq).await;
                                 compare(&record, line, res, diffs)
                             });
                             self.pending.push_back(Pending::Call(handle, seq, line));
@@ -656,10 +656,24 @@ impl Run {
 async fn call(
     mut client: PolicyClient<Channel>,
     req: ActRequest,
+    seq: u64,
 ) -> Result<ActResponse, tonic::Status> {
+    use tracing::Instrument;
+    // With OTEL_* tracing on, each replayed call is a span whose context goes
+    // to the target as `traceparent`: the replay shows up beside the original run.
+    let span = reflex_server::telemetry::replay_span(seq);
     let mut request = tonic::Request::new(req);
     request.set_timeout(CALL_TIMEOUT);
-    client.act(request).await.map(tonic::Response::into_inner)
+    reflex_server::telemetry::inject(&span, request.metadata_mut());
+    let res = client
+        .act(request)
+        .instrument(span.clone())
+        .await
+        .map(tonic::Response::into_inner);
+    if let Err(s) = &res {
+        reflex_server::telemetry::fail_span(&span, "target-error", s.message());
+    }
+    res
 }
 
 /// The diffs of one record against the target's answer.

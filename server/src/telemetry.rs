@@ -134,7 +134,17 @@ impl TelemetryConfig {
         };
         let sample =
             sample.unwrap_or_else(|| sample_from_env(set("OTEL_TRACES_SAMPLER"), set("OTEL_TRACES_SAMPLER_ARG")));
-        let service_name = set("OTEL_SERVICE_NAME").unwrap_or_else(|| default_service.to_string());
+        // OTEL_SERVICE_NAME, then a `service.name` in OTEL_RESOURCE_ATTRIBUTES, then ours.
+        let service_name = set("OTEL_SERVICE_NAME")
+            .or_else(|| {
+                let attrs = set("OTEL_RESOURCE_ATTRIBUTES")?;
+                attrs.split(',').find_map(|kv| {
+                    Some(kv.split_once('=')?)
+                        .filter(|(k, _)| k.trim() == "service.name")
+                        .map(|(_, v)| v.trim().to_string())
+                })
+            })
+            .unwrap_or_else(|| default_service.to_string());
         TelemetryConfig { endpoint, sample, metrics_listen, service_name }
     }
 
@@ -352,7 +362,8 @@ impl Telemetry {
     /// parse or a metrics address that cannot be bound.
     pub async fn start(cfg: &TelemetryConfig) -> anyhow::Result<Self> {
         let mut t = Telemetry::off();
-        if !cfg.tracing() && !cfg.metrics() {
+        // Tracing implies metrics (over the same OTLP endpoint).
+        if !cfg.metrics() {
             return Ok(t);
         }
         let resource = Resource::builder().with_service_name(cfg.service_name.clone()).build();
@@ -404,19 +415,16 @@ impl Telemetry {
     /// `reflex replay`); off, with a warning, if the pipeline cannot be built.
     pub async fn tracing_from_env(service_name: &str) -> Self {
         let cfg = TelemetryConfig::from_env(service_name);
-        if !cfg.tracing() {
-            return Telemetry::off();
-        }
-        // No metrics: a replay has no instruments worth a reader.
         let mut t = Telemetry::off();
+        let Some(endpoint) = &cfg.endpoint else { return t };
+        // No metrics: a replay has no instruments worth a reader.
         let resource = Resource::builder().with_service_name(cfg.service_name.clone()).build();
-        match cfg.endpoint.as_deref().map(|e| process_tracer(&cfg, e, &resource)) {
-            Some(Ok((tracer, provider))) => {
+        match process_tracer(&cfg, endpoint, &resource) {
+            Ok((tracer, provider)) => {
                 t.act.tracer = Some(tracer);
                 t.tracer_provider = provider;
             }
-            Some(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "tracing is off"),
-            None => {}
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "tracing is off"),
         }
         t
     }
@@ -764,7 +772,7 @@ pub fn inject(span: &Span, metadata: &mut MetadataMap) {
 /// The client-side span of one replayed call: `replay.act` with the record's
 /// `seq`, so the replay sits beside the original call in the tracing backend.
 /// A disabled span when tracing is off. Pair it with [`inject`].
-pub fn replay_span(seq: u64, trace_file: &str) -> Span {
+pub fn replay_span(seq: u64) -> Span {
     if OTEL_LAYER.get().is_none() {
         return Span::none();
     }
@@ -776,7 +784,6 @@ pub fn replay_span(seq: u64, trace_file: &str) -> Span {
         rpc.service = "reflex.v1.Policy",
         rpc.method = "Act",
         reflex.record.seq = seq as i64,
-        reflex.replay.trace = trace_file,
         error.type = tracing::field::Empty,
     )
 }
@@ -974,6 +981,8 @@ mod tests {
         let c = TelemetryConfig::resolve(None, None, None, "reflex", env(&vars));
         assert_eq!(c.endpoint.as_deref(), Some("http://collector:4317"));
         assert_eq!((c.sample, c.service_name.as_str()), (0.25, "arm-7"));
+        let named = [("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=lab, service.name=arm-9")];
+        assert_eq!(TelemetryConfig::resolve(None, None, None, "reflex", env(&named)).service_name, "arm-9");
         let c = TelemetryConfig::resolve(Some("http://127.0.0.1:4317"), Some(0.01), None, "reflex", env(&vars));
         assert_eq!((c.endpoint.as_deref(), c.sample), (Some("http://127.0.0.1:4317"), 0.01));
     }
