@@ -95,7 +95,13 @@ async fn serve_bench(args: ServeBench) -> anyhow::Result<()> {
     let serve_args = ServeArgs {
         workers: Some(1),
         cache_entries: if args.cache { 1024 } else { 0 },
-        ..ServeArgs::new(export, vec![ListenAddr::Unix(socket.clone()), "127.0.0.1:0".parse().unwrap()])
+        ..ServeArgs::new(
+            export,
+            vec![
+                ListenAddr::Unix(socket.clone()),
+                "127.0.0.1:0".parse().unwrap(),
+            ],
+        )
     };
     let running = reflex_server::serve::start(serve_args, stop.clone()).await?;
     let tcp = running
@@ -107,18 +113,29 @@ async fn serve_bench(args: ServeBench) -> anyhow::Result<()> {
         })
         .expect("a TCP listener was requested");
     let policy = running.service.policy().clone();
-    let mut unix = PolicyClient::new(reflex_proto::connect(&format!("unix://{}", socket.display())).await?);
+    let mut unix =
+        PolicyClient::new(reflex_proto::connect(&format!("unix://{}", socket.display())).await?);
     let mut tcpc = PolicyClient::new(reflex_proto::connect(&tcp).await?);
 
     // 16 distinct frames, each with its own seed, reused round-robin.
     let scene = Scene::new();
-    let reqs: Vec<pb::ActRequest> = (0..16).map(|i| request(&scene.tick(i * 3), Some(i as u64))).collect();
+    let reqs: Vec<pb::ActRequest> = (0..16)
+        .map(|i| request(&scene.tick(i * 3), Some(i as u64)))
+        .collect();
     let cams = policy.config().cameras.clone();
-    let inputs: Vec<_> = reqs.iter().map(|r| to_input(r, &cams)).collect::<Result<_, _>>()?;
+    let inputs: Vec<_> = reqs
+        .iter()
+        .map(|r| to_input(r, &cams))
+        .collect::<Result<_, _>>()?;
     let request_bytes = prost::Message::encoded_len(&reqs[0]);
 
-    let (mut engine, mut over_unix, mut over_tcp, mut server_total, mut floor) =
-        (Summary::default(), Summary::default(), Summary::default(), Summary::default(), Summary::default());
+    let (mut engine, mut over_unix, mut over_tcp, mut server_total, mut floor) = (
+        Summary::default(),
+        Summary::default(),
+        Summary::default(),
+        Summary::default(),
+        Summary::default(),
+    );
     // Same bytes on the wire, refused before any model work (one state value
     // short): the transport's own cost for an Act-sized request.
     let mut reject = reqs[0].clone();
@@ -187,7 +204,10 @@ mod tests {
         for v in 1..=100 {
             s.push(v as f64);
         }
-        assert_eq!((s.pct(50.0), s.pct(99.0), s.pct(100.0)), (50.0, 99.0, 100.0));
+        assert_eq!(
+            (s.pct(50.0), s.pct(99.0), s.pct(100.0)),
+            (50.0, 99.0, 100.0)
+        );
         assert!(Summary::default().pct(50.0).is_nan());
     }
 }

@@ -9,7 +9,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use reflex_proto::v1::{self as pb, policy_client::PolicyClient, record_event::Event, recorder_client::RecorderClient};
+use reflex_proto::v1::{
+    self as pb, policy_client::PolicyClient, record_event::Event, recorder_client::RecorderClient,
+};
 use reflex_server::recording::ImageMode;
 use reflex_server::serve::{ListenAddr, ServeArgs};
 use tokio_util::sync::CancellationToken;
@@ -39,16 +41,47 @@ struct Variant {
 }
 
 const VARIANTS: [Variant; 7] = [
-    Variant { name: "off", mode: None, gzip: true },
-    Variant { name: "hash_only", mode: Some(ImageMode::HashOnly), gzip: true },
-    Variant { name: "full", mode: Some(ImageMode::Full), gzip: true },
-    Variant { name: "none", mode: Some(ImageMode::None), gzip: true },
-    Variant { name: "hash_only plain", mode: Some(ImageMode::HashOnly), gzip: false },
-    Variant { name: "full plain", mode: Some(ImageMode::Full), gzip: false },
-    Variant { name: "none plain", mode: Some(ImageMode::None), gzip: false },
+    Variant {
+        name: "off",
+        mode: None,
+        gzip: true,
+    },
+    Variant {
+        name: "hash_only",
+        mode: Some(ImageMode::HashOnly),
+        gzip: true,
+    },
+    Variant {
+        name: "full",
+        mode: Some(ImageMode::Full),
+        gzip: true,
+    },
+    Variant {
+        name: "none",
+        mode: Some(ImageMode::None),
+        gzip: true,
+    },
+    Variant {
+        name: "hash_only plain",
+        mode: Some(ImageMode::HashOnly),
+        gzip: false,
+    },
+    Variant {
+        name: "full plain",
+        mode: Some(ImageMode::Full),
+        gzip: false,
+    },
+    Variant {
+        name: "none plain",
+        mode: Some(ImageMode::None),
+        gzip: false,
+    },
 ];
 
-async fn start_recorder(work: &Path, stop: &CancellationToken) -> anyhow::Result<(String, std::path::PathBuf)> {
+async fn start_recorder(
+    work: &Path,
+    stop: &CancellationToken,
+) -> anyhow::Result<(String, std::path::PathBuf)> {
     let dir = work.join("traces");
     let sock = work.join("recorder.sock");
     let listener = reflex_recorder::bind(&sock)?;
@@ -63,7 +96,9 @@ async fn start_recorder(work: &Path, stop: &CancellationToken) -> anyhow::Result
 }
 
 pub async fn record(args: RecordBench) -> anyhow::Result<()> {
-    let work = tempfile::Builder::new().prefix("reflex-bench-record-").tempdir()?;
+    let work = tempfile::Builder::new()
+        .prefix("reflex-bench-record-")
+        .tempdir()?;
     let export = work.path().join("export");
     reflex_server::export::write_reference_export(&export, 0)?;
     let rec_stop = CancellationToken::new();
@@ -73,14 +108,18 @@ pub async fn record(args: RecordBench) -> anyhow::Result<()> {
     for (i, v) in VARIANTS.iter().enumerate() {
         let sock = work.path().join(format!("policy{i}.sock"));
         let stop = CancellationToken::new();
-        let mut sa = ServeArgs { workers: Some(1), ..ServeArgs::new(export.clone(), vec![ListenAddr::Unix(sock.clone())]) };
+        let mut sa = ServeArgs {
+            workers: Some(1),
+            ..ServeArgs::new(export.clone(), vec![ListenAddr::Unix(sock.clone())])
+        };
         if let Some(mode) = v.mode {
             sa.recorder = Some(recorder_uri.clone());
             sa.record_images = mode;
             sa.record_no_gzip = !v.gzip;
         }
         let running = reflex_server::serve::start(sa, stop.clone()).await?;
-        let client = PolicyClient::new(reflex_proto::connect(&format!("unix://{}", sock.display())).await?);
+        let client =
+            PolicyClient::new(reflex_proto::connect(&format!("unix://{}", sock.display())).await?);
         let session = running.service.info().session_id.clone();
         servers.push((running, stop, client, session, Summary::default()));
     }
@@ -89,7 +128,9 @@ pub async fn record(args: RecordBench) -> anyhow::Result<()> {
 
     // The demo's robot: moving frames with pauses, two cameras, fresh seeds.
     let scene = Scene::new();
-    let reqs: Vec<pb::ActRequest> = (0..args.calls).map(|i| request(&scene.tick(i), None)).collect();
+    let reqs: Vec<pb::ActRequest> = (0..args.calls)
+        .map(|i| request(&scene.tick(i), None))
+        .collect();
     let warmup = 20;
     for (i, req) in reqs.iter().take(warmup).chain(reqs.iter()).enumerate() {
         for (_, _, client, _, lat) in servers.iter_mut() {
@@ -111,15 +152,25 @@ pub async fn record(args: RecordBench) -> anyhow::Result<()> {
 
     let calls_recorded = (args.calls + warmup) as f64;
     let base = &sessions[0].1;
-    println!("reflex bench record: reference model, {} calls per server (+{warmup} warm-up), recorder daemon in-process", args.calls);
-    println!("{:<16} {:>9} {:>9} {:>10} {:>10} {:>14}", "recording", "p50 ms", "p99 ms", "p50 ratio", "p99 ratio", "MB/1000 calls");
+    println!(
+        "reflex bench record: reference model, {} calls per server (+{warmup} warm-up), recorder daemon in-process",
+        args.calls
+    );
+    println!(
+        "{:<16} {:>9} {:>9} {:>10} {:>10} {:>14}",
+        "recording", "p50 ms", "p99 ms", "p50 ratio", "p99 ratio", "MB/1000 calls"
+    );
     for (v, (session, lat)) in VARIANTS.iter().zip(&sessions) {
         let size = std::fs::read_dir(&trace_dir)?
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().to_string_lossy().contains(session.as_str()))
             .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
             .sum::<u64>();
-        let per_1000 = if v.mode.is_some() { format!("{:.2}", size as f64 / calls_recorded * 1000.0 / 1e6) } else { "-".into() };
+        let per_1000 = if v.mode.is_some() {
+            format!("{:.2}", size as f64 / calls_recorded * 1000.0 / 1e6)
+        } else {
+            "-".into()
+        };
         println!(
             "{:<16} {:>9.3} {:>9.3} {:>10.3} {:>10.3} {:>14}",
             v.name,
@@ -130,12 +181,16 @@ pub async fn record(args: RecordBench) -> anyhow::Result<()> {
             per_1000
         );
     }
-    println!("seed's figures per 1000 calls (gzipped): full ≈ 40 MB, hash_only ≈ 0.9 MB, none ≈ 0.7 MB; plain: 45 / 2.8 / 2.1 MB");
+    println!(
+        "seed's figures per 1000 calls (gzipped): full ≈ 40 MB, hash_only ≈ 0.9 MB, none ≈ 0.7 MB; plain: 45 / 2.8 / 2.1 MB"
+    );
     Ok(())
 }
 
 pub async fn ingest(args: IngestBench) -> anyhow::Result<()> {
-    let work = tempfile::Builder::new().prefix("reflex-bench-ingest-").tempdir()?;
+    let work = tempfile::Builder::new()
+        .prefix("reflex-bench-ingest-")
+        .tempdir()?;
     let export = work.path().join("export");
     reflex_server::export::write_reference_export(&export, 0)?;
     // One real Act gives realistic actions and images.
@@ -146,8 +201,14 @@ pub async fn ingest(args: IngestBench) -> anyhow::Result<()> {
     let out = policy.act(&input)?;
     let model_hash = policy.model_hash().to_string();
 
-    println!("reflex bench ingest: {} records per session through the recorder's Unix socket", args.records);
-    println!("{:<10} {:>9} {:>12} {:>10} {:>22}", "images", "sessions", "records/s", "MB/s in", "records per CPU-second");
+    println!(
+        "reflex bench ingest: {} records per session through the recorder's Unix socket",
+        args.records
+    );
+    println!(
+        "{:<10} {:>9} {:>12} {:>10} {:>22}",
+        "images", "sessions", "records/s", "MB/s in", "records per CPU-second"
+    );
     for mode in [ImageMode::HashOnly, ImageMode::Full] {
         for sessions in [1usize, 4] {
             let stop = CancellationToken::new();
@@ -159,8 +220,18 @@ pub async fn ingest(args: IngestBench) -> anyhow::Result<()> {
                 actions: out.actions.clone(),
                 num_actions: 50,
                 action_dim: 7,
-                latency: Some(pb::Latency { total_ms: 3.2, decode_ms: 0.8, prefix_ms: 1.9, denoise_ms: 0.5, ..Default::default() }),
-                denoise: Some(pb::Denoise { steps_used: 10, steps_configured: 10, adaptive: false }),
+                latency: Some(pb::Latency {
+                    total_ms: 3.2,
+                    decode_ms: 0.8,
+                    prefix_ms: 1.9,
+                    denoise_ms: 0.5,
+                    ..Default::default()
+                }),
+                denoise: Some(pb::Denoise {
+                    steps_used: 10,
+                    steps_configured: 10,
+                    adaptive: false,
+                }),
                 cache: "miss".into(),
                 mode: "cpu".into(),
                 noise_seed: 1,
@@ -169,7 +240,9 @@ pub async fn ingest(args: IngestBench) -> anyhow::Result<()> {
             };
             if let Some(r) = record.request.as_mut() {
                 for img in r.images.iter_mut() {
-                    img.sha256 = reflex_server::config::hex(&<sha2::Sha256 as sha2::Digest>::digest(&img.data));
+                    img.sha256 = reflex_server::config::hex(
+                        &<sha2::Sha256 as sha2::Digest>::digest(&img.data),
+                    );
                     if mode != ImageMode::Full {
                         img.data.clear();
                     }
@@ -180,9 +253,15 @@ pub async fn ingest(args: IngestBench) -> anyhow::Result<()> {
             let t = Instant::now();
             let mut tasks = vec![];
             for s in 0..sessions {
-                let (uri, record, n, hash) = (uri.clone(), record.clone(), args.records, model_hash.clone());
+                let (uri, record, n, hash) = (
+                    uri.clone(),
+                    record.clone(),
+                    args.records,
+                    model_hash.clone(),
+                );
                 tasks.push(tokio::spawn(async move {
-                    let mut c = RecorderClient::new(reflex_proto::connect(&uri).await?).max_encoding_message_size(64 << 20);
+                    let mut c = RecorderClient::new(reflex_proto::connect(&uri).await?)
+                        .max_encoding_message_size(64 << 20);
                     let start = pb::SessionStart {
                         session_id: format!("bench{s:011x}"),
                         model_hash: hash,
@@ -190,15 +269,28 @@ pub async fn ingest(args: IngestBench) -> anyhow::Result<()> {
                         started_at: reflex_server::recording::now_rfc3339(),
                         ..Default::default()
                     };
-                    let events = std::iter::once(pb::RecordEvent { event: Some(Event::Start(start)) })
-                        .chain((0..n as u64).map(move |seq| pb::RecordEvent {
-                            event: Some(Event::Act(pb::ActRecord { seq, ..record.clone() })),
-                        }))
-                        .chain(std::iter::once(pb::RecordEvent {
-                            event: Some(Event::End(pb::SessionEnd { reason: "shutdown".into(), total_requests: n as u64, ..Default::default() })),
-                        }));
+                    let events = std::iter::once(pb::RecordEvent {
+                        event: Some(Event::Start(start)),
+                    })
+                    .chain((0..n as u64).map(move |seq| pb::RecordEvent {
+                        event: Some(Event::Act(pb::ActRecord {
+                            seq,
+                            ..record.clone()
+                        })),
+                    }))
+                    .chain(std::iter::once(pb::RecordEvent {
+                        event: Some(Event::End(pb::SessionEnd {
+                            reason: "shutdown".into(),
+                            total_requests: n as u64,
+                            ..Default::default()
+                        })),
+                    }));
                     let summary = c.record(tokio_stream::iter(events)).await?.into_inner();
-                    anyhow::ensure!(summary.records_written == n as u64, "wrote {} of {n}", summary.records_written);
+                    anyhow::ensure!(
+                        summary.records_written == n as u64,
+                        "wrote {} of {n}",
+                        summary.records_written
+                    );
                     Ok::<_, anyhow::Error>(())
                 }));
             }

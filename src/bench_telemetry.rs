@@ -18,9 +18,15 @@ use std::time::{Duration, Instant};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
-use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use reflex_proto::v1::{self as pb, policy_client::PolicyClient};
 use tokio_util::sync::CancellationToken;
@@ -53,7 +59,9 @@ struct Variant {
 }
 
 pub async fn run(args: TelemetryBench) -> anyhow::Result<()> {
-    let work = tempfile::Builder::new().prefix("reflex-bench-telemetry-").tempdir()?;
+    let work = tempfile::Builder::new()
+        .prefix("reflex-bench-telemetry-")
+        .tempdir()?;
     let export = work.path().join("export");
     reflex_server::export::write_reference_export(&export, 0)?;
     let (otlp, sink, sink_stop) = start_sink().await?;
@@ -61,22 +69,45 @@ pub async fn run(args: TelemetryBench) -> anyhow::Result<()> {
 
     let mut variants = vec![];
     if let Some(bin) = &args.baseline_bin {
-        variants.push(Variant { name: "baseline build".into(), bin: bin.clone(), flags: vec![] });
+        variants.push(Variant {
+            name: "baseline build".into(),
+            bin: bin.clone(),
+            flags: vec![],
+        });
     }
-    let v = |name: &str, flags: Vec<&'static str>| Variant { name: name.into(), bin: me.clone(), flags };
+    let v = |name: &str, flags: Vec<&'static str>| Variant {
+        name: name.into(),
+        bin: me.clone(),
+        flags,
+    };
     variants.extend([
         v("off", vec![]),
         v("off (2nd server)", vec![]),
-        v("trace 1.0", vec!["--otel-endpoint", "{otlp}", "--otel-sample", "1"]),
-        v("trace 0.01", vec!["--otel-endpoint", "{otlp}", "--otel-sample", "0.01"]),
+        v(
+            "trace 1.0",
+            vec!["--otel-endpoint", "{otlp}", "--otel-sample", "1"],
+        ),
+        v(
+            "trace 0.01",
+            vec!["--otel-endpoint", "{otlp}", "--otel-sample", "0.01"],
+        ),
         v(
             "trace 1.0 + prometheus",
-            vec!["--otel-endpoint", "{otlp}", "--otel-sample", "1", "--metrics-listen", "127.0.0.1:0"],
+            vec![
+                "--otel-endpoint",
+                "{otlp}",
+                "--otel-sample",
+                "1",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
         ),
     ]);
 
     let scene = Scene::new();
-    let reqs: Vec<pb::ActRequest> = (0..16).map(|i| request(&scene.tick(i * 3), Some(i as u64))).collect();
+    let reqs: Vec<pb::ActRequest> = (0..16)
+        .map(|i| request(&scene.tick(i * 3), Some(i as u64)))
+        .collect();
     let n = variants.len();
     let mut results = vec![Summary::default(); n];
     let mut trial_p50s: Vec<Vec<f64>> = vec![vec![]; n];
@@ -84,7 +115,14 @@ pub async fn run(args: TelemetryBench) -> anyhow::Result<()> {
         let mut servers = vec![];
         for (i, v) in variants.iter().enumerate() {
             let sock = work.path().join(format!("t{trial}-s{i}.sock"));
-            let child = spawn_server(&v.bin, &export, &sock, &v.flags, &otlp, &format!("bench-{i}"))?;
+            let child = spawn_server(
+                &v.bin,
+                &export,
+                &sock,
+                &v.flags,
+                &otlp,
+                &format!("bench-{i}"),
+            )?;
             let client = PolicyClient::new(connect_when_up(&sock).await?);
             servers.push((child, client, Summary::default()));
         }
@@ -108,7 +146,10 @@ pub async fn run(args: TelemetryBench) -> anyhow::Result<()> {
                 // SAFETY: a plain kill(2) on our own child's pid.
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             }
-            if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(15), child.wait())
+                .await
+                .is_err()
+            {
                 child.kill().await?;
             }
             trial_p50s[i].push(lat.pct(50.0));
@@ -125,11 +166,25 @@ pub async fn run(args: TelemetryBench) -> anyhow::Result<()> {
     );
     println!(
         "{:<24} {:>9} {:>9} {:>10} {:>10} {:>17} {:>14}",
-        "telemetry", "p50 ms", "p99 ms", "p50 ratio", "p99 ratio", "trial p50 range", "spans exported"
+        "telemetry",
+        "p50 ms",
+        "p99 ms",
+        "p50 ratio",
+        "p99 ratio",
+        "trial p50 range",
+        "spans exported"
     );
     for (i, (v, lat)) in variants.iter().zip(&results).enumerate() {
-        let exported = spans.iter().find(|(s, _)| *s == format!("bench-{i}")).map(|(_, n)| *n).unwrap_or(0);
-        let (lo, hi) = trial_p50s[i].iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+        let exported = spans
+            .iter()
+            .find(|(s, _)| *s == format!("bench-{i}"))
+            .map(|(_, n)| *n)
+            .unwrap_or(0);
+        let (lo, hi) = trial_p50s[i]
+            .iter()
+            .fold((f64::INFINITY, 0.0f64), |(lo, hi), &p| {
+                (lo.min(p), hi.max(p))
+            });
         println!(
             "{:<24} {:>9.3} {:>9.3} {:>10.3} {:>10.3} {:>17} {:>14}",
             v.name,
@@ -178,11 +233,17 @@ async fn connect_when_up(sock: &Path) -> anyhow::Result<tonic::transport::Channe
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(ch) = reflex_proto::connect(&target).await
-            && PolicyClient::new(ch.clone()).get_model_info(pb::GetModelInfoRequest {}).await.is_ok()
+            && PolicyClient::new(ch.clone())
+                .get_model_info(pb::GetModelInfoRequest {})
+                .await
+                .is_ok()
         {
             return Ok(ch);
         }
-        anyhow::ensure!(Instant::now() < deadline, "the server on {target} did not come up in 60 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the server on {target} did not come up in 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -219,7 +280,9 @@ impl TraceService for Sink {
                 }
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -229,7 +292,9 @@ impl MetricsService for Sink {
         &self,
         _req: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -244,7 +309,10 @@ async fn start_sink() -> anyhow::Result<(String, Received, CancellationToken)> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let token = stop.clone();
     tokio::spawn(async move {
-        if let Err(e) = router.serve_with_incoming_shutdown(incoming, token.cancelled_owned()).await {
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+            .await
+        {
             tracing::error!(error = %e, "bench OTLP receiver failed");
         }
     });

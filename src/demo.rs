@@ -47,8 +47,16 @@ pub fn cache_dir() -> PathBuf {
 pub fn request(tick: &Tick, noise_seed: Option<u64>) -> pb::ActRequest {
     pb::ActRequest {
         images: vec![
-            pb::Image { camera: "base".into(), data: tick.base_jpeg.clone(), sha256: String::new() },
-            pb::Image { camera: "wrist".into(), data: tick.wrist_jpeg.clone(), sha256: String::new() },
+            pb::Image {
+                camera: "base".into(),
+                data: tick.base_jpeg.clone(),
+                sha256: String::new(),
+            },
+            pb::Image {
+                camera: "wrist".into(),
+                data: tick.wrist_jpeg.clone(),
+                sha256: String::new(),
+            },
         ],
         instruction: INSTRUCTION.into(),
         state: tick.state.clone(),
@@ -59,10 +67,19 @@ pub fn request(tick: &Tick, noise_seed: Option<u64>) -> pb::ActRequest {
 }
 
 pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let export_dir = args.export_dir.unwrap_or_else(|| cache_dir().join("reference-export-seed0"));
+    let export_dir = args
+        .export_dir
+        .unwrap_or_else(|| cache_dir().join("reference-export-seed0"));
     reflex_server::export::write_reference_export(&export_dir, reflex_server::export::DEFAULT_SEED)
-        .with_context(|| format!("cannot write the reference export to {}", export_dir.display()))?;
-    let trace_dir = args.trace_dir.unwrap_or_else(|| cache_dir().join("demo-traces"));
+        .with_context(|| {
+            format!(
+                "cannot write the reference export to {}",
+                export_dir.display()
+            )
+        })?;
+    let trace_dir = args
+        .trace_dir
+        .unwrap_or_else(|| cache_dir().join("demo-traces"));
     let work = tempfile::Builder::new().prefix("reflex-demo-").tempdir()?;
     let socket = work.path().join("policy.sock");
 
@@ -86,9 +103,15 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let running = reflex_server::serve::start(serve_args, server_stop.clone()).await?;
     let target = format!("unix://{}", socket.display());
     let mut client = PolicyClient::new(reflex_proto::connect(&target).await?);
-    let info = client.get_model_info(pb::GetModelInfoRequest {}).await?.into_inner();
+    let info = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await?
+        .into_inner();
 
-    println!("reflex demo: reference model {} (model_hash {}, engine {})", info.model_type, info.model_hash, info.mode);
+    println!(
+        "reflex demo: reference model {} (model_hash {}, engine {})",
+        info.model_type, info.model_hash, info.mode
+    );
     println!("  export:  {}", export_dir.display());
     println!("  serving: {target}");
     println!(
@@ -134,8 +157,16 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     let wall = started.elapsed().as_secs_f64();
-    println!("  calls:    {} ok, {failed} failed, {:.0} calls/s", rtt.len(), rtt.len() as f64 / wall);
-    println!("  latency:  p50 {:.2} ms, p99 {:.2} ms (client round trip)", rtt.pct(50.0), rtt.pct(99.0));
+    println!(
+        "  calls:    {} ok, {failed} failed, {:.0} calls/s",
+        rtt.len(),
+        rtt.len() as f64 / wall
+    );
+    println!(
+        "  latency:  p50 {:.2} ms, p99 {:.2} ms (client round trip)",
+        rtt.pct(50.0),
+        rtt.pct(99.0)
+    );
     println!(
         "  stages:   decode {:.2} ms, prefix {:.2} ms (misses), denoise {:.2} ms (p50)",
         stages[0].pct(50.0),
@@ -164,7 +195,11 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
 
     // Replay the trace against the same model: recorded seeds go back in, so
     // the actions must come out bit for bit; latency and cache are diffed too.
-    println!("replaying the trace against the same model (reflex replay {} --model {} --diff all):", trace.display(), export_dir.display());
+    println!(
+        "replaying the trace against the same model (reflex replay {} --model {} --diff all):",
+        trace.display(),
+        export_dir.display()
+    );
     let mut replay_args = reflex_replayer::ReplayArgs::new(trace.clone());
     replay_args.model = Some(export_dir.clone());
     replay_args.diff = reflex_replayer::args::DiffMode::All;
@@ -173,7 +208,13 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         println!("  (images were not recorded in full: the trace is summarised, not replayed)");
     }
     let buf = SharedBuf::default();
-    let (exit, _) = reflex_replayer::run_with(&replay_args, &shutdown, Box::new(buf.clone()), Box::new(std::io::stderr())).await;
+    let (exit, _) = reflex_replayer::run_with(
+        &replay_args,
+        &shutdown,
+        Box::new(buf.clone()),
+        Box::new(std::io::stderr()),
+    )
+    .await;
     let text = buf.text();
     let summary = text.split_once("Summary:").map(|(_, s)| s).unwrap_or(&text);
     for line in summary.lines().filter(|l| !l.trim().is_empty()) {
@@ -183,7 +224,11 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         println!("  {line}");
     }
     anyhow::ensure!(failed == 0, "{failed} Act calls failed");
-    anyhow::ensure!(exit == reflex_replayer::Exit::Passed, "replay ended with exit code {}", exit as u8);
+    anyhow::ensure!(
+        exit == reflex_replayer::Exit::Passed,
+        "replay ended with exit code {}",
+        exit as u8
+    );
     Ok(())
 }
 
@@ -199,7 +244,10 @@ impl SharedBuf {
 
 impl std::io::Write for SharedBuf {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(b);
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(b);
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -212,8 +260,13 @@ fn find_trace(dir: &std::path::Path, session_id: &str) -> anyhow::Result<PathBuf
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains(session_id)))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(session_id))
+        })
         .collect();
     found.sort();
-    found.pop().with_context(|| format!("no trace for session {session_id} in {}", dir.display()))
+    found
+        .pop()
+        .with_context(|| format!("no trace for session {session_id} in {}", dir.display()))
 }

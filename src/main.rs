@@ -65,7 +65,10 @@ fn main() -> ExitCode {
     // The demo and benches print their own report; their logs default to warnings.
     let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
     init_logging(if quiet { "warn" } else { "info" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -96,8 +99,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::ExportDemo(a) => {
             let cfg = reflex_server::export::write_reference_export(&a.dir, a.seed)?;
             let hash = reflex_server::config::model_hash(&a.dir, &cfg.model_files())?;
-            println!("wrote reference export to {} (seed {}, model_hash {hash}, config_hash {})",
-                a.dir.display(), a.seed, cfg.config_hash());
+            println!(
+                "wrote reference export to {} (seed {}, model_hash {hash}, config_hash {})",
+                a.dir.display(),
+                a.seed,
+                cfg.config_hash()
+            );
         }
         Command::Demo(args) => demo::run(args, shutdown).await?,
         Command::Bench(args) => bench::run(args).await?,
@@ -129,13 +136,18 @@ fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
 fn init_logging(default_level: &str) {
     use std::io::IsTerminal;
     use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(!journald && std::io::stderr().is_terminal())
         .with_target(false);
-    let fmt = if journald { fmt.without_time().boxed() } else { fmt.boxed() };
+    let fmt = if journald {
+        fmt.without_time().boxed()
+    } else {
+        fmt.boxed()
+    };
     tracing_subscriber::registry()
         .with(reflex_server::telemetry::layer())
         .with(fmt.with_filter(reflex_server::telemetry::without_spans(filter)))

@@ -30,7 +30,7 @@ impl Scene {
         // so JPEG sizes resemble a real camera (~15–25 KB at quality 90).
         let background = image::RgbImage::from_fn(224, 224, |x, y| {
             let grain = (((x * 7919 + y * 104_729) ^ (x * y)) % 23) as f32;
-            let stripe = ((y as f32 * 0.21 + (x as f32 * 0.03).sin() * 4.0).sin() * 18.0) as f32;
+            let stripe = (y as f32 * 0.21 + (x as f32 * 0.03).sin() * 4.0).sin() * 18.0;
             let v = 150.0 + stripe + grain;
             image::Rgb([v as u8, (v * 0.78) as u8, (v * 0.55) as u8])
         });
@@ -48,14 +48,23 @@ impl Scene {
 
     pub fn tick(&self, tick: usize) -> Tick {
         let (p, still) = Self::phase(tick);
-        let cup = (112.0 + 60.0 * (p * 0.3).cos(), 140.0 + 20.0 * (p * 0.2).sin());
-        let grip = (112.0 + 70.0 * (p * 0.5).sin(), 60.0 + 30.0 * (p * 0.35).cos());
+        let cup = (
+            112.0 + 60.0 * (p * 0.3).cos(),
+            140.0 + 20.0 * (p * 0.2).sin(),
+        );
+        let grip = (
+            112.0 + 70.0 * (p * 0.5).sin(),
+            60.0 + 30.0 * (p * 0.35).cos(),
+        );
         let mut base = self.background.clone();
         disk(&mut base, cup, 22.0, [200, 30, 35]);
         rect(&mut base, grip, (26.0, 14.0), [70, 70, 78]);
         // The wrist camera sees the cup from the gripper: larger and offset.
         let mut wrist = image::RgbImage::from_pixel(224, 224, image::Rgb([40, 44, 52]));
-        let rel = (112.0 + (cup.0 - grip.0) * 1.5, 112.0 + (cup.1 - grip.1) * 1.5);
+        let rel = (
+            112.0 + (cup.0 - grip.0) * 1.5,
+            112.0 + (cup.1 - grip.1) * 1.5,
+        );
         disk(&mut wrist, rel, 48.0, [200, 30, 35]);
         let state = vec![
             0.3 * (p * 0.5).sin(),
@@ -67,7 +76,12 @@ impl Scene {
             0.8 + 0.1 * (p * 0.25).cos(),
             0.04 - 0.03 * ((p * 0.1).sin() * 0.5 + 0.5),
         ];
-        Tick { base_jpeg: encode_jpeg(&base, 90), wrist_jpeg: encode_jpeg(&wrist, 85), state, still }
+        Tick {
+            base_jpeg: encode_jpeg(&base, 90),
+            wrist_jpeg: encode_jpeg(&wrist, 85),
+            state,
+            still,
+        }
     }
 }
 

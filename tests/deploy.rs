@@ -24,7 +24,11 @@ use std::time::{Duration, Instant};
 use util::*;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-const UNITS: [&str; 3] = ["reflex-recorder.socket", "reflex-recorder.service", "reflex-serve@.service"];
+const UNITS: [&str; 3] = [
+    "reflex-recorder.socket",
+    "reflex-recorder.service",
+    "reflex-serve@.service",
+];
 
 // ---------------------------------------------------------------------------------------
 // Tools
@@ -34,14 +38,20 @@ fn tool(program: &str, args: &[&OsStr]) -> Output {
     match Command::new(program).args(args).output() {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            panic!("{program} is not installed: run deploy/ci-setup.sh (CI runs it before the tests)")
+            panic!(
+                "{program} is not installed: run deploy/ci-setup.sh (CI runs it before the tests)"
+            )
         }
         Err(e) => panic!("cannot run {program}: {e}"),
     }
 }
 
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn require_root(what: &str) {
@@ -63,7 +73,10 @@ fn verify(paths: &[PathBuf]) {
     let out = tool("systemd-analyze", &[&[os("verify")], &args[..]].concat());
     let said = text(&out);
     let about_us: Vec<&str> = said.lines().filter(|l| l.contains("reflex")).collect();
-    assert!(out.status.success() && about_us.is_empty(), "systemd-analyze verify refused the units:\n{said}");
+    assert!(
+        out.status.success() && about_us.is_empty(),
+        "systemd-analyze verify refused the units:\n{said}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -75,7 +88,8 @@ fn systemd_analyze_verify_accepts_every_unit_and_the_cuda_drop_in() {
     // verify checks that ExecStart= is executable: point it at the binary under test. The
     // installed units are verified as shipped by the .deb test.
     for unit in UNITS {
-        let src = std::fs::read_to_string(Path::new(ROOT).join("deploy/systemd").join(unit)).unwrap();
+        let src =
+            std::fs::read_to_string(Path::new(ROOT).join("deploy/systemd").join(unit)).unwrap();
         assert!(
             unit.ends_with(".socket") || src.contains("ExecStart=/usr/bin/reflex "),
             "{unit} runs the packaged binary"
@@ -84,19 +98,34 @@ fn systemd_analyze_verify_accepts_every_unit_and_the_cuda_drop_in() {
     }
     let dropin = dir.path().join("reflex-serve@.service.d");
     std::fs::create_dir(&dropin).unwrap();
-    std::fs::copy(Path::new(ROOT).join("deploy/systemd/cuda.conf"), dropin.join("cuda.conf")).unwrap();
+    std::fs::copy(
+        Path::new(ROOT).join("deploy/systemd/cuda.conf"),
+        dropin.join("cuda.conf"),
+    )
+    .unwrap();
     verify(&UNITS.map(|u| dir.path().join(u)));
 
     // The check has teeth: a misspelt key is caught.
-    let mut f = std::fs::OpenOptions::new().append(true).open(dropin.join("cuda.conf")).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dropin.join("cuda.conf"))
+        .unwrap();
     writeln!(f, "DeviceAlow=char-nvidiactl rw").unwrap();
-    let out = tool("systemd-analyze", &[os("verify"), dir.path().join("reflex-serve@.service").as_os_str()]);
+    let out = tool(
+        "systemd-analyze",
+        &[
+            os("verify"),
+            dir.path().join("reflex-serve@.service").as_os_str(),
+        ],
+    );
     assert!(text(&out).contains("DeviceAlow"), "{}", text(&out));
 }
 
 #[test]
 fn units_say_what_the_spec_asks() {
-    let unit = |name: &str| std::fs::read_to_string(Path::new(ROOT).join("deploy/systemd").join(name)).unwrap();
+    let unit = |name: &str| {
+        std::fs::read_to_string(Path::new(ROOT).join("deploy/systemd").join(name)).unwrap()
+    };
     let has = |text: &str, line: &str| text.lines().any(|l| l.trim() == line);
     let serve = unit("reflex-serve@.service");
     let recorder = unit("reflex-recorder.service");
@@ -112,10 +141,17 @@ fn units_say_what_the_spec_asks() {
         ] {
             assert!(has(u, line), "{name}: {line}");
         }
-        assert!(u.lines().any(|l| l.starts_with("RestrictAddressFamilies=AF_UNIX")), "{name}");
+        assert!(
+            u.lines()
+                .any(|l| l.starts_with("RestrictAddressFamilies=AF_UNIX")),
+            "{name}"
+        );
     }
     assert!(has(&serve, "EnvironmentFile=/etc/reflex/%i.env"));
-    assert!(has(&serve, "Environment=REFLEX_RECORDER=unix:///run/reflex/recorder.sock"));
+    assert!(has(
+        &serve,
+        "Environment=REFLEX_RECORDER=unix:///run/reflex/recorder.sock"
+    ));
     assert!(serve.lines().any(|l| l.starts_with("WatchdogSec=")));
     assert!(has(&recorder, "ReadWritePaths=/var/lib/reflex/traces"));
     let socket = unit("reflex-recorder.socket");
@@ -135,25 +171,55 @@ fn sysusers_and_tmpfiles_make_the_user_and_folders_with_the_spec_modes() {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir(root.path().join("etc")).unwrap();
     let rootarg = format!("--root={}", root.path().display());
-    let out =
-        tool("systemd-sysusers", &[os(&rootarg), Path::new(ROOT).join("deploy/sysusers.d/reflex.conf").as_os_str()]);
+    let out = tool(
+        "systemd-sysusers",
+        &[
+            os(&rootarg),
+            Path::new(ROOT)
+                .join("deploy/sysusers.d/reflex.conf")
+                .as_os_str(),
+        ],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
-    let entry: Vec<&str> = passwd.lines().find(|l| l.starts_with("reflex:")).expect("user reflex").split(':').collect();
-    let (uid, gid) = (entry[2].parse::<u32>().unwrap(), entry[3].parse::<u32>().unwrap());
+    let entry: Vec<&str> = passwd
+        .lines()
+        .find(|l| l.starts_with("reflex:"))
+        .expect("user reflex")
+        .split(':')
+        .collect();
+    let (uid, gid) = (
+        entry[2].parse::<u32>().unwrap(),
+        entry[3].parse::<u32>().unwrap(),
+    );
     assert_eq!(&entry[5..], ["/var/lib/reflex", "/usr/sbin/nologin"]);
     let group = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
-    assert!(group.lines().any(|l| l.starts_with(&format!("reflex:x:{gid}:"))), "{group}");
+    assert!(
+        group
+            .lines()
+            .any(|l| l.starts_with(&format!("reflex:x:{gid}:"))),
+        "{group}"
+    );
 
     let out = tool(
         "systemd-tmpfiles",
-        &[os(&rootarg), os("--create"), Path::new(ROOT).join("deploy/tmpfiles.d/reflex.conf").as_os_str()],
+        &[
+            os(&rootarg),
+            os("--create"),
+            Path::new(ROOT)
+                .join("deploy/tmpfiles.d/reflex.conf")
+                .as_os_str(),
+        ],
     );
     assert!(out.status.success(), "{}", text(&out));
     for dir in ["run/reflex", "var/lib/reflex", "var/lib/reflex/traces"] {
         let m = std::fs::metadata(root.path().join(dir)).unwrap();
         assert!(m.is_dir(), "{dir}");
-        assert_eq!((m.permissions().mode() & 0o7777, m.uid(), m.gid()), (0o750, uid, gid), "{dir}");
+        assert_eq!(
+            (m.permissions().mode() & 0o7777, m.uid(), m.gid()),
+            (0o750, uid, gid),
+            "{dir}"
+        );
     }
 }
 
@@ -168,12 +234,21 @@ struct Notifications {
 
 impl Notifications {
     fn at_path(path: &Path) -> Notifications {
-        Self::listen(UnixDatagram::bind(path).unwrap(), path.display().to_string())
+        Self::listen(
+            UnixDatagram::bind(path).unwrap(),
+            path.display().to_string(),
+        )
     }
 
     fn abstract_name() -> Notifications {
-        let name = format!("reflex-deploy-test/{}/{:?}", std::process::id(), Instant::now());
-        let sock = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        let name = format!(
+            "reflex-deploy-test/{}/{:?}",
+            std::process::id(),
+            Instant::now()
+        );
+        let sock =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+                .unwrap();
         Self::listen(sock, format!("@{name}"))
     }
 
@@ -183,7 +258,10 @@ impl Notifications {
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
             while let Ok(n) = sock.recv(&mut buf) {
-                sink.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+                sink.lock().unwrap().push((
+                    Instant::now(),
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                ));
             }
         });
         Notifications { value, got }
@@ -197,7 +275,11 @@ impl Notifications {
     fn wait_for(&self, line: &str, p: &Proc) -> (usize, Instant) {
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            if let Some(i) = self.all().iter().position(|(_, m)| m.lines().any(|l| l == line)) {
+            if let Some(i) = self
+                .all()
+                .iter()
+                .position(|(_, m)| m.lines().any(|l| l == line))
+            {
                 return (i, self.all()[i].0);
             }
             assert!(
@@ -212,19 +294,31 @@ impl Notifications {
     }
 
     fn count(&self, line: &str) -> usize {
-        self.all().iter().filter(|(_, m)| m.lines().any(|l| l == line)).count()
+        self.all()
+            .iter()
+            .filter(|(_, m)| m.lines().any(|l| l == line))
+            .count()
     }
 }
 
 async fn health_once(target: &str) -> bool {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-    let Ok(ch) = reflex_proto::connect(target).await else { return false };
-    let r = HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await;
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let Ok(ch) = reflex_proto::connect(target).await else {
+        return false;
+    };
+    let r = HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
     r.is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn serve_says_ready_only_when_healthy_pings_the_watchdog_at_half_the_interval_and_says_stopping() {
+async fn serve_says_ready_only_when_healthy_pings_the_watchdog_at_half_the_interval_and_says_stopping()
+ {
     let dir = tempfile::tempdir().unwrap();
     let exp = dir.path().join("export");
     export(&exp, 0);
@@ -240,16 +334,36 @@ async fn serve_says_ready_only_when_healthy_pings_the_watchdog_at_half_the_inter
     );
 
     let (first, ready_at) = notes.wait_for("READY=1", &p);
-    assert!(timeout(health_once(&target)).await, "health answers SERVING as soon as READY=1 has arrived");
-    assert_eq!(first, 0, "READY=1 is the first notification: {:?}", notes.all());
+    assert!(
+        timeout(health_once(&target)).await,
+        "health answers SERVING as soon as READY=1 has arrived"
+    );
+    assert_eq!(
+        first,
+        0,
+        "READY=1 is the first notification: {:?}",
+        notes.all()
+    );
     let ready = &notes.all()[0].1;
-    assert!(ready.lines().any(|l| l.starts_with("STATUS=serving model ")), "{ready}");
+    assert!(
+        ready
+            .lines()
+            .any(|l| l.starts_with("STATUS=serving model ")),
+        "{ready}"
+    );
 
     // Pings come from the engine probe, every half interval.
     tokio::time::sleep(watchdog * 5).await;
-    let pings: Vec<Instant> =
-        notes.all().into_iter().filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1")).map(|(t, _)| t).collect();
-    assert!(pings.iter().all(|t| *t >= ready_at), "no ping before READY=1");
+    let pings: Vec<Instant> = notes
+        .all()
+        .into_iter()
+        .filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1"))
+        .map(|(t, _)| t)
+        .collect();
+    assert!(
+        pings.iter().all(|t| *t >= ready_at),
+        "no ping before READY=1"
+    );
     assert!(
         (6..=12).contains(&pings.len()),
         "{} pings in 3 s at a 300 ms period; stderr:\n{}",
@@ -260,7 +374,8 @@ async fn serve_says_ready_only_when_healthy_pings_the_watchdog_at_half_the_inter
     gaps.sort();
     let median = gaps[gaps.len() / 2];
     assert!(
-        median >= watchdog / 2 - Duration::from_millis(100) && median <= watchdog / 2 + Duration::from_millis(150),
+        median >= watchdog / 2 - Duration::from_millis(100)
+            && median <= watchdog / 2 + Duration::from_millis(150),
         "median gap {median:?}, want about {:?}",
         watchdog / 2
     );
@@ -268,7 +383,13 @@ async fn serve_says_ready_only_when_healthy_pings_the_watchdog_at_half_the_inter
 
     p.signal(libc::SIGTERM);
     notes.wait_for("STOPPING=1", &p);
-    assert!(p.wait_exit(Duration::from_secs(10)).expect("exits after SIGTERM").success(), "{}", p.stderr());
+    assert!(
+        p.wait_exit(Duration::from_secs(10))
+            .expect("exits after SIGTERM")
+            .success(),
+        "{}",
+        p.stderr()
+    );
     assert_eq!(notes.count("READY=1"), 1);
 }
 
@@ -333,7 +454,10 @@ async fn the_recorder_serves_the_socket_it_is_handed_and_leaves_it_to_its_owner(
     let notes = Notifications::abstract_name();
     let mut rec = activated_recorder(&listener, &traces, &notes.value);
     notes.wait_for("READY=1", &rec);
-    assert!(timeout(recorder_status(&rsock)).await.is_some(), "Status answers on the handed-over socket");
+    assert!(
+        timeout(recorder_status(&rsock)).await.is_some(),
+        "Status answers on the handed-over socket"
+    );
     rec.wait_for_log("using the socket passed by the service manager");
 
     let exp = dir.path().join("export");
@@ -342,20 +466,37 @@ async fn the_recorder_serves_the_socket_it_is_handed_and_leaves_it_to_its_owner(
     let (mut server, sock) = serve(dir.path(), &exp, &["--recorder", &recorder_uri]).await;
     let mut c = policy_client(&format!("unix://{}", sock.display())).await;
     for i in 0..3 {
-        let r = timeout(c.act(act_request(i, Some(u64::from(i))))).await.unwrap().into_inner();
+        let r = timeout(c.act(act_request(i, Some(u64::from(i)))))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(r.recorded);
     }
     server.signal(libc::SIGTERM);
-    assert!(server.wait_exit(Duration::from_secs(10)).unwrap().success(), "{}", server.stderr());
+    assert!(
+        server.wait_exit(Duration::from_secs(10)).unwrap().success(),
+        "{}",
+        server.stderr()
+    );
 
     rec.signal(libc::SIGTERM);
     notes.wait_for("STOPPING=1", &rec);
-    assert!(rec.wait_exit(Duration::from_secs(15)).unwrap().success(), "{}", rec.stderr());
-    assert!(rsock.exists(), "the socket belongs to its owner (systemd): the recorder does not remove it");
+    assert!(
+        rec.wait_exit(Duration::from_secs(15)).unwrap().success(),
+        "{}",
+        rec.stderr()
+    );
+    assert!(
+        rsock.exists(),
+        "the socket belongs to its owner (systemd): the recorder does not remove it"
+    );
 
     let files = trace_files(&traces);
     assert_eq!(files.len(), 1, "{files:?}");
-    let kinds: Vec<String> = trace_lines(&files[0]).iter().map(|l| l["kind"].as_str().unwrap().to_string()).collect();
+    let kinds: Vec<String> = trace_lines(&files[0])
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(kinds, ["header", "request", "request", "request", "footer"]);
     let mode = std::fs::metadata(&files[0]).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o640);
@@ -375,7 +516,12 @@ fn a_handed_over_descriptor_that_is_not_a_listening_unix_socket_is_refused() {
     let mut rec = activated_recorder(&file, &dir.path().join("traces"), &notes.value);
     let status = rec.wait_exit(TIMEOUT).expect("exits");
     assert_eq!(status.code(), Some(1), "{}", rec.stderr());
-    assert!(rec.stderr().contains("inherited descriptor 3 (recorder) is not a socket"), "{}", rec.stderr());
+    assert!(
+        rec.stderr()
+            .contains("inherited descriptor 3 (recorder) is not a socket"),
+        "{}",
+        rec.stderr()
+    );
     assert_eq!(notes.count("READY=1"), 0);
 }
 
@@ -398,15 +544,18 @@ impl Drop for Installed {
 
 #[test]
 fn the_debian_package_builds_holds_the_expected_files_installs_and_runs() {
-    let cargo_deb =
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(["deb", "--version"]).output();
+    let cargo_deb = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["deb", "--version"])
+        .output();
     assert!(
         cargo_deb.as_ref().is_ok_and(|o| o.status.success()),
         "cargo-deb is not installed: run deploy/ci-setup.sh (CI runs it before the tests)"
     );
     // cargo deb --no-build packages target/release/reflex: the binary these tests run.
     assert!(
-        Path::new(BIN).parent().is_some_and(|d| d.ends_with("release")),
+        Path::new(BIN)
+            .parent()
+            .is_some_and(|d| d.ends_with("release")),
         "{BIN} is not a release build: run the tests with `cargo test --release` so the package holds this binary"
     );
     let out_dir = tempfile::tempdir().unwrap();
@@ -425,7 +574,10 @@ fn the_debian_package_builds_holds_the_expected_files_installs_and_runs() {
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .expect("a .deb in the output folder");
     let name = deb.file_name().unwrap().to_string_lossy().to_string();
-    assert!(name.starts_with(&format!("reflex_{}-", env!("CARGO_PKG_VERSION"))), "{name}");
+    assert!(
+        name.starts_with(&format!("reflex_{}-", env!("CARGO_PKG_VERSION"))),
+        "{name}"
+    );
 
     let listing = text(&tool("dpkg-deb", &[os("-c"), deb.as_os_str()]));
     for path in [
@@ -441,19 +593,45 @@ fn the_debian_package_builds_holds_the_expected_files_installs_and_runs() {
         "./usr/share/reflex/proto/reflex/v1/reflex.proto",
         "./usr/share/doc/reflex/README.md",
     ] {
-        assert!(listing.lines().any(|l| l.ends_with(&format!(" {path}"))), "{path} missing from:\n{listing}");
+        assert!(
+            listing.lines().any(|l| l.ends_with(&format!(" {path}"))),
+            "{path} missing from:\n{listing}"
+        );
     }
-    assert!(listing.lines().any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with(" ./usr/bin/reflex")), "{listing}");
-    let postinst = text(&tool("dpkg-deb", &[os("-I"), deb.as_os_str(), os("postinst")]));
-    let sysusers = postinst.find("systemd-sysusers").expect("postinst creates the user");
-    let tmpfiles = postinst.find("systemd-tmpfiles --create reflex.conf").expect("postinst creates the folders");
-    let start = postinst.find("deb-systemd-invoke").expect("postinst starts the recorder socket");
-    assert!(sysusers < tmpfiles && tmpfiles < start, "user, then folders, then the socket:\n{postinst}");
-    let conffiles = text(&tool("dpkg-deb", &[os("-I"), deb.as_os_str(), os("conffiles")]));
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with(" ./usr/bin/reflex")),
+        "{listing}"
+    );
+    let postinst = text(&tool(
+        "dpkg-deb",
+        &[os("-I"), deb.as_os_str(), os("postinst")],
+    ));
+    let sysusers = postinst
+        .find("systemd-sysusers")
+        .expect("postinst creates the user");
+    let tmpfiles = postinst
+        .find("systemd-tmpfiles --create reflex.conf")
+        .expect("postinst creates the folders");
+    let start = postinst
+        .find("deb-systemd-invoke")
+        .expect("postinst starts the recorder socket");
+    assert!(
+        sysusers < tmpfiles && tmpfiles < start,
+        "user, then folders, then the socket:\n{postinst}"
+    );
+    let conffiles = text(&tool(
+        "dpkg-deb",
+        &[os("-I"), deb.as_os_str(), os("conffiles")],
+    ));
     assert_eq!(conffiles.trim(), "/etc/reflex/recorder.env");
 
     require_root("installing the package");
-    let before = Command::new("dpkg").args(["-s", "reflex"]).output().unwrap();
+    let before = Command::new("dpkg")
+        .args(["-s", "reflex"])
+        .output()
+        .unwrap();
     assert!(
         !before.status.success(),
         "a reflex package is already installed here; this test installs and purges its own (dpkg --purge reflex first)"
@@ -464,9 +642,16 @@ fn the_debian_package_builds_holds_the_expected_files_installs_and_runs() {
 
     let out = tool("/usr/bin/reflex", &[os("--version")]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("reflex {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("reflex {}", env!("CARGO_PKG_VERSION"))
+    );
     let user = text(&tool("getent", &[os("passwd"), os("reflex")]));
-    assert!(user.trim_end().ends_with(":/var/lib/reflex:/usr/sbin/nologin"), "{user}");
+    assert!(
+        user.trim_end()
+            .ends_with(":/var/lib/reflex:/usr/sbin/nologin"),
+        "{user}"
+    );
     // The units exactly as installed, with the binary where ExecStart= says.
     verify(&UNITS.map(|u| Path::new("/usr/lib/systemd/system").join(u)));
 

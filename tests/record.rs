@@ -30,7 +30,9 @@ async fn drive(sock: &Path, calls: usize, shade: u8) -> Vec<pb::ActResponse> {
     let mut c = policy_client(&format!("unix://{}", sock.display())).await;
     let mut out = vec![];
     for i in 0..calls {
-        let r = timeout(c.act(act_request(shade.wrapping_add(i as u8 % 3), Some(i as u64)))).await.expect("act succeeds");
+        let r = timeout(c.act(act_request(shade.wrapping_add(i as u8 % 3), Some(i as u64))))
+            .await
+            .expect("act succeeds");
         out.push(r.into_inner());
     }
     out
@@ -50,7 +52,12 @@ async fn one_recorder_three_servers_three_complete_files() {
         export(&exp, seed);
         let sdir = dir.path().join(format!("s{i}"));
         std::fs::create_dir_all(&sdir).unwrap();
-        let (p, sock) = serve(&sdir, &exp, &["--recorder", &recorder_uri, "--embodiment", "franka"]).await;
+        let (p, sock) = serve(
+            &sdir,
+            &exp,
+            &["--recorder", &recorder_uri, "--embodiment", "franka"],
+        )
+        .await;
         servers.push((p, sock, exp));
     }
     let calls = [7usize, 11, 5];
@@ -58,13 +65,21 @@ async fn one_recorder_three_servers_three_complete_files() {
     for (i, (_, sock, _)) in servers.iter().enumerate() {
         let sock = sock.clone();
         let n = calls[i];
-        tasks.push(tokio::spawn(async move { drive(&sock, n, i as u8 * 40).await }));
+        tasks.push(tokio::spawn(
+            async move { drive(&sock, n, i as u8 * 40).await },
+        ));
     }
     let mut infos = vec![];
     for (i, t) in tasks.into_iter().enumerate() {
         let resps = timeout(t).await.unwrap();
-        assert!(resps.iter().all(|r| r.recorded), "every call handed to the recorder");
-        assert_eq!(resps.iter().map(|r| r.seq).collect::<Vec<_>>(), (0..calls[i] as u64).collect::<Vec<_>>());
+        assert!(
+            resps.iter().all(|r| r.recorded),
+            "every call handed to the recorder"
+        );
+        assert_eq!(
+            resps.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (0..calls[i] as u64).collect::<Vec<_>>()
+        );
         infos.push((resps[0].model_hash.clone(), resps.len()));
     }
     // Stop the servers: each ends its session with a footer.
@@ -84,7 +99,12 @@ async fn one_recorder_three_servers_three_complete_files() {
             .iter()
             .find(|(h, n)| header["model_hash"] == h.as_str() && lines.len() == n + 2)
             .cloned()
-            .unwrap_or_else(|| panic!("{f:?} matches no server: {} lines, header {header}", lines.len()));
+            .unwrap_or_else(|| {
+                panic!(
+                    "{f:?} matches no server: {} lines, header {header}",
+                    lines.len()
+                )
+            });
         seen += 1;
         assert!(name_matches(f, &hash), "{f:?} vs {NAME_PATTERN}");
         assert_eq!(header["kind"], "header");
@@ -104,17 +124,28 @@ async fn one_recorder_three_servers_three_complete_files() {
             assert_eq!(l["noise_seed"], i as u64);
         }
         let mode = std::fs::metadata(f).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o640);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o640
+        );
     }
     assert_eq!(seen, 3);
-    let dmode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&traces).unwrap().permissions());
+    let dmode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&traces).unwrap().permissions());
     assert_eq!(dmode & 0o777, 0o750);
-    let smode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&rsock).unwrap().permissions());
+    let smode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&rsock).unwrap().permissions());
     assert_eq!(smode & 0o777, 0o660);
     // The headers carry the exports' real hashes.
     let configs: Vec<String> = servers
         .iter()
-        .map(|(_, _, exp)| serde_json::from_str::<serde_json::Value>(&read_to_string(&exp.join("reflex_config.json"))).unwrap()["weight_seed"].to_string())
+        .map(|(_, _, exp)| {
+            serde_json::from_str::<serde_json::Value>(&read_to_string(
+                &exp.join("reflex_config.json"),
+            ))
+            .unwrap()["weight_seed"]
+                .to_string()
+        })
         .collect();
     assert_eq!(configs, vec!["0", "1", "0"]);
 }
@@ -128,7 +159,12 @@ async fn kill_9_recorder_acts_still_succeed_drops_counted_reconnect_starts_a_new
     let exp = dir.path().join("export");
     export(&exp, 0);
     let uri = format!("unix://{}", rsock.display());
-    let (server, sock) = serve(dir.path(), &exp, &["--recorder", &uri, "--record-queue", "4"]).await;
+    let (server, sock) = serve(
+        dir.path(),
+        &exp,
+        &["--recorder", &uri, "--record-queue", "4"],
+    )
+    .await;
 
     let first = drive(&sock, 10, 1).await;
     assert!(first.iter().all(|r| r.recorded));
@@ -143,7 +179,10 @@ async fn kill_9_recorder_acts_still_succeed_drops_counted_reconnect_starts_a_new
     let during = drive(&sock, 20, 2).await;
     assert_eq!(during.len(), 20);
     let not_recorded = during.iter().filter(|r| !r.recorded).count();
-    assert!(not_recorded >= 16, "queue of 4 → at least 16 of 20 dropped, got {not_recorded}");
+    assert!(
+        not_recorded >= 16,
+        "queue of 4 → at least 16 of 20 dropped, got {not_recorded}"
+    );
 
     // The killed file reads back up to its last flushed record.
     let mut reader = reflex_recorder::TraceReader::open(&killed[0]).expect("killed trace opens");
@@ -158,7 +197,10 @@ async fn kill_9_recorder_acts_still_succeed_drops_counted_reconnect_starts_a_new
 
     // Restart the recorder: it repairs the killed file, the server reconnects, a new file begins.
     let _rec2 = recorder(&traces, &rsock, &["--flush-ms", "50"]).await;
-    eventually("server reconnects", Duration::from_secs(10), || trace_files(&traces).len() == 2).await;
+    eventually("server reconnects", Duration::from_secs(10), || {
+        trace_files(&traces).len() == 2
+    })
+    .await;
     let after = drive(&sock, 5, 3).await;
     assert!(after.iter().all(|r| r.recorded));
     let last_seq = after.last().unwrap().seq;
@@ -169,17 +211,32 @@ async fn kill_9_recorder_acts_still_succeed_drops_counted_reconnect_starts_a_new
     let files = trace_files(&traces);
     assert_eq!(files.len(), 2);
     let repaired = trace_lines(&files.iter().find(|f| **f == killed[0]).unwrap().clone());
-    assert_eq!(repaired.last().unwrap()["ended_reason"], "recorder_lost", "repaired at start-up");
+    assert_eq!(
+        repaired.last().unwrap()["ended_reason"],
+        "recorder_lost",
+        "repaired at start-up"
+    );
     let second = trace_lines(files.iter().find(|f| **f != killed[0]).unwrap());
     let footer = second.last().unwrap();
     assert_eq!(footer["kind"], "footer");
-    let records: Vec<u64> = second.iter().filter(|l| l["kind"] == "request").map(|l| l["seq"].as_u64().unwrap()).collect();
-    assert_eq!(*records.last().unwrap(), last_seq, "seq continues across files");
+    let records: Vec<u64> = second
+        .iter()
+        .filter(|l| l["kind"] == "request")
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        *records.last().unwrap(),
+        last_seq,
+        "seq continues across files"
+    );
     // Books: records in the new file + its drops = the calls it spans.
     let total = footer["total_requests"].as_u64().unwrap();
     let dropped = footer["dropped_requests"].as_u64().unwrap();
     assert_eq!(records.len() as u64 + dropped, total, "{footer}");
-    assert!(dropped >= 16, "outage drops are accounted in the new file: {footer}");
+    assert!(
+        dropped >= 16,
+        "outage drops are accounted in the new file: {footer}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -199,7 +256,9 @@ async fn kill_9_server_gets_client_lost_footer_within_a_second() {
     let killed_at = std::time::Instant::now();
     let file = trace_files(&traces).pop().unwrap();
     eventually("client_lost footer", Duration::from_secs(1), || {
-        trace_lines(&file).last().is_some_and(|l| l["ended_reason"] == "client_lost")
+        trace_lines(&file)
+            .last()
+            .is_some_and(|l| l["ended_reason"] == "client_lost")
     })
     .await;
     assert!(killed_at.elapsed() < Duration::from_secs(1));
@@ -210,16 +269,33 @@ async fn kill_9_server_gets_client_lost_footer_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_full_logs_once_keeps_serving_reports_degraded_and_spares_other_disks() {
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and needs root (CI runs as root)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test mounts a tmpfs and needs root (CI runs as root)"
+    );
     let dir = tempfile::tempdir().unwrap();
     let small = dir.path().join("small");
     std::fs::create_dir_all(&small).unwrap();
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=96k", "tmpfs", small.to_str().unwrap()]).status().unwrap();
+    let st = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=96k",
+            "tmpfs",
+            small.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
     assert!(st.success(), "mount tmpfs");
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _guard = Unmount(small.clone());
@@ -232,8 +308,23 @@ async fn disk_full_logs_once_keeps_serving_reports_degraded_and_spares_other_dis
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::create_dir_all(&a_dir).unwrap();
     std::fs::create_dir_all(&b_dir).unwrap();
-    let (_a, a_sock) = serve(&a_dir, &exp, &["--recorder", &format!("unix://{}", full_sock.display()), "--record-images", "full"]).await;
-    let (mut b, b_sock) = serve(&b_dir, &exp, &["--recorder", &format!("unix://{}", ok_sock.display())]).await;
+    let (_a, a_sock) = serve(
+        &a_dir,
+        &exp,
+        &[
+            "--recorder",
+            &format!("unix://{}", full_sock.display()),
+            "--record-images",
+            "full",
+        ],
+    )
+    .await;
+    let (mut b, b_sock) = serve(
+        &b_dir,
+        &exp,
+        &["--recorder", &format!("unix://{}", ok_sock.display())],
+    )
+    .await;
 
     // Full-image records (~20 KB each) fill 96 KiB quickly; every Act still answers.
     let a = drive(&a_sock, 40, 1).await;
@@ -263,7 +354,9 @@ async fn hostile_record_streams_cannot_escape_dir_or_crash_the_daemon() {
     let traces = dir.path().join("traces");
     let rsock = dir.path().join("recorder.sock");
     let rec = recorder(&traces, &rsock, &["--max-message-mb", "1"]).await;
-    let ch = reflex_proto::connect(&format!("unix://{}", rsock.display())).await.unwrap();
+    let ch = reflex_proto::connect(&format!("unix://{}", rsock.display()))
+        .await
+        .unwrap();
     let mut c = pb::recorder_client::RecorderClient::new(ch).max_encoding_message_size(64 << 20);
     use pb::record_event::Event;
     let start = |id: &str| pb::RecordEvent {
@@ -275,25 +368,47 @@ async fn hostile_record_streams_cannot_escape_dir_or_crash_the_daemon() {
         })),
     };
     // Wrong first message.
-    let act_first = pb::RecordEvent { event: Some(Event::Act(pb::ActRecord::default())) };
-    let e = timeout(c.record(tokio_stream::iter(vec![act_first]))).await.unwrap_err();
+    let act_first = pb::RecordEvent {
+        event: Some(Event::Act(pb::ActRecord::default())),
+    };
+    let e = timeout(c.record(tokio_stream::iter(vec![act_first])))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     // Path tricks in the session id.
-    for id in ["../../etc/evil-session", "/tmp/evil", "a/b/c/d/e/f/g/h", "..", ""] {
-        let e = timeout(c.record(tokio_stream::iter(vec![start(id)]))).await.unwrap_err();
+    for id in [
+        "../../etc/evil-session",
+        "/tmp/evil",
+        "a/b/c/d/e/f/g/h",
+        "..",
+        "",
+    ] {
+        let e = timeout(c.record(tokio_stream::iter(vec![start(id)])))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{id}");
     }
     // A giant message.
-    let mut big = pb::ActRecord::default();
-    big.actions = vec![1.0; 600_000];
-    let giant = vec![start("0123456789abcdef"), pb::RecordEvent { event: Some(Event::Act(big)) }];
+    let big = pb::ActRecord {
+        actions: vec![1.0; 600_000],
+        ..Default::default()
+    };
+    let giant = vec![
+        start("0123456789abcdef"),
+        pb::RecordEvent {
+            event: Some(Event::Act(big)),
+        },
+    ];
     // Refused by the transport; the session is closed without the record.
     match timeout(c.record(tokio_stream::iter(giant))).await {
         Err(status) => assert_ne!(status.code(), tonic::Code::Ok),
         Ok(summary) => assert_eq!(summary.into_inner().records_written, 0),
     }
     for f in trace_files(&traces) {
-        assert!(trace_lines(&f).iter().all(|l| l["kind"] != "request"), "giant record written to {f:?}");
+        assert!(
+            trace_lines(&f).iter().all(|l| l["kind"] != "request"),
+            "giant record written to {f:?}"
+        );
     }
     // Nothing was written outside DIR, and the daemon still serves.
     assert!(!dir.path().join("etc").exists() && !Path::new("/tmp/evil").exists());
@@ -321,7 +436,17 @@ async fn image_modes_keep_exactly_what_they_promise() {
         let traces = dir.path().join(format!("traces-{mode}"));
         let sdir = dir.path().join(format!("s-{mode}"));
         std::fs::create_dir_all(&sdir).unwrap();
-        let (mut p, sock) = serve(&sdir, &exp, &["--record", traces.to_str().unwrap(), "--record-images", mode]).await;
+        let (mut p, sock) = serve(
+            &sdir,
+            &exp,
+            &[
+                "--record",
+                traces.to_str().unwrap(),
+                "--record-images",
+                mode,
+            ],
+        )
+        .await;
         drive(&sock, 3, 1).await;
         p.signal(libc::SIGTERM);
         assert!(p.wait_exit(Duration::from_secs(5)).unwrap().success());
@@ -344,7 +469,11 @@ async fn image_modes_keep_exactly_what_they_promise() {
             }
             _ => {
                 assert!(!text.contains(&b64_prefix) && !text.contains(&sha));
-                assert!(req.get("images").is_none() && req.get("image_sha256").is_none() && req.get("image_b64").is_none());
+                assert!(
+                    req.get("images").is_none()
+                        && req.get("image_sha256").is_none()
+                        && req.get("image_b64").is_none()
+                );
             }
         }
     }

@@ -17,7 +17,10 @@ fn assert_actions(r: &pb::ActResponse) {
     assert_eq!(r.mode, "cpu");
     assert_eq!(r.model_hash.len(), 16);
     let d = r.denoise.unwrap();
-    assert_eq!((d.steps_used, d.steps_configured, d.adaptive), (10, 10, false));
+    assert_eq!(
+        (d.steps_used, d.steps_configured, d.adaptive),
+        (10, 10, false)
+    );
     assert!(r.latency.unwrap().total_ms > 0.0);
 }
 
@@ -30,20 +33,44 @@ async fn act_round_trip_over_unix_and_tcp_is_deterministic_per_seed() {
     let mut unix = policy_client(&format!("unix://{}", sock.display())).await;
     let mut tcp = policy_client(&p.tcp_addr()).await;
 
-    let a = timeout(unix.act(act_request(1, Some(42)))).await.unwrap().into_inner();
+    let a = timeout(unix.act(act_request(1, Some(42))))
+        .await
+        .unwrap()
+        .into_inner();
     assert_actions(&a);
     assert_eq!((a.noise_seed, a.seq, a.cache.as_str()), (42, 0, "miss"));
-    let b = timeout(tcp.act(act_request(1, Some(42)))).await.unwrap().into_inner();
-    assert_eq!(a.actions, b.actions, "same seed and inputs → same actions, bit for bit");
+    let b = timeout(tcp.act(act_request(1, Some(42))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        a.actions, b.actions,
+        "same seed and inputs → same actions, bit for bit"
+    );
     assert_eq!((b.seq, b.cache.as_str()), (1, "hit"));
-    let c = timeout(unix.act(act_request(1, None))).await.unwrap().into_inner();
+    let c = timeout(unix.act(act_request(1, None)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_ne!(c.actions, a.actions);
-    let again = timeout(unix.act(act_request(1, Some(c.noise_seed)))).await.unwrap().into_inner();
-    assert_eq!(again.actions, c.actions, "the returned fresh seed replays the call");
+    let again = timeout(unix.act(act_request(1, Some(c.noise_seed))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.actions, c.actions,
+        "the returned fresh seed replays the call"
+    );
 
-    let info = timeout(unix.get_model_info(pb::GetModelInfoRequest {})).await.unwrap().into_inner();
+    let info = timeout(unix.get_model_info(pb::GetModelInfoRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.model_hash, a.model_hash);
-    assert_eq!((info.state_dim, info.chunk_size, info.action_dim), (8, 50, 7));
+    assert_eq!(
+        (info.state_dim, info.chunk_size, info.action_dim),
+        (8, 50, 7)
+    );
     assert_eq!(info.cameras, vec!["base", "wrist"]);
 }
 
@@ -57,7 +84,10 @@ async fn act_stream_answers_in_order_and_survives_a_bad_request() {
     let mut bad = act_request(2, Some(1));
     bad.state.pop();
     let reqs = vec![act_request(1, Some(1)), bad, act_request(3, Some(3))];
-    let mut stream = timeout(c.act_stream(tokio_stream::iter(reqs))).await.unwrap().into_inner();
+    let mut stream = timeout(c.act_stream(tokio_stream::iter(reqs)))
+        .await
+        .unwrap()
+        .into_inner();
     let mut got = vec![];
     while let Some(r) = timeout(stream.message()).await.unwrap() {
         got.push(r);
@@ -66,7 +96,11 @@ async fn act_stream_answers_in_order_and_survives_a_bad_request() {
     assert_actions(&got[0]);
     let err = got[1].error.as_ref().expect("second request failed");
     assert_eq!(err.code, "InvalidArgument");
-    assert!(err.message.contains("state has 7 values"), "{}", err.message);
+    assert!(
+        err.message.contains("state has 7 values"),
+        "{}",
+        err.message
+    );
     assert_actions(&got[2]);
     assert!(got[2].seq > got[0].seq);
 }
@@ -80,19 +114,43 @@ async fn each_bad_input_is_invalid_argument_naming_the_field_and_the_server_keep
     let mut c = policy_client(&format!("unix://{}", sock.display())).await;
 
     let mut cases: Vec<(&str, pb::ActRequest, &str)> = vec![];
-    cases.push(("empty request", pb::ActRequest::default(), "images is empty"));
+    cases.push((
+        "empty request",
+        pb::ActRequest::default(),
+        "images is empty",
+    ));
     let mut r = act_request(1, Some(1));
     r.state = vec![0.0; 3];
-    cases.push(("wrong state length", r, "state has 3 values; this model takes 8"));
+    cases.push((
+        "wrong state length",
+        r,
+        "state has 3 values; this model takes 8",
+    ));
     let mut r = act_request(1, Some(1));
     r.images[0].data = b"definitely not a jpeg".to_vec();
-    cases.push(("undecodable image", r, "images[0].data (camera \"base\") is not a JPEG or PNG image"));
+    cases.push((
+        "undecodable image",
+        r,
+        "images[0].data (camera \"base\") is not a JPEG or PNG image",
+    ));
     let mut r = act_request(1, Some(1));
     r.images[0].data.truncate(600);
-    cases.push(("truncated jpeg", r, "images[0].data (camera \"base\") could not be decoded"));
+    cases.push((
+        "truncated jpeg",
+        r,
+        "images[0].data (camera \"base\") could not be decoded",
+    ));
     let mut r = act_request(1, Some(1));
-    r.images.push(pb::Image { camera: "left_wrist".into(), data: jpeg(2), sha256: String::new() });
-    cases.push(("unknown camera", r, "images[1].camera \"left_wrist\" is not a camera of this model"));
+    r.images.push(pb::Image {
+        camera: "left_wrist".into(),
+        data: jpeg(2),
+        sha256: String::new(),
+    });
+    cases.push((
+        "unknown camera",
+        r,
+        "images[1].camera \"left_wrist\" is not a camera of this model",
+    ));
     let mut r = act_request(1, Some(1));
     r.images[0].data = Vec::new();
     cases.push(("missing image bytes", r, "images[0].data is empty"));
@@ -101,14 +159,25 @@ async fn each_bad_input_is_invalid_argument_naming_the_field_and_the_server_keep
     cases.push(("hash mismatch", r, "images[0].sha256 does not match"));
     let mut r = act_request(1, Some(1));
     r.images[0].data = vec![0xff; 1536 * 1024];
-    cases.push(("oversized message", r, "the limit is 1048576 bytes (--max-message-mb)"));
+    cases.push((
+        "oversized message",
+        r,
+        "the limit is 1048576 bytes (--max-message-mb)",
+    ));
 
     for (what, req, want) in cases {
         let status = timeout(c.act(req)).await.expect_err(what);
         assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
-        assert!(status.message().contains(want), "{what}: {:?} lacks {want:?}", status.message());
+        assert!(
+            status.message().contains(want),
+            "{what}: {:?} lacks {want:?}",
+            status.message()
+        );
         // And the next good call still works.
-        let ok = timeout(c.act(act_request(9, Some(9)))).await.unwrap().into_inner();
+        let ok = timeout(c.act(act_request(9, Some(9))))
+            .await
+            .unwrap()
+            .into_inner();
         assert_actions(&ok);
     }
 }
@@ -118,7 +187,19 @@ async fn a_full_queue_answers_resource_exhausted_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let exp = dir.path().join("export");
     export(&exp, 0);
-    let (_p, sock) = serve(dir.path(), &exp, &["--workers", "1", "--queue-depth", "1", "--cache-entries", "0"]).await;
+    let (_p, sock) = serve(
+        dir.path(),
+        &exp,
+        &[
+            "--workers",
+            "1",
+            "--queue-depth",
+            "1",
+            "--cache-entries",
+            "0",
+        ],
+    )
+    .await;
     let target = format!("unix://{}", sock.display());
     let c = policy_client(&target).await;
     let calls: Vec<_> = (0..24)
@@ -140,7 +221,12 @@ async fn a_full_queue_answers_resource_exhausted_and_recovers() {
     }
     assert!(ok >= 2 && busy >= 1, "ok {ok}, busy {busy}");
     let mut c = c.clone();
-    assert_actions(&timeout(c.act(act_request(1, Some(1)))).await.unwrap().into_inner());
+    assert_actions(
+        &timeout(c.act(act_request(1, Some(1))))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -153,11 +239,21 @@ async fn grpcurl_lists_services_by_reflection_and_acts_from_json_over_both_socke
     let sock = sock.to_str().unwrap().to_string();
 
     // No -authority flag: the server accepts grpcurl's socket-path :authority.
-    let out = Command::new("grpcurl").args(["-plaintext", "-unix", &sock, "list"]).output().expect("grpcurl is installed (.ci/run installs it)");
+    let out = Command::new("grpcurl")
+        .args(["-plaintext", "-unix", &sock, "list"])
+        .output()
+        .expect("grpcurl is installed (.ci/run installs it)");
     let listed = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "grpcurl list failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "grpcurl list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for svc in ["reflex.v1.Policy", "grpc.health.v1.Health"] {
-        assert!(listed.lines().any(|l| l == svc), "{svc} missing from:\n{listed}");
+        assert!(
+            listed.lines().any(|l| l == svc),
+            "{svc} missing from:\n{listed}"
+        );
     }
     let b64 = base64(&jpeg(4));
     let body = format!(
@@ -169,7 +265,11 @@ async fn grpcurl_lists_services_by_reflection_and_acts_from_json_over_both_socke
         args.extend(target);
         args.push("reflex.v1.Policy/Act");
         let out = Command::new("grpcurl").args(&args).output().unwrap();
-        assert!(out.status.success(), "grpcurl Act failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "grpcurl Act failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["num_actions"], 50, "{v}");
         assert_eq!(v["action_dim"], 7);
@@ -184,12 +284,20 @@ async fn grpcurl_lists_services_by_reflection_and_acts_from_json_over_both_socke
     req.episode_id = "ep-1".into();
     let r = timeout(c.act(req)).await.unwrap().into_inner();
     let ours: Vec<f64> = r.actions.iter().map(|v| *v as f64).collect();
-    let theirs: Vec<f64> = via[0].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let theirs: Vec<f64> = via[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     for (a, b) in ours.iter().zip(&theirs) {
         assert_eq!(*a as f32, *b as f32);
     }
     // Health through grpcurl as an operator would check it.
-    let out = Command::new("grpcurl").args(["-plaintext", &tcp, "grpc.health.v1.Health/Check"]).output().unwrap();
+    let out = Command::new("grpcurl")
+        .args(["-plaintext", &tcp, "grpc.health.v1.Health/Check"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
 }
 
@@ -203,7 +311,9 @@ async fn sigterm_stops_the_server_with_exit_0_within_2s() {
     timeout(c.act(act_request(1, Some(1)))).await.unwrap();
     let t = std::time::Instant::now();
     p.signal(libc::SIGTERM);
-    let status = p.wait_exit(Duration::from_secs(2)).expect("exited within 2 s");
+    let status = p
+        .wait_exit(Duration::from_secs(2))
+        .expect("exited within 2 s");
     assert!(status.success(), "exit status {status:?}");
     assert!(t.elapsed() < Duration::from_secs(2));
     assert!(!sock.exists(), "socket file removed on shutdown");
@@ -214,7 +324,12 @@ async fn sigterm_stops_the_server_with_exit_0_within_2s() {
 fn a_missing_export_fails_at_start_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
-        .args(["serve", dir.path().join("nope").to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            dir.path().join("nope").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -227,7 +342,10 @@ fn non_loopback_listen_without_insecure_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let exp = dir.path().join("export");
     export(&exp, 0);
-    let out = Command::new(BIN).args(["serve", exp.to_str().unwrap(), "--listen", "0.0.0.0:0"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", exp.to_str().unwrap(), "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
 }

@@ -10,7 +10,8 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of `reflex/v1/reflex.proto`.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reflex_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/reflex_descriptor.bin"));
 
 pub use v1::*;
 
@@ -25,7 +26,10 @@ pub async fn connect(target: &str) -> Result<tonic::transport::Channel, tonic::t
 }
 
 fn endpoint(target: &str) -> Result<Connector, tonic::transport::Error> {
-    if let Some(path) = target.strip_prefix("unix://").or_else(|| target.strip_prefix("unix:")) {
+    if let Some(path) = target
+        .strip_prefix("unix://")
+        .or_else(|| target.strip_prefix("unix:"))
+    {
         return Ok(Connector::Unix(std::path::PathBuf::from(path)));
     }
     let rest = target.strip_prefix("tcp://").unwrap_or(target);
@@ -34,7 +38,9 @@ fn endpoint(target: &str) -> Result<Connector, tonic::transport::Error> {
     } else {
         format!("http://{rest}")
     };
-    Ok(Connector::Tcp(Box::new(tonic::transport::Endpoint::from_shared(uri)?.tcp_nodelay(true))))
+    Ok(Connector::Tcp(Box::new(
+        tonic::transport::Endpoint::from_shared(uri)?.tcp_nodelay(true),
+    )))
 }
 
 enum Connector {

@@ -19,9 +19,15 @@ pub enum ConfigError {
     #[error("export directory {0} has no {CONFIG_FILE}")]
     Missing(PathBuf),
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid reflex config: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -117,12 +123,19 @@ impl ExportConfig {
             if source.kind() == std::io::ErrorKind::NotFound {
                 ConfigError::Missing(dir.to_path_buf())
             } else {
-                ConfigError::Read { path: path.clone(), source }
+                ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                }
             }
         })?;
-        let cfg: ExportConfig = serde_json::from_slice(&bytes)
-            .map_err(|source| ConfigError::Parse { path: path.clone(), source })?;
-        cfg.validate().map_err(|message| ConfigError::Invalid { path, message })?;
+        let cfg: ExportConfig =
+            serde_json::from_slice(&bytes).map_err(|source| ConfigError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        cfg.validate()
+            .map_err(|message| ConfigError::Invalid { path, message })?;
         Ok(cfg)
     }
 
@@ -139,7 +152,9 @@ impl ExportConfig {
         let mut seen = std::collections::BTreeSet::new();
         for c in &self.cameras {
             if c.is_empty() || !seen.insert(c) {
-                return Err(format!("camera names must be non-empty and unique (got {c:?})"));
+                return Err(format!(
+                    "camera names must be non-empty and unique (got {c:?})"
+                ));
             }
         }
         let dims_ok = |n: usize| (1..=4096).contains(&n);
@@ -153,7 +168,10 @@ impl ExportConfig {
             return Err("denoise must be {method: \"euler\", steps: 1..=1000}".into());
         }
         if self.instruction.tokenizer != crate::tokenizer::WORD_HASH_V1 {
-            return Err(format!("unknown tokenizer {:?}", self.instruction.tokenizer));
+            return Err(format!(
+                "unknown tokenizer {:?}",
+                self.instruction.tokenizer
+            ));
         }
         if self.instruction.vocab_size < 3 || self.instruction.max_tokens == 0 {
             return Err("instruction needs vocab_size >= 3 and max_tokens >= 1".into());
@@ -239,7 +257,9 @@ pub fn cpu_hardware() -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     m.insert("arch".into(), std::env::consts::ARCH.into());
     m.insert("os".into(), std::env::consts::OS.into());
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     m.insert("cpus".into(), cpus.to_string());
     if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo")
         && let Some(line) = info.lines().find(|l| l.starts_with("model name"))
@@ -254,7 +274,10 @@ pub fn cpu_hardware() -> BTreeMap<String, String> {
 mod tests {
     use super::*;
 
-    fn write_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Result<ExportConfig, ConfigError> {
+    fn write_config(
+        dir: &Path,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> Result<ExportConfig, ConfigError> {
         let mut v = serde_json::to_value(crate::export::reference_config(0)).unwrap();
         edit(&mut v);
         std::fs::write(dir.join(CONFIG_FILE), v.to_string()).unwrap();
@@ -268,15 +291,25 @@ mod tests {
         assert_eq!(ok.cameras, vec!["base", "wrist"]);
         // The canonical form sorts keys and is compact, so the hash ignores formatting.
         assert!(ok.canonical_json().starts_with("{\"action_dim\":7,"));
-        assert_eq!(ok.config_hash(), hex(&Sha256::digest(ok.canonical_json().as_bytes()))[..16]);
-        let err = |edit: fn(&mut serde_json::Value)| write_config(d.path(), edit).unwrap_err().to_string();
-        assert!(err(|v| v["graphs"]["prefix"] = "../../etc/passwd".into()).contains("plain file name"));
+        assert_eq!(
+            ok.config_hash(),
+            hex(&Sha256::digest(ok.canonical_json().as_bytes()))[..16]
+        );
+        let err = |edit: fn(&mut serde_json::Value)| {
+            write_config(d.path(), edit).unwrap_err().to_string()
+        };
+        assert!(
+            err(|v| v["graphs"]["prefix"] = "../../etc/passwd".into()).contains("plain file name")
+        );
         assert!(err(|v| v["state_dim"] = 9.into()).contains("normalization.state needs 9"));
         assert!(err(|v| v["format_version"] = 2.into()).contains("unsupported export format"));
         assert!(err(|v| v["cameras"] = serde_json::json!(["a", "a"])).contains("unique"));
         assert!(err(|v| v["surprise"] = 1.into()).contains("unknown field"));
         let missing = tempfile::tempdir().unwrap();
-        assert!(matches!(ExportConfig::load(missing.path()), Err(ConfigError::Missing(_))));
+        assert!(matches!(
+            ExportConfig::load(missing.path()),
+            Err(ConfigError::Missing(_))
+        ));
     }
 
     #[test]
@@ -307,6 +340,9 @@ mod tests {
             h.update((bytes.len() as u64).to_le_bytes());
             h.update(bytes);
         }
-        assert_eq!(model_hash(d.path(), &files).unwrap(), hex(&h.finalize()[..8]));
+        assert_eq!(
+            model_hash(d.path(), &files).unwrap(),
+            hex(&h.finalize()[..8])
+        );
     }
 }

@@ -95,7 +95,10 @@ pub fn reference_config(seed: u64) -> ExportConfig {
         action_dim: ACTION_DIM,
         chunk_size: CHUNK,
         prefix_dim: DIM,
-        denoise: DenoiseConfig { steps: DENOISE_STEPS, method: "euler".into() },
+        denoise: DenoiseConfig {
+            steps: DENOISE_STEPS,
+            method: "euler".into(),
+        },
         normalization: Normalization {
             // A Franka-like arm: 7 joints + gripper width in the state,
             // 6 end-effector deltas + gripper command in the actions.
@@ -108,7 +111,10 @@ pub fn reference_config(seed: u64) -> ExportConfig {
                 std: vec![0.05, 0.05, 0.05, 0.1, 0.1, 0.1, 0.5],
             },
         },
-        graphs: Graphs { prefix: "prefix.onnx".into(), expert: "expert.onnx".into() },
+        graphs: Graphs {
+            prefix: "prefix.onnx".into(),
+            expert: "expert.onnx".into(),
+        },
         weight_seed: Some(seed),
     }
 }
@@ -130,7 +136,11 @@ fn dct_basis() -> Vec<f32> {
     let mut b = Vec::with_capacity(CHUNK * BASIS);
     for i in 0..CHUNK {
         for k in 0..BASIS {
-            let scale = if k == 0 { (1.0 / n).sqrt() } else { (2.0 / n).sqrt() };
+            let scale = if k == 0 {
+                (1.0 / n).sqrt()
+            } else {
+                (2.0 / n).sqrt()
+            };
             let v = scale * (std::f64::consts::PI * k as f64 * (i as f64 + 0.5) / n).cos();
             b.push(v as f32);
         }
@@ -149,7 +159,13 @@ const I64: i32 = pb::tensor_proto::DataType::Int64 as i32;
 
 impl GraphBuilder {
     fn new(name: &str) -> Self {
-        GraphBuilder { graph: pb::GraphProto { name: name.into(), ..Default::default() }, next: 0 }
+        GraphBuilder {
+            graph: pb::GraphProto {
+                name: name.into(),
+                ..Default::default()
+            },
+            next: 0,
+        }
     }
 
     fn value_info(name: &str, elem: i32, dims: &[i64]) -> pb::ValueInfoProto {
@@ -157,7 +173,10 @@ impl GraphBuilder {
         let shape = pb::TensorShapeProto {
             dim: dims
                 .iter()
-                .map(|d| Dimension { value: Some(Value::DimValue(*d)), ..Default::default() })
+                .map(|d| Dimension {
+                    value: Some(Value::DimValue(*d)),
+                    ..Default::default()
+                })
                 .collect(),
         };
         pb::ValueInfoProto {
@@ -263,7 +282,10 @@ impl GraphBuilder {
     fn model(self) -> pb::ModelProto {
         pb::ModelProto {
             ir_version: 9,
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 18 }],
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 18,
+            }],
             producer_name: "reflex".into(),
             producer_version: env!("CARGO_PKG_VERSION").into(),
             graph: Some(self.graph),
@@ -314,21 +336,36 @@ fn prefix_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
 
     // Patch embedding: one conv whose kernel is the patch, stride the patch.
     let fan = 3 * (PATCH * PATCH) as usize;
-    let w = g.f32s("patch.weight", &[d, 3, PATCH, PATCH], &weights(rng, DIM * fan, fan, 1.0));
+    let w = g.f32s(
+        "patch.weight",
+        &[d, 3, PATCH, PATCH],
+        &weights(rng, DIM * fan, fan, 1.0),
+    );
     let b = g.f32s("patch.bias", &[d], &weights(rng, DIM, DIM, 0.1));
     let conv = g.node(
         "Conv",
         &[&pixels, &w, &b],
-        vec![ints("kernel_shape", &[PATCH, PATCH]), ints("strides", &[PATCH, PATCH])],
+        vec![
+            ints("kernel_shape", &[PATCH, PATCH]),
+            ints("strides", &[PATCH, PATCH]),
+        ],
     );
     let flat = g.reshape(&conv, &[cams, d, patches]);
     let img = g.transpose(&flat, &[0, 2, 1]);
     let img = g.reshape(&img, &[1, cams * patches, d]);
 
-    let emb = g.f32s("tokens.embedding", &[VOCAB as i64, d], &weights(rng, VOCAB as usize * DIM, 3, 1.0));
+    let emb = g.f32s(
+        "tokens.embedding",
+        &[VOCAB as i64, d],
+        &weights(rng, VOCAB as usize * DIM, 3, 1.0),
+    );
     let txt = g.node("Gather", &[&emb, &tokens], vec![int("axis", 0)]);
     let seq = g.node("Concat", &[&img, &txt], vec![int("axis", 1)]);
-    let pos = g.f32s("position", &[1, n, d], &weights(rng, (n * d) as usize, 3, 0.5));
+    let pos = g.f32s(
+        "position",
+        &[1, n, d],
+        &weights(rng, (n * d) as usize, 3, 0.5),
+    );
     let h0 = g.node("Add", &[&seq, &pos], vec![]);
 
     // Pre-norm attention block.
@@ -359,9 +396,21 @@ fn prefix_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
 
     let ln2 = g.layer_norm(&h1, "block.ln2", DIM);
     let hid = MLP_HIDDEN as i64;
-    let w1 = g.f32s("block.mlp.w1", &[d, hid], &weights(rng, DIM * MLP_HIDDEN, DIM, 1.0));
-    let b1 = g.f32s("block.mlp.b1", &[hid], &weights(rng, MLP_HIDDEN, MLP_HIDDEN, 0.1));
-    let w2 = g.f32s("block.mlp.w2", &[hid, d], &weights(rng, MLP_HIDDEN * DIM, MLP_HIDDEN, 1.0));
+    let w1 = g.f32s(
+        "block.mlp.w1",
+        &[d, hid],
+        &weights(rng, DIM * MLP_HIDDEN, DIM, 1.0),
+    );
+    let b1 = g.f32s(
+        "block.mlp.b1",
+        &[hid],
+        &weights(rng, MLP_HIDDEN, MLP_HIDDEN, 0.1),
+    );
+    let w2 = g.f32s(
+        "block.mlp.w2",
+        &[hid, d],
+        &weights(rng, MLP_HIDDEN * DIM, MLP_HIDDEN, 1.0),
+    );
     let b2 = g.f32s("block.mlp.b2", &[d], &weights(rng, DIM, DIM, 0.1));
     let m = g.node("MatMul", &[&ln2, &w1], vec![]);
     let m = g.node("Add", &[&m, &b1], vec![]);
@@ -405,13 +454,18 @@ fn expert_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
 
     let coeffs = g.node("MatMul", &[&bt, &x], vec![]);
     let coeffs = g.reshape(&coeffs, &[1, k * ad]);
-    let freqs: Vec<f32> =
-        (0..TIME_FREQS).map(|j| std::f32::consts::PI * (j as f32 + 1.0) / 2.0).collect();
+    let freqs: Vec<f32> = (0..TIME_FREQS)
+        .map(|j| std::f32::consts::PI * (j as f32 + 1.0) / 2.0)
+        .collect();
     let freqs = g.f32s("time.freqs", &[1, TIME_FREQS as i64], &freqs);
     let phase = g.node("Mul", &[&t, &freqs], vec![]);
     let sin = g.node("Sin", &[&phase], vec![]);
     let cos = g.node("Cos", &[&phase], vec![]);
-    let feat = g.node("Concat", &[&coeffs, &sin, &cos, &prefix, &state], vec![int("axis", 1)]);
+    let feat = g.node(
+        "Concat",
+        &[&coeffs, &sin, &cos, &prefix, &state],
+        vec![int("axis", 1)],
+    );
 
     let f_in = BASIS * ACTION_DIM + 2 * TIME_FREQS + DIM + STATE_DIM;
     let hid = EXPERT_HIDDEN;
@@ -419,8 +473,16 @@ fn expert_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
     let layers = [(f_in, hid, 1.0), (hid, hid, 1.0), (hid, out, 0.8)];
     let mut h = feat;
     for (i, (fi, fo, gain)) in layers.into_iter().enumerate() {
-        let w = g.f32s(&format!("mlp.{i}.weight"), &[fi as i64, fo as i64], &weights(rng, fi * fo, fi, gain));
-        let b = g.f32s(&format!("mlp.{i}.bias"), &[fo as i64], &weights(rng, fo, fo, 0.1));
+        let w = g.f32s(
+            &format!("mlp.{i}.weight"),
+            &[fi as i64, fo as i64],
+            &weights(rng, fi * fo, fi, gain),
+        );
+        let b = g.f32s(
+            &format!("mlp.{i}.bias"),
+            &[fo as i64],
+            &weights(rng, fo, fo, 0.1),
+        );
         h = g.node("Gemm", &[&h, &w, &b], vec![]);
         if i + 1 < layers.len() {
             h = g.gelu(&h);
@@ -462,7 +524,9 @@ mod tests {
         let b = dct_basis();
         for p in 0..BASIS {
             for q in 0..BASIS {
-                let dot: f32 = (0..CHUNK).map(|i| b[i * BASIS + p] * b[i * BASIS + q]).sum();
+                let dot: f32 = (0..CHUNK)
+                    .map(|i| b[i * BASIS + p] * b[i * BASIS + q])
+                    .sum();
                 let want = if p == q { 1.0 } else { 0.0 };
                 assert!((dot - want).abs() < 1e-5, "<b{p}, b{q}> = {dot}");
             }

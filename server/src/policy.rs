@@ -55,9 +55,17 @@ pub enum InputError {
     #[error("images is empty: the primary camera {camera:?} image is required")]
     MissingPrimary { camera: String },
     #[error("images has {got} entries; this model has {max} cameras ({cameras})")]
-    TooManyImages { got: usize, max: usize, cameras: String },
+    TooManyImages {
+        got: usize,
+        max: usize,
+        cameras: String,
+    },
     #[error("images[{index}].camera {name:?} is not a camera of this model (cameras: {cameras})")]
-    UnknownCamera { index: usize, name: String, cameras: String },
+    UnknownCamera {
+        index: usize,
+        name: String,
+        cameras: String,
+    },
     #[error("images[{index}].camera {name:?} appears twice")]
     DuplicateCamera { index: usize, name: String },
     #[error("images[0] must be the primary camera {primary:?}, got {got:?}")]
@@ -69,7 +77,11 @@ pub enum InputError {
     #[error("image_b64 and images[0].data are both set; send the primary image once")]
     TwoPrimaryImages,
     #[error("images[{index}].data (camera {camera:?}) {source}")]
-    BadImage { index: usize, camera: String, source: ImageError },
+    BadImage {
+        index: usize,
+        camera: String,
+        source: ImageError,
+    },
     #[error("{field} does not match the SHA-256 of the image bytes ({actual})")]
     ShaMismatch { field: String, actual: String },
     #[error("state has {got} values; this model takes {want}")]
@@ -139,7 +151,10 @@ pub struct PolicyOptions {
 
 impl Default for PolicyOptions {
     fn default() -> Self {
-        PolicyOptions { engine: EngineKind::Cpu, cache_entries: 1024 }
+        PolicyOptions {
+            engine: EngineKind::Cpu,
+            cache_entries: 1024,
+        }
     }
 }
 
@@ -189,7 +204,8 @@ impl Policy {
                 shapes,
             )?),
         };
-        let cache = NonZeroUsize::new(opts.cache_entries).map(|n| Mutex::new(lru::LruCache::new(n)));
+        let cache =
+            NonZeroUsize::new(opts.cache_entries).map(|n| Mutex::new(lru::LruCache::new(n)));
         Ok(Policy {
             cfg,
             engine,
@@ -224,16 +240,23 @@ impl Policy {
     /// Checks that need no image work: run on the async side before queueing.
     pub fn check_cheap(&self, input: &ActInput) -> Result<(), InputError> {
         if input.state.len() != self.cfg.state_dim {
-            return Err(InputError::StateLength { got: input.state.len(), want: self.cfg.state_dim });
+            return Err(InputError::StateLength {
+                got: input.state.len(),
+                want: self.cfg.state_dim,
+            });
         }
         if let Some(index) = input.state.iter().position(|v| !v.is_finite()) {
             return Err(InputError::StateNotFinite { index });
         }
         if input.instruction.len() > MAX_INSTRUCTION_BYTES {
-            return Err(InputError::InstructionTooLong { got: input.instruction.len() });
+            return Err(InputError::InstructionTooLong {
+                got: input.instruction.len(),
+            });
         }
         if input.frames.first().is_none_or(|f| f.is_none()) {
-            return Err(InputError::MissingPrimary { camera: self.cfg.cameras[0].clone() });
+            return Err(InputError::MissingPrimary {
+                camera: self.cfg.cameras[0].clone(),
+            });
         }
         Ok(())
     }
@@ -244,8 +267,13 @@ impl Policy {
         let t0 = Instant::now();
         let image_sha256 = self.hash_frames(input)?;
 
-        let key = self.cache.as_ref().map(|_| cache_key(&image_sha256, &input.instruction));
-        let cached = key.as_ref().and_then(|k| self.cache.as_ref()?.lock().ok()?.get(k).cloned());
+        let key = self
+            .cache
+            .as_ref()
+            .map(|_| cache_key(&image_sha256, &input.instruction));
+        let cached = key
+            .as_ref()
+            .and_then(|k| self.cache.as_ref()?.lock().ok()?.get(k).cloned());
         let mut times = StageTimes::default();
         let (prefix, cache) = match cached {
             Some(p) => {
@@ -268,7 +296,11 @@ impl Policy {
                 {
                     c.put(k, p.clone());
                 }
-                let status = if self.cache.is_some() { CacheStatus::Miss } else { CacheStatus::Disabled };
+                let status = if self.cache.is_some() {
+                    CacheStatus::Miss
+                } else {
+                    CacheStatus::Disabled
+                };
                 (p, status)
             }
         };
@@ -295,7 +327,14 @@ impl Policy {
             }
         }
         times.postprocess_ms = ms(t3);
-        Ok(ActOutput { actions, noise_seed, cache, times, steps_used: steps, image_sha256 })
+        Ok(ActOutput {
+            actions,
+            noise_seed,
+            cache,
+            times,
+            steps_used: steps,
+            image_sha256,
+        })
     }
 
     /// A liveness check for the watchdog: one expert step on zeros, the cheapest call that
@@ -304,11 +343,20 @@ impl Policy {
     pub fn probe(&self) -> Result<(), EngineError> {
         let cfg = &self.cfg;
         let x = vec![0.0f32; cfg.chunk_size * cfg.action_dim];
-        let v = self.engine.expert_step(&x, 0.0, &vec![0.0; cfg.prefix_dim], &vec![0.0; cfg.state_dim])?;
+        let v = self.engine.expert_step(
+            &x,
+            0.0,
+            &vec![0.0; cfg.prefix_dim],
+            &vec![0.0; cfg.state_dim],
+        )?;
         if v.len() != x.len() || v.iter().any(|f| !f.is_finite()) {
             return Err(EngineError::Run {
                 graph: "expert",
-                message: format!("liveness probe: {} values, non-finite or not {}", v.len(), x.len()),
+                message: format!(
+                    "liveness probe: {} values, non-finite or not {}",
+                    v.len(),
+                    x.len()
+                ),
             });
         }
         Ok(())
@@ -322,13 +370,19 @@ impl Policy {
                 continue;
             };
             if f.data.is_empty() {
-                return Err(InputError::EmptyImage { index: f.index, camera: self.cfg.cameras[slot].clone() });
+                return Err(InputError::EmptyImage {
+                    index: f.index,
+                    camera: self.cfg.cameras[slot].clone(),
+                });
             }
             let sha = hex(&Sha256::digest(&f.data));
             if let Some(want) = &f.expect_sha256
                 && !want.eq_ignore_ascii_case(&sha)
             {
-                return Err(InputError::ShaMismatch { field: f.sha_field.clone(), actual: sha });
+                return Err(InputError::ShaMismatch {
+                    field: f.sha_field.clone(),
+                    actual: sha,
+                });
             }
             out.push(Some(sha));
         }
@@ -341,10 +395,12 @@ impl Policy {
         let mut pixels = vec![0.0f32; per * self.cfg.cameras.len()];
         for (slot, out) in pixels.chunks_exact_mut(per).enumerate() {
             match input.frames.get(slot).and_then(|f| f.as_ref()) {
-                Some(f) => preprocess::decode_into(&f.data, img, out).map_err(|source| InputError::BadImage {
-                    index: f.index,
-                    camera: self.cfg.cameras[slot].clone(),
-                    source,
+                Some(f) => preprocess::decode_into(&f.data, img, out).map_err(|source| {
+                    InputError::BadImage {
+                        index: f.index,
+                        camera: self.cfg.cameras[slot].clone(),
+                        source,
+                    }
                 })?,
                 None => preprocess::blank_into(img, out),
             }
@@ -422,12 +478,21 @@ mod tests {
     use crate::preprocess::encode_jpeg;
 
     fn frame(index: usize, data: Vec<u8>) -> Option<FrameInput> {
-        Some(FrameInput { index, data, expect_sha256: None, sha_field: "images[0].sha256".into() })
+        Some(FrameInput {
+            index,
+            data,
+            expect_sha256: None,
+            sha_field: "images[0].sha256".into(),
+        })
     }
 
     fn image(shade: u8) -> Vec<u8> {
         let img = image::RgbImage::from_fn(224, 224, |x, y| {
-            image::Rgb([(x as u8).wrapping_add(shade), (y as u8).wrapping_mul(2), shade])
+            image::Rgb([
+                (x as u8).wrapping_add(shade),
+                (y as u8).wrapping_mul(2),
+                shade,
+            ])
         });
         encode_jpeg(&img, 90)
     }
@@ -444,7 +509,14 @@ mod tests {
     fn policy(seed: u64, cache_entries: usize) -> (tempfile::TempDir, Policy) {
         let dir = tempfile::tempdir().unwrap();
         write_reference_export(dir.path(), seed).unwrap();
-        let p = Policy::load(dir.path(), &PolicyOptions { cache_entries, ..Default::default() }).unwrap();
+        let p = Policy::load(
+            dir.path(),
+            &PolicyOptions {
+                cache_entries,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         (dir, p)
     }
 
@@ -459,7 +531,10 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a.actions), bits(&b.actions));
         assert_ne!(bits(&a.actions), bits(&c.actions));
-        assert_eq!((a.noise_seed, a.steps_used, a.cache), (7, 10, CacheStatus::Disabled));
+        assert_eq!(
+            (a.noise_seed, a.steps_used, a.cache),
+            (7, 10, CacheStatus::Disabled)
+        );
     }
 
     #[test]
@@ -468,8 +543,16 @@ mod tests {
         p.act(&input(None)).unwrap();
         p.probe().unwrap();
         let after = p.act(&input(None)).unwrap();
-        assert_eq!(after.cache, CacheStatus::Hit, "the probe does not touch the prefix cache");
-        assert_eq!(p.seed_counter.load(Ordering::Relaxed), 2, "nor the seed sequence");
+        assert_eq!(
+            after.cache,
+            CacheStatus::Hit,
+            "the probe does not touch the prefix cache"
+        );
+        assert_eq!(
+            p.seed_counter.load(Ordering::Relaxed),
+            2,
+            "nor the seed sequence"
+        );
     }
 
     #[test]
@@ -495,7 +578,10 @@ mod tests {
             let step: f32 = col.windows(2).map(|w| (w[1] - w[0]).abs()).sum::<f32>() / 49.0;
             let mean = col.iter().sum::<f32>() / 50.0;
             let spread = (col.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 50.0).sqrt();
-            assert!(step < 0.3 * spread.max(0.05), "dim {j}: step {step}, spread {spread}");
+            assert!(
+                step < 0.3 * spread.max(0.05),
+                "dim {j}: step {step}, spread {spread}"
+            );
         }
     }
 
@@ -528,7 +614,11 @@ mod tests {
         assert_eq!(p.cache.as_ref().unwrap().lock().unwrap().len(), 2);
         let mut first = input(Some(1));
         first.frames[0] = frame(0, image(1));
-        assert_eq!(p.act(&first).unwrap().cache, CacheStatus::Miss, "evicted entry");
+        assert_eq!(
+            p.act(&first).unwrap().cache,
+            CacheStatus::Miss,
+            "evicted entry"
+        );
     }
 
     #[test]
@@ -536,20 +626,36 @@ mod tests {
         let (_d, p) = policy(0, 0);
         let mut i = input(Some(1));
         i.state.pop();
-        assert_eq!(p.act(&i).unwrap_err().to_string(), "state has 7 values; this model takes 8");
+        assert_eq!(
+            p.act(&i).unwrap_err().to_string(),
+            "state has 7 values; this model takes 8"
+        );
         let mut i = input(Some(1));
         i.state[2] = f32::NAN;
         assert!(p.act(&i).unwrap_err().to_string().contains("state[2]"));
         let mut i = input(Some(1));
         i.frames[0] = frame(0, b"not an image".to_vec());
         let msg = p.act(&i).unwrap_err().to_string();
-        assert!(msg.contains("images[0].data") && msg.contains("JPEG or PNG"), "{msg}");
+        assert!(
+            msg.contains("images[0].data") && msg.contains("JPEG or PNG"),
+            "{msg}"
+        );
         let mut i = input(Some(1));
         i.frames[0].as_mut().unwrap().expect_sha256 = Some("00".repeat(32));
-        assert!(p.act(&i).unwrap_err().to_string().contains("images[0].sha256"));
+        assert!(
+            p.act(&i)
+                .unwrap_err()
+                .to_string()
+                .contains("images[0].sha256")
+        );
         let mut i = input(Some(1));
         i.frames[0] = None;
-        assert!(p.act(&i).unwrap_err().to_string().contains("primary camera"));
+        assert!(
+            p.act(&i)
+                .unwrap_err()
+                .to_string()
+                .contains("primary camera")
+        );
     }
 
     #[test]
@@ -560,6 +666,9 @@ mod tests {
         assert_ne!(a, gaussian_noise(6, 10_001));
         let mean = a.iter().sum::<f32>() / a.len() as f32;
         let var = a.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / a.len() as f32;
-        assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.1, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.05 && (var - 1.0).abs() < 0.1,
+            "mean {mean} var {var}"
+        );
     }
 }

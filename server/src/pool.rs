@@ -214,10 +214,20 @@ mod tests {
                 pool.submit(move || o.lock().unwrap().push(i)).unwrap()
             })
             .collect();
-        assert_eq!(pool.submit(|| ()).unwrap_err(), SubmitError::Busy(2), "calls never take the probe's slot");
+        assert_eq!(
+            pool.submit(|| ()).unwrap_err(),
+            SubmitError::Busy(2),
+            "calls never take the probe's slot"
+        );
         let o = order.clone();
-        let probe = pool.submit_probe(move || o.lock().unwrap().push(99)).unwrap();
-        assert_eq!(pool.submit_probe(|| ()).unwrap_err(), ProbeSubmitError::Pending, "one probe at a time");
+        let probe = pool
+            .submit_probe(move || o.lock().unwrap().push(99))
+            .unwrap();
+        assert_eq!(
+            pool.submit_probe(|| ()).unwrap_err(),
+            ProbeSubmitError::Pending,
+            "one probe at a time"
+        );
         assert_eq!(pool.submit(|| ()).unwrap_err(), SubmitError::Busy(2));
         release_tx.send(()).unwrap();
         busy.await.unwrap();
@@ -225,7 +235,11 @@ mod tests {
         for r in q {
             r.await.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), vec![0, 1, 99], "the probe ran after the calls queued before it");
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec![0, 1, 99],
+            "the probe ran after the calls queued before it"
+        );
         // Slots are given back as jobs are taken.
         pool.submit_probe(|| ()).unwrap().await.unwrap();
         let again: Vec<_> = (0..2).map(|_| pool.submit(|| ()).unwrap()).collect();
@@ -241,8 +255,14 @@ mod tests {
         let _wedged = pool.submit(move || release_rx.recv().unwrap()).unwrap();
         let probe = pool.submit_probe(|| ()).unwrap();
         let waited = tokio::time::timeout(std::time::Duration::from_millis(200), probe).await;
-        assert!(waited.is_err(), "the probe cannot return while the only worker is stuck");
-        assert_eq!(pool.submit_probe(|| ()).unwrap_err(), ProbeSubmitError::Pending);
+        assert!(
+            waited.is_err(),
+            "the probe cannot return while the only worker is stuck"
+        );
+        assert_eq!(
+            pool.submit_probe(|| ()).unwrap_err(),
+            ProbeSubmitError::Pending
+        );
         release_tx.send(()).unwrap();
     }
 

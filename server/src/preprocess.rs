@@ -18,9 +18,19 @@ pub enum ImageError {
     #[error("is not a JPEG or PNG image")]
     UnknownFormat,
     #[error("could not be decoded as {format}: {message}")]
-    Decode { format: &'static str, message: String },
-    #[error("is {width}×{height}; this model takes exactly {want_w}×{want_h} (resize policy \"exact\")")]
-    WrongSize { width: u32, height: u32, want_w: u32, want_h: u32 },
+    Decode {
+        format: &'static str,
+        message: String,
+    },
+    #[error(
+        "is {width}×{height}; this model takes exactly {want_w}×{want_h} (resize policy \"exact\")"
+    )]
+    WrongSize {
+        width: u32,
+        height: u32,
+        want_w: u32,
+        want_h: u32,
+    },
 }
 
 /// Decodes `bytes` and writes `3·H·W` normalised floats (CHW, RGB) into `out`.
@@ -30,21 +40,31 @@ pub fn decode_into(bytes: &[u8], cfg: &ImageConfig, out: &mut [f32]) -> Result<(
         Ok(ImageFormat::Png) => ImageFormat::Png,
         _ => return Err(ImageError::UnknownFormat),
     };
-    let name = if format == ImageFormat::Jpeg { "JPEG" } else { "PNG" };
+    let name = if format == ImageFormat::Jpeg {
+        "JPEG"
+    } else {
+        "PNG"
+    };
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
     limits.max_alloc = Some(MAX_SIDE as u64 * MAX_SIDE as u64 * 4);
     reader.limits(limits);
-    let img = reader
-        .decode()
-        .map_err(|e| ImageError::Decode { format: name, message: e.to_string() })?;
+    let img = reader.decode().map_err(|e| ImageError::Decode {
+        format: name,
+        message: e.to_string(),
+    })?;
     let (w, h) = (cfg.width, cfg.height);
     let rgb = if img.width() == w && img.height() == h {
         img.into_rgb8()
     } else if cfg.resize == ResizePolicy::Exact {
-        return Err(ImageError::WrongSize { width: img.width(), height: img.height(), want_w: w, want_h: h });
+        return Err(ImageError::WrongSize {
+            width: img.width(),
+            height: img.height(),
+            want_w: w,
+            want_h: h,
+        });
     } else {
         image::imageops::resize(&img.into_rgb8(), w, h, FilterType::Triangle)
     };
@@ -81,14 +101,16 @@ pub fn blank_into(cfg: &ImageConfig, out: &mut [f32]) {
 pub fn encode_jpeg(rgb: &image::RgbImage, quality: u8) -> Vec<u8> {
     let mut out = Vec::new();
     let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
-    rgb.write_with_encoder(enc).expect("encoding to a Vec cannot fail");
+    rgb.write_with_encoder(enc)
+        .expect("encoding to a Vec cannot fail");
     out
 }
 
 /// Encodes an RGB image as PNG.
 pub fn encode_png(rgb: &image::RgbImage) -> Vec<u8> {
     let mut out = Cursor::new(Vec::new());
-    rgb.write_to(&mut out, ImageFormat::Png).expect("encoding to a Vec cannot fail");
+    rgb.write_to(&mut out, ImageFormat::Png)
+        .expect("encoding to a Vec cannot fail");
     out.into_inner()
 }
 
@@ -122,7 +144,15 @@ mod tests {
         decode_into(&jpg, &cfg, &mut out).unwrap();
         cfg.resize = ResizePolicy::Exact;
         let err = decode_into(&jpg, &cfg, &mut out).unwrap_err();
-        assert_eq!(err, ImageError::WrongSize { width: 320, height: 240, want_w: 224, want_h: 224 });
+        assert_eq!(
+            err,
+            ImageError::WrongSize {
+                width: 320,
+                height: 240,
+                want_w: 224,
+                want_h: 224
+            }
+        );
         assert!(err.to_string().contains("320×240"));
     }
 
@@ -130,13 +160,19 @@ mod tests {
     fn garbage_and_truncated_images_are_errors_not_panics() {
         let cfg = reference_config(0).image;
         let mut out = vec![0.0; 3 * 224 * 224];
-        assert_eq!(decode_into(b"hello", &cfg, &mut out), Err(ImageError::UnknownFormat));
+        assert_eq!(
+            decode_into(b"hello", &cfg, &mut out),
+            Err(ImageError::UnknownFormat)
+        );
         let jpg = encode_jpeg(&solid(224, 224, [1, 2, 3]), 90);
         let cut = &jpg[..jpg.len() / 3];
         // A cut JPEG either fails cleanly or decodes a partial frame; never panics.
         let _ = decode_into(cut, &cfg, &mut out);
         let png = encode_png(&solid(224, 224, [1, 2, 3]));
-        assert!(matches!(decode_into(&png[..60], &cfg, &mut out), Err(ImageError::Decode { .. })));
+        assert!(matches!(
+            decode_into(&png[..60], &cfg, &mut out),
+            Err(ImageError::Decode { .. })
+        ));
     }
 
     #[test]

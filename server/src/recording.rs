@@ -116,7 +116,11 @@ struct Sink {
 
 impl Recording {
     pub fn off() -> Self {
-        Recording { session_id: new_session_id(), next_seq: Arc::new(Mutex::new(0)), sink: None }
+        Recording {
+            session_id: new_session_id(),
+            next_seq: Arc::new(Mutex::new(0)),
+            sink: None,
+        }
     }
 
     /// Starts the uplink (and a private recorder when asked). Never fails on
@@ -148,7 +152,11 @@ impl Recording {
             stop,
             done: tokio::sync::Mutex::new(Some(task)),
         };
-        Recording { session_id, next_seq, sink: Some(sink) }
+        Recording {
+            session_id,
+            next_seq,
+            sink: Some(sink),
+        }
     }
 
     /// This server session's id (also the trace file name's last part).
@@ -166,7 +174,9 @@ impl Recording {
         let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
         let seq = *next;
         *next += 1;
-        let Some(sink) = &self.sink else { return (seq, false) };
+        let Some(sink) = &self.sink else {
+            return (seq, false);
+        };
         if sink.stop.is_cancelled() {
             return (seq, false);
         }
@@ -197,7 +207,9 @@ impl Recording {
         }
         sink.stop.cancel();
         if let Some(task) = sink.done.lock().await.take()
-            && tokio::time::timeout(Duration::from_secs(5), task).await.is_err()
+            && tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
         {
             tracing::warn!("recorder did not confirm the end of the session in 5 s");
         }
@@ -212,7 +224,12 @@ impl Sink {
         let n = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         // Logged at warn, but not once per call under a long outage.
         if n.is_power_of_two() {
-            tracing::warn!(seq, dropped_total = n, slug = "record-dropped", "recorder queue full or recorder down; record dropped");
+            tracing::warn!(
+                seq,
+                dropped_total = n,
+                slug = "record-dropped",
+                "recorder queue full or recorder down; record dropped"
+            );
         }
     }
 }
@@ -233,7 +250,10 @@ fn build_record(ev: &ActEvent<'_>, mode: ImageMode) -> pb::ActRecord {
         let mut images = ev.request.images.clone();
         if !ev.request.image_b64.is_empty() {
             match images.first_mut() {
-                None => images.push(pb::Image { data: ev.request.image_b64.clone(), ..Default::default() }),
+                None => images.push(pb::Image {
+                    data: ev.request.image_b64.clone(),
+                    ..Default::default()
+                }),
                 Some(f) if f.data.is_empty() => f.data = ev.request.image_b64.clone(),
                 Some(_) => {}
             }
@@ -284,8 +304,14 @@ fn build_record(ev: &ActEvent<'_>, mode: ImageMode) -> pb::ActRecord {
             rec.noise_seed = out.noise_seed;
         }
         Err(e) => {
-            rec.latency = Some(pb::Latency { total_ms: ev.total_ms, ..Default::default() });
-            rec.error = Some(pb::ActError { code: e.slug().into(), message: crate::service::status_of(e).message().into() });
+            rec.latency = Some(pb::Latency {
+                total_ms: ev.total_ms,
+                ..Default::default()
+            });
+            rec.error = Some(pb::ActError {
+                code: e.slug().into(),
+                message: crate::service::status_of(e).message().into(),
+            });
             rec.noise_seed = ev.request.noise_seed.unwrap_or_default();
         }
     }
@@ -375,14 +401,27 @@ impl Uplink {
     /// One Record stream: start, records, end.
     async fn stream(&mut self, channel: tonic::transport::Channel) -> StreamEnd {
         let first_seq = self.last_delivered.map(|s| s + 1).unwrap_or(0);
-        let start = pb::SessionStart { first_seq, ..self.session.clone() };
+        let start = pb::SessionStart {
+            first_seq,
+            ..self.session.clone()
+        };
         // Small: backpressure belongs in our bounded queue, where it is counted.
         let (tx, rx) = mpsc::channel::<pb::RecordEvent>(16);
-        if tx.send(pb::RecordEvent { event: Some(Event::Start(start)) }).await.is_err() {
+        if tx
+            .send(pb::RecordEvent {
+                event: Some(Event::Start(start)),
+            })
+            .await
+            .is_err()
+        {
             return StreamEnd::Lost;
         }
         let mut client = RecorderClient::new(channel).max_encoding_message_size(64 << 20);
-        let mut call = tokio::spawn(async move { client.record(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+        let mut call = tokio::spawn(async move {
+            client
+                .record(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
         let mut delivered_here = 0u64;
         loop {
             tokio::select! {
@@ -409,12 +448,22 @@ impl Uplink {
         let total = next.saturating_sub(first_seq);
         let reason = FINISH_REASON.lock().map(|r| r.clone()).unwrap_or_default();
         let end = pb::SessionEnd {
-            reason: if reason.is_empty() { "shutdown".into() } else { reason },
+            reason: if reason.is_empty() {
+                "shutdown".into()
+            } else {
+                reason
+            },
             total_requests: total,
             dropped_requests: total.saturating_sub(delivered_here),
             ended_at: now_rfc3339(),
         };
-        if tx.send(pb::RecordEvent { event: Some(Event::End(end)) }).await.is_err() {
+        if tx
+            .send(pb::RecordEvent {
+                event: Some(Event::End(end)),
+            })
+            .await
+            .is_err()
+        {
             return StreamEnd::Lost;
         }
         drop(tx);
@@ -423,7 +472,9 @@ impl Uplink {
                 let s = summary.into_inner();
                 tracing::info!(file = %s.file, records = s.records_written, "recording session closed");
             }
-            other => tracing::warn!(result = ?other.map(|r| r.map(|r| r.map(|_| ()))), "recorder did not confirm the session end"),
+            other => {
+                tracing::warn!(result = ?other.map(|r| r.map(|r| r.map(|_| ()))), "recorder did not confirm the session end")
+            }
         }
         StreamEnd::Finished
     }
@@ -447,7 +498,9 @@ struct PrivateRecorder {
 
 impl PrivateRecorder {
     fn start(dir: PathBuf, stop: CancellationToken) -> std::io::Result<Self> {
-        let socket_dir = tempfile::Builder::new().prefix("reflex-recorder-").tempdir()?;
+        let socket_dir = tempfile::Builder::new()
+            .prefix("reflex-recorder-")
+            .tempdir()?;
         let socket = socket_dir.path().join("recorder.sock");
         let uri = format!("unix://{}", socket.display());
         let exe = std::env::current_exe()?;
@@ -457,7 +510,12 @@ impl PrivateRecorder {
             let mut backoff = Duration::from_millis(100);
             loop {
                 let mut cmd = tokio::process::Command::new(&exe);
-                cmd.arg("recorder").arg("--dir").arg(&dir).arg("--listen").arg(&listen).kill_on_drop(true);
+                cmd.arg("recorder")
+                    .arg("--dir")
+                    .arg(&dir)
+                    .arg("--listen")
+                    .arg(&listen)
+                    .kill_on_drop(true);
                 // Its own process group: a terminal's Ctrl-C reaches only the
                 // server, which ends the session before stopping the child.
                 cmd.process_group(0);
@@ -505,7 +563,12 @@ impl PrivateRecorder {
             }
         });
         let _ = stop;
-        Ok(PrivateRecorder { uri, stop: child_stop, task, _socket_dir: socket_dir })
+        Ok(PrivateRecorder {
+            uri,
+            stop: child_stop,
+            task,
+            _socket_dir: socket_dir,
+        })
     }
 
     async fn stop(self) {
@@ -577,7 +640,11 @@ mod tests {
         }
     }
 
-    fn event<'a>(req: &'a pb::ActRequest, res: &'a Result<(ActOutput, f64), ServiceError>, cams: &'a [String]) -> ActEvent<'a> {
+    fn event<'a>(
+        req: &'a pb::ActRequest,
+        res: &'a Result<(ActOutput, f64), ServiceError>,
+        cams: &'a [String],
+    ) -> ActEvent<'a> {
         ActEvent {
             seq: 3,
             chunk_id: 1,
@@ -596,7 +663,11 @@ mod tests {
     fn image_modes_keep_what_they_promise() {
         let cams = vec!["base".to_string(), "wrist".to_string()];
         let req = pb::ActRequest {
-            images: vec![pb::Image { camera: String::new(), data: b"JPEGBYTES".to_vec(), sha256: String::new() }],
+            images: vec![pb::Image {
+                camera: String::new(),
+                data: b"JPEGBYTES".to_vec(),
+                sha256: String::new(),
+            }],
             ..Default::default()
         };
         let res = Ok((output(), 0.1));
@@ -606,25 +677,38 @@ mod tests {
         assert_eq!(r.images[0].data, b"JPEGBYTES");
         assert_eq!(r.images[0].sha256, "aa".repeat(32));
         assert_eq!(r.image_sha256, "aa".repeat(32));
-        let hashed = build_record(&event(&req, &res, &cams), ImageMode::HashOnly).request.unwrap();
+        let hashed = build_record(&event(&req, &res, &cams), ImageMode::HashOnly)
+            .request
+            .unwrap();
         assert!(hashed.images[0].data.is_empty());
         assert_eq!(hashed.images[0].sha256, "aa".repeat(32));
-        let none = build_record(&event(&req, &res, &cams), ImageMode::None).request.unwrap();
-        assert!(none.images.is_empty() && none.image_sha256.is_empty() && none.image_b64.is_empty());
+        let none = build_record(&event(&req, &res, &cams), ImageMode::None)
+            .request
+            .unwrap();
+        assert!(
+            none.images.is_empty() && none.image_sha256.is_empty() && none.image_b64.is_empty()
+        );
     }
 
     #[test]
     fn failed_calls_are_recorded_with_their_error_and_a_computed_hash() {
         let cams = vec!["base".to_string()];
         let req = pb::ActRequest {
-            images: vec![pb::Image { camera: "base".into(), data: b"x".to_vec(), sha256: String::new() }],
+            images: vec![pb::Image {
+                camera: "base".into(),
+                data: b"x".to_vec(),
+                sha256: String::new(),
+            }],
             ..Default::default()
         };
         let res: Result<(ActOutput, f64), ServiceError> = Err(ServiceError::WorkerLost);
         let rec = build_record(&event(&req, &res, &cams), ImageMode::HashOnly);
         assert_eq!(rec.error.unwrap().code, "worker-lost");
         assert!(rec.actions.is_empty());
-        assert_eq!(rec.request.unwrap().images[0].sha256, hex(&Sha256::digest(b"x")));
+        assert_eq!(
+            rec.request.unwrap().images[0].sha256,
+            hex(&Sha256::digest(b"x"))
+        );
     }
 
     #[test]

@@ -29,9 +29,9 @@ use crate::authority::{AuthorityFix, AuthorityFixOptions};
 use crate::engine::EngineKind;
 use crate::policy::{Policy, PolicyOptions};
 use crate::recording::{ImageMode, RecordOptions, RecordTarget, Recording};
-use reflex_proto::v1 as pb;
 use crate::service::{PolicyHandle, PolicyService, ServiceOptions};
 use crate::telemetry::{Telemetry, TelemetryConfig};
+use reflex_proto::v1 as pb;
 
 /// Where a listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +44,10 @@ impl std::str::FromStr for ListenAddr {
     type Err = String;
     /// `127.0.0.1:50051`, `tcp://[::1]:50051`, `unix:///run/reflex/x.sock`, `unix:rel.sock`.
     fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(rest) = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")) {
+        if let Some(rest) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
             if rest.is_empty() {
                 return Err(format!("{s:?}: a unix listener needs a socket path"));
             }
@@ -77,7 +80,13 @@ pub struct ServeArgs {
     ///
     /// Loopback by default. A non-loopback TCP address is refused unless --insecure is given.
     /// Port 0 picks a free port (the log says which).
-    #[arg(long = "listen", value_name = "URI", env = "REFLEX_LISTEN", value_delimiter = ',', default_value = "127.0.0.1:50051")]
+    #[arg(
+        long = "listen",
+        value_name = "URI",
+        env = "REFLEX_LISTEN",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:50051"
+    )]
     pub listen: Vec<ListenAddr>,
 
     /// Allow listening on a non-loopback TCP address without authentication.
@@ -85,7 +94,12 @@ pub struct ServeArgs {
     pub insecure: bool,
 
     /// Engine that runs the model.
-    #[arg(long, value_name = "ENGINE", env = "REFLEX_ENGINE", default_value = "cpu")]
+    #[arg(
+        long,
+        value_name = "ENGINE",
+        env = "REFLEX_ENGINE",
+        default_value = "cpu"
+    )]
     pub engine: EngineKind,
 
     /// Inference worker threads (each runs one call at a time). Default: CPU cores, at most 4.
@@ -93,11 +107,21 @@ pub struct ServeArgs {
     pub workers: Option<u16>,
 
     /// Calls allowed to wait for a worker; beyond this Act answers RESOURCE_EXHAUSTED.
-    #[arg(long, value_name = "N", env = "REFLEX_QUEUE_DEPTH", default_value_t = 32)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "REFLEX_QUEUE_DEPTH",
+        default_value_t = 32
+    )]
     pub queue_depth: usize,
 
     /// Prefix cache entries (image hashes + instruction → prefix features); 0 disables it.
-    #[arg(long, value_name = "N", env = "REFLEX_CACHE_ENTRIES", default_value_t = 1024)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "REFLEX_CACHE_ENTRIES",
+        default_value_t = 1024
+    )]
     pub cache_entries: usize,
 
     /// Largest Act request accepted, in MiB; larger ones get INVALID_ARGUMENT.
@@ -106,11 +130,21 @@ pub struct ServeArgs {
     pub max_message_mb: u32,
 
     /// Robot embodiment recorded in traces and ModelInfo (e.g. franka).
-    #[arg(long, value_name = "NAME", env = "REFLEX_EMBODIMENT", default_value = "unknown")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "REFLEX_EMBODIMENT",
+        default_value = "unknown"
+    )]
     pub embodiment: String,
 
     /// How long shutdown waits for in-flight calls, in milliseconds.
-    #[arg(long, value_name = "MS", env = "REFLEX_DRAIN_MS", default_value_t = 5000)]
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "REFLEX_DRAIN_MS",
+        default_value_t = 5000
+    )]
     pub drain_ms: u64,
 
     /// Record every Act call into trace files in DIR (created if missing).
@@ -126,7 +160,12 @@ pub struct ServeArgs {
     pub recorder: Option<String>,
 
     /// What image data traces keep: full (encoded bytes), hash_only (SHA-256) or none.
-    #[arg(long, value_name = "MODE", env = "REFLEX_RECORD_IMAGES", default_value = "hash_only")]
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "REFLEX_RECORD_IMAGES",
+        default_value = "hash_only"
+    )]
     pub record_images: ImageMode,
 
     /// Write plain .jsonl traces instead of .jsonl.gz (handy for grep during development).
@@ -211,7 +250,10 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         }
     }
     let dir = args.export_dir.clone();
-    let popts = PolicyOptions { engine: args.engine, cache_entries: args.cache_entries };
+    let popts = PolicyOptions {
+        engine: args.engine,
+        cache_entries: args.cache_entries,
+    };
     let t0 = std::time::Instant::now();
     // Loading optimises the graphs: seconds of CPU, kept off the runtime.
     let policy = tokio::task::spawn_blocking(move || Policy::load(&dir, &popts))
@@ -227,7 +269,10 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     );
     let recording = recording_for(&args, &policy);
     let workers = args.workers.map(usize::from).unwrap_or_else(|| {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4)
     });
     let max_message_bytes = args.max_message_mb as usize * 1024 * 1024;
     let sopts = ServiceOptions {
@@ -245,8 +290,9 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         |k| std::env::var(k).ok(),
     );
     let mut telemetry = Telemetry::start(&tcfg).await?;
-    let service =
-        Arc::new(PolicyService::new(Arc::new(policy), &sopts, recording).with_telemetry(telemetry.act()));
+    let service = Arc::new(
+        PolicyService::new(Arc::new(policy), &sopts, recording).with_telemetry(telemetry.act()),
+    );
     // Only a shared daemon's socket is known here; see `telemetry` on the private child.
     telemetry.observe(&service, args.recorder.clone());
     let metrics = telemetry.metrics_addr;
@@ -295,13 +341,17 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             let res = match b.listener {
                 Bound::Tcp(l) => {
                     let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
-                    router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await
+                    router
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                        .await
                 }
                 Bound::Unix(l) => {
                     // Python grpcio, grpc-java and grpcurl -unix send the socket
                     // path as :authority, which h2 refuses; the adapter rewrites it.
                     let incoming = UnixListenerStream::new(l).map(|conn| conn.map(fix_authority));
-                    router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await
+                    router
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                        .await
                 }
             };
             if let ListenAddr::Unix(p) = &addr {
@@ -333,14 +383,19 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         tracing::info!("shutting down");
         crate::systemd::stopping();
         health.set_not_serving::<PolicyServer<PolicyHandle>>().await;
-        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         stop_accepting.cancel();
         let drained = tokio::time::timeout(drain, async {
             while listeners.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(drain_ms = drain.as_millis() as u64, "in-flight calls did not finish in time");
+            tracing::warn!(
+                drain_ms = drain.as_millis() as u64,
+                "in-flight calls did not finish in time"
+            );
             listeners.abort_all();
         }
         svc.recording().finish("shutdown").await;
@@ -353,12 +408,23 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             _ => Ok(()),
         }
     });
-    Ok(Running { listening, service, metrics, task })
+    Ok(Running {
+        listening,
+        service,
+        metrics,
+        task,
+    })
 }
 
 fn fix_authority(io: tokio::net::UnixStream) -> AuthorityFix<tokio::net::UnixStream> {
     // 64 KiB of headers is far beyond any gRPC client and caps the HPACK work per request.
-    AuthorityFix::with_options(io, AuthorityFixOptions { max_header_block: 64 * 1024, ..Default::default() })
+    AuthorityFix::with_options(
+        io,
+        AuthorityFixOptions {
+            max_header_block: 64 * 1024,
+            ..Default::default()
+        },
+    )
 }
 
 /// The recording session this server's flags ask for.
@@ -366,7 +432,9 @@ fn recording_for(args: &ServeArgs, policy: &Policy) -> Recording {
     let target = match (&args.recorder, &args.record) {
         (Some(uri), dir) => {
             if dir.is_some() {
-                tracing::warn!("--record DIR is ignored with --recorder: the shared recorder owns its folder");
+                tracing::warn!(
+                    "--record DIR is ignored with --recorder: the shared recorder owns its folder"
+                );
             }
             RecordTarget::Daemon(uri.clone())
         }
@@ -412,13 +480,21 @@ struct BoundListener {
 async fn bind(addr: &ListenAddr) -> anyhow::Result<BoundListener> {
     match addr {
         ListenAddr::Tcp(a) => {
-            let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("cannot listen on {a}"))?;
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a}"))?;
             let local = l.local_addr()?;
-            Ok(BoundListener { addr: ListenAddr::Tcp(local), listener: Bound::Tcp(l) })
+            Ok(BoundListener {
+                addr: ListenAddr::Tcp(local),
+                listener: Bound::Tcp(l),
+            })
         }
         ListenAddr::Unix(p) => {
             let l = bind_unix(p).await?;
-            Ok(BoundListener { addr: addr.clone(), listener: Bound::Unix(l) })
+            Ok(BoundListener {
+                addr: addr.clone(),
+                listener: Bound::Unix(l),
+            })
         }
     }
 }
@@ -430,16 +506,22 @@ pub async fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> 
         && !parent.as_os_str().is_empty()
         && !parent.exists()
     {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
         std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o750))?;
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
-            bail!("{} is in use: another process is listening on it", path.display());
+            bail!(
+                "{} is in use: another process is listening on it",
+                path.display()
+            );
         }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("cannot set permissions on {}", path.display()))?;
     Ok(l)
@@ -451,11 +533,28 @@ mod tests {
 
     #[test]
     fn listen_addresses_parse() {
-        assert_eq!("127.0.0.1:5".parse::<ListenAddr>().unwrap(), ListenAddr::Tcp("127.0.0.1:5".parse().unwrap()));
-        assert_eq!("tcp://[::1]:7".parse::<ListenAddr>().unwrap(), ListenAddr::Tcp("[::1]:7".parse().unwrap()));
-        assert_eq!("unix:///run/x.sock".parse::<ListenAddr>().unwrap(), ListenAddr::Unix("/run/x.sock".into()));
-        assert_eq!("unix:a.sock".parse::<ListenAddr>().unwrap(), ListenAddr::Unix("a.sock".into()));
-        assert!("localhost".parse::<ListenAddr>().unwrap_err().contains("not a listen address"));
+        assert_eq!(
+            "127.0.0.1:5".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("127.0.0.1:5".parse().unwrap())
+        );
+        assert_eq!(
+            "tcp://[::1]:7".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("[::1]:7".parse().unwrap())
+        );
+        assert_eq!(
+            "unix:///run/x.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/run/x.sock".into())
+        );
+        assert_eq!(
+            "unix:a.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("a.sock".into())
+        );
+        assert!(
+            "localhost"
+                .parse::<ListenAddr>()
+                .unwrap_err()
+                .contains("not a listen address")
+        );
         assert!("unix://".parse::<ListenAddr>().is_err());
     }
 
@@ -476,7 +575,14 @@ mod tests {
     #[tokio::test]
     async fn non_loopback_tcp_needs_insecure() {
         let args = ServeArgs::new("/nonexistent".into(), vec!["0.0.0.0:0".parse().unwrap()]);
-        let err = start(args, CancellationToken::new()).await.err().unwrap().to_string();
-        assert!(err.contains("not a loopback address") && err.contains("--insecure"), "{err}");
+        let err = start(args, CancellationToken::new())
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("not a loopback address") && err.contains("--insecure"),
+            "{err}"
+        );
     }
 }

@@ -127,7 +127,11 @@ impl PolicyService {
         }
     }
 
-    async fn act_spanned(&self, req: pb::ActRequest, span: Option<&ActSpan>) -> Result<pb::ActResponse, Status> {
+    async fn act_spanned(
+        &self,
+        req: pb::ActRequest,
+        span: Option<&ActSpan>,
+    ) -> Result<pb::ActResponse, Status> {
         let arrived = Instant::now();
         let timestamp = crate::recording::now_rfc3339();
         let chunk_id = self.chunk_id(&req.episode_id);
@@ -147,7 +151,14 @@ impl PolicyService {
             steps_configured: cfg.denoise.steps,
         });
         if let Some(span) = span {
-            self.telemetry.finish_act_span(span, seq, recorded, &result, total_ms, cfg.denoise.steps);
+            self.telemetry.finish_act_span(
+                span,
+                seq,
+                recorded,
+                &result,
+                total_ms,
+                cfg.denoise.steps,
+            );
         }
         if let Some(m) = self.telemetry.metrics() {
             m.record(total_ms, &result);
@@ -161,10 +172,18 @@ impl PolicyService {
         }
     }
 
-    async fn run(&self, req: &pb::ActRequest, arrived: Instant) -> Result<(ActOutput, f64), ServiceError> {
+    async fn run(
+        &self,
+        req: &pb::ActRequest,
+        arrived: Instant,
+    ) -> Result<(ActOutput, f64), ServiceError> {
         let size = req.encoded_len();
         if size > self.max_message_bytes {
-            return Err(InputError::TooLarge { got: size, limit: self.max_message_bytes }.into());
+            return Err(InputError::TooLarge {
+                got: size,
+                limit: self.max_message_bytes,
+            }
+            .into());
         }
         let input = to_input(req, &self.policy.config().cameras)?;
         self.policy.check_cheap(&input)?;
@@ -180,7 +199,14 @@ impl PolicyService {
         Ok(out)
     }
 
-    fn response(&self, out: ActOutput, queue_ms: f64, total_ms: f64, seq: u64, recorded: bool) -> pb::ActResponse {
+    fn response(
+        &self,
+        out: ActOutput,
+        queue_ms: f64,
+        total_ms: f64,
+        seq: u64,
+        recorded: bool,
+    ) -> pb::ActResponse {
         let cfg = self.policy.config();
         let latency = latency(&out, queue_ms, total_ms);
         pb::ActResponse {
@@ -205,7 +231,9 @@ impl PolicyService {
 
     /// Index of this call within its episode (0 for the first chunk).
     fn chunk_id(&self, episode: &str) -> u64 {
-        let Ok(mut e) = self.episode.lock() else { return 0 };
+        let Ok(mut e) = self.episode.lock() else {
+            return 0;
+        };
         if e.0 == episode {
             e.1 += 1;
         } else {
@@ -291,16 +319,25 @@ pub fn to_input(req: &pb::ActRequest, cameras: &[String]) -> Result<ActInput, In
     // Seed-compatible single-image form: `image_b64` is the primary's bytes.
     if !req.image_b64.is_empty() {
         match images.first_mut() {
-            None => images.push(pb::Image { data: req.image_b64.clone(), ..Default::default() }),
+            None => images.push(pb::Image {
+                data: req.image_b64.clone(),
+                ..Default::default()
+            }),
             Some(first) if first.data.is_empty() => first.data = req.image_b64.clone(),
             Some(_) => return Err(InputError::TwoPrimaryImages),
         }
     }
     if images.is_empty() {
-        return Err(InputError::MissingPrimary { camera: cameras[0].clone() });
+        return Err(InputError::MissingPrimary {
+            camera: cameras[0].clone(),
+        });
     }
     if images.len() > cameras.len() {
-        return Err(InputError::TooManyImages { got: images.len(), max: cameras.len(), cameras: list() });
+        return Err(InputError::TooManyImages {
+            got: images.len(),
+            max: cameras.len(),
+            cameras: list(),
+        });
     }
     let mut frames: Vec<Option<FrameInput>> = vec![None; cameras.len()];
     for (index, img) in images.into_iter().enumerate() {
@@ -310,16 +347,29 @@ pub fn to_input(req: &pb::ActRequest, cameras: &[String]) -> Result<ActInput, In
             cameras
                 .iter()
                 .position(|c| *c == img.camera)
-                .ok_or_else(|| InputError::UnknownCamera { index, name: img.camera.clone(), cameras: list() })?
+                .ok_or_else(|| InputError::UnknownCamera {
+                    index,
+                    name: img.camera.clone(),
+                    cameras: list(),
+                })?
         };
         if index == 0 && slot != 0 {
-            return Err(InputError::PrimaryNotFirst { primary: cameras[0].clone(), got: img.camera });
+            return Err(InputError::PrimaryNotFirst {
+                primary: cameras[0].clone(),
+                got: img.camera,
+            });
         }
         if frames[slot].is_some() {
-            return Err(InputError::DuplicateCamera { index, name: cameras[slot].clone() });
+            return Err(InputError::DuplicateCamera {
+                index,
+                name: cameras[slot].clone(),
+            });
         }
         if img.data.is_empty() {
-            return Err(InputError::EmptyImage { index, camera: cameras[slot].clone() });
+            return Err(InputError::EmptyImage {
+                index,
+                camera: cameras[slot].clone(),
+            });
         }
         // Of the two hash fields for the primary, the per-image one wins.
         let (expect_sha256, sha_field) = if !img.sha256.is_empty() {
@@ -329,7 +379,12 @@ pub fn to_input(req: &pb::ActRequest, cameras: &[String]) -> Result<ActInput, In
         } else {
             (None, String::new())
         };
-        frames[slot] = Some(FrameInput { index, data: img.data, expect_sha256, sha_field });
+        frames[slot] = Some(FrameInput {
+            index,
+            data: img.data,
+            expect_sha256,
+            sha_field,
+        });
     }
     Ok(ActInput {
         frames,
@@ -347,9 +402,15 @@ pub struct PolicyHandle(pub Arc<PolicyService>);
 
 #[tonic::async_trait]
 impl PolicyRpc for PolicyHandle {
-    async fn act(&self, request: Request<pb::ActRequest>) -> Result<Response<pb::ActResponse>, Status> {
+    async fn act(
+        &self,
+        request: Request<pb::ActRequest>,
+    ) -> Result<Response<pb::ActResponse>, Status> {
         let parent = self.0.telemetry.parent(request.metadata());
-        self.0.act_in_trace(request.into_inner(), parent).await.map(Response::new)
+        self.0
+            .act_in_trace(request.into_inner(), parent)
+            .await
+            .map(Response::new)
     }
 
     type ActStreamStream = ActStream;
@@ -406,47 +467,104 @@ mod tests {
     }
 
     fn img(camera: &str, data: &[u8]) -> pb::Image {
-        pb::Image { camera: camera.into(), data: data.to_vec(), sha256: String::new() }
+        pb::Image {
+            camera: camera.into(),
+            data: data.to_vec(),
+            sha256: String::new(),
+        }
     }
 
     #[test]
     fn images_map_to_camera_slots() {
-        let req = pb::ActRequest { images: vec![img("", b"a"), img("wrist", b"b")], ..Default::default() };
+        let req = pb::ActRequest {
+            images: vec![img("", b"a"), img("wrist", b"b")],
+            ..Default::default()
+        };
         let input = to_input(&req, &cams()).unwrap();
         assert_eq!(input.frames[0].as_ref().unwrap().data, b"a");
         assert_eq!(input.frames[1].as_ref().unwrap().data, b"b");
-        let only = pb::ActRequest { images: vec![img("base", b"a")], ..Default::default() };
+        let only = pb::ActRequest {
+            images: vec![img("base", b"a")],
+            ..Default::default()
+        };
         assert!(to_input(&only, &cams()).unwrap().frames[1].is_none());
     }
 
     #[test]
     fn image_b64_fills_the_primary() {
-        let req = pb::ActRequest { image_b64: b"x".to_vec(), ..Default::default() };
-        assert_eq!(to_input(&req, &cams()).unwrap().frames[0].as_ref().unwrap().data, b"x");
         let req = pb::ActRequest {
             image_b64: b"x".to_vec(),
-            images: vec![pb::Image { camera: "base".into(), sha256: "ab".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        assert_eq!(
+            to_input(&req, &cams()).unwrap().frames[0]
+                .as_ref()
+                .unwrap()
+                .data,
+            b"x"
+        );
+        let req = pb::ActRequest {
+            image_b64: b"x".to_vec(),
+            images: vec![pb::Image {
+                camera: "base".into(),
+                sha256: "ab".into(),
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let f = to_input(&req, &cams()).unwrap().frames[0].clone().unwrap();
-        assert_eq!((f.data.as_slice(), f.expect_sha256.as_deref()), (&b"x"[..], Some("ab")));
-        let both = pb::ActRequest { image_b64: b"x".to_vec(), images: vec![img("base", b"y")], ..Default::default() };
-        assert_eq!(to_input(&both, &cams()).unwrap_err(), InputError::TwoPrimaryImages);
+        assert_eq!(
+            (f.data.as_slice(), f.expect_sha256.as_deref()),
+            (&b"x"[..], Some("ab"))
+        );
+        let both = pb::ActRequest {
+            image_b64: b"x".to_vec(),
+            images: vec![img("base", b"y")],
+            ..Default::default()
+        };
+        assert_eq!(
+            to_input(&both, &cams()).unwrap_err(),
+            InputError::TwoPrimaryImages
+        );
     }
 
     #[test]
     fn camera_mistakes_are_named() {
         let e = |req: pb::ActRequest| to_input(&req, &cams()).unwrap_err().to_string();
         assert!(e(pb::ActRequest::default()).contains("images is empty"));
-        let msg = e(pb::ActRequest { images: vec![img("base", b"a"), img("left", b"b")], ..Default::default() });
-        assert!(msg.contains("images[1].camera \"left\"") && msg.contains("base, wrist"), "{msg}");
-        let msg = e(pb::ActRequest { images: vec![img("base", b"a"), img("base", b"b")], ..Default::default() });
+        let msg = e(pb::ActRequest {
+            images: vec![img("base", b"a"), img("left", b"b")],
+            ..Default::default()
+        });
+        assert!(
+            msg.contains("images[1].camera \"left\"") && msg.contains("base, wrist"),
+            "{msg}"
+        );
+        let msg = e(pb::ActRequest {
+            images: vec![img("base", b"a"), img("base", b"b")],
+            ..Default::default()
+        });
         assert!(msg.contains("appears twice"), "{msg}");
-        let msg = e(pb::ActRequest { images: vec![img("wrist", b"a")], ..Default::default() });
+        let msg = e(pb::ActRequest {
+            images: vec![img("wrist", b"a")],
+            ..Default::default()
+        });
         assert!(msg.contains("primary camera \"base\""), "{msg}");
-        let msg = e(pb::ActRequest { images: vec![img("base", b"")], ..Default::default() });
-        assert!(msg.contains("images[0].data is empty") && msg.contains("--image-dir"), "{msg}");
+        let msg = e(pb::ActRequest {
+            images: vec![img("base", b"")],
+            ..Default::default()
+        });
+        assert!(
+            msg.contains("images[0].data is empty") && msg.contains("--image-dir"),
+            "{msg}"
+        );
         let three = vec![img("", b"a"), img("", b"b"), img("", b"c")];
-        assert!(e(pb::ActRequest { images: three, ..Default::default() }).contains("3 entries"));
+        assert!(
+            e(pb::ActRequest {
+                images: three,
+                ..Default::default()
+            })
+            .contains("3 entries")
+        );
     }
 }

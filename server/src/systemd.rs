@@ -38,7 +38,10 @@ pub fn ready(status: &str) {
 
 /// STOPPING=1: shutdown has begun.
 pub fn stopping() {
-    send(&[State::Stopping, State::Status("stopping: draining in-flight calls")]);
+    send(&[
+        State::Stopping,
+        State::Status("stopping: draining in-flight calls"),
+    ]);
 }
 
 fn send(states: &[State<'_>]) {
@@ -53,7 +56,10 @@ fn send(states: &[State<'_>]) {
 
 /// Starts the watchdog when the service manager asked for one (`WatchdogSec=`, passed as
 /// `WATCHDOG_USEC`); it runs until `stop` is cancelled.
-pub fn spawn_watchdog(service: Arc<PolicyService>, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+pub fn spawn_watchdog(
+    service: Arc<PolicyService>,
+    stop: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
     let interval = match reflex_systemd::watchdog() {
         Ok(Some(d)) => d,
         Ok(None) => return None,
@@ -63,16 +69,27 @@ pub fn spawn_watchdog(service: Arc<PolicyService>, stop: CancellationToken) -> O
         }
     };
     if !reflex_systemd::notify_enabled() {
-        tracing::warn!(slug = "watchdog-config", "WATCHDOG_USEC is set but NOTIFY_SOCKET is not; no watchdog");
+        tracing::warn!(
+            slug = "watchdog-config",
+            "WATCHDOG_USEC is set but NOTIFY_SOCKET is not; no watchdog"
+        );
         return None;
     }
     let period = interval / 2;
-    tracing::info!(interval_ms = interval.as_millis() as u64, "watchdog on: probing the engine every half interval");
+    tracing::info!(
+        interval_ms = interval.as_millis() as u64,
+        "watchdog on: probing the engine every half interval"
+    );
     let probe = move || {
         let service = service.clone();
         async move { service.probe().await }
     };
-    Some(tokio::spawn(watchdog_loop(period, probe, || send(&[State::Watchdog]), stop)))
+    Some(tokio::spawn(watchdog_loop(
+        period,
+        probe,
+        || send(&[State::Watchdog]),
+        stop,
+    )))
 }
 
 /// Every `period`: run `probe`, and `ping` only if it returned `Ok` within `period`.
@@ -81,8 +98,12 @@ pub fn spawn_watchdog(service: Arc<PolicyService>, stop: CancellationToken) -> O
 /// anyway, so `period` is also its deadline. A timed-out probe is not abandoned by the
 /// pool (it still waits for a worker); the pool queues at most one, and the next ones fail
 /// at once until it has run.
-pub async fn watchdog_loop<P, F, E>(period: Duration, mut probe: P, ping: impl Fn(), stop: CancellationToken)
-where
+pub async fn watchdog_loop<P, F, E>(
+    period: Duration,
+    mut probe: P,
+    ping: impl Fn(),
+    stop: CancellationToken,
+) where
     P: FnMut() -> F,
     F: Future<Output = Result<(), E>>,
     E: Display,
@@ -102,7 +123,10 @@ where
         match outcome {
             Ok(Ok(())) => {
                 if std::mem::take(&mut failing) {
-                    tracing::info!(slug = "watchdog-probe-ok", "the engine answers the watchdog probe again");
+                    tracing::info!(
+                        slug = "watchdog-probe-ok",
+                        "the engine answers the watchdog probe again"
+                    );
                 }
                 ping();
             }
@@ -160,7 +184,10 @@ mod tests {
         ));
         tokio::time::sleep(window).await;
         stop.cancel();
-        tokio::time::timeout(Duration::from_secs(5), task).await.expect("the loop stops when told").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the loop stops when told")
+            .unwrap();
         (pings.load(Ordering::SeqCst), calls.load(Ordering::SeqCst))
     }
 
@@ -168,7 +195,10 @@ mod tests {
     async fn pings_about_every_period_while_the_probe_answers() {
         let (pings, calls) = run(PERIOD * 20, |_| Some(Ok(()))).await;
         // Every probe pings, except one that stopping may have cut short.
-        assert!(pings == calls || pings + 1 == calls, "{pings} pings, {calls} probes");
+        assert!(
+            pings == calls || pings + 1 == calls,
+            "{pings} pings, {calls} probes"
+        );
         // At most one per period; at least a few even on a loaded machine.
         assert!((5..=21).contains(&pings), "{pings} pings in 20 periods");
     }
@@ -177,15 +207,27 @@ mod tests {
     async fn a_probe_that_never_returns_stops_the_pings() {
         let (pings, calls) = run(PERIOD * 20, |n| if n < 3 { Some(Ok(())) } else { None }).await;
         assert_eq!(pings, 3);
-        assert!(calls > 4, "it keeps probing ({calls}) and so would notice the engine coming back");
+        assert!(
+            calls > 4,
+            "it keeps probing ({calls}) and so would notice the engine coming back"
+        );
     }
 
     #[tokio::test]
     async fn a_failing_engine_stops_the_pings_and_recovery_resumes_them() {
-        let (pings, calls) =
-            run(PERIOD * 30, |n| if (2..6).contains(&n) { Some(Err("boom".into())) } else { Some(Ok(())) }).await;
+        let (pings, calls) = run(PERIOD * 30, |n| {
+            if (2..6).contains(&n) {
+                Some(Err("boom".into()))
+            } else {
+                Some(Ok(()))
+            }
+        })
+        .await;
         assert!(calls > 7, "{calls}");
-        assert!(pings == calls - 4 || pings == calls - 5, "{pings} pings, {calls} probes");
+        assert!(
+            pings == calls - 4 || pings == calls - 5,
+            "{pings} pings, {calls} probes"
+        );
     }
 
     #[tokio::test]

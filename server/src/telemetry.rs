@@ -61,7 +61,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{Span as _, Status as OtelStatus, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry::trace::{
+    Span as _, Status as OtelStatus, TraceContextExt, Tracer as _, TracerProvider as _,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
@@ -88,7 +90,9 @@ pub const SPAN_TARGET: &str = "reflex::otel";
 const RECORDER_POLL: Duration = Duration::from_secs(5);
 
 /// Upper bounds of the Act latency histogram, in seconds (1 ms … 10 s).
-const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 10.0];
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 10.0,
+];
 
 /// Concurrent scrapes served; more are closed at once (Prometheus scrapes one at a time).
 const MAX_SCRAPE_CONNECTIONS: usize = 16;
@@ -112,7 +116,12 @@ pub struct TelemetryConfig {
 impl TelemetryConfig {
     /// Everything off.
     pub fn off() -> Self {
-        TelemetryConfig { endpoint: None, sample: 1.0, metrics_listen: None, service_name: "reflex".into() }
+        TelemetryConfig {
+            endpoint: None,
+            sample: 1.0,
+            metrics_listen: None,
+            service_name: "reflex".into(),
+        }
     }
 
     /// Flags first (clap has already folded in their `REFLEX_*` variables),
@@ -124,16 +133,22 @@ impl TelemetryConfig {
         default_service: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Self {
-        let set = |k: &str| env(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let set = |k: &str| {
+            env(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
         let sdk_disabled = set("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let traces_none = set("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
+        let traces_none =
+            set("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
         let endpoint = match endpoint.map(str::trim).filter(|e| !e.is_empty()) {
             Some(e) => Some(e.to_string()),
             None if sdk_disabled || traces_none => None,
             None => set("OTEL_EXPORTER_OTLP_ENDPOINT"),
         };
-        let sample =
-            sample.unwrap_or_else(|| sample_from_env(set("OTEL_TRACES_SAMPLER"), set("OTEL_TRACES_SAMPLER_ARG")));
+        let sample = sample.unwrap_or_else(|| {
+            sample_from_env(set("OTEL_TRACES_SAMPLER"), set("OTEL_TRACES_SAMPLER_ARG"))
+        });
         // OTEL_SERVICE_NAME, then a `service.name` in OTEL_RESOURCE_ATTRIBUTES, then ours.
         let service_name = set("OTEL_SERVICE_NAME")
             .or_else(|| {
@@ -145,7 +160,12 @@ impl TelemetryConfig {
                 })
             })
             .unwrap_or_else(|| default_service.to_string());
-        TelemetryConfig { endpoint, sample, metrics_listen, service_name }
+        TelemetryConfig {
+            endpoint,
+            sample,
+            metrics_listen,
+            service_name,
+        }
     }
 
     /// The standard variables only (for `reflex replay`, which has no flags for this).
@@ -181,7 +201,10 @@ fn sample_from_env(sampler: Option<String>, arg: Option<String>) -> f64 {
         Some("always_on" | "parentbased_always_on") => 1.0,
         Some("always_off" | "parentbased_always_off") => 0.0,
         Some(other) => {
-            tracing::warn!(sampler = other, "OTEL_TRACES_SAMPLER not supported here; sampling every trace");
+            tracing::warn!(
+                sampler = other,
+                "OTEL_TRACES_SAMPLER not supported here; sampling every trace"
+            );
             1.0
         }
     }
@@ -205,7 +228,9 @@ pub fn parse_endpoint(s: &str) -> Result<String, String> {
         Some("https") => Err(format!(
             "{s:?}: this build exports OTLP without TLS; send to a local collector over http:// and let it forward"
         )),
-        _ => Err(format!("{s:?}: give the collector's OTLP/gRPC address as http://HOST:PORT (usually port 4317)")),
+        _ => Err(format!(
+            "{s:?}: give the collector's OTLP/gRPC address as http://HOST:PORT (usually port 4317)"
+        )),
     }
 }
 
@@ -229,7 +254,11 @@ pub fn layer() -> Filtered<OtelSlot, Targets, Registry> {
 /// `filter` with the OpenTelemetry spans left out of the log output.
 pub fn without_spans(filter: tracing_subscriber::EnvFilter) -> tracing_subscriber::EnvFilter {
     // Cannot fail: a target name and a level.
-    filter.add_directive(format!("{SPAN_TARGET}=off").parse().expect("a valid directive"))
+    filter.add_directive(
+        format!("{SPAN_TARGET}=off")
+            .parse()
+            .expect("a valid directive"),
+    )
 }
 
 /// See [`layer`].
@@ -304,7 +333,9 @@ fn process_tracer(
         .with_context(|| format!("cannot set up the OTLP trace exporter for {endpoint}"))?;
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.sample))))
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            cfg.sample,
+        ))))
         .with_resource(resource.clone())
         .build();
     let tracer = provider.tracer("reflex");
@@ -366,7 +397,9 @@ impl Telemetry {
         if !cfg.metrics() {
             return Ok(t);
         }
-        let resource = Resource::builder().with_service_name(cfg.service_name.clone()).build();
+        let resource = Resource::builder()
+            .with_service_name(cfg.service_name.clone())
+            .build();
         if let Some(endpoint) = &cfg.endpoint {
             let (tracer, provider) = process_tracer(cfg, endpoint, &resource)?;
             t.act.tracer = Some(tracer);
@@ -380,7 +413,9 @@ impl Telemetry {
                     .with_tonic()
                     .with_endpoint(endpoint.clone())
                     .build()
-                    .with_context(|| format!("cannot set up the OTLP metric exporter for {endpoint}"))?;
+                    .with_context(|| {
+                        format!("cannot set up the OTLP metric exporter for {endpoint}")
+                    })?;
                 builder = builder.with_reader(PeriodicReader::builder(exporter).build());
             }
             if cfg.metrics_listen.is_some() {
@@ -401,7 +436,8 @@ impl Telemetry {
                     .await
                     .with_context(|| format!("cannot listen for metrics on {addr}"))?;
                 let bound = listener.local_addr()?;
-                t.tasks.spawn(serve_metrics(listener, registry, t.stop.clone()));
+                t.tasks
+                    .spawn(serve_metrics(listener, registry, t.stop.clone()));
                 t.metrics_addr = Some(bound);
                 tracing::info!(metrics = %format!("http://{bound}/metrics"), "serving Prometheus metrics");
             }
@@ -416,9 +452,13 @@ impl Telemetry {
     pub async fn tracing_from_env(service_name: &str) -> Self {
         let cfg = TelemetryConfig::from_env(service_name);
         let mut t = Telemetry::off();
-        let Some(endpoint) = &cfg.endpoint else { return t };
+        let Some(endpoint) = &cfg.endpoint else {
+            return t;
+        };
         // No metrics: a replay has no instruments worth a reader.
-        let resource = Resource::builder().with_service_name(cfg.service_name.clone()).build();
+        let resource = Resource::builder()
+            .with_service_name(cfg.service_name.clone())
+            .build();
         match process_tracer(&cfg, endpoint, &resource) {
             Ok((tracer, provider)) => {
                 t.act.tracer = Some(tracer);
@@ -438,7 +478,9 @@ impl Telemetry {
     /// queue, cache ratio and recording counters, and, with `recorder` (a
     /// shared daemon's URI), that daemon's status, polled in the background.
     pub fn observe(&mut self, service: &Arc<PolicyService>, recorder: Option<String>) {
-        let (Some(meter), Some(m)) = (&self.meter, &self.act.metrics) else { return };
+        let (Some(meter), Some(m)) = (&self.meter, &self.act.metrics) else {
+            return;
+        };
         let m2 = m.clone();
         meter
             .i64_observable_gauge("reflex.act.queue.depth")
@@ -450,24 +492,42 @@ impl Telemetry {
             .u64_observable_counter("reflex.cache.lookups")
             .with_description("Prefix cache lookups by result")
             .with_callback(move |o| {
-                o.observe(m2.cache_hits.load(Ordering::Relaxed), &[KeyValue::new("result", "hit")]);
-                o.observe(m2.cache_misses.load(Ordering::Relaxed), &[KeyValue::new("result", "miss")]);
+                o.observe(
+                    m2.cache_hits.load(Ordering::Relaxed),
+                    &[KeyValue::new("result", "hit")],
+                );
+                o.observe(
+                    m2.cache_misses.load(Ordering::Relaxed),
+                    &[KeyValue::new("result", "miss")],
+                );
             })
             .build();
         let m2 = m.clone();
         meter
             .f64_observable_gauge("reflex.cache.hit_ratio")
-            .with_description("Prefix cache hits / lookups since the server started (0 before the first lookup)")
+            .with_description(
+                "Prefix cache hits / lookups since the server started (0 before the first lookup)",
+            )
             .with_callback(move |o| o.observe(m2.hit_ratio(), &[]))
             .build();
         if service.recording().counters().is_some() {
             type Read = fn(&crate::recording::Counters) -> &AtomicU64;
             let counters: [(&'static str, &'static str, Read); 3] = [
-                ("reflex.record.queued", "Records handed to the recorder queue", |c| &c.queued),
-                ("reflex.record.delivered", "Records written into a recorder stream", |c| &c.delivered),
-                ("reflex.record.dropped", "Records dropped because the recorder was slow or away (queue full)", |c| {
-                    &c.dropped
-                }),
+                (
+                    "reflex.record.queued",
+                    "Records handed to the recorder queue",
+                    |c| &c.queued,
+                ),
+                (
+                    "reflex.record.delivered",
+                    "Records written into a recorder stream",
+                    |c| &c.delivered,
+                ),
+                (
+                    "reflex.record.dropped",
+                    "Records dropped because the recorder was slow or away (queue full)",
+                    |c| &c.dropped,
+                ),
             ];
             for (name, help, read) in counters {
                 let svc = Arc::downgrade(service);
@@ -475,11 +535,11 @@ impl Telemetry {
                     .u64_observable_counter(name)
                     .with_description(help)
                     .with_callback(move |o| {
-                        if let Some(c) = svc
-                            .upgrade()
-                            .as_ref()
-                            .and_then(|s| s.recording().counters().map(|c| read(c).load(Ordering::Relaxed)))
-                        {
+                        if let Some(c) = svc.upgrade().as_ref().and_then(|s| {
+                            s.recording()
+                                .counters()
+                                .map(|c| read(c).load(Ordering::Relaxed))
+                        }) {
                             o.observe(c, &[]);
                         }
                     })
@@ -489,7 +549,8 @@ impl Telemetry {
         if let Some(uri) = recorder {
             let status = Arc::new(RecorderSeen::default());
             observe_recorder(meter, &status);
-            self.tasks.spawn(poll_recorder(uri, status, self.stop.clone()));
+            self.tasks
+                .spawn(poll_recorder(uri, status, self.stop.clone()));
         }
     }
 
@@ -516,7 +577,10 @@ impl Telemetry {
                 tracing::debug!(error = %e, "could not flush the last metrics");
             }
         });
-        if tokio::time::timeout(Duration::from_secs(8), flush).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(8), flush)
+            .await
+            .is_err()
+        {
             tracing::warn!("telemetry exporters did not shut down in 8 s");
         }
     }
@@ -612,7 +676,10 @@ impl ActTelemetry {
             Ok((out, queue_ms)) => {
                 let t = &out.times;
                 span.record("reflex.cache.status", out.cache.as_str());
-                span.record("reflex.inference_ms", t.decode_ms + t.prefix_ms + t.denoise_ms + t.postprocess_ms);
+                span.record(
+                    "reflex.inference_ms",
+                    t.decode_ms + t.prefix_ms + t.denoise_ms + t.postprocess_ms,
+                );
                 span.record("reflex.queue_ms", *queue_ms);
                 span.record("gen_ai.action.denoise_steps", i64::from(out.steps_used));
                 span.record("reflex.noise_seed", out.noise_seed);
@@ -632,7 +699,13 @@ impl ActTelemetry {
 
 /// The policy's stage timings as child spans, laid end to end from the start
 /// of the call (they ran back to back on one worker).
-fn stage_spans(tracer: &SdkTracer, parent: &Context, started: SystemTime, queue_ms: f64, out: &ActOutput) {
+fn stage_spans(
+    tracer: &SdkTracer,
+    parent: &Context,
+    started: SystemTime,
+    queue_ms: f64,
+    out: &ActOutput,
+) {
     let t = &out.times;
     let (first, second) = match out.cache {
         CacheStatus::Hit => ("cache_hit", None),
@@ -712,8 +785,15 @@ impl ActMetrics {
     }
 
     fn hit_ratio(&self) -> f64 {
-        let (h, m) = (self.cache_hits.load(Ordering::Relaxed), self.cache_misses.load(Ordering::Relaxed));
-        if h + m == 0 { 0.0 } else { h as f64 / (h + m) as f64 }
+        let (h, m) = (
+            self.cache_hits.load(Ordering::Relaxed),
+            self.cache_misses.load(Ordering::Relaxed),
+        );
+        if h + m == 0 {
+            0.0
+        } else {
+            h as f64 / (h + m) as f64
+        }
     }
 }
 
@@ -751,7 +831,10 @@ struct MetadataInjector<'a>(&'a mut MetadataMap);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value)) {
+        if let (Ok(k), Ok(v)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value),
+        ) {
             self.0.insert(k, v);
         }
     }
@@ -800,7 +883,11 @@ pub fn fail_span(span: &Span, slug: &'static str, message: &str) {
 // ---------------------------------------------------------------------------
 // The Prometheus endpoint
 
-async fn serve_metrics(listener: tokio::net::TcpListener, registry: prometheus::Registry, stop: CancellationToken) {
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: prometheus::Registry,
+    stop: CancellationToken,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -845,7 +932,8 @@ fn scrape<B>(
 ) -> http::Response<http_body_util::Full<hyper::body::Bytes>> {
     let reply = |code: u16, ctype: &str, body: String| {
         let mut r = http::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(body)));
-        *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        *r.status_mut() =
+            http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
         if let Ok(v) = http::HeaderValue::from_str(ctype) {
             r.headers_mut().insert(http::header::CONTENT_TYPE, v);
         }
@@ -859,7 +947,11 @@ fn scrape<B>(
     }
     match prometheus::TextEncoder::new().encode_to_string(&registry.gather()) {
         Ok(text) => reply(200, prometheus::TEXT_FORMAT, text),
-        Err(e) => reply(500, "text/plain", format!("cannot encode the metrics: {e}\n")),
+        Err(e) => reply(
+            500,
+            "text/plain",
+            format!("cannot encode the metrics: {e}\n"),
+        ),
     }
 }
 
@@ -894,15 +986,24 @@ fn observe_recorder(meter: &Meter, seen: &Arc<RecorderSeen>) {
         .build();
     type Read = fn(&pb::RecorderStatus) -> u64;
     let totals: [(&'static str, &'static str, &'static str, Read); 3] = [
-        ("reflex.recorder.written", "By", "Trace bytes the shared recorder has written (all sessions)", |s| {
-            s.bytes_written
-        }),
-        ("reflex.recorder.records", "", "Records the shared recorder has written (all sessions)", |s| {
-            s.records_written
-        }),
-        ("reflex.recorder.dropped", "", "Records the shared recorder reports as dropped (all sessions)", |s| {
-            s.dropped_requests
-        }),
+        (
+            "reflex.recorder.written",
+            "By",
+            "Trace bytes the shared recorder has written (all sessions)",
+            |s| s.bytes_written,
+        ),
+        (
+            "reflex.recorder.records",
+            "",
+            "Records the shared recorder has written (all sessions)",
+            |s| s.records_written,
+        ),
+        (
+            "reflex.recorder.dropped",
+            "",
+            "Records the shared recorder reports as dropped (all sessions)",
+            |s| s.dropped_requests,
+        ),
     ];
     for (name, unit, help, read) in totals {
         let s = seen.clone();
@@ -932,7 +1033,9 @@ async fn poll_recorder(uri: String, seen: Arc<RecorderSeen>, stop: CancellationT
             };
         }
         let answer = match client.as_mut() {
-            Some(c) => tokio::time::timeout(Duration::from_secs(2), c.status(pb::StatusRequest {})).await,
+            Some(c) => {
+                tokio::time::timeout(Duration::from_secs(2), c.status(pb::StatusRequest {})).await
+            }
             None => Ok(Err(tonic::Status::unavailable("not connected"))),
         };
         match answer {
@@ -959,7 +1062,11 @@ mod tests {
     use super::*;
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
@@ -967,7 +1074,13 @@ mod tests {
         let c = TelemetryConfig::resolve(None, None, None, "reflex", env(&[]));
         assert_eq!(c, TelemetryConfig::off());
         assert!(!c.tracing() && !c.metrics());
-        let c = TelemetryConfig::resolve(None, None, Some("127.0.0.1:0".parse().unwrap()), "reflex", env(&[]));
+        let c = TelemetryConfig::resolve(
+            None,
+            None,
+            Some("127.0.0.1:0".parse().unwrap()),
+            "reflex",
+            env(&[]),
+        );
         assert!(!c.tracing() && c.metrics());
     }
 
@@ -981,31 +1094,61 @@ mod tests {
         let c = TelemetryConfig::resolve(None, None, None, "reflex", env(&vars));
         assert_eq!(c.endpoint.as_deref(), Some("http://collector:4317"));
         assert_eq!((c.sample, c.service_name.as_str()), (0.25, "arm-7"));
-        let named = [("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=lab, service.name=arm-9")];
-        assert_eq!(TelemetryConfig::resolve(None, None, None, "reflex", env(&named)).service_name, "arm-9");
-        let c = TelemetryConfig::resolve(Some("http://127.0.0.1:4317"), Some(0.01), None, "reflex", env(&vars));
-        assert_eq!((c.endpoint.as_deref(), c.sample), (Some("http://127.0.0.1:4317"), 0.01));
+        let named = [(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment=lab, service.name=arm-9",
+        )];
+        assert_eq!(
+            TelemetryConfig::resolve(None, None, None, "reflex", env(&named)).service_name,
+            "arm-9"
+        );
+        let c = TelemetryConfig::resolve(
+            Some("http://127.0.0.1:4317"),
+            Some(0.01),
+            None,
+            "reflex",
+            env(&vars),
+        );
+        assert_eq!(
+            (c.endpoint.as_deref(), c.sample),
+            (Some("http://127.0.0.1:4317"), 0.01)
+        );
     }
 
     #[test]
     fn the_standard_switches_turn_the_environment_endpoint_off() {
-        for off in [("OTEL_SDK_DISABLED", "true"), ("OTEL_TRACES_EXPORTER", "none")] {
+        for off in [
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ] {
             let vars = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), off];
-            assert_eq!(TelemetryConfig::resolve(None, None, None, "r", env(&vars)).endpoint, None, "{off:?}");
+            assert_eq!(
+                TelemetryConfig::resolve(None, None, None, "r", env(&vars)).endpoint,
+                None,
+                "{off:?}"
+            );
             // An explicit flag is still obeyed.
-            assert!(TelemetryConfig::resolve(Some("http://c:4317"), None, None, "r", env(&vars)).tracing());
+            assert!(
+                TelemetryConfig::resolve(Some("http://c:4317"), None, None, "r", env(&vars))
+                    .tracing()
+            );
         }
     }
 
     #[test]
     fn sampler_variables_map_to_a_ratio() {
-        let s =
-            |sampler: Option<&str>, arg: Option<&str>| sample_from_env(sampler.map(Into::into), arg.map(Into::into));
+        let s = |sampler: Option<&str>, arg: Option<&str>| {
+            sample_from_env(sampler.map(Into::into), arg.map(Into::into))
+        };
         assert_eq!(s(None, None), 1.0);
         assert_eq!(s(None, Some("0.5")), 0.5);
         assert_eq!(s(Some("parentbased_traceidratio"), Some("0.1")), 0.1);
         assert_eq!(s(Some("always_off"), Some("0.1")), 0.0);
-        assert_eq!(s(Some("traceidratio"), Some("7")), 1.0, "out of range falls back to every trace");
+        assert_eq!(
+            s(Some("traceidratio"), Some("7")),
+            1.0,
+            "out of range falls back to every trace"
+        );
     }
 
     #[test]
@@ -1014,30 +1157,58 @@ mod tests {
         assert!(parse_sample("1.5").unwrap_err().contains("from 0 to 1"));
         assert!(parse_sample("x").is_err());
         assert!(parse_endpoint("http://127.0.0.1:4317").is_ok());
-        assert!(parse_endpoint("https://collector:4317").unwrap_err().contains("without TLS"));
-        assert!(parse_endpoint("127.0.0.1:4317").unwrap_err().contains("http://HOST:PORT"));
+        assert!(
+            parse_endpoint("https://collector:4317")
+                .unwrap_err()
+                .contains("without TLS")
+        );
+        assert!(
+            parse_endpoint("127.0.0.1:4317")
+                .unwrap_err()
+                .contains("http://HOST:PORT")
+        );
     }
 
     #[test]
     fn traceparent_round_trips_through_metadata() {
-        let t = ActTelemetry { tracer: Some(SdkTracerProvider::builder().build().tracer("t")), metrics: None };
+        let t = ActTelemetry {
+            tracer: Some(SdkTracerProvider::builder().build().tracer("t")),
+            metrics: None,
+        };
         let mut md = MetadataMap::new();
         assert!(t.parent(&md).is_none(), "no traceparent, no parent");
-        md.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
+        md.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
         let cx = t.parent(&md).unwrap();
         let sc = cx.span().span_context().clone();
-        assert_eq!(sc.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
         assert!(sc.is_sampled() && sc.is_remote());
         let mut out = MetadataMap::new();
         TraceContextPropagator::new().inject_context(&cx, &mut MetadataInjector(&mut out));
-        assert_eq!(out.get("traceparent").unwrap(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
-        assert!(ActTelemetry::default().parent(&md).is_none(), "tracing off reads nothing");
+        assert_eq!(
+            out.get("traceparent").unwrap(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        assert!(
+            ActTelemetry::default().parent(&md).is_none(),
+            "tracing off reads nothing"
+        );
     }
 
     #[tokio::test]
     async fn the_endpoint_serves_the_registry_as_prometheus_text() {
-        let cfg = TelemetryConfig { metrics_listen: Some("127.0.0.1:0".parse().unwrap()), ..TelemetryConfig::off() };
+        let cfg = TelemetryConfig {
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..TelemetryConfig::off()
+        };
         let t = Telemetry::start(&cfg).await.unwrap();
         let m = t.act().metrics.clone().unwrap();
         m.record(12.0, &Err(ServiceError::WorkerLost));
@@ -1045,17 +1216,27 @@ mod tests {
         let get = |path: &'static str| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out
         };
         let text = get("/metrics").await;
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-        assert!(text.contains("reflex_act_requests_total{status=\"worker-lost\"} 1"), "{text}");
-        assert!(text.contains("reflex_act_duration_seconds_bucket{status=\"worker-lost\",le=\"0.02\"} 1"), "{text}");
+        assert!(
+            text.contains("reflex_act_requests_total{status=\"worker-lost\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "reflex_act_duration_seconds_bucket{status=\"worker-lost\",le=\"0.02\"} 1"
+            ),
+            "{text}"
+        );
         assert!(get("/").await.starts_with("HTTP/1.1 404"));
         t.shutdown().await;
     }

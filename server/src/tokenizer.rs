@@ -16,7 +16,10 @@ pub fn tokenize(text: &str, vocab_size: u32, max_tokens: usize) -> Vec<i64> {
     let mut ids = Vec::with_capacity(max_tokens);
     ids.push(BOS);
     let lower = text.to_lowercase();
-    for word in lower.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+    for word in lower
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
         if ids.len() == max_tokens {
             break;
         }

@@ -22,10 +22,19 @@ pub async fn timeout<F: std::future::Future>(f: F) -> F::Output {
 /// Writes the reference export with `seed` into `dir` using the real binary.
 pub fn export(dir: &Path, seed: u64) {
     let out = Command::new(BIN)
-        .args(["export-demo", dir.to_str().unwrap(), "--seed", &seed.to_string()])
+        .args([
+            "export-demo",
+            dir.to_str().unwrap(),
+            "--seed",
+            &seed.to_string(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "export-demo failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "export-demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A running `reflex` child process.
@@ -57,7 +66,12 @@ impl Proc {
             if let Some(line) = self.stderr().lines().find(|l| l.contains(needle)) {
                 return line.to_string();
             }
-            assert!(Instant::now() < deadline, "{}: no log line with {needle:?}; stderr:\n{}", self.name, self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "{}: no log line with {needle:?}; stderr:\n{}",
+                self.name,
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -107,30 +121,47 @@ pub async fn serve(dir: &Path, export: &Path, extra: &[&str]) -> (Proc, PathBuf)
 
 /// Polls grpc.health.v1 until SERVING (no sleeping on a guess).
 pub async fn wait_healthy(target: &str, p: &Proc) {
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient, health_check_response::ServingStatus};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let deadline = Instant::now() + TIMEOUT;
     loop {
         if let Ok(ch) = reflex_proto::connect(target).await {
             let mut c = HealthClient::new(ch);
-            if let Ok(r) = c.check(HealthCheckRequest { service: String::new() }).await
+            if let Ok(r) = c
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
                 && r.into_inner().status == ServingStatus::Serving as i32
             {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "{} never became healthy; stderr:\n{}", p.name, p.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "{} never became healthy; stderr:\n{}",
+            p.name,
+            p.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
-pub async fn policy_client(target: &str) -> pb::policy_client::PolicyClient<tonic::transport::Channel> {
+pub async fn policy_client(
+    target: &str,
+) -> pb::policy_client::PolicyClient<tonic::transport::Channel> {
     pb::policy_client::PolicyClient::new(timeout(reflex_proto::connect(target)).await.unwrap())
 }
 
 /// A 224×224 JPEG with a pattern that depends on `shade`.
 pub fn jpeg(shade: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(224, 224, |x, y| {
-        image::Rgb([(x as u8).wrapping_add(shade), (y as u8).wrapping_mul(3), shade.wrapping_mul(7)])
+        image::Rgb([
+            (x as u8).wrapping_add(shade),
+            (y as u8).wrapping_mul(3),
+            shade.wrapping_mul(7),
+        ])
     });
     reflex_server::preprocess::encode_jpeg(&img, 90)
 }
@@ -142,7 +173,11 @@ pub fn state() -> Vec<f32> {
 /// A valid Act request for the reference model.
 pub fn act_request(shade: u8, seed: Option<u64>) -> pb::ActRequest {
     pb::ActRequest {
-        images: vec![pb::Image { camera: "base".into(), data: jpeg(shade), sha256: String::new() }],
+        images: vec![pb::Image {
+            camera: "base".into(),
+            data: jpeg(shade),
+            sha256: String::new(),
+        }],
         instruction: "pick up the red cup".into(),
         state: state(),
         episode_id: "ep-test".into(),
@@ -157,36 +192,63 @@ pub fn base64(bytes: &[u8]) -> String {
     bytes
         .chunks(3)
         .flat_map(|c| {
-            let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
-            (0..4).map(move |i| if i <= c.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' })
+            let n = (c[0] as u32) << 16
+                | (*c.get(1).unwrap_or(&0) as u32) << 8
+                | *c.get(2).unwrap_or(&0) as u32;
+            (0..4).map(move |i| {
+                if i <= c.len() {
+                    T[(n >> (18 - 6 * i) & 63) as usize] as char
+                } else {
+                    '='
+                }
+            })
         })
         .collect()
 }
 
 pub fn read_to_string(path: &Path) -> String {
     let mut s = String::new();
-    std::fs::File::open(path).unwrap().read_to_string(&mut s).unwrap();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_to_string(&mut s)
+        .unwrap();
     s
 }
 
 /// Starts `reflex recorder --dir DIR --listen unix://SOCK EXTRA...` and waits until Status answers.
 pub async fn recorder(dir: &Path, sock: &Path, extra: &[&str]) -> Proc {
     let listen = format!("unix://{}", sock.display());
-    let mut args = vec!["recorder", "--dir", dir.to_str().unwrap(), "--listen", &listen];
+    let mut args = vec![
+        "recorder",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ];
     args.extend_from_slice(extra);
     let p = Proc::start("reflex recorder", &args, &[]);
     let deadline = Instant::now() + TIMEOUT;
     while recorder_status(sock).await.is_none() {
-        assert!(Instant::now() < deadline, "recorder never answered Status; stderr:\n{}", p.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "recorder never answered Status; stderr:\n{}",
+            p.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     p
 }
 
 pub async fn recorder_status(sock: &Path) -> Option<pb::RecorderStatus> {
-    let ch = reflex_proto::connect(&format!("unix://{}", sock.display())).await.ok()?;
+    let ch = reflex_proto::connect(&format!("unix://{}", sock.display()))
+        .await
+        .ok()?;
     let mut c = pb::recorder_client::RecorderClient::new(ch);
-    tokio::time::timeout(Duration::from_secs(5), c.status(pb::StatusRequest {})).await.ok()?.ok().map(|r| r.into_inner())
+    tokio::time::timeout(Duration::from_secs(5), c.status(pb::StatusRequest {}))
+        .await
+        .ok()?
+        .ok()
+        .map(|r| r.into_inner())
 }
 
 /// Trace files (`*.jsonl.gz` / `*.jsonl`) in `dir`, sorted by name.
@@ -216,7 +278,10 @@ pub fn trace_text(path: &Path) -> String {
 
 /// The trace's whole JSON lines, parsed.
 pub fn trace_lines(path: &Path) -> Vec<serde_json::Value> {
-    trace_text(path).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    trace_text(path)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Waits until `f` holds, polling.
@@ -229,7 +294,12 @@ pub async fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool
 }
 
 /// Like [`serve`], with extra environment variables for the server.
-pub async fn serve_env(dir: &Path, export: &Path, extra: &[&str], envs: &[(&str, &str)]) -> (Proc, PathBuf) {
+pub async fn serve_env(
+    dir: &Path,
+    export: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> (Proc, PathBuf) {
     let sock = dir.join("policy.sock");
     let listen = format!("unix://{}", sock.display());
     let mut args = vec!["serve", export.to_str().unwrap(), "--listen", &listen];
@@ -266,6 +336,10 @@ impl Proc {
                 s.push('\n');
             }
         });
-        Proc { child, name: name.into(), stderr }
+        Proc {
+            child,
+            name: name.into(),
+            stderr,
+        }
     }
 }

@@ -60,7 +60,11 @@ pub enum EnvError {
     #[error("inherited descriptor {fd} is not open ({reason})")]
     FdNotOpen { fd: RawFd, reason: String },
     #[error("inherited descriptor {fd} ({name}) {what}")]
-    NotAUnixListener { fd: RawFd, name: String, what: String },
+    NotAUnixListener {
+        fd: RawFd,
+        name: String,
+        what: String,
+    },
 }
 
 /// A notification for the service manager (`sd_notify(3)` assignments).
@@ -103,10 +107,17 @@ impl ListenFd {
     /// The descriptor as a listening `AF_UNIX` stream socket; anything else is refused.
     pub fn into_unix_listener(self) -> Result<UnixListener, EnvError> {
         let raw = self.fd.as_raw_fd();
-        let bad = |what: String| EnvError::NotAUnixListener { fd: raw, name: self.name.clone(), what };
-        let domain = sockopt(raw, libc::SO_DOMAIN).map_err(|e| bad(format!("is not a socket ({e})")))?;
+        let bad = |what: String| EnvError::NotAUnixListener {
+            fd: raw,
+            name: self.name.clone(),
+            what,
+        };
+        let domain =
+            sockopt(raw, libc::SO_DOMAIN).map_err(|e| bad(format!("is not a socket ({e})")))?;
         if domain != libc::AF_UNIX {
-            return Err(bad(format!("is not a Unix socket (address family {domain})")));
+            return Err(bad(format!(
+                "is not a Unix socket (address family {domain})"
+            )));
         }
         let kind = sockopt(raw, libc::SO_TYPE).map_err(|e| bad(e.to_string()))?;
         if kind != libc::SOCK_STREAM {
@@ -134,7 +145,11 @@ fn captured() -> &'static Captured {
         let me = std::process::id();
         Captured {
             notify: var(NOTIFY_SOCKET).map(|v| parse_notify_socket(&v)),
-            watchdog: parse_watchdog(var(WATCHDOG_USEC).as_deref(), var(WATCHDOG_PID).as_deref(), me),
+            watchdog: parse_watchdog(
+                var(WATCHDOG_USEC).as_deref(),
+                var(WATCHDOG_PID).as_deref(),
+                me,
+            ),
             listen: Mutex::new(Some(
                 parse_listen(
                     var(LISTEN_PID).as_deref(),
@@ -157,7 +172,14 @@ fn captured() -> &'static Captured {
 /// meanwhile. Call it first thing in `main`, before any runtime or thread starts.
 pub unsafe fn take_environment() {
     captured();
-    for k in [NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID, LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES] {
+    for k in [
+        NOTIFY_SOCKET,
+        WATCHDOG_USEC,
+        WATCHDOG_PID,
+        LISTEN_FDS,
+        LISTEN_PID,
+        LISTEN_FDNAMES,
+    ] {
         // SAFETY: the caller guarantees this thread is alone (the function's contract).
         unsafe { std::env::remove_var(k) };
     }
@@ -171,8 +193,12 @@ pub fn notify_enabled() -> bool {
 /// Sends `states` as one datagram. `Ok(false)` when no manager listens (not under systemd,
 /// or not `Type=notify`); an error when `NOTIFY_SOCKET` is malformed or the send fails.
 pub fn notify(states: &[State<'_>]) -> io::Result<bool> {
-    let Some(target) = &captured().notify else { return Ok(false) };
-    let addr = target.as_ref().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let Some(target) = &captured().notify else {
+        return Ok(false);
+    };
+    let addr = target
+        .as_ref()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut msg = String::new();
     for s in states {
         s.write(&mut msg);
@@ -182,7 +208,10 @@ pub fn notify(states: &[State<'_>]) -> io::Result<bool> {
     let sock = UnixDatagram::unbound()?;
     let sent = sock.send_to_addr(msg.as_bytes(), addr)?;
     if sent != msg.len() {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, "notification datagram was cut short"));
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "notification datagram was cut short",
+        ));
     }
     Ok(true)
 }
@@ -205,17 +234,28 @@ pub fn listen_fds() -> Result<Vec<ListenFd>, EnvError> {
 /// `NOTIFY_SOCKET`: an absolute path, or `@name` for the abstract namespace.
 pub fn parse_notify_socket(value: &OsStr) -> Result<SocketAddr, EnvError> {
     let bytes = value.as_bytes();
-    let err = |reason: &str| EnvError::NotifySocket { value: value.to_string_lossy().into(), reason: reason.into() };
+    let err = |reason: &str| EnvError::NotifySocket {
+        value: value.to_string_lossy().into(),
+        reason: reason.into(),
+    };
     match bytes.first() {
         Some(b'/') => SocketAddr::from_pathname(value).map_err(|e| err(&e.to_string())),
-        Some(b'@') if bytes.len() > 1 => SocketAddr::from_abstract_name(&bytes[1..]).map_err(|e| err(&e.to_string())),
-        _ => Err(err("not an absolute socket path or @abstract name (vsock is not supported)")),
+        Some(b'@') if bytes.len() > 1 => {
+            SocketAddr::from_abstract_name(&bytes[1..]).map_err(|e| err(&e.to_string()))
+        }
+        _ => Err(err(
+            "not an absolute socket path or @abstract name (vsock is not supported)",
+        )),
     }
 }
 
 /// `WATCHDOG_USEC`/`WATCHDOG_PID` as `sd_watchdog_enabled(3)` reads them: no interval, or
 /// one meant for another PID, is no watchdog.
-pub fn parse_watchdog(usec: Option<&OsStr>, pid: Option<&OsStr>, me: u32) -> Result<Option<Duration>, EnvError> {
+pub fn parse_watchdog(
+    usec: Option<&OsStr>,
+    pid: Option<&OsStr>,
+    me: u32,
+) -> Result<Option<Duration>, EnvError> {
     let Some(usec) = usec else { return Ok(None) };
     let usec: u64 = number(WATCHDOG_USEC, usec)?;
     if let Some(pid) = pid
@@ -237,7 +277,9 @@ pub fn parse_listen(
     names: Option<&OsStr>,
     me: u32,
 ) -> Result<Vec<String>, EnvError> {
-    let (Some(pid), Some(fds)) = (pid, fds) else { return Ok(Vec::new()) };
+    let (Some(pid), Some(fds)) = (pid, fds) else {
+        return Ok(Vec::new());
+    };
     if number::<u32>(LISTEN_PID, pid)? != me {
         return Ok(Vec::new());
     }
@@ -251,10 +293,17 @@ pub fn parse_listen(
             let names: Vec<String> = if n == 0 && names.is_empty() {
                 Vec::new()
             } else {
-                names.to_string_lossy().split(':').map(str::to_string).collect()
+                names
+                    .to_string_lossy()
+                    .split(':')
+                    .map(str::to_string)
+                    .collect()
             };
             if names.len() != n {
-                return Err(EnvError::FdNames { names: names.len(), fds: n });
+                return Err(EnvError::FdNames {
+                    names: names.len(),
+                    fds: n,
+                });
             }
             Ok(names)
         }
@@ -270,10 +319,16 @@ fn claim_fds(start: RawFd, names: Vec<String>) -> Result<Vec<ListenFd>, EnvError
         // SAFETY: F_GETFD/F_SETFD only read and set the descriptor's flags.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
         if flags < 0 {
-            return Err(EnvError::FdNotOpen { fd, reason: io::Error::last_os_error().to_string() });
+            return Err(EnvError::FdNotOpen {
+                fd,
+                reason: io::Error::last_os_error().to_string(),
+            });
         }
         if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
-            return Err(EnvError::FdNotOpen { fd, reason: io::Error::last_os_error().to_string() });
+            return Err(EnvError::FdNotOpen {
+                fd,
+                reason: io::Error::last_os_error().to_string(),
+            });
         }
     }
     Ok(fds
@@ -281,7 +336,10 @@ fn claim_fds(start: RawFd, names: Vec<String>) -> Result<Vec<ListenFd>, EnvError
         .zip(names)
         // SAFETY: the manager passed these descriptors to this PID (LISTEN_PID matched), each
         // is open (checked above), and the capture runs once, so nothing else owns them.
-        .map(|(fd, name)| ListenFd { fd: unsafe { OwnedFd::from_raw_fd(fd) }, name })
+        .map(|(fd, name)| ListenFd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            name,
+        })
         .collect())
 }
 
@@ -289,15 +347,30 @@ fn number<T: std::str::FromStr>(var: &'static str, value: &OsStr) -> Result<T, E
     value
         .to_str()
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| EnvError::NotANumber { var, value: value.to_string_lossy().into() })
+        .ok_or_else(|| EnvError::NotANumber {
+            var,
+            value: value.to_string_lossy().into(),
+        })
 }
 
 fn sockopt(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: v and len are valid for writes of the sizes passed.
-    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut v as *mut libc::c_int).cast(), &mut len) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(v) }
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
 }
 
 #[cfg(test)]
@@ -311,11 +384,20 @@ mod tests {
     #[test]
     fn notify_socket_paths_and_abstract_names() {
         let a = parse_notify_socket(OsStr::new("/run/systemd/notify")).unwrap();
-        assert_eq!(a.as_pathname().unwrap(), std::path::Path::new("/run/systemd/notify"));
+        assert_eq!(
+            a.as_pathname().unwrap(),
+            std::path::Path::new("/run/systemd/notify")
+        );
         let b = parse_notify_socket(OsStr::new("@reflex/test")).unwrap();
         assert_eq!(b.as_abstract_name().unwrap(), b"reflex/test");
         for bad in ["", "@", "relative/notify", "vsock:2:1234"] {
-            assert!(matches!(parse_notify_socket(OsStr::new(bad)), Err(EnvError::NotifySocket { .. })), "{bad:?}");
+            assert!(
+                matches!(
+                    parse_notify_socket(OsStr::new(bad)),
+                    Err(EnvError::NotifySocket { .. })
+                ),
+                "{bad:?}"
+            );
         }
         let long = format!("/{}", "x".repeat(200));
         assert!(parse_notify_socket(OsStr::new(&long)).is_err());
@@ -324,33 +406,78 @@ mod tests {
     #[test]
     fn watchdog_is_for_our_pid_only() {
         assert_eq!(parse_watchdog(None, None, 7), Ok(None));
-        assert_eq!(parse_watchdog(os("500000"), None, 7), Ok(Some(Duration::from_millis(500))));
-        assert_eq!(parse_watchdog(os("500000"), os("7"), 7), Ok(Some(Duration::from_millis(500))));
+        assert_eq!(
+            parse_watchdog(os("500000"), None, 7),
+            Ok(Some(Duration::from_millis(500)))
+        );
+        assert_eq!(
+            parse_watchdog(os("500000"), os("7"), 7),
+            Ok(Some(Duration::from_millis(500)))
+        );
         assert_eq!(parse_watchdog(os("500000"), os("8"), 7), Ok(None));
-        assert_eq!(parse_watchdog(os("0"), None, 7), Err(EnvError::ZeroWatchdog));
-        assert!(matches!(parse_watchdog(os("1s"), None, 7), Err(EnvError::NotANumber { var: WATCHDOG_USEC, .. })));
-        assert!(matches!(parse_watchdog(os("5"), os("me"), 7), Err(EnvError::NotANumber { var: WATCHDOG_PID, .. })));
+        assert_eq!(
+            parse_watchdog(os("0"), None, 7),
+            Err(EnvError::ZeroWatchdog)
+        );
+        assert!(matches!(
+            parse_watchdog(os("1s"), None, 7),
+            Err(EnvError::NotANumber {
+                var: WATCHDOG_USEC,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_watchdog(os("5"), os("me"), 7),
+            Err(EnvError::NotANumber {
+                var: WATCHDOG_PID,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn listen_variables() {
         assert_eq!(parse_listen(None, os("1"), None, 7), Ok(vec![]));
-        assert_eq!(parse_listen(os("8"), os("1"), None, 7), Ok(vec![]), "meant for another process");
-        assert_eq!(parse_listen(os("7"), os("2"), None, 7), Ok(vec!["unknown".to_string(), "unknown".to_string()]));
+        assert_eq!(
+            parse_listen(os("8"), os("1"), None, 7),
+            Ok(vec![]),
+            "meant for another process"
+        );
+        assert_eq!(
+            parse_listen(os("7"), os("2"), None, 7),
+            Ok(vec!["unknown".to_string(), "unknown".to_string()])
+        );
         assert_eq!(
             parse_listen(os("7"), os("2"), os("recorder:extra"), 7),
             Ok(vec!["recorder".into(), "extra".into()])
         );
         assert_eq!(parse_listen(os("7"), os("0"), os(""), 7), Ok(vec![]));
-        assert_eq!(parse_listen(os("7"), os("2"), os("recorder"), 7), Err(EnvError::FdNames { names: 1, fds: 2 }));
-        assert!(matches!(parse_listen(os("7"), os("x"), None, 7), Err(EnvError::NotANumber { var: LISTEN_FDS, .. })));
-        assert!(matches!(parse_listen(os("7"), os("100000"), None, 7), Err(EnvError::TooManyFds(100000))));
+        assert_eq!(
+            parse_listen(os("7"), os("2"), os("recorder"), 7),
+            Err(EnvError::FdNames { names: 1, fds: 2 })
+        );
+        assert!(matches!(
+            parse_listen(os("7"), os("x"), None, 7),
+            Err(EnvError::NotANumber {
+                var: LISTEN_FDS,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_listen(os("7"), os("100000"), None, 7),
+            Err(EnvError::TooManyFds(100000))
+        ));
     }
 
     #[test]
     fn states_are_newline_separated_assignments() {
         let mut m = String::new();
-        for s in [State::Ready, State::Status("serving\nmodel"), State::Watchdog, State::Stopping] {
+        for s in [
+            State::Ready,
+            State::Status("serving\nmodel"),
+            State::Watchdog,
+            State::Stopping,
+        ] {
             s.write(&mut m);
         }
         assert_eq!(m, "READY=1\nSTATUS=serving model\nWATCHDOG=1\nSTOPPING=1\n");
@@ -360,24 +487,39 @@ mod tests {
     fn only_listening_unix_stream_sockets_are_accepted() {
         let d = tempfile::tempdir().unwrap();
         let listening = UnixListener::bind(d.path().join("l.sock")).unwrap();
-        let fd = |o: OwnedFd| ListenFd { fd: o, name: "recorder".into() };
+        let fd = |o: OwnedFd| ListenFd {
+            fd: o,
+            name: "recorder".into(),
+        };
         assert!(fd(OwnedFd::from(listening)).into_unix_listener().is_ok());
 
         let dgram = UnixDatagram::bind(d.path().join("d.sock")).unwrap();
-        let e = fd(OwnedFd::from(dgram)).into_unix_listener().unwrap_err().to_string();
+        let e = fd(OwnedFd::from(dgram))
+            .into_unix_listener()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a stream socket"), "{e}");
 
         let file = std::fs::File::create(d.path().join("f")).unwrap();
-        let e = fd(OwnedFd::from(file)).into_unix_listener().unwrap_err().to_string();
+        let e = fd(OwnedFd::from(file))
+            .into_unix_listener()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is not a socket"), "{e}");
 
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let e = fd(OwnedFd::from(tcp)).into_unix_listener().unwrap_err().to_string();
+        let e = fd(OwnedFd::from(tcp))
+            .into_unix_listener()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a Unix socket"), "{e}");
 
         // A bound but not listening stream socket.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let e = fd(OwnedFd::from(a)).into_unix_listener().unwrap_err().to_string();
+        let e = fd(OwnedFd::from(a))
+            .into_unix_listener()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not listening"), "{e}");
     }
 
@@ -386,10 +528,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path_sock = UnixDatagram::bind(d.path().join("notify")).unwrap();
         let name = format!("reflex-systemd-test-{}", std::process::id());
-        let abstract_sock = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
-        for (sock, value) in
-            [(path_sock, d.path().join("notify").into_os_string()), (abstract_sock, format!("@{name}").into())]
-        {
+        let abstract_sock =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+                .unwrap();
+        for (sock, value) in [
+            (path_sock, d.path().join("notify").into_os_string()),
+            (abstract_sock, format!("@{name}").into()),
+        ] {
             let addr = parse_notify_socket(&value).unwrap();
             let s = UnixDatagram::unbound().unwrap();
             let mut msg = String::new();
@@ -407,16 +552,31 @@ mod tests {
         let start = 900;
         let file = std::fs::File::open("/dev/null").unwrap();
         assert_eq!(unsafe { libc::dup2(file.as_raw_fd(), start) }, start);
-        assert_eq!(unsafe { libc::fcntl(start, libc::F_GETFD) } & libc::FD_CLOEXEC, 0);
+        assert_eq!(
+            unsafe { libc::fcntl(start, libc::F_GETFD) } & libc::FD_CLOEXEC,
+            0
+        );
 
         let e = claim_fds(start, vec!["a".into(), "b".into()]).unwrap_err();
         assert!(matches!(e, EnvError::FdNotOpen { fd: 901, .. }), "{e}");
-        assert!(unsafe { libc::fcntl(start, libc::F_GETFD) } >= 0, "a refused claim closes nothing");
+        assert!(
+            unsafe { libc::fcntl(start, libc::F_GETFD) } >= 0,
+            "a refused claim closes nothing"
+        );
 
         let got = claim_fds(start, vec!["recorder".into()]).unwrap();
-        assert_eq!((got[0].fd.as_raw_fd(), got[0].name.as_str()), (start, "recorder"));
-        assert_ne!(unsafe { libc::fcntl(start, libc::F_GETFD) } & libc::FD_CLOEXEC, 0);
+        assert_eq!(
+            (got[0].fd.as_raw_fd(), got[0].name.as_str()),
+            (start, "recorder")
+        );
+        assert_ne!(
+            unsafe { libc::fcntl(start, libc::F_GETFD) } & libc::FD_CLOEXEC,
+            0
+        );
         drop(got);
-        assert!(unsafe { libc::fcntl(start, libc::F_GETFD) } < 0, "owned, so closed on drop");
+        assert!(
+            unsafe { libc::fcntl(start, libc::F_GETFD) } < 0,
+            "owned, so closed on drop"
+        );
     }
 }

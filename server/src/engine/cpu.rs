@@ -35,7 +35,10 @@ fn load(path: &Path) -> Result<Plan, EngineError> {
 }
 
 fn run_err(graph: &'static str) -> impl Fn(TractError) -> EngineError {
-    move |e| EngineError::Run { graph, message: format!("{e:#}") }
+    move |e| EngineError::Run {
+        graph,
+        message: format!("{e:#}"),
+    }
 }
 
 fn tensor<T: Datum + Copy>(shape: &[usize], data: &[T]) -> TractResult<TValue> {
@@ -44,10 +47,20 @@ fn tensor<T: Datum + Copy>(shape: &[usize], data: &[T]) -> TractResult<TValue> {
 
 impl CpuEngine {
     pub fn load(prefix: &Path, expert: &Path, shapes: Shapes) -> Result<Self, EngineError> {
-        Ok(CpuEngine { prefix: load(prefix)?, expert: load(expert)?, shapes })
+        Ok(CpuEngine {
+            prefix: load(prefix)?,
+            expert: load(expert)?,
+            shapes,
+        })
     }
 
-    fn expert_inputs(&self, x: &[f32], t: f32, prefix: &[f32], state: &[f32]) -> TractResult<TVec<TValue>> {
+    fn expert_inputs(
+        &self,
+        x: &[f32],
+        t: f32,
+        prefix: &[f32],
+        state: &[f32],
+    ) -> TractResult<TVec<TValue>> {
         let s = &self.shapes;
         Ok(tvec![
             tensor(&[1, s.chunk, s.action_dim], x)?,
@@ -85,17 +98,34 @@ impl Engine for CpuEngine {
         run().map_err(run_err("prefix"))
     }
 
-    fn expert_step(&self, x: &[f32], t: f32, prefix: &[f32], state: &[f32]) -> Result<Vec<f32>, EngineError> {
+    fn expert_step(
+        &self,
+        x: &[f32],
+        t: f32,
+        prefix: &[f32],
+        state: &[f32],
+    ) -> Result<Vec<f32>, EngineError> {
         let run = || first_output(self.expert.run(self.expert_inputs(x, t, prefix, state)?)?);
         run().map_err(run_err("expert"))
     }
 
-    fn denoise(&self, noise: Vec<f32>, prefix: &[f32], state: &[f32], steps: u32) -> Result<Vec<f32>, EngineError> {
+    fn denoise(
+        &self,
+        noise: Vec<f32>,
+        prefix: &[f32],
+        state: &[f32],
+        steps: u32,
+    ) -> Result<Vec<f32>, EngineError> {
         // One run state for the whole loop: tract reuses its buffers between steps.
         let mut run_state = self.expert.spawn().map_err(run_err("expert"))?;
         super::euler(noise, steps, |x, t| {
-            let inputs = self.expert_inputs(x, t, prefix, state).map_err(run_err("expert"))?;
-            run_state.run(inputs).and_then(first_output).map_err(run_err("expert"))
+            let inputs = self
+                .expert_inputs(x, t, prefix, state)
+                .map_err(run_err("expert"))?;
+            run_state
+                .run(inputs)
+                .and_then(first_output)
+                .map_err(run_err("expert"))
         })
     }
 }

@@ -16,9 +16,15 @@ pub enum EngineError {
     #[error("loading {graph} failed: {message}")]
     Load { graph: String, message: String },
     #[error("running {graph} failed: {message}")]
-    Run { graph: &'static str, message: String },
+    Run {
+        graph: &'static str,
+        message: String,
+    },
     #[error("engine {engine} is not available: {reason}")]
-    Unavailable { engine: &'static str, reason: String },
+    Unavailable {
+        engine: &'static str,
+        reason: String,
+    },
 }
 
 /// Which engine to run, from `--engine`.
