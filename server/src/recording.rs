@@ -104,6 +104,7 @@ pub struct Recording {
     // recorder receives records in seq order.
     next_seq: Arc<Mutex<u64>>,
     sink: Option<Sink>,
+    recorder_uri: Option<String>,
 }
 
 struct Sink {
@@ -120,6 +121,7 @@ impl Recording {
             session_id: new_session_id(),
             next_seq: Arc::new(Mutex::new(0)),
             sink: None,
+            recorder_uri: None,
         }
     }
 
@@ -144,7 +146,17 @@ impl Recording {
             stop: stop.clone(),
             last_delivered: None,
         };
-        let task = tokio::spawn(uplink.run(opts.target));
+        let (uri, child) = match opts.target {
+            RecordTarget::Daemon(uri) => (Some(uri), None),
+            RecordTarget::Private(dir) => match PrivateRecorder::start(dir, stop.clone()) {
+                Ok(c) => (Some(c.uri.clone()), Some(c)),
+                Err(e) => {
+                    tracing::error!(error = %e, slug = "record-child-failed", "cannot start the private recorder; recording is off");
+                    (None, None)
+                }
+            },
+        };
+        let task = tokio::spawn(uplink.run(uri.clone(), child));
         let sink = Sink {
             tx,
             image_mode: opts.image_mode,
@@ -156,7 +168,13 @@ impl Recording {
             session_id,
             next_seq,
             sink: Some(sink),
+            recorder_uri: uri,
         }
+    }
+
+    /// The recorder this session streams to (a shared daemon or the private child).
+    pub fn recorder_uri(&self) -> Option<&str> {
+        self.recorder_uri.as_deref()
     }
 
     /// This server session's id (also the trace file name's last part).
@@ -336,17 +354,11 @@ enum StreamEnd {
 }
 
 impl Uplink {
-    async fn run(mut self, target: RecordTarget) {
-        let (uri, child) = match target {
-            RecordTarget::Daemon(uri) => (uri, None),
-            RecordTarget::Private(dir) => match PrivateRecorder::start(dir, self.stop.clone()) {
-                Ok(c) => (c.uri.clone(), Some(c)),
-                Err(e) => {
-                    tracing::error!(error = %e, slug = "record-child-failed", "cannot start the private recorder; recording is off");
-                    self.drain_dropping().await;
-                    return;
-                }
-            },
+    async fn run(mut self, uri: Option<String>, child: Option<PrivateRecorder>) {
+        let Some(uri) = uri else {
+            // The private recorder could not start (logged); nothing will take records.
+            self.drain_dropping().await;
+            return;
         };
         let mut backoff = Duration::from_millis(50);
         let mut connected_once = false;

@@ -294,7 +294,11 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         PolicyService::new(Arc::new(policy), &sopts, recording).with_telemetry(telemetry.act()),
     );
     // Only a shared daemon's socket is known here; see `telemetry` on the private child.
-    telemetry.observe(&service, args.recorder.clone());
+    // The recorder's own gauges (bytes, degraded) come from its Status, shared daemon or private child.
+    telemetry.observe(
+        &service,
+        service.recording().recorder_uri().map(String::from),
+    );
     let metrics = telemetry.metrics_addr;
 
     // Bind everything before serving anything: a bad address fails the start.
