@@ -168,6 +168,20 @@ mod tests {
     use super::*;
     use std::sync::mpsc::channel;
 
+    /// Occupies the only worker until the returned sender is used.
+    fn occupy(pool: &Pool) -> (oneshot::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (release_tx, release_rx) = channel::<()>();
+        let (started_tx, started_rx) = channel::<()>();
+        let busy = pool
+            .submit(move || {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            })
+            .unwrap();
+        started_rx.recv().unwrap();
+        (busy, release_tx)
+    }
+
     #[tokio::test]
     async fn runs_jobs_and_returns_results() {
         let pool = Pool::new(2, 4);
@@ -178,16 +192,7 @@ mod tests {
     #[tokio::test]
     async fn full_queue_is_refused_immediately() {
         let pool = Pool::new(1, 1);
-        let (release_tx, release_rx) = channel::<()>();
-        let (started_tx, started_rx) = channel::<()>();
-        // Occupy the only worker until released.
-        let busy = pool
-            .submit(move || {
-                started_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-            })
-            .unwrap();
-        started_rx.recv().unwrap();
+        let (busy, release_tx) = occupy(&pool);
         let queued = pool.submit(|| 1).unwrap();
         assert_eq!(pool.submit(|| 2).unwrap_err(), SubmitError::Busy(1));
         release_tx.send(()).unwrap();
@@ -198,15 +203,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_does_not_starve_the_probe_and_the_probe_waits_in_line() {
         let pool = Pool::new(1, 2);
-        let (release_tx, release_rx) = channel::<()>();
-        let (started_tx, started_rx) = channel::<()>();
-        let busy = pool
-            .submit(move || {
-                started_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-            })
-            .unwrap();
-        started_rx.recv().unwrap();
+        let (busy, release_tx) = occupy(&pool);
         let order = Arc::new(Mutex::new(Vec::new()));
         let q: Vec<_> = (0..2)
             .map(|i| {
