@@ -634,7 +634,7 @@ impl<R: Read> Read for Counted<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::{ImageMode, RequestRecord, encode_line};
+    use crate::trace::{RequestRecord, encode_line};
     use crate::writer::{TraceWriter, WriterOptions};
     use std::io::Write;
 
@@ -648,12 +648,7 @@ mod tests {
     }
 
     fn request(seq: u64) -> RequestRecord {
-        let mut act = crate::trace::tests::sample_act(seq, b"image");
-        act.actions = (0..350)
-            .map(|i| ((seq * 350 + i) as f32 * 0.37).sin())
-            .collect();
-        act.num_actions = 50;
-        RequestRecord::from_act(act, ImageMode::HashOnly)
+        crate::trace::tests::sample_request(seq)
     }
 
     fn lines(n: u64, footer: bool) -> Vec<u8> {

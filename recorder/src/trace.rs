@@ -976,6 +976,16 @@ pub(crate) mod tests {
     use super::*;
     use reflex_proto::v1::{ActError, Denoise, Latency};
 
+    /// A hash_only request record with a full 50×7 chunk of varied actions.
+    pub(crate) fn sample_request(seq: u64) -> RequestRecord {
+        let mut act = sample_act(seq, b"image");
+        act.actions = (0..350)
+            .map(|i| ((seq * 350 + i) as f32 * 0.37).sin())
+            .collect();
+        act.num_actions = 50;
+        RequestRecord::from_act(act, ImageMode::HashOnly)
+    }
+
     pub(crate) fn sample_act(seq: u64, image: &[u8]) -> ActRecord {
         ActRecord {
             seq,

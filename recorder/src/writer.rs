@@ -583,12 +583,7 @@ mod tests {
     }
 
     fn request(seq: u64) -> RequestRecord {
-        let mut act = crate::trace::tests::sample_act(seq, b"image");
-        act.actions = (0..350)
-            .map(|i| ((seq * 350 + i) as f32 * 0.37).sin())
-            .collect();
-        act.num_actions = 50;
-        RequestRecord::from_act(act, ImageMode::HashOnly)
+        crate::trace::tests::sample_request(seq)
     }
 
     #[test]
