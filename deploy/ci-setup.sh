@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what tests/deploy.rs needs, once: systemd's tools (systemd-analyze verify,
+# Installs the system tools the tests need, once (tests/deploy.rs: the list below; tests/replay.rs: jq): systemd's tools (systemd-analyze verify,
 # systemd-sysusers, systemd-tmpfiles, deb-systemd-helper for the package's scripts), dpkg
 # and objcopy (building and installing the .deb), and cargo-deb. Idempotent: a tool that is
 # already there is not fetched again. Debian/Ubuntu, as root (CI) or with sudo.
@@ -16,6 +16,8 @@ command -v systemd-sysusers >/dev/null || missing+=(systemd)
 command -v deb-systemd-helper >/dev/null || missing+=(init-system-helpers)
 command -v dpkg-deb >/dev/null || missing+=(dpkg)
 command -v objcopy >/dev/null || missing+=(binutils)
+# jq: the README's grpcurl replay recipe, run by tests/replay.rs.
+command -v jq >/dev/null || missing+=(jq)
 if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     "${SUDO[@]}" apt-get update -qq
