@@ -77,7 +77,8 @@ pub struct RecordOptions {
 pub struct ActEvent<'a> {
     pub seq: u64,
     pub chunk_id: u64,
-    pub timestamp: String,
+    /// When the call arrived; formatted only if a record is built.
+    pub timestamp: std::time::SystemTime,
     pub request: &'a pb::ActRequest,
     pub cameras: &'a [String],
     pub result: &'a Result<(ActOutput, f64), ServiceError>,
@@ -302,7 +303,7 @@ fn build_record(ev: &ActEvent<'_>, mode: ImageMode) -> pb::ActRecord {
     let mut rec = pb::ActRecord {
         seq: ev.seq,
         chunk_id: ev.chunk_id,
-        timestamp: ev.timestamp.clone(),
+        timestamp: rfc3339_of(ev.timestamp),
         request: Some(request),
         mode: ev.mode.into(),
         action_dim: ev.action_dim,
@@ -596,10 +597,13 @@ pub fn new_session_id() -> String {
 
 /// Current UTC time as RFC 3339 with milliseconds (`2026-11-26T07:14:54.123Z`).
 pub fn now_rfc3339() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339(now.as_secs() as i64, now.subsec_millis())
+    rfc3339_of(std::time::SystemTime::now())
+}
+
+/// `at` as RFC 3339 UTC with milliseconds.
+pub fn rfc3339_of(at: std::time::SystemTime) -> String {
+    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    rfc3339(since.as_secs() as i64, since.subsec_millis())
 }
 
 fn rfc3339(secs: i64, millis: u32) -> String {
@@ -660,7 +664,7 @@ mod tests {
         ActEvent {
             seq: 3,
             chunk_id: 1,
-            timestamp: now_rfc3339(),
+            timestamp: std::time::SystemTime::now(),
             request: req,
             cameras: cams,
             result: res,
