@@ -14,6 +14,10 @@ use tokio_util::sync::CancellationToken;
 use crate::demo::request;
 use crate::scene::Scene;
 
+// Declared here rather than in main.rs so that this suite's wiring stays in this file.
+#[path = "bench_load.rs"]
+mod load;
+
 /// Latency samples in milliseconds.
 #[derive(Debug, Default, Clone)]
 pub struct Summary(Vec<f64>);
@@ -61,6 +65,12 @@ pub enum Suite {
     Ingest(crate::bench_record::IngestBench),
     /// Act latency with telemetry off vs tracing at sample 1.0 and 0.01 (real serve children).
     Telemetry(crate::bench_telemetry::TelemetryBench),
+    /// K concurrent clients against a real server with recording on: throughput, p50/p99/p999,
+    /// errors by code, peak RSS, and the book check (records written + dropped = Acts answered).
+    Load(load::LoadBench),
+    /// The reference model on cpu vs cuda (graphs on and off): engine-only, Policy::act and
+    /// Act over a Unix socket, plus the GPU checks (cuda vs cpu, repeat bit-identity).
+    Engines(crate::bench_engines::EnginesBench),
 }
 
 /// Serving latency (the default suite).
@@ -83,6 +93,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(Suite::Record(a)) => crate::bench_record::record(a).await,
         Some(Suite::Ingest(a)) => crate::bench_record::ingest(a).await,
         Some(Suite::Telemetry(a)) => crate::bench_telemetry::run(a).await,
+        Some(Suite::Load(a)) => load::run(a).await,
+        Some(Suite::Engines(a)) => crate::bench_engines::run(a).await,
     }
 }
 

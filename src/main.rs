@@ -3,6 +3,7 @@
 //! (`reflex replay` documents its own 1/2/3).
 
 mod bench;
+mod bench_engines;
 mod bench_record;
 mod bench_telemetry;
 mod demo;

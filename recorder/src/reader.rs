@@ -10,6 +10,12 @@
 //! line before the cut and then reports [`Truncation`] (line number and why) instead of
 //! failing. A bad line *followed by more lines* is damage, not a cut, and is an error.
 //!
+//! **Memory is bounded by the longest line allowed**, not by the file: a line longer than
+//! [`MAX_LINE_BYTES`] (or the limit given to [`TraceReader::open_with_max_line`]) is
+//! [`ReadError::LineTooLong`], found before more than the limit is buffered. Without the
+//! bound a one-megabyte gzip bomb (a gigabyte of bytes with no newline) made the reader
+//! allocate the whole gigabyte and more.
+//!
 //! Speed: gzip is inflated on a helper thread into 1 MiB chunks (bounded: four in flight)
 //! while the caller's thread splits and parses lines, so reading costs about as much as
 //! the slower of the two rather than their sum; one reused line buffer; typed serde
@@ -26,6 +32,12 @@ use flate2::bufread::MultiGzDecoder;
 use crate::trace::{self, Footer, Header, LineError, Record};
 
 const BUF_SIZE: usize = 256 * 1024;
+
+/// Longest line [`TraceReader::open`] accepts, newline excluded: 256 MiB. The recorder's
+/// largest message by default is 32 MiB, whose line (images in base64, floats as text) stays
+/// well under 64 MiB; the bound leaves room for raised limits while keeping what one hostile
+/// file can make a reader allocate to a fixed size.
+pub const MAX_LINE_BYTES: usize = 256 * 1024 * 1024;
 
 /// Why reading a trace stopped with an error. Every variant names the file; those about
 /// one line name it 1-based.
@@ -69,6 +81,12 @@ pub enum ReadError {
         line: u64,
         kind: String,
     },
+    #[error("{}:{line}: line is longer than {limit} bytes; no trace record is that long", path.display())]
+    LineTooLong {
+        path: PathBuf,
+        line: u64,
+        limit: usize,
+    },
 }
 
 impl ReadError {
@@ -81,7 +99,8 @@ impl ReadError {
             | ReadError::NoHeader { path, .. }
             | ReadError::UnknownSchemaVersion { path, .. }
             | ReadError::Malformed { path, .. }
-            | ReadError::UnknownKind { path, .. } => path,
+            | ReadError::UnknownKind { path, .. }
+            | ReadError::LineTooLong { path, .. } => path,
         }
     }
 
@@ -94,7 +113,8 @@ impl ReadError {
             | ReadError::NoHeader { line, .. }
             | ReadError::UnknownSchemaVersion { line, .. }
             | ReadError::Malformed { line, .. }
-            | ReadError::UnknownKind { line, .. } => *line,
+            | ReadError::UnknownKind { line, .. }
+            | ReadError::LineTooLong { line, .. } => *line,
         }
     }
 }
@@ -140,6 +160,7 @@ pub struct TraceReader {
     header: Header,
     header_line: Vec<u8>,
     line: Vec<u8>,
+    max_line: usize,
     line_no: u64,
     bytes_read: u64,
     requests_read: u64,
@@ -168,8 +189,18 @@ enum Got {
 }
 
 impl TraceReader {
-    /// Opens a trace and reads its header.
+    /// Opens a trace and reads its header; lines may be up to [`MAX_LINE_BYTES`] long.
     pub fn open(path: impl AsRef<Path>) -> Result<TraceReader, ReadError> {
+        TraceReader::open_with_max_line(path, MAX_LINE_BYTES)
+    }
+
+    /// Like [`TraceReader::open`], with another bound on the length of a line (newline
+    /// excluded): a longer line is [`ReadError::LineTooLong`], and at most `max_line` bytes of
+    /// it are ever buffered.
+    pub fn open_with_max_line(
+        path: impl AsRef<Path>,
+        max_line: usize,
+    ) -> Result<TraceReader, ReadError> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|source| ReadError::Open {
             path: path.clone(),
@@ -197,6 +228,7 @@ impl TraceReader {
             header: Header::default(),
             header_line: Vec::new(),
             line: Vec::with_capacity(16 * 1024),
+            max_line,
             line_no: 0,
             bytes_read: 0,
             requests_read: 0,
@@ -394,24 +426,35 @@ impl TraceReader {
     fn read_line(&mut self) -> Result<Got, ReadError> {
         self.line.clear();
         let (res, gzip) = match &mut self.input {
-            Input::Plain(r) => (r.read_until(b'\n', &mut self.line), false),
-            Input::Gzip(r) => (r.read_until(b'\n', &mut self.line), true),
-            Input::Threaded(r) => (r.read_until(b'\n', &mut self.line), true),
+            Input::Plain(r) => (read_line_bounded(r, &mut self.line, self.max_line), false),
+            Input::Gzip(r) => (
+                read_line_bounded(r.as_mut(), &mut self.line, self.max_line),
+                true,
+            ),
+            Input::Threaded(r) => (read_line_bounded(r, &mut self.line, self.max_line), true),
         };
         self.bytes_read += self.line.len() as u64;
         if !self.line.is_empty() {
             self.line_no += 1;
         }
         match res {
-            Ok(0) => Ok(Got::Eof),
-            Ok(_) if self.line.last() == Some(&b'\n') => {
+            Ok(Line::TooLong) => {
+                self.done = true;
+                Err(ReadError::LineTooLong {
+                    path: self.path.clone(),
+                    line: self.line_no.max(1),
+                    limit: self.max_line,
+                })
+            }
+            Ok(Line::Read(0)) => Ok(Got::Eof),
+            Ok(Line::Read(_)) if self.line.last() == Some(&b'\n') => {
                 self.line.pop();
                 if self.line.last() == Some(&b'\r') {
                     self.line.pop();
                 }
                 Ok(Got::Whole)
             }
-            Ok(_) => Ok(Got::Unterminated),
+            Ok(Line::Read(_)) => Ok(Got::Unterminated),
             Err(e) if gzip && e.kind() == io::ErrorKind::UnexpectedEof => Ok(Got::StreamCut),
             Err(e)
                 if gzip
@@ -610,6 +653,42 @@ impl Read for Chunks {
         buf[..n].copy_from_slice(&avail[..n]);
         self.consume(n);
         Ok(n)
+    }
+}
+
+/// What [`read_line_bounded`] found.
+enum Line {
+    /// Bytes read, as `read_until` counts them (0 at the end of the input).
+    Read(usize),
+    /// No newline within the limit; the buffer holds the first `limit + 1` bytes.
+    TooLong,
+}
+
+/// `read_until(b'\n')` that never buffers more than `limit` bytes of a line plus its newline.
+/// The buffer grows by doubling up to that size and no further, so its capacity stays within
+/// `limit + 1` however long the line is; std's `read_until` finds the newline (memchr).
+fn read_line_bounded<R: BufRead + ?Sized>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> io::Result<Line> {
+    let cap = limit.saturating_add(1);
+    let mut total = 0;
+    loop {
+        if buf.len() >= cap {
+            return Ok(Line::TooLong);
+        }
+        if buf.len() == buf.capacity() {
+            let want = buf.capacity().saturating_mul(2).max(4096).min(cap);
+            buf.reserve_exact(want - buf.len());
+        }
+        let room = buf.capacity().min(cap) - buf.len();
+        let n = (&mut *r).take(room as u64).read_until(b'\n', buf)?;
+        total += n;
+        if n < room || buf.last() == Some(&b'\n') {
+            // A newline, or the end of the input before the room was filled.
+            return Ok(Line::Read(total));
+        }
     }
 }
 

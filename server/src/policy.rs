@@ -20,7 +20,7 @@ use rand_core::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
 use crate::config::{ConfigError, ExportConfig, hex, model_hash};
-use crate::engine::{Engine, EngineError, EngineKind, Shapes, cpu::CpuEngine};
+use crate::engine::{Engine, EngineError, EngineKind, Shapes, cpu::CpuEngine, cuda::CudaEngine};
 use crate::preprocess::{self, ImageError};
 use crate::tokenizer;
 
@@ -145,6 +145,9 @@ pub struct ActOutput {
 #[derive(Debug, Clone)]
 pub struct PolicyOptions {
     pub engine: EngineKind,
+    /// With the cuda engine: replay the prefix and the denoise loop as CUDA
+    /// graphs (default) instead of launching op by op.
+    pub cuda_graphs: bool,
     /// Prefix cache entries; 0 disables the cache (status "n/a").
     pub cache_entries: usize,
 }
@@ -153,6 +156,7 @@ impl Default for PolicyOptions {
     fn default() -> Self {
         PolicyOptions {
             engine: EngineKind::Cpu,
+            cuda_graphs: true,
             cache_entries: 1024,
         }
     }
@@ -167,6 +171,38 @@ pub enum LoadError {
 }
 
 type CacheKey = [u8; 32];
+
+/// Bytes one cache entry costs beside its features, rounded up from what `lru` 0.19
+/// allocates: the LRU node (32-byte key, the `Arc<[f32]>` pointer, two links: 64), the
+/// `Arc` header (16), the hash table's slot at its load factor (~20) and allocator
+/// headers.
+const CACHE_ENTRY_OVERHEAD: usize = 160;
+
+/// The prefix cache's worst case: every entry in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheCapacity {
+    pub entries: usize,
+    /// One entry: `prefix_dim` f32 features plus [`CACHE_ENTRY_OVERHEAD`].
+    pub entry_bytes: usize,
+    /// `entries × entry_bytes`: the cache never holds more.
+    pub max_bytes: usize,
+}
+
+/// One prefix and one denoise on zeros: the first Act then pays no kernel
+/// load or graph capture, and a broken device shows at start.
+fn warm_up(e: &dyn Engine, s: &Shapes, steps: u32) -> Result<(), EngineError> {
+    let pixels = vec![0.0; s.cameras * 3 * s.height * s.width];
+    let prefix = e.prefix(&pixels, &vec![0; s.tokens])?;
+    let x = e.denoise(vec![0.0; s.chunk * s.action_dim], &prefix, &vec![0.0; s.state_dim], steps)?;
+    if x.iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(EngineError::Run {
+            graph: "expert",
+            message: "the warm-up denoise gave non-finite values".into(),
+        })
+    }
+}
 
 pub struct Policy {
     cfg: ExportConfig,
@@ -197,12 +233,25 @@ impl Policy {
             chunk: cfg.chunk_size,
             action_dim: cfg.action_dim,
         };
+        let (prefix, expert) = (dir.join(&cfg.graphs.prefix), dir.join(&cfg.graphs.expert));
+        let steps = cfg.denoise.steps;
+        let cuda = || -> Result<CudaEngine, EngineError> {
+            let e = CudaEngine::load(&prefix, &expert, opts.cuda_graphs)?;
+            // Runs (and captures) both graphs once, so a device that loads but cannot
+            // run fails here, at start — and `auto` can still fall back.
+            warm_up(&e, &shapes, steps)?;
+            Ok(e)
+        };
         let engine: Box<dyn Engine> = match opts.engine {
-            EngineKind::Cpu => Box::new(CpuEngine::load(
-                &dir.join(&cfg.graphs.prefix),
-                &dir.join(&cfg.graphs.expert),
-                shapes,
-            )?),
+            EngineKind::Cpu => Box::new(CpuEngine::load(&prefix, &expert, shapes)?),
+            EngineKind::Cuda => Box::new(cuda()?),
+            EngineKind::Auto => match cuda() {
+                Ok(e) => Box::new(e),
+                Err(e) => {
+                    tracing::info!("engine auto: running on cpu, because {e}");
+                    Box::new(CpuEngine::load(&prefix, &expert, shapes)?)
+                }
+            },
         };
         let cache =
             NonZeroUsize::new(opts.cache_entries).map(|n| Mutex::new(lru::LruCache::new(n)));
@@ -235,6 +284,20 @@ impl Policy {
     }
     pub fn hardware(&self) -> BTreeMap<String, String> {
         self.engine.hardware()
+    }
+
+    /// The prefix cache's bound in entries and bytes; `None` when the cache is off.
+    ///
+    /// The bound holds because only features of exactly `prefix_dim` floats are cached
+    /// (see [`Policy::act`]), and the LRU evicts beyond its entry count.
+    pub fn cache_capacity(&self) -> Option<CacheCapacity> {
+        let entries = self.cache.as_ref()?.lock().ok()?.cap().get();
+        let entry_bytes = self.cfg.prefix_dim * std::mem::size_of::<f32>() + CACHE_ENTRY_OVERHEAD;
+        Some(CacheCapacity {
+            entries,
+            entry_bytes,
+            max_bytes: entries.saturating_mul(entry_bytes),
+        })
     }
 
     /// Checks that need no image work: run on the async side before queueing.
@@ -291,7 +354,9 @@ impl Policy {
                 let t1 = Instant::now();
                 let p: std::sync::Arc<[f32]> = self.engine.prefix(&pixels, &tokens)?.into();
                 times.prefix_ms = ms(t1);
+                // Only features of the configured size are kept: what `cache_capacity` promises.
                 if let (Some(k), Some(c)) = (key, &self.cache)
+                    && p.len() == self.cfg.prefix_dim
                     && let Ok(mut c) = c.lock()
                 {
                     c.put(k, p.clone());
@@ -612,6 +677,11 @@ mod tests {
             p.act(&i).unwrap();
         }
         assert_eq!(p.cache.as_ref().unwrap().lock().unwrap().len(), 2);
+        let cap = p.cache_capacity().unwrap();
+        assert_eq!(cap.entries, 2);
+        assert_eq!(cap.max_bytes, 2 * cap.entry_bytes);
+        assert!(cap.entry_bytes > p.config().prefix_dim * 4);
+        assert_eq!(policy(0, 0).1.cache_capacity(), None);
         let mut first = input(Some(1));
         first.frames[0] = frame(0, image(1));
         assert_eq!(

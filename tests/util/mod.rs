@@ -343,3 +343,36 @@ impl Proc {
         }
     }
 }
+
+/// Writes a secret (token, key) as a 0600 file, as `reflex serve` wants it.
+pub fn write_secret(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, contents).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// The test TLS material of `tests/fixtures/tls`: (server certificate, a 0600 copy of its
+/// key in `dir`, the CA that signed it). Git checks keys out 0644, which serve refuses.
+pub fn tls_fixture(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let key = std::fs::read(fixtures.join("server.key")).unwrap();
+    (
+        fixtures.join("server.crt"),
+        write_secret(dir, "server.key", &key),
+        fixtures.join("ca.crt"),
+    )
+}
+
+/// A Policy client through [`reflex_proto::connect_with`] (token and/or TLS).
+pub async fn policy_client_with(
+    target: &str,
+    opts: &reflex_proto::ConnectOptions,
+) -> pb::policy_client::PolicyClient<reflex_proto::AuthChannel> {
+    pb::policy_client::PolicyClient::new(
+        timeout(reflex_proto::connect_with(target, opts))
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {target}: {e:?}")),
+    )
+}

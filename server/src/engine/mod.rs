@@ -7,6 +7,8 @@
 //! (a CUDA graph); the default drives `expert_step` from the host.
 
 pub mod cpu;
+pub mod cuda;
+pub mod graph;
 
 use std::collections::BTreeMap;
 
@@ -30,8 +32,14 @@ pub enum EngineError {
 /// Which engine to run, from `--engine`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineKind {
+    /// tract on the CPU.
     #[default]
     Cpu,
+    /// The GPU executor (cuBLAS + NVRTC kernels, CUDA graphs); fails at start
+    /// without a GPU and its libraries.
+    Cuda,
+    /// `cuda` where it loads, else `cpu` with one log line saying why.
+    Auto,
 }
 
 impl std::str::FromStr for EngineKind {
@@ -39,7 +47,11 @@ impl std::str::FromStr for EngineKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "cpu" => Ok(EngineKind::Cpu),
-            other => Err(format!("unknown engine {other:?} (this build has: cpu)")),
+            "cuda" => Ok(EngineKind::Cuda),
+            "auto" => Ok(EngineKind::Auto),
+            other => Err(format!(
+                "unknown engine {other:?} (one of: cpu, cuda, auto)"
+            )),
         }
     }
 }

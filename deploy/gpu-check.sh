@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU acceptance run for the cuda engine, in one script (CI has no GPU).
+#
+#   cargo build --release            # on any x86-64 machine; no CUDA needed to build
+#   bash deploy/gpu-check.sh          # on the GPU machine, next to target/release/reflex
+#
+# Needs: an NVIDIA driver (libcuda.so.1) and the CUDA 13 libcublas/libnvrtc, found through
+# LD_LIBRARY_PATH (default below: /usr/local/cuda-13.0). It checks, and exits non-zero when
+# any check fails:
+#  1. `reflex bench engines`: cuda vs cpu actions on the same requests and seeds
+#     (cos ≥ 0.9999, max_abs ≤ 1e-3 for every request), repeated runs bit-identical,
+#     graphs on = off bit for bit; prints engine-only / Policy::act / Unix-socket Act
+#     p50/p99 for cpu, cuda + graphs and cuda without graphs.
+#  2. A trace recorded on cpu (`reflex demo`) replayed against `reflex serve --engine cuda`
+#     with `--fail-on actions`.
+#  3. The cuda server's own trace header carries the GPU, driver and CUDA versions.
+#  4. `--engine auto` picks cuda here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${REFLEX_BIN:-$PWD/target/release/reflex}
+CUDA_LIB=${CUDA_LIB:-/usr/local/cuda-13.0/targets/x86_64-linux/lib}
+export LD_LIBRARY_PATH="$CUDA_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+OUT=${OUT:-$(mktemp -d)}
+# ENGINE=cpu runs the same steps without a GPU (to try the script itself).
+ENGINE=${ENGINE:-cuda}
+BENCH_FLAGS=""; [ "$ENGINE" = cpu ] && BENCH_FLAGS="--cpu-only"
+W=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
+log() { printf '\n== %s\n' "$*"; }
+wait_socket() { for _ in $(seq 1 600); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1"; return 1; }
+
+log "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+"$BIN" --version
+
+log "1. bench engines (checks + latency)"
+"$BIN" bench engines --calls "${CALLS:-300}" $BENCH_FLAGS 2>&1 | tee "$OUT/bench-engines.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "FAIL: bench engines"; exit 1; }
+
+log "2. a cpu trace replayed against a cuda server"
+"$BIN" export-demo "$W/export" >/dev/null
+"$BIN" demo --export-dir "$W/export" --trace-dir "$W/cpu-traces" --calls 60 >"$OUT/demo.txt" 2>&1 \
+  || { cat "$OUT/demo.txt"; exit 1; }
+tail -5 "$OUT/demo.txt"
+TRACE=$(ls "$W"/cpu-traces/*.jsonl.gz | head -1)
+RUST_LOG=info "$BIN" serve "$W/export" --engine "$ENGINE" --listen "unix://$W/cuda.sock" \
+  --record "$W/cuda-traces" 2>"$OUT/serve-cuda.log" &
+SERVE=$!
+wait_socket "$W/cuda.sock"
+"$BIN" replay "$TRACE" --target "unix://$W/cuda.sock" --diff actions --fail-on actions \
+  --output "$OUT/replay-report.json" >"$OUT/replay.txt" 2>&1 && RC=0 || RC=$?
+tail -8 "$OUT/replay.txt"
+echo "replay exit: $RC"
+[ "$RC" = 0 ] || { echo "FAIL: replay of the cpu trace on $ENGINE"; exit 1; }
+
+log "3. the cuda trace header"
+kill -TERM "$SERVE"; wait "$SERVE" || true
+CT=$(ls "$W"/cuda-traces/*.jsonl.gz | head -1)
+zcat "$CT" >"$W/cuda-trace.jsonl"
+head -3 "$W/cuda-trace.jsonl" >"$OUT/cuda-trace-head.jsonl"
+head -1 "$W/cuda-trace.jsonl" | grep -o '"hardware":{[^}]*}'
+KEYS='"gpu": "nvidia_driver": "cuda_driver_api": "mode":"cuda"'
+[ "$ENGINE" = cpu ] && KEYS='"cpus": "mode":"cpu"'
+for key in $KEYS; do
+  grep -q "$key" "$OUT/cuda-trace-head.jsonl" || { echo "FAIL: $key missing from the cuda trace"; exit 1; }
+done
+echo "header: PASS"
+
+[ "$ENGINE" = cpu ] && { echo "ENGINE=cpu: skipping the auto check"; exit 0; }
+log "4. --engine auto"
+RUST_LOG=info "$BIN" serve "$W/export" --engine auto --listen "unix://$W/auto.sock" 2>"$OUT/serve-auto.log" &
+AUTO=$!
+wait_socket "$W/auto.sock"
+kill -TERM "$AUTO"; wait "$AUTO" || true
+if grep -q "running on cpu" "$OUT/serve-auto.log"; then echo "FAIL: auto fell back"; cat "$OUT/serve-auto.log"; exit 1; fi
+grep -m1 -o 'mode="\?cuda"\?' "$OUT/serve-auto.log" || grep -m1 "cuda" "$OUT/serve-auto.log"
+echo "auto: PASS"
+echo "ALL GPU CHECKS PASSED"

@@ -1,0 +1,1210 @@
+//! The GPU executor's compiler: an export's ONNX graph lowered to a flat
+//! program of a few kernel kinds, independent of any device.
+//!
+//! A [`Program`] is a list of [`Op`]s over numbered buffers, every shape fixed
+//! at load (the export declares concrete shapes). Four kinds of work remain
+//! after lowering:
+//! - [`Op::Map`]: one output element per thread, computed by an [`Expr`] over
+//!   loads at affine offsets of the output coordinates. Elementwise chains
+//!   (bias add + GELU, residual adds, the velocity formula), broadcasts,
+//!   transposes, concatenation, embedding gathers and the convolution's
+//!   im2col are all maps; a single-use elementwise result is fused into its
+//!   consumer instead of being written out.
+//! - [`Op::Gemm`]: (batched) matrix products, for cuBLAS; [`cublas_call`]
+//!   turns the row-major description into cuBLAS's column-major arguments.
+//! - [`Op::LayerNorm`], [`Op::Softmax`], [`Op::Mean`]: row reductions.
+//! - [`Op::Fill`] and [`Op::Axpy`]: the denoise loop's own steps
+//!   (`t ← k·dt`, `x ← x + dt·v`), see [`denoise_ops`].
+//!
+//! [`reference`] runs a program on the CPU with the same semantics as the
+//! CUDA kernels (including the column-major cuBLAS arguments), which is how
+//! the lowering is tested against tract on machines without a GPU;
+//! [`cuda_src`] prints the map kernels as CUDA C for NVRTC.
+
+pub mod cuda_src;
+pub mod reference;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use prost::Message;
+use tract_onnx::pb;
+
+use super::EngineError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    I64,
+}
+
+/// One device buffer: its element count, type and (for weights) contents.
+#[derive(Debug, Clone)]
+pub struct Buffer {
+    pub len: usize,
+    pub dtype: DType,
+    pub init: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnOp {
+    Erf,
+    Sin,
+    Cos,
+    Exp,
+    Tanh,
+    Sqrt,
+    Neg,
+    Relu,
+    Sigmoid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+/// The value of one output element. Coordinates are those of the map's
+/// output; a load reads `src[offset + Σ coord_d · coefs_d]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    Load {
+        src: usize,
+        coefs: Vec<i64>,
+        offset: i64,
+    },
+    /// `table[clamp(index[..]) · row_len + row offset]`: an embedding lookup.
+    Gather {
+        table: usize,
+        rows: i64,
+        row_len: i64,
+        index: usize,
+        index_coefs: Vec<i64>,
+        index_offset: i64,
+        row_coefs: Vec<i64>,
+        row_offset: i64,
+    },
+    Const(f32),
+    Unary(UnOp, Box<Expr>),
+    Binary(BinOp, Box<Expr>, Box<Expr>),
+    /// Concatenation along `axis`: part j holds coordinates from `starts[j]`
+    /// (its loads already shifted).
+    Select {
+        axis: usize,
+        starts: Vec<i64>,
+        parts: Vec<Expr>,
+    },
+}
+
+/// Row-major batched product: `c[b] = alpha · op(a[b]) · op(b[b])`, `c[b]`
+/// an m×n matrix, `op(a)` m×k, `op(b)` k×n. A stored operand is row-major;
+/// `*_trans` means it is stored transposed. Batch strides in elements.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemm {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: usize,
+    pub a_trans: bool,
+    pub a_stride: usize,
+    pub b: usize,
+    pub b_trans: bool,
+    pub b_stride: usize,
+    pub c: usize,
+    pub alpha: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Map {
+        out: usize,
+        shape: Vec<usize>,
+        expr: Expr,
+    },
+    Gemm(Gemm),
+    LayerNorm {
+        x: usize,
+        gamma: usize,
+        beta: usize,
+        out: usize,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    },
+    Softmax {
+        x: usize,
+        out: usize,
+        rows: usize,
+        dim: usize,
+    },
+    /// `out[o, i] = mean_l x[o, l, i]`.
+    Mean {
+        x: usize,
+        out: usize,
+        outer: usize,
+        len: usize,
+        inner: usize,
+    },
+    Fill {
+        out: usize,
+        len: usize,
+        value: f32,
+    },
+    /// `x ← x + alpha · v`, in place.
+    Axpy {
+        x: usize,
+        v: usize,
+        len: usize,
+        alpha: f32,
+    },
+}
+
+/// A graph input or output: its name, buffer and shape.
+#[derive(Debug, Clone)]
+pub struct Port {
+    pub name: String,
+    pub buf: usize,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+#[derive(Debug, Clone)]
+pub struct Program {
+    pub name: String,
+    pub buffers: Vec<Buffer>,
+    pub inputs: Vec<Port>,
+    pub outputs: Vec<Port>,
+    pub ops: Vec<Op>,
+}
+
+impl Program {
+    pub fn input(&self, name: &str) -> Option<&Port> {
+        self.inputs.iter().find(|p| p.name == name)
+    }
+
+    /// Number of launches one run makes (maps and reductions are one kernel
+    /// each, a gemm one cuBLAS call).
+    pub fn launches(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+/// The Euler loop unrolled: for each step k, `set_t(k·dt)`, the body,
+/// `update(dt)` — the same step times as [`super::euler`].
+pub fn unroll<T: Clone>(
+    body: &[T],
+    steps: u32,
+    set_t: impl Fn(f32) -> T,
+    update: impl Fn(f32) -> T,
+) -> Vec<T> {
+    let dt = 1.0 / steps as f32;
+    let mut out = Vec::with_capacity((body.len() + 2) * steps as usize);
+    for k in 0..steps {
+        out.push(set_t(k as f32 * dt));
+        out.extend(body.iter().cloned());
+        out.push(update(dt));
+    }
+    out
+}
+
+/// The expert's denoise buffers: `x_t` (the chunk before and after), `t`,
+/// and the velocity output.
+pub struct DenoisePorts {
+    pub x: Port,
+    pub t: Port,
+    pub v: Port,
+}
+
+pub fn denoise_ports(expert: &Program) -> Result<DenoisePorts, String> {
+    let port = |name: &str| {
+        expert
+            .input(name)
+            .cloned()
+            .ok_or_else(|| format!("the expert graph has no input {name:?}"))
+    };
+    let v = expert
+        .outputs
+        .first()
+        .cloned()
+        .ok_or("the expert graph has no output")?;
+    Ok(DenoisePorts {
+        x: port("x_t")?,
+        t: port("t")?,
+        v,
+    })
+}
+
+/// The whole Euler loop over an expert program as one op list.
+pub fn denoise_ops(expert: &Program, steps: u32) -> Result<Vec<Op>, String> {
+    let p = denoise_ports(expert)?;
+    let len = p.x.shape.iter().product();
+    Ok(unroll(
+        &expert.ops,
+        steps,
+        |t| Op::Fill {
+            out: p.t.buf,
+            len: 1,
+            value: t,
+        },
+        |dt| Op::Axpy {
+            x: p.x.buf,
+            v: p.v.buf,
+            len,
+            alpha: dt,
+        },
+    ))
+}
+
+/// cuBLAS's column-major arguments for a row-major [`Gemm`]: the row-major
+/// C = op(A)·op(B) is the column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, so B goes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CublasCall {
+    /// Transpose flags of the first and second cuBLAS operands.
+    pub trans_first: bool,
+    pub trans_second: bool,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    /// First operand = the row-major B buffer, second = the A buffer.
+    pub first: usize,
+    pub ld_first: i32,
+    pub stride_first: i64,
+    pub second: usize,
+    pub ld_second: i32,
+    pub stride_second: i64,
+    pub c: usize,
+    pub ldc: i32,
+    pub stride_c: i64,
+    pub batch: i32,
+}
+
+pub fn cublas_call(g: &Gemm) -> CublasCall {
+    // A stored row-major has rows of length k (or m when stored transposed);
+    // its column-major view is the transpose, which is what Cᵀ needs.
+    CublasCall {
+        trans_first: g.b_trans,
+        trans_second: g.a_trans,
+        m: g.n as i32,
+        n: g.m as i32,
+        k: g.k as i32,
+        first: g.b,
+        ld_first: if g.b_trans { g.k } else { g.n } as i32,
+        stride_first: g.b_stride as i64,
+        second: g.a,
+        ld_second: if g.a_trans { g.m } else { g.k } as i32,
+        stride_second: g.a_stride as i64,
+        c: g.c,
+        ldc: g.n as i32,
+        stride_c: (g.m * g.n) as i64,
+        batch: g.batch as i32,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Lowering
+
+fn load_err(graph: &Path, message: impl Into<String>) -> EngineError {
+    EngineError::Load {
+        graph: graph.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// Reads and lowers one ONNX file.
+pub fn compile_file(path: &Path) -> Result<Program, EngineError> {
+    let bytes = std::fs::read(path).map_err(|e| load_err(path, e.to_string()))?;
+    let model = pb::ModelProto::decode(bytes.as_slice())
+        .map_err(|e| load_err(path, format!("not an ONNX model: {e}")))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    compile(&model, &name).map_err(|m| load_err(path, m))
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    /// A materialised buffer, contiguous row-major in the value's shape.
+    Buf(usize),
+    /// A compile-time integer tensor (shapes, axes).
+    Ints(Vec<i64>),
+    /// A one-element f32 constant (inlined into expressions).
+    Scalar(f32),
+    /// A single-use elementwise result not yet written anywhere.
+    Pending(Expr),
+}
+
+#[derive(Debug, Clone)]
+struct Value {
+    shape: Vec<usize>,
+    dtype: DType,
+    src: Source,
+}
+
+struct Lowering {
+    buffers: Vec<Buffer>,
+    ops: Vec<Op>,
+    values: HashMap<String, Value>,
+    uses: HashMap<String, usize>,
+}
+
+fn strides(shape: &[usize]) -> Vec<i64> {
+    let mut s = vec![0i64; shape.len()];
+    let mut acc = 1i64;
+    for d in (0..shape.len()).rev() {
+        s[d] = acc;
+        acc *= shape[d] as i64;
+    }
+    s
+}
+
+/// Numpy broadcasting of two shapes.
+fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for i in 0..n {
+        let da = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            1
+        };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return Err(format!("shapes {a:?} and {b:?} do not broadcast")),
+        };
+    }
+    Ok(out)
+}
+
+/// Load coefficients reading a contiguous `shape` broadcast to `out`.
+fn broadcast_coefs(shape: &[usize], out: &[usize]) -> Vec<i64> {
+    let st = strides(shape);
+    let lead = out.len() - shape.len();
+    (0..out.len())
+        .map(|d| {
+            if d < lead || shape[d - lead] == 1 {
+                0
+            } else {
+                st[d - lead]
+            }
+        })
+        .collect()
+}
+
+/// Moves every load of `e` by `delta` along output axis `axis`.
+fn shift(e: &mut Expr, axis: usize, delta: i64) {
+    match e {
+        Expr::Load { coefs, offset, .. } => *offset += coefs[axis] * delta,
+        Expr::Gather {
+            index_coefs,
+            index_offset,
+            row_coefs,
+            row_offset,
+            ..
+        } => {
+            *index_offset += index_coefs[axis] * delta;
+            *row_offset += row_coefs[axis] * delta;
+        }
+        Expr::Const(_) => {}
+        Expr::Unary(_, x) => shift(x, axis, delta),
+        Expr::Binary(_, a, b) => {
+            shift(a, axis, delta);
+            shift(b, axis, delta);
+        }
+        Expr::Select { parts, .. } => parts.iter_mut().for_each(|p| shift(p, axis, delta)),
+    }
+}
+
+fn attr<'a>(node: &'a pb::NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {
+    node.attribute.iter().find(|a| a.name == name)
+}
+
+fn attr_int(node: &pb::NodeProto, name: &str, default: i64) -> i64 {
+    attr(node, name).map(|a| a.i).unwrap_or(default)
+}
+
+fn attr_float(node: &pb::NodeProto, name: &str, default: f32) -> f32 {
+    attr(node, name).map(|a| a.f).unwrap_or(default)
+}
+
+fn attr_ints(node: &pb::NodeProto, name: &str) -> Option<Vec<i64>> {
+    attr(node, name).map(|a| a.ints.clone())
+}
+
+fn norm_axis(axis: i64, rank: usize) -> Result<usize, String> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    if a < 0 || a >= rank as i64 {
+        return Err(format!("axis {axis} out of range for rank {rank}"));
+    }
+    Ok(a as usize)
+}
+
+fn tensor_data(t: &pb::TensorProto) -> Result<(DType, Vec<f32>, Vec<i64>), String> {
+    if !t.external_data.is_empty() {
+        return Err(format!("initializer {} uses external data", t.name));
+    }
+    let n: usize = t.dims.iter().map(|&d| d as usize).product();
+    match t.data_type {
+        1 => {
+            let v: Vec<f32> = if !t.raw_data.is_empty() {
+                t.raw_data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            } else {
+                t.float_data.clone()
+            };
+            if v.len() != n {
+                return Err(format!(
+                    "initializer {} has {} values, not {n}",
+                    t.name,
+                    v.len()
+                ));
+            }
+            Ok((DType::F32, v, vec![]))
+        }
+        7 => {
+            let v: Vec<i64> = if !t.raw_data.is_empty() {
+                t.raw_data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
+            } else {
+                t.int64_data.clone()
+            };
+            if v.len() != n {
+                return Err(format!(
+                    "initializer {} has {} values, not {n}",
+                    t.name,
+                    v.len()
+                ));
+            }
+            Ok((DType::I64, vec![], v))
+        }
+        other => Err(format!(
+            "initializer {} has ONNX data type {other}; the cuda engine takes float32 and int64",
+            t.name
+        )),
+    }
+}
+
+fn value_shape(v: &pb::ValueInfoProto) -> Result<(Vec<usize>, DType), String> {
+    use pb::type_proto::Value as V;
+    let Some(pb::TypeProto {
+        value: Some(V::TensorType(t)),
+        ..
+    }) = &v.r#type
+    else {
+        return Err(format!("input {} is not a tensor", v.name));
+    };
+    let dtype = match t.elem_type {
+        1 => DType::F32,
+        7 => DType::I64,
+        other => return Err(format!("input {} has ONNX data type {other}", v.name)),
+    };
+    let dims = t
+        .shape
+        .as_ref()
+        .ok_or_else(|| format!("input {} has no shape", v.name))?
+        .dim
+        .iter()
+        .map(|d| match d.value {
+            Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if n > 0 => Ok(n as usize),
+            _ => Err(format!(
+                "input {} has a symbolic dimension; the cuda engine needs fixed shapes",
+                v.name
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((dims, dtype))
+}
+
+/// Lowers a model to a program. Errors name the node and what is missing.
+pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
+    let graph = model.graph.as_ref().ok_or("the model has no graph")?;
+    let mut l = Lowering {
+        buffers: vec![],
+        ops: vec![],
+        values: HashMap::new(),
+        uses: HashMap::new(),
+    };
+    for node in &graph.node {
+        for i in node.input.iter().filter(|i| !i.is_empty()) {
+            *l.uses.entry(i.clone()).or_default() += 1;
+        }
+    }
+    for o in &graph.output {
+        *l.uses.entry(o.name.clone()).or_default() += 1;
+    }
+    for t in &graph.initializer {
+        let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        let (dtype, f, i) = tensor_data(t)?;
+        let src = match dtype {
+            DType::I64 => Source::Ints(i),
+            DType::F32 if f.len() == 1 => Source::Scalar(f[0]),
+            DType::F32 => Source::Buf(l.buffer(f.len(), DType::F32, Some(f))),
+        };
+        l.values.insert(t.name.clone(), Value { shape, dtype, src });
+    }
+    let mut inputs = vec![];
+    for v in &graph.input {
+        if l.values.contains_key(&v.name) {
+            continue; // an initializer listed as input (older exporters)
+        }
+        let (shape, dtype) = value_shape(v)?;
+        let buf = l.buffer(shape.iter().product(), dtype, None);
+        inputs.push(Port {
+            name: v.name.clone(),
+            buf,
+            shape: shape.clone(),
+            dtype,
+        });
+        l.values.insert(
+            v.name.clone(),
+            Value {
+                shape,
+                dtype,
+                src: Source::Buf(buf),
+            },
+        );
+    }
+    for node in &graph.node {
+        l.node(node)
+            .map_err(|e| format!("node {} ({}): {e}", node.name, node.op_type))?;
+    }
+    let mut outputs = vec![];
+    for o in &graph.output {
+        let v = l.get(&o.name)?;
+        if v.dtype != DType::F32 {
+            return Err(format!("output {} is not float32", o.name));
+        }
+        let buf = l.materialize(&v);
+        outputs.push(Port {
+            name: o.name.clone(),
+            buf,
+            shape: v.shape.clone(),
+            dtype: DType::F32,
+        });
+    }
+    Ok(Program {
+        name: name.to_string(),
+        buffers: l.buffers,
+        inputs,
+        outputs,
+        ops: l.ops,
+    })
+}
+
+impl Lowering {
+    fn buffer(&mut self, len: usize, dtype: DType, init: Option<Vec<f32>>) -> usize {
+        self.buffers.push(Buffer {
+            len: len.max(1),
+            dtype,
+            init,
+        });
+        self.buffers.len() - 1
+    }
+
+    fn get(&self, name: &str) -> Result<Value, String> {
+        self.values
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("input {name:?} is not produced by any earlier node"))
+    }
+
+    fn set(&mut self, name: &str, v: Value) {
+        self.values.insert(name.to_string(), v);
+    }
+
+    /// The value as an expression over the output coordinates of `out`
+    /// (which it broadcasts to).
+    fn expr(&mut self, v: &Value, out: &[usize]) -> Expr {
+        match &v.src {
+            Source::Scalar(x) => Expr::Const(*x),
+            Source::Pending(e) if v.shape == out => e.clone(),
+            _ => {
+                let src = self.materialize(v);
+                Expr::Load {
+                    src,
+                    coefs: broadcast_coefs(&v.shape, out),
+                    offset: 0,
+                }
+            }
+        }
+    }
+
+    /// The value's buffer, writing it out first if it is pending or scalar.
+    fn materialize(&mut self, v: &Value) -> usize {
+        match &v.src {
+            Source::Buf(b) => *b,
+            Source::Pending(e) => self.emit_map(v.shape.clone(), e.clone()),
+            Source::Scalar(x) => self.emit_map(v.shape.clone(), Expr::Const(*x)),
+            Source::Ints(i) => {
+                // Integer constants feed shapes; one read at run time gets a buffer of
+                // its values cast, which no supported op needs today.
+                let f = i.iter().map(|&x| x as f32).collect::<Vec<_>>();
+                self.buffer(f.len(), DType::F32, Some(f))
+            }
+        }
+    }
+
+    fn emit_map(&mut self, shape: Vec<usize>, expr: Expr) -> usize {
+        let out = self.buffer(shape.iter().product(), DType::F32, None);
+        self.ops.push(Op::Map { out, shape, expr });
+        out
+    }
+
+    /// Stores an elementwise result: pending when its one consumer can fuse it.
+    fn put_elementwise(&mut self, name: &str, shape: Vec<usize>, expr: Expr) {
+        let src = if self.uses.get(name).copied().unwrap_or(0) == 1 {
+            Source::Pending(expr)
+        } else {
+            Source::Buf(self.emit_map(shape.clone(), expr))
+        };
+        self.set(
+            name,
+            Value {
+                shape,
+                dtype: DType::F32,
+                src,
+            },
+        );
+    }
+
+    fn put_buf(&mut self, name: &str, shape: Vec<usize>, buf: usize) {
+        self.set(
+            name,
+            Value {
+                shape,
+                dtype: DType::F32,
+                src: Source::Buf(buf),
+            },
+        );
+    }
+
+    fn ints(&self, name: &str) -> Result<Vec<i64>, String> {
+        match self.get(name)?.src {
+            Source::Ints(v) => Ok(v),
+            _ => Err(format!("{name} must be a constant int64 tensor")),
+        }
+    }
+
+    fn node(&mut self, node: &pb::NodeProto) -> Result<(), String> {
+        let input = |i: usize| -> Result<&str, String> {
+            node.input
+                .get(i)
+                .map(String::as_str)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| format!("missing input {i}"))
+        };
+        let out = node.output.first().ok_or("no output")?.clone();
+        let op = node.op_type.as_str();
+        let unary = match op {
+            "Erf" => Some(UnOp::Erf),
+            "Sin" => Some(UnOp::Sin),
+            "Cos" => Some(UnOp::Cos),
+            "Exp" => Some(UnOp::Exp),
+            "Tanh" => Some(UnOp::Tanh),
+            "Sqrt" => Some(UnOp::Sqrt),
+            "Neg" => Some(UnOp::Neg),
+            "Relu" => Some(UnOp::Relu),
+            "Sigmoid" => Some(UnOp::Sigmoid),
+            _ => None,
+        };
+        let binary = match op {
+            "Add" => Some(BinOp::Add),
+            "Sub" => Some(BinOp::Sub),
+            "Mul" => Some(BinOp::Mul),
+            "Div" => Some(BinOp::Div),
+            _ => None,
+        };
+        if let Some(u) = unary {
+            let x = self.f32_value(input(0)?)?;
+            let e = self.expr(&x, &x.shape);
+            self.put_elementwise(&out, x.shape.clone(), Expr::Unary(u, Box::new(e)));
+            return Ok(());
+        }
+        if let Some(b) = binary {
+            let x = self.f32_value(input(0)?)?;
+            let y = self.f32_value(input(1)?)?;
+            let shape = broadcast(&x.shape, &y.shape)?;
+            if let (Source::Scalar(p), Source::Scalar(q)) = (&x.src, &y.src) {
+                let v = reference::binary(b, *p, *q);
+                let src = Source::Scalar(v);
+                self.set(
+                    &out,
+                    Value {
+                        shape,
+                        dtype: DType::F32,
+                        src,
+                    },
+                );
+                return Ok(());
+            }
+            let ex = self.expr(&x, &shape);
+            let ey = self.expr(&y, &shape);
+            self.put_elementwise(&out, shape, Expr::Binary(b, Box::new(ex), Box::new(ey)));
+            return Ok(());
+        }
+        match op {
+            "Identity" => {
+                let v = self.get(input(0)?)?;
+                self.set(&out, v);
+            }
+            "Reshape" => {
+                let v = self.get(input(0)?)?;
+                let spec = self.ints(input(1)?)?;
+                let shape = reshape(&v.shape, &spec)?;
+                let src = match &v.src {
+                    Source::Ints(i) => Source::Ints(i.clone()),
+                    Source::Scalar(x) => Source::Scalar(*x),
+                    _ => Source::Buf(self.materialize(&v)),
+                };
+                self.set(
+                    &out,
+                    Value {
+                        shape,
+                        dtype: v.dtype,
+                        src,
+                    },
+                );
+            }
+            "Transpose" => {
+                let v = self.f32_value(input(0)?)?;
+                let rank = v.shape.len();
+                let perm = attr_ints(node, "perm")
+                    .unwrap_or_else(|| (0..rank as i64).rev().collect::<Vec<_>>());
+                if perm.len() != rank {
+                    return Err(format!("perm {perm:?} for rank {rank}"));
+                }
+                let src = self.materialize(&v);
+                let st = strides(&v.shape);
+                let perm: Vec<usize> = perm
+                    .iter()
+                    .map(|&p| norm_axis(p, rank))
+                    .collect::<Result<_, _>>()?;
+                let shape: Vec<usize> = perm.iter().map(|&p| v.shape[p]).collect();
+                let coefs = perm.iter().map(|&p| st[p]).collect();
+                let expr = Expr::Load {
+                    src,
+                    coefs,
+                    offset: 0,
+                };
+                self.put_elementwise(&out, shape, expr);
+            }
+            "Concat" => {
+                let vals: Vec<Value> = node
+                    .input
+                    .iter()
+                    .map(|n| self.f32_value(n))
+                    .collect::<Result<_, _>>()?;
+                let first = vals.first().ok_or("no inputs")?;
+                let rank = first.shape.len();
+                let axis = norm_axis(attr_int(node, "axis", 0), rank)?;
+                let mut shape = first.shape.clone();
+                shape[axis] = 0;
+                for v in &vals {
+                    if v.shape.len() != rank
+                        || (0..rank).any(|d| d != axis && v.shape[d] != first.shape[d])
+                    {
+                        return Err(format!("concat of {:?} and {:?}", first.shape, v.shape));
+                    }
+                    shape[axis] += v.shape[axis];
+                }
+                let mut starts = vec![];
+                let mut parts = vec![];
+                let mut at = 0i64;
+                for v in &vals {
+                    let mut e = self.expr(v, &v.shape);
+                    shift(&mut e, axis, -at);
+                    starts.push(at);
+                    parts.push(e);
+                    at += v.shape[axis] as i64;
+                }
+                let expr = Expr::Select {
+                    axis,
+                    starts,
+                    parts,
+                };
+                self.put_elementwise(&out, shape, expr);
+            }
+            "Gather" => {
+                let table = self.f32_value(input(0)?)?;
+                let idx = self.get(input(1)?)?;
+                if attr_int(node, "axis", 0) != 0 || table.shape.len() != 2 {
+                    return Err("only axis-0 gathers from a 2-D table are supported".into());
+                }
+                let Source::Buf(index) = idx.src else {
+                    return Err("gather indices must be a graph input".into());
+                };
+                if idx.dtype != DType::I64 {
+                    return Err("gather indices must be int64".into());
+                }
+                let tbl = self.materialize(&table);
+                let row_len = table.shape[1];
+                let mut shape = idx.shape.clone();
+                shape.push(row_len);
+                let r = idx.shape.len();
+                let mut index_coefs = strides(&idx.shape);
+                index_coefs.push(0);
+                let mut row_coefs = vec![0; r];
+                row_coefs.push(1);
+                let expr = Expr::Gather {
+                    table: tbl,
+                    rows: table.shape[0] as i64,
+                    row_len: row_len as i64,
+                    index,
+                    index_coefs,
+                    index_offset: 0,
+                    row_coefs,
+                    row_offset: 0,
+                };
+                self.put_elementwise(&out, shape, expr);
+            }
+            "MatMul" => {
+                let a = self.f32_value(input(0)?)?;
+                let b = self.f32_value(input(1)?)?;
+                let (shape, buf) = self.matmul(&a, &b)?;
+                self.put_buf(&out, shape, buf);
+            }
+            "Gemm" => {
+                let a = self.f32_value(input(0)?)?;
+                let b = self.f32_value(input(1)?)?;
+                if a.shape.len() != 2 || b.shape.len() != 2 {
+                    return Err("Gemm takes 2-D operands".into());
+                }
+                let (ta, tb) = (
+                    attr_int(node, "transA", 0) != 0,
+                    attr_int(node, "transB", 0) != 0,
+                );
+                let (m, k) = if ta {
+                    (a.shape[1], a.shape[0])
+                } else {
+                    (a.shape[0], a.shape[1])
+                };
+                let (k2, n) = if tb {
+                    (b.shape[1], b.shape[0])
+                } else {
+                    (b.shape[0], b.shape[1])
+                };
+                if k != k2 {
+                    return Err(format!("Gemm of {:?} and {:?}", a.shape, b.shape));
+                }
+                let alpha = attr_float(node, "alpha", 1.0);
+                let beta = attr_float(node, "beta", 1.0);
+                let (abuf, bbuf) = (self.materialize(&a), self.materialize(&b));
+                let c = self.buffer(m * n, DType::F32, None);
+                self.ops.push(Op::Gemm(Gemm {
+                    batch: 1,
+                    m,
+                    n,
+                    k,
+                    a: abuf,
+                    a_trans: ta,
+                    a_stride: 0,
+                    b: bbuf,
+                    b_trans: tb,
+                    b_stride: 0,
+                    c,
+                    alpha,
+                }));
+                let shape = vec![m, n];
+                match node.input.get(2).filter(|s| !s.is_empty()) {
+                    None => self.put_buf(&out, shape, c),
+                    Some(bias) => {
+                        let bias = self.f32_value(bias)?;
+                        broadcast(&bias.shape, &shape)?;
+                        let mut eb = self.expr(&bias, &shape);
+                        if beta != 1.0 {
+                            eb =
+                                Expr::Binary(BinOp::Mul, Box::new(Expr::Const(beta)), Box::new(eb));
+                        }
+                        let ec = Expr::Load {
+                            src: c,
+                            coefs: strides(&shape),
+                            offset: 0,
+                        };
+                        let e = Expr::Binary(BinOp::Add, Box::new(ec), Box::new(eb));
+                        self.put_elementwise(&out, shape, e);
+                    }
+                }
+            }
+            "Conv" => self.conv(node, &out)?,
+            "LayerNormalization" => {
+                let x = self.f32_value(input(0)?)?;
+                let rank = x.shape.len();
+                if norm_axis(attr_int(node, "axis", -1), rank)? != rank - 1 {
+                    return Err("only last-axis layer norm is supported".into());
+                }
+                let dim = x.shape[rank - 1];
+                let g = self.f32_value(input(1)?)?;
+                let gamma = self.vector(&g, dim)?;
+                let beta = match node.input.get(2).filter(|s| !s.is_empty()) {
+                    Some(b) => {
+                        let b = self.f32_value(b)?;
+                        self.vector(&b, dim)?
+                    }
+                    None => {
+                        let zeros = vec![0.0; dim];
+                        self.buffer(dim, DType::F32, Some(zeros))
+                    }
+                };
+                let xb = self.materialize(&x);
+                let o = self.buffer(x.shape.iter().product(), DType::F32, None);
+                self.ops.push(Op::LayerNorm {
+                    x: xb,
+                    gamma,
+                    beta,
+                    out: o,
+                    rows: x.shape.iter().product::<usize>() / dim,
+                    dim,
+                    eps: attr_float(node, "epsilon", 1e-5),
+                });
+                self.put_buf(&out, x.shape.clone(), o);
+            }
+            "Softmax" => {
+                let x = self.f32_value(input(0)?)?;
+                let rank = x.shape.len();
+                if norm_axis(attr_int(node, "axis", -1), rank)? != rank - 1 {
+                    return Err("only last-axis softmax is supported".into());
+                }
+                let dim = x.shape[rank - 1];
+                let xb = self.materialize(&x);
+                let o = self.buffer(x.shape.iter().product(), DType::F32, None);
+                self.ops.push(Op::Softmax {
+                    x: xb,
+                    out: o,
+                    rows: x.shape.iter().product::<usize>() / dim,
+                    dim,
+                });
+                self.put_buf(&out, x.shape.clone(), o);
+            }
+            "ReduceMean" => {
+                let x = self.f32_value(input(0)?)?;
+                let rank = x.shape.len();
+                let axes = match node.input.get(1).filter(|s| !s.is_empty()) {
+                    Some(a) => self.ints(a)?,
+                    None => attr_ints(node, "axes").ok_or("ReduceMean over all axes")?,
+                };
+                if axes.len() != 1 {
+                    return Err("only single-axis ReduceMean is supported".into());
+                }
+                let axis = norm_axis(axes[0], rank)?;
+                let outer = x.shape[..axis].iter().product();
+                let inner = x.shape[axis + 1..].iter().product();
+                let xb = self.materialize(&x);
+                let o = self.buffer(outer * inner, DType::F32, None);
+                self.ops.push(Op::Mean {
+                    x: xb,
+                    out: o,
+                    outer,
+                    len: x.shape[axis],
+                    inner,
+                });
+                let mut shape = x.shape.clone();
+                if attr_int(node, "keepdims", 1) != 0 {
+                    shape[axis] = 1;
+                } else {
+                    shape.remove(axis);
+                }
+                self.put_buf(&out, shape, o);
+            }
+            other => {
+                return Err(format!(
+                    "operator {other} is not supported by the cuda engine (use --engine cpu)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn f32_value(&self, name: &str) -> Result<Value, String> {
+        let v = self.get(name)?;
+        if v.dtype != DType::F32 {
+            return Err(format!("{name} must be float32"));
+        }
+        Ok(v)
+    }
+
+    /// A per-channel vector of `dim` values as a buffer (broadcast if scalar).
+    fn vector(&mut self, v: &Value, dim: usize) -> Result<usize, String> {
+        match (&v.src, v.shape.iter().product::<usize>()) {
+            (Source::Scalar(x), _) => Ok(self.buffer(dim, DType::F32, Some(vec![*x; dim]))),
+            (_, n) if n == dim => Ok(self.materialize(v)),
+            (_, n) => Err(format!("scale/bias of {n} values for a dimension of {dim}")),
+        }
+    }
+
+    fn matmul(&mut self, a: &Value, b: &Value) -> Result<(Vec<usize>, usize), String> {
+        let (ra, rb) = (a.shape.len(), b.shape.len());
+        if ra < 2 || rb < 2 {
+            return Err("MatMul needs operands of rank 2 or more".into());
+        }
+        let (m, k) = (a.shape[ra - 2], a.shape[ra - 1]);
+        let (k2, n) = (b.shape[rb - 2], b.shape[rb - 1]);
+        if k != k2 {
+            return Err(format!("MatMul of {:?} and {:?}", a.shape, b.shape));
+        }
+        let batch_shape = broadcast(&a.shape[..ra - 2], &b.shape[..rb - 2])?;
+        let batch: usize = batch_shape.iter().product();
+        let stride = |shape: &[usize], rank: usize, mat: usize| -> Result<usize, String> {
+            let own: usize = shape[..rank - 2].iter().product();
+            if own == 1 {
+                Ok(0)
+            } else if own == batch && shape[..rank - 2].len() <= batch_shape.len() {
+                Ok(mat)
+            } else {
+                Err(format!(
+                    "MatMul batch broadcast of {shape:?} to {batch_shape:?}"
+                ))
+            }
+        };
+        let a_stride = stride(&a.shape, ra, m * k)?;
+        let b_stride = stride(&b.shape, rb, k * n)?;
+        let (abuf, bbuf) = (self.materialize(a), self.materialize(b));
+        let c = self.buffer(batch * m * n, DType::F32, None);
+        self.ops.push(Op::Gemm(Gemm {
+            batch,
+            m,
+            n,
+            k,
+            a: abuf,
+            a_trans: false,
+            a_stride,
+            b: bbuf,
+            b_trans: false,
+            b_stride,
+            c,
+            alpha: 1.0,
+        }));
+        let mut shape = batch_shape;
+        shape.extend([m, n]);
+        Ok((shape, c))
+    }
+
+    /// 2-D convolution without padding or dilation, group 1: im2col (a map)
+    /// then one gemm per image, then the bias as a pending add.
+    fn conv(&mut self, node: &pb::NodeProto, out: &str) -> Result<(), String> {
+        let x = self.f32_value(&node.input[0])?;
+        let w = self.f32_value(node.input.get(1).ok_or("no weight")?)?;
+        if x.shape.len() != 4 || w.shape.len() != 4 {
+            return Err("only 2-D convolutions are supported".into());
+        }
+        let zero = |name: &str| attr_ints(node, name).is_none_or(|v| v.iter().all(|&p| p == 0));
+        let one = |name: &str| attr_ints(node, name).is_none_or(|v| v.iter().all(|&p| p == 1));
+        if !zero("pads") || !one("dilations") || attr_int(node, "group", 1) != 1 {
+            return Err(
+                "only convolutions without padding, dilation or groups are supported".into(),
+            );
+        }
+        if attr(node, "auto_pad").is_some_and(|a| !a.s.is_empty() && a.s != b"NOTSET") {
+            return Err("auto_pad is not supported".into());
+        }
+        let (nb, c, h, wd) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
+        let (mo, cw, kh, kw) = (w.shape[0], w.shape[1], w.shape[2], w.shape[3]);
+        if cw != c {
+            return Err(format!("weight {:?} for input {:?}", w.shape, x.shape));
+        }
+        let st = attr_ints(node, "strides").unwrap_or(vec![1, 1]);
+        let (sh, sw) = (st[0] as usize, st[1] as usize);
+        if h < kh || wd < kw {
+            return Err("kernel larger than the image".into());
+        }
+        let (oh, ow) = ((h - kh) / sh + 1, (wd - kw) / sw + 1);
+        let xb = self.materialize(&x);
+        let (hw, w_) = ((h * wd) as i64, wd as i64);
+        let col_shape = vec![nb, c, kh, kw, oh, ow];
+        let col = self.emit_map(
+            col_shape,
+            Expr::Load {
+                src: xb,
+                coefs: vec![c as i64 * hw, hw, w_, 1, sh as i64 * w_, sw as i64],
+                offset: 0,
+            },
+        );
+        let wb = self.materialize(&w);
+        let (kk, pp) = (c * kh * kw, oh * ow);
+        let y = self.buffer(nb * mo * pp, DType::F32, None);
+        self.ops.push(Op::Gemm(Gemm {
+            batch: nb,
+            m: mo,
+            n: pp,
+            k: kk,
+            a: wb,
+            a_trans: false,
+            a_stride: 0,
+            b: col,
+            b_trans: false,
+            b_stride: kk * pp,
+            c: y,
+            alpha: 1.0,
+        }));
+        let shape = vec![nb, mo, oh, ow];
+        match node.input.get(2).filter(|s| !s.is_empty()) {
+            None => self.put_buf(out, shape, y),
+            Some(b) => {
+                let b = self.f32_value(b)?;
+                let bias = self.vector(&b, mo)?;
+                let ey = Expr::Load {
+                    src: y,
+                    coefs: strides(&shape),
+                    offset: 0,
+                };
+                let eb = Expr::Load {
+                    src: bias,
+                    coefs: vec![0, 1, 0, 0],
+                    offset: 0,
+                };
+                self.put_elementwise(
+                    out,
+                    shape,
+                    Expr::Binary(BinOp::Add, Box::new(ey), Box::new(eb)),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// ONNX Reshape's shape argument (0 copies, -1 infers) applied to `from`.
+fn reshape(from: &[usize], spec: &[i64]) -> Result<Vec<usize>, String> {
+    let total: usize = from.iter().product();
+    let mut shape = vec![];
+    let mut infer = None;
+    for (i, &d) in spec.iter().enumerate() {
+        match d {
+            0 => shape.push(*from.get(i).ok_or("reshape 0 beyond the input rank")?),
+            -1 if infer.is_none() => {
+                infer = Some(i);
+                shape.push(1);
+            }
+            d if d > 0 => shape.push(d as usize),
+            d => return Err(format!("reshape dimension {d}")),
+        }
+    }
+    let known: usize = shape.iter().product();
+    if let Some(i) = infer {
+        if known == 0 || total % known != 0 {
+            return Err(format!("cannot reshape {from:?} to {spec:?}"));
+        }
+        shape[i] = total / known;
+    }
+    if shape.iter().product::<usize>() != total {
+        return Err(format!("cannot reshape {from:?} to {spec:?}"));
+    }
+    Ok(shape)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,207 @@
+//! Runs a [`Program`] on the CPU with the CUDA kernels' semantics: maps
+//! evaluate their expression per output element, gemms go through a
+//! column-major sgemm with exactly the arguments handed to cuBLAS. It is
+//! slow and exists to test the compiler where no GPU is.
+
+use super::{BinOp, CublasCall, DType, Expr, Op, Program, UnOp, cublas_call};
+
+pub fn unary(op: UnOp, x: f32) -> f32 {
+    match op {
+        UnOp::Erf => erf(x),
+        UnOp::Sin => x.sin(),
+        UnOp::Cos => x.cos(),
+        UnOp::Exp => x.exp(),
+        UnOp::Tanh => x.tanh(),
+        UnOp::Sqrt => x.sqrt(),
+        UnOp::Neg => -x,
+        UnOp::Relu => x.max(0.0),
+        UnOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+    }
+}
+
+pub fn binary(op: BinOp, a: f32, b: f32) -> f32 {
+    match op {
+        BinOp::Add => a + b,
+        BinOp::Sub => a - b,
+        BinOp::Mul => a * b,
+        BinOp::Div => a / b,
+    }
+}
+
+/// erf as musl computes it (CUDA's erff agrees to a couple of ulp).
+fn erf(x: f32) -> f32 {
+    libm::erff(x)
+}
+
+/// Program memory: one vector per buffer (i64 buffers hold their values as i64).
+pub struct Memory {
+    pub f: Vec<Vec<f32>>,
+    pub i: Vec<Vec<i64>>,
+}
+
+impl Memory {
+    pub fn new(p: &Program) -> Memory {
+        let mut f = vec![];
+        let mut i = vec![];
+        for b in &p.buffers {
+            match b.dtype {
+                DType::F32 => {
+                    f.push(b.init.clone().unwrap_or_else(|| vec![0.0; b.len]));
+                    i.push(vec![]);
+                }
+                DType::I64 => {
+                    f.push(vec![]);
+                    i.push(vec![0; b.len]);
+                }
+            }
+        }
+        Memory { f, i }
+    }
+}
+
+fn eval(e: &Expr, coords: &[i64], m: &Memory) -> f32 {
+    let dot = |coefs: &[i64], offset: i64| -> usize {
+        (offset + coefs.iter().zip(coords).map(|(c, x)| c * x).sum::<i64>()) as usize
+    };
+    match e {
+        Expr::Load { src, coefs, offset } => m.f[*src][dot(coefs, *offset)],
+        Expr::Gather {
+            table,
+            rows,
+            row_len,
+            index,
+            index_coefs,
+            index_offset,
+            row_coefs,
+            row_offset,
+        } => {
+            let mut r = m.i[*index][dot(index_coefs, *index_offset)];
+            if r < 0 {
+                r += rows;
+            }
+            let r = r.clamp(0, rows - 1);
+            m.f[*table][(r * row_len) as usize + dot(row_coefs, *row_offset)]
+        }
+        Expr::Const(c) => *c,
+        Expr::Unary(op, x) => unary(*op, eval(x, coords, m)),
+        Expr::Binary(op, a, b) => binary(*op, eval(a, coords, m), eval(b, coords, m)),
+        Expr::Select {
+            axis,
+            starts,
+            parts,
+        } => {
+            let c = coords[*axis];
+            let j = starts.iter().rposition(|&s| c >= s).unwrap_or(0);
+            eval(&parts[j], coords, m)
+        }
+    }
+}
+
+/// Column-major `C = alpha·op(first)·op(second)` per batch, as cuBLAS does.
+fn sgemm(call: &CublasCall, alpha: f32, m: &mut Memory) {
+    let (mm, nn, kk) = (call.m as usize, call.n as usize, call.k as usize);
+    for b in 0..call.batch as usize {
+        let fa = b * call.stride_first as usize;
+        let fb = b * call.stride_second as usize;
+        let fc = b * call.stride_c as usize;
+        let mut out = vec![0.0f32; mm * nn];
+        for j in 0..nn {
+            for i in 0..mm {
+                let mut acc = 0.0f32;
+                for p in 0..kk {
+                    let x = if call.trans_first {
+                        m.f[call.first][fa + p + i * call.ld_first as usize]
+                    } else {
+                        m.f[call.first][fa + i + p * call.ld_first as usize]
+                    };
+                    let y = if call.trans_second {
+                        m.f[call.second][fb + j + p * call.ld_second as usize]
+                    } else {
+                        m.f[call.second][fb + p + j * call.ld_second as usize]
+                    };
+                    acc += x * y;
+                }
+                out[i + j * mm] = alpha * acc;
+            }
+        }
+        for j in 0..nn {
+            for i in 0..mm {
+                m.f[call.c][fc + i + j * call.ldc as usize] = out[i + j * mm];
+            }
+        }
+    }
+}
+
+pub fn run_ops(ops: &[Op], m: &mut Memory) {
+    for op in ops {
+        match op {
+            Op::Map { out, shape, expr } => {
+                let n: usize = shape.iter().product();
+                let mut coords = vec![0i64; shape.len()];
+                let mut vals = Vec::with_capacity(n);
+                for idx in 0..n {
+                    let mut r = idx;
+                    for d in (0..shape.len()).rev() {
+                        coords[d] = (r % shape[d]) as i64;
+                        r /= shape[d];
+                    }
+                    vals.push(eval(expr, &coords, m));
+                }
+                m.f[*out][..n].copy_from_slice(&vals);
+            }
+            Op::Gemm(g) => sgemm(&cublas_call(g), g.alpha, m),
+            Op::LayerNorm {
+                x,
+                gamma,
+                beta,
+                out,
+                rows,
+                dim,
+                eps,
+            } => {
+                for r in 0..*rows {
+                    let row = &m.f[*x][r * dim..(r + 1) * dim];
+                    let mean = row.iter().sum::<f32>() / *dim as f32;
+                    let var =
+                        row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / *dim as f32;
+                    let inv = 1.0 / (var + eps).sqrt();
+                    let vals: Vec<f32> = (0..*dim)
+                        .map(|i| (row[i] - mean) * inv * m.f[*gamma][i] + m.f[*beta][i])
+                        .collect();
+                    m.f[*out][r * dim..(r + 1) * dim].copy_from_slice(&vals);
+                }
+            }
+            Op::Softmax { x, out, rows, dim } => {
+                for r in 0..*rows {
+                    let row = &m.f[*x][r * dim..(r + 1) * dim];
+                    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let e: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
+                    let s: f32 = e.iter().sum();
+                    let vals: Vec<f32> = e.iter().map(|v| v / s).collect();
+                    m.f[*out][r * dim..(r + 1) * dim].copy_from_slice(&vals);
+                }
+            }
+            Op::Mean {
+                x,
+                out,
+                outer,
+                len,
+                inner,
+            } => {
+                for o in 0..*outer {
+                    for i in 0..*inner {
+                        let s: f32 = (0..*len).map(|l| m.f[*x][(o * len + l) * inner + i]).sum();
+                        m.f[*out][o * inner + i] = s / *len as f32;
+                    }
+                }
+            }
+            Op::Fill { out, len, value } => m.f[*out][..*len].fill(*value),
+            Op::Axpy { x, v, len, alpha } => {
+                for i in 0..*len {
+                    let d = alpha * m.f[*v][i];
+                    m.f[*x][i] += d;
+                }
+            }
+        }
+    }
+}
