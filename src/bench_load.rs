@@ -348,9 +348,11 @@ async fn run_managed(
 
     let pids = [Some(server.pid), Some(recorder.pid)];
     let watch = RssWatch::start(&pids);
-    let load = drive(&target, k, args, frames, interrupt).await?;
-    let hwm = pids.map(|p| p.and_then(|p| proc_status_kib(p, "VmHWM")));
+    let load = drive(&target, k, args, frames, interrupt, pids).await?;
+    // The sampler stops first: a high-water mark read after the last sample is at least
+    // every sampled value.
     let sampled = watch.stop().await;
+    let hwm = pids.map(|p| p.and_then(|p| proc_status_kib(p, "VmHWM")));
 
     // SIGTERM, server first: it drains, ends its session (footer), exits; then the recorder
     // closes its files. Both must exit 0.
@@ -419,9 +421,11 @@ async fn run_target(
         .into_inner();
     let pids = [args.server_pid, args.recorder_pid];
     let watch = RssWatch::start(&pids);
-    let load = drive(&target, k, args, frames, interrupt).await?;
-    let hwm = pids.map(|p| p.and_then(|p| proc_status_kib(p, "VmHWM")));
+    let load = drive(&target, k, args, frames, interrupt, pids).await?;
+    // The sampler stops first: a high-water mark read after the last sample is at least
+    // every sampled value.
     let sampled = watch.stop().await;
+    let hwm = pids.map(|p| p.and_then(|p| proc_status_kib(p, "VmHWM")));
     let rss = [0, 1].map(|i| {
         pids[i].map(|_| Rss {
             hwm_kib: hwm[i],
@@ -587,6 +591,10 @@ struct Load {
     tally: Tally,
     measured_secs: f64,
     interrupted: bool,
+    /// CPU cores used over the measured window by [server, recorder, this process (the
+    /// clients)]; None where the pid is unknown. On a small machine the clients compete
+    /// with the server, and this says by how much.
+    cpu: [Option<f64>; 3],
 }
 
 async fn drive(
@@ -595,6 +603,7 @@ async fn drive(
     args: &LoadBench,
     frames: &Arc<Frames>,
     interrupt: &CancellationToken,
+    pids: [Option<u32>; 2],
 ) -> anyhow::Result<Load> {
     // Every robot has its connection before the clock starts.
     let mut channels = Vec::with_capacity(k as usize);
@@ -610,6 +619,24 @@ async fn drive(
     let start = Instant::now() + Duration::from_secs_f64(args.warmup_secs);
     let end = start + Duration::from_secs_f64(args.secs);
     let backoff = Duration::from_millis(args.busy_backoff_ms);
+    let who = [pids[0], pids[1], Some(std::process::id())];
+    let stop = interrupt.clone();
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(start.into()).await;
+        let (before, t0) = (who.map(|p| p.and_then(cpu_ticks)), Instant::now());
+        tokio::select! {
+            _ = tokio::time::sleep_until(end.into()) => {}
+            _ = stop.cancelled() => {}
+        }
+        let after = who.map(|p| p.and_then(cpu_ticks));
+        let secs = t0.elapsed().as_secs_f64();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        [0, 1, 2].map(|i| match (before[i], after[i]) {
+            (Some(a), Some(b)) if secs > 0.0 => Some(b.saturating_sub(a) as f64 / hz / secs),
+            _ => None,
+        })
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for (id, ch) in channels.into_iter().enumerate() {
         let frames = frames.clone();
@@ -629,10 +656,18 @@ async fn drive(
         tally.merge(t.context("a client task failed")?);
     }
     let stopped = Instant::now().min(end);
+    // The window ends at `end` (or on Ctrl-C), which the clients have reached by now.
+    let cpu = if stopped > start {
+        cpu.await.context("the CPU sampler failed")?
+    } else {
+        cpu.abort();
+        [None; 3]
+    };
     Ok(Load {
         tally,
         measured_secs: stopped.saturating_duration_since(start).as_secs_f64(),
         interrupted: interrupt.is_cancelled(),
+        cpu,
     })
 }
 
@@ -1085,6 +1120,15 @@ impl Rss {
     }
 }
 
+/// utime + stime of a process, in clock ticks (/proc/PID/stat fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces; the
+    // state is field 3, so utime (14) and stime (15) are at 11 and 12 here.
+    let mut rest = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    Some(rest.next()?.parse::<u64>().ok()? + rest.next()?.parse::<u64>().ok()?)
+}
+
 /// A `kB` field of /proc/PID/status.
 fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -1321,6 +1365,7 @@ struct RunResult {
     books: BookOutcome,
     trace_bytes: Option<u64>,
     backoff_ms: u64,
+    cpu: [Option<f64>; 3],
 }
 
 impl RunResult {
@@ -1337,6 +1382,7 @@ impl RunResult {
         for ms in &load.tally.latency {
             latency.push(*ms);
         }
+        let cpu = load.cpu;
         let t = load.tally;
         RunResult {
             clients,
@@ -1355,6 +1401,7 @@ impl RunResult {
             books,
             trace_bytes,
             backoff_ms: args.busy_backoff_ms,
+            cpu,
         }
     }
 
@@ -1439,6 +1486,14 @@ impl RunResult {
             ),
             None => "  cache:        no cache status in the answers".into(),
         });
+        let cores = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{c:.2}"));
+        line(format!(
+            "  cpu:          server {}, recorder {}, clients (this process) {} cores of {} (measured window)",
+            cores(self.cpu[0]),
+            cores(self.cpu[1]),
+            cores(self.cpu[2]),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ));
         for (who, rss) in ["server", "recorder"].iter().zip(&self.rss) {
             line(match rss {
                 Some(r) => format!(
@@ -1457,10 +1512,16 @@ impl RunResult {
             });
         }
         if let Some(b) = self.trace_bytes {
+            let images = match &args.target {
+                Some(_) => String::new(),
+                None => format!(", images {}", args.record_images.as_str()),
+            };
             line(format!(
-                "  trace:        {:.1} KB ({} images)",
+                "  trace:        {:.1} KB on disk ({:.2} KB per answered call{images})",
                 b as f64 / 1024.0,
-                args.record_images.as_str()
+                b as f64
+                    / 1024.0
+                    / (self.ok_all + self.server_errors_all.values().sum::<u64>()).max(1) as f64,
             ));
         }
         match &self.books {
@@ -1512,6 +1573,7 @@ impl RunResult {
             "server_rss": rss(&self.rss[0]),
             "recorder_rss": rss(&self.rss[1]),
             "trace_bytes": self.trace_bytes,
+            "cpu_cores": {"server": self.cpu[0], "recorder": self.cpu[1], "clients": self.cpu[2]},
             "books": books,
             "books_detail": books_detail,
         })
@@ -1520,7 +1582,7 @@ impl RunResult {
 
 fn table(results: &[RunResult]) -> String {
     let mut out = format!(
-        "{:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>10} {:>6} {:>6} {:>11} {:>11} {:>6}\n",
+        "{:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>10} {:>6} {:>6} {:>9} {:>10} {:>12} {:>6}\n",
         "clients",
         "calls/s",
         "p50 ms",
@@ -1530,6 +1592,7 @@ fn table(results: &[RunResult]) -> String {
         "RES_EXH",
         "other",
         "hit %",
+        "srv cpu",
         "server MiB",
         "recorder MiB",
         "books"
@@ -1537,7 +1600,7 @@ fn table(results: &[RunResult]) -> String {
     let mib = |r: &Option<Rss>| r.map_or("-".to_string(), |r| format!("{:.1}", r.peak_mib()));
     for r in results {
         out.push_str(&format!(
-            "{:>7} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>10} {:>6} {:>6} {:>11} {:>11} {:>6}\n",
+            "{:>7} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>10} {:>6} {:>6} {:>9} {:>10} {:>12} {:>6}\n",
             r.clients,
             r.throughput(),
             r.latency.pct(50.0),
@@ -1547,6 +1610,7 @@ fn table(results: &[RunResult]) -> String {
             r.busy(),
             r.other_errors(),
             r.hit_pct().map_or("-".into(), |p| format!("{p:.0}")),
+            r.cpu[0].map_or("-".into(), |c| format!("{c:.2}")),
             mib(&r.rss[0]),
             mib(&r.rss[1]),
             match r.books {
@@ -1725,6 +1789,19 @@ mod tests {
         child.wait().unwrap();
         assert!(exited(pid));
         assert!(!exited(std::process::id()));
+    }
+
+    #[test]
+    fn cpu_ticks_count_up_while_working() {
+        let me = std::process::id();
+        let before = cpu_ticks(me).unwrap();
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        assert!(cpu_ticks(me).unwrap() > before);
+        assert_eq!(cpu_ticks(u32::MAX), None);
     }
 
     #[test]

@@ -88,6 +88,10 @@ pub enum InputError {
     StateLength { got: usize, want: usize },
     #[error("state[{index}] is not a finite number")]
     StateNotFinite { index: usize },
+    #[error(
+        "state[{index}] is {value:e}, out of this model's range (normalised by its mean and std it is not a finite number)"
+    )]
+    StateOutOfRange { index: usize, value: f32 },
     #[error("instruction is {got} bytes; the limit is {MAX_INSTRUCTION_BYTES}")]
     InstructionTooLong { got: usize },
     #[error("request is {got} bytes; the limit is {limit} bytes (--max-message-mb)")]
@@ -310,6 +314,20 @@ impl Policy {
         }
         if let Some(index) = input.state.iter().position(|v| !v.is_finite()) {
             return Err(InputError::StateNotFinite { index });
+        }
+        // A finite value can still overflow once normalised (3.4e38 with std 0.5), and the
+        // model then answers NaN actions: refuse it here, as the input error it is.
+        let stats = &self.cfg.normalization.state;
+        if let Some(index) = input
+            .state
+            .iter()
+            .zip(stats.mean.iter().zip(&stats.std))
+            .position(|(s, (m, sd))| !((s - m) / sd).is_finite())
+        {
+            return Err(InputError::StateOutOfRange {
+                index,
+                value: input.state[index],
+            });
         }
         if input.instruction.len() > MAX_INSTRUCTION_BYTES {
             return Err(InputError::InstructionTooLong {

@@ -350,14 +350,14 @@ pub fn to_input(req: &pb::ActRequest, cameras: &[String]) -> Result<ActInput, In
                 .position(|c| *c == img.camera)
                 .ok_or_else(|| InputError::UnknownCamera {
                     index,
-                    name: img.camera.clone(),
+                    name: quoted(&img.camera),
                     cameras: list(),
                 })?
         };
         if index == 0 && slot != 0 {
             return Err(InputError::PrimaryNotFirst {
                 primary: cameras[0].clone(),
-                got: img.camera,
+                got: quoted(&img.camera),
             });
         }
         if frames[slot].is_some() {
@@ -393,6 +393,18 @@ pub fn to_input(req: &pb::ActRequest, cameras: &[String]) -> Result<ActInput, In
         state: req.state.clone(),
         noise_seed: req.noise_seed,
     })
+}
+
+/// A client's string as an error message repeats it: the first 64 characters. The message
+/// travels in the `grpc-message` trailer, and a camera name of megabytes must not make it
+/// that big (gRPC C-core clients refuse trailers over 16 KiB and report their own error
+/// instead of ours).
+fn quoted(s: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    match s.char_indices().nth(MAX_CHARS) {
+        None => s.to_string(),
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+    }
 }
 
 type ActStream = Pin<Box<dyn Stream<Item = Result<pb::ActResponse, Status>> + Send>>;
@@ -567,5 +579,32 @@ mod tests {
             })
             .contains("3 entries")
         );
+    }
+
+    /// Regression (found by `server/tests/fuzz_input.rs`): an unknown camera name was
+    /// repeated whole in the message, so a 100 kB name made a 100 kB `grpc-message` trailer.
+    #[test]
+    fn a_huge_camera_name_is_cut_short_in_the_message() {
+        let e = |req: pb::ActRequest| to_input(&req, &cams()).unwrap_err().to_string();
+        let huge = "c".repeat(100_000);
+        let msg = e(pb::ActRequest {
+            images: vec![img("base", b"a"), img(&huge, b"b")],
+            ..Default::default()
+        });
+        let want = format!("images[1].camera \"{}…\" is not a camera", "c".repeat(64));
+        assert!(msg.starts_with(&want), "{msg}");
+        assert!(msg.len() < 200, "{} bytes", msg.len());
+        let msg = e(pb::ActRequest {
+            images: vec![img(&"é".repeat(50_000), b"a")],
+            ..Default::default()
+        });
+        assert!(msg.contains(&format!("got \"{}…\"", "é".repeat(64))), "{msg}");
+        // Names up to 64 characters are quoted whole.
+        let name = "ü".repeat(64);
+        let msg = e(pb::ActRequest {
+            images: vec![img("base", b"a"), img(&name, b"b")],
+            ..Default::default()
+        });
+        assert!(msg.contains(&format!("\"{name}\" is not")), "{msg}");
     }
 }

@@ -755,6 +755,39 @@ fn a_request_with_a_60000_by_60000_png_is_invalid_argument() {
     answer(valid_request(1, 2)).unwrap();
 }
 
+/// Regression (found by `fuzz_act_request_any`): an unknown camera name came back whole in
+/// the error message — and so in the `grpc-message` trailer, 100 kB for a 100 kB name.
+#[test]
+fn a_huge_camera_name_gets_a_short_message() {
+    for (images, starts) in [
+        (
+            vec![pb::Image {
+                camera: "c".repeat(100_000),
+                data: valid_images()[0].clone(),
+                sha256: String::new(),
+            }],
+            format!("images[0].camera \"{}…\" is not a camera of this model", "c".repeat(64)),
+        ),
+        (
+            vec![pb::Image {
+                camera: "wrist".into(),
+                data: valid_images()[0].clone(),
+                sha256: String::new(),
+            }, pb::Image {
+                camera: "€".repeat(30_000),
+                data: valid_images()[0].clone(),
+                sha256: String::new(),
+            }],
+            "images[0] must be the primary camera \"base\", got \"wrist\"".into(),
+        ),
+    ] {
+        let req = pb::ActRequest { images, ..valid_request(0, 3) };
+        let s = answer(req).unwrap_err();
+        assert!(s.message().starts_with(&starts), "{:?}", s.message());
+        assert!(s.message().len() < 256, "{} bytes", s.message().len());
+    }
+}
+
 /// Every known defect, once each, in the order the validation runs into them.
 #[test]
 fn each_defect_names_its_field() {

@@ -376,3 +376,13 @@ pub async fn policy_client_with(
             .unwrap_or_else(|e| panic!("cannot connect to {target}: {e:?}")),
     )
 }
+
+/// Resident memory of process `pid` in KiB (`VmRSS` in /proc/PID/status).
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for {pid}:\n{status}"))
+}

@@ -116,7 +116,7 @@ struct Loaded {
     ptrs: Vec<u64>,
     steps: Vec<Step>,
     fill: CudaFunction,
-    axpy: CudaFunction,
+    step: CudaFunction,
 }
 
 /// Page-locked staging for one port.
@@ -387,7 +387,7 @@ fn load_program(
                 args.extend(k.params.iter().map(|&b| p(b)));
                 Step::Kernel {
                     func: f(&k.name)?,
-                    grid: blocks(k.elements),
+                    grid: blocks(k.elements * k.threads_per_element),
                     block: MAP_BLOCK,
                     args,
                 }
@@ -447,7 +447,7 @@ fn load_program(
                     Arg::I32(*inner as i32),
                 ],
             },
-            Op::Fill { .. } | Op::Axpy { .. } => {
+            Op::Fill { .. } | Op::Step { .. } => {
                 return Err("a graph program holds no loop steps".into());
             }
         });
@@ -458,7 +458,7 @@ fn load_program(
         ptrs,
         steps,
         fill: f("rf_fill")?,
-        axpy: f("rf_axpy")?,
+        step: f("rf_step")?,
     })
 }
 
@@ -521,8 +521,8 @@ impl Inner {
                 block: 32,
                 args: vec![Arg::Ptr(e.ptrs[d.t.buf]), Arg::I32(1), Arg::F32(t)],
             },
-            |dt| Step::Kernel {
-                func: e.axpy.clone(),
+            |dt, t_next| Step::Kernel {
+                func: e.step.clone(),
                 grid: (len as u32).div_ceil(MAP_BLOCK),
                 block: MAP_BLOCK,
                 args: vec![
@@ -530,6 +530,8 @@ impl Inner {
                     Arg::Ptr(e.ptrs[d.v.buf]),
                     Arg::I32(len),
                     Arg::F32(dt),
+                    Arg::Ptr(e.ptrs[d.t.buf]),
+                    Arg::F32(t_next),
                 ],
             },
         ));
@@ -833,7 +835,7 @@ mod tests {
             for k in kernels.iter().flatten() {
                 assert!(text.contains(&format!(".entry {}(", k.name)), "{} missing", k.name);
             }
-            for k in ["rf_layernorm", "rf_softmax", "rf_mean", "rf_fill", "rf_axpy"] {
+            for k in ["rf_layernorm", "rf_softmax", "rf_mean", "rf_fill", "rf_step"] {
                 assert!(text.contains(&format!(".entry {k}(")), "{k} missing");
             }
         }

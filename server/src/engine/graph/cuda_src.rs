@@ -84,9 +84,19 @@ extern "C" __global__ void rf_fill(float* __restrict__ y, int n, float v) {
     if (t < n) y[t] = v;
 }
 
-extern "C" __global__ void rf_axpy(float* __restrict__ x, const float* __restrict__ v, int n, float a) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t < n) x[t] += a * v[t];
+extern "C" __global__ void rf_step(float* __restrict__ x, const float* __restrict__ v, int n,
+        float dt, float* __restrict__ t, float t_next) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += dt * v[i];
+    if (i == 0) *t = t_next;
+}
+
+__device__ __forceinline__ float rf_gelu(float x) {
+    return x * (erff(x / 1.41421356237309504880f) + 1.f) * 0.5f;
+}
+
+__device__ __forceinline__ float rf_gelu_tanh(float x) {
+    return 0.5f * x * (1.f + tanhf(0.79788456080286535588f * (x + 0.044715f * x * x * x)));
 }
 
 __device__ __forceinline__ long long rf_row(long long r, long long rows) {
@@ -102,6 +112,24 @@ pub struct MapKernel {
     pub source: String,
     pub params: Vec<usize>,
     pub elements: usize,
+    /// 1, or 32 when a warp computes each element (long dot products).
+    pub threads_per_element: usize,
+}
+
+/// Dots at least this long are summed by a whole warp per output element
+/// (lanes take every 32nd term, then a fixed butterfly): one thread walking
+/// a long row is latency-bound.
+pub const WARP_DOT_LEN: i64 = 32;
+
+fn longest_dot(e: &Expr) -> i64 {
+    match e {
+        Expr::Load { .. } | Expr::Gather { .. } | Expr::Const(_) => 0,
+        Expr::Unary(_, x) => longest_dot(x),
+        Expr::Binary(_, a, b) => longest_dot(a).max(longest_dot(b)),
+        Expr::Select { parts, .. } => parts.iter().map(longest_dot).max().unwrap_or(0),
+        Expr::Dot { len, a, b } => (*len).max(longest_dot(a)).max(longest_dot(b)),
+        Expr::Reshape { expr, .. } => longest_dot(expr),
+    }
 }
 
 fn collect_bufs(e: &Expr, out: &mut Vec<usize>) {
@@ -118,82 +146,174 @@ fn collect_bufs(e: &Expr, out: &mut Vec<usize>) {
         }
         Expr::Const(_) => {}
         Expr::Unary(_, x) => collect_bufs(x, out),
-        Expr::Binary(_, a, b) => {
+        Expr::Binary(_, a, b) | Expr::Dot { a, b, .. } => {
             collect_bufs(a, out);
             collect_bufs(b, out);
         }
         Expr::Select { parts, .. } => parts.iter().for_each(|p| collect_bufs(p, out)),
+        Expr::Reshape { expr, .. } => collect_bufs(expr, out),
     }
 }
 
-fn index(coefs: &[i64], offset: i64) -> String {
+/// Names of the coordinates in scope and the shape they index.
+struct Scope {
+    vars: Vec<String>,
+    shape: Vec<usize>,
+}
+
+struct Printer {
+    /// Fresh-name counter for loop variables and reshape scopes.
+    next: usize,
+    /// A warp per output element: dots are shared by the lanes.
+    warp: bool,
+}
+
+fn index(coefs: &[i64], offset: i64, vars: &[String]) -> String {
     let mut s = format!("{offset}LL");
-    for (d, &c) in coefs.iter().enumerate() {
+    for (v, &c) in vars.iter().zip(coefs) {
         if c != 0 {
-            let _ = write!(s, " + c{d} * {c}LL");
+            let _ = write!(s, " + {v} * {c}LL");
         }
     }
     s
 }
 
-fn print(e: &Expr, names: &dyn Fn(usize) -> String) -> String {
-    match e {
-        Expr::Load { src, coefs, offset } => format!("{}[{}]", names(*src), index(coefs, *offset)),
-        Expr::Gather {
-            table,
-            rows,
-            row_len,
-            index: idx,
-            index_coefs,
-            index_offset,
-            row_coefs,
-            row_offset,
-        } => format!(
-            "{}[rf_row({}[{}], {rows}LL) * {row_len}LL + {}]",
-            names(*table),
-            names(*idx),
-            index(index_coefs, *index_offset),
-            index(row_coefs, *row_offset)
-        ),
-        // Exact bits, whatever the value.
-        Expr::Const(c) => format!("__int_as_float({:#010x})", c.to_bits()),
-        Expr::Unary(op, x) => {
-            let x = print(x, names);
-            match op {
-                UnOp::Erf => format!("erff({x})"),
-                UnOp::Sin => format!("sinf({x})"),
-                UnOp::Cos => format!("cosf({x})"),
-                UnOp::Exp => format!("expf({x})"),
-                UnOp::Tanh => format!("tanhf({x})"),
-                UnOp::Sqrt => format!("sqrtf({x})"),
-                UnOp::Neg => format!("(-({x}))"),
-                UnOp::Relu => format!("fmaxf({x}, 0.f)"),
-                UnOp::Sigmoid => format!("(1.f / (1.f + expf(-({x}))))"),
+impl Printer {
+    fn fresh(&mut self, stem: &str) -> String {
+        self.next += 1;
+        format!("{stem}{}", self.next)
+    }
+
+    /// An expression; loops (dots) and re-indexing (reshapes) are
+    /// immediately-invoked lambdas, so a select evaluates only its branch.
+    fn print(&mut self, e: &Expr, sc: &Scope) -> String {
+        let buf = |b: usize| format!("b{b}");
+        match e {
+            Expr::Load { src, coefs, offset } => {
+                format!("{}[{}]", buf(*src), index(coefs, *offset, &sc.vars))
             }
-        }
-        Expr::Binary(op, a, b) => {
-            let sym = match op {
-                BinOp::Add => "+",
-                BinOp::Sub => "-",
-                BinOp::Mul => "*",
-                BinOp::Div => "/",
-            };
-            format!("({} {sym} {})", print(a, names), print(b, names))
-        }
-        Expr::Select {
-            axis,
-            starts,
-            parts,
-        } => {
-            let mut s = print(&parts[0], names);
-            for j in 1..parts.len() {
-                s = format!(
-                    "(c{axis} >= {}LL ? {} : {s})",
-                    starts[j],
-                    print(&parts[j], names)
-                );
+            Expr::Gather {
+                table,
+                rows,
+                row_len,
+                index: idx,
+                index_coefs,
+                index_offset,
+                row_coefs,
+                row_offset,
+            } => format!(
+                "{}[rf_row({}[{}], {rows}LL) * {row_len}LL + {}]",
+                buf(*table),
+                buf(*idx),
+                index(index_coefs, *index_offset, &sc.vars),
+                index(row_coefs, *row_offset, &sc.vars)
+            ),
+            // Exact bits, whatever the value.
+            Expr::Const(c) => format!("__int_as_float({:#010x})", c.to_bits()),
+            Expr::Unary(op, x) => {
+                let x = self.print(x, sc);
+                match op {
+                    UnOp::Gelu => format!("rf_gelu({x})"),
+                    UnOp::GeluTanh => format!("rf_gelu_tanh({x})"),
+                    UnOp::Erf => format!("erff({x})"),
+                    UnOp::Sin => format!("sinf({x})"),
+                    UnOp::Cos => format!("cosf({x})"),
+                    UnOp::Exp => format!("expf({x})"),
+                    UnOp::Tanh => format!("tanhf({x})"),
+                    UnOp::Sqrt => format!("sqrtf({x})"),
+                    UnOp::Neg => format!("(-({x}))"),
+                    UnOp::Relu => format!("fmaxf({x}, 0.f)"),
+                    UnOp::Sigmoid => format!("(1.f / (1.f + expf(-({x}))))"),
+                }
             }
-            s
+            Expr::Binary(op, a, b) => {
+                let sym = match op {
+                    BinOp::Add => "+",
+                    BinOp::Sub => "-",
+                    BinOp::Mul => "*",
+                    BinOp::Div => "/",
+                };
+                format!("({} {sym} {})", self.print(a, sc), self.print(b, sc))
+            }
+            Expr::Select {
+                axis,
+                starts,
+                parts,
+            } => {
+                // Each part sees its own coordinates (the axis one shifted) and shape.
+                let part = |this: &mut Self, j: usize| {
+                    let end = starts.get(j + 1).copied().unwrap_or(sc.shape[*axis] as i64);
+                    let mut local = Scope {
+                        vars: sc.vars.clone(),
+                        shape: sc.shape.clone(),
+                    };
+                    if starts[j] != 0 {
+                        local.vars[*axis] = format!("({} - {}LL)", sc.vars[*axis], starts[j]);
+                    }
+                    local.shape[*axis] = (end - starts[j]) as usize;
+                    this.print(&parts[j], &local)
+                };
+                let mut s = part(self, 0);
+                for j in 1..parts.len() {
+                    s = format!(
+                        "({} >= {}LL ? {} : {s})",
+                        sc.vars[*axis],
+                        starts[j],
+                        part(self, j)
+                    );
+                }
+                s
+            }
+            Expr::Dot { len, a, b } => {
+                let p = self.fresh("p");
+                let acc = self.fresh("acc");
+                let mut inner = Scope {
+                    vars: sc.vars.clone(),
+                    shape: sc.shape.clone(),
+                };
+                inner.vars.push(p.clone());
+                inner.shape.push(*len as usize);
+                let (a, b) = (self.print(a, &inner), self.print(b, &inner));
+                if self.warp {
+                    // Every lane of the warp is here (the element, hence any select
+                    // branch, is the warp's): lanes split the terms, a butterfly sums.
+                    format!(
+                        "([&]() -> float {{ float {acc} = 0.f; \
+                         for (long long {p} = lane; {p} < {len}LL; {p} += 32) {acc} += {a} * {b}; \
+                         for (int o = 16; o > 0; o >>= 1) {acc} += __shfl_xor_sync(0xffffffffu, {acc}, o); \
+                         return {acc}; }}())"
+                    )
+                } else {
+                    format!(
+                        "([&]() -> float {{ float {acc} = 0.f; \
+                         for (long long {p} = 0; {p} < {len}LL; ++{p}) {acc} += {a} * {b}; \
+                         return {acc}; }}())"
+                    )
+                }
+            }
+            Expr::Reshape { from, expr } => {
+                let f = self.fresh("f");
+                let mut flat = String::from("0LL");
+                for (v, d) in sc.vars.iter().zip(&sc.shape) {
+                    flat = format!("({flat} * {d}LL + {v})");
+                }
+                let stem = self.fresh("q");
+                let vars: Vec<String> = (0..from.len()).map(|d| format!("{stem}_{d}")).collect();
+                let mut body = format!("long long {f} = {flat}; ");
+                for d in (0..from.len()).rev() {
+                    let _ = write!(
+                        body,
+                        "const long long {} = {f} % {}LL; {f} /= {}LL; ",
+                        vars[d], from[d], from[d]
+                    );
+                }
+                let inner = Scope {
+                    vars,
+                    shape: from.clone(),
+                };
+                let x = self.print(expr, &inner);
+                format!("([&]() -> float {{ {body}return {x}; }}())")
+            }
         }
     }
 }
@@ -202,20 +322,27 @@ fn print(e: &Expr, names: &dyn Fn(usize) -> String) -> String {
 pub fn map_kernel(p: &Program, name: &str, shape: &[usize], expr: &Expr) -> MapKernel {
     let mut params = vec![];
     collect_bufs(expr, &mut params);
-    let arg = |b: usize| format!("b{b}");
     let mut src = format!("extern \"C\" __global__ void {name}(float* __restrict__ out");
     for &b in &params {
         let ty = match p.buffers[b].dtype {
             DType::F32 => "float",
             DType::I64 => "long long",
         };
-        let _ = write!(src, ", const {ty}* __restrict__ {}", arg(b));
+        let _ = write!(src, ", const {ty}* __restrict__ b{b}");
     }
     let n: usize = shape.iter().product();
-    let _ = write!(
-        src,
-        ") {{\n    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n    if (i >= {n}LL) return;\n    long long r = i;\n"
-    );
+    let warp = longest_dot(expr) >= WARP_DOT_LEN;
+    if warp {
+        let _ = write!(
+            src,
+            ") {{\n    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;\n    const int lane = threadIdx.x & 31;\n    if (i >= {n}LL) return;\n    long long r = i;\n"
+        );
+    } else {
+        let _ = write!(
+            src,
+            ") {{\n    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n    if (i >= {n}LL) return;\n    long long r = i;\n"
+        );
+    }
     for d in (0..shape.len()).rev() {
         if d == 0 {
             let _ = writeln!(src, "    const long long c0 = r;");
@@ -230,12 +357,22 @@ pub fn map_kernel(p: &Program, name: &str, shape: &[usize], expr: &Expr) -> MapK
     if shape.is_empty() {
         let _ = writeln!(src, "    (void)r;");
     }
-    let _ = writeln!(src, "    out[i] = {};\n}}", print(expr, &arg));
+    let scope = Scope {
+        vars: (0..shape.len()).map(|d| format!("c{d}")).collect(),
+        shape: shape.to_vec(),
+    };
+    let value = Printer { next: 0, warp }.print(expr, &scope);
+    if warp {
+        let _ = writeln!(src, "    const float v = {value};\n    if (lane == 0) out[i] = v;\n}}");
+    } else {
+        let _ = writeln!(src, "    out[i] = {value};\n}}");
+    }
     MapKernel {
         name: name.to_string(),
         source: src,
         params,
         elements: n,
+        threads_per_element: if warp { 32 } else { 1 },
     }
 }
 

@@ -13,8 +13,8 @@
 //! - [`Op::Gemm`]: (batched) matrix products, for cuBLAS; [`cublas_call`]
 //!   turns the row-major description into cuBLAS's column-major arguments.
 //! - [`Op::LayerNorm`], [`Op::Softmax`], [`Op::Mean`]: row reductions.
-//! - [`Op::Fill`] and [`Op::Axpy`]: the denoise loop's own steps
-//!   (`t ← k·dt`, `x ← x + dt·v`), see [`denoise_ops`].
+//! - [`Op::Fill`] and [`Op::Step`]: the denoise loop's own steps
+//!   (`t ← 0`; `x ← x + dt·v` with the next `t`), see [`denoise_ops`].
 //!
 //! [`reference`] runs a program on the CPU with the same semantics as the
 //! CUDA kernels (including the column-major cuBLAS arguments), which is how
@@ -48,6 +48,11 @@ pub struct Buffer {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnOp {
+    /// Exact GELU, x·½·(1 + erf(x/√2)): the ONNX Gelu op, or the five-node
+    /// pattern exporters write before opset 20 (recognised at load).
+    Gelu,
+    /// GELU's tanh approximation (Gelu with approximate="tanh").
+    GeluTanh,
     Erf,
     Sin,
     Cos,
@@ -91,13 +96,54 @@ pub enum Expr {
     Unary(UnOp, Box<Expr>),
     Binary(BinOp, Box<Expr>, Box<Expr>),
     /// Concatenation along `axis`: part j holds coordinates from `starts[j]`
-    /// (its loads already shifted).
+    /// and is an expression over its own (part-local) coordinates and shape.
     Select {
         axis: usize,
         starts: Vec<i64>,
         parts: Vec<Expr>,
     },
+    /// `Σ_p a·b` over p < len: a small matrix product fused into its
+    /// consumer. `a` and `b` are loads over the output coordinates plus p
+    /// (one more coefficient, last).
+    Dot {
+        len: i64,
+        a: Box<Expr>,
+        b: Box<Expr>,
+    },
+    /// `expr` over the coordinates of `from`, which has the same elements in
+    /// the same order as the current shape (a reshape of a fused value).
+    Reshape {
+        from: Vec<usize>,
+        expr: Box<Expr>,
+    },
 }
+
+impl Expr {
+    fn nodes(&self) -> usize {
+        match self {
+            Expr::Load { .. } | Expr::Gather { .. } | Expr::Const(_) => 1,
+            Expr::Unary(_, x) => 1 + x.nodes(),
+            Expr::Binary(_, a, b) => 1 + a.nodes() + b.nodes(),
+            Expr::Select { parts, .. } => 1 + parts.iter().map(Expr::nodes).sum::<usize>(),
+            Expr::Dot { a, b, len } => 1 + (a.nodes() + b.nodes()) * *len as usize,
+            Expr::Reshape { expr, .. } => 1 + expr.nodes(),
+        }
+    }
+
+    /// Small enough to compute again in each consumer rather than store.
+    fn cheap(&self) -> bool {
+        self.nodes() <= 4
+            && !matches!(
+                self,
+                Expr::Select { .. } | Expr::Gather { .. } | Expr::Dot { .. } | Expr::Reshape { .. }
+            )
+    }
+}
+
+/// Products up to this many multiply-adds become [`Expr::Dot`]s fused into
+/// their consumers (one thread per output, a short loop); larger ones go to
+/// cuBLAS. The reference model's per-step products are all far below it.
+pub const DOT_MACS: usize = 1 << 22;
 
 /// Row-major batched product: `c[b] = alpha · op(a[b]) · op(b[b])`, `c[b]`
 /// an m×n matrix, `op(a)` m×k, `op(b)` k×n. A stored operand is row-major;
@@ -154,12 +200,15 @@ pub enum Op {
         len: usize,
         value: f32,
     },
-    /// `x ← x + alpha · v`, in place.
-    Axpy {
+    /// The Euler update `x ← x + dt · v`, in place, and `t ← t_next` for
+    /// the next step (one launch for both).
+    Step {
         x: usize,
         v: usize,
         len: usize,
-        alpha: f32,
+        dt: f32,
+        t: usize,
+        t_next: f32,
     },
 }
 
@@ -193,20 +242,20 @@ impl Program {
     }
 }
 
-/// The Euler loop unrolled: for each step k, `set_t(k·dt)`, the body,
-/// `update(dt)` — the same step times as [`super::euler`].
+/// The Euler loop unrolled: `first(0)`, then per step k the body and
+/// `update(dt, t of step k+1)` — the same step times as [`super::euler`].
 pub fn unroll<T: Clone>(
     body: &[T],
     steps: u32,
-    set_t: impl Fn(f32) -> T,
-    update: impl Fn(f32) -> T,
+    first: impl Fn(f32) -> T,
+    update: impl Fn(f32, f32) -> T,
 ) -> Vec<T> {
     let dt = 1.0 / steps as f32;
-    let mut out = Vec::with_capacity((body.len() + 2) * steps as usize);
+    let mut out = Vec::with_capacity((body.len() + 1) * steps as usize + 1);
+    out.push(first(0.0));
     for k in 0..steps {
-        out.push(set_t(k as f32 * dt));
         out.extend(body.iter().cloned());
-        out.push(update(dt));
+        out.push(update(dt, (k + 1) as f32 * dt));
     }
     out
 }
@@ -250,11 +299,13 @@ pub fn denoise_ops(expert: &Program, steps: u32) -> Result<Vec<Op>, String> {
             len: 1,
             value: t,
         },
-        |dt| Op::Axpy {
+        |dt, t_next| Op::Step {
             x: p.x.buf,
             v: p.v.buf,
             len,
-            alpha: dt,
+            dt,
+            t: p.t.buf,
+            t_next,
         },
     ))
 }
@@ -402,27 +453,36 @@ fn broadcast_coefs(shape: &[usize], out: &[usize]) -> Vec<i64> {
         .collect()
 }
 
-/// Moves every load of `e` by `delta` along output axis `axis`.
-fn shift(e: &mut Expr, axis: usize, delta: i64) {
+/// A cheap expression over `from` re-expressed over the coordinates of
+/// `to`, which `from` broadcasts to (dims of size 1 and missing leading dims
+/// read coordinate 0).
+fn rebroadcast(e: &Expr, from: &[usize], to: &[usize]) -> Expr {
     match e {
-        Expr::Load { coefs, offset, .. } => *offset += coefs[axis] * delta,
-        Expr::Gather {
-            index_coefs,
-            index_offset,
-            row_coefs,
-            row_offset,
-            ..
-        } => {
-            *index_offset += index_coefs[axis] * delta;
-            *row_offset += row_coefs[axis] * delta;
+        Expr::Load { src, coefs, offset } => {
+            let lead = to.len() - from.len();
+            let coefs = (0..to.len())
+                .map(|d| {
+                    if d < lead || from[d - lead] == 1 {
+                        0
+                    } else {
+                        coefs[d - lead]
+                    }
+                })
+                .collect();
+            Expr::Load {
+                src: *src,
+                coefs,
+                offset: *offset,
+            }
         }
-        Expr::Const(_) => {}
-        Expr::Unary(_, x) => shift(x, axis, delta),
-        Expr::Binary(_, a, b) => {
-            shift(a, axis, delta);
-            shift(b, axis, delta);
-        }
-        Expr::Select { parts, .. } => parts.iter_mut().for_each(|p| shift(p, axis, delta)),
+        Expr::Const(c) => Expr::Const(*c),
+        Expr::Unary(op, x) => Expr::Unary(*op, Box::new(rebroadcast(x, from, to))),
+        Expr::Binary(op, a, b) => Expr::Binary(
+            *op,
+            Box::new(rebroadcast(a, from, to)),
+            Box::new(rebroadcast(b, from, to)),
+        ),
+        other => unreachable!("only cheap expressions are rebroadcast: {other:?}"),
     }
 }
 
@@ -530,6 +590,92 @@ fn value_shape(v: &pb::ValueInfoProto) -> Result<(Vec<usize>, DType), String> {
     Ok((dims, dtype))
 }
 
+/// The graph's nodes with each exact-GELU pattern — Div(x, √2) → Erf →
+/// Add 1 → Mul x → Mul ½, in either operand order, each intermediate used
+/// once — replaced by one `Gelu` node, so x is read once and the chain is a
+/// single fused function.
+fn fuse_gelu(graph: &pb::GraphProto) -> Vec<pb::NodeProto> {
+    let scalars: HashMap<&str, f32> = graph
+        .initializer
+        .iter()
+        .filter_map(|t| match tensor_data(t) {
+            Ok((DType::F32, v, _)) if v.len() == 1 => Some((t.name.as_str(), v[0])),
+            _ => None,
+        })
+        .collect();
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            *uses.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    for o in &graph.output {
+        *uses.entry(o.name.as_str()).or_default() += 1;
+    }
+    let by_input = |name: &str| -> Option<usize> {
+        (uses.get(name) == Some(&1))
+            .then(|| graph.node.iter().position(|n| n.input.iter().any(|i| i == name)))
+            .flatten()
+    };
+    let is = |name: &str, want: f32| scalars.get(name).is_some_and(|v| (v - want).abs() < 1e-4);
+    // The other operand of a binary node, when one of them is `name`.
+    let other = |n: &pb::NodeProto, name: &str| -> Option<String> {
+        match n.input.as_slice() {
+            [a, b] if a == name => Some(b.clone()),
+            [a, b] if b == name => Some(a.clone()),
+            _ => None,
+        }
+    };
+    let mut skip = vec![false; graph.node.len()];
+    let mut replace: HashMap<usize, pb::NodeProto> = HashMap::new();
+    for (di, div) in graph.node.iter().enumerate() {
+        let (x, c) = match (div.op_type.as_str(), div.input.as_slice()) {
+            ("Div", [x, c]) if is(c, std::f32::consts::SQRT_2) => (x, c),
+            ("Mul", [x, c]) if is(c, std::f32::consts::FRAC_1_SQRT_2) => (x, c),
+            _ => continue,
+        };
+        let _ = c;
+        let Some(out) = div.output.first() else { continue };
+        let chain = || -> Option<(usize, usize, usize, usize)> {
+            let ei = by_input(out)?;
+            let erf = &graph.node[ei];
+            (erf.op_type == "Erf").then_some(())?;
+            let ai = by_input(erf.output.first()?)?;
+            let add = &graph.node[ai];
+            (add.op_type == "Add" && is(&other(add, &erf.output[0])?, 1.0)).then_some(())?;
+            let mi = by_input(add.output.first()?)?;
+            let mul = &graph.node[mi];
+            (mul.op_type == "Mul" && other(mul, &add.output[0])? == *x).then_some(())?;
+            let hi = by_input(mul.output.first()?)?;
+            let half = &graph.node[hi];
+            (half.op_type == "Mul" && is(&other(half, &mul.output[0])?, 0.5)).then_some(())?;
+            Some((ei, ai, mi, hi))
+        };
+        if let Some((ei, ai, mi, hi)) = chain() {
+            for i in [di, ei, ai, mi] {
+                skip[i] = true;
+            }
+            replace.insert(
+                hi,
+                pb::NodeProto {
+                    op_type: "Gelu".into(),
+                    name: format!("{} (fused GELU)", graph.node[hi].name),
+                    input: vec![x.clone()],
+                    output: graph.node[hi].output.clone(),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !skip[*i])
+        .map(|(i, n)| replace.remove(&i).unwrap_or_else(|| n.clone()))
+        .collect()
+}
+
 /// Lowers a model to a program. Errors name the node and what is missing.
 pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
     let graph = model.graph.as_ref().ok_or("the model has no graph")?;
@@ -539,7 +685,8 @@ pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
         values: HashMap::new(),
         uses: HashMap::new(),
     };
-    for node in &graph.node {
+    let nodes = fuse_gelu(graph);
+    for node in &nodes {
         for i in node.input.iter().filter(|i| !i.is_empty()) {
             *l.uses.entry(i.clone()).or_default() += 1;
         }
@@ -579,7 +726,7 @@ pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
             },
         );
     }
-    for node in &graph.node {
+    for node in &nodes {
         l.node(node)
             .map_err(|e| format!("node {} ({}): {e}", node.name, node.op_type))?;
     }
@@ -633,6 +780,7 @@ impl Lowering {
         match &v.src {
             Source::Scalar(x) => Expr::Const(*x),
             Source::Pending(e) if v.shape == out => e.clone(),
+            Source::Pending(e) if e.cheap() => rebroadcast(e, &v.shape, out),
             _ => {
                 let src = self.materialize(v);
                 Expr::Load {
@@ -665,9 +813,20 @@ impl Lowering {
         out
     }
 
-    /// Stores an elementwise result: pending when its one consumer can fuse it.
+    /// A buffer and its load coefficients: a pending pure load (a transposed
+    /// view) is read in place, anything else is stored first.
+    fn view(&mut self, v: &Value) -> (usize, Vec<i64>, i64) {
+        match &v.src {
+            Source::Pending(Expr::Load { src, coefs, offset }) => (*src, coefs.clone(), *offset),
+            _ => (self.materialize(v), strides(&v.shape), 0),
+        }
+    }
+
+    /// Stores an elementwise result: pending when its one consumer can fuse it
+    /// (or it is cheap enough to compute again in each).
     fn put_elementwise(&mut self, name: &str, shape: Vec<usize>, expr: Expr) {
-        let src = if self.uses.get(name).copied().unwrap_or(0) == 1 {
+        let uses = self.uses.get(name).copied().unwrap_or(0);
+        let src = if uses == 1 || (uses > 1 && expr.cheap()) {
             Source::Pending(expr)
         } else {
             Source::Buf(self.emit_map(shape.clone(), expr))
@@ -712,6 +871,16 @@ impl Lowering {
         let op = node.op_type.as_str();
         let unary = match op {
             "Erf" => Some(UnOp::Erf),
+            "Gelu" => match attr(node, "approximate").map(|a| a.s.as_slice()) {
+                None | Some(b"none") | Some(b"") => Some(UnOp::Gelu),
+                Some(b"tanh") => Some(UnOp::GeluTanh),
+                Some(other) => {
+                    return Err(format!(
+                        "Gelu approximate={:?}",
+                        String::from_utf8_lossy(other)
+                    ));
+                }
+            },
             "Sin" => Some(UnOp::Sin),
             "Cos" => Some(UnOp::Cos),
             "Exp" => Some(UnOp::Exp),
@@ -769,7 +938,21 @@ impl Lowering {
                 let src = match &v.src {
                     Source::Ints(i) => Source::Ints(i.clone()),
                     Source::Scalar(x) => Source::Scalar(*x),
-                    _ => Source::Buf(self.materialize(&v)),
+                    Source::Pending(Expr::Load { src, coefs, offset })
+                        if *offset == 0 && *coefs == strides(&v.shape) =>
+                    {
+                        Source::Buf(*src)
+                    }
+                    Source::Pending(e) => {
+                        let from = v.shape.clone();
+                        let e = Expr::Reshape {
+                            from,
+                            expr: Box::new(e.clone()),
+                        };
+                        self.put_elementwise(&out, shape, e);
+                        return Ok(());
+                    }
+                    Source::Buf(b) => Source::Buf(*b),
                 };
                 self.set(
                     &out,
@@ -788,8 +971,8 @@ impl Lowering {
                 if perm.len() != rank {
                     return Err(format!("perm {perm:?} for rank {rank}"));
                 }
-                let src = self.materialize(&v);
-                let st = strides(&v.shape);
+                // A view of a view is one load: compose instead of storing.
+                let (src, st, offset) = self.view(&v);
                 let perm: Vec<usize> = perm
                     .iter()
                     .map(|&p| norm_axis(p, rank))
@@ -799,7 +982,7 @@ impl Lowering {
                 let expr = Expr::Load {
                     src,
                     coefs,
-                    offset: 0,
+                    offset,
                 };
                 self.put_elementwise(&out, shape, expr);
             }
@@ -826,8 +1009,7 @@ impl Lowering {
                 let mut parts = vec![];
                 let mut at = 0i64;
                 for v in &vals {
-                    let mut e = self.expr(v, &v.shape);
-                    shift(&mut e, axis, -at);
+                    let e = self.expr(v, &v.shape);
                     starts.push(at);
                     parts.push(e);
                     at += v.shape[axis] as i64;
@@ -875,8 +1057,18 @@ impl Lowering {
             "MatMul" => {
                 let a = self.f32_value(input(0)?)?;
                 let b = self.f32_value(input(1)?)?;
-                let (shape, buf) = self.matmul(&a, &b)?;
-                self.put_buf(&out, shape, buf);
+                let (shape, src) = self.product(&a, false, &b, false, 1.0)?;
+                match src {
+                    Source::Pending(e) => self.put_elementwise(&out, shape, e),
+                    src => self.set(
+                        &out,
+                        Value {
+                            shape,
+                            dtype: DType::F32,
+                            src,
+                        },
+                    ),
+                }
             }
             "Gemm" => {
                 let a = self.f32_value(input(0)?)?;
@@ -903,25 +1095,19 @@ impl Lowering {
                 }
                 let alpha = attr_float(node, "alpha", 1.0);
                 let beta = attr_float(node, "beta", 1.0);
-                let (abuf, bbuf) = (self.materialize(&a), self.materialize(&b));
-                let c = self.buffer(m * n, DType::F32, None);
-                self.ops.push(Op::Gemm(Gemm {
-                    batch: 1,
-                    m,
-                    n,
-                    k,
-                    a: abuf,
-                    a_trans: ta,
-                    a_stride: 0,
-                    b: bbuf,
-                    b_trans: tb,
-                    b_stride: 0,
-                    c,
-                    alpha,
-                }));
-                let shape = vec![m, n];
+                let (shape, src) = self.product(&a, ta, &b, tb, alpha)?;
+                debug_assert_eq!(shape, vec![m, n]);
+                let product = Value {
+                    shape: shape.clone(),
+                    dtype: DType::F32,
+                    src,
+                };
+
                 match node.input.get(2).filter(|s| !s.is_empty()) {
-                    None => self.put_buf(&out, shape, c),
+                    None => {
+                        let e = self.expr(&product, &shape);
+                        self.put_elementwise(&out, shape, e);
+                    }
                     Some(bias) => {
                         let bias = self.f32_value(bias)?;
                         broadcast(&bias.shape, &shape)?;
@@ -930,11 +1116,7 @@ impl Lowering {
                             eb =
                                 Expr::Binary(BinOp::Mul, Box::new(Expr::Const(beta)), Box::new(eb));
                         }
-                        let ec = Expr::Load {
-                            src: c,
-                            coefs: strides(&shape),
-                            offset: 0,
-                        };
+                        let ec = self.expr(&product, &shape);
                         let e = Expr::Binary(BinOp::Add, Box::new(ec), Box::new(eb));
                         self.put_elementwise(&out, shape, e);
                     }
@@ -1046,18 +1228,84 @@ impl Lowering {
         }
     }
 
-    fn matmul(&mut self, a: &Value, b: &Value) -> Result<(Vec<usize>, usize), String> {
+    /// `alpha · op(a) · op(b)` with numpy batch broadcasting (`*_trans`:
+    /// the last two axes swapped). Small products become a pending
+    /// [`Expr::Dot`] that reads transposed views in place; large ones a
+    /// cuBLAS gemm into a new buffer.
+    fn product(
+        &mut self,
+        a: &Value,
+        a_trans: bool,
+        b: &Value,
+        b_trans: bool,
+        alpha: f32,
+    ) -> Result<(Vec<usize>, Source), String> {
         let (ra, rb) = (a.shape.len(), b.shape.len());
         if ra < 2 || rb < 2 {
             return Err("MatMul needs operands of rank 2 or more".into());
         }
-        let (m, k) = (a.shape[ra - 2], a.shape[ra - 1]);
-        let (k2, n) = (b.shape[rb - 2], b.shape[rb - 1]);
+        let logical = |shape: &[usize], t: bool| {
+            let mut s = shape.to_vec();
+            if t {
+                let n = s.len();
+                s.swap(n - 2, n - 1);
+            }
+            s
+        };
+        let (al, bl) = (logical(&a.shape, a_trans), logical(&b.shape, b_trans));
+        let (m, k) = (al[ra - 2], al[ra - 1]);
+        let (k2, n) = (bl[rb - 2], bl[rb - 1]);
         if k != k2 {
             return Err(format!("MatMul of {:?} and {:?}", a.shape, b.shape));
         }
-        let batch_shape = broadcast(&a.shape[..ra - 2], &b.shape[..rb - 2])?;
+        let batch_shape = broadcast(&al[..ra - 2], &bl[..rb - 2])?;
         let batch: usize = batch_shape.iter().product();
+        let mut shape = batch_shape.clone();
+        shape.extend([m, n]);
+        let r = shape.len();
+
+        if batch * m * n * k <= DOT_MACS {
+            // Coefficients over (batch…, i, j, p) for an operand whose last two logical
+            // axes are (row, col) = (i, p) for a and (p, j) for b.
+            let operand = |this: &mut Self, v: &Value, l: &[usize], t: bool, is_a: bool| {
+                let (src, mut co, offset) = this.view(v);
+                let rank = co.len();
+                if t {
+                    co.swap(rank - 2, rank - 1);
+                }
+                let mut coefs = vec![0i64; r + 1];
+                let lead = r - 2 - (rank - 2);
+                for d in 0..rank - 2 {
+                    if l[d] != 1 {
+                        coefs[lead + d] = co[d];
+                    }
+                }
+                if is_a {
+                    coefs[r - 2] = co[rank - 2];
+                    coefs[r] = co[rank - 1];
+                } else {
+                    coefs[r] = co[rank - 2];
+                    coefs[r - 1] = co[rank - 1];
+                }
+                Expr::Load {
+                    src,
+                    coefs,
+                    offset,
+                }
+            };
+            let ea = operand(self, a, &al, a_trans, true);
+            let eb = operand(self, b, &bl, b_trans, false);
+            let mut e = Expr::Dot {
+                len: k as i64,
+                a: Box::new(ea),
+                b: Box::new(eb),
+            };
+            if alpha != 1.0 {
+                e = Expr::Binary(BinOp::Mul, Box::new(Expr::Const(alpha)), Box::new(e));
+            }
+            return Ok((shape, Source::Pending(e)));
+        }
+
         let stride = |shape: &[usize], rank: usize, mat: usize| -> Result<usize, String> {
             let own: usize = shape[..rank - 2].iter().product();
             if own == 1 {
@@ -1080,17 +1328,15 @@ impl Lowering {
             n,
             k,
             a: abuf,
-            a_trans: false,
+            a_trans,
             a_stride,
             b: bbuf,
-            b_trans: false,
+            b_trans,
             b_stride,
             c,
-            alpha: 1.0,
+            alpha,
         }));
-        let mut shape = batch_shape;
-        shape.extend([m, n]);
-        Ok((shape, c))
+        Ok((shape, Source::Buf(c)))
     }
 
     /// 2-D convolution without padding or dilation, group 1: im2col (a map)

@@ -7,6 +7,11 @@ use super::{BinOp, CublasCall, DType, Expr, Op, Program, UnOp, cublas_call};
 
 pub fn unary(op: UnOp, x: f32) -> f32 {
     match op {
+        UnOp::Gelu => x * (erf(x / std::f32::consts::SQRT_2) + 1.0) * 0.5,
+        UnOp::GeluTanh => {
+            let k = (2.0 / std::f32::consts::PI).sqrt();
+            0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())
+        }
         UnOp::Erf => erf(x),
         UnOp::Sin => x.sin(),
         UnOp::Cos => x.cos(),
@@ -59,7 +64,8 @@ impl Memory {
     }
 }
 
-fn eval(e: &Expr, coords: &[i64], m: &Memory) -> f32 {
+/// One element of `e` at `coords` of `shape` (the shape matters to reshapes).
+fn eval(e: &Expr, coords: &[i64], shape: &[usize], m: &Memory) -> f32 {
     let dot = |coefs: &[i64], offset: i64| -> usize {
         (offset + coefs.iter().zip(coords).map(|(c, x)| c * x).sum::<i64>()) as usize
     };
@@ -83,8 +89,12 @@ fn eval(e: &Expr, coords: &[i64], m: &Memory) -> f32 {
             m.f[*table][(r * row_len) as usize + dot(row_coefs, *row_offset)]
         }
         Expr::Const(c) => *c,
-        Expr::Unary(op, x) => unary(*op, eval(x, coords, m)),
-        Expr::Binary(op, a, b) => binary(*op, eval(a, coords, m), eval(b, coords, m)),
+        Expr::Unary(op, x) => unary(*op, eval(x, coords, shape, m)),
+        Expr::Binary(op, a, b) => binary(
+            *op,
+            eval(a, coords, shape, m),
+            eval(b, coords, shape, m),
+        ),
         Expr::Select {
             axis,
             starts,
@@ -92,7 +102,36 @@ fn eval(e: &Expr, coords: &[i64], m: &Memory) -> f32 {
         } => {
             let c = coords[*axis];
             let j = starts.iter().rposition(|&s| c >= s).unwrap_or(0);
-            eval(&parts[j], coords, m)
+            let end = starts.get(j + 1).copied().unwrap_or(shape[*axis] as i64);
+            let mut local = coords.to_vec();
+            local[*axis] -= starts[j];
+            let mut part_shape = shape.to_vec();
+            part_shape[*axis] = (end - starts[j]) as usize;
+            eval(&parts[j], &local, &part_shape, m)
+        }
+        Expr::Dot { len, a, b } => {
+            let mut c = coords.to_vec();
+            c.push(0);
+            let mut sh = shape.to_vec();
+            sh.push(*len as usize);
+            let mut acc = 0.0f32;
+            for p in 0..*len {
+                *c.last_mut().unwrap() = p;
+                acc += eval(a, &c, &sh, m) * eval(b, &c, &sh, m);
+            }
+            acc
+        }
+        Expr::Reshape { from, expr } => {
+            let mut flat = 0i64;
+            for (c, d) in coords.iter().zip(shape) {
+                flat = flat * *d as i64 + c;
+            }
+            let mut inner = vec![0i64; from.len()];
+            for d in (0..from.len()).rev() {
+                inner[d] = flat % from[d] as i64;
+                flat /= from[d] as i64;
+            }
+            eval(expr, &inner, from, m)
         }
     }
 }
@@ -145,7 +184,7 @@ pub fn run_ops(ops: &[Op], m: &mut Memory) {
                         coords[d] = (r % shape[d]) as i64;
                         r /= shape[d];
                     }
-                    vals.push(eval(expr, &coords, m));
+                    vals.push(eval(expr, &coords, shape, m));
                 }
                 m.f[*out][..n].copy_from_slice(&vals);
             }
@@ -196,11 +235,19 @@ pub fn run_ops(ops: &[Op], m: &mut Memory) {
                 }
             }
             Op::Fill { out, len, value } => m.f[*out][..*len].fill(*value),
-            Op::Axpy { x, v, len, alpha } => {
+            Op::Step {
+                x,
+                v,
+                len,
+                dt,
+                t,
+                t_next,
+            } => {
                 for i in 0..*len {
-                    let d = alpha * m.f[*v][i];
+                    let d = dt * m.f[*v][i];
                     m.f[*x][i] += d;
                 }
+                m.f[*t][0] = *t_next;
             }
         }
     }
