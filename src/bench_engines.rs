@@ -47,6 +47,8 @@ struct Variant {
     client: PolicyClient<tonic::transport::Channel>,
     policy: Arc<reflex_server::policy::Policy>,
     engine_ms: Summary,
+    prefix_ms: Summary,
+    denoise_ms: Summary,
     act_ms: Summary,
     unix_ms: Summary,
     /// Actions per request index, from the first measured round.
@@ -127,6 +129,8 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
             client,
             policy,
             engine_ms: Summary::default(),
+            prefix_ms: Summary::default(),
+            denoise_ms: Summary::default(),
             act_ms: Summary::default(),
             unix_ms: Summary::default(),
             actions: vec![None; reqs.len()],
@@ -158,7 +162,10 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
         for v in variants.iter_mut() {
             let t = Instant::now();
             let prefix = v.engine.prefix(&pixels, &tokens)?;
+            let pm = ms_since(t);
+            let t1 = Instant::now();
             v.engine.denoise(noise.clone(), &prefix, &state, steps)?;
+            let dm = ms_since(t1);
             let e = ms_since(t);
 
             let p = Arc::clone(&v.policy);
@@ -182,6 +189,8 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
             }
             if measured {
                 v.engine_ms.push(e);
+                v.prefix_ms.push(pm);
+                v.denoise_ms.push(dm);
                 v.act_ms.push(a);
                 v.unix_ms.push(u);
             }
@@ -223,6 +232,15 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
             v.act_ms.pct(99.0),
             v.unix_ms.pct(50.0),
             v.unix_ms.pct(99.0)
+        );
+    }
+    println!("engine-only split, p50 ms: prefix (images → features) | denoise ({steps} steps)");
+    for v in &variants {
+        println!(
+            "{:<18} {:>10.3} | {:>10.3}",
+            v.name,
+            v.prefix_ms.pct(50.0),
+            v.denoise_ms.pct(50.0)
         );
     }
     let base = variants[0].engine_ms.pct(50.0);

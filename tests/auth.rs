@@ -400,3 +400,59 @@ fn tls_needs_both_the_certificate_and_the_key() {
         "{err}"
     );
 }
+
+/// `reflex replay --target` against a token-protected TCP listener: refused without
+/// `--auth-token-file` (exit 2, the reason named), bit-exact with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_reaches_a_protected_target_with_its_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("export");
+    export(&exp, 0);
+    let token_file = write_secret(dir.path(), "token", TOKEN.as_bytes());
+    let traces = dir.path().join("traces");
+    let rec = dir.path().join("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    let (mut p, sock) = serve(
+        &rec,
+        &exp,
+        &["--record", traces.to_str().unwrap(), "--record-images", "full"],
+    )
+    .await;
+    let mut c = policy_client(&format!("unix://{}", sock.display())).await;
+    for i in 0..3u8 {
+        timeout(c.act(act_request(i * 30, None))).await.unwrap();
+    }
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit(Duration::from_secs(5)).unwrap().success());
+    let trace = trace_files(&traces).pop().expect("trace written");
+
+    let (p, _) = serve(
+        dir.path(),
+        &exp,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--auth-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let tcp = p.tcp_addr();
+    let run = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["replay", trace.to_str().unwrap(), "--target", &tcp, "--fail-on", "actions"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, text) = run(&[]);
+    assert_eq!(code, Some(2), "no token: the target refuses\n{text}");
+    assert!(text.contains("Unauthenticated") || text.contains("UNAUTHENTICATED"), "{text}");
+    let (code, text) = run(&["--auth-token-file", token_file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("actions: 3/3 pass"), "{text}");
+    assert_eq!(text.matches("max_abs=0.00e+00").count(), 3, "{text}");
+}

@@ -26,6 +26,15 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
 
+    /// File holding the bearer token of a `--target` started with `--auth-token-file`
+    /// (sent as `authorization: Bearer TOKEN`).
+    #[arg(long, value_name = "FILE", requires = "target")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// CA certificate (PEM) that signed the certificate of an `https://` `--target`.
+    #[arg(long, value_name = "PEM", requires = "target")]
+    pub tls_ca: Option<PathBuf>,
+
     /// Diffs to compute: actions (cos + max_abs), latency (±5 %), cache (status match) or all.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = DiffMode::Actions)]
     pub diff: DiffMode,
@@ -65,6 +74,8 @@ impl ReplayArgs {
             trace: trace.into(),
             target: None,
             model: None,
+            auth_token_file: None,
+            tls_ca: None,
             diff: DiffMode::Actions,
             n: 0,
             output: None,
@@ -76,6 +87,18 @@ impl ReplayArgs {
     }
 
     /// The diffs computed: `--diff`, plus whatever `--fail-on` names.
+    /// How to dial `--target`: its token and CA, read now (a bad file fails here).
+    pub fn connect_options(&self) -> Result<reflex_proto::ConnectOptions, reflex_proto::ConnectError> {
+        let mut o = reflex_proto::ConnectOptions::default();
+        if let Some(f) = &self.auth_token_file {
+            o = o.bearer_token_file(f)?;
+        }
+        if let Some(f) = &self.tls_ca {
+            o = o.tls_ca_file(f)?;
+        }
+        Ok(o)
+    }
+
     pub fn diffs(&self) -> Diffs {
         let mut d = Diffs::from(self.diff);
         match self.fail_on {

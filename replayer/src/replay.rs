@@ -39,7 +39,7 @@ use reflex_recorder::{Footer, Header, ReadError, Record, RequestRecord, TraceRea
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use reflex_proto::AuthChannel;
 
 use crate::Exit;
 use crate::args::{Diffs, ReplayArgs};
@@ -194,8 +194,14 @@ async fn drive(
     let target = match (&args.target, &args.model) {
         (Some(uri), _) => {
             con.line(&format!("Target: {uri}"));
+            let opts = args
+                .connect_options()
+                .map_err(|e| TargetError::Unreachable {
+                    target: uri.clone(),
+                    reason: e.to_string(),
+                })?;
             tokio::select! {
-                t = Target::connect(uri) => t?,
+                t = Target::connect(uri, &opts) => t?,
                 _ = shutdown.cancelled() => return Err(TargetError::Interrupted.into()),
             }
         }
@@ -521,7 +527,7 @@ enum Pending {
 
 /// The state of the replay loop.
 struct Run {
-    client: PolicyClient<Channel>,
+    client: PolicyClient<AuthChannel>,
     diffs: Diffs,
     concurrency: usize,
     pending: VecDeque<Pending>,
@@ -654,7 +660,7 @@ impl Run {
 
 /// One Act on the target.
 async fn call(
-    mut client: PolicyClient<Channel>,
+    mut client: PolicyClient<AuthChannel>,
     req: ActRequest,
     seq: u64,
 ) -> Result<ActResponse, tonic::Status> {

@@ -11,7 +11,6 @@ use reflex_proto::v1::{GetModelInfoRequest, ModelInfo};
 use reflex_server::serve::{ListenAddr, Running, ServeArgs};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 /// How long dialing or asking for the model info may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,7 +48,7 @@ pub struct TargetInfo {
 
 /// A connected target.
 pub struct Target {
-    pub client: PolicyClient<Channel>,
+    pub client: PolicyClient<reflex_proto::AuthChannel>,
     pub info: TargetInfo,
     private: Option<Private>,
 }
@@ -64,12 +63,15 @@ struct Private {
 
 impl Target {
     /// Dials `uri` and asks for its model.
-    pub async fn connect(uri: &str) -> Result<Target, TargetError> {
+    pub async fn connect(
+        uri: &str,
+        opts: &reflex_proto::ConnectOptions,
+    ) -> Result<Target, TargetError> {
         let unreachable = |reason: String| TargetError::Unreachable {
             target: uri.to_string(),
             reason,
         };
-        let channel = tokio::time::timeout(CONNECT_TIMEOUT, reflex_proto::connect(uri))
+        let channel = tokio::time::timeout(CONNECT_TIMEOUT, reflex_proto::connect_with(uri, opts))
             .await
             .map_err(|_| unreachable(format!("no connection within {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| unreachable(error_chain(&e)))?;
@@ -140,7 +142,7 @@ impl Target {
             running,
             _dir: tmp,
         };
-        match Target::connect(&uri).await {
+        match Target::connect(&uri, &reflex_proto::ConnectOptions::default()).await {
             Ok(mut t) => {
                 t.info.model_dir = Some(dir);
                 t.private = Some(private);

@@ -361,9 +361,12 @@ fn any_string() -> impl Strategy<Value = String> {
     ]
 }
 
-fn camera_name() -> impl Strategy<Value = String> {
+/// Camera names, mostly the model's own (so that requests get past the camera checks).
+fn camera_name(usual: &'static str) -> impl Strategy<Value = String> {
     prop_oneof![
-        4 => prop::sample::select(vec!["base", "wrist", "", "left_wrist", "BASE", "base ", "wrist\0"])
+        12 => Just(usual.to_string()),
+        3 => Just(String::new()),
+        1 => prop::sample::select(vec!["base", "wrist", "left_wrist", "BASE", "base ", "wrist\0"])
             .prop_map(String::from),
         1 => any_string(),
         1 => (1usize..100_000).prop_map(|n| "c".repeat(n)),
@@ -375,7 +378,7 @@ fn image_bytes() -> impl Strategy<Value = Vec<u8>> {
     let n = valid_images().len();
     prop_oneof![
         1 => Just(Vec::new()),
-        4 => (0..n).prop_map(|i| valid_images()[i].clone()),
+        6 => (0..n).prop_map(|i| valid_images()[i].clone()),
         3 => ((0..n), prop::collection::vec(image_edit(), 1..3)).prop_map(|(i, edits)| {
             let mut b = valid_images()[i].clone();
             for e in &edits {
@@ -400,7 +403,7 @@ enum Sha {
 
 fn sha() -> impl Strategy<Value = Sha> {
     prop_oneof![
-        4 => Just(Sha::Empty),
+        12 => Just(Sha::Empty),
         2 => Just(Sha::Right),
         1 => Just(Sha::RightUpper),
         1 => "[0-9a-f]{64}".prop_map(Sha::Wrong),
@@ -433,7 +436,7 @@ fn any_f32() -> impl Strategy<Value = f32> {
 
 fn instruction() -> impl Strategy<Value = String> {
     prop_oneof![
-        4 => Just("pick up the red cup".to_string()),
+        10 => Just("pick up the red cup".to_string()),
         3 => any_string(),
         // Around the limit, in one- to four-byte characters.
         2 => ((MAX_INSTRUCTION_BYTES - 8)..(MAX_INSTRUCTION_BYTES + 8), prop::sample::select(vec!["a", "é", "€", "🤖"]))
@@ -442,22 +445,33 @@ fn instruction() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Requests that are mostly right: each field is valid more often than not, so that the
+/// requests reach every check and, some of them, the model.
 fn any_request() -> impl Strategy<Value = pb::ActRequest> {
-    let image = (camera_name(), image_bytes(), sha()).prop_map(|(camera, data, s)| pb::Image {
-        sha256: sha_of(&s, &data),
-        camera,
-        data,
-    });
+    let image = |usual| {
+        (camera_name(usual), image_bytes(), sha()).prop_map(|(camera, data, s)| pb::Image {
+            sha256: sha_of(&s, &data),
+            camera,
+            data,
+        })
+    };
+    let images = prop_oneof![
+        1 => Just(Vec::new()),
+        6 => image("base").prop_map(|a| vec![a]),
+        3 => (image("base"), image("wrist")).prop_map(|(a, b)| vec![a, b]),
+        1 => prop::collection::vec(image("wrist"), 0..4),
+    ];
     (
-        prop::collection::vec(image, 0..4),
+        images,
         instruction(),
         prop_oneof![
+            6 => prop::collection::vec(-3.0f32..3.0, 8),
             3 => prop::collection::vec(any_f32(), 8),
             1 => prop::collection::vec(any_f32(), 0..20),
         ],
         any_string(),
         any::<Option<u64>>(),
-        prop_oneof![3 => Just(Vec::new()), 1 => image_bytes()],
+        prop_oneof![6 => Just(Vec::new()), 1 => image_bytes()],
         sha(),
     )
         .prop_map(|(images, instruction, state, episode_id, noise_seed, image_b64, s)| {
@@ -788,6 +802,30 @@ fn a_huge_camera_name_gets_a_short_message() {
     }
 }
 
+/// Regression (found by `fuzz_act_request_any`): `state[1] = 3.4028235e38` is finite, so it
+/// passed validation, but normalised (÷ std 0.5) it is infinite and the model answered 350
+/// NaN actions with status OK — to a robot. It is now `INVALID_ARGUMENT` naming the value.
+#[test]
+fn a_state_that_overflows_when_normalised_is_invalid_argument() {
+    let mut req = valid_request(0, 11);
+    req.state[1] = f32::MAX;
+    let s = answer(req).unwrap_err();
+    assert!(
+        s.message().starts_with("state[1] is 3.4028235e38, out of this model's range"),
+        "{:?}",
+        s.message()
+    );
+    // Large values that stay finite once normalised get actions, finite ones (`answer`
+    // checks), or the same error.
+    for v in [1e30f32, -1e37, 1.7e38, f32::MIN / 2.0] {
+        let mut req = valid_request(1, 12);
+        req.state = vec![v; 8];
+        if let Err(s) = answer(req) {
+            assert!(s.message().contains("out of this model's range"), "{v}: {s:?}");
+        }
+    }
+}
+
 /// Every known defect, once each, in the order the validation runs into them.
 #[test]
 fn each_defect_names_its_field() {
@@ -812,4 +850,59 @@ fn each_defect_names_its_field() {
     }
     assert_eq!(fixture().cameras, ["base", "wrist"]);
     assert_eq!(fixture().state_dim, 8);
+}
+
+/// The request generator reaches every stage of validation and the model itself, not only the
+/// first check: a fixed sample of its requests, sorted by what they got.
+#[test]
+fn fuzz_act_request_any_reaches_every_outcome() {
+    use proptest::strategy::ValueTree;
+    use std::collections::BTreeMap;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = any_request();
+    let mut seen: BTreeMap<&'static str, u32> = BTreeMap::new();
+    for _ in 0..600 {
+        let req = strategy.new_tree(&mut runner).unwrap().current();
+        let kind = match answer(req) {
+            Ok(_) => "actions",
+            Err(s) => {
+                let m = s.message();
+                [
+                    ("request is", "too large"),
+                    ("images is empty", "no image"),
+                    ("entries", "too many images"),
+                    ("data is empty", "empty image"),
+                    ("both set", "two primaries"),
+                    ("not a JPEG or PNG", "not an image"),
+                    ("could not be decoded", "undecodable image"),
+                    ("does not match", "hash mismatch"),
+                    ("state has", "state length"),
+                    ("state[", "state value"),
+                    ("instruction is", "instruction too long"),
+                    ("camera", "camera"),
+                ]
+                .iter()
+                .find(|(w, _)| m.contains(w))
+                .map_or("other", |(_, k)| k)
+            }
+        };
+        *seen.entry(kind).or_default() += 1;
+    }
+    eprintln!("{seen:?}");
+    for kind in [
+        "actions",
+        "too large",
+        "no image",
+        "camera",
+        "empty image",
+        "not an image",
+        "undecodable image",
+        "hash mismatch",
+        "state length",
+        "state value",
+        "instruction too long",
+    ] {
+        assert!(seen.contains_key(kind), "no request got {kind:?}: {seen:?}");
+    }
+    assert!(!seen.contains_key("other"), "{seen:?}");
 }
