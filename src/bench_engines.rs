@@ -84,13 +84,18 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
         action_dim: cfg.action_dim,
     };
 
-    let specs: Vec<(&'static str, EngineKind, bool)> = if args.cpu_only {
-        vec![("cpu", EngineKind::Cpu, true), ("cpu (again)", EngineKind::Cpu, true)]
+    use reflex_server::engine::cuda::Staging;
+    let specs: Vec<(&'static str, EngineKind, bool, Staging)> = if args.cpu_only {
+        vec![
+            ("cpu", EngineKind::Cpu, true, Staging::Cached),
+            ("cpu (again)", EngineKind::Cpu, true, Staging::Cached),
+        ]
     } else {
         vec![
-            ("cpu", EngineKind::Cpu, true),
-            ("cuda + graphs", EngineKind::Cuda, true),
-            ("cuda, no graphs", EngineKind::Cuda, false),
+            ("cpu", EngineKind::Cpu, true, Staging::Cached),
+            ("cuda + graphs", EngineKind::Cuda, true, Staging::Cached),
+            ("cuda, no graphs", EngineKind::Cuda, false, Staging::Cached),
+            ("cuda + graphs, WC*", EngineKind::Cuda, true, Staging::WriteCombined),
         ]
     };
     let scene = Scene::new();
@@ -99,11 +104,12 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
         .collect();
 
     let mut variants = vec![];
-    for (i, (name, kind, graphs)) in specs.into_iter().enumerate() {
+    for (i, (name, kind, graphs, staging)) in specs.into_iter().enumerate() {
         let t = Instant::now();
         let engine: Box<dyn Engine> = match kind {
             EngineKind::Cuda => Box::new(
-                CudaEngine::load(&pp, &ep, graphs).with_context(|| format!("{name} engine"))?,
+                CudaEngine::load_with(&pp, &ep, graphs, staging)
+                    .with_context(|| format!("{name} engine"))?,
             ),
             _ => Box::new(CpuEngine::load(&pp, &ep, shapes.clone())?),
         };
@@ -234,6 +240,9 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
             v.unix_ms.pct(99.0)
         );
     }
+    if variants.iter().any(|v| v.name.ends_with('*')) {
+        println!("* write-combined input staging in the engine-only columns; its server runs the default");
+    }
     println!("engine-only split, p50 ms: prefix (images → features) | denoise ({steps} steps)");
     for v in &variants {
         println!(
@@ -294,10 +303,10 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
             failed.push(format!("{} differs from cpu", v.name));
         }
     }
-    if variants.len() == 3 {
-        let same = variants[1].actions == variants[2].actions;
+    if variants.len() >= 3 {
+        let same = variants[2..].iter().all(|v| v.actions == variants[1].actions);
         println!(
-            "check graphs on vs off: identical bits on all {} requests: {}",
+            "check graphs on vs off (and staging): identical bits on all {} requests: {}",
             reqs.len(),
             if same { "PASS" } else { "FAIL" }
         );

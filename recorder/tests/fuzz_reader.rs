@@ -658,6 +658,18 @@ fn read_both_ways(text: &[u8]) -> Outcome {
     plain
 }
 
+/// The valid trace read whole (once per run).
+fn full_read() -> &'static Outcome {
+    static FULL: std::sync::OnceLock<Outcome> = std::sync::OnceLock::new();
+    FULL.get_or_init(|| {
+        let lines = valid_lines();
+        let full = read_both_ways(&join(&lines));
+        assert_eq!(full.records.len(), lines.len() - 1);
+        assert!(full.footer && full.truncation.is_none() && full.error.is_none());
+        full
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // The targets.
 
@@ -710,8 +722,7 @@ proptest! {
     fn fuzz_reader_cut_trace(cut in any::<Index>(), flip in proptest::option::of((any::<Index>(), 1u8..=255))) {
         let lines = valid_lines();
         let text = join(&lines);
-        let full = read_both_ways(&text);
-        assert_eq!(full.records.len(), lines.len() - 1);
+        let full = full_read();
 
         // Plain: exactly the whole lines before the cut (and a last line that is whole but
         // for its newline); an error only when the header itself is cut.

@@ -197,7 +197,12 @@ pub struct CacheCapacity {
 fn warm_up(e: &dyn Engine, s: &Shapes, steps: u32) -> Result<(), EngineError> {
     let pixels = vec![0.0; s.cameras * 3 * s.height * s.width];
     let prefix = e.prefix(&pixels, &vec![0; s.tokens])?;
-    let x = e.denoise(vec![0.0; s.chunk * s.action_dim], &prefix, &vec![0.0; s.state_dim], steps)?;
+    let x = e.denoise(
+        vec![0.0; s.chunk * s.action_dim],
+        &prefix,
+        &vec![0.0; s.state_dim],
+        steps,
+    )?;
     if x.iter().all(|v| v.is_finite()) {
         Ok(())
     } else {

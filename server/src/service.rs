@@ -598,7 +598,10 @@ mod tests {
             images: vec![img(&"é".repeat(50_000), b"a")],
             ..Default::default()
         });
-        assert!(msg.contains(&format!("got \"{}…\"", "é".repeat(64))), "{msg}");
+        assert!(
+            msg.starts_with(&format!("images[0].camera \"{}…\" is not", "é".repeat(64))),
+            "{msg}"
+        );
         // Names up to 64 characters are quoted whole.
         let name = "ü".repeat(64);
         let msg = e(pb::ActRequest {

@@ -30,10 +30,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
 
-use prost::Message;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::FileFailurePersistence;
+use prost::Message;
 use reflex_proto::v1 as pb;
 use reflex_server::config::ImageConfig;
 use reflex_server::policy::{MAX_INSTRUCTION_BYTES, Policy, PolicyOptions};
@@ -157,7 +157,10 @@ fn answer(req: pb::ActRequest) -> Result<pb::ActResponse, tonic::Status> {
         Ok(r) => {
             assert_eq!((r.num_actions, r.action_dim), (50, 7));
             assert_eq!(r.actions.len(), 350);
-            assert!(r.actions.iter().all(|a| a.is_finite()), "non-finite actions");
+            assert!(
+                r.actions.iter().all(|a| a.is_finite()),
+                "non-finite actions"
+            );
             if let Some(s) = seed {
                 assert_eq!(r.noise_seed, s);
             }
@@ -166,12 +169,23 @@ fn answer(req: pb::ActRequest) -> Result<pb::ActResponse, tonic::Status> {
             assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
             let m = s.message();
             assert!(
-                ["images", "image_b64", "image_sha256", "state", "instruction", "request is"]
-                    .iter()
-                    .any(|field| m.contains(field)),
+                [
+                    "images",
+                    "image_b64",
+                    "image_sha256",
+                    "state",
+                    "instruction",
+                    "request is"
+                ]
+                .iter()
+                .any(|field| m.contains(field)),
                 "the message names no field: {m:?}"
             );
-            assert!(m.len() < 1024, "a message the user can read: {} bytes", m.len());
+            assert!(
+                m.len() < 1024,
+                "a message the user can read: {} bytes",
+                m.len()
+            );
         }
     }
     res
@@ -209,8 +223,14 @@ fn valid_images() -> &'static [Vec<u8>] {
             preprocess::encode_png(&pattern(1, 1, 4)),
             encode(D::ImageRgb8(pattern(31, 17, 5)).grayscale(), Png),
             encode(D::ImageRgb8(pattern(40, 30, 6)).grayscale(), Jpeg),
-            encode(D::ImageRgba8(D::ImageRgb8(pattern(20, 20, 7)).to_rgba8()), Png),
-            encode(D::ImageRgb16(D::ImageRgb8(pattern(12, 9, 8)).to_rgb16()), Png),
+            encode(
+                D::ImageRgba8(D::ImageRgb8(pattern(20, 20, 7)).to_rgba8()),
+                Png,
+            ),
+            encode(
+                D::ImageRgb16(D::ImageRgb8(pattern(12, 9, 8)).to_rgb16()),
+                Png,
+            ),
         ]
     })
 }
@@ -258,7 +278,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         c ^= u32::from(b);
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -474,21 +498,23 @@ fn any_request() -> impl Strategy<Value = pb::ActRequest> {
         prop_oneof![6 => Just(Vec::new()), 1 => image_bytes()],
         sha(),
     )
-        .prop_map(|(images, instruction, state, episode_id, noise_seed, image_b64, s)| {
-            let primary = images
-                .first()
-                .filter(|i| !i.data.is_empty())
-                .map_or(&image_b64, |i| &i.data);
-            pb::ActRequest {
-                image_sha256: sha_of(&s, primary),
-                images,
-                instruction,
-                state,
-                episode_id,
-                noise_seed,
-                image_b64,
-            }
-        })
+        .prop_map(
+            |(images, instruction, state, episode_id, noise_seed, image_b64, s)| {
+                let primary = images
+                    .first()
+                    .filter(|i| !i.data.is_empty())
+                    .map_or(&image_b64, |i| &i.data);
+                pb::ActRequest {
+                    image_sha256: sha_of(&s, primary),
+                    images,
+                    instruction,
+                    state,
+                    episode_id,
+                    noise_seed,
+                    image_b64,
+                }
+            },
+        )
 }
 
 fn valid_state() -> Vec<f32> {
@@ -516,6 +542,7 @@ enum Defect {
     None,
     StateLength(usize),
     StateNotFinite(usize, f32),
+    StateOverflow(usize, f32),
     InstructionTooLong(usize),
     UnknownCamera(String),
     DuplicateCamera,
@@ -534,6 +561,8 @@ fn defect() -> impl Strategy<Value = Defect> {
         1 => (0usize..64).prop_filter("not the model's", |n| *n != 8).prop_map(Defect::StateLength),
         1 => (0usize..8, prop::sample::select(vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY]))
             .prop_map(|(i, v)| Defect::StateNotFinite(i, v)),
+        1 => (0usize..8, prop::sample::select(vec![f32::MAX, f32::MIN, 2e38, -1.8e38]))
+            .prop_map(|(i, v)| Defect::StateOverflow(i, v)),
         1 => ((MAX_INSTRUCTION_BYTES + 1)..(MAX_INSTRUCTION_BYTES * 4)).prop_map(Defect::InstructionTooLong),
         1 => any_string().prop_filter("not a camera", |s| !s.is_empty() && s != "base" && s != "wrist")
             .prop_map(Defect::UnknownCamera),
@@ -565,6 +594,10 @@ fn apply_defect(req: &mut pb::ActRequest, d: &Defect) -> Option<String> {
             let i = *i;
             req.state[i] = *v;
             format!("state[{i}] is not a finite number")
+        }
+        Defect::StateOverflow(i, v) => {
+            req.state[*i] = *v;
+            format!("state[{i}] is {v:e}, out of this model's range")
         }
         Defect::InstructionTooLong(n) => {
             req.instruction = "a".repeat(*n);
@@ -743,7 +776,10 @@ fn images_claiming_60000_by_60000_are_refused_before_allocating() {
     let mut jpg = valid_images()[0].clone();
     assert!(set_jpeg_size(&mut jpg, 60000, 60000));
     let e = decode(&jpg).unwrap_err();
-    assert!(e.to_string().contains("could not be decoded as JPEG"), "{e}");
+    assert!(
+        e.to_string().contains("could not be decoded as JPEG"),
+        "{e}"
+    );
     // And one pixel over the side limit, for both.
     let mut png = valid_images()[3].clone();
     assert!(set_png_size(&mut png, MAX_SIDE + 1, 1));
@@ -763,7 +799,8 @@ fn a_request_with_a_60000_by_60000_png_is_invalid_argument() {
     req.images[0].data = png;
     let s = answer(req).unwrap_err();
     assert!(
-        s.message().starts_with("images[0].data (camera \"base\") could not be decoded as PNG"),
+        s.message()
+            .starts_with("images[0].data (camera \"base\") could not be decoded as PNG"),
         "{s:?}"
     );
     answer(valid_request(1, 2)).unwrap();
@@ -780,22 +817,31 @@ fn a_huge_camera_name_gets_a_short_message() {
                 data: valid_images()[0].clone(),
                 sha256: String::new(),
             }],
-            format!("images[0].camera \"{}…\" is not a camera of this model", "c".repeat(64)),
+            format!(
+                "images[0].camera \"{}…\" is not a camera of this model",
+                "c".repeat(64)
+            ),
         ),
         (
-            vec![pb::Image {
-                camera: "wrist".into(),
-                data: valid_images()[0].clone(),
-                sha256: String::new(),
-            }, pb::Image {
-                camera: "€".repeat(30_000),
-                data: valid_images()[0].clone(),
-                sha256: String::new(),
-            }],
+            vec![
+                pb::Image {
+                    camera: "wrist".into(),
+                    data: valid_images()[0].clone(),
+                    sha256: String::new(),
+                },
+                pb::Image {
+                    camera: "€".repeat(30_000),
+                    data: valid_images()[0].clone(),
+                    sha256: String::new(),
+                },
+            ],
             "images[0] must be the primary camera \"base\", got \"wrist\"".into(),
         ),
     ] {
-        let req = pb::ActRequest { images, ..valid_request(0, 3) };
+        let req = pb::ActRequest {
+            images,
+            ..valid_request(0, 3)
+        };
         let s = answer(req).unwrap_err();
         assert!(s.message().starts_with(&starts), "{:?}", s.message());
         assert!(s.message().len() < 256, "{} bytes", s.message().len());
@@ -811,7 +857,8 @@ fn a_state_that_overflows_when_normalised_is_invalid_argument() {
     req.state[1] = f32::MAX;
     let s = answer(req).unwrap_err();
     assert!(
-        s.message().starts_with("state[1] is 3.4028235e38, out of this model's range"),
+        s.message()
+            .starts_with("state[1] is 3.4028235e38, out of this model's range"),
         "{:?}",
         s.message()
     );
@@ -821,7 +868,10 @@ fn a_state_that_overflows_when_normalised_is_invalid_argument() {
         let mut req = valid_request(1, 12);
         req.state = vec![v; 8];
         if let Err(s) = answer(req) {
-            assert!(s.message().contains("out of this model's range"), "{v}: {s:?}");
+            assert!(
+                s.message().contains("out of this model's range"),
+                "{v}: {s:?}"
+            );
         }
     }
 }
@@ -832,6 +882,7 @@ fn each_defect_names_its_field() {
     for d in [
         Defect::StateLength(3),
         Defect::StateNotFinite(5, f32::NAN),
+        Defect::StateOverflow(0, f32::MIN),
         Defect::InstructionTooLong(MAX_INSTRUCTION_BYTES + 1),
         Defect::UnknownCamera("left".into()),
         Defect::DuplicateCamera,
@@ -846,7 +897,11 @@ fn each_defect_names_its_field() {
         let mut req = valid_request(0, 7);
         let want = apply_defect(&mut req, &d).unwrap();
         let s = answer(req).unwrap_err();
-        assert!(s.message().contains(&want), "{d:?}: {:?} lacks {want:?}", s.message());
+        assert!(
+            s.message().contains(&want),
+            "{d:?}: {:?} lacks {want:?}",
+            s.message()
+        );
     }
     assert_eq!(fixture().cameras, ["base", "wrist"]);
     assert_eq!(fixture().state_dim, 8);

@@ -119,8 +119,19 @@ struct Loaded {
     step: CudaFunction,
 }
 
+/// Page-locked host memory for the inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staging {
+    /// Ordinary cached pinned memory (the default): the host's copy in runs at
+    /// memcpy speed.
+    Cached,
+    /// Write-combined: cheaper for the device to read over PCIe, slower for
+    /// the host to fill.
+    WriteCombined,
+}
+
 /// Page-locked staging for one port.
-struct Staging {
+struct Stage {
     _mem: PinnedHostSlice<u8>,
     ptr: usize,
     bytes: usize,
@@ -134,7 +145,7 @@ struct Inner {
     prefix: Loaded,
     expert: Loaded,
     den: graph::DenoisePorts,
-    staging: HashMap<&'static str, Staging>,
+    staging: HashMap<&'static str, Stage>,
     use_graphs: bool,
     prefix_graph: Option<CudaGraph>,
     denoise_graphs: HashMap<u32, CudaGraph>,
@@ -158,13 +169,23 @@ impl CudaEngine {
     /// captures the prefix graph. `use_graphs: false` launches op by op
     /// (for comparison; the results are the same).
     pub fn load(prefix: &Path, expert: &Path, use_graphs: bool) -> Result<Self, EngineError> {
+        Self::load_with(prefix, expert, use_graphs, Staging::Cached)
+    }
+
+    /// [`CudaEngine::load`] with a choice of input staging memory (the bench compares them).
+    pub fn load_with(
+        prefix: &Path,
+        expert: &Path,
+        use_graphs: bool,
+        staging: Staging,
+    ) -> Result<Self, EngineError> {
         check_libraries()?;
         let prefix_p = graph::compile_file(prefix)?;
         let expert_p = graph::compile_file(expert)?;
         // cudarc panics where a symbol is missing (a driver older than CUDA 13):
         // keep that a start-up error too.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Self::load_device(prefix_p, expert_p, use_graphs)
+            Self::load_device(prefix_p, expert_p, use_graphs, staging)
         }))
         .unwrap_or_else(|p| {
             let msg = p
@@ -182,6 +203,7 @@ impl CudaEngine {
         prefix_p: Program,
         expert_p: Program,
         use_graphs: bool,
+        staging_kind: Staging,
     ) -> Result<Self, EngineError> {
         driver::result::init().map_err(|e| unavailable(format!("cuInit failed: {}", drv(e))))?;
         let count = CudaContext::device_count().map_err(|e| unavailable(drv(e)))?;
@@ -220,16 +242,16 @@ impl CudaEngine {
 
         let mut staging = HashMap::new();
         let mut stage = |key: &'static str, bytes: usize| -> Result<(), EngineError> {
-            // Inputs write-combined (host writes, device reads); outputs cached.
-            let flags = if key.ends_with("_out") {
-                0
-            } else {
-                sys::CU_MEMHOSTALLOC_WRITECOMBINED
+            let flags = match staging_kind {
+                Staging::WriteCombined if !key.ends_with("_out") => {
+                    sys::CU_MEMHOSTALLOC_WRITECOMBINED
+                }
+                _ => 0,
             };
             let mut mem = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, flags) }
                 .map_err(|e| unavailable(drv(e)))?;
             let ptr = mem.as_mut_ptr().map_err(|e| unavailable(drv(e)))? as usize;
-            staging.insert(key, Staging { _mem: mem, ptr, bytes });
+            staging.insert(key, Stage { _mem: mem, ptr, bytes });
             Ok(())
         };
         let port_bytes = |p: &Port| -> usize {
@@ -463,7 +485,7 @@ fn load_program(
 }
 
 impl Inner {
-    fn stage(&self, key: &str) -> &Staging {
+    fn stage(&self, key: &str) -> &Stage {
         &self.staging[key]
     }
 
