@@ -1475,16 +1475,20 @@ impl RunResult {
             codes(&others),
             codes(&self.transport_errors)
         ));
+        let off = args.target.is_none() && args.cache == CacheMode::Off;
         line(match self.hit_pct() {
-            Some(p) if args.target.is_none() && args.cache == CacheMode::Off => {
-                format!("  cache:        off ({p:.0}% hits)")
-            }
+            _ if off => format!(
+                "  cache:        off (--cache-entries 0): {} hits, {} misses",
+                self.hits, self.misses
+            ),
             Some(p) => format!(
                 "  cache:        {p:.0}% hits ({} of {} OK calls; scene frames repeat only while the arm pauses)",
                 self.hits,
                 self.hits + self.misses
             ),
-            None => "  cache:        no cache status in the answers".into(),
+            None => {
+                "  cache:        no hit or miss in the answers (the server's cache is off)".into()
+            }
         });
         let cores = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{c:.2}"));
         line(format!(
@@ -1721,6 +1725,7 @@ mod tests {
             tally: t,
             measured_secs: 1.0,
             interrupted: false,
+            cpu: [None; 3],
         }
     }
 

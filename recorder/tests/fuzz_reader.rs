@@ -17,8 +17,8 @@
 //! limit, not by the file (`gzip_bomb_*` below, which pin the bug the targets were written
 //! for: a one-megabyte gzip file of one endless line made the reader allocate gigabytes).
 //!
-//! Cases per target: `REFLEX_FUZZ_CASES` (default [`DEFAULT_CASES`], about 5–15 s per target in
-//! `cargo test --release` on two cores). A long run:
+//! Cases per target: `REFLEX_FUZZ_CASES` (default [`DEFAULT_CASES`]: 1–4 s per target, about
+//! 6 s for the file in `cargo test --release` on two idle cores). A long run:
 //! `REFLEX_FUZZ_CASES=200000 cargo test --release -p reflex-recorder --test fuzz_reader`.
 //! A failing case is shrunk, printed, and its seed appended to
 //! `recorder/proptest-regressions/fuzz_reader.txt`, which every run replays first; a crash we
@@ -37,15 +37,15 @@ use reflex_recorder::reader::MAX_LINE_BYTES;
 use reflex_recorder::trace::{ImageMode, encode_line};
 use reflex_recorder::{Footer, Header, ReadError, Record, RequestRecord, TraceReader, Truncation};
 
-const DEFAULT_CASES: u32 = 2000;
+const DEFAULT_CASES: u32 = 5_000;
 
-fn config(scale: f64) -> ProptestConfig {
+fn config() -> ProptestConfig {
     let cases = std::env::var("REFLEX_FUZZ_CASES")
         .ok()
         .and_then(|s| s.parse::<u32>().ok())
         .unwrap_or(DEFAULT_CASES);
     ProptestConfig {
-        cases: ((f64::from(cases) * scale) as u32).max(1),
+        cases: cases.max(1),
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/proptest-regressions/fuzz_reader.txt"
@@ -674,7 +674,7 @@ fn full_read() -> &'static Outcome {
 // The targets.
 
 proptest! {
-    #![proptest_config(config(1.0))]
+    #![proptest_config(config())]
 
     #[test]
     fn fuzz_reader_arbitrary_bytes(
