@@ -942,12 +942,10 @@ async fn partial_messages(
 /// Calls that announce a big message and never finish it: what the server may hold for them
 /// is bounded, not `streams × connections × --max-message-mb`.
 ///
-/// **Fails today (issue 8):** tonic buffers each call's message until it is whole, up to the
-/// decoding limit (4 × `--max-message-mb`, 32 MiB by default), and nothing bounds the sum over
-/// calls and connections: 32 unfinished 12 MiB messages take ~390 MiB, 256 streams per
-/// connection × any number of connections take what the machine has. The fix belongs to
-/// `server/src/serve.rs` (a byte budget shared by all request bodies, taken per DATA chunk
-/// before tonic sees it and given back when the call ends).
+/// tonic buffers each call's message until it is whole, up to the decoding limit (4 ×
+/// `--max-message-mb`, 32 MiB by default); without a budget across calls, 32 unfinished 12 MiB
+/// messages took ~390 MiB. `server/src/budget.rs` meters request bodies: one decoding limit of
+/// unfinished bytes per connection, four across all of them, the rest `RESOURCE_EXHAUSTED`.
 #[tokio::test(flavor = "multi_thread")]
 async fn unfinished_messages_cannot_take_unbounded_memory() {
     let dir = tempfile::tempdir().unwrap();
@@ -994,7 +992,7 @@ async fn unfinished_messages_cannot_take_unbounded_memory() {
     assert!(
         peak < baseline + 256 * 1024,
         "VmRSS grew from {:.0} MiB to {:.0} MiB holding unfinished messages: request bytes \
-         held across calls are not bounded (issue 8; the fix belongs to server/src/serve.rs)",
+         held across calls are not bounded (server/src/budget.rs)",
         mib(baseline),
         mib(peak)
     );

@@ -12,6 +12,7 @@
 //! (OpenTelemetry spans and metrics, the Prometheus endpoint, `traceparent`).
 
 pub mod auth;
+pub mod budget;
 pub mod authority;
 pub mod config;
 pub mod engine;

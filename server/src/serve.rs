@@ -391,6 +391,8 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         .build_v1alpha()?;
     // The transport refuses messages far over the limit before decoding them;
     // those up to 4× the limit decode and get a clear INVALID_ARGUMENT.
+    use crate::budget::BudgetLayer;
+    use tower::layer::util::{Identity, Stack};
     let policy_svc = PolicyServer::new(PolicyHandle(service.clone()))
         .max_decoding_message_size(max_message_bytes.saturating_mul(4))
         .max_encoding_message_size(max_message_bytes.saturating_mul(4));
@@ -398,8 +400,16 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // One router per listener. TCP: TLS if configured, the token on everything but
     // Health. Unix: neither (file permissions guard the socket). A closure, because the
     // reflection services' types cannot be named.
-    let router_for = |tcp: bool| -> anyhow::Result<Router> {
+    // Unfinished request messages: one decoding limit per connection, four across all
+    // of them (a full-size message always fits; partial ones cannot pile up).
+    let decoding_limit = max_message_bytes.saturating_mul(4);
+    let budget = crate::budget::BudgetLayer::new(crate::budget::Limits {
+        per_connection: decoding_limit,
+        total: decoding_limit.saturating_mul(4),
+    });
+    let router_for = |tcp: bool| -> anyhow::Result<Router<Stack<BudgetLayer, Identity>>> {
         let mut builder = Server::builder()
+            .layer(budget.clone())
             .max_concurrent_streams(Some(args.max_streams))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)));

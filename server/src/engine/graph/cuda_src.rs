@@ -318,19 +318,37 @@ impl Printer {
     }
 }
 
+/// The body's index arithmetic in `int`: `long long` → `int`, `123LL` → `123`.
+fn narrow_ints(body: &str) -> String {
+    let s = body.replace("long long", "int");
+    let mut out = String::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'L' && i + 1 < b.len() && b[i + 1] == b'L' && i > 0 && b[i - 1].is_ascii_digit() {
+            i += 2;
+            continue;
+        }
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
+}
+
 /// The kernel of one map op, named `{prefix}_{op index}`.
 pub fn map_kernel(p: &Program, name: &str, shape: &[usize], expr: &Expr) -> MapKernel {
     let mut params = vec![];
     collect_bufs(expr, &mut params);
-    let mut src = format!("extern \"C\" __global__ void {name}(float* __restrict__ out");
+    let mut head = format!("extern \"C\" __global__ void {name}(float* __restrict__ out");
     for &b in &params {
         let ty = match p.buffers[b].dtype {
             DType::F32 => "float",
             DType::I64 => "long long",
         };
-        let _ = write!(src, ", const {ty}* __restrict__ b{b}");
+        let _ = write!(head, ", const {ty}* __restrict__ b{b}");
     }
     let n: usize = shape.iter().product();
+    let mut src = String::new();
     let warp = longest_dot(expr) >= WARP_DOT_LEN;
     if warp {
         let _ = write!(
@@ -367,9 +385,13 @@ pub fn map_kernel(p: &Program, name: &str, shape: &[usize], expr: &Expr) -> MapK
     } else {
         let _ = writeln!(src, "    out[i] = {value};\n}}");
     }
+    // 64-bit division is emulated on the GPU: index in 32 bits when everything fits.
+    let fits = |x: usize| x < (1usize << 31);
+    let narrow = fits(n * 32) && params.iter().all(|&b| fits(p.buffers[b].len));
+    let body = if narrow { narrow_ints(&src) } else { src };
     MapKernel {
         name: name.to_string(),
-        source: src,
+        source: head + &body,
         params,
         elements: n,
         threads_per_element: if warp { 32 } else { 1 },
