@@ -17,7 +17,9 @@ use anyhow::{Context, bail};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use reflex_proto::v1::{self as pb, policy_client::PolicyClient};
-use reflex_server::engine::{Engine, EngineKind, Shapes, cpu::CpuEngine, cuda::CudaEngine};
+use reflex_server::engine::{
+    Engine, EngineKind, Frames, Shapes, cpu::CpuEngine, cuda::CudaEngine,
+};
 use reflex_server::serve::{ListenAddr, ServeArgs};
 use reflex_server::service::to_input;
 use tokio_util::sync::CancellationToken;
@@ -151,7 +153,15 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
             .map(|_| (rng.next_u32() >> 8) as f32 / (1 << 23) as f32 - 1.0)
             .collect()
     };
-    let pixels = uniform(shapes.cameras * 3 * shapes.height * shapes.width);
+    let frame_bytes: Vec<u8> = (0..shapes.cameras * 3 * shapes.height * shapes.width)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let present = vec![true; shapes.cameras];
+    let frames = Frames {
+        hwc: &frame_bytes,
+        present: &present,
+    };
+    let norm = reflex_server::preprocess::pixel_norm(&cfg.image);
     let state = uniform(shapes.state_dim);
     let noise = uniform(shapes.chunk * shapes.action_dim);
     let tokens: Vec<i64> = (0..shapes.tokens as i64).map(|i| (i * 37 + 5) % 1024).collect();
@@ -167,7 +177,7 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
         let measured = i >= args.warmup;
         for v in variants.iter_mut() {
             let t = Instant::now();
-            let prefix = v.engine.prefix(&pixels, &tokens)?;
+            let prefix = v.engine.prefix_frames(&frames, &norm, &tokens)?;
             let pm = ms_since(t);
             let t1 = Instant::now();
             v.engine.denoise(noise.clone(), &prefix, &state, steps)?;
@@ -265,6 +275,27 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
 
     // Checks.
     let mut failed = vec![];
+    // Frames normalised on the device = normalised on the host, bit for bit (one camera
+    // absent, so the blank value is covered too).
+    let mut some = present.clone();
+    some[shapes.cameras - 1] = false;
+    let partial = Frames {
+        hwc: &frame_bytes,
+        present: &some,
+    };
+    for v in &variants {
+        let on_device = v.engine.prefix_frames(&partial, &norm, &tokens)?;
+        let on_host = v.engine.prefix(&partial.to_pixels(&norm), &tokens)?;
+        let same = on_device == on_host;
+        println!(
+            "check frames: {} — prefix from bytes = prefix from host-normalised floats: {}",
+            v.name,
+            if same { "PASS" } else { "FAIL" }
+        );
+        if !same {
+            failed.push(format!("{}: frames path differs", v.name));
+        }
+    }
     for v in &variants {
         if v.repeat_mismatch > 0 {
             failed.push(format!(

@@ -215,6 +215,7 @@ fn warm_up(e: &dyn Engine, s: &Shapes, steps: u32) -> Result<(), EngineError> {
 
 pub struct Policy {
     cfg: ExportConfig,
+    norm: crate::engine::PixelNorm,
     engine: Box<dyn Engine>,
     // A Mutex, not a sharded map: a lookup is a hash probe (~100 ns) beside
     // milliseconds of inference, and LRU order needs exclusive access anyway.
@@ -265,6 +266,7 @@ impl Policy {
         let cache =
             NonZeroUsize::new(opts.cache_entries).map(|n| Mutex::new(lru::LruCache::new(n)));
         Ok(Policy {
+            norm: preprocess::pixel_norm(&cfg.image),
             cfg,
             engine,
             cache,
@@ -367,7 +369,7 @@ impl Policy {
                 (p, CacheStatus::Hit)
             }
             None => {
-                let pixels = self.pixels(input)?;
+                let (hwc, present) = self.frames(input)?;
                 let tokens = tokenizer::tokenize(
                     &input.instruction,
                     self.cfg.instruction.vocab_size,
@@ -375,7 +377,14 @@ impl Policy {
                 );
                 times.decode_ms = ms(t0);
                 let t1 = Instant::now();
-                let p: std::sync::Arc<[f32]> = self.engine.prefix(&pixels, &tokens)?.into();
+                let frames = crate::engine::Frames {
+                    hwc: &hwc,
+                    present: &present,
+                };
+                let p: std::sync::Arc<[f32]> = self
+                    .engine
+                    .prefix_frames(&frames, &self.norm, &tokens)?
+                    .into();
                 times.prefix_ms = ms(t1);
                 // Only features of the configured size are kept: what `cache_capacity` promises.
                 if let (Some(k), Some(c)) = (key, &self.cache)
@@ -477,23 +486,28 @@ impl Policy {
         Ok(out)
     }
 
-    fn pixels(&self, input: &ActInput) -> Result<Vec<f32>, InputError> {
+    /// Each camera slot's decoded frame (HWC RGB at the model's size; zeros when
+    /// absent) and which slots are present.
+    fn frames(&self, input: &ActInput) -> Result<(Vec<u8>, Vec<bool>), InputError> {
         let img = &self.cfg.image;
         let per = 3 * (img.height * img.width) as usize;
-        let mut pixels = vec![0.0f32; per * self.cfg.cameras.len()];
-        for (slot, out) in pixels.chunks_exact_mut(per).enumerate() {
-            match input.frames.get(slot).and_then(|f| f.as_ref()) {
-                Some(f) => preprocess::decode_into(&f.data, img, out).map_err(|source| {
+        let cams = self.cfg.cameras.len();
+        let mut hwc = vec![0u8; per * cams];
+        let mut present = vec![false; cams];
+        for (slot, out) in hwc.chunks_exact_mut(per).enumerate() {
+            if let Some(f) = input.frames.get(slot).and_then(|f| f.as_ref()) {
+                let rgb = preprocess::decode_rgb(&f.data, img).map_err(|source| {
                     InputError::BadImage {
                         index: f.index,
                         camera: self.cfg.cameras[slot].clone(),
                         source,
                     }
-                })?,
-                None => preprocess::blank_into(img, out),
+                })?;
+                out.copy_from_slice(&rgb);
+                present[slot] = true;
             }
         }
-        Ok(pixels)
+        Ok((hwc, present))
     }
 
     /// A fresh seed below 2^53, so it survives any JSON tool (jq reads doubles).

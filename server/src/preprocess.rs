@@ -35,6 +35,14 @@ pub enum ImageError {
 
 /// Decodes `bytes` and writes `3·H·W` normalised floats (CHW, RGB) into `out`.
 pub fn decode_into(bytes: &[u8], cfg: &ImageConfig, out: &mut [f32]) -> Result<(), ImageError> {
+    let rgb = decode_rgb(bytes, cfg)?;
+    normalise(&rgb, cfg, out);
+    Ok(())
+}
+
+/// Decodes `bytes` to the model's size: `H·W·3` bytes, HWC RGB (what an engine
+/// normalises itself, see [`crate::engine::Frames`]).
+pub fn decode_rgb(bytes: &[u8], cfg: &ImageConfig) -> Result<Vec<u8>, ImageError> {
     let format = match image::guess_format(bytes) {
         Ok(ImageFormat::Jpeg) => ImageFormat::Jpeg,
         Ok(ImageFormat::Png) => ImageFormat::Png,
@@ -68,33 +76,35 @@ pub fn decode_into(bytes: &[u8], cfg: &ImageConfig, out: &mut [f32]) -> Result<(
     } else {
         image::imageops::resize(&img.into_rgb8(), w, h, FilterType::Triangle)
     };
-    normalise(rgb.as_raw(), cfg, out);
-    Ok(())
+    Ok(rgb.into_raw())
+}
+
+/// The export's normalisation as the engines apply it.
+pub fn pixel_norm(cfg: &ImageConfig) -> crate::engine::PixelNorm {
+    let mut n = crate::engine::PixelNorm {
+        scale: [0.0; 3],
+        offset: [0.0; 3],
+        blank: [0.0; 3],
+    };
+    for c in 0..3 {
+        // Precomputed per channel: out = p·scale + offset.
+        n.scale[c] = 1.0 / (255.0 * cfg.std[c]);
+        n.offset[c] = -cfg.mean[c] / cfg.std[c];
+        // An absent optional camera: a mid-grey frame (zeros with the reference stats).
+        n.blank[c] = (0.5 - cfg.mean[c]) / cfg.std[c];
+    }
+    n
 }
 
 /// HWC u8 → CHW f32, `(p/255 − mean)/std` per channel.
 fn normalise(hwc: &[u8], cfg: &ImageConfig, out: &mut [f32]) {
-    let plane = (cfg.width * cfg.height) as usize;
-    debug_assert_eq!(hwc.len(), plane * 3);
-    debug_assert_eq!(out.len(), plane * 3);
-    for c in 0..3 {
-        // Precomputed per channel: out = p·scale + offset.
-        let scale = 1.0 / (255.0 * cfg.std[c]);
-        let offset = -cfg.mean[c] / cfg.std[c];
-        let dst = &mut out[c * plane..(c + 1) * plane];
-        for (d, px) in dst.iter_mut().zip(hwc.chunks_exact(3)) {
-            *d = px[c] as f32 * scale + offset;
-        }
-    }
+    pixel_norm(cfg).apply(hwc, out);
 }
 
 /// What an absent optional camera contributes: a mid-grey frame (zeros after
 /// normalisation with the reference stats).
 pub fn blank_into(cfg: &ImageConfig, out: &mut [f32]) {
-    let plane = (cfg.width * cfg.height) as usize;
-    for c in 0..3 {
-        out[c * plane..(c + 1) * plane].fill((0.5 - cfg.mean[c]) / cfg.std[c]);
-    }
+    pixel_norm(cfg).fill_blank(out);
 }
 
 /// Encodes an RGB image as JPEG (used by the demo, benches and tests).

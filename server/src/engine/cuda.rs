@@ -25,7 +25,7 @@ use cudarc::nvrtc;
 
 use super::graph::cuda_src::{self, MAP_BLOCK, ROW_BLOCK};
 use super::graph::{self, CublasCall, DType, Op, Port, Program};
-use super::{Engine, EngineError};
+use super::{Engine, EngineError, Frames, PixelNorm};
 
 /// The cuBLAS workspace (set before capture, as graphs require).
 const CUBLAS_WORKSPACE: usize = 32 << 20;
@@ -117,6 +117,7 @@ struct Loaded {
     steps: Vec<Step>,
     fill: CudaFunction,
     step: CudaFunction,
+    frames: CudaFunction,
 }
 
 /// Page-locked host memory for the inputs.
@@ -148,6 +149,11 @@ struct Inner {
     staging: HashMap<&'static str, Stage>,
     use_graphs: bool,
     prefix_graph: Option<CudaGraph>,
+    /// The frames path: raw bytes and presence flags on the device, and its
+    /// graph (captured for one normalisation, the export's).
+    frames_dev: CudaSlice<u8>,
+    present_dev: CudaSlice<i32>,
+    frames_graph: Option<(PixelNorm, CudaGraph)>,
     denoise_graphs: HashMap<u32, CudaGraph>,
 }
 
@@ -268,13 +274,29 @@ impl CudaEngine {
         stage("pixels", pin(&prefix.program, "pixels")?)?;
         stage("tokens", pin(&prefix.program, "tokens")?)?;
         stage("prefix_out", port_bytes(&prefix.program.outputs[0]))?;
+        let pixel_port = prefix.program.input("pixels").cloned();
+        let (cams, frame_bytes) = match &pixel_port {
+            Some(p) if p.shape.len() == 4 => (p.shape[0], p.shape.iter().product::<usize>()),
+            _ => (1, 3),
+        };
+        stage("frames", frame_bytes)?;
+        stage("present", cams * 4)?;
         stage("x", port_bytes(&den.x))?;
         stage("t", 4)?;
         stage("prefix", pin(&expert.program, "prefix")?)?;
         stage("state", pin(&expert.program, "state")?)?;
         stage("x_out", port_bytes(&den.x))?;
 
+        let frames_dev = stream
+            .alloc_zeros::<u8>(frame_bytes)
+            .map_err(|e| unavailable(drv(e)))?;
+        let present_dev = stream
+            .alloc_zeros::<i32>(cams)
+            .map_err(|e| unavailable(drv(e)))?;
         let mut inner = Inner {
+            frames_dev,
+            present_dev,
+            frames_graph: None,
             ctx,
             stream,
             blas,
@@ -480,6 +502,7 @@ fn load_program(
         ptrs,
         steps,
         fill: f("rf_fill")?,
+        frames: f("rf_frames")?,
         step: f("rf_step")?,
     })
 }
@@ -519,6 +542,52 @@ impl Inner {
             self.copy_in("pixels", port("pixels")?, p),
             self.copy_in("tokens", port("tokens")?, p),
         ];
+        steps.extend(p.steps.iter().cloned());
+        steps.push(self.copy_out("prefix_out", p.program.outputs[0].buf, p));
+        Ok(steps)
+    }
+
+    /// Bytes in, normalised on the device into the prefix's `pixels`, then the prefix.
+    fn frames_steps(&self, norm: &PixelNorm) -> Result<Vec<Step>, String> {
+        let p = &self.prefix;
+        let port = p.program.input("pixels").ok_or("no input pixels")?;
+        let (cams, plane) = (port.shape[0], port.shape[2] * port.shape[3]);
+        let ptr = |s: &CudaSlice<_>| s.device_ptr(&self.stream).0;
+        let (frames, present) = (ptr(&self.frames_dev), {
+            let (p, _g) = self.present_dev.device_ptr(&self.stream);
+            p
+        });
+        let st = |key: &str, dst: u64| {
+            let s = self.stage(key);
+            Step::CopyIn {
+                dst,
+                src: s.ptr,
+                bytes: s.bytes,
+            }
+        };
+        let n = cams * 3 * plane;
+        let mut args = vec![
+            Arg::Ptr(frames),
+            Arg::Ptr(present),
+            Arg::Ptr(p.ptrs[port.buf]),
+            Arg::I32(cams as i32),
+            Arg::I32(plane as i32),
+        ];
+        args.extend(norm.scale.iter().map(|v| Arg::F32(*v)));
+        args.extend(norm.offset.iter().map(|v| Arg::F32(*v)));
+        args.extend(norm.blank.iter().map(|v| Arg::F32(*v)));
+        let mut steps = vec![
+            st("frames", frames),
+            st("present", present),
+            Step::Kernel {
+                func: p.frames.clone(),
+                grid: (n as u32).div_ceil(MAP_BLOCK),
+                block: MAP_BLOCK,
+                args,
+            },
+        ];
+        let port = |n: &str| p.program.input(n).map(|x| x.buf).ok_or(format!("no input {n}"));
+        steps.push(self.copy_in("tokens", port("tokens")?, p));
         steps.extend(p.steps.iter().cloned());
         steps.push(self.copy_out("prefix_out", p.program.outputs[0].buf, p));
         Ok(steps)
@@ -679,6 +748,15 @@ impl Inner {
                 self.prefix_graph.as_ref().unwrap().launch().map_err(drv)?;
             }
             Which::Prefix => self.exec(&self.prefix_steps()?)?,
+            Which::Frames(norm) if self.use_graphs => {
+                if self.frames_graph.as_ref().is_none_or(|(n, _)| *n != norm) {
+                    let g = self.capture(&self.frames_steps(&norm)?)?;
+                    self.frames_graph = Some((norm, g));
+                }
+                let (_, g) = self.frames_graph.as_ref().unwrap();
+                g.launch().map_err(drv)?;
+            }
+            Which::Frames(norm) => self.exec(&self.frames_steps(&norm)?)?,
             Which::Denoise(n) if self.use_graphs => {
                 if !self.denoise_graphs.contains_key(&n) {
                     let g = self.capture(&self.denoise_steps(n))?;
@@ -722,6 +800,17 @@ impl Inner {
         Ok(())
     }
 
+    fn put_bytes(&mut self, key: &str, data: &[u8]) -> Result<(), String> {
+        let s = &self.staging[key];
+        if data.len() != s.bytes {
+            return Err(format!("{key}: {} bytes, expected {}", data.len(), s.bytes));
+        }
+        // SAFETY: as in put_f32.
+        unsafe { std::slice::from_raw_parts_mut(s.ptr as *mut u8, data.len()) }
+            .copy_from_slice(data);
+        Ok(())
+    }
+
     fn get_f32(&self, key: &str) -> Vec<f32> {
         let s = &self.staging[key];
         // SAFETY: written by the device copy that `run` waited for.
@@ -732,6 +821,7 @@ impl Inner {
 #[derive(Clone, Copy)]
 enum Which {
     Prefix,
+    Frames(PixelNorm),
     Denoise(u32),
     Step,
 }
@@ -762,6 +852,28 @@ impl Engine for CudaEngine {
             g.put_f32("pixels", pixels)?;
             g.put_i64("tokens", tokens)?;
             g.run(Which::Prefix)?;
+            Ok(g.get_f32("prefix_out"))
+        };
+        run(&mut g).map_err(run_err("prefix"))
+    }
+
+    fn prefix_frames(
+        &self,
+        frames: &Frames<'_>,
+        norm: &PixelNorm,
+        tokens: &[i64],
+    ) -> Result<Vec<f32>, EngineError> {
+        let mut g = self.lock();
+        let run = |g: &mut Inner| -> Result<Vec<f32>, String> {
+            g.put_bytes("frames", frames.hwc)?;
+            let present: Vec<u8> = frames
+                .present
+                .iter()
+                .flat_map(|p| (*p as i32).to_ne_bytes())
+                .collect();
+            g.put_bytes("present", &present)?;
+            g.put_i64("tokens", tokens)?;
+            g.run(Which::Frames(*norm))?;
             Ok(g.get_f32("prefix_out"))
         };
         run(&mut g).map_err(run_err("prefix"))

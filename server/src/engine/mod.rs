@@ -69,6 +69,61 @@ pub struct Shapes {
     pub action_dim: usize,
 }
 
+/// Per-channel normalisation of camera frames, `p·scale + offset`; an absent
+/// camera is `blank` everywhere.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PixelNorm {
+    pub scale: [f32; 3],
+    pub offset: [f32; 3],
+    pub blank: [f32; 3],
+}
+
+impl PixelNorm {
+    /// One HWC RGB u8 frame → its CHW f32 planes.
+    pub fn apply(&self, hwc: &[u8], out: &mut [f32]) {
+        let plane = out.len() / 3;
+        debug_assert_eq!(hwc.len(), plane * 3);
+        for c in 0..3 {
+            let dst = &mut out[c * plane..(c + 1) * plane];
+            for (d, px) in dst.iter_mut().zip(hwc.chunks_exact(3)) {
+                *d = px[c] as f32 * self.scale[c] + self.offset[c];
+            }
+        }
+    }
+
+    /// The planes of an absent camera.
+    pub fn fill_blank(&self, out: &mut [f32]) {
+        let plane = out.len() / 3;
+        for c in 0..3 {
+            out[c * plane..(c + 1) * plane].fill(self.blank[c]);
+        }
+    }
+}
+
+/// The prefix's camera input before normalisation: one `H·W·3` HWC RGB frame
+/// per camera slot (zeros for an absent one) and which slots are present.
+pub struct Frames<'a> {
+    pub hwc: &'a [u8],
+    pub present: &'a [bool],
+}
+
+impl Frames<'_> {
+    /// `[cameras, 3, H, W]` normalised floats, what [`Engine::prefix`] takes.
+    pub fn to_pixels(&self, norm: &PixelNorm) -> Vec<f32> {
+        let cams = self.present.len().max(1);
+        let per = self.hwc.len() / cams;
+        let mut pixels = vec![0.0f32; self.hwc.len()];
+        for (slot, out) in pixels.chunks_exact_mut(per).enumerate() {
+            if self.present[slot] {
+                norm.apply(&self.hwc[slot * per..(slot + 1) * per], out);
+            } else {
+                norm.fill_blank(out);
+            }
+        }
+        pixels
+    }
+}
+
 pub trait Engine: Send + Sync {
     /// Name reported as `mode` in responses and traces ("cpu", "cuda").
     fn mode(&self) -> &'static str;
@@ -78,6 +133,17 @@ pub trait Engine: Send + Sync {
 
     /// `pixels [cameras,3,H,W]` + `tokens [1,T]` → `prefix [1,D]`.
     fn prefix(&self, pixels: &[f32], tokens: &[i64]) -> Result<Vec<f32>, EngineError>;
+
+    /// The prefix from raw frames. The default normalises on the host; a GPU
+    /// engine uploads the bytes (a quarter of the floats) and normalises there.
+    fn prefix_frames(
+        &self,
+        frames: &Frames<'_>,
+        norm: &PixelNorm,
+        tokens: &[i64],
+    ) -> Result<Vec<f32>, EngineError> {
+        self.prefix(&frames.to_pixels(norm), tokens)
+    }
 
     /// One flow-matching step: velocity at (`x_t`, `t`).
     fn expert_step(

@@ -91,6 +91,22 @@ extern "C" __global__ void rf_step(float* __restrict__ x, const float* __restric
     if (i == 0) *t = t_next;
 }
 
+// Camera frames (HWC RGB bytes) → normalised CHW floats, p·scale + offset rounded as the
+// host rounds it (no fused multiply-add); an absent camera is its blank value.
+extern "C" __global__ void rf_frames(const unsigned char* __restrict__ hwc,
+        const int* __restrict__ present, float* __restrict__ chw, int cams, int plane,
+        float s0, float s1, float s2, float o0, float o1, float o2, float k0, float k1, float k2) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= cams * 3 * plane) return;
+    const int cam = i / (3 * plane), c = (i / plane) % 3, px = i % plane;
+    const float s = c == 0 ? s0 : (c == 1 ? s1 : s2);
+    const float o = c == 0 ? o0 : (c == 1 ? o1 : o2);
+    const float k = c == 0 ? k0 : (c == 1 ? k1 : k2);
+    chw[i] = present[cam]
+        ? __fadd_rn(__fmul_rn((float)hwc[((long long)cam * plane + px) * 3 + c], s), o)
+        : k;
+}
+
 __device__ __forceinline__ float rf_gelu(float x) {
     return x * (erff(x / 1.41421356237309504880f) + 1.f) * 0.5f;
 }
