@@ -17,9 +17,7 @@ use anyhow::{Context, bail};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use reflex_proto::v1::{self as pb, policy_client::PolicyClient};
-use reflex_server::engine::{
-    Engine, EngineKind, Frames, Shapes, cpu::CpuEngine, cuda::CudaEngine,
-};
+use reflex_server::engine::{Engine, EngineKind, Frames, Shapes, cpu::CpuEngine, cuda::CudaEngine};
 use reflex_server::serve::{ListenAddr, ServeArgs};
 use reflex_server::service::to_input;
 use tokio_util::sync::CancellationToken;
@@ -74,7 +72,10 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("reflex-bench-").tempdir()?;
     let export = work.path().join("export");
     let cfg = reflex_server::export::write_reference_export(&export, 0)?;
-    let (pp, ep) = (export.join(&cfg.graphs.prefix), export.join(&cfg.graphs.expert));
+    let (pp, ep) = (
+        export.join(&cfg.graphs.prefix),
+        export.join(&cfg.graphs.expert),
+    );
     let shapes = Shapes {
         cameras: cfg.cameras.len(),
         height: cfg.image.height as usize,
@@ -97,7 +98,12 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
             ("cpu", EngineKind::Cpu, true, Staging::Cached),
             ("cuda + graphs", EngineKind::Cuda, true, Staging::Cached),
             ("cuda, no graphs", EngineKind::Cuda, false, Staging::Cached),
-            ("cuda + graphs, WC*", EngineKind::Cuda, true, Staging::WriteCombined),
+            (
+                "cuda + graphs, WC*",
+                EngineKind::Cuda,
+                true,
+                Staging::WriteCombined,
+            ),
         ]
     };
     let scene = Scene::new();
@@ -126,8 +132,9 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
         let running = reflex_server::serve::start(serve_args, stop.clone()).await?;
         let policy = running.service.policy().clone();
-        let client =
-            PolicyClient::new(reflex_proto::connect(&format!("unix://{}", socket.display())).await?);
+        let client = PolicyClient::new(
+            reflex_proto::connect(&format!("unix://{}", socket.display())).await?,
+        );
         eprintln!("{name}: loaded in {:.1} s", t.elapsed().as_secs_f64());
         variants.push(Variant {
             name,
@@ -164,7 +171,9 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
     let norm = reflex_server::preprocess::pixel_norm(&cfg.image);
     let state = uniform(shapes.state_dim);
     let noise = uniform(shapes.chunk * shapes.action_dim);
-    let tokens: Vec<i64> = (0..shapes.tokens as i64).map(|i| (i * 37 + 5) % 1024).collect();
+    let tokens: Vec<i64> = (0..shapes.tokens as i64)
+        .map(|i| (i * 37 + 5) % 1024)
+        .collect();
     let steps = cfg.denoise.steps;
 
     let cams = cfg.cameras.clone();
@@ -251,7 +260,9 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
         );
     }
     if variants.iter().any(|v| v.name.ends_with('*')) {
-        println!("* write-combined input staging in the engine-only columns; its server runs the default");
+        println!(
+            "* write-combined input staging in the engine-only columns; its server runs the default"
+        );
     }
     println!("engine-only split, p50 ms: prefix (images → features) | denoise ({steps} steps)");
     for v in &variants {
@@ -307,7 +318,11 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
             "check repeat: {} — {} calls, same request+seed → identical bits: {}",
             v.name,
             args.warmup + args.calls,
-            if v.repeat_mismatch == 0 { "PASS" } else { "FAIL" }
+            if v.repeat_mismatch == 0 {
+                "PASS"
+            } else {
+                "FAIL"
+            }
         );
     }
     let cpu = &variants[0];
@@ -335,7 +350,9 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
         }
     }
     if variants.len() >= 3 {
-        let same = variants[2..].iter().all(|v| v.actions == variants[1].actions);
+        let same = variants[2..]
+            .iter()
+            .all(|v| v.actions == variants[1].actions);
         println!(
             "check graphs on vs off (and staging): identical bits on all {} requests: {}",
             reqs.len(),

@@ -415,7 +415,12 @@ async fn replay_reaches_a_protected_target_with_its_token_file() {
     let (mut p, sock) = serve(
         &rec,
         &exp,
-        &["--record", traces.to_str().unwrap(), "--record-images", "full"],
+        &[
+            "--record",
+            traces.to_str().unwrap(),
+            "--record-images",
+            "full",
+        ],
     )
     .await;
     let mut c = policy_client(&format!("unix://{}", sock.display())).await;
@@ -440,7 +445,14 @@ async fn replay_reaches_a_protected_target_with_its_token_file() {
     let tcp = p.tcp_addr();
     let run = |extra: &[&str]| {
         let out = Command::new(BIN)
-            .args(["replay", trace.to_str().unwrap(), "--target", &tcp, "--fail-on", "actions"])
+            .args([
+                "replay",
+                trace.to_str().unwrap(),
+                "--target",
+                &tcp,
+                "--fail-on",
+                "actions",
+            ])
             .args(extra)
             .output()
             .unwrap();
@@ -450,7 +462,10 @@ async fn replay_reaches_a_protected_target_with_its_token_file() {
     };
     let (code, text) = run(&[]);
     assert_eq!(code, Some(2), "no token: the target refuses\n{text}");
-    assert!(text.contains("Unauthenticated") || text.contains("UNAUTHENTICATED"), "{text}");
+    assert!(
+        text.contains("Unauthenticated") || text.contains("UNAUTHENTICATED"),
+        "{text}"
+    );
     let (code, text) = run(&["--auth-token-file", token_file.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("actions: 3/3 pass"), "{text}");

@@ -27,7 +27,14 @@ fn engine_cuda_without_a_gpu_fails_at_start_and_says_what_is_missing() {
     let listen = format!("unix://{}", sock.display());
     let mut p = Proc::start(
         "reflex serve --engine cuda",
-        &["serve", export.to_str().unwrap(), "--listen", &listen, "--engine", "cuda"],
+        &[
+            "serve",
+            export.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--engine",
+            "cuda",
+        ],
         &[],
     );
     let status = p
@@ -44,7 +51,10 @@ fn engine_cuda_without_a_gpu_fails_at_start_and_says_what_is_missing() {
             "the message must name the engine and the missing driver library:\n{err}"
         );
     }
-    assert!(!err.contains("panicked"), "no panic on a missing GPU:\n{err}");
+    assert!(
+        !err.contains("panicked"),
+        "no panic on a missing GPU:\n{err}"
+    );
     assert!(!sock.exists(), "nothing listens when the engine failed");
 }
 
@@ -65,7 +75,10 @@ async fn engine_auto_falls_back_to_cpu_and_says_why() {
     } else {
         assert_eq!(info.mode, "cpu");
         let line = p.wait_for_log("engine auto: running on cpu, because");
-        assert!(line.contains("libcuda.so"), "the reason names the library: {line}");
+        assert!(
+            line.contains("libcuda.so"),
+            "the reason names the library: {line}"
+        );
         let lines = p
             .stderr()
             .lines()

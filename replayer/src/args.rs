@@ -88,7 +88,9 @@ impl ReplayArgs {
 
     /// The diffs computed: `--diff`, plus whatever `--fail-on` names.
     /// How to dial `--target`: its token and CA, read now (a bad file fails here).
-    pub fn connect_options(&self) -> Result<reflex_proto::ConnectOptions, reflex_proto::ConnectError> {
+    pub fn connect_options(
+        &self,
+    ) -> Result<reflex_proto::ConnectOptions, reflex_proto::ConnectError> {
         let mut o = reflex_proto::ConnectOptions::default();
         if let Some(f) = &self.auth_token_file {
             o = o.bearer_token_file(f)?;

@@ -32,6 +32,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use reflex_proto::AuthChannel;
 use reflex_proto::v1::policy_client::PolicyClient;
 use reflex_proto::v1::{ActRequest, ActResponse};
 use reflex_recorder::trace::ImageMode;
@@ -39,7 +40,6 @@ use reflex_recorder::{Footer, Header, ReadError, Record, RequestRecord, TraceRea
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use reflex_proto::AuthChannel;
 
 use crate::Exit;
 use crate::args::{Diffs, ReplayArgs};

@@ -129,7 +129,10 @@ impl Metered {
     fn account(&mut self, chunk: &[u8]) -> Result<(), Status> {
         let n = chunk.len();
         let refuse = || {
-            tracing::debug!(bytes = n, "request refused: unfinished messages over budget");
+            tracing::debug!(
+                bytes = n,
+                "request refused: unfinished messages over budget"
+            );
             Status::resource_exhausted(
                 "too many request bytes in flight (unfinished messages over the server's \
                  budget); retry later",

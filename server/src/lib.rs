@@ -12,8 +12,8 @@
 //! (OpenTelemetry spans and metrics, the Prometheus endpoint, `traceparent`).
 
 pub mod auth;
-pub mod budget;
 pub mod authority;
+pub mod budget;
 pub mod config;
 pub mod engine;
 pub mod export;

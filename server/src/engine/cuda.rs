@@ -257,7 +257,14 @@ impl CudaEngine {
             let mut mem = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, flags) }
                 .map_err(|e| unavailable(drv(e)))?;
             let ptr = mem.as_mut_ptr().map_err(|e| unavailable(drv(e)))? as usize;
-            staging.insert(key, Stage { _mem: mem, ptr, bytes });
+            staging.insert(
+                key,
+                Stage {
+                    _mem: mem,
+                    ptr,
+                    bytes,
+                },
+            );
             Ok(())
         };
         let port_bytes = |p: &Port| -> usize {
@@ -395,7 +402,9 @@ fn load_program(
     arch: &'static str,
 ) -> Result<Loaded, String> {
     let (kernels, _) = cuda_src::program_source(&program, tag);
-    let module = ctx.load_module(compile(&program, tag, arch)?).map_err(drv)?;
+    let module = ctx
+        .load_module(compile(&program, tag, arch)?)
+        .map_err(drv)?;
     let f = |name: &str| module.load_function(name).map_err(drv);
 
     let mut allocs = vec![];
@@ -586,7 +595,12 @@ impl Inner {
                 args,
             },
         ];
-        let port = |n: &str| p.program.input(n).map(|x| x.buf).ok_or(format!("no input {n}"));
+        let port = |n: &str| {
+            p.program
+                .input(n)
+                .map(|x| x.buf)
+                .ok_or(format!("no input {n}"))
+        };
         steps.push(self.copy_in("tokens", port("tokens")?, p));
         steps.extend(p.steps.iter().cloned());
         steps.push(self.copy_out("prefix_out", p.program.outputs[0].buf, p));
@@ -967,9 +981,19 @@ mod tests {
             let ptx = compile(&p, tag, "sm_90").unwrap_or_else(|e| panic!("{file}: {e}"));
             let text = ptx.to_src();
             for k in kernels.iter().flatten() {
-                assert!(text.contains(&format!(".entry {}(", k.name)), "{} missing", k.name);
+                assert!(
+                    text.contains(&format!(".entry {}(", k.name)),
+                    "{} missing",
+                    k.name
+                );
             }
-            for k in ["rf_layernorm", "rf_softmax", "rf_mean", "rf_fill", "rf_step"] {
+            for k in [
+                "rf_layernorm",
+                "rf_softmax",
+                "rf_mean",
+                "rf_fill",
+                "rf_step",
+            ] {
                 assert!(text.contains(&format!(".entry {k}(")), "{k} missing");
             }
         }

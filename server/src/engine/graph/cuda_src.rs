@@ -341,7 +341,8 @@ fn narrow_ints(body: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'L' && i + 1 < b.len() && b[i + 1] == b'L' && i > 0 && b[i - 1].is_ascii_digit() {
+        if b[i] == b'L' && i + 1 < b.len() && b[i + 1] == b'L' && i > 0 && b[i - 1].is_ascii_digit()
+        {
             i += 2;
             continue;
         }
@@ -397,7 +398,10 @@ pub fn map_kernel(p: &Program, name: &str, shape: &[usize], expr: &Expr) -> MapK
     };
     let value = Printer { next: 0, warp }.print(expr, &scope);
     if warp {
-        let _ = writeln!(src, "    const float v = {value};\n    if (lane == 0) out[i] = v;\n}}");
+        let _ = writeln!(
+            src,
+            "    const float v = {value};\n    if (lane == 0) out[i] = v;\n}}"
+        );
     } else {
         let _ = writeln!(src, "    out[i] = {value};\n}}");
     }

@@ -614,7 +614,12 @@ fn fuse_gelu(graph: &pb::GraphProto) -> Vec<pb::NodeProto> {
     }
     let by_input = |name: &str| -> Option<usize> {
         (uses.get(name) == Some(&1))
-            .then(|| graph.node.iter().position(|n| n.input.iter().any(|i| i == name)))
+            .then(|| {
+                graph
+                    .node
+                    .iter()
+                    .position(|n| n.input.iter().any(|i| i == name))
+            })
             .flatten()
     };
     let is = |name: &str, want: f32| scalars.get(name).is_some_and(|v| (v - want).abs() < 1e-4);
@@ -635,7 +640,9 @@ fn fuse_gelu(graph: &pb::GraphProto) -> Vec<pb::NodeProto> {
             _ => continue,
         };
         let _ = c;
-        let Some(out) = div.output.first() else { continue };
+        let Some(out) = div.output.first() else {
+            continue;
+        };
         let chain = || -> Option<(usize, usize, usize, usize)> {
             let ei = by_input(out)?;
             let erf = &graph.node[ei];
@@ -979,11 +986,7 @@ impl Lowering {
                     .collect::<Result<_, _>>()?;
                 let shape: Vec<usize> = perm.iter().map(|&p| v.shape[p]).collect();
                 let coefs = perm.iter().map(|&p| st[p]).collect();
-                let expr = Expr::Load {
-                    src,
-                    coefs,
-                    offset,
-                };
+                let expr = Expr::Load { src, coefs, offset };
                 self.put_elementwise(&out, shape, expr);
             }
             "Concat" => {
@@ -1287,11 +1290,7 @@ impl Lowering {
                     coefs[r] = co[rank - 2];
                     coefs[r - 1] = co[rank - 1];
                 }
-                Expr::Load {
-                    src,
-                    coefs,
-                    offset,
-                }
+                Expr::Load { src, coefs, offset }
             };
             let ea = operand(self, a, &al, a_trans, true);
             let eb = operand(self, b, &bl, b_trans, false);

@@ -90,11 +90,7 @@ fn eval(e: &Expr, coords: &[i64], shape: &[usize], m: &Memory) -> f32 {
         }
         Expr::Const(c) => *c,
         Expr::Unary(op, x) => unary(*op, eval(x, coords, shape, m)),
-        Expr::Binary(op, a, b) => binary(
-            *op,
-            eval(a, coords, shape, m),
-            eval(b, coords, shape, m),
-        ),
+        Expr::Binary(op, a, b) => binary(*op, eval(a, coords, shape, m), eval(b, coords, shape, m)),
         Expr::Select {
             axis,
             starts,

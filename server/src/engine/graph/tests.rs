@@ -134,11 +134,23 @@ fn elementwise_chains_and_small_products_are_fused() {
     // Expert per step: analysis product, features (time embedding + concat), three
     // layers (product + bias + GELU each), synthesis product + velocity. Unfused it
     // was 5 gemms + ~25 maps.
-    assert_eq!(gemms(&f.expert), 0, "the expert's products are small: fused");
-    assert!(f.expert.launches() <= 6, "expert has {} launches", f.expert.launches());
+    assert_eq!(
+        gemms(&f.expert),
+        0,
+        "the expert's products are small: fused"
+    );
+    assert!(
+        f.expert.launches() <= 6,
+        "expert has {} launches",
+        f.expert.launches()
+    );
     // The patch-embedding convolution is large: it stays a cuBLAS gemm.
     assert_eq!(gemms(&f.prefix), 1);
-    assert!(f.prefix.launches() <= 22, "prefix has {} launches", f.prefix.launches());
+    assert!(
+        f.prefix.launches() <= 22,
+        "prefix has {} launches",
+        f.prefix.launches()
+    );
     // No map merely applies a unary op to another map's output (that is what fusion removes).
     for p in [&f.prefix, &f.expert] {
         let produced_by_map: Vec<usize> = p
