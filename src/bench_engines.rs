@@ -76,16 +76,7 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
         export.join(&cfg.graphs.prefix),
         export.join(&cfg.graphs.expert),
     );
-    let shapes = Shapes {
-        cameras: cfg.cameras.len(),
-        height: cfg.image.height as usize,
-        width: cfg.image.width as usize,
-        tokens: cfg.instruction.max_tokens,
-        prefix_dim: cfg.prefix_dim,
-        state_dim: cfg.state_dim,
-        chunk: cfg.chunk_size,
-        action_dim: cfg.action_dim,
-    };
+    let shapes = Shapes::of(&cfg);
 
     use reflex_server::engine::cuda::Staging;
     let specs: Vec<(&'static str, EngineKind, bool, Staging)> = if args.cpu_only {

@@ -233,16 +233,7 @@ impl Policy {
         let cfg = ExportConfig::load(dir)?;
         let model_hash = model_hash(dir, &cfg.model_files())?;
         let config_hash = cfg.config_hash();
-        let shapes = Shapes {
-            cameras: cfg.cameras.len(),
-            height: cfg.image.height as usize,
-            width: cfg.image.width as usize,
-            tokens: cfg.instruction.max_tokens,
-            prefix_dim: cfg.prefix_dim,
-            state_dim: cfg.state_dim,
-            chunk: cfg.chunk_size,
-            action_dim: cfg.action_dim,
-        };
+        let shapes = Shapes::of(&cfg);
         let (prefix, expert) = (dir.join(&cfg.graphs.prefix), dir.join(&cfg.graphs.expert));
         let steps = cfg.denoise.steps;
         let cuda = || -> Result<CudaEngine, EngineError> {

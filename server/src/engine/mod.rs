@@ -69,6 +69,22 @@ pub struct Shapes {
     pub action_dim: usize,
 }
 
+impl Shapes {
+    /// The shapes an export's config declares.
+    pub fn of(cfg: &crate::config::ExportConfig) -> Shapes {
+        Shapes {
+            cameras: cfg.cameras.len(),
+            height: cfg.image.height as usize,
+            width: cfg.image.width as usize,
+            tokens: cfg.instruction.max_tokens,
+            prefix_dim: cfg.prefix_dim,
+            state_dim: cfg.state_dim,
+            chunk: cfg.chunk_size,
+            action_dim: cfg.action_dim,
+        }
+    }
+}
+
 /// Per-channel normalisation of camera frames, `p·scale + offset`; an absent
 /// camera is `blank` everywhere.
 #[derive(Debug, Clone, Copy, PartialEq)]

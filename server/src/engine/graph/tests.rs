@@ -20,16 +20,7 @@ fn fixture() -> Fixture {
         dir.path().join(&cfg.graphs.prefix),
         dir.path().join(&cfg.graphs.expert),
     );
-    let shapes = Shapes {
-        cameras: cfg.cameras.len(),
-        height: cfg.image.height as usize,
-        width: cfg.image.width as usize,
-        tokens: cfg.instruction.max_tokens,
-        prefix_dim: cfg.prefix_dim,
-        state_dim: cfg.state_dim,
-        chunk: cfg.chunk_size,
-        action_dim: cfg.action_dim,
-    };
+    let shapes = Shapes::of(&cfg);
     Fixture {
         prefix: compile_file(&pp).unwrap(),
         expert: compile_file(&ep).unwrap(),
