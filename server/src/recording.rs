@@ -75,7 +75,6 @@ pub struct RecordOptions {
 
 /// One finished Act call, borrowed from the handler.
 pub struct ActEvent<'a> {
-    pub seq: u64,
     pub chunk_id: u64,
     /// When the call arrived; formatted only if a record is built.
     pub timestamp: std::time::SystemTime,
@@ -189,22 +188,26 @@ impl Recording {
 
     /// Assigns the next seq to a finished call; returns it and whether the
     /// record was handed to the recorder queue.
-    pub fn complete<'a>(&self, event: impl FnOnce(u64) -> ActEvent<'a>) -> (u64, bool) {
+    pub fn complete<'a>(&self, event: impl FnOnce() -> ActEvent<'a>) -> (u64, bool) {
+        // The record (image hashes, clones) is built before the seq lock, so callers do
+        // not queue behind each other's hashing; it gets its seq and is sent under the
+        // lock, so the queue stays in seq order. A full queue is checked first: a call
+        // that will be dropped costs no record.
+        let sink = self.sink.as_ref().filter(|s| !s.stop.is_cancelled());
+        let record = sink
+            .filter(|s| s.tx.capacity() > 0)
+            .map(|s| build_record(&event(), s.image_mode));
         let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
         let seq = *next;
         *next += 1;
-        let Some(sink) = &self.sink else {
+        let Some(sink) = sink else {
             return (seq, false);
         };
-        if sink.stop.is_cancelled() {
-            return (seq, false);
-        }
-        // Checked before building: a full queue costs no record at all.
-        if sink.tx.capacity() == 0 {
+        let Some(mut record) = record else {
             sink.drop_one(seq);
             return (seq, false);
-        }
-        let record = build_record(&event(seq), sink.image_mode);
+        };
+        record.seq = seq;
         match sink.tx.try_send(record) {
             Ok(()) => {
                 sink.counters.queued.fetch_add(1, Ordering::Relaxed);
@@ -253,7 +256,8 @@ impl Sink {
     }
 }
 
-/// Builds the recorder's view of a call, keeping only what `mode` allows.
+/// Builds the recorder's view of a call, keeping only what `mode` allows;
+/// its `seq` is set when the call gets one.
 fn build_record(ev: &ActEvent<'_>, mode: ImageMode) -> pb::ActRecord {
     let mut request = pb::ActRequest {
         images: Vec::new(),
@@ -301,7 +305,6 @@ fn build_record(ev: &ActEvent<'_>, mode: ImageMode) -> pb::ActRecord {
         request.images = images;
     }
     let mut rec = pb::ActRecord {
-        seq: ev.seq,
         chunk_id: ev.chunk_id,
         timestamp: rfc3339_of(ev.timestamp),
         request: Some(request),
@@ -662,7 +665,6 @@ mod tests {
         cams: &'a [String],
     ) -> ActEvent<'a> {
         ActEvent {
-            seq: 3,
             chunk_id: 1,
             timestamp: std::time::SystemTime::now(),
             request: req,
@@ -733,7 +735,7 @@ mod tests {
         let req = pb::ActRequest::default();
         let res: Result<(ActOutput, f64), ServiceError> = Err(ServiceError::WorkerLost);
         let cams = vec![];
-        assert_eq!(r.complete(|_| event(&req, &res, &cams)), (0, false));
-        assert_eq!(r.complete(|_| event(&req, &res, &cams)), (1, false));
+        assert_eq!(r.complete(|| event(&req, &res, &cams)), (0, false));
+        assert_eq!(r.complete(|| event(&req, &res, &cams)), (1, false));
     }
 }

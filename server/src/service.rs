@@ -139,8 +139,7 @@ impl PolicyService {
         let result = self.run(&req, arrived).await;
         let total_ms = arrived.elapsed().as_secs_f64() * 1e3;
         let cfg = self.policy.config();
-        let (seq, recorded) = self.recording.complete(|seq| ActEvent {
-            seq,
+        let (seq, recorded) = self.recording.complete(|| ActEvent {
             chunk_id,
             timestamp,
             request: &req,
