@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Undecodable requests are INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::ReflexCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -789,8 +789,8 @@ async fn malformed_grpc_framing_gets_a_clear_status_and_the_server_keeps_serving
                 vec![],
                 vec![grpc_frame(&[0xff; 32])],
                 true,
-                tonic::Code::Internal,
-                "failed to decode Protobuf message",
+                tonic::Code::InvalidArgument,
+                "the request is not a valid ActRequest: failed to decode Protobuf message",
             ),
             (
                 "no message at all",

@@ -6,6 +6,8 @@
 //!
 //! The `.proto` under `proto/reflex/v1/` is the single source of the wire schema.
 
+pub mod codec;
+
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("reflex.v1");
