@@ -1115,8 +1115,10 @@ struct Rss {
 }
 
 impl Rss {
+    /// The larger of the two: per-CPU RSS counter caching can leave VmHWM a little
+    /// below a VmRSS sample.
     fn peak_mib(&self) -> f64 {
-        self.hwm_kib.unwrap_or(self.sampled_max_kib) as f64 / 1024.0
+        self.hwm_kib.unwrap_or(0).max(self.sampled_max_kib) as f64 / 1024.0
     }
 }
 

@@ -118,7 +118,9 @@ fn thirty_two_clients_for_three_seconds_balance_the_books() {
     for who in ["server_rss", "recorder_rss"] {
         let peak = run[who]["peak_kib"].as_u64().expect(who);
         let sampled = run[who]["sampled_max_kib"].as_u64().expect(who);
-        assert!(peak > 1024 && peak >= sampled, "{who}: {run}");
+        // The kernel's RSS counters are cached per CPU, so a VmRSS sample can exceed a
+        // later VmHWM by a little (seen: 244 KiB); more than 4 MiB would be a wrong reading.
+        assert!(peak > 1024 && peak + 4096 >= sampled, "{who}: {run}");
     }
     // A model server holding the reference export is far bigger than the recorder.
     assert!(run["server_rss"]["peak_kib"].as_u64() > run["recorder_rss"]["peak_kib"].as_u64());
