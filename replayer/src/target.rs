@@ -74,7 +74,7 @@ impl Target {
         let channel = tokio::time::timeout(CONNECT_TIMEOUT, reflex_proto::connect_with(uri, opts))
             .await
             .map_err(|_| unreachable(format!("no connection within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| unreachable(error_chain(&e)))?;
+            .map_err(|e| unreachable(reflex_proto::error_chain(&e)))?;
         let mut client = PolicyClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
         let mut req = tonic::Request::new(GetModelInfoRequest {});
         req.set_timeout(CONNECT_TIMEOUT);
@@ -175,19 +175,4 @@ impl Private {
             tracing::warn!(error = %format!("{e:#}"), "private server stopped with an error");
         }
     }
-}
-
-/// `e` and its sources, joined (tonic's transport errors say little at the top).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
 }

@@ -241,7 +241,7 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<ServerTlsConfig, AuthError> {
         .map_err(|e| AuthError::Tls {
             cert: cert.into(),
             key: key.into(),
-            reason: error_chain(&e),
+            reason: reflex_proto::error_chain(&e),
         })?;
     Ok(config)
 }
@@ -277,20 +277,6 @@ fn read_private(what: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>, 
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -521,13 +521,18 @@ impl Inner {
         &self.staging[key]
     }
 
-    fn copy_in(&self, key: &str, buf: usize, prog: &Loaded) -> Step {
+    /// Staging `key` → the device memory at `dst`.
+    fn stage_in(&self, key: &str, dst: u64) -> Step {
         let s = self.stage(key);
         Step::CopyIn {
-            dst: prog.ptrs[buf],
+            dst,
             src: s.ptr,
             bytes: s.bytes,
         }
+    }
+
+    fn copy_in(&self, key: &str, buf: usize, prog: &Loaded) -> Step {
+        self.stage_in(key, prog.ptrs[buf])
     }
 
     fn copy_out(&self, key: &str, buf: usize, prog: &Loaded) -> Step {
@@ -561,19 +566,8 @@ impl Inner {
         let p = &self.prefix;
         let port = p.program.input("pixels").ok_or("no input pixels")?;
         let (cams, plane) = (port.shape[0], port.shape[2] * port.shape[3]);
-        let ptr = |s: &CudaSlice<_>| s.device_ptr(&self.stream).0;
-        let (frames, present) = (ptr(&self.frames_dev), {
-            let (p, _g) = self.present_dev.device_ptr(&self.stream);
-            p
-        });
-        let st = |key: &str, dst: u64| {
-            let s = self.stage(key);
-            Step::CopyIn {
-                dst,
-                src: s.ptr,
-                bytes: s.bytes,
-            }
-        };
+        let frames = self.frames_dev.device_ptr(&self.stream).0;
+        let present = self.present_dev.device_ptr(&self.stream).0;
         let n = cams * 3 * plane;
         let mut args = vec![
             Arg::Ptr(frames),
@@ -586,8 +580,8 @@ impl Inner {
         args.extend(norm.offset.iter().map(|v| Arg::F32(*v)));
         args.extend(norm.blank.iter().map(|v| Arg::F32(*v)));
         let mut steps = vec![
-            st("frames", frames),
-            st("present", present),
+            self.stage_in("frames", frames),
+            self.stage_in("present", present),
             Step::Kernel {
                 func: p.frames.clone(),
                 grid: (n as u32).div_ceil(MAP_BLOCK),
@@ -843,11 +837,6 @@ enum Which {
 impl CudaEngine {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Kernel launches and cuBLAS calls one denoise makes (for the bench).
-    pub fn launches_per_denoise(&self, steps: u32) -> usize {
-        self.lock().denoise_steps(steps).len()
     }
 }
 

@@ -270,11 +270,10 @@ impl Printer {
                     this.print(&parts[j], &local)
                 };
                 let mut s = part(self, 0);
-                for j in 1..parts.len() {
+                for (j, start) in starts.iter().enumerate().skip(1) {
                     s = format!(
-                        "({} >= {}LL ? {} : {s})",
+                        "({} >= {start}LL ? {} : {s})",
                         sc.vars[*axis],
-                        starts[j],
                         part(self, j)
                     );
                 }

@@ -1440,7 +1440,7 @@ fn reshape(from: &[usize], spec: &[i64]) -> Result<Vec<usize>, String> {
     }
     let known: usize = shape.iter().product();
     if let Some(i) = infer {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(format!("cannot reshape {from:?} to {spec:?}"));
         }
         shape[i] = total / known;
