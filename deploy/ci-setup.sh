@@ -2,7 +2,9 @@
 # Installs the system tools the tests need, once (tests/deploy.rs: the list below; tests/replay.rs: jq): systemd's tools (systemd-analyze verify,
 # systemd-sysusers, systemd-tmpfiles, deb-systemd-helper for the package's scripts), dpkg
 # and objcopy (building and installing the .deb), and cargo-deb. Idempotent: a tool that is
-# already there is not fetched again. Also NVRTC from PyPI (the kernel-compile test). Debian/Ubuntu, as root (CI) or with sudo.
+# already there is not fetched again. Also NVRTC from PyPI (the kernel-compile test) and the
+# Python client's test dependencies (tests/python_client.rs), and the readers the trace-export
+# tests check with (tests/trace.rs). Debian/Ubuntu, as root (CI) or with sudo.
 set -euo pipefail
 
 CARGO_DEB_VERSION=3.8.0
@@ -30,7 +32,7 @@ if [ "$(cargo deb --version 2>/dev/null || true)" != "cargo-deb $CARGO_DEB_VERSI
     cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
 fi
 
-# NVRTC (CUDA 13) from PyPI: server/src/engine/cuda.rs compiles every kernel of the reference
+# NVRTC (CUDA 13) from PyPI: server/engine/src/engine/cuda.rs compiles every kernel of the reference
 # export with it, no GPU needed. ~90 MB; pinned to the CUDA version the engine targets.
 NVRTC_VERSION=13.0.88
 if ! python3 -c "import nvidia.cu13, os, sys; sys.exit(0 if os.path.exists(os.path.join(list(nvidia.cu13.__path__)[0], 'lib', 'libnvrtc.so.13')) else 1)" 2>/dev/null; then
@@ -39,3 +41,44 @@ fi
 
 systemd-analyze --version | head -n1
 cargo deb --version
+
+# The Python client's tests (tests/python_client.rs runs proto/python/tests with pytest):
+# grpcio-tools pinned to the version the committed stubs come from (checked byte for byte),
+# mypy pinned (the package is checked --strict), openpi-client without its numpy<2 pin (its
+# BasePolicy and broker are all the adapter test uses; dm-tree is what that broker imports),
+# and what the package itself needs.
+PY_TEST_DEPS=(grpcio grpcio-tools==1.71.2 "numpy>=2" pillow pytest mypy==2.4.1 dm-tree typing_extensions)
+if ! python3 - "${PY_TEST_DEPS[@]}" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+from packaging.requirements import Requirement
+for spec in sys.argv[1:]:
+    r = Requirement(spec)
+    if not r.specifier.contains(version(r.name), prereleases=True):
+        sys.exit(1)
+sys.exit(0 if version("openpi-client") == "0.1.2" else 1)
+PY
+then
+    PIP=(python3 -m pip install --quiet --disable-pip-version-check)
+    PIP_ROOT_USER_ACTION=ignore "${PIP[@]}" "${PY_TEST_DEPS[@]}"
+    PIP_ROOT_USER_ACTION=ignore "${PIP[@]}" --no-deps openpi-client==0.1.2
+fi
+
+# The readers tests/trace.rs checks `reflex trace export` with (tests/trace/readers.py): the
+# Python mcap package, DuckDB, and LeRobot's dataset reader. lerobot itself (0.5+) needs
+# Python 3.12; lerobot-dataset is its dataset code packaged alone (import `ledataset`), and it
+# imports torch and torchvision without declaring them, so they are pinned here (the CPU
+# suffices; ~3 GB with the CUDA wheels PyPI serves, fetched once).
+TRACE_READERS=(mcap==1.6.0 duckdb==2.0.1 lerobot-dataset==0.4.4 torch==2.5.1 torchvision==0.20.1)
+if ! python3 - "${TRACE_READERS[@]}" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+from packaging.requirements import Requirement
+for spec in sys.argv[1:]:
+    r = Requirement(spec)
+    if not r.specifier.contains(version(r.name), prereleases=True):
+        sys.exit(1)
+PY
+then
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check "${TRACE_READERS[@]}"
+fi

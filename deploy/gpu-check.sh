@@ -7,7 +7,8 @@
 # Needs: an NVIDIA driver (libcuda.so.1) and the CUDA 13 libcublas/libnvrtc, found through
 # LD_LIBRARY_PATH (default below: /usr/local/cuda-13.0). It checks, and exits non-zero when
 # any check fails:
-#  1. `reflex bench engines`: cuda vs cpu actions on the same requests and seeds
+#  1. `reflex bench engines --require-gpu` (without a GPU it would measure cpu alone and
+#     exit 0; here a missing GPU must fail): cuda vs cpu actions on the same requests and seeds
 #     (cos ≥ 0.9999, max_abs ≤ 1e-3 for every request), repeated runs bit-identical,
 #     graphs on = off bit for bit; prints engine-only / Policy::act / Unix-socket Act
 #     p50/p99 for cpu, cuda + graphs and cuda without graphs.
@@ -23,7 +24,7 @@ export LD_LIBRARY_PATH="$CUDA_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 OUT=${OUT:-$(mktemp -d)}
 # ENGINE=cpu runs the same steps without a GPU (to try the script itself).
 ENGINE=${ENGINE:-cuda}
-BENCH_FLAGS=""; [ "$ENGINE" = cpu ] && BENCH_FLAGS="--cpu-only"
+BENCH_FLAGS="--require-gpu"; [ "$ENGINE" = cpu ] && BENCH_FLAGS="--cpu-only"
 W=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
 log() { printf '\n== %s\n' "$*"; }
@@ -39,12 +40,12 @@ log "1. bench engines (checks + latency)"
 
 log "2. a cpu trace replayed against a cuda server"
 "$BIN" export-demo "$W/export" >/dev/null
-"$BIN" demo --export-dir "$W/export" --trace-dir "$W/cpu-traces" --calls 60 >"$OUT/demo.txt" 2>&1 \
+"$BIN" demo --model "$W/export" --trace-dir "$W/cpu-traces" --calls 60 >"$OUT/demo.txt" 2>&1 \
   || { cat "$OUT/demo.txt"; exit 1; }
 tail -5 "$OUT/demo.txt"
 TRACE=$(ls "$W"/cpu-traces/*.jsonl.gz | head -1)
 RUST_LOG=info "$BIN" serve "$W/export" --engine "$ENGINE" --listen "unix://$W/cuda.sock" \
-  --record "$W/cuda-traces" 2>"$OUT/serve-cuda.log" &
+  --trace-dir "$W/cuda-traces" 2>"$OUT/serve-cuda.log" &
 SERVE=$!
 wait_socket "$W/cuda.sock"
 "$BIN" replay "$TRACE" --target "unix://$W/cuda.sock" --diff actions --fail-on actions \

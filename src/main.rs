@@ -1,12 +1,14 @@
 //! `reflex`: one binary, thin. Parses the command line, sets up logging and
 //! signals, and hands off to the crates. Exit codes: 0 success, 1 error
-//! (`reflex replay` documents its own 1/2/3).
+//! (`reflex replay` documents its own 1/2/3), 64 usage error (EX_USAGE).
+//!
+//! Modules: [`demo`] (`reflex demo`), [`bench`] (`reflex bench`, one module per suite),
+//! [`scene`] (the synthetic robot both drive the server with) and [`latency`] (samples and
+//! percentiles); `scene` and `latency` import neither `demo` nor `bench`.
 
 mod bench;
-mod bench_engines;
-mod bench_record;
-mod bench_telemetry;
 mod demo;
+mod latency;
 mod scene;
 
 use std::path::PathBuf;
@@ -22,7 +24,9 @@ use tokio_util::sync::CancellationToken;
     about = "gRPC inference server for robot policies, with a sidecar trace recorder and a replayer",
     long_about = "gRPC inference server for robot policies (vision-language-action models).\n\n\
                   Start with `reflex demo`: it writes the built-in reference model, serves it, drives \
-                  Act calls like a robot would and prints what happened."
+                  Act calls like a robot would and prints what happened.",
+    after_help = "Exit codes: 0 success, 1 error, 64 usage error (an unknown flag, a bad value); \
+                  `reflex replay --help` adds its own."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,7 +42,7 @@ enum Command {
     /// Replay a trace against a server or an export and diff actions, latency and cache.
     ///
     /// Exit codes: 0 all passed (or --no-replay done), 1 trace file error, 2 target failed,
-    /// 3 --fail-on triggered.
+    /// 3 --fail-on triggered, 64 usage error.
     Replay(reflex_replayer::ReplayArgs),
     /// Write the reference export (a small decomposed VLA) into DIR.
     ExportDemo(ExportDemoArgs),
@@ -46,6 +50,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure Act latency: engine-only, Unix socket and TCP, side by side in one run.
     Bench(bench::BenchArgs),
+    /// Look at traces (ls, show) and export them to MCAP (Foxglove), LeRobotDataset v3 or Parquet.
+    Trace(reflex_tracetools::TraceArgs),
 }
 
 #[derive(clap::Args)]
@@ -53,7 +59,7 @@ struct ExportDemoArgs {
     /// Directory to write (created if missing; existing model files are replaced).
     dir: PathBuf,
     /// Weight seed; another seed gives another model with the same shapes.
-    #[arg(long, default_value_t = reflex_server::export::DEFAULT_SEED)]
+    #[arg(long, default_value_t = reflex_engine::export::DEFAULT_SEED)]
     seed: u64,
 }
 
@@ -62,7 +68,15 @@ fn main() -> ExitCode {
     // the environment, so a private recorder child does not inherit them.
     // SAFETY: first thing in main; no other thread exists yet.
     unsafe { reflex_server::systemd::take_environment() };
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    if let Command::Trace(args) = &cli.command
+        && let Err(e) = args.validate()
+    {
+        return usage_error(e);
+    }
     // The demo and benches print their own report; their logs default to warnings.
     let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
     init_logging(if quiet { "warn" } else { "info" });
@@ -94,12 +108,17 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Recorder(args) => reflex_recorder::run(args, shutdown).await?,
         Command::Replay(args) => {
-            let code = reflex_replayer::run(args, shutdown).await;
+            // Tracing follows the standard OTEL_* variables (off when unset); the replayer
+            // gets it through a hook and links no OpenTelemetry of its own.
+            let telemetry =
+                reflex_server::telemetry::Telemetry::tracing_from_env("reflex-replay").await;
+            let code = reflex_replayer::run(args, shutdown, telemetry.call_tracer()).await;
+            telemetry.shutdown().await;
             return Ok(ExitCode::from(code as u8));
         }
         Command::ExportDemo(a) => {
-            let cfg = reflex_server::export::write_reference_export(&a.dir, a.seed)?;
-            let hash = reflex_server::config::model_hash(&a.dir, &cfg.model_files())?;
+            let cfg = reflex_engine::export::write_reference_export(&a.dir, a.seed)?;
+            let hash = reflex_engine::config::model_hash(&a.dir, &cfg.model_files())?;
             println!(
                 "wrote reference export to {} (seed {}, model_hash {hash}, config_hash {})",
                 a.dir.display(),
@@ -109,8 +128,27 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => demo::run(args, shutdown).await?,
         Command::Bench(args) => bench::run(args).await?,
+        Command::Trace(args) => {
+            // Reading and writing files only: off the async runtime, which has nothing else to do.
+            tokio::task::spawn_blocking(move || reflex_tracetools::run(args)).await??;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// EX_USAGE (sysexits.h): the command line was wrong. Not clap's 2, which `reflex replay`
+/// already means as "the target failed".
+const EX_USAGE: u8 = 64;
+
+/// Prints clap's message; `--help` and `--version` exit 0, anything else is a usage error.
+fn usage_error(e: clap::Error) -> ExitCode {
+    // Printing can only fail on a closed stdout/stderr; the exit code still tells.
+    let _ = e.print();
+    if e.use_stderr() {
+        ExitCode::from(EX_USAGE)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// SIGTERM and SIGINT cancel one token; every long-running task races it.

@@ -1,8 +1,14 @@
 //! A synthetic robot: camera frames and joint states that move like a real
 //! arm approaching a cup, with pauses where the frames repeat byte for byte
-//! (a robot standing still sends the same frame; the prefix cache sees it).
+//! (a robot standing still sends the same frame; the prefix cache sees it), and the Act
+//! request a robot builds from them. The demo and every benchmark drive the server with it;
+//! it imports neither.
 
-use reflex_server::preprocess::encode_jpeg;
+use reflex_engine::preprocess::encode_jpeg;
+use reflex_proto::v1 as pb;
+
+/// What the synthetic robot is told to do.
+pub const INSTRUCTION: &str = "pick up the red cup";
 
 pub struct Scene {
     /// Static table texture, generated once.
@@ -82,6 +88,29 @@ impl Scene {
             state,
             still,
         }
+    }
+}
+
+/// The Act request a robot sends at `tick`.
+pub fn request(tick: &Tick, noise_seed: Option<u64>) -> pb::ActRequest {
+    pb::ActRequest {
+        images: vec![
+            pb::Image {
+                camera: "base".into(),
+                data: tick.base_jpeg.clone(),
+                sha256: String::new(),
+            },
+            pb::Image {
+                camera: "wrist".into(),
+                data: tick.wrist_jpeg.clone(),
+                sha256: String::new(),
+            },
+        ],
+        instruction: INSTRUCTION.into(),
+        state: tick.state.clone(),
+        episode_id: "demo-episode-1".into(),
+        noise_seed,
+        ..Default::default()
     }
 }
 

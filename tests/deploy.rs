@@ -508,6 +508,23 @@ async fn the_recorder_serves_the_socket_it_is_handed_and_leaves_it_to_its_owner(
     assert!(timeout(recorder_status(&rsock)).await.is_some());
 }
 
+/// Regression, socket-activated: grpcurl against the socket systemd hands the recorder got
+/// `RST_STREAM PROTOCOL_ERROR` and no reflection (see
+/// `grpcurl_recorder_status_no_rst_stream_protocol_error` in tests/record.rs).
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcurl_socket_activated_recorder_status_no_rst_stream_protocol_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let traces = dir.path().join("traces");
+    let rsock = dir.path().join("recorder.sock");
+    let listener = UnixListener::bind(&rsock).unwrap();
+    let notes = Notifications::abstract_name();
+    let rec = activated_recorder(&listener, &traces, &notes.value);
+    notes.wait_for("READY=1", &rec);
+    rec.wait_for_log("using the socket passed by the service manager");
+    let status = grpcurl_recorder_status(&rsock);
+    assert_eq!(status["dir"], traces.display().to_string(), "{status}");
+}
+
 #[test]
 fn a_handed_over_descriptor_that_is_not_a_listening_unix_socket_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -831,7 +831,7 @@ async fn malformed_grpc_framing_gets_a_clear_status_and_the_server_keeps_serving
         // A valid Act cut into small DATA frames is answered like any other: a 200-byte
         // request in one-byte frames, a 20 kB one in 64-byte frames.
         let mut small = act_request(5, Some(5));
-        small.images[0].data = reflex_server::preprocess::encode_png(&image::RgbImage::from_pixel(
+        small.images[0].data = reflex_engine::preprocess::encode_png(&image::RgbImage::from_pixel(
             1,
             1,
             image::Rgb([9, 8, 7]),

@@ -44,20 +44,33 @@ fn bench_load(dir: &Path, args: &[&str], limit: Duration) -> Output {
     }
 }
 
-/// `written W + dropped D = answered A` from the books line.
-fn books_numbers(stdout: &str) -> (u64, u64, u64) {
+/// `(written, dropped, seqs, refused, answered)` from the books line:
+/// `written W + dropped D = seqs S; + refused R = answered A`.
+fn books_numbers(stdout: &str) -> (u64, u64, u64, u64, u64) {
     let line = stdout
         .lines()
         .find(|l| l.contains("books: PASS ("))
         .unwrap_or_else(|| panic!("no PASS books line in:\n{stdout}"));
-    let nums: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().unwrap())
-        .collect();
-    assert!(line.contains("written") && line.contains("dropped") && line.contains("= answered"));
-    assert_eq!(nums.len(), 3, "{line}");
-    (nums[0], nums[1], nums[2])
+    let after = |label: &str| -> u64 {
+        let at = line
+            .find(label)
+            .unwrap_or_else(|| panic!("no {label:?} in {line}"))
+            + label.len();
+        line[at..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|e| panic!("{label:?} in {line}: {e}"))
+    };
+    (
+        after("written"),
+        after("dropped"),
+        after("seqs"),
+        after("refused"),
+        after("answered"),
+    )
 }
 
 #[test]
@@ -85,11 +98,14 @@ fn thirty_two_clients_for_three_seconds_balance_the_books() {
     );
 
     // The books balance, and every answer the clients got is in them.
-    let (written, dropped, answered) = books_numbers(&stdout);
-    assert_eq!(written + dropped, answered, "{stdout}");
+    let (written, dropped, seqs, refused, answered) = books_numbers(&stdout);
+    assert_eq!(written + dropped, seqs, "{stdout}");
+    assert_eq!(seqs + refused, answered, "{stdout}");
     assert!(answered > 0);
     assert!(
-        stdout.contains(&format!("= {answered} = the footer's total_requests")),
+        stdout.contains(&format!(
+            "= {answered} = the footer's total_requests + refused_requests"
+        )),
         "{stdout}"
     );
 
@@ -147,6 +163,53 @@ fn thirty_two_clients_for_three_seconds_balance_the_books() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("reflex-load-"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// The recorder killed with SIGKILL mid-run and started again: the server reconnects and
+/// continues its seqs in a new file, the restarted recorder counts the records that were
+/// in flight on the broken stream (`lost_requests` in the new file's header), and the
+/// books still balance exactly.
+#[test]
+fn books_balance_when_the_recorder_is_killed_and_restarted_mid_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bench_load(
+        dir.path(),
+        &[
+            "--clients",
+            "8",
+            "--secs",
+            "3",
+            "--warmup-secs",
+            "1",
+            "--kill-recorder-at",
+            "2",
+        ],
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(stderr.contains("recorder killed with SIGKILL"), "{stderr}");
+    let (written, dropped, seqs, refused, answered) = books_numbers(&stdout);
+    assert!(written > 0 && written + dropped <= seqs, "{stdout}");
+    assert_eq!(seqs + refused, answered, "{stdout}");
+    // What the seqs say was lost is what the restarted recorder counted.
+    if let Some(at) = stdout.find("lost on reconnect ") {
+        let rest = &stdout[at..];
+        let n = |label: &str| -> String {
+            let i = rest.find(label).unwrap() + label.len();
+            rest[i..].chars().take_while(char::is_ascii_digit).collect()
+        };
+        assert_eq!(
+            n("lost on reconnect "),
+            n("the recorder counted "),
+            "{stdout}"
+        );
+    }
 }
 
 /// A server that records nothing cannot balance books: the tool says FAIL and exits 1,

@@ -430,7 +430,7 @@ async fn image_modes_keep_exactly_what_they_promise() {
     let b64_prefix = base64(&img[..48]);
     let sha = {
         use sha2::Digest;
-        reflex_server::config::hex(&sha2::Sha256::digest(&img))
+        reflex_engine::config::hex(&sha2::Sha256::digest(&img))
     };
     for mode in ["full", "hash_only", "none"] {
         let traces = dir.path().join(format!("traces-{mode}"));
@@ -477,4 +477,122 @@ async fn image_modes_keep_exactly_what_they_promise() {
             }
         }
     }
+}
+
+/// Regression: a request naming two primary images (`image_b64` and `images[0].data`) was
+/// refused by the service's validation, while the record kept `images[0]` as the primary and
+/// dropped `image_b64` (server and recorder alike), so the recorded request replayed as a
+/// valid call. One rule now (`reflex_proto::images`): the same answer from Act, from
+/// ActStream, in the trace line, and from a replay of that line's `request` with grpcurl.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_primary_images_get_one_answer_from_act_stream_trace_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("export");
+    export(&exp, 0);
+    let traces = dir.path().join("traces");
+    let sdir = dir.path().join("s");
+    std::fs::create_dir_all(&sdir).unwrap();
+    let (mut p, sock) = serve(
+        &sdir,
+        &exp,
+        &[
+            "--record",
+            traces.to_str().unwrap(),
+            "--record-images",
+            "full",
+        ],
+    )
+    .await;
+    let (primary, other) = (jpeg(1), jpeg(2));
+    let mut two = act_request(1, Some(7));
+    assert_eq!(
+        (two.images[0].camera.as_str(), &two.images[0].data),
+        ("base", &primary)
+    );
+    two.image_b64 = other.clone();
+    const WANT: &str = "image_b64 and images[0].data are both set; send the primary image once";
+
+    let mut c = policy_client(&format!("unix://{}", sock.display())).await;
+    let status = timeout(c.act(two.clone())).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), WANT);
+    let mut stream = timeout(c.act_stream(tokio_stream::iter(vec![two.clone()])))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = timeout(stream.message()).await.unwrap().unwrap();
+    let err = answer.error.expect("refused on the stream too");
+    assert_eq!(
+        (err.code.as_str(), err.message.as_str()),
+        ("INVALID_ARGUMENT", WANT)
+    );
+    assert_eq!(answer.seq, 1);
+    drop(stream);
+
+    // The private recorder may still be starting (these calls fail fast): its file first,
+    // so that SIGTERM does not end the session before it could be delivered.
+    eventually("a trace file", Duration::from_secs(10), || {
+        !trace_files(&traces).is_empty()
+    })
+    .await;
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit(Duration::from_secs(5)).unwrap().success());
+    let f = trace_files(&traces).pop().expect("a trace file");
+    let lines = trace_lines(&f);
+    assert_eq!(lines.len(), 4, "header, two calls, footer");
+    let sha = |b: &[u8]| {
+        use sha2::Digest;
+        reflex_engine::config::hex(&sha2::Sha256::digest(b))
+    };
+    for (seq, line) in lines[1..3].iter().enumerate() {
+        assert_eq!(line["seq"], seq as u64);
+        assert_eq!(line["error"]["slug"], "invalid-argument", "{line}");
+        assert_eq!(line["error"]["message"], WANT);
+        let req = &line["request"];
+        // Both primaries as sent, each with its own hash: no reader picked one.
+        assert_eq!(req["images"][0]["camera"], "base");
+        assert_eq!(req["images"][0]["data"], base64(&primary).as_str());
+        assert_eq!(req["images"][0]["sha256"], sha(&primary).as_str());
+        assert_eq!(req["image_b64"], base64(&other).as_str());
+        assert_eq!(req["image_sha256"], sha(&other).as_str());
+    }
+
+    // The recorded request, sent as is, is refused the same way.
+    let (_q, sock2) = serve(&sdir, &exp, &[]).await;
+    let body = lines[1]["request"].to_string();
+    let out = std::process::Command::new("grpcurl")
+        .args(["-plaintext", "-d", &body, "-unix", sock2.to_str().unwrap()])
+        .arg("reflex.v1.Policy/Act")
+        .output()
+        .expect("grpcurl is installed");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the replay was answered: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        said.contains("InvalidArgument") && said.contains(WANT),
+        "{said}"
+    );
+}
+
+/// Regression: the README's `grpcurl -plaintext -unix /run/reflex/recorder.sock
+/// reflex.v1.Recorder/Status` failed with `RST_STREAM PROTOCOL_ERROR` (grpcurl sends the
+/// socket path as `:authority`, and the recorder's listener lacked the server's rewrite),
+/// and without a `.proto` grpcurl found no service (no reflection).
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcurl_recorder_status_no_rst_stream_protocol_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let traces = dir.path().join("traces");
+    let rsock = dir.path().join("run/recorder.sock");
+    let _rec = recorder(&traces, &rsock, &[]).await;
+    let status = grpcurl_recorder_status(&rsock);
+    assert_eq!(status["dir"], traces.display().to_string(), "{status}");
+    assert_eq!(
+        status["reflex_version"],
+        env!("CARGO_PKG_VERSION"),
+        "{status}"
+    );
+    assert!(status.get("degraded").is_none(), "not degraded: {status}");
 }

@@ -84,18 +84,12 @@ async fn act_stream_answers_in_order_and_survives_a_bad_request() {
     let mut bad = act_request(2, Some(1));
     bad.state.pop();
     let reqs = vec![act_request(1, Some(1)), bad, act_request(3, Some(3))];
-    let mut stream = timeout(c.act_stream(tokio_stream::iter(reqs)))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut got = vec![];
-    while let Some(r) = timeout(stream.message()).await.unwrap() {
-        got.push(r);
-    }
+    let got = act_stream_all(&mut c, reqs).await;
     assert_eq!(got.len(), 3);
     assert_actions(&got[0]);
     let err = got[1].error.as_ref().expect("second request failed");
-    assert_eq!(err.code, "InvalidArgument");
+    // The canonical code name the proto promises (was tonic's Debug form, `InvalidArgument`).
+    assert_eq!(err.code, "INVALID_ARGUMENT");
     assert!(
         err.message.contains("state has 7 values"),
         "{}",
@@ -103,6 +97,55 @@ async fn act_stream_answers_in_order_and_survives_a_bad_request() {
     );
     assert_actions(&got[2]);
     assert!(got[2].seq > got[0].seq);
+}
+
+/// Regression: an ActStream answer to a failed request said `InvalidArgument` (tonic's
+/// Debug form) where the proto promises the canonical `INVALID_ARGUMENT`, and carried
+/// `seq` 0 although the call had used a seq of its own (the next call got the one after).
+#[tokio::test(flavor = "multi_thread")]
+async fn act_stream_errors_say_the_canonical_code_and_carry_the_calls_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("export");
+    export(&exp, 0);
+    let (_p, sock) = serve(dir.path(), &exp, &["--listen", "127.0.0.1:0"]).await;
+    let mut c = policy_client(&format!("unix://{}", sock.display())).await;
+    // Two calls first, so the failed call's seq (2) cannot be mistaken for a default 0.
+    for _ in 0..2 {
+        timeout(c.act(act_request(1, Some(1)))).await.unwrap();
+    }
+    let mut bad_state = act_request(2, Some(2));
+    bad_state.state.pop();
+    let mut unknown_camera = act_request(3, Some(3));
+    unknown_camera.images[0].camera = "left".into();
+    let reqs = vec![bad_state, act_request(4, Some(4)), unknown_camera];
+    let got = act_stream_all(&mut c, reqs).await;
+    assert_eq!(got.len(), 3);
+    assert_eq!(
+        got.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![2, 3, 4],
+        "every answer carries its own call's seq, failed or not"
+    );
+    for i in [0, 2] {
+        let err = got[i].error.as_ref().expect("a failed request");
+        assert_eq!(err.code, "INVALID_ARGUMENT", "answer {i}");
+        assert!(got[i].actions.is_empty());
+    }
+    assert!(
+        got[0]
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("state has 7 values")
+    );
+    assert!(got[2].error.as_ref().unwrap().message.contains("\"left\""));
+    assert_actions(&got[1]);
+    // The next unary call continues the numbering.
+    let next = timeout(c.act(act_request(1, Some(1))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.seq, 5);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -348,4 +391,82 @@ fn non_loopback_listen_without_insecure_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
+}
+
+/// The README's "Calling it with grpcurl" recipe needed guesses (how to make the frame,
+/// that `wrist` may be left out, that `seq` 0 vanishes from grpcurl's JSON). This runs the
+/// recipe as the README has it, with only the port and the socket path changed, in an empty
+/// folder with this build as `reflex`.
+#[test]
+fn readme_grpcurl_recipe_runs_verbatim() {
+    use std::os::unix::process::CommandExt;
+    let readme =
+        read_to_string(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"));
+    let section = readme
+        .split_once("## Calling it with grpcurl")
+        .expect("the README has the section")
+        .1;
+    let recipe = section
+        .split_once("```sh\n")
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .expect("the section starts with a sh block")
+        .0;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sock = dir.path().join("reflex.sock");
+    let script = recipe
+        .replace("127.0.0.1:50051", &format!("127.0.0.1:{port}"))
+        .replace("/tmp/reflex.sock", sock.to_str().unwrap());
+    let bin_dir = std::path::Path::new(BIN).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = Command::new("bash")
+        .args(["-e", "-o", "pipefail", "-c", &script])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        // Its own process group: the server the recipe starts with `&` goes with it.
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pgid = child.id() as i32;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // SAFETY: kill(2) on the process group this test created.
+    unsafe { libc::kill(-pgid, libc::SIGTERM) };
+    let _ = child.wait();
+    let (stdout, stderr) = (read_to_string(&out), read_to_string(&err));
+    let status = status.unwrap_or_else(|| panic!("the recipe hung:\n{stdout}\n{stderr}"));
+    assert!(
+        status.success(),
+        "{script}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+
+    assert!(stdout.lines().any(|l| l == "reflex.v1.Policy"), "{stdout}");
+    assert!(stdout.contains("\"cameras\""), "GetModelInfo: {stdout}");
+    // The last JSON document is the Act response.
+    let at = stdout.rfind("\n{").expect("an Act response") + 1;
+    let act: serde_json::Value = serde_json::from_str(&stdout[at..]).unwrap();
+    assert_eq!(act["num_actions"], 50, "{act}");
+    assert_eq!(act["actions"].as_array().unwrap().len(), 350);
+    assert_eq!(act["noise_seed"], "42");
+    // -emit-defaults: the first call's seq is there, as "0".
+    assert_eq!(act["seq"], "0", "{act}");
 }

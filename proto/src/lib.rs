@@ -2,11 +2,20 @@
 //! `reflex.v1.Policy` and `reflex.v1.Recorder`, plus the encoded file
 //! descriptor set that server reflection serves (grpcurl needs no .proto); and the
 //! client side of dialing: [`connect`], and [`connect_with`] for servers that want a
-//! bearer token or TLS.
+//! bearer token or TLS; and [`CallTracer`], the hook a client traces its calls through.
 //!
-//! The `.proto` under `proto/reflex/v1/` is the single source of the wire schema.
+//! The `.proto` under `proto/reflex/v1/` is the single source of the wire schema. Beside
+//! it, the contracts that cross processes and that the proto cannot state, each defined
+//! once and imported by the server, the recorder and the replayer:
+//! - [`images`]: `ImageMode`, the primary-image rule, canonical images and their SHA-256;
+//! - [`errors`]: canonical gRPC code names and the server's error slugs;
+//! - [`time`]: the RFC 3339 formatter of every timestamp on the wire and in traces.
 
 pub mod codec;
+pub mod errors;
+pub mod images;
+pub mod time;
+pub mod tracer;
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
@@ -17,6 +26,7 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/reflex_descriptor.bin"));
 
+pub use tracer::{CallSpan, CallTracer};
 pub use v1::*;
 
 /// Opens a channel to a reflex server or recorder.

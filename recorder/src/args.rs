@@ -1,15 +1,62 @@
-//! The `reflex recorder` flags: each flag's help, validation and test sit together here.
+//! The `reflex recorder` flags ([`RecorderArgs`]: each flag's help, validation and test sit
+//! together here) and the daemon configuration they make ([`RecorderConfig`]).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::daemon::RecorderConfig;
-
 /// Default socket of the shared recorder.
 pub const DEFAULT_LISTEN: &str = "unix:///run/reflex/recorder.sock";
 
 const MIB: u64 = 1024 * 1024;
+
+/// What the daemon needs to know; [`RecorderArgs::config`] makes one from flags.
+#[derive(Debug, Clone)]
+pub struct RecorderConfig {
+    /// The trace directory.
+    pub dir: PathBuf,
+    /// A session's records reach the OS at least this often.
+    pub flush_interval: Duration,
+    /// Rotate a session's file once it is this large.
+    pub max_file_bytes: Option<u64>,
+    /// Delete the oldest closed traces to keep the directory under this.
+    pub max_total_bytes: Option<u64>,
+    /// Concurrent Record streams.
+    pub max_sessions: usize,
+    /// Largest decoded message.
+    pub max_message_bytes: usize,
+    /// Encoded bytes of records one session may have queued for its writer.
+    pub session_buffer_bytes: usize,
+    /// gzip level of trace files.
+    pub gzip_level: u32,
+    /// A stream that sends no `SessionStart` within this is closed.
+    pub start_timeout: Duration,
+    /// After shutdown is requested, `serve` waits this long for sessions to close.
+    pub drain_deadline: Duration,
+    /// Test hook: sessions whose writes go to `/dev/full` after the header.
+    #[cfg(test)]
+    pub(crate) fail_sessions: Vec<String>,
+}
+
+impl RecorderConfig {
+    /// Defaults for a trace directory.
+    pub fn new(dir: impl Into<PathBuf>) -> RecorderConfig {
+        RecorderConfig {
+            dir: dir.into(),
+            flush_interval: Duration::from_millis(100),
+            max_file_bytes: None,
+            max_total_bytes: None,
+            max_sessions: 64,
+            max_message_bytes: 32 * 1024 * 1024,
+            session_buffer_bytes: 64 * 1024 * 1024,
+            gzip_level: crate::writer::DEFAULT_LEVEL,
+            start_timeout: Duration::from_secs(10),
+            drain_deadline: Duration::from_secs(10),
+            #[cfg(test)]
+            fail_sessions: Vec::new(),
+        }
+    }
+}
 
 /// Flags of `reflex recorder`. Each can also come from a `REFLEX_RECORDER_*` variable (what
 /// systemd's `EnvironmentFile=` sets); a flag on the command line wins. The prefix keeps
@@ -18,7 +65,14 @@ const MIB: u64 = 1024 * 1024;
 #[derive(Debug, Clone, clap::Args)]
 pub struct RecorderArgs {
     /// Directory that holds the trace files (created 0750 if missing).
-    #[arg(long, env = "REFLEX_RECORDER_DIR", value_name = "DIR")]
+    ///
+    /// `--dir DIR` (the SPEC's spelling) works too.
+    #[arg(
+        long = "trace-dir",
+        alias = "dir",
+        env = "REFLEX_RECORDER_DIR",
+        value_name = "DIR"
+    )]
     pub dir: PathBuf,
 
     /// Unix socket to listen on, as unix:///abs/path or unix:rel/path.

@@ -6,6 +6,11 @@
 //! with backpressure. Domain errors become a gRPC `Status` in one place
 //! (`RecordError`'s `From` impl).
 //!
+//! The socket is bound by [`reflex_listen::bind_unix`] and served through
+//! [`reflex_listen::unix_incoming`], as the model server's are: grpcurl, grpcio and grpc-java
+//! send the socket path as `:authority`, which h2 alone refuses. Server reflection (v1 and
+//! v1alpha) lists `reflex.v1.Recorder`, so `grpcurl` needs no `.proto` file.
+//!
 //! Limits: message size (`--max-message-mb`), concurrent sessions (`--max-sessions`,
 //! RESOURCE_EXHAUSTED beyond), per-session buffer (bytes and messages), time to send
 //! `SessionStart`.
@@ -20,7 +25,6 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,67 +40,14 @@ use reflex_proto::v1::{
 use reflex_systemd::State as Notice;
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::args::RecorderArgs;
+use crate::args::{RecorderArgs, RecorderConfig};
 use crate::recovery;
-use crate::retention::Retention;
-use crate::session::{self, Command, End, SessionHandle, SessionState, lock};
+use crate::session::{self, Command, End, SessionHandle, SessionState, Shared, lock};
 use crate::trace::{Header, StartError};
 use crate::writer::{self, WriteError};
-
-/// Mode of the listening socket.
-pub const SOCKET_MODE: u32 = 0o660;
-
-/// What the daemon needs to know; [`RecorderArgs::config`] makes one from flags.
-#[derive(Debug, Clone)]
-pub struct RecorderConfig {
-    /// The trace directory.
-    pub dir: PathBuf,
-    /// A session's records reach the OS at least this often.
-    pub flush_interval: Duration,
-    /// Rotate a session's file once it is this large.
-    pub max_file_bytes: Option<u64>,
-    /// Delete the oldest closed traces to keep the directory under this.
-    pub max_total_bytes: Option<u64>,
-    /// Concurrent Record streams.
-    pub max_sessions: usize,
-    /// Largest decoded message.
-    pub max_message_bytes: usize,
-    /// Encoded bytes of records one session may have queued for its writer.
-    pub session_buffer_bytes: usize,
-    /// gzip level of trace files.
-    pub gzip_level: u32,
-    /// A stream that sends no `SessionStart` within this is closed.
-    pub start_timeout: Duration,
-    /// After shutdown is requested, `serve` waits this long for sessions to close.
-    pub drain_deadline: Duration,
-    /// Test hook: sessions whose writes go to `/dev/full` after the header.
-    #[cfg(test)]
-    pub(crate) fail_sessions: Vec<String>,
-}
-
-impl RecorderConfig {
-    /// Defaults for a trace directory.
-    pub fn new(dir: impl Into<PathBuf>) -> RecorderConfig {
-        RecorderConfig {
-            dir: dir.into(),
-            flush_interval: Duration::from_millis(100),
-            max_file_bytes: None,
-            max_total_bytes: None,
-            max_sessions: 64,
-            max_message_bytes: 32 * 1024 * 1024,
-            session_buffer_bytes: 64 * 1024 * 1024,
-            gzip_level: writer::DEFAULT_LEVEL,
-            start_timeout: Duration::from_secs(10),
-            drain_deadline: Duration::from_secs(10),
-            #[cfg(test)]
-            fail_sessions: Vec::new(),
-        }
-    }
-}
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -107,26 +58,37 @@ pub enum DaemonError {
     NotASocket(PathBuf),
     #[error("cannot listen on {}: {source}", path.display())]
     Bind { path: PathBuf, source: io::Error },
+    /// Any other failure to bind `--listen` (its folder, its mode).
+    #[error(transparent)]
+    Socket(reflex_listen::BindError),
     #[error(transparent)]
     Dir(#[from] WriteError),
     #[error("start-up recovery of {} failed: {source}", path.display())]
     Recovery { path: PathBuf, source: io::Error },
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
     #[error("recorder gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("recorder task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Daemon-wide state shared by the service and the session threads.
-pub(crate) struct State {
-    pub config: RecorderConfig,
-    pub retention: Retention,
-    pub records: AtomicU64,
-    pub bytes: AtomicU64,
-    /// Drops of sessions that have ended.
-    pub dropped_done: AtomicU64,
+impl From<reflex_listen::BindError> for DaemonError {
+    fn from(e: reflex_listen::BindError) -> DaemonError {
+        use reflex_listen::BindError;
+        match e {
+            BindError::InUse(path) => DaemonError::AlreadyListening(path),
+            BindError::NotASocket(path) => DaemonError::NotASocket(path),
+            e @ BindError::Io { .. } => DaemonError::Socket(e),
+        }
+    }
+}
+
+/// Daemon-wide state: what the sessions share ([`Shared`]), and the session table and slots
+/// that are the service's alone.
+struct State {
+    shared: Arc<Shared>,
     sessions_total: AtomicU64,
-    degraded: Mutex<Option<String>>,
     sessions: Mutex<BTreeMap<u64, Arc<SessionState>>>,
     slots: Arc<Semaphore>,
 }
@@ -134,28 +96,15 @@ pub(crate) struct State {
 impl State {
     fn new(config: RecorderConfig) -> State {
         State {
-            retention: Retention::new(config.dir.clone(), config.max_total_bytes),
             slots: Arc::new(Semaphore::new(config.max_sessions)),
-            config,
-            records: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            dropped_done: AtomicU64::new(0),
+            shared: Arc::new(Shared::new(config)),
             sessions_total: AtomicU64::new(0),
-            degraded: Mutex::new(None),
             sessions: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Marks the daemon degraded (sticky; the first reason is kept).
-    pub(crate) fn set_degraded(&self, reason: String) {
-        lock(&self.degraded).get_or_insert(reason);
-    }
-
-    /// One retention pass; a failure is logged, never fatal.
-    pub(crate) fn enforce_retention(&self) {
-        if let Err(e) = self.retention.enforce() {
-            tracing::warn!(dir = %self.config.dir.display(), error = %e, "retention pass failed");
-        }
+    fn config(&self) -> &RecorderConfig {
+        &self.shared.config
     }
 }
 
@@ -206,13 +155,30 @@ pub struct RecorderService {
     shutdown: CancellationToken,
 }
 
+impl RecorderService {
+    /// A server whose stream broke may reconnect before this side has seen the break: the
+    /// old stream of the session is then still being written. Its end is waited for (up to
+    /// 3 s), so that what it received is known when the new stream counts what was lost.
+    async fn await_earlier_stream(&self, session_id: &str) {
+        let live = || {
+            lock(&self.state.sessions)
+                .values()
+                .any(|s| s.session_id == session_id)
+        };
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        while live() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Recorder for RecorderService {
     async fn record(
         &self,
         request: Request<Streaming<RecordEvent>>,
     ) -> Result<Response<RecordSummary>, Status> {
-        let max = self.state.config.max_sessions;
+        let max = self.state.config().max_sessions;
         let _slot = self
             .state
             .slots
@@ -222,8 +188,11 @@ impl Recorder for RecorderService {
         let mut stream = request.into_inner();
         let start = self.first_message(&mut stream).await?;
         let header = validate_start(&start)?;
+        if header.first_seq > 0 {
+            self.await_earlier_stream(&header.session_id).await;
+        }
         let session = session::spawn(
-            self.state.clone(),
+            self.state.shared.clone(),
             header,
             !start.no_gzip,
             self.shutdown.clone(),
@@ -252,20 +221,23 @@ impl Recorder for RecorderService {
                 dropped_requests: s.dropped.load(Ordering::Relaxed),
                 degraded: s.degraded.load(Ordering::Relaxed),
                 model_hash: s.model_hash.clone(),
+                lost_requests: s.lost,
             })
             .collect();
         let live_dropped: u64 = sessions.iter().map(|s| s.dropped_requests).sum();
-        let degraded_reason = lock(&state.degraded).clone().unwrap_or_default();
+        let shared = &state.shared;
+        let degraded_reason = shared.degraded().unwrap_or_default();
         Ok(Response::new(RecorderStatus {
-            dir: state.config.dir.display().to_string(),
+            dir: shared.config.dir.display().to_string(),
             sessions,
             sessions_total: state.sessions_total.load(Ordering::Relaxed),
-            records_written: state.records.load(Ordering::Relaxed),
-            bytes_written: state.bytes.load(Ordering::Relaxed),
-            dropped_requests: state.dropped_done.load(Ordering::Relaxed) + live_dropped,
+            records_written: shared.records.load(Ordering::Relaxed),
+            bytes_written: shared.bytes.load(Ordering::Relaxed),
+            dropped_requests: shared.dropped_done.load(Ordering::Relaxed) + live_dropped,
             degraded: !degraded_reason.is_empty(),
             degraded_reason,
             reflex_version: env!("CARGO_PKG_VERSION").to_string(),
+            lost_requests: shared.lost.load(Ordering::Relaxed),
         }))
     }
 }
@@ -283,7 +255,7 @@ impl RecorderService {
         &self,
         stream: &mut Streaming<RecordEvent>,
     ) -> Result<SessionStart, RecordError> {
-        let timeout = self.state.config.start_timeout;
+        let timeout = self.state.config().start_timeout;
         let msg = tokio::select! {
             msg = stream.message() => msg.map_err(RecordError::Stream)?,
             _ = tokio::time::sleep(timeout) => return Err(RecordError::StartTimeout(timeout)),
@@ -308,11 +280,11 @@ impl RecorderService {
         let SessionHandle { tx, done, state } = session;
         let budget_total = self
             .state
-            .config
+            .config()
             .session_buffer_bytes
             .clamp(1, Semaphore::MAX_PERMITS);
         let budget = Arc::new(Semaphore::new(budget_total));
-        let mut tick = tokio::time::interval(self.state.config.flush_interval);
+        let mut tick = tokio::time::interval(self.state.config().flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = loop {
             let first = tokio::select! {
@@ -404,48 +376,11 @@ fn now_or_never<F: std::future::Future>(fut: F) -> Option<F::Output> {
     }
 }
 
-/// Binds the recorder's Unix socket at `path`: creates the parent directory (0750) if
-/// missing, replaces a stale socket file, refuses a live one, and sets mode 0660.
+/// Binds the recorder's Unix socket at `path` ([`reflex_listen::bind_unix`]): creates the
+/// parent directory (0750) if missing, replaces a stale socket file, refuses a live one and
+/// anything that is not a socket, and sets mode 0660.
 pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
-    let bind_err = |source| DaemonError::Bind {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
-        && !parent.exists()
-    {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o750)
-            .create(parent)
-            .map_err(bind_err)?;
-    }
-    match fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(DaemonError::NotASocket(path.to_path_buf()));
-        }
-        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err(DaemonError::AlreadyListening(path.to_path_buf())),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
-                ) =>
-            {
-                tracing::info!(socket = %path.display(), "stale socket removed");
-                fs::remove_file(path).map_err(bind_err)?;
-            }
-            Err(e) => return Err(bind_err(e)),
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_err(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
-    // The socket exists with umask bits for an instant; its directory (0750 when we made
-    // it) is what keeps strangers out meanwhile.
-    fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE)).map_err(bind_err)?;
-    Ok(listener)
+    Ok(reflex_listen::bind_unix(path)?)
 }
 
 /// Serves `reflex.v1.Recorder` on an already-bound listener until `shutdown` is cancelled.
@@ -485,7 +420,7 @@ pub async fn serve_with(
     ready: impl FnOnce() + Send,
 ) -> Result<(), DaemonError> {
     let state = Arc::new(State::new(config));
-    let prep = state.clone();
+    let prep = state.shared.clone();
     tokio::task::spawn_blocking(move || -> Result<(), DaemonError> {
         let dir = &prep.config.dir;
         writer::ensure_dir(dir)?;
@@ -511,16 +446,26 @@ pub async fn serve_with(
         state: state.clone(),
         shutdown: shutdown.clone(),
     };
-    let max_message = state.config.max_message_bytes;
+    let max_message = state.config().max_message_bytes;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(reflex_proto::FILE_DESCRIPTOR_SET)
+        .with_service_name("reflex.v1.Recorder")
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(reflex_proto::FILE_DESCRIPTOR_SET)
+        .with_service_name("reflex.v1.Recorder")
+        .build_v1alpha()?;
     let server = tonic::transport::Server::builder()
         .add_service(RecorderServer::new(service).max_decoding_message_size(max_message))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener),
+            reflex_listen::unix_incoming(listener),
             shutdown.clone().cancelled_owned(),
         );
-    tracing::info!(dir = %state.config.dir.display(), "recorder ready");
+    tracing::info!(dir = %state.config().dir.display(), "recorder ready");
     ready();
-    let drain = state.config.drain_deadline;
+    let drain = state.config().drain_deadline;
     tokio::select! {
         served = server => served?,
         _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {

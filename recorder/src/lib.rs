@@ -18,9 +18,12 @@
 //! - [`writer`]: one trace file — naming, permissions, gzip, flushes, footer, durability.
 //! - [`retention`]: which files in the trace directory are ours and which may be deleted.
 //! - [`recovery`]: start-up repair of files a killed recorder left without a footer.
-//! - [`session`]: one Record stream's writer thread, rotation and disk-error handling.
-//! - [`daemon`]: the `reflex.v1.Recorder` service, socket, limits, [`serve`] and [`run`].
-//! - [`args`]: the `reflex recorder` command-line flags ([`RecorderArgs`]).
+//! - [`session`]: one Record stream's writer thread, rotation and disk-error handling, and
+//!   what sessions share with the daemon.
+//! - [`daemon`]: the `reflex.v1.Recorder` service (with reflection), socket, limits,
+//!   [`serve`] and [`run`].
+//! - [`args`]: the `reflex recorder` command-line flags ([`RecorderArgs`]) and the
+//!   configuration they make ([`RecorderConfig`]).
 //! - [`clock`]: UTC timestamp formatting.
 
 pub mod args;
@@ -34,6 +37,7 @@ pub mod trace;
 pub mod writer;
 
 pub use args::RecorderArgs;
-pub use daemon::{DaemonError, RecorderConfig, bind, run, serve, serve_std, serve_with};
+pub use args::RecorderConfig;
+pub use daemon::{DaemonError, bind, run, serve, serve_std, serve_with};
 pub use reader::{ReadError, TraceReader, Truncation, TruncationReason};
 pub use trace::{Footer, Header, ImageMode, Record, RequestRecord, TraceRequest};

@@ -51,9 +51,9 @@ pub fn recover_dir(dir: &Path, level: u32) -> io::Result<RecoveryReport> {
             report.removed_temps.push(name);
         }
     }
-    let mut files = trace_files(dir)?;
-    files.sort();
-    for (name, _) in files {
+    let mut names: Vec<String> = trace_files(dir)?.into_iter().map(|f| f.name).collect();
+    names.sort();
+    for name in names {
         match recover_file(&dir.join(&name), level) {
             Ok(Outcome::Closed) => {}
             Ok(Outcome::Repaired {
@@ -151,6 +151,7 @@ fn rewrite(path: &Path, temp: &Path, level: u32) -> Result<(u64, bool), RecoverE
             dropped_requests: total - records,
             ended_reason: "recorder_lost".into(),
             records_written: Some(records),
+            refused_requests: None,
         };
         trace::encode_line(&footer, &mut line).map_err(io::Error::other)?;
     }

@@ -1,8 +1,10 @@
 //! Which files in the trace directory are ours, which are open, and which may go.
 //!
 //! **Invariant: only whole, closed trace files whose names match our pattern are ever
-//! deleted**, oldest first (by the UTC stamp in the name), and only to bring the directory's
-//! trace bytes under `--max-total-mb`. A file is "open" from just before it is created
+//! deleted**, oldest first, and only to bring the directory's trace bytes under
+//! `--max-total-mb`. "Oldest" is the UTC stamp in the name (second resolution), then the
+//! file's modification time: two sessions that start in the same second sort by when their
+//! files were last written, never by their random session ids. A file is "open" from just before it is created
 //! until it is closed or abandoned; the set of open names is held under one lock while a
 //! file is created and while a retention pass deletes, so a pass never sees a file that a
 //! writer is about to claim. Files we did not name (other tools', temp files, links we did
@@ -12,9 +14,8 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
-
-use crate::session::lock;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
 
 /// Whether `name` is a trace file name the recorder makes:
 /// `YYYYMMDD-HHMMSS-<8 hex>-<session_id>.jsonl[.gz]`.
@@ -59,7 +60,9 @@ impl Retention {
 
     /// The set of open file names; hold it while creating a file.
     pub fn lock_open(&self) -> MutexGuard<'_, HashSet<String>> {
-        lock(&self.open)
+        // A poisoned lock only means a thread panicked while holding the set; the names
+        // in it are still right.
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Deletes the oldest closed trace files until the directory's trace files total at
@@ -70,10 +73,10 @@ impl Retention {
         };
         let open = self.lock_open();
         let mut files = trace_files(&self.dir)?;
-        let mut total: u64 = files.iter().map(|f| f.1).sum();
-        files.sort();
+        let mut total: u64 = files.iter().map(|f| f.size).sum();
+        files.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
         let mut deleted = Vec::new();
-        for (name, size) in files {
+        for TraceFile { name, size, .. } in files {
             if total <= cap {
                 break;
             }
@@ -94,8 +97,24 @@ impl Retention {
     }
 }
 
-/// `(name, size)` of the regular files in `dir` with trace names.
-pub fn trace_files(dir: &Path) -> io::Result<Vec<(String, u64)>> {
+/// One regular file with a trace name.
+#[derive(Debug, Clone)]
+pub struct TraceFile {
+    pub name: String,
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+impl TraceFile {
+    /// Oldest first: the name's UTC stamp (`YYYYMMDD-HHMMSS`), then the modification time,
+    /// then the name.
+    pub(crate) fn age_key(&self) -> (&str, SystemTime, &str) {
+        (&self.name[..15], self.modified, &self.name)
+    }
+}
+
+/// The regular files in `dir` with trace names.
+pub fn trace_files(dir: &Path) -> io::Result<Vec<TraceFile>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
@@ -107,7 +126,11 @@ pub fn trace_files(dir: &Path) -> io::Result<Vec<(String, u64)>> {
         }
         // Not following links: a planted symlink is neither counted nor deleted.
         match entry.metadata() {
-            Ok(m) if m.file_type().is_file() => out.push((name, m.len())),
+            Ok(m) if m.file_type().is_file() => out.push(TraceFile {
+                size: m.len(),
+                modified: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                name,
+            }),
             _ => {}
         }
     }
@@ -170,5 +193,30 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// Two sessions that start in the same second: the one written last is the newest,
+    /// whatever its session id (the demo lost its own fresh trace to this once).
+    #[test]
+    fn same_second_sorts_by_modification_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let older = "20260424-171305-7a8b3c1d-ffffffff.jsonl.gz";
+        let newer = "20260424-171305-7a8b3c1d-00000000.jsonl.gz";
+        let write = |name: &str, secs: u64| {
+            let path = dir.path().join(name);
+            fs::write(&path, vec![0u8; 1000]).unwrap();
+            let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        };
+        write(older, 1_700_000_000);
+        write(newer, 1_700_000_001);
+        let r = Retention::new(dir.path().to_path_buf(), Some(1500));
+        assert_eq!(r.enforce().unwrap(), vec![older.to_string()]);
+        assert!(dir.path().join(newer).exists());
     }
 }

@@ -12,7 +12,12 @@
 //! (footer `rotated`, new header, seq continues), a retention pass after each closed file,
 //! and on any write error: one `slug=record-disk-full` error log, degraded state, and from
 //! then on only counting (the stream keeps being consumed so the server is never blocked).
+//!
+//! A session sees of the daemon only [`Shared`]: the settings it writes by, the retention
+//! policy, the daemon-wide totals and the degraded flag. The daemon's service, session table
+//! and limits are not a session's business (and `session` does not import `daemon`).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -21,8 +26,9 @@ use reflex_proto::v1::{ActRecord, RecordSummary, SessionEnd};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::args::RecorderConfig;
 use crate::clock::UtcTime;
-use crate::daemon::State;
+use crate::retention::Retention;
 use crate::trace::{Footer, Header, ImageMode, RequestRecord};
 use crate::writer::{TraceWriter, WriteError, WriterOptions};
 
@@ -46,6 +52,8 @@ pub(crate) struct End {
     /// `(total_requests, dropped_requests)` as the server reported them.
     pub totals: Option<(u64, u64)>,
     pub ended_at: Option<String>,
+    /// The server session's refused calls (no seq, no record), as it reported them.
+    pub refused: Option<u64>,
 }
 
 impl End {
@@ -54,6 +62,7 @@ impl End {
             reason: reason.to_string(),
             totals: None,
             ended_at: None,
+            refused: None,
         }
     }
 
@@ -62,6 +71,7 @@ impl End {
             reason: sanitize_reason(&end.reason),
             totals: Some((end.total_requests, end.dropped_requests)),
             ended_at: (!end.ended_at.is_empty()).then_some(end.ended_at),
+            refused: Some(end.refused_requests),
         }
     }
 }
@@ -86,9 +96,95 @@ pub fn sanitize_reason(reason: &str) -> String {
     }
 }
 
+/// What every session shares with the daemon, and all it sees of it. The daemon owns it
+/// and reads it for `Status`.
+pub(crate) struct Shared {
+    /// The settings sessions write by (directory, gzip level, flushes, rotation, cap).
+    pub config: RecorderConfig,
+    /// The directory's deletion policy and its set of open files.
+    pub retention: Retention,
+    /// Records written, all sessions together.
+    pub records: AtomicU64,
+    /// Bytes written, all sessions together.
+    pub bytes: AtomicU64,
+    /// Drops of sessions that have ended (a live session's are in its [`SessionState`]).
+    pub dropped_done: AtomicU64,
+    /// Records lost on broken streams, all sessions together (see `Header::lost_requests`).
+    pub lost: AtomicU64,
+    /// For each session whose stream ended here: the seq after the last one received, so
+    /// that a continuing stream's records lost in between can be counted.
+    received_through: Mutex<HashMap<String, u64>>,
+    /// Why the daemon is degraded: the first write error of any session.
+    degraded: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: RecorderConfig) -> Shared {
+        Shared {
+            retention: Retention::new(config.dir.clone(), config.max_total_bytes),
+            config,
+            records: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            dropped_done: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            received_through: Mutex::new(HashMap::new()),
+            degraded: Mutex::new(None),
+        }
+    }
+
+    /// Marks the daemon degraded (sticky; the first reason is kept).
+    pub(crate) fn set_degraded(&self, reason: String) {
+        lock(&self.degraded).get_or_insert(reason);
+    }
+
+    /// Why the daemon is degraded, if it is.
+    pub(crate) fn degraded(&self) -> Option<String> {
+        lock(&self.degraded).clone()
+    }
+
+    /// Records of session `header.session_id` lost between its previous stream and this
+    /// one, which starts at `header.first_seq`: the seqs after the last one this recorder
+    /// received of it (noted when that stream ended, or read from the session's newest file
+    /// in the folder after a restart) and before `first_seq`. `None` when unknown.
+    pub(crate) fn lost_before(&self, header: &Header) -> Option<u64> {
+        if header.first_seq == 0 {
+            return None;
+        }
+        let sid = &header.session_id;
+        let noted = lock(&self.received_through).get(sid).copied();
+        let next = noted.or_else(|| next_seq_in_folder(&self.config.dir, sid));
+        match next {
+            Some(next) => Some(header.first_seq.saturating_sub(next)),
+            None => {
+                tracing::info!(session_id = %sid, first_seq = header.first_seq, "a continuing session with no earlier file here: records lost on its broken stream are unknown");
+                None
+            }
+        }
+    }
+
+    fn note_received(&self, session_id: &str, next: u64) {
+        let mut m = lock(&self.received_through);
+        // A note per ended session; a long-lived daemon forgets the oldest (by any order:
+        // after a restart the folder answers the same question).
+        if m.len() >= 65_536 && !m.contains_key(session_id) {
+            m.clear();
+        }
+        m.insert(session_id.to_string(), next);
+    }
+
+    /// One retention pass; a failure is logged, never fatal.
+    pub(crate) fn enforce_retention(&self) {
+        if let Err(e) = self.retention.enforce() {
+            tracing::warn!(dir = %self.config.dir.display(), error = %e, "retention pass failed");
+        }
+    }
+}
+
 /// Live numbers of one session, read by `Status`.
 pub(crate) struct SessionState {
     pub session_id: String,
+    /// Records lost on the broken stream before this one (`Header::lost_requests`).
+    pub lost: u64,
     pub model_hash: String,
     pub file: Mutex<String>,
     pub records: AtomicU64,
@@ -106,12 +202,19 @@ pub(crate) struct SessionHandle {
 
 /// Starts the writer thread of a session whose header has been validated.
 pub(crate) fn spawn(
-    daemon: Arc<State>,
+    shared: Arc<Shared>,
     header: Header,
     gzip: bool,
     shutdown: CancellationToken,
 ) -> std::io::Result<SessionHandle> {
+    let mut header = header;
+    header.lost_requests = shared.lost_before(&header);
+    if let Some(n) = header.lost_requests.filter(|n| *n > 0) {
+        shared.lost.fetch_add(n, Ordering::Relaxed);
+        tracing::warn!(session_id = %header.session_id, lost = n, slug = "record-lost", "records handed to the session's broken stream never arrived; counted in the new file's header (lost_requests)");
+    }
     let state = Arc::new(SessionState {
+        lost: header.lost_requests.unwrap_or(0),
         session_id: header.session_id.clone(),
         model_hash: header.model_hash.clone(),
         file: Mutex::new(String::new()),
@@ -124,14 +227,14 @@ pub(crate) fn spawn(
     let (done_tx, done) = oneshot::channel();
     let opts = WriterOptions {
         gzip,
-        level: daemon.config.gzip_level,
+        level: shared.config.gzip_level,
     };
     let mut worker = Worker {
         mode: header.redaction.image,
         session_first_seq: header.first_seq,
         header,
         opts,
-        daemon,
+        shared,
         state: state.clone(),
         writer: None,
         failed: false,
@@ -157,7 +260,7 @@ pub(crate) fn spawn(
 }
 
 struct Worker {
-    daemon: Arc<State>,
+    shared: Arc<Shared>,
     state: Arc<SessionState>,
     /// Template for the headers of rotated files.
     header: Header,
@@ -172,7 +275,7 @@ struct Worker {
     max_seq: Option<u64>,
     /// Sizes of this session's closed files.
     bytes_closed: u64,
-    /// Bytes already added to the daemon's total.
+    /// Bytes already added to the daemon-wide total.
     bytes_reported: u64,
     bytes_at_retention: u64,
     last_flush: Instant,
@@ -215,19 +318,19 @@ impl Worker {
                 Ok(()) => {
                     self.written += 1;
                     self.state.records.fetch_add(1, Ordering::Relaxed);
-                    self.daemon.records.fetch_add(1, Ordering::Relaxed);
+                    self.shared.records.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => self.fail(e),
             }
         }
         self.update_numbers();
-        let max_file = self.daemon.config.max_file_bytes;
+        let max_file = self.shared.config.max_file_bytes;
         if let (Some(max), Some(w)) = (max_file, self.writer.as_ref())
             && w.bytes_written() >= max
         {
             self.rotate();
         }
-        if self.last_flush.elapsed() >= self.daemon.config.flush_interval {
+        if self.last_flush.elapsed() >= self.shared.config.flush_interval {
             self.flush();
         }
     }
@@ -240,20 +343,20 @@ impl Worker {
             self.fail(e);
         }
         self.update_numbers();
-        if let Some(cap) = self.daemon.config.max_total_bytes {
+        if let Some(cap) = self.shared.config.max_total_bytes {
             // Between closes, a long session still lets old files go now and then.
             let session_bytes =
                 self.bytes_closed + self.writer.as_ref().map_or(0, TraceWriter::bytes_written);
             if session_bytes - self.bytes_at_retention >= (cap / 16).max(1 << 20) {
                 self.bytes_at_retention = session_bytes;
-                self.daemon.enforce_retention();
+                self.shared.enforce_retention();
             }
         }
     }
 
     fn update_numbers(&mut self) {
         let bytes = self.bytes_closed + self.writer.as_ref().map_or(0, TraceWriter::bytes_written);
-        self.daemon
+        self.shared
             .bytes
             .fetch_add(bytes.saturating_sub(self.bytes_reported), Ordering::Relaxed);
         self.bytes_reported = self.bytes_reported.max(bytes);
@@ -276,8 +379,8 @@ impl Worker {
         let created = {
             // Hold the open-file set while creating, so that a retention pass never sees
             // the new file unclaimed.
-            let mut open = self.daemon.retention.lock_open();
-            let created = TraceWriter::create(&self.daemon.config.dir, &self.header, &self.opts);
+            let mut open = self.shared.retention.lock_open();
+            let created = TraceWriter::create(&self.shared.config.dir, &self.header, &self.opts);
             if let Ok(w) = &created {
                 open.insert(w.file_name().to_string());
             }
@@ -285,6 +388,8 @@ impl Worker {
         };
         match created {
             Ok(w) => {
+                // Only the stream's first file says what was lost before it.
+                self.header.lost_requests = None;
                 tracing::info!(session_id = %self.state.session_id, file = %w.file_name(), "trace file opened");
                 self.last_file = w.file_name().to_string();
                 *lock(&self.state.file) = self.last_file.clone();
@@ -300,7 +405,7 @@ impl Worker {
     #[cfg(test)]
     fn inject_fault(&mut self) {
         if self
-            .daemon
+            .shared
             .config
             .fail_sessions
             .contains(&self.state.session_id)
@@ -324,12 +429,13 @@ impl Worker {
             dropped_requests: dropped,
             ended_reason: "rotated".into(),
             records_written: None,
+            refused_requests: None,
         };
         if self.close(w, &footer) {
             tracing::info!(session_id = %self.state.session_id, file = %self.last_file, "trace file rotated");
             self.header.first_seq = next_first;
             self.open_file();
-            self.daemon.enforce_retention();
+            self.shared.enforce_retention();
         }
     }
 
@@ -337,7 +443,7 @@ impl Worker {
     fn close(&mut self, w: TraceWriter, footer: &Footer) -> bool {
         let name = w.file_name().to_string();
         let result = w.finish(footer);
-        self.daemon.retention.lock_open().remove(&name);
+        self.shared.retention.lock_open().remove(&name);
         match result {
             Ok(closed) => {
                 self.bytes_closed += closed.bytes;
@@ -372,6 +478,7 @@ impl Worker {
                 dropped_requests: dropped,
                 ended_reason: end.reason.clone(),
                 records_written: None,
+                refused_requests: end.refused,
             };
             if self.close(w, &footer) {
                 tracing::info!(
@@ -382,10 +489,14 @@ impl Worker {
                     "trace file closed"
                 );
             }
-            self.daemon.enforce_retention();
+            self.shared.enforce_retention();
         }
         self.update_numbers();
-        self.daemon
+        self.shared.note_received(
+            &self.state.session_id,
+            self.max_seq.map_or(self.session_first_seq, |s| s + 1),
+        );
+        self.shared
             .dropped_done
             .fetch_add(dropped, Ordering::Relaxed);
         RecordSummary {
@@ -399,7 +510,7 @@ impl Worker {
     fn fail(&mut self, e: WriteError) {
         if let Some(w) = self.writer.take() {
             // The file stays as it is (no footer): start-up recovery repairs it.
-            self.daemon.retention.lock_open().remove(w.file_name());
+            self.shared.retention.lock_open().remove(w.file_name());
             self.bytes_closed += w.bytes_written();
         }
         if !self.failed {
@@ -412,7 +523,7 @@ impl Worker {
                 "trace write failed; recording stopped for this session"
             );
             self.state.degraded.store(true, Ordering::Relaxed);
-            self.daemon
+            self.shared
                 .set_degraded(format!("session {}: {e}", self.state.session_id));
         }
     }
@@ -422,6 +533,30 @@ impl Worker {
 /// the data is still usable.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The seq after the last request in the newest trace file of `session_id` in `dir` (its
+/// `first_seq` if it holds none); `None` when there is no such file or it cannot be read.
+fn next_seq_in_folder(dir: &std::path::Path, session_id: &str) -> Option<u64> {
+    let newest = crate::retention::trace_files(dir)
+        .ok()?
+        .into_iter()
+        .filter(|f| {
+            f.name
+                .strip_suffix(".jsonl.gz")
+                .or_else(|| f.name.strip_suffix(".jsonl"))
+                .is_some_and(|stem| stem.len() > 25 && &stem[25..] == session_id)
+        })
+        .max_by(|a, b| a.age_key().cmp(&b.age_key()))?;
+    let mut reader = crate::reader::TraceReader::open(dir.join(&newest.name)).ok()?;
+    let mut next = reader.header().first_seq;
+    // A cut or damaged tail ends the scan: what was read is what the file holds.
+    while let Ok(Some(record)) = reader.next_record() {
+        if let crate::trace::Record::Request(r) = record {
+            next = next.max(r.seq + 1);
+        }
+    }
+    Some(next)
 }
 
 #[cfg(test)]

@@ -22,7 +22,8 @@
 //!
 //! - **header** ([`Header`]), exactly one, first: `reflex_version, model_hash, config_hash,
 //!   session_id, started_at` (RFC 3339 UTC, ms, `Z`)`, export_dir, model_type, export_kind,
-//!   embodiment, hardware` (string map)`, mode, redaction {image, instruction}, first_seq`.
+//!   embodiment, hardware` (string map)`, mode, redaction {image, instruction}, first_seq`,
+//!   and `lost_requests` on the first file of a stream that continues a broken one.
 //! - **request** ([`RequestRecord`]), one per Act call: `seq, chunk_id, timestamp, request,
 //!   response {actions, num_actions, action_dim}, latency {total_ms, queue_ms, decode_ms,
 //!   prefix_ms, denoise_ms, postprocess_ms}` (ms, rounded to 3 decimals)`, denoise
@@ -30,7 +31,9 @@
 //!   `error {slug, message}` only when Act failed (then `actions` may be empty).
 //! - **footer** ([`Footer`]), last, absent when the writer died: `ended_at, total_requests,
 //!   dropped_requests, ended_reason` (`shutdown`, `rotated`, `client_lost`,
-//!   `recorder_lost`, or the server's reason)`, records_written`. The numbers are the
+//!   `recorder_lost`, or the server's reason)`, records_written`, and `refused_requests`
+//!   (calls of the server session refused before any work: no seq, no record) when the
+//!   server ended the session. The numbers are the
 //!   server's (its `SessionEnd`, session-wide) when it sent them; otherwise they come from
 //!   the seqs of the file: `total_requests = last_seq - first_seq + 1`, and what is missing
 //!   was dropped. `records_written` is always this file's.
@@ -50,8 +53,13 @@
 //!   anywhere in the file.
 //! - `none`: no `images`, `image_sha256` or `image_b64` key at all.
 //!
-//! The recorder applies the mode itself ([`RequestRecord::from_act`]) whatever the client
-//! sent: bytes the mode does not allow never reach the disk.
+//! The recorder applies the mode itself ([`RequestRecord::from_act`]), and it is the only
+//! one that does: the server sends canonical images (every image named and hashed, bytes
+//! included; `reflex_proto::images`), and whatever a client sent, bytes the mode does not
+//! allow never reach the disk. A request that named two primary images (`image_b64` and
+//! `images[0].data`; the server refused it) keeps both: `images[0]` like a secondary camera
+//! (`data` in `full` only, its own `sha256`) and the other in `image_b64` / `image_sha256`,
+//! so that its replay is refused the same way.
 //!
 //! # Numbers
 //! `actions` and `state` are `f32` and read back bit for bit: the writer prints each value
@@ -76,11 +84,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine as _;
+use reflex_proto::images::fold_primary;
 use reflex_proto::v1::{ActRecord, ActRequest, Image, SessionStart};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
-use sha2::Digest as _;
 
 use crate::clock::UtcTime;
 
@@ -93,43 +101,12 @@ pub trait Kind: Serialize {
     const KIND: &'static str;
 }
 
-/// What a session asked to keep of its images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ImageMode {
-    /// Encoded bytes kept (base64).
-    Full,
-    /// SHA-256 of the bytes only.
-    #[default]
-    HashOnly,
-    /// No image field at all.
-    None,
-    /// A mode this version does not know (read side only).
-    #[serde(other)]
-    Unknown,
-}
-
-impl ImageMode {
-    /// Parses the wire form; empty means the default, `hash_only`.
-    pub fn parse(s: &str) -> Option<ImageMode> {
-        match s {
-            "" | "hash_only" => Some(ImageMode::HashOnly),
-            "full" => Some(ImageMode::Full),
-            "none" => Some(ImageMode::None),
-            _ => None,
-        }
-    }
-
-    /// The wire and trace form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageMode::Full => "full",
-            ImageMode::HashOnly => "hash_only",
-            ImageMode::None => "none",
-            ImageMode::Unknown => "unknown",
-        }
-    }
-}
+/// What a session asked to keep of its images: the one definition, in the image contract
+/// (`reflex_proto::images`), with its serde form (`full`, `hash_only`, `none`; any other
+/// string reads as `Unknown`).
+pub use reflex_proto::images::ImageMode;
+/// Lowercase hex SHA-256, and its check: the image contract's.
+pub use reflex_proto::images::{is_sha256_hex, sha256_hex};
 
 /// `header.redaction`: what was left out of the trace.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -183,6 +160,13 @@ pub struct Header {
     /// Seq of the first request this file may hold (rotation and reconnects continue it).
     #[serde(default, deserialize_with = "nullable")]
     pub first_seq: u64,
+    /// On the first file of a stream that continues a session after its connection broke:
+    /// the records the server handed to the broken stream that never reached the recorder
+    /// (the seqs between what the recorder received of the session and this `first_seq`).
+    /// Absent on a session's first stream, on rotated files, and when the recorder cannot
+    /// tell (it kept no note of the session and finds no file of it in its folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_requests: Option<u64>,
 }
 
 impl Kind for Header {
@@ -231,6 +215,7 @@ impl Header {
             mode: start.mode.clone(),
             redaction: Redaction { image, instruction },
             first_seq: start.first_seq,
+            lost_requests: None,
         })
     }
 }
@@ -405,6 +390,11 @@ pub struct Footer {
     /// Request records in this file (absent in seed traces).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub records_written: Option<u64>,
+    /// Calls of the whole server session refused with RESOURCE_EXHAUSTED before any work:
+    /// they have no seq and no record (absent when the server did not say: a stream that
+    /// ended with its connection, a rotated file, an older server, seed traces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_requests: Option<u64>,
 }
 
 impl Kind for Footer {
@@ -436,27 +426,45 @@ impl RequestRecord {
     /// defensively: image bytes and hashes the mode does not allow are dropped even if the
     /// client sent them, and a missing SHA-256 is computed from the bytes.
     pub fn from_act(act: ActRecord, mode: ImageMode) -> RequestRecord {
-        let failed = act.error.is_some();
-        let mut request = TraceRequest::recorded(act.request.unwrap_or_default(), mode);
+        // Every field by name: a field added to `ActRecord` fails to compile here until the
+        // trace decides where it goes (the server's `build_record` does the same), instead of
+        // being dropped on the way to the disk.
+        let ActRecord {
+            seq,
+            chunk_id,
+            timestamp,
+            request,
+            actions,
+            num_actions,
+            action_dim,
+            latency,
+            denoise,
+            cache,
+            mode: engine_mode,
+            noise_seed,
+            error,
+        } = act;
+        let failed = error.is_some();
+        let mut request = TraceRequest::recorded(request.unwrap_or_default(), mode);
         if request.noise_seed.is_none() && !failed {
             // The seed the call drew, so that `.request` alone replays bit-exactly.
-            request.noise_seed = Some(act.noise_seed);
+            request.noise_seed = Some(noise_seed);
         }
-        let latency = act.latency.unwrap_or_default();
-        let denoise = act.denoise.unwrap_or_default();
+        let latency = latency.unwrap_or_default();
+        let denoise = denoise.unwrap_or_default();
         RequestRecord {
-            seq: act.seq,
-            chunk_id: Some(act.chunk_id),
-            timestamp: if act.timestamp.is_empty() {
+            seq,
+            chunk_id: Some(chunk_id),
+            timestamp: if timestamp.is_empty() {
                 UtcTime::now().rfc3339_millis()
             } else {
-                act.timestamp
+                timestamp
             },
             request,
             response: TraceResponse {
-                actions: act.actions,
-                num_actions: act.num_actions,
-                action_dim: act.action_dim,
+                actions,
+                num_actions,
+                action_dim,
             },
             latency: TraceLatency {
                 total_ms: round3(latency.total_ms),
@@ -471,10 +479,10 @@ impl RequestRecord {
                 steps_configured: denoise.steps_configured,
                 adaptive: denoise.adaptive,
             }),
-            cache: (!act.cache.is_empty()).then_some(CacheInfo { status: act.cache }),
-            mode: act.mode,
-            noise_seed: Some(act.noise_seed),
-            error: act.error.map(|e| TraceError {
+            cache: (!cache.is_empty()).then_some(CacheInfo { status: cache }),
+            mode: engine_mode,
+            noise_seed: Some(noise_seed),
+            error: error.map(|e| TraceError {
                 slug: e.code,
                 message: e.message,
             }),
@@ -483,15 +491,17 @@ impl RequestRecord {
 }
 
 impl TraceRequest {
-    /// Applies the image mode to a request as the server sent it.
+    /// Applies the image mode to a request as the server sent it: the one place images are
+    /// redacted. The server sends canonical images (bytes and hashes); any other client's
+    /// request is read by the same primary-image rule (`reflex_proto::images`).
     fn recorded(req: ActRequest, mode: ImageMode) -> TraceRequest {
         let ActRequest {
-            images,
+            mut images,
             instruction,
             state,
             episode_id,
             noise_seed,
-            image_b64,
+            mut image_b64,
             image_sha256,
         } = req;
         let mut out = TraceRequest {
@@ -505,20 +515,27 @@ impl TraceRequest {
             return out;
         }
         let keep_bytes = mode == ImageMode::Full;
-        let mut images = images;
-        // The primary image's bytes: `images[0].data`, or the single-image `image_b64`.
-        let mut primary = image_b64;
-        if let Some(first) = images.first_mut()
-            && !first.data.is_empty()
-        {
-            primary = std::mem::take(&mut first.data);
-        }
-        let primary_sha = first_valid_sha(&[
-            images.first().map(|i| i.sha256.as_str()).unwrap_or(""),
-            &image_sha256,
-        ])
-        .map(str::to_string)
-        .or_else(|| (!primary.is_empty()).then(|| sha256_hex(&primary)));
+        // A request that names two primary images (the server refused it) is kept as sent,
+        // `images[0]` like any other image and `image_b64` beside it, so that its replay is
+        // refused the same way; no reader picks one of the two.
+        let two_primaries = fold_primary(&mut images, &mut image_b64).is_err();
+        // The primary's bytes: after the fold, `images[0].data`; the trace keeps them in
+        // `image_b64`.
+        let primary = if two_primaries {
+            image_b64
+        } else {
+            images
+                .first_mut()
+                .map(|first| std::mem::take(&mut first.data))
+                .unwrap_or_default()
+        };
+        let first_sha = match images.first() {
+            Some(first) if !two_primaries => first.sha256.as_str(),
+            _ => "",
+        };
+        let primary_sha = first_valid_sha(&[first_sha, &image_sha256])
+            .map(str::to_string)
+            .or_else(|| (!primary.is_empty()).then(|| sha256_hex(&primary)));
         if images.is_empty() && primary_sha.is_some() {
             images.push(Image::default());
         }
@@ -526,7 +543,7 @@ impl TraceRequest {
             .into_iter()
             .enumerate()
             .map(|(i, img)| {
-                let sha256 = if i == 0 {
+                let sha256 = if i == 0 && !two_primaries {
                     primary_sha.clone().unwrap_or_default()
                 } else if is_sha256_hex(&img.sha256) {
                     img.sha256
@@ -535,11 +552,9 @@ impl TraceRequest {
                 } else {
                     String::new()
                 };
-                let data = if keep_bytes && i > 0 {
-                    img.data
-                } else {
-                    Vec::new()
-                };
+                // The primary's bytes were taken above: what is left is secondary cameras'
+                // (and, with two primaries, `images[0]`'s).
+                let data = if keep_bytes { img.data } else { Vec::new() };
                 TraceImage {
                     camera: img.camera,
                     data,
@@ -629,26 +644,6 @@ pub fn parse_line(line: &[u8]) -> Result<Record, LineError> {
     }
     .map_err(LineError::Malformed)
 }
-
-/// `true` for 64 lowercase hex digits.
-pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-/// Lowercase hex SHA-256.
-pub fn sha256_hex(data: &[u8]) -> String {
-    let digest = sha2::Sha256::digest(data);
-    let mut s = String::with_capacity(64);
-    for b in digest.iter() {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 15)]));
-    }
-    s
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 fn first_valid_sha<'a>(candidates: &[&'a str]) -> Option<&'a str> {
     candidates.iter().copied().find(|s| is_sha256_hex(s))
@@ -1254,6 +1249,64 @@ pub(crate) mod tests {
         }
     }
 
+    /// What the server's own stripping promised before only the recorder redacted (moved
+    /// from the server's `recording` tests): a canonical record, named and hashed with its
+    /// bytes, keeps per mode exactly what the mode allows.
+    #[test]
+    fn canonical_records_are_redacted_by_the_session_mode() {
+        let cameras = ["base".to_string(), "wrist".to_string()];
+        let sent = ActRequest {
+            images: vec![Image {
+                camera: String::new(),
+                data: b"JPEGBYTES".to_vec(),
+                sha256: String::new(),
+            }],
+            ..Default::default()
+        };
+        // The policy's hash of the primary, reused by the server.
+        let known = [Some("aa".repeat(32)), None];
+        let canonical = reflex_proto::images::canonical_request(&sent, &cameras, &known);
+        let act = |req: &ActRequest| ActRecord {
+            request: Some(req.clone()),
+            ..sample_act(0, b"")
+        };
+        let full = RequestRecord::from_act(act(&canonical), ImageMode::Full).request;
+        assert_eq!(full.images[0].camera, "base");
+        assert_eq!(full.image_b64, b"JPEGBYTES");
+        assert_eq!(full.images[0].sha256, "aa".repeat(32));
+        assert_eq!(full.image_sha256, "aa".repeat(32));
+        let hashed = RequestRecord::from_act(act(&canonical), ImageMode::HashOnly).request;
+        assert!(hashed.images[0].data.is_empty() && hashed.image_b64.is_empty());
+        assert_eq!(hashed.images[0].sha256, "aa".repeat(32));
+        let none = RequestRecord::from_act(act(&canonical), ImageMode::None).request;
+        assert!(
+            none.images.is_empty() && none.image_sha256.is_empty() && none.image_b64.is_empty()
+        );
+    }
+
+    /// Regression: with `image_b64` and `images[0].data` both set (the server answers
+    /// INVALID_ARGUMENT), the recorder kept `images[0].data` as the primary and dropped
+    /// `image_b64`, so the recorded request replayed as a valid one.
+    #[test]
+    fn two_primary_images_are_recorded_as_sent() {
+        let mut act = sample_act(0, b"IMAGES0");
+        act.request.as_mut().unwrap().image_b64 = b"B64".to_vec();
+        let full = RequestRecord::from_act(act.clone(), ImageMode::Full).request;
+        assert_eq!(full.images[0].data, b"IMAGES0");
+        assert_eq!(full.images[0].sha256, sha256_hex(b"IMAGES0"));
+        assert_eq!(full.image_b64, b"B64");
+        assert_eq!(full.image_sha256, sha256_hex(b"B64"));
+        assert_eq!(full.images[1].data, b"wrist-bytes");
+        // Replayed, it names two primary images again.
+        let back = full.to_proto();
+        let (mut images, mut b64) = (back.images, back.image_b64);
+        assert!(fold_primary(&mut images, &mut b64).is_err());
+        let hashed = RequestRecord::from_act(act, ImageMode::HashOnly).request;
+        assert!(hashed.images.iter().all(|i| i.data.is_empty()) && hashed.image_b64.is_empty());
+        assert_eq!(hashed.images[0].sha256, sha256_hex(b"IMAGES0"));
+        assert_eq!(hashed.image_sha256, sha256_hex(b"B64"));
+    }
+
     #[test]
     fn request_object_uses_the_proto_field_names() {
         let rec = RequestRecord::from_act(sample_act(0, b"img"), ImageMode::Full);
@@ -1338,6 +1391,7 @@ pub(crate) mod tests {
             dropped_requests: 2,
             ended_reason: "shutdown".into(),
             records_written: Some(1841),
+            refused_requests: None,
         };
         let text = line(&f);
         assert_eq!(

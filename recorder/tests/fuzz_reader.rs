@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use proptest::sample::Index;
+use proptest::string::string_regex;
 use proptest::test_runner::FileFailurePersistence;
 use reflex_proto::v1 as pb;
 use reflex_recorder::reader::MAX_LINE_BYTES;
@@ -786,11 +787,24 @@ proptest! {
     }
 }
 
+/// Characters JSON escapes or that trip naive readers.
+const AWKWARD_CHARS: &str = "[\\x00-\\x1f\"\\\\/\u{2028}\u{2029}\u{feff}\u{10ffff}]";
+
 fn any_string() -> impl Strategy<Value = String> {
     prop_oneof![
         3 => any::<String>(),
         1 => Just(String::new()),
-        1 => "[\\x00-\\x1f\"\\\\/\u{2028}\u{2029}\u{feff}\u{10ffff}]{0,8}",
+        1 => string_regex(&format!("{AWKWARD_CHARS}{{0,8}}")).unwrap(),
+    ]
+}
+
+/// [`any_string`] without the empty one, generated as such rather than filtered: proptest
+/// gives up a run after 65,536 local rejects, and a filter that rejected a fifth of the
+/// cases stopped `fuzz_trace_round_trip` near 205,000 cases.
+fn non_empty_string() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => "\\PC+",
+        1 => string_regex(&format!("{AWKWARD_CHARS}{{1,8}}")).unwrap(),
     ]
 }
 
@@ -846,7 +860,7 @@ fn act_record() -> impl Strategy<Value = pb::ActRecord> {
         (
             any::<u64>(),
             any::<u64>(),
-            any_string().prop_filter("set", |s| !s.is_empty()),
+            non_empty_string(),
             proptest::option::of(request),
         ),
         (

@@ -2,9 +2,14 @@
 //!
 //! Validation happens while parsing where clap can do it (exactly one of `--target` and
 //! `--model` unless `--no-replay`, `--concurrency` in range); [`ReplayArgs::diffs`] folds
-//! `--diff` and `--fail-on` into the set of diffs that are computed.
+//! `--diff` and `--fail-on` into the set of diffs that are computed. The values of both
+//! flags come from [`Kind::ALL`]: a new kind of diff is a new value without an edit here.
 
 use std::path::PathBuf;
+
+use clap::builder::PossibleValue;
+
+use crate::diff::{Kind, KindSet};
 
 /// Replay a trace against a server or an export and diff actions, latency and cache.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,8 +40,9 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "PEM", requires = "target")]
     pub tls_ca: Option<PathBuf>,
 
-    /// Diffs to compute: actions (cos + max_abs), latency (±5 %), cache (status match) or all.
-    #[arg(long, value_name = "MODE", value_enum, default_value_t = DiffMode::Actions)]
+    /// Diffs to compute: one kind (actions: cos + max_abs, latency: ±5 %, cache: status
+    /// match) or all.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = DiffMode::One(Kind::Actions))]
     pub diff: DiffMode,
 
     /// Replay only the first N request records (0: all).
@@ -65,6 +71,12 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "K", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
+
+    /// The `reflex` binary that serves `--model` as a child process (default: this one;
+    /// unused without `--model`). Hidden: for tests, and for a replay built apart from its
+    /// server.
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub serve_bin: Option<PathBuf>,
 }
 
 impl ReplayArgs {
@@ -76,17 +88,17 @@ impl ReplayArgs {
             model: None,
             auth_token_file: None,
             tls_ca: None,
-            diff: DiffMode::Actions,
+            diff: DiffMode::One(Kind::Actions),
             n: 0,
             output: None,
             fail_on: None,
             no_replay: false,
             image_dir: None,
             concurrency: 1,
+            serve_bin: None,
         }
     }
 
-    /// The diffs computed: `--diff`, plus whatever `--fail-on` names.
     /// How to dial `--target`: its token and CA, read now (a bad file fails here).
     pub fn connect_options(
         &self,
@@ -101,44 +113,64 @@ impl ReplayArgs {
         Ok(o)
     }
 
-    pub fn diffs(&self) -> Diffs {
-        let mut d = Diffs::from(self.diff);
+    /// The diffs computed: `--diff`, plus whatever `--fail-on` names.
+    pub fn diffs(&self) -> KindSet {
+        let mut d = self.diff.kinds();
         match self.fail_on {
-            Some(FailOn::Actions) => d.actions = true,
-            Some(FailOn::Latency) => d.latency = true,
-            Some(FailOn::Cache) => d.cache = true,
-            Some(FailOn::All) => d = Diffs::ALL,
+            Some(FailOn::One(k)) => d.insert(k),
+            Some(FailOn::All) => d = KindSet::ALL,
             Some(FailOn::Any) | None => {}
         }
         d
     }
 }
 
-/// `--diff`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// `--diff`: one [`Kind`], or all of them. Its values are [`Kind::ALL`]'s names and `all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiffMode {
-    /// Cosine similarity and max |Δ| of the action chunk.
-    Actions,
-    /// The target's `latency.total_ms` against the recorded one.
-    Latency,
-    /// The target's own cache status against the recorded one.
-    Cache,
-    /// All three.
+    One(Kind),
     All,
 }
 
-/// `--fail-on`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+impl DiffMode {
+    /// The kinds this mode computes.
+    pub fn kinds(self) -> KindSet {
+        match self {
+            DiffMode::One(k) => KindSet::of(k),
+            DiffMode::All => KindSet::ALL,
+        }
+    }
+}
+
+const DIFF_MODES: [DiffMode; Kind::COUNT + 1] = {
+    let mut v = [DiffMode::All; Kind::COUNT + 1];
+    let mut i = 0;
+    while i < Kind::COUNT {
+        v[i] = DiffMode::One(Kind::ALL[i]);
+        i += 1;
+    }
+    v
+};
+
+impl clap::ValueEnum for DiffMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &DIFF_MODES
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            DiffMode::One(k) => PossibleValue::new(k.as_str()).help(k.help()),
+            DiffMode::All => PossibleValue::new("all").help("Every kind"),
+        })
+    }
+}
+
+/// `--fail-on`: one [`Kind`], `all` (computes every diff) or `any` (whichever `--diff`
+/// computes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailOn {
-    /// A failing actions diff, or a recorded failure replayed differently.
-    Actions,
-    /// A failing latency diff.
-    Latency,
-    /// A failing cache diff.
-    Cache,
-    /// Computes every diff and fails on any of them.
+    One(Kind),
     All,
-    /// Fails on any diff that `--diff` computes.
     Any,
 }
 
@@ -146,67 +178,39 @@ impl FailOn {
     /// The flag's spelling.
     pub fn as_str(self) -> &'static str {
         match self {
-            FailOn::Actions => "actions",
-            FailOn::Latency => "latency",
-            FailOn::Cache => "cache",
+            FailOn::One(k) => k.as_str(),
             FailOn::All => "all",
             FailOn::Any => "any",
         }
     }
 }
 
-/// Which diffs a run computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Diffs {
-    pub actions: bool,
-    pub latency: bool,
-    pub cache: bool,
-}
-
-impl Diffs {
-    pub const ALL: Diffs = Diffs {
-        actions: true,
-        latency: true,
-        cache: true,
-    };
-
-    /// `all`, or the names joined by commas (as the report's first line shows them).
-    pub fn label(self) -> String {
-        if self == Diffs::ALL {
-            return "all".into();
-        }
-        let names: Vec<&str> = [
-            (self.actions, "actions"),
-            (self.latency, "latency"),
-            (self.cache, "cache"),
-        ]
-        .iter()
-        .filter_map(|(on, name)| on.then_some(*name))
-        .collect();
-        names.join(",")
+const FAIL_ONS: [FailOn; Kind::COUNT + 2] = {
+    let mut v = [FailOn::Any; Kind::COUNT + 2];
+    let mut i = 0;
+    while i < Kind::COUNT {
+        v[i] = FailOn::One(Kind::ALL[i]);
+        i += 1;
     }
-}
+    v[Kind::COUNT] = FailOn::All;
+    v
+};
 
-impl From<DiffMode> for Diffs {
-    fn from(m: DiffMode) -> Diffs {
-        match m {
-            DiffMode::Actions => Diffs {
-                actions: true,
-                latency: false,
-                cache: false,
-            },
-            DiffMode::Latency => Diffs {
-                actions: false,
-                latency: true,
-                cache: false,
-            },
-            DiffMode::Cache => Diffs {
-                actions: false,
-                latency: false,
-                cache: true,
-            },
-            DiffMode::All => Diffs::ALL,
-        }
+impl clap::ValueEnum for FailOn {
+    fn value_variants<'a>() -> &'a [Self] {
+        &FAIL_ONS
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let help = match self {
+            FailOn::One(k) if k.counts_call_outcome() => {
+                format!("A failing {k} diff, or a recorded failure replayed differently")
+            }
+            FailOn::One(k) => format!("A failing {k} diff"),
+            FailOn::All => "Computes every diff and fails on any of them".into(),
+            FailOn::Any => "Fails on any diff that --diff computes".into(),
+        };
+        Some(PossibleValue::new(self.as_str()).help(help))
     }
 }
 
@@ -233,7 +237,10 @@ mod tests {
         assert!(a.no_replay);
         let a = parse(&["t.jsonl", "--target", "unix:///s.sock"]).unwrap();
         assert_eq!(a.target.as_deref(), Some("unix:///s.sock"));
-        assert_eq!((a.diff, a.n, a.concurrency), (DiffMode::Actions, 0, 1));
+        assert_eq!(
+            (a.diff, a.n, a.concurrency),
+            (DiffMode::One(Kind::Actions), 0, 1)
+        );
         assert!(parse(&["t.jsonl", "--model", "d", "--concurrency", "0"]).is_err());
         assert!(parse(&["t.jsonl", "--model", "d", "--diff", "bogus"]).is_err());
     }
@@ -246,5 +253,40 @@ mod tests {
         assert_eq!(a.diffs().label(), "cache");
         let a = parse(&["t", "--model", "d", "--fail-on", "all"]).unwrap();
         assert_eq!(a.diffs().label(), "all");
+    }
+
+    #[test]
+    fn every_kind_is_a_value_of_both_flags() {
+        for k in Kind::ALL {
+            let a = parse(&["t", "--model", "d", "--diff", k.as_str()]).unwrap();
+            assert_eq!((a.diff, a.diffs()), (DiffMode::One(k), KindSet::of(k)));
+            let a = parse(&[
+                "t",
+                "--model",
+                "d",
+                "--diff",
+                "all",
+                "--fail-on",
+                k.as_str(),
+            ])
+            .unwrap();
+            assert_eq!(a.fail_on, Some(FailOn::One(k)));
+            assert_eq!(a.fail_on.unwrap().as_str(), k.as_str());
+        }
+        let a = parse(&["t", "--model", "d", "--diff", "all"]).unwrap();
+        assert_eq!(a.diffs(), KindSet::ALL);
+        let a = parse(&["t", "--model", "d", "--fail-on", "any"]).unwrap();
+        assert_eq!(a.fail_on, Some(FailOn::Any));
+        assert!(parse(&["t", "--model", "d", "--fail-on", "bogus"]).is_err());
+    }
+
+    #[test]
+    fn serve_bin_names_the_binary_that_serves_model() {
+        let a = parse(&["t", "--model", "d", "--serve-bin", "/x/reflex"]).unwrap();
+        assert_eq!(
+            a.serve_bin.as_deref(),
+            Some(std::path::Path::new("/x/reflex"))
+        );
+        assert_eq!(parse(&["t", "--model", "d"]).unwrap().serve_bin, None);
     }
 }

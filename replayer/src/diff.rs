@@ -1,4 +1,4 @@
-//! The comparisons: one recorded call against its replay.
+//! The comparisons: one recorded call against its replay, per [`Kind`] of diff.
 //!
 //! Thresholds (SPEC "Replay"): actions pass when cos ≥ 0.999 **and** max |Δ| < 1e-3;
 //! latency when the target's `latency.total_ms` is within ±5 % of the recorded
@@ -6,10 +6,23 @@
 //! failed when recorded passes when the replay fails in the same class of gRPC code
 //! ([`ErrorClass`]).
 //!
+//! **[`Kind`] is the one list of diffs.** The flags (`--diff`, `--fail-on`), the compare
+//! step, the tallies, the console lines and the JSON report all iterate [`Kind::ALL`]; a
+//! new kind is a variant here, its arms in the `match`es of `impl Kind` and `impl Diff`,
+//! its result type, and its test below. Nothing else names a kind.
+//!
 //! Pure functions: no I/O, so every rule is tested here on numbers.
 
+use reflex_proto::errors::{ErrorSlug, code_from_name};
+use reflex_proto::v1::ActResponse;
+use reflex_recorder::RequestRecord;
 use serde::Serialize;
+use serde::ser::SerializeMap;
 use tonic::Code;
+
+use crate::format::{ms, ms_pair, sci, short_sci, verdict};
+/// The canonical gRPC code names are the wire contract's (`reflex_proto::errors`).
+pub use reflex_proto::errors::code_name;
 
 /// Smallest cosine similarity that passes.
 pub const MIN_COS: f64 = 0.999;
@@ -17,6 +30,304 @@ pub const MIN_COS: f64 = 0.999;
 pub const MAX_ABS: f64 = 1e-3;
 /// Largest |Δ| of total latency that passes, in percent of the recorded total.
 pub const LATENCY_PCT: f64 = 5.0;
+
+/// A kind of diff: what a replayed call is compared on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// Cosine similarity and max |Δ| of the action chunk.
+    Actions,
+    /// The target's `latency.total_ms` against the recorded one.
+    Latency,
+    /// The target's own cache status against the recorded one.
+    Cache,
+}
+
+impl Kind {
+    /// Every kind, in the order lines, summaries and reports show them.
+    pub const ALL: [Kind; 3] = [Kind::Actions, Kind::Latency, Kind::Cache];
+    /// How many kinds there are.
+    pub const COUNT: usize = Kind::ALL.len();
+
+    /// The name in flags, lines and the JSON report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Actions => "actions",
+            Kind::Latency => "latency",
+            Kind::Cache => "cache",
+        }
+    }
+
+    /// The help of its `--diff` value.
+    pub fn help(self) -> &'static str {
+        match self {
+            Kind::Actions => "Cosine similarity and max |Δ| of the action chunk",
+            Kind::Latency => "The target's latency.total_ms against the recorded one (±5 %)",
+            Kind::Cache => "The target's own cache status against the recorded one",
+        }
+    }
+
+    /// The pass rule, as the summary line states it.
+    pub fn rule(self) -> String {
+        match self {
+            Kind::Actions => format!("cos≥{MIN_COS}, max_abs<{}", short_sci(MAX_ABS)),
+            Kind::Latency => format!("within ±{LATENCY_PCT}% of recorded total_ms"),
+            Kind::Cache => "status match".to_string(),
+        }
+    }
+
+    /// Its thresholds, as the JSON report's `summary.thresholds` names them.
+    pub fn thresholds(self) -> &'static [(&'static str, f64)] {
+        match self {
+            Kind::Actions => &[("actions_min_cos", MIN_COS), ("actions_max_abs", MAX_ABS)],
+            Kind::Latency => &[("latency_pct", LATENCY_PCT)],
+            Kind::Cache => &[],
+        }
+    }
+
+    /// Whether this diff stands for the outcome of the call, so that a recorded failure
+    /// replayed differently fails it too (for `--fail-on`).
+    pub fn counts_call_outcome(self) -> bool {
+        matches!(self, Kind::Actions)
+    }
+
+    /// Compares a recorded call that succeeded with the target's answer (or its error).
+    /// `None` when the trace has nothing to compare with for this kind.
+    pub fn compare(
+        self,
+        record: &RequestRecord,
+        reply: Result<&ActResponse, &tonic::Status>,
+    ) -> Option<Diff> {
+        match self {
+            Kind::Actions => Some(Diff::Actions(match reply {
+                Ok(resp) => ActionsDiff::compare(
+                    &record.response.actions,
+                    (record.response.num_actions, record.response.action_dim),
+                    &resp.actions,
+                    (resp.num_actions, resp.action_dim),
+                ),
+                Err(s) => ActionsDiff::failed(format!("target error {}", code_name(s.code()))),
+            })),
+            Kind::Latency => LatencyDiff::compare(
+                record.latency.total_ms,
+                reply
+                    .ok()
+                    .and_then(|r| r.latency.as_ref())
+                    .map(|l| l.total_ms),
+            )
+            .map(Diff::Latency),
+            Kind::Cache => CacheDiff::compare(
+                record.cache.as_ref().map_or("", |c| c.status.as_str()),
+                reply.ok().map(|r| r.cache.as_str()),
+            )
+            .map(Diff::Cache),
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A set of kinds: the diffs a run computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KindSet(u32);
+
+impl KindSet {
+    pub const ALL: KindSet = KindSet((1 << Kind::COUNT) - 1);
+    pub const EMPTY: KindSet = KindSet(0);
+
+    pub fn of(kind: Kind) -> KindSet {
+        KindSet(1 << kind.index())
+    }
+
+    pub fn insert(&mut self, kind: Kind) {
+        self.0 |= 1 << kind.index();
+    }
+
+    pub fn contains(self, kind: Kind) -> bool {
+        self.0 & (1 << kind.index()) != 0
+    }
+
+    /// The kinds in the set, in [`Kind::ALL`] order.
+    pub fn iter(self) -> impl Iterator<Item = Kind> {
+        Kind::ALL.into_iter().filter(move |k| self.contains(*k))
+    }
+
+    /// `all`, or the names joined by commas (as the report's first line shows them).
+    pub fn label(self) -> String {
+        if self == KindSet::ALL {
+            return "all".into();
+        }
+        self.iter().map(Kind::as_str).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// One kind's comparison of one call.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Diff {
+    Actions(ActionsDiff),
+    Latency(LatencyDiff),
+    Cache(CacheDiff),
+}
+
+impl Diff {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Diff::Actions(_) => Kind::Actions,
+            Diff::Latency(_) => Kind::Latency,
+            Diff::Cache(_) => Kind::Cache,
+        }
+    }
+
+    pub fn pass(&self) -> bool {
+        match self {
+            Diff::Actions(d) => d.pass,
+            Diff::Latency(d) => d.pass,
+            Diff::Cache(d) => d.pass,
+        }
+    }
+
+    /// Its part of the request's console line, e.g. `cache: hit→hit [PASS]`.
+    pub fn text(&self) -> String {
+        let body = match self {
+            Diff::Actions(a) => match (a.cos, a.max_abs) {
+                (Some(cos), Some(max)) => format!("cos={cos:.6} max_abs={}", sci(max)),
+                _ => a.note.as_deref().unwrap_or("-").to_string(),
+            },
+            Diff::Latency(l) => match (l.replayed_ms, l.delta_pct) {
+                (Some(r), Some(d)) => format!("{} ({d:+.1}%)", ms_pair(l.recorded_ms, r)),
+                _ => format!("{}→-", ms(l.recorded_ms)),
+            },
+            Diff::Cache(c) => format!("{}→{}", c.recorded, c.replayed.as_deref().unwrap_or("-")),
+        };
+        format!("{}: {body} {}", self.kind(), verdict(self.pass()))
+    }
+}
+
+/// The diffs of one call, in [`Kind::ALL`] order; in JSON, one field per kind computed
+/// (`"actions": {…}, "cache": {…}`), flattened into the request's entry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Diffs(Vec<Diff>);
+
+impl Diffs {
+    pub fn push(&mut self, d: Diff) {
+        debug_assert!(self.get(d.kind()).is_none(), "one diff per kind");
+        self.0.push(d);
+        self.0.sort_by_key(Diff::kind);
+    }
+
+    pub fn get(&self, kind: Kind) -> Option<&Diff> {
+        self.0.iter().find(|d| d.kind() == kind)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Diff> {
+        self.0.iter()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<Diff> for Diffs {
+    fn from_iter<I: IntoIterator<Item = Diff>>(iter: I) -> Diffs {
+        let mut d = Diffs::default();
+        for x in iter {
+            d.push(x);
+        }
+        d
+    }
+}
+
+impl Serialize for Diffs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for d in &self.0 {
+            m.serialize_entry(d.kind().as_str(), d)?;
+        }
+        m.end()
+    }
+}
+
+/// pass / fail / total of one kind of diff.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    pub pass: u64,
+    pub fail: u64,
+    pub total: u64,
+}
+
+impl Tally {
+    pub fn add(&mut self, pass: bool) {
+        self.total += 1;
+        if pass {
+            self.pass += 1;
+        } else {
+            self.fail += 1;
+        }
+    }
+}
+
+/// A [`Tally`] per kind computed; in JSON one field per kind, `null` for a kind the run
+/// did not compute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tallies([Option<Tally>; Kind::COUNT]);
+
+impl Tallies {
+    /// Zero tallies for the kinds in `kinds`.
+    pub fn new(kinds: KindSet) -> Tallies {
+        let mut t = Tallies::default();
+        for k in kinds.iter() {
+            t.0[k.index()] = Some(Tally::default());
+        }
+        t
+    }
+
+    /// `None` when the run does not compute `kind`.
+    pub fn get(&self, kind: Kind) -> Option<Tally> {
+        self.0[kind.index()]
+    }
+
+    /// Counts `d` when its kind is computed.
+    pub fn add(&mut self, d: &Diff) {
+        if let Some(t) = &mut self.0[d.kind().index()] {
+            t.add(d.pass());
+        }
+    }
+}
+
+impl Serialize for Tallies {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(Kind::COUNT))?;
+        for k in Kind::ALL {
+            m.serialize_entry(k.as_str(), &self.get(k))?;
+        }
+        m.end()
+    }
+}
+
+/// The thresholds in force, as the report states them (each kind's [`Kind::thresholds`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Thresholds;
+
+impl Serialize for Thresholds {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        for k in Kind::ALL {
+            for (name, value) in k.thresholds() {
+                m.serialize_entry(name, value)?;
+            }
+        }
+        m.end()
+    }
+}
 
 /// Actions of one call, recorded against replayed.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -236,56 +547,139 @@ impl ErrorClass {
         }
     }
 
-    /// The class of a recorded `error.slug`: a gRPC code name in any case (`INVALID_ARGUMENT`,
-    /// `invalid-argument`) or one of the server's own slugs. `None`: unknown or empty.
+    /// The class of a recorded `error.slug`: one of the server's own slugs or a gRPC code
+    /// name, in any case and with `-` or `_` (`queue-full`, `INVALID_ARGUMENT`,
+    /// `invalid-argument`). `None`: unknown or empty.
     pub fn of_slug(slug: &str) -> Option<ErrorClass> {
-        let norm = slug.trim().to_ascii_uppercase().replace('-', "_");
-        let code = match norm.as_str() {
-            // reflex-server's slugs (service::ServiceError::slug).
-            "QUEUE_FULL" => Code::ResourceExhausted,
-            "SHUTTING_DOWN" => Code::Unavailable,
-            "ENGINE_FAILED" | "WORKER_LOST" => Code::Internal,
-            other => code_from_name(other)?,
+        let slug = slug.trim();
+        let code = match ErrorSlug::parse(&slug.to_ascii_lowercase().replace('_', "-")) {
+            // The server's slugs name the code it answered with.
+            Some(s) => s.code(),
+            None => code_from_name(&slug.to_ascii_uppercase().replace('-', "_"))?,
         };
         Some(ErrorClass::of(code))
     }
 }
 
-const CODES: [(Code, &str); 17] = [
-    (Code::Ok, "OK"),
-    (Code::Cancelled, "CANCELLED"),
-    (Code::Unknown, "UNKNOWN"),
-    (Code::InvalidArgument, "INVALID_ARGUMENT"),
-    (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
-    (Code::NotFound, "NOT_FOUND"),
-    (Code::AlreadyExists, "ALREADY_EXISTS"),
-    (Code::PermissionDenied, "PERMISSION_DENIED"),
-    (Code::ResourceExhausted, "RESOURCE_EXHAUSTED"),
-    (Code::FailedPrecondition, "FAILED_PRECONDITION"),
-    (Code::Aborted, "ABORTED"),
-    (Code::OutOfRange, "OUT_OF_RANGE"),
-    (Code::Unimplemented, "UNIMPLEMENTED"),
-    (Code::Internal, "INTERNAL"),
-    (Code::Unavailable, "UNAVAILABLE"),
-    (Code::DataLoss, "DATA_LOSS"),
-    (Code::Unauthenticated, "UNAUTHENTICATED"),
-];
-
-/// `INVALID_ARGUMENT` for `Code::InvalidArgument`.
-pub fn code_name(code: Code) -> &'static str {
-    CODES
-        .iter()
-        .find(|(c, _)| *c == code)
-        .map_or("UNKNOWN", |(_, n)| n)
-}
-
-fn code_from_name(name: &str) -> Option<Code> {
-    CODES.iter().find(|(_, n)| *n == name).map(|(c, _)| *c)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use reflex_proto::v1::Latency;
+    use reflex_recorder::trace::{CacheInfo, TraceLatency, TraceResponse};
+
+    /// A recorded call that succeeded: a 1×2 chunk, 3 ms, a cache hit.
+    fn record() -> RequestRecord {
+        RequestRecord {
+            response: TraceResponse {
+                actions: vec![0.5, -0.25],
+                num_actions: 1,
+                action_dim: 2,
+            },
+            latency: TraceLatency {
+                total_ms: 3.0,
+                ..Default::default()
+            },
+            cache: Some(CacheInfo {
+                status: "hit".into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn kinds_are_listed_once_in_order_with_distinct_names() {
+        for (i, k) in Kind::ALL.into_iter().enumerate() {
+            assert_eq!(k.index(), i, "ALL is in declaration order");
+            assert!(!k.help().is_empty() && !k.rule().is_empty());
+        }
+        let mut names: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Kind::COUNT);
+        assert!(
+            !names.contains(&"all") && !names.contains(&"any"),
+            "flag words"
+        );
+        assert_eq!(KindSet::ALL.iter().collect::<Vec<_>>(), Kind::ALL);
+        assert_eq!(KindSet::ALL.label(), "all");
+        let mut s = KindSet::of(Kind::Cache);
+        s.insert(Kind::Actions);
+        assert_eq!(s.label(), "actions,cache");
+        assert_eq!(KindSet::EMPTY.label(), "");
+    }
+
+    #[test]
+    fn each_kind_compares_an_answer_and_an_error() {
+        let r = record();
+        let same = ActResponse {
+            actions: vec![0.5, -0.25],
+            num_actions: 1,
+            action_dim: 2,
+            cache: "hit".into(),
+            latency: Some(Latency {
+                total_ms: 3.1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let error = tonic::Status::internal("boom");
+        for k in Kind::ALL {
+            let ok = k
+                .compare(&r, Ok(&same))
+                .expect("the record has data for every kind");
+            assert_eq!(ok.kind(), k);
+            assert!(ok.pass(), "{k}: {ok:?}");
+            assert!(ok.text().starts_with(&format!("{k}: ")), "{}", ok.text());
+            assert!(ok.text().ends_with(" [PASS]"));
+            let failed = k
+                .compare(&r, Err(&error))
+                .expect("an error is a failed diff");
+            assert!(!failed.pass(), "{k}: {failed:?}");
+            assert!(failed.text().ends_with(" [FAIL]"));
+        }
+        let mut other = same.clone();
+        other.actions = vec![-0.5, 0.25];
+        other.cache = "miss".into();
+        other.latency = Some(Latency {
+            total_ms: 30.0,
+            ..Default::default()
+        });
+        for k in Kind::ALL {
+            assert!(!k.compare(&r, Ok(&other)).unwrap().pass(), "{k}");
+        }
+        // Nothing to compare with: no recorded latency, no recorded cache status.
+        let bare = RequestRecord::default();
+        assert!(Kind::Latency.compare(&bare, Ok(&same)).is_none());
+        assert!(Kind::Cache.compare(&bare, Ok(&same)).is_none());
+    }
+
+    #[test]
+    fn per_kind_json_fields() {
+        let r = record();
+        let d: Diffs = [Kind::Cache, Kind::Actions]
+            .into_iter()
+            .filter_map(|k| k.compare(&r, Err(&tonic::Status::unavailable("x"))))
+            .collect();
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["actions"]["note"], "target error UNAVAILABLE");
+        assert_eq!(v["cache"]["replayed"], serde_json::Value::Null);
+        assert!(v.get("latency").is_none());
+        let kinds: Vec<Kind> = d.iter().map(Diff::kind).collect();
+        assert_eq!(kinds, [Kind::Actions, Kind::Cache], "in Kind::ALL order");
+
+        let mut t = Tallies::new(KindSet::of(Kind::Actions));
+        for x in d.iter() {
+            t.add(x);
+        }
+        let v = serde_json::to_value(t).unwrap();
+        assert_eq!(v["actions"]["fail"], 1);
+        assert_eq!(v["cache"], serde_json::Value::Null, "not computed");
+        assert_eq!(v["latency"], serde_json::Value::Null);
+        let v = serde_json::to_value(Thresholds).unwrap();
+        assert_eq!(v["actions_min_cos"], 0.999);
+        assert_eq!(v["actions_max_abs"], 0.001);
+        assert_eq!(v["latency_pct"], 5.0);
+    }
 
     #[test]
     fn identical_actions_are_exact() {
@@ -337,6 +731,20 @@ mod tests {
         assert!(!CacheDiff::compare("hit", Some("miss")).unwrap().pass);
         assert!(!CacheDiff::compare("miss", None).unwrap().pass);
         assert_eq!(CacheDiff::compare("", Some("hit")), None);
+    }
+
+    /// The server's slugs come from the shared list, so a slug it adds is classed here
+    /// without a second copy to update.
+    #[test]
+    fn every_server_slug_has_the_class_of_its_code() {
+        for slug in ErrorSlug::ALL {
+            let class = Some(ErrorClass::of(slug.code()));
+            assert_eq!(ErrorClass::of_slug(slug.as_str()), class, "{slug}");
+            let shouted = slug.as_str().to_ascii_uppercase().replace('-', "_");
+            assert_eq!(ErrorClass::of_slug(&shouted), class, "{shouted}");
+        }
+        assert_eq!(ErrorClass::of_slug("no-such-slug"), None);
+        assert_eq!(ErrorClass::of_slug(" "), None);
     }
 
     #[test]

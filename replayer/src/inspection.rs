@@ -2,18 +2,19 @@
 //! seqs, time span, cache statuses, errors, recorded latency percentiles, what the trace
 //! keeps of its images, the footer and any truncation.
 //!
-//! It runs on the calling thread, straight off the reader (the reader inflates gzip on a
+//! It imports nothing of the report (the report holds an [`Inspection`], not the other way
+//! round). It runs on the calling thread, straight off the reader (the reader inflates gzip on a
 //! helper thread of its own), and keeps one `f64` per record for the percentiles.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use reflex_recorder::{ReadError, Record, TraceReader};
+use reflex_recorder::{ReadError, Record, TraceReader, Truncation};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::format::ms;
 use crate::images::{self, Kept};
-use crate::report::{TruncationInfo, ms};
 
 /// What `--no-replay` found.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -81,6 +82,24 @@ pub struct ImageCounts {
     pub bytes: u64,
     pub hashes_only: u64,
     pub none: u64,
+}
+
+/// Where the trace ended early (a crash-cut tail), as `--no-replay` and the summary of a
+/// replay report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TruncationInfo {
+    /// First line missing or cut.
+    pub line: u64,
+    pub reason: String,
+}
+
+impl From<&Truncation> for TruncationInfo {
+    fn from(t: &Truncation) -> Self {
+        TruncationInfo {
+            line: t.line,
+            reason: t.to_string(),
+        }
+    }
 }
 
 /// Reads up to `n` request records (0: all). An error after the header comes back with

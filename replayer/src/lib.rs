@@ -5,28 +5,39 @@
 //! ([`reflex_recorder::TraceReader`], the only way in); each request record becomes the
 //! `ActRequest` it was, with the recorded `noise_seed` (so the same model replays
 //! bit-exactly) and its image bytes (from the trace, or from `--image-dir` by SHA-256);
-//! the target — a server at `--target`, or a private in-process server for `--model` —
+//! the target — a server at `--target`, or a private `reflex serve` child for `--model` —
 //! answers; each answer is diffed against the recorded response; one line per request and
 //! a summary go to stdout, a JSON report to `--output`.
 //!
 //! **Invariants.** This crate never parses trace lines itself (the schema lives in
-//! `reflex_recorder::trace`). stdout carries the report only; errors and the progress
-//! bar go to stderr. Lines print in seq order whatever `--concurrency` is.
+//! `reflex_recorder::trace`). It links no server, model runtime or tracing SDK: it
+//! depends on `reflex-proto` (the wire, and the [`CallTracer`] hook its caller may fill),
+//! the recorder's trace reader, and `reflex-systemd`'s child-process plumbing
+//! (`replayer/tests/dependencies.rs` checks it). stdout carries the report only; errors
+//! and the progress bar go to stderr. Lines print in seq order whatever `--concurrency` is.
 //!
-//! Modules:
-//! - [`args`]: the `reflex replay` flags ([`ReplayArgs`]).
-//! - [`replay`]: one run, from the header to the exit code; the feed and the in-flight queue.
-//! - [`diff`]: the comparisons and their thresholds.
+//! Modules (an arrow is "imports"; none imports one that imports it back):
+//! - [`args`]: the `reflex replay` flags ([`ReplayArgs`]) → `diff`.
+//! - [`replay`]: one run, from the header to the exit code; the feed and the in-flight
+//!   queue → every module below.
+//! - [`diff`]: [`diff::Kind`], the one list of diffs, the comparisons and their
+//!   thresholds, the per-kind results and tallies → `format`.
 //! - [`images`]: recorded request → `ActRequest` with image bytes; the `--image-dir` index.
-//! - [`target`]: the server driven: `--target URI` or the private server of `--model DIR`.
-//! - [`report`]: text lines, summary, the JSON report (schema in the README, "Replay report"), the console.
-//! - [`inspection`]: `--no-replay`, a summary of the trace without a model.
+//! - [`target`]: the server driven: `--target URI` or the private server of `--model DIR`
+//!   → `private_server`, `diff`.
+//! - [`private_server`]: the `reflex serve` child of `--model`.
+//! - [`report`]: text lines, summary, the JSON report (schema in the README, "Replay
+//!   report"), the console → `args`, `diff`, `format`, `inspection`, `progress`, `target`.
+//! - [`inspection`]: `--no-replay`, a summary of the trace without a model → `format`, `images`.
+//! - [`format`]: numbers and verdicts as the console shows them.
 //! - [`progress`]: the progress bar (stderr, terminals only).
 
 pub mod args;
 pub mod diff;
+pub mod format;
 pub mod images;
 pub mod inspection;
+pub mod private_server;
 pub mod progress;
 pub mod replay;
 pub mod report;
@@ -35,9 +46,12 @@ pub mod target;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
+
 use tokio_util::sync::CancellationToken;
 
 pub use args::ReplayArgs;
+pub use reflex_proto::CallTracer;
 pub use replay::ReplayError;
 pub use report::Report;
 
@@ -60,13 +74,17 @@ pub enum Exit {
 }
 
 /// Runs a replay, printing the report to stdout (errors to stderr); returns the exit code.
-pub async fn run(args: ReplayArgs, shutdown: CancellationToken) -> Exit {
+/// With a `tracer` (the `reflex` binary passes its OpenTelemetry one when `OTEL_*` asks
+/// for tracing), each replayed call is a span the target's `act` span continues.
+pub async fn run(
+    args: ReplayArgs,
+    shutdown: CancellationToken,
+    tracer: Option<Arc<dyn CallTracer>>,
+) -> Exit {
     let mut console = report::Console::stdio();
-    // Tracing follows the standard OTEL_* variables; off when they are unset.
-    let telemetry = reflex_server::telemetry::Telemetry::tracing_from_env("reflex-replay").await;
-    let exit = replay::execute(&args, &shutdown, &mut console).await.0;
-    telemetry.shutdown().await;
-    exit
+    replay::execute(&args, &shutdown, &mut console, tracer)
+        .await
+        .0
 }
 
 /// [`run`] with the text going to the given writers instead; also returns the report.
@@ -77,5 +95,5 @@ pub async fn run_with(
     err: Box<dyn std::io::Write + Send>,
 ) -> (Exit, Report) {
     let mut console = report::Console::new(out, err);
-    replay::execute(args, shutdown, &mut console).await
+    replay::execute(args, shutdown, &mut console, None).await
 }

@@ -32,9 +32,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reflex_proto::AuthChannel;
 use reflex_proto::v1::policy_client::PolicyClient;
 use reflex_proto::v1::{ActRequest, ActResponse};
+use reflex_proto::{AuthChannel, CallTracer};
 use reflex_recorder::trace::ImageMode;
 use reflex_recorder::{Footer, Header, ReadError, Record, RequestRecord, TraceReader, Truncation};
 use tokio::sync::mpsc;
@@ -42,12 +42,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::Exit;
-use crate::args::{Diffs, ReplayArgs};
-use crate::diff::{ActionsDiff, CacheDiff, ErrorClass, ErrorDiff, LatencyDiff, RecordedError};
+use crate::args::ReplayArgs;
+use crate::diff::{ErrorClass, ErrorDiff, KindSet, RecordedError};
 use crate::images::{self, ImageIndex, IndexError, Kept, Unresolved};
-use crate::inspection;
+use crate::inspection::{self, TruncationInfo};
 use crate::progress::Unit;
-use crate::report::{Console, Outcome, Report, RequestResult, Stop, Summary, TruncationInfo};
+use crate::report::{Console, Outcome, Report, RequestResult, Stop, Summary};
 use crate::target::{Target, TargetError};
 
 /// One call may take this long before it counts as a target error.
@@ -96,14 +96,16 @@ fn line_prefix(e: &ReadError) -> String {
     }
 }
 
-/// Runs one replay, printing to `con`; returns the exit code and the report.
+/// Runs one replay, printing to `con`; returns the exit code and the report. With a
+/// `tracer`, each call is a span whose context goes to the target (`traceparent`).
 pub async fn execute(
     args: &ReplayArgs,
     shutdown: &CancellationToken,
     con: &mut Console,
+    tracer: Option<Arc<dyn CallTracer>>,
 ) -> (Exit, Report) {
     let mut report = Report::new(args);
-    let mut exit = match drive(args, shutdown, con, &mut report).await {
+    let mut exit = match drive(args, shutdown, con, &mut report, tracer).await {
         Ok(exit) => exit,
         Err(e) => {
             let text = e.to_string();
@@ -131,6 +133,7 @@ async fn drive(
     shutdown: &CancellationToken,
     con: &mut Console,
     report: &mut Report,
+    tracer: Option<Arc<dyn CallTracer>>,
 ) -> Result<Exit, ReplayError> {
     check_output(args)?;
     con.line(&format!("Replay: {}", args.trace.display()));
@@ -207,7 +210,14 @@ async fn drive(
         }
         (None, Some(dir)) => {
             con.line(&format!("Loading target model: {}", dir.display()));
-            Target::start_private(dir.clone(), concurrency, shutdown).await?
+            let bin = match &args.serve_bin {
+                Some(b) => b.clone(),
+                None => std::env::current_exe().map_err(|e| TargetError::Model {
+                    dir: dir.clone(),
+                    reason: format!("cannot find the reflex binary to serve it: {e}"),
+                })?,
+            };
+            Target::start_private(&bin, dir.clone(), concurrency, shutdown).await?
         }
         (None, None) => return Err(TargetError::Missing.into()),
     };
@@ -259,6 +269,7 @@ async fn drive(
     let mut run = Run {
         client: target.client.clone(),
         diffs,
+        tracer,
         concurrency,
         pending: VecDeque::new(),
         in_flight: 0,
@@ -284,9 +295,7 @@ async fn drive(
         let (records, bytes) = (summary.records, run.last_file_bytes);
         con.progress
             .update(records, bytes, || format!("seq={}", result.seq));
-        if args.output.is_some() {
-            report.requests.push(result);
-        }
+        report.push(result);
     }
     con.progress.finish();
     // The feed stops as soon as its channel is gone.
@@ -528,7 +537,8 @@ enum Pending {
 /// The state of the replay loop.
 struct Run {
     client: PolicyClient<AuthChannel>,
-    diffs: Diffs,
+    diffs: KindSet,
+    tracer: Option<Arc<dyn CallTracer>>,
     concurrency: usize,
     pending: VecDeque<Pending>,
     in_flight: usize,
@@ -590,8 +600,9 @@ impl Run {
                         Ok(req) => {
                             let client = self.client.clone();
                             let diffs = self.diffs;
+                            let tracer = self.tracer.clone();
                             let handle = tokio::spawn(async move {
-                                let res = call(client, req, seq).await;
+                                let res = call(client, req, seq, tracer.as_deref()).await;
                                 compare(&record, line, res, diffs)
                             });
                             self.pending.push_back(Pending::Call(handle, seq, line));
@@ -663,21 +674,20 @@ async fn call(
     mut client: PolicyClient<AuthChannel>,
     req: ActRequest,
     seq: u64,
+    tracer: Option<&dyn CallTracer>,
 ) -> Result<ActResponse, tonic::Status> {
-    use tracing::Instrument;
-    // With OTEL_* tracing on, each replayed call is a span whose context goes
-    // to the target as `traceparent`: the replay shows up beside the original run.
-    let span = reflex_server::telemetry::replay_span(seq);
+    // With tracing on, each replayed call is a span whose context goes to the target as
+    // `traceparent`: the replay shows up beside the original run. It ends when dropped,
+    // after the answer.
+    let span = tracer.map(|t| t.start(seq));
     let mut request = tonic::Request::new(req);
     request.set_timeout(CALL_TIMEOUT);
-    reflex_server::telemetry::inject(&span, request.metadata_mut());
-    let res = client
-        .act(request)
-        .instrument(span.clone())
-        .await
-        .map(tonic::Response::into_inner);
-    if let Err(s) = &res {
-        reflex_server::telemetry::fail_span(&span, "target-error", s.message());
+    if let Some(span) = &span {
+        span.inject(request.metadata_mut());
+    }
+    let res = client.act(request).await.map(tonic::Response::into_inner);
+    if let (Err(s), Some(span)) = (&res, &span) {
+        span.fail("target-error", s.message());
     }
     res
 }
@@ -687,7 +697,7 @@ fn compare(
     record: &RequestRecord,
     line: u64,
     res: Result<ActResponse, tonic::Status>,
-    diffs: Diffs,
+    kinds: KindSet,
 ) -> RequestResult {
     let recorded_error = record.error.as_ref().map(|e| RecordedError {
         slug: e.slug.clone(),
@@ -706,43 +716,13 @@ fn compare(
         out.error = ErrorDiff::compare(recorded_error, res.as_ref().err());
         return out;
     }
-    let recorded_cache = record.cache.as_ref().map_or("", |c| c.status.as_str());
-    match res {
-        Ok(resp) => {
-            if diffs.actions {
-                out.actions = Some(ActionsDiff::compare(
-                    &record.response.actions,
-                    (record.response.num_actions, record.response.action_dim),
-                    &resp.actions,
-                    (resp.num_actions, resp.action_dim),
-                ));
-            }
-            if diffs.latency {
-                out.latency = LatencyDiff::compare(
-                    record.latency.total_ms,
-                    resp.latency.as_ref().map(|l| l.total_ms),
-                );
-            }
-            if diffs.cache {
-                out.cache = CacheDiff::compare(recorded_cache, Some(&resp.cache));
-            }
-        }
-        Err(s) => {
-            out.status = Outcome::TargetError;
-            if diffs.actions {
-                out.actions = Some(ActionsDiff::failed(format!(
-                    "target error {}",
-                    crate::diff::code_name(s.code())
-                )));
-            }
-            if diffs.latency {
-                out.latency = LatencyDiff::compare(record.latency.total_ms, None);
-            }
-            if diffs.cache {
-                out.cache = CacheDiff::compare(recorded_cache, None);
-            }
-            out.error = ErrorDiff::compare(None, Some(&s));
-        }
+    out.diffs = kinds
+        .iter()
+        .filter_map(|k| k.compare(record, res.as_ref()))
+        .collect();
+    if let Err(s) = &res {
+        out.status = Outcome::TargetError;
+        out.error = ErrorDiff::compare(None, Some(s));
     }
     out
 }

@@ -1,6 +1,7 @@
 //! What a replay tells: the per-request results and the summary, as text lines on
 //! stdout (the format of the seed's product page) and as the JSON report of `--output`
-//! (schema: `replayer/REPORT.md`; keep the two in step).
+//! (schema: README.md, "Replay report"; keep the two in step). Per-kind fields (`actions`,
+//! `latency`, `cache`) come from [`crate::diff::Kind`], not from this module.
 //!
 //! **stdout carries the report only.** Errors go to stderr; the progress bar
 //! ([`crate::progress`]) goes to stderr and only when stderr is a terminal.
@@ -8,12 +9,13 @@
 use std::io::{self, Write};
 use std::path::Path;
 
-use reflex_recorder::{Header, Truncation};
+use reflex_recorder::Header;
 use serde::Serialize;
 
-use crate::args::{Diffs, FailOn, ReplayArgs};
-use crate::diff::{self, ActionsDiff, CacheDiff, ErrorDiff, LatencyDiff};
-use crate::inspection::Inspection;
+use crate::args::{FailOn, ReplayArgs};
+use crate::diff::{Diffs, ErrorDiff, Kind, KindSet, Tallies, Tally, Thresholds};
+use crate::format::{one_line, verdict};
+use crate::inspection::{Inspection, TruncationInfo};
 use crate::progress::Progress;
 use crate::target::TargetInfo;
 
@@ -24,12 +26,9 @@ pub struct RequestResult {
     /// 1-based line of the record in the trace.
     pub line: u64,
     pub status: Outcome,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub actions: Option<ActionsDiff>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub latency: Option<LatencyDiff>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cache: Option<CacheDiff>,
+    /// One field per kind computed (`actions`, `latency`, `cache`), absent otherwise.
+    #[serde(flatten)]
+    pub diffs: Diffs,
     /// Present when the call failed on either side.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorDiff>,
@@ -61,9 +60,7 @@ impl RequestResult {
             seq,
             line,
             status: Outcome::NotReplayed,
-            actions: None,
-            latency: None,
-            cache: None,
+            diffs: Diffs::default(),
             error: None,
             missing_images: missing,
             unavailable: false,
@@ -99,41 +96,9 @@ impl RequestResult {
             ));
             return s;
         }
-        if let Some(a) = &self.actions {
-            match (a.cos, a.max_abs) {
-                (Some(cos), Some(max)) => s.push_str(&format!(
-                    " actions: cos={cos:.6} max_abs={} {}",
-                    sci(max),
-                    verdict(a.pass)
-                )),
-                _ => s.push_str(&format!(
-                    " actions: {} {}",
-                    a.note.as_deref().unwrap_or("-"),
-                    verdict(a.pass)
-                )),
-            }
-        }
-        if let Some(l) = &self.latency {
-            match (l.replayed_ms, l.delta_pct) {
-                (Some(r), Some(d)) => s.push_str(&format!(
-                    " latency: {} ({d:+.1}%) {}",
-                    ms_pair(l.recorded_ms, r),
-                    verdict(l.pass)
-                )),
-                _ => s.push_str(&format!(
-                    " latency: {}→- {}",
-                    ms(l.recorded_ms),
-                    verdict(l.pass)
-                )),
-            }
-        }
-        if let Some(c) = &self.cache {
-            s.push_str(&format!(
-                " cache: {}→{} {}",
-                c.recorded,
-                c.replayed.as_deref().unwrap_or("-"),
-                verdict(c.pass)
-            ));
+        for d in self.diffs.iter() {
+            s.push(' ');
+            s.push_str(&d.text());
         }
         if let Some(e) = &self.error {
             let rec = e.recorded.as_ref().map_or("ok".to_string(), |r| {
@@ -152,86 +117,6 @@ impl RequestResult {
     }
 }
 
-/// `[PASS]` / `[FAIL]`.
-fn verdict(pass: bool) -> &'static str {
-    if pass { "[PASS]" } else { "[FAIL]" }
-}
-
-/// `2.09e-07`, as C's `%.2e` prints it (Rust's `{:e}` writes `2.09e-7`).
-pub fn sci(x: f64) -> String {
-    if !x.is_finite() {
-        return format!("{x}");
-    }
-    let s = format!("{x:.2e}");
-    match s.split_once('e') {
-        Some((m, e)) => {
-            let (sign, digits) = match e.strip_prefix('-') {
-                Some(d) => ('-', d),
-                None => ('+', e),
-            };
-            format!("{m}e{sign}{digits:0>2}")
-        }
-        None => s,
-    }
-}
-
-/// `3.12→3.20ms`, `98→101ms`: both with the precision the larger one needs for three
-/// significant digits (our calls take milliseconds, the seed's a hundred).
-pub fn ms_pair(a: f64, b: f64) -> String {
-    let d = ms_decimals(a.abs().max(b.abs()));
-    format!("{a:.d$}→{b:.d$}ms")
-}
-
-/// One milliseconds value with the same rule as [`ms_pair`].
-pub fn ms(a: f64) -> String {
-    let d = ms_decimals(a.abs());
-    format!("{a:.d$}ms")
-}
-
-fn ms_decimals(big: f64) -> usize {
-    if big >= 100.0 {
-        0
-    } else if big >= 10.0 {
-        1
-    } else if big >= 0.1 {
-        2
-    } else {
-        3
-    }
-}
-
-fn one_line(s: &str, max: usize) -> String {
-    let flat: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if flat.chars().count() > max {
-        let cut: String = flat.chars().take(max).collect();
-        format!("{cut}…")
-    } else {
-        flat
-    }
-}
-
-/// pass / fail / total of one kind of diff.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Tally {
-    pub pass: u64,
-    pub fail: u64,
-    pub total: u64,
-}
-
-impl Tally {
-    fn add(&mut self, pass: bool) {
-        self.total += 1;
-        if pass {
-            self.pass += 1;
-        } else {
-            self.fail += 1;
-        }
-    }
-}
-
 /// Why a replay ended before the trace (or `--n`) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -242,41 +127,6 @@ pub enum Stop {
     TraceError,
     /// The target answered UNAVAILABLE or went away (exit 2).
     TargetUnavailable,
-}
-
-/// The thresholds in force, as the report states them.
-#[derive(Debug, Clone, Serialize)]
-pub struct Thresholds {
-    pub actions_min_cos: f64,
-    pub actions_max_abs: f64,
-    pub latency_pct: f64,
-}
-
-impl Default for Thresholds {
-    fn default() -> Self {
-        Thresholds {
-            actions_min_cos: diff::MIN_COS,
-            actions_max_abs: diff::MAX_ABS,
-            latency_pct: diff::LATENCY_PCT,
-        }
-    }
-}
-
-/// Where the trace ended early.
-#[derive(Debug, Clone, Serialize)]
-pub struct TruncationInfo {
-    /// First line missing or cut.
-    pub line: u64,
-    pub reason: String,
-}
-
-impl From<&Truncation> for TruncationInfo {
-    fn from(t: &Truncation) -> Self {
-        TruncationInfo {
-            line: t.line,
-            reason: t.to_string(),
-        }
-    }
 }
 
 /// Counts over the results of a replay.
@@ -292,10 +142,10 @@ pub struct Summary {
     pub not_replayed: u64,
     /// Succeeded when recorded, failed on the target.
     pub target_errors: u64,
-    /// `null` when that diff was not computed.
-    pub actions: Option<Tally>,
-    pub latency: Option<Tally>,
-    pub cache: Option<Tally>,
+    /// One field per [`Kind`] (`actions`, `latency`, `cache`): `null` when that diff was
+    /// not computed.
+    #[serde(flatten)]
+    pub tallies: Tallies,
     /// Calls that failed when recorded: the replay must fail the same way.
     pub errors: Tally,
     pub thresholds: Thresholds,
@@ -306,11 +156,9 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn new(diffs: Diffs, fail_on: Option<FailOn>) -> Summary {
+    pub fn new(diffs: KindSet, fail_on: Option<FailOn>) -> Summary {
         Summary {
-            actions: diffs.actions.then(Tally::default),
-            latency: diffs.latency.then(Tally::default),
-            cache: diffs.cache.then(Tally::default),
+            tallies: Tallies::new(diffs),
             fail_on: fail_on.map(FailOn::as_str),
             ..Default::default()
         }
@@ -335,30 +183,25 @@ impl Summary {
             return;
         }
         self.diffed += 1;
-        for (tally, pass) in [
-            (&mut self.actions, r.actions.as_ref().map(|a| a.pass)),
-            (&mut self.latency, r.latency.as_ref().map(|l| l.pass)),
-            (&mut self.cache, r.cache.as_ref().map(|c| c.pass)),
-        ] {
-            if let (Some(t), Some(p)) = (tally.as_mut(), pass) {
-                t.add(p);
-            }
+        for d in r.diffs.iter() {
+            self.tallies.add(d);
         }
+    }
+
+    /// The tally of `kind`; `None` when the run does not compute it.
+    pub fn tally(&self, kind: Kind) -> Option<Tally> {
+        self.tallies.get(kind)
     }
 
     /// Whether `--fail-on` fires. A recorded failure replayed differently counts for
     /// `actions` (the outcome of a call is what its actions diff stands for), `all` and `any`.
     pub fn fail_on_fires(&self, fail_on: Option<FailOn>) -> bool {
-        let failed = |t: &Option<Tally>| t.is_some_and(|t| t.fail > 0);
+        let failed = |k: Kind| self.tally(k).is_some_and(|t| t.fail > 0);
         let errors = self.errors.fail > 0;
         match fail_on {
             None => false,
-            Some(FailOn::Actions) => failed(&self.actions) || errors,
-            Some(FailOn::Latency) => failed(&self.latency),
-            Some(FailOn::Cache) => failed(&self.cache),
-            Some(FailOn::All | FailOn::Any) => {
-                failed(&self.actions) || failed(&self.latency) || failed(&self.cache) || errors
-            }
+            Some(FailOn::One(k)) => failed(k) || (k.counts_call_outcome() && errors),
+            Some(FailOn::All | FailOn::Any) => Kind::ALL.into_iter().any(failed) || errors,
         }
     }
 
@@ -369,24 +212,10 @@ impl Summary {
             format!("replayed: {}", self.replayed),
             format!("diffed: {}", self.diffed),
         ];
-        let t = &self.thresholds;
-        if let Some(a) = self.actions {
-            out.push(format!(
-                "actions: {}/{} pass (cos≥{}, max_abs<{})",
-                a.pass,
-                a.total,
-                t.actions_min_cos,
-                short_sci(t.actions_max_abs)
-            ));
-        }
-        if let Some(l) = self.latency {
-            out.push(format!(
-                "latency: {}/{} pass (within ±{}% of recorded total_ms)",
-                l.pass, l.total, t.latency_pct
-            ));
-        }
-        if let Some(c) = self.cache {
-            out.push(format!("cache: {}/{} pass (status match)", c.pass, c.total));
+        for k in Kind::ALL {
+            if let Some(t) = self.tally(k) {
+                out.push(format!("{k}: {}/{} pass ({})", t.pass, t.total, k.rule()));
+            }
         }
         if self.errors.total > 0 {
             out.push(format!(
@@ -425,11 +254,6 @@ impl Summary {
         }
         out
     }
-}
-
-/// `1e-3` for 0.001.
-fn short_sci(x: f64) -> String {
-    format!("{x:e}")
 }
 
 /// The `--n=…, --diff=…` part of the "Replaying requests" line.
@@ -493,12 +317,15 @@ pub struct Report {
     /// `--no-replay` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inspection: Option<Inspection>,
-    /// One entry per request record, in seq order.
+    /// One entry per request record, in seq order; kept only for `--output` (see [`Report::push`]).
     pub requests: Vec<RequestResult>,
     pub warnings: Vec<String>,
     /// The error that decided the exit code, if one did.
     pub error: Option<String>,
     pub exit_code: u8,
+    /// Whether entries are kept: a long replay without `--output` holds no list of them.
+    #[serde(skip)]
+    keep_requests: bool,
 }
 
 impl Report {
@@ -522,6 +349,14 @@ impl Report {
             warnings: Vec::new(),
             error: None,
             exit_code: 0,
+            keep_requests: args.output.is_some(),
+        }
+    }
+
+    /// Adds one request's result (dropped without `--output`).
+    pub fn push(&mut self, r: RequestResult) {
+        if self.keep_requests {
+            self.requests.push(r);
         }
     }
 
@@ -609,42 +444,39 @@ impl Console {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diff::{ActionsDiff, CacheDiff, Diff, LatencyDiff};
 
-    #[test]
-    fn number_formats() {
-        assert_eq!(sci(0.0), "0.00e+00");
-        assert_eq!(sci(2.09e-7), "2.09e-07");
-        assert_eq!(sci(1.5e12), "1.50e+12");
-        assert_eq!(ms_pair(98.0, 101.0), "98→101ms");
-        assert_eq!(ms_pair(3.123, 3.2), "3.12→3.20ms");
-        assert_eq!(ms_pair(12.34, 9.0), "12.3→9.0ms");
-        assert_eq!(ms(0.0123), "0.012ms");
-        assert_eq!(short_sci(1e-3), "1e-3");
+    fn passing() -> RequestResult {
+        RequestResult {
+            seq: 0,
+            line: 2,
+            status: Outcome::Replayed,
+            diffs: [
+                Diff::Actions(ActionsDiff::compare(
+                    &[1.0, 2.0],
+                    (1, 2),
+                    &[1.0, 2.0],
+                    (1, 2),
+                )),
+                Diff::Latency(LatencyDiff::compare(98.0, Some(101.0)).unwrap()),
+                Diff::Cache(CacheDiff::compare("hit", Some("hit")).unwrap()),
+            ]
+            .into_iter()
+            .collect(),
+            error: None,
+            missing_images: vec![],
+            unavailable: false,
+        }
     }
 
     #[test]
     fn lines_look_like_the_seed() {
-        let r = RequestResult {
-            seq: 0,
-            line: 2,
-            status: Outcome::Replayed,
-            actions: Some(ActionsDiff::compare(
-                &[1.0, 2.0],
-                (1, 2),
-                &[1.0, 2.0],
-                (1, 2),
-            )),
-            latency: LatencyDiff::compare(98.0, Some(101.0)),
-            cache: CacheDiff::compare("hit", Some("hit")),
-            error: None,
-            missing_images: vec![],
-            unavailable: false,
-        };
+        let r = passing();
         assert_eq!(
             r.text(),
             "seq= 0 actions: cos=1.000000 max_abs=0.00e+00 [PASS] latency: 98→101ms (+3.1%) [PASS] cache: hit→hit [PASS]"
         );
-        let mut s = Summary::new(Diffs::ALL, None);
+        let mut s = Summary::new(KindSet::ALL, None);
         s.add(&r);
         let text = s.text().join("\n");
         assert!(
@@ -658,5 +490,47 @@ mod tests {
             u.text(),
             "seq= 7 images: 1 not found (sha256 abababababab…) [NOT REPLAYED]"
         );
+    }
+
+    #[test]
+    fn requests_are_kept_only_for_output() {
+        let mut args = ReplayArgs::new("t.jsonl");
+        let mut report = Report::new(&args);
+        report.push(passing());
+        assert!(
+            report.requests.is_empty(),
+            "entries are kept only for --output"
+        );
+        args.output = Some("r.json".into());
+        let mut report = Report::new(&args);
+        report.push(passing());
+        assert_eq!(report.requests.len(), 1);
+        let v = serde_json::to_value(&report).unwrap();
+        let r = &v["requests"][0];
+        assert_eq!(r["actions"]["cos"], 1.0);
+        assert_eq!(r["cache"]["recorded"], "hit");
+        assert_eq!(r["latency"]["replayed_ms"], 101.0);
+        assert!(r.get("diffs").is_none(), "flattened");
+    }
+
+    #[test]
+    fn fail_on_fires_per_kind() {
+        let mut r = passing();
+        r.diffs = [Diff::Latency(LatencyDiff::compare(3.0, Some(9.0)).unwrap())]
+            .into_iter()
+            .collect();
+        let mut s = Summary::new(KindSet::ALL, None);
+        s.add(&r);
+        assert!(s.fail_on_fires(Some(FailOn::One(Kind::Latency))));
+        assert!(!s.fail_on_fires(Some(FailOn::One(Kind::Actions))));
+        assert!(!s.fail_on_fires(Some(FailOn::One(Kind::Cache))));
+        assert!(s.fail_on_fires(Some(FailOn::Any)));
+        assert!(!s.fail_on_fires(None));
+        // A recorded failure replayed differently counts for actions, all and any.
+        let mut s = Summary::new(KindSet::ALL, None);
+        s.errors.add(false);
+        assert!(s.fail_on_fires(Some(FailOn::One(Kind::Actions))));
+        assert!(!s.fail_on_fires(Some(FailOn::One(Kind::Latency))));
+        assert!(s.fail_on_fires(Some(FailOn::All)));
     }
 }

@@ -1,16 +1,17 @@
-//! The server a replay drives: one reached at `--target`, or a private one started for
-//! `--model DIR` (in process, on a Unix socket in a temporary folder, stopped by
-//! [`Target::stop`]). Either way the replay talks `reflex.v1.Policy` over a real socket,
-//! so `--model` measures what a robot would see.
+//! The server a replay drives: one reached at `--target`, or the private one started for
+//! `--model DIR` (a `reflex serve` child on a Unix socket in a temporary folder, see
+//! [`crate::private_server`], stopped by [`Target::stop`]). Either way the replay talks
+//! `reflex.v1.Policy` over a real socket, so `--model` measures what a robot would see.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reflex_proto::v1::policy_client::PolicyClient;
 use reflex_proto::v1::{GetModelInfoRequest, ModelInfo};
-use reflex_server::serve::{ListenAddr, Running, ServeArgs};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+
+use crate::private_server::{PrivateServer, StartError};
 
 /// How long dialing or asking for the model info may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,15 +51,7 @@ pub struct TargetInfo {
 pub struct Target {
     pub client: PolicyClient<reflex_proto::AuthChannel>,
     pub info: TargetInfo,
-    private: Option<Private>,
-}
-
-/// The in-process server of `--model`.
-struct Private {
-    token: CancellationToken,
-    running: Running,
-    // Holds the socket's folder until the server is gone.
-    _dir: tempfile::TempDir,
+    private: Option<PrivateServer>,
 }
 
 impl Target {
@@ -106,9 +99,11 @@ impl Target {
         })
     }
 
-    /// Loads `dir` into a private server on a temporary Unix socket and connects to it.
-    /// `concurrency` sizes its queue so the replay itself never overflows it.
+    /// Starts `bin serve dir` on a temporary Unix socket and connects to it. `bin` is the
+    /// `reflex` binary (`--serve-bin`, by default the running one). `concurrency` sizes its
+    /// queue so the replay itself never overflows it.
     pub async fn start_private(
+        bin: &Path,
         dir: PathBuf,
         concurrency: usize,
         shutdown: &CancellationToken,
@@ -120,29 +115,12 @@ impl Target {
         if !dir.is_dir() {
             return Err(fail("not a folder".into()));
         }
-        let tmp = tempfile::Builder::new()
-            .prefix("reflex-replay-")
-            .tempdir()
-            .map_err(|e| fail(format!("cannot make a folder for the private socket: {e}")))?;
-        let socket = tmp.path().join("policy.sock");
-        let mut args = ServeArgs::new(dir.clone(), vec![ListenAddr::Unix(socket.clone())]);
-        args.queue_depth = args.queue_depth.max(concurrency);
-        args.drain_ms = 2000;
-        // Its own token: the private server must outlive a SIGINT long enough to answer
-        // the calls in flight; `stop` ends it.
-        let token = CancellationToken::new();
-        let running = tokio::select! {
-            r = reflex_server::serve::start(args, token.clone()) => r
-                .map_err(|e| fail(format!("{e:#}")))?,
-            _ = shutdown.cancelled() => return Err(TargetError::Interrupted),
+        let private = match PrivateServer::start(bin, &dir, concurrency, shutdown).await {
+            Ok(p) => p,
+            Err(StartError::Interrupted) => return Err(TargetError::Interrupted),
+            Err(e) => return Err(fail(e.to_string())),
         };
-        let uri = format!("unix://{}", socket.display());
-        let private = Private {
-            token,
-            running,
-            _dir: tmp,
-        };
-        match Target::connect(&uri, &reflex_proto::ConnectOptions::default()).await {
+        match Target::connect(&private.uri, &reflex_proto::ConnectOptions::default()).await {
             Ok(mut t) => {
                 t.info.model_dir = Some(dir);
                 t.private = Some(private);
@@ -164,15 +142,6 @@ impl Target {
     pub async fn stop(self) {
         if let Some(p) = self.private {
             p.stop().await;
-        }
-    }
-}
-
-impl Private {
-    async fn stop(self) {
-        self.token.cancel();
-        if let Err(e) = self.running.wait().await {
-            tracing::warn!(error = %format!("{e:#}"), "private server stopped with an error");
         }
     }
 }

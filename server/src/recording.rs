@@ -17,43 +17,30 @@
 //! With `--record DIR` and no `--recorder`, the server runs a private
 //! `reflex recorder` child for DIR on a socket in a private temp folder and
 //! restarts it if it dies.
+//!
+//! A record carries the call's images in canonical form, bytes included
+//! (`reflex_proto::images::canonical_request`), whatever `--record-images` says: only the
+//! recorder redacts, by the session's image mode, so there is one place that decides what
+//! reaches the disk. [`build_record`] names every field of `ActRecord` (no `..Default`): a
+//! field added to the proto fails to compile there until it is decided.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use reflex_engine::policy::ActOutput;
+use reflex_proto::images::canonical_request;
+use reflex_proto::time::UtcTime;
 use reflex_proto::v1::{self as pb, record_event::Event, recorder_client::RecorderClient};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::hex;
-use crate::policy::ActOutput;
-use crate::service::{ServiceError, latency};
+use crate::error::ServiceError;
 
-/// What image data a trace keeps (`--record-images`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-#[value(rename_all = "snake_case")]
-pub enum ImageMode {
-    /// The encoded image bytes (base64 in the trace). Large; replayable anywhere.
-    Full,
-    /// Only the SHA-256 of each image. Replay resolves images with --image-dir.
-    #[default]
-    HashOnly,
-    /// No image fields at all.
-    None,
-}
-
-impl ImageMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageMode::Full => "full",
-            ImageMode::HashOnly => "hash_only",
-            ImageMode::None => "none",
-        }
-    }
-}
+/// What image data a trace keeps (`--record-images`): the one definition, in the image
+/// contract; the recorder applies it.
+pub use reflex_proto::images::ImageMode;
 
 /// Where records go.
 #[derive(Debug, Clone)]
@@ -81,7 +68,8 @@ pub struct ActEvent<'a> {
     pub request: &'a pb::ActRequest,
     pub cameras: &'a [String],
     pub result: &'a Result<(ActOutput, f64), ServiceError>,
-    pub total_ms: f64,
+    /// As the call's answer has it (`total_ms` only for a failed call).
+    pub latency: pb::Latency,
     pub mode: &'static str,
     pub action_dim: u32,
     pub steps_configured: u32,
@@ -97,6 +85,16 @@ pub struct Counters {
     pub delivered: AtomicU64,
 }
 
+/// Calls refused for want of a place in the queue (counted with recording on or off).
+#[derive(Debug, Default)]
+pub struct Refusals(AtomicU64);
+
+impl Refusals {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Per-session sequence numbers and (when on) the recorder hand-off.
 pub struct Recording {
     session_id: String,
@@ -105,11 +103,11 @@ pub struct Recording {
     next_seq: Arc<Mutex<u64>>,
     sink: Option<Sink>,
     recorder_uri: Option<String>,
+    refused: Arc<Refusals>,
 }
 
 struct Sink {
     tx: mpsc::Sender<pb::ActRecord>,
-    image_mode: ImageMode,
     counters: Arc<Counters>,
     stop: CancellationToken,
     done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -122,6 +120,7 @@ impl Recording {
             next_seq: Arc::new(Mutex::new(0)),
             sink: None,
             recorder_uri: None,
+            refused: Arc::default(),
         }
     }
 
@@ -133,14 +132,16 @@ impl Recording {
         session.image_mode = opts.image_mode.as_str().into();
         session.instruction_mode = "as_is".into();
         session.no_gzip = opts.no_gzip;
-        session.started_at = now_rfc3339();
+        session.started_at = UtcTime::now().rfc3339_millis();
         let (tx, rx) = mpsc::channel(opts.queue.max(1));
         let counters = Arc::new(Counters::default());
         let stop = CancellationToken::new();
         let next_seq = Arc::new(Mutex::new(0));
+        let refused = Arc::new(Refusals::default());
         let uplink = Uplink {
             rx,
             session,
+            refused: refused.clone(),
             counters: counters.clone(),
             next_seq: next_seq.clone(),
             stop: stop.clone(),
@@ -159,7 +160,6 @@ impl Recording {
         let task = tokio::spawn(uplink.run(uri.clone(), child));
         let sink = Sink {
             tx,
-            image_mode: opts.image_mode,
             counters,
             stop,
             done: tokio::sync::Mutex::new(Some(task)),
@@ -169,7 +169,21 @@ impl Recording {
             next_seq,
             sink: Some(sink),
             recorder_uri: uri,
+            refused,
         }
+    }
+
+    /// Counts a call refused before any work (no place in the queue): it gets no seq and
+    /// no record; the session's count goes into every `SessionEnd` (the trace footer's
+    /// `refused_requests`), so the books read: written + dropped + lost = seqs issued, and
+    /// seqs issued + refused = calls answered.
+    pub fn refused(&self) {
+        self.refused.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The session's refusals so far.
+    pub fn refusals(&self) -> Arc<Refusals> {
+        self.refused.clone()
     }
 
     /// The recorder this session streams to (a shared daemon or the private child).
@@ -182,8 +196,9 @@ impl Recording {
         &self.session_id
     }
 
-    pub fn counters(&self) -> Option<&Counters> {
-        self.sink.as_ref().map(|s| &*s.counters)
+    /// The hand-off's counters while recording is on (the metrics read them).
+    pub fn counters(&self) -> Option<Arc<Counters>> {
+        self.sink.as_ref().map(|s| s.counters.clone())
     }
 
     /// Assigns the next seq to a finished call; returns it and whether the
@@ -196,7 +211,7 @@ impl Recording {
         let sink = self.sink.as_ref().filter(|s| !s.stop.is_cancelled());
         let record = sink
             .filter(|s| s.tx.capacity() > 0)
-            .map(|s| build_record(&event(), s.image_mode));
+            .map(|_| build_record(&event()));
         let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
         let seq = *next;
         *next += 1;
@@ -256,94 +271,63 @@ impl Sink {
     }
 }
 
-/// Builds the recorder's view of a call, keeping only what `mode` allows;
-/// its `seq` is set when the call gets one.
-fn build_record(ev: &ActEvent<'_>, mode: ImageMode) -> pb::ActRecord {
-    let mut request = pb::ActRequest {
-        images: Vec::new(),
-        instruction: ev.request.instruction.clone(),
-        state: ev.request.state.clone(),
-        episode_id: ev.request.episode_id.clone(),
-        noise_seed: ev.request.noise_seed,
-        image_b64: Vec::new(),
-        image_sha256: String::new(),
-    };
-    if mode != ImageMode::None {
-        // Canonical form: every image named and hashed; bytes only in full mode.
-        let mut images = ev.request.images.clone();
-        if !ev.request.image_b64.is_empty() {
-            match images.first_mut() {
-                None => images.push(pb::Image {
-                    data: ev.request.image_b64.clone(),
-                    ..Default::default()
-                }),
-                Some(f) if f.data.is_empty() => f.data = ev.request.image_b64.clone(),
-                Some(_) => {}
-            }
-        }
-        let hashes = ev.result.as_ref().ok().map(|(out, _)| &out.image_sha256);
-        for (i, img) in images.iter_mut().enumerate() {
-            if img.camera.is_empty()
-                && let Some(name) = ev.cameras.get(i)
-            {
-                img.camera = name.clone();
-            }
-            let known = hashes.and_then(|h| {
-                let slot = ev.cameras.iter().position(|c| *c == img.camera)?;
-                h.get(slot)?.clone()
-            });
-            img.sha256 = match known {
-                Some(h) => h,
-                None if !img.data.is_empty() => hex(&Sha256::digest(&img.data)),
-                None => img.sha256.clone(),
-            };
-            if mode != ImageMode::Full {
-                img.data = Vec::new();
-            }
-        }
-        request.image_sha256 = images.first().map(|i| i.sha256.clone()).unwrap_or_default();
-        request.images = images;
-    }
-    let mut rec = pb::ActRecord {
-        chunk_id: ev.chunk_id,
-        timestamp: rfc3339_of(ev.timestamp),
-        request: Some(request),
-        mode: ev.mode.into(),
-        action_dim: ev.action_dim,
-        ..Default::default()
-    };
-    match ev.result {
-        Ok((out, queue_ms)) => {
-            rec.actions = out.actions.clone();
-            rec.num_actions = (out.actions.len() / ev.action_dim.max(1) as usize) as u32;
-            rec.latency = Some(latency(out, *queue_ms, ev.total_ms));
-            rec.denoise = Some(pb::Denoise {
+/// Builds the recorder's view of a call: the request with canonical images (every image
+/// named and hashed, bytes kept; the recorder redacts), the outcome. Its `seq` is set when
+/// the call gets one.
+fn build_record(ev: &ActEvent<'_>) -> pb::ActRecord {
+    let out = ev.result.as_ref().ok().map(|(out, _)| out);
+    // The policy hashed every image it ran: those hashes are not computed again.
+    let known = out.map_or(&[][..], |o| o.image_sha256.as_slice());
+    let request = canonical_request(ev.request, ev.cameras, known);
+    let (actions, num_actions, denoise, cache, noise_seed) = match out {
+        Some(out) => (
+            out.actions.clone(),
+            (out.actions.len() / ev.action_dim.max(1) as usize) as u32,
+            Some(pb::Denoise {
                 steps_used: out.steps_used,
                 steps_configured: ev.steps_configured,
                 adaptive: false,
-            });
-            rec.cache = out.cache.as_str().into();
-            rec.noise_seed = out.noise_seed;
-        }
-        Err(e) => {
-            rec.latency = Some(pb::Latency {
-                total_ms: ev.total_ms,
-                ..Default::default()
-            });
-            rec.error = Some(pb::ActError {
-                code: e.slug().into(),
-                message: crate::service::status_of(e).message().into(),
-            });
-            rec.noise_seed = ev.request.noise_seed.unwrap_or_default();
-        }
+            }),
+            out.cache.as_str().to_string(),
+            out.noise_seed,
+        ),
+        // A failed call drew no noise: the seed it asked for, if any.
+        None => (
+            Vec::new(),
+            0,
+            None,
+            String::new(),
+            ev.request.noise_seed.unwrap_or_default(),
+        ),
+    };
+    let error = ev.result.as_ref().err().map(|e| pb::ActError {
+        code: e.slug().as_str().into(),
+        message: e.public_message(),
+    });
+    // Every field by name, no `..Default::default()`: a field added to `ActRecord` is a
+    // compile error here until it is decided, instead of recording as zero.
+    pb::ActRecord {
+        seq: 0,
+        chunk_id: ev.chunk_id,
+        timestamp: UtcTime::from_system(ev.timestamp).rfc3339_millis(),
+        request: Some(request),
+        actions,
+        num_actions,
+        action_dim: ev.action_dim,
+        latency: Some(ev.latency),
+        denoise,
+        cache,
+        mode: ev.mode.into(),
+        noise_seed,
+        error,
     }
-    rec
 }
 
 /// The background task that owns the recorder connection.
 struct Uplink {
     rx: mpsc::Receiver<pb::ActRecord>,
     session: pb::SessionStart,
+    refused: Arc<Refusals>,
     counters: Arc<Counters>,
     next_seq: Arc<Mutex<u64>>,
     stop: CancellationToken,
@@ -471,7 +455,8 @@ impl Uplink {
             },
             total_requests: total,
             dropped_requests: total.saturating_sub(delivered_here),
-            ended_at: now_rfc3339(),
+            ended_at: UtcTime::now().rfc3339_millis(),
+            refused_requests: self.refused.get(),
         };
         if tx
             .send(pb::RecordEvent {
@@ -525,25 +510,19 @@ impl PrivateRecorder {
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                let mut cmd = tokio::process::Command::new(&exe);
+                let mut cmd = std::process::Command::new(&exe);
                 cmd.arg("recorder")
                     .arg("--dir")
                     .arg(&dir)
                     .arg("--listen")
-                    .arg(&listen)
-                    .kill_on_drop(true);
-                // Its own process group: a terminal's Ctrl-C reaches only the
-                // server, which ends the session before stopping the child.
-                cmd.process_group(0);
-                // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-                // The child gets SIGTERM if the server dies (even by SIGKILL): no orphans.
-                unsafe {
-                    cmd.pre_exec(|| {
-                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                        Ok(())
-                    });
-                }
-                let spawned = cmd.spawn();
+                    .arg(&listen);
+                // Its own process group (a terminal's Ctrl-C reaches only the server,
+                // which ends the session before stopping the child) and SIGTERM if the
+                // server dies, even by SIGKILL: no orphans.
+                reflex_systemd::child::supervise(&mut cmd);
+                let spawned = tokio::process::Command::from(cmd)
+                    .kill_on_drop(true)
+                    .spawn();
                 let mut child = match spawned {
                     Ok(c) => c,
                     Err(e) => {
@@ -566,13 +545,8 @@ impl PrivateRecorder {
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                     _ = cstop.cancelled() => {
-                        // SIGTERM: the recorder closes its files with footers.
-                        if let Some(pid) = child.id() {
-                            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                        }
-                        if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
-                            let _ = child.kill().await;
-                        }
+                        // SIGTERM first: the recorder closes its files with footers.
+                        let _ = reflex_systemd::child::stop(&mut child, Duration::from_secs(5)).await;
                         return;
                     }
                 }
@@ -595,58 +569,14 @@ impl PrivateRecorder {
 
 /// 16 lowercase hex characters from the OS's randomness.
 pub fn new_session_id() -> String {
-    format!("{:016x}", crate::policy::os_random_u64())
-}
-
-/// Current UTC time as RFC 3339 with milliseconds (`2026-11-26T07:14:54.123Z`).
-pub fn now_rfc3339() -> String {
-    rfc3339_of(std::time::SystemTime::now())
-}
-
-/// `at` as RFC 3339 UTC with milliseconds.
-pub fn rfc3339_of(at: std::time::SystemTime) -> String {
-    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    rfc3339(since.as_secs() as i64, since.subsec_millis())
-}
-
-fn rfc3339(secs: i64, millis: u32) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    format!("{:016x}", reflex_engine::policy::os_random_u64())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{CacheStatus, StageTimes};
-
-    #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
-        // 2000-02-29 (leap day) 12:34:56.789
-        assert_eq!(rfc3339(951_827_696, 789), "2000-02-29T12:34:56.789Z");
-        assert_eq!(rfc3339(1_795_676_094, 5), "2026-11-26T06:54:54.005Z");
-    }
+    use reflex_engine::policy::{CacheStatus, StageTimes};
+    use reflex_proto::images::sha256_hex;
 
     fn output() -> ActOutput {
         ActOutput {
@@ -670,15 +600,20 @@ mod tests {
             request: req,
             cameras: cams,
             result: res,
-            total_ms: 1.0,
+            latency: pb::Latency {
+                total_ms: 1.0,
+                ..Default::default()
+            },
             mode: "cpu",
             action_dim: 7,
             steps_configured: 10,
         }
     }
 
+    /// The per-mode promises of the former server-side stripping are now the recorder's
+    /// (`reflex_recorder::trace` tests `canonical_records_are_redacted_by_the_session_mode`).
     #[test]
-    fn image_modes_keep_what_they_promise() {
+    fn records_carry_canonical_images_for_the_recorder_to_redact() {
         let cams = vec!["base".to_string(), "wrist".to_string()];
         let req = pb::ActRequest {
             images: vec![pb::Image {
@@ -689,23 +624,18 @@ mod tests {
             ..Default::default()
         };
         let res = Ok((output(), 0.1));
-        let full = build_record(&event(&req, &res, &cams), ImageMode::Full);
-        let r = full.request.unwrap();
+        let rec = build_record(&event(&req, &res, &cams));
+        let r = rec.request.unwrap();
         assert_eq!(r.images[0].camera, "base");
         assert_eq!(r.images[0].data, b"JPEGBYTES");
         assert_eq!(r.images[0].sha256, "aa".repeat(32));
         assert_eq!(r.image_sha256, "aa".repeat(32));
-        let hashed = build_record(&event(&req, &res, &cams), ImageMode::HashOnly)
-            .request
-            .unwrap();
-        assert!(hashed.images[0].data.is_empty());
-        assert_eq!(hashed.images[0].sha256, "aa".repeat(32));
-        let none = build_record(&event(&req, &res, &cams), ImageMode::None)
-            .request
-            .unwrap();
-        assert!(
-            none.images.is_empty() && none.image_sha256.is_empty() && none.image_b64.is_empty()
+        assert!(r.image_b64.is_empty());
+        assert_eq!(
+            (rec.noise_seed, rec.num_actions, rec.cache.as_str()),
+            (9, 2, "miss")
         );
+        assert_eq!(rec.latency.unwrap().total_ms, 1.0);
     }
 
     #[test]
@@ -720,13 +650,10 @@ mod tests {
             ..Default::default()
         };
         let res: Result<(ActOutput, f64), ServiceError> = Err(ServiceError::WorkerLost);
-        let rec = build_record(&event(&req, &res, &cams), ImageMode::HashOnly);
+        let rec = build_record(&event(&req, &res, &cams));
         assert_eq!(rec.error.unwrap().code, "worker-lost");
         assert!(rec.actions.is_empty());
-        assert_eq!(
-            rec.request.unwrap().images[0].sha256,
-            hex(&Sha256::digest(b"x"))
-        );
+        assert_eq!(rec.request.unwrap().images[0].sha256, sha256_hex(b"x"));
     }
 
     #[test]

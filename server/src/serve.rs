@@ -17,28 +17,24 @@
 //! decide who connects. A non-loopback TCP address needs a token, or `--insecure`.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use reflex_proto::v1::policy_server::PolicyServer;
 use tokio::task::JoinSet;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Server, ServerTlsConfig};
 
 use crate::auth::{AuthToken, BearerAuth};
-use crate::authority::{AuthorityFix, AuthorityFixOptions};
-use crate::engine::EngineKind;
-use crate::policy::{Policy, PolicyOptions};
 use crate::recording::{ImageMode, RecordOptions, RecordTarget, Recording};
 use crate::service::{PolicyHandle, PolicyService, ServiceOptions};
 use crate::telemetry::{Telemetry, TelemetryConfig};
+use reflex_engine::engine::EngineKind;
+use reflex_engine::policy::{Policy, PolicyOptions};
 use reflex_proto::v1 as pb;
 
 /// Where a listener binds.
@@ -81,8 +77,13 @@ impl std::fmt::Display for ListenAddr {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// Export directory (reflex_config.json + ONNX graphs), e.g. from `reflex export-demo`.
-    #[arg(value_name = "EXPORT_DIR", env = "REFLEX_EXPORT_DIR")]
-    pub export_dir: PathBuf,
+    #[arg(long = "model", value_name = "DIR", env = "REFLEX_EXPORT_DIR")]
+    #[arg(required_unless_present = "export_dir")]
+    pub model: Option<PathBuf>,
+
+    /// The export directory as the first argument (the same as --model; it wins over it).
+    #[arg(value_name = "EXPORT_DIR")]
+    pub export_dir: Option<PathBuf>,
 
     /// Address to serve on; repeat for several. TCP `127.0.0.1:50051` or `unix:///run/reflex/NAME.sock`.
     ///
@@ -152,7 +153,12 @@ pub struct ServeArgs {
         value_name = "on|off",
         env = "REFLEX_CUDA_GRAPHS",
         default_value = "on",
-        value_parser = parse_on_off
+        value_parser = parse_on_off,
+        // A bool field defaults to a switch that takes no value: `--cuda-graphs off` would
+        // be refused. Set takes the value; a bare `--cuda-graphs` still means on.
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "on"
     )]
     pub cuda_graphs: bool,
 
@@ -168,6 +174,12 @@ pub struct ServeArgs {
         default_value_t = 32
     )]
     pub queue_depth: usize,
+
+    /// Places of the queue one connection may hold (its fair share): a client flooding one
+    /// connection with concurrent calls gets RESOURCE_EXHAUSTED beyond it while other
+    /// connections still find places. Default: a quarter of --queue-depth, at least 1.
+    #[arg(long, value_name = "N", env = "REFLEX_QUEUE_PER_CONNECTION")]
+    pub queue_per_connection: Option<usize>,
 
     /// Prefix cache entries (image hashes + instruction → prefix features); 0 disables it.
     #[arg(
@@ -203,8 +215,10 @@ pub struct ServeArgs {
 
     /// Record every Act call into trace files in DIR (created if missing).
     ///
-    /// Without --recorder the server runs and supervises a private `reflex recorder` child for DIR.
-    #[arg(long, value_name = "DIR", env = "REFLEX_RECORD")]
+    /// Without --recorder the server runs and supervises a private `reflex recorder` child for
+    /// DIR. `--record DIR` (the seed's and the SPEC's spelling) works too.
+    #[arg(long = "trace-dir", alias = "record")]
+    #[arg(value_name = "DIR", env = "REFLEX_RECORD")]
     pub record: Option<PathBuf>,
 
     /// Record through a shared recorder daemon at URI, e.g. unix:///run/reflex/recorder.sock.
@@ -251,7 +265,8 @@ impl ServeArgs {
     /// Defaults for an in-process server on the given listeners (demo, tests).
     pub fn new(export_dir: PathBuf, listen: Vec<ListenAddr>) -> Self {
         ServeArgs {
-            export_dir,
+            model: Some(export_dir),
+            export_dir: None,
             listen,
             insecure: false,
             auth_token_file: None,
@@ -262,6 +277,7 @@ impl ServeArgs {
             cuda_graphs: true,
             workers: None,
             queue_depth: 32,
+            queue_per_connection: None,
             cache_entries: 1024,
             max_message_mb: 8,
             embodiment: "unknown".into(),
@@ -307,7 +323,11 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Running> {
     // Before the model loads: a missing token or a bad key should fail in milliseconds.
     let access = Access::resolve(&args)?;
-    let dir = args.export_dir.clone();
+    let dir = args
+        .export_dir
+        .clone()
+        .or_else(|| args.model.clone())
+        .context("no export directory: give --model DIR")?;
     let popts = PolicyOptions {
         engine: args.engine,
         cuda_graphs: args.cuda_graphs,
@@ -315,10 +335,11 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     };
     let t0 = std::time::Instant::now();
     // Loading optimises the graphs: seconds of CPU, kept off the runtime.
-    let policy = tokio::task::spawn_blocking(move || Policy::load(&dir, &popts))
+    let load_dir = dir.clone();
+    let policy = tokio::task::spawn_blocking(move || Policy::load(&load_dir, &popts))
         .await
         .context("model loading task failed")?
-        .with_context(|| format!("cannot load the model in {}", args.export_dir.display()))?;
+        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     tracing::info!(
         model_hash = policy.model_hash(),
         config_hash = policy.config_hash(),
@@ -345,6 +366,10 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let sopts = ServiceOptions {
         workers,
         queue_depth: args.queue_depth,
+        queue_per_connection: args
+            .queue_per_connection
+            .unwrap_or(args.queue_depth / 4)
+            .max(1),
         max_message_bytes,
         embodiment: args.embodiment.clone(),
         session_id: recording.session_id().to_string(),
@@ -363,7 +388,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // Only a shared daemon's socket is known here; see `telemetry` on the private child.
     // The recorder's own gauges (bytes, degraded) come from its Status, shared daemon or private child.
     telemetry.observe(
-        &service,
+        service.recording().counters(),
         service.recording().recorder_uri().map(String::from),
     );
     let metrics = telemetry.metrics_addr;
@@ -463,7 +488,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
                 Bound::Unix(l) => {
                     // Python grpcio, grpc-java and grpcurl -unix send the socket
                     // path as :authority, which h2 refuses; the adapter rewrites it.
-                    let incoming = UnixListenerStream::new(l).map(|conn| conn.map(fix_authority));
+                    let incoming = reflex_listen::unix_incoming(l);
                     router
                         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                         .await
@@ -628,17 +653,6 @@ impl std::fmt::Display for ListenerAccess {
     }
 }
 
-fn fix_authority(io: tokio::net::UnixStream) -> AuthorityFix<tokio::net::UnixStream> {
-    // 64 KiB of headers is far beyond any gRPC client and caps the HPACK work per request.
-    AuthorityFix::with_options(
-        io,
-        AuthorityFixOptions {
-            max_header_block: 64 * 1024,
-            ..Default::default()
-        },
-    )
-}
-
 /// The recording session this server's flags ask for.
 fn recording_for(args: &ServeArgs, policy: &Policy) -> Recording {
     let target = match (&args.recorder, &args.record) {
@@ -702,7 +716,7 @@ async fn bind(addr: &ListenAddr) -> anyhow::Result<BoundListener> {
             })
         }
         ListenAddr::Unix(p) => {
-            let l = bind_unix(p).await?;
+            let l = reflex_listen::bind_unix(p)?;
             Ok(BoundListener {
                 addr: addr.clone(),
                 listener: Bound::Unix(l),
@@ -711,37 +725,11 @@ async fn bind(addr: &ListenAddr) -> anyhow::Result<BoundListener> {
     }
 }
 
-/// Binds a Unix socket with mode 0660. A leftover socket file nobody answers
-/// on is replaced; a live one is an error (another server owns it).
-pub async fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
-        && !parent.exists()
-    {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o750))?;
-    }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            bail!(
-                "{} is in use: another process is listening on it",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-    }
-    let l = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("cannot set permissions on {}", path.display()))?;
-    Ok(l)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
 
     #[test]
     fn listen_addresses_parse() {
@@ -768,20 +756,6 @@ mod tests {
                 .contains("not a listen address")
         );
         assert!("unix://".parse::<ListenAddr>().is_err());
-    }
-
-    #[tokio::test]
-    async fn unix_socket_is_0660_and_a_live_one_is_not_stolen() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("sub/x.sock");
-        let l = bind_unix(&p).await.unwrap();
-        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o660);
-        let err = bind_unix(&p).await.unwrap_err().to_string();
-        assert!(err.contains("in use"), "{err}");
-        drop(l);
-        // The file is left behind by the dropped listener: stale, so replaced.
-        bind_unix(&p).await.unwrap();
     }
 
     async fn start_err(args: ServeArgs) -> String {

@@ -1,22 +1,24 @@
 //! `reflex.v1.Policy` over gRPC: translates between the wire and the policy.
 //!
-//! This is the one place where domain errors become a gRPC `Status`
-//! ([`status_of`]). Model work goes to the bounded [`Pool`]; the async side
-//! only maps messages, checks cheap things and awaits the result.
+//! A request's images map onto the model's camera slots by the image contract of
+//! `reflex_proto::images` ([`to_input`]); domain errors become a gRPC `Status` in
+//! `crate::error`. Model work goes to the bounded [`Pool`]; the async side only maps
+//! messages, checks cheap things and awaits the result.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prost::Message;
+use reflex_engine::policy::{ActInput, ActOutput, FrameInput, InputError, Policy};
+use reflex_proto::images::{camera_slot, fold_primary};
 use reflex_proto::v1::{self as pb, policy_server::Policy as PolicyRpc};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::engine::EngineError;
-use crate::policy::{ActError, ActInput, ActOutput, FrameInput, InputError, Policy};
-use crate::pool::{Pool, ProbeSubmitError, SubmitError};
+use crate::error::{ProbeError, ServiceError};
+use crate::pool::{ConnectionKey, Pool, Skipped, Slot, SubmitError};
 use crate::recording::{ActEvent, Recording};
 use crate::telemetry::{ActSpan, ActTelemetry};
 
@@ -36,6 +38,8 @@ pub struct PolicyService {
 pub struct ServiceOptions {
     pub workers: usize,
     pub queue_depth: usize,
+    /// Places of the queue one connection may hold (the fairness share).
+    pub queue_per_connection: usize,
     pub max_message_bytes: usize,
     pub embodiment: String,
     pub session_id: String,
@@ -63,7 +67,7 @@ impl PolicyService {
             max_instruction_tokens: cfg.instruction.max_tokens as u32,
         };
         PolicyService {
-            pool: Pool::new(opts.workers, opts.queue_depth),
+            pool: Pool::new(opts.workers, opts.queue_depth, opts.queue_per_connection),
             policy,
             info,
             max_message_bytes: opts.max_message_bytes,
@@ -108,44 +112,59 @@ impl PolicyService {
 
     /// One Act, from wire request to wire response.
     pub async fn act(&self, req: pb::ActRequest) -> Result<pb::ActResponse, Status> {
-        self.act_in_trace(req, None).await
+        self.answer(req, None, Call::default()).await.result
     }
 
-    /// One Act inside the caller's trace (`parent`, from its `traceparent`).
-    /// With tracing off this is [`PolicyService::act`]: no span is built.
-    pub async fn act_in_trace(
+    /// One Act with the seq it was given and whether it was recorded, which a failed call
+    /// has too (ActStream reports them in its error answers); inside the caller's trace
+    /// (`parent`, from its `traceparent`) when tracing is on.
+    pub async fn answer(
         &self,
         req: pb::ActRequest,
         parent: Option<opentelemetry::Context>,
-    ) -> Result<pb::ActResponse, Status> {
+        call: Call,
+    ) -> Answer {
         match self.telemetry.act_span(&self.info, parent) {
             Some(span) => {
                 let inner = span.span.clone();
-                self.act_spanned(req, Some(&span)).instrument(inner).await
+                self.act_spanned(req, Some(&span), call)
+                    .instrument(inner)
+                    .await
             }
-            None => self.act_spanned(req, None).await,
+            None => self.act_spanned(req, None, call).await,
         }
     }
 
-    async fn act_spanned(
-        &self,
-        req: pb::ActRequest,
-        span: Option<&ActSpan>,
-    ) -> Result<pb::ActResponse, Status> {
-        let arrived = Instant::now();
+    async fn act_spanned(&self, req: pb::ActRequest, span: Option<&ActSpan>, call: Call) -> Answer {
+        let arrived = call.arrived.unwrap_or_else(Instant::now);
+        // Refuse before any work: a call that cannot get a place in the queue is answered
+        // before its images are decoded or hashed, and is counted instead of recorded (no
+        // seq, no record; see `Recording::refused`).
+        let slot = match self.pool.admit(call.connection) {
+            Ok(slot) => slot,
+            Err(e) => return self.refuse(e, arrived, span),
+        };
         // Formatted only when a record is built: recording off costs nothing here.
         let timestamp = std::time::SystemTime::now();
         let chunk_id = self.chunk_id(&req.episode_id);
-        let result = self.run(&req, arrived).await;
+        let result = self.run(&req, arrived, slot, call.deadline).await;
         let total_ms = arrived.elapsed().as_secs_f64() * 1e3;
         let cfg = self.policy.config();
+        // One latency for the answer and the record, so the two cannot disagree.
+        let latency = match &result {
+            Ok((out, queue_ms)) => latency(out, *queue_ms, total_ms),
+            Err(_) => pb::Latency {
+                total_ms,
+                ..Default::default()
+            },
+        };
         let (seq, recorded) = self.recording.complete(|| ActEvent {
             chunk_id,
             timestamp,
             request: &req,
             cameras: &cfg.cameras,
             result: &result,
-            total_ms,
+            latency,
             mode: self.policy.mode(),
             action_dim: cfg.action_dim as u32,
             steps_configured: cfg.denoise.steps,
@@ -153,7 +172,7 @@ impl PolicyService {
         if let Some(span) = span {
             self.telemetry.finish_act_span(
                 span,
-                seq,
+                Some(seq),
                 recorded,
                 &result,
                 total_ms,
@@ -163,12 +182,44 @@ impl PolicyService {
         if let Some(m) = self.telemetry.metrics() {
             m.record(total_ms, &result);
         }
-        match result {
-            Ok((out, queue_ms)) => Ok(self.response(out, queue_ms, total_ms, seq, recorded)),
+        let result = match result {
+            Ok((out, _)) => Ok(self.response(out, latency, seq, recorded)),
             Err(e) => {
                 tracing::debug!(seq, error = %e, "act failed");
-                Err(status_of(&e))
+                Err(e.status())
             }
+        };
+        Answer {
+            seq: Some(seq),
+            recorded,
+            result,
+        }
+    }
+
+    /// The answer to a call the queue had no place for: counted (metrics, the session's
+    /// refusal count in the trace footer), never given a seq or a record.
+    fn refuse(&self, e: SubmitError, arrived: Instant, span: Option<&ActSpan>) -> Answer {
+        let total_ms = arrived.elapsed().as_secs_f64() * 1e3;
+        self.recording.refused();
+        let err = ServiceError::from(e);
+        let mut status = err.status();
+        let result: Result<(ActOutput, f64), ServiceError> = Err(err);
+        if let Some(span) = span {
+            let steps = self.policy.config().denoise.steps;
+            self.telemetry
+                .finish_act_span(span, None, false, &result, total_ms, steps);
+        }
+        if let Some(m) = self.telemetry.metrics() {
+            m.record(total_ms, &result);
+        }
+        // gRPC's server pushback: clients with a retry policy wait this long (A6).
+        if let Ok(v) = self.pool.pushback_ms().to_string().parse() {
+            status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+        }
+        Answer {
+            seq: None,
+            recorded: false,
+            result: Err(status),
         }
     }
 
@@ -176,6 +227,8 @@ impl PolicyService {
         &self,
         req: &pb::ActRequest,
         arrived: Instant,
+        slot: Slot,
+        deadline: Option<Instant>,
     ) -> Result<(ActOutput, f64), ServiceError> {
         let size = req.encoded_len();
         if size > self.max_message_bytes {
@@ -189,26 +242,45 @@ impl PolicyService {
         self.policy.check_cheap(&input)?;
         let policy = self.policy.clone();
         let waiting = self.telemetry.metrics().map(|m| m.waiting());
-        let rx = self.pool.submit(move || {
+        let rx = self.pool.submit(slot, arrived, deadline, move || {
             drop(waiting);
             let queue_ms = arrived.elapsed().as_secs_f64() * 1e3;
             policy.act(&input).map(|out| (out, queue_ms))
         })?;
+        let answer = match deadline {
+            // Answer DEADLINE_EXCEEDED ourselves just before the client's deadline, so the
+            // call is recorded and counted; the transport's own timer (tonic's, at the same
+            // deadline counted from the headers) would drop the call unanswered by us. The
+            // job, if still queued, sees its caller gone and is not run.
+            Some(d) => {
+                let margin = d
+                    .saturating_duration_since(arrived)
+                    .div_f64(10.0)
+                    .min(DEADLINE_MARGIN);
+                match tokio::time::timeout_at((d - margin).into(), rx).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        return Err(ServiceError::Skipped(Skipped::DeadlineExceeded {
+                            waited_ms: arrived.elapsed().as_secs_f64() * 1e3,
+                        }));
+                    }
+                }
+            }
+            None => rx.await,
+        };
         // The worker dropped the sender only if the job panicked.
-        let out = rx.await.map_err(|_| ServiceError::WorkerLost)??;
+        let out = answer.map_err(|_| ServiceError::WorkerLost)???;
         Ok(out)
     }
 
     fn response(
         &self,
         out: ActOutput,
-        queue_ms: f64,
-        total_ms: f64,
+        latency: pb::Latency,
         seq: u64,
         recorded: bool,
     ) -> pb::ActResponse {
         let cfg = self.policy.config();
-        let latency = latency(&out, queue_ms, total_ms);
         pb::ActResponse {
             num_actions: cfg.chunk_size as u32,
             action_dim: cfg.action_dim as u32,
@@ -243,7 +315,82 @@ impl PolicyService {
     }
 }
 
-pub fn latency(out: &ActOutput, queue_ms: f64, total_ms: f64) -> pb::Latency {
+/// At most this much before a call's deadline, the server answers DEADLINE_EXCEEDED itself
+/// (a tenth of the call's time when that is less): the answer and its record must be done
+/// before the transport's own timer for the same deadline drops the call.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
+/// What the transport knows of a call, beyond its message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Call {
+    /// The connection it came on (the queue's fairness share counts per connection).
+    pub connection: Option<ConnectionKey>,
+    /// When its `grpc-timeout` runs out (unary Act only; a stream's timeout is the stream's).
+    pub deadline: Option<Instant>,
+    /// When the handler got it (default: now).
+    pub arrived: Option<Instant>,
+}
+
+impl Call {
+    /// The connection key and the deadline of a unary request.
+    pub fn of<T>(request: &Request<T>) -> Call {
+        let arrived = Instant::now();
+        Call {
+            connection: connection_key(request),
+            deadline: grpc_timeout(request.metadata()).map(|t| arrived + t),
+            arrived: Some(arrived),
+        }
+    }
+}
+
+/// A number unique among the open connections: the listener's connection number for a
+/// Unix socket, the peer's address for TCP (with or without TLS).
+fn connection_key<T>(request: &Request<T>) -> Option<ConnectionKey> {
+    use std::hash::{Hash, Hasher};
+    let ext = request.extensions();
+    if let Some(info) =
+        ext.get::<reflex_listen::ConnectionInfo<tonic::transport::server::UdsConnectInfo>>()
+    {
+        return Some(info.connection);
+    }
+    let addr = request.remote_addr()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    addr.hash(&mut h);
+    // Top bit set: never equal to a Unix connection's number.
+    Some(h.finish() | 1 << 63)
+}
+
+/// The `grpc-timeout` header (gRPC over HTTP/2: up to 8 digits and a unit H, M, S, m, u, n);
+/// `None` when absent or malformed (tonic ignores a malformed one too).
+pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// What [`PolicyService::answer`] tells its caller.
+pub struct Answer {
+    /// The call's seq (the `seq` of its trace record), failed or not; `None` for a refusal
+    /// (RESOURCE_EXHAUSTED: counted, not recorded).
+    pub seq: Option<u64>,
+    /// Whether the call was handed to the recorder.
+    pub recorded: bool,
+    pub result: Result<pb::ActResponse, Status>,
+}
+
+fn latency(out: &ActOutput, queue_ms: f64, total_ms: f64) -> pb::Latency {
     pb::Latency {
         total_ms,
         queue_ms,
@@ -254,122 +401,57 @@ pub fn latency(out: &ActOutput, queue_ms: f64, total_ms: f64) -> pb::Latency {
     }
 }
 
-/// Why the service could not answer with actions.
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    #[error(transparent)]
-    Act(#[from] ActError),
-    #[error(transparent)]
-    Submit(#[from] SubmitError),
-    #[error("an inference worker failed on this request")]
-    WorkerLost,
-}
-
-/// Why the liveness probe failed (see [`PolicyService::probe`]).
-#[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
-    #[error(transparent)]
-    Submit(#[from] ProbeSubmitError),
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    #[error("an inference worker panicked while running the probe")]
-    WorkerLost,
-}
-
-impl From<InputError> for ServiceError {
-    fn from(e: InputError) -> Self {
-        ServiceError::Act(ActError::Input(e))
-    }
-}
-
-impl ServiceError {
-    /// Short greppable name, used as the trace record's `error.slug`.
-    pub fn slug(&self) -> &'static str {
-        match self {
-            ServiceError::Act(ActError::Input(_)) => "invalid-argument",
-            ServiceError::Act(ActError::Engine(_)) => "engine-failed",
-            ServiceError::Submit(SubmitError::Busy(_)) => "queue-full",
-            ServiceError::Submit(SubmitError::Closed) => "shutting-down",
-            ServiceError::WorkerLost => "worker-lost",
-        }
-    }
-}
-
-/// The one place a domain error becomes a gRPC status.
-pub fn status_of(e: &ServiceError) -> Status {
-    match e {
-        ServiceError::Act(ActError::Input(e)) => Status::invalid_argument(e.to_string()),
-        ServiceError::Act(ActError::Engine(e)) => {
-            tracing::error!(error = %e, slug = "engine-failed", "engine failed");
-            Status::internal("the model failed on this request; the server log has the details")
-        }
-        ServiceError::Submit(e @ SubmitError::Busy(_)) => Status::resource_exhausted(e.to_string()),
-        ServiceError::Submit(e @ SubmitError::Closed) => Status::unavailable(e.to_string()),
-        ServiceError::WorkerLost => {
-            tracing::error!(slug = "worker-lost", "an inference job panicked");
-            Status::internal(e.to_string())
-        }
-    }
-}
-
-/// Maps the wire request onto the model's camera slots.
-pub fn to_input(req: &pb::ActRequest, cameras: &[String]) -> Result<ActInput, InputError> {
+/// Maps the wire request onto the model's camera slots, by the image contract of
+/// `reflex_proto::images` (the primary-image rule, camera slots): the engine takes the
+/// slots only and never sees the wire's two forms of the primary image.
+pub fn to_input(req: &pb::ActRequest, cameras: &[String]) -> Result<ActInput, ServiceError> {
     let list = || cameras.join(", ");
     let mut images: Vec<pb::Image> = req.images.clone();
-    // Seed-compatible single-image form: `image_b64` is the primary's bytes.
-    if !req.image_b64.is_empty() {
-        match images.first_mut() {
-            None => images.push(pb::Image {
-                data: req.image_b64.clone(),
-                ..Default::default()
-            }),
-            Some(first) if first.data.is_empty() => first.data = req.image_b64.clone(),
-            Some(_) => return Err(InputError::TwoPrimaryImages),
-        }
-    }
+    let mut image_b64 = req.image_b64.clone();
+    fold_primary(&mut images, &mut image_b64)?;
     if images.is_empty() {
         return Err(InputError::MissingPrimary {
             camera: cameras[0].clone(),
-        });
+        }
+        .into());
     }
     if images.len() > cameras.len() {
         return Err(InputError::TooManyImages {
             got: images.len(),
             max: cameras.len(),
             cameras: list(),
-        });
+        }
+        .into());
     }
     let mut frames: Vec<Option<FrameInput>> = vec![None; cameras.len()];
     for (index, img) in images.into_iter().enumerate() {
-        let slot = if img.camera.is_empty() {
-            index
-        } else {
-            cameras
-                .iter()
-                .position(|c| *c == img.camera)
-                .ok_or_else(|| InputError::UnknownCamera {
-                    index,
-                    name: quoted(&img.camera),
-                    cameras: list(),
-                })?
-        };
+        // Never `None` for an unnamed image: there are no more images than cameras.
+        let slot =
+            camera_slot(index, &img.camera, cameras).ok_or_else(|| InputError::UnknownCamera {
+                index,
+                name: quoted(&img.camera),
+                cameras: list(),
+            })?;
         if index == 0 && slot != 0 {
             return Err(InputError::PrimaryNotFirst {
                 primary: cameras[0].clone(),
                 got: quoted(&img.camera),
-            });
+            }
+            .into());
         }
         if frames[slot].is_some() {
             return Err(InputError::DuplicateCamera {
                 index,
                 name: cameras[slot].clone(),
-            });
+            }
+            .into());
         }
         if img.data.is_empty() {
             return Err(InputError::EmptyImage {
                 index,
                 camera: cameras[slot].clone(),
-            });
+            }
+            .into());
         }
         // Of the two hash fields for the primary, the per-image one wins.
         let (expect_sha256, sha_field) = if !img.sha256.is_empty() {
@@ -408,6 +490,22 @@ fn quoted(s: &str) -> String {
 
 type ActStream = Pin<Box<dyn Stream<Item = Result<pb::ActResponse, Status>> + Send>>;
 
+/// The ActStream answer to a request that failed: the status as `error`, with the
+/// canonical code name the proto promises (`INVALID_ARGUMENT`), and the call's own seq (0
+/// for a refusal, which has none: `RESOURCE_EXHAUSTED`, `recorded` false).
+fn stream_error(status: &Status, seq: Option<u64>, recorded: bool) -> pb::ActResponse {
+    pb::ActResponse {
+        seq: seq.unwrap_or(0),
+        recorded,
+        error: Some(pb::ActError {
+            code: reflex_proto::errors::code_name(status.code()).into(),
+            message: status.message().to_string(),
+        }),
+        // No actions, shapes, latency or engine facts: the call produced none.
+        ..Default::default()
+    }
+}
+
 /// The tonic-facing handle; cheap to clone into every listener's router.
 #[derive(Clone)]
 pub struct PolicyHandle(pub Arc<PolicyService>);
@@ -419,9 +517,11 @@ impl PolicyRpc for PolicyHandle {
         request: Request<pb::ActRequest>,
     ) -> Result<Response<pb::ActResponse>, Status> {
         let parent = self.0.telemetry.parent(request.metadata());
+        let call = Call::of(&request);
         self.0
-            .act_in_trace(request.into_inner(), parent)
+            .answer(request.into_inner(), parent, call)
             .await
+            .result
             .map(Response::new)
     }
 
@@ -433,6 +533,7 @@ impl PolicyRpc for PolicyHandle {
     ) -> Result<Response<Self::ActStreamStream>, Status> {
         // Every message's span continues the stream's `traceparent`, if any.
         let parent = self.0.telemetry.parent(request.metadata());
+        let connection = connection_key(&request);
         let mut inbound = request.into_inner();
         // Small buffer: a control loop has one request in flight; backpressure
         // beyond that reaches the client through HTTP/2 flow control.
@@ -441,16 +542,16 @@ impl PolicyRpc for PolicyHandle {
         tokio::spawn(async move {
             while let Some(msg) = inbound.next().await {
                 let reply = match msg {
-                    Ok(req) => match svc.act_in_trace(req, parent.clone()).await {
-                        Ok(resp) => Ok(resp),
-                        Err(status) => Ok(pb::ActResponse {
-                            error: Some(pb::ActError {
-                                code: format!("{:?}", status.code()),
-                                message: status.message().to_string(),
-                            }),
-                            ..Default::default()
-                        }),
-                    },
+                    Ok(req) => {
+                        let call = Call {
+                            connection,
+                            ..Call::default()
+                        };
+                        let answer = svc.answer(req, parent.clone(), call).await;
+                        Ok(answer.result.unwrap_or_else(|status| {
+                            stream_error(&status, answer.seq, answer.recorded)
+                        }))
+                    }
                     Err(status) => Err(status),
                 };
                 let fatal = reply.is_err();
@@ -534,10 +635,10 @@ mod tests {
             images: vec![img("base", b"y")],
             ..Default::default()
         };
-        assert_eq!(
-            to_input(&both, &cams()).unwrap_err(),
-            InputError::TwoPrimaryImages
-        );
+        assert!(matches!(
+            to_input(&both, &cams()),
+            Err(ServiceError::Images(reflex_proto::images::TwoPrimaryImages))
+        ));
     }
 
     #[test]

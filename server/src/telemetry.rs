@@ -36,12 +36,12 @@
 //! Per call: the latency histogram and a request counter by status, and
 //! atomics for cache hits and misses and for calls waiting for a worker. Read
 //! at collection time: the cache hit ratio, the inference queue depth, the
-//! recording hand-off's counters (queued, delivered, dropped) and, when
-//! recording through a shared daemon (`--recorder`), the daemon's own
-//! `Recorder/Status` (bytes written, records, drops, the disk-degraded flag),
-//! polled every few seconds off the Act path. A private recorder child
-//! (`--record DIR` alone) listens on a socket only the recording module knows,
-//! so its status is not polled; the server's own counters still are.
+//! recording hand-off's counters (queued, delivered, dropped; telemetry
+//! reads the hand-off's atomics, [`Counters`], and knows nothing of the
+//! service) and, when recording, the recorder's own `Recorder/Status` (bytes
+//! written, records, drops, the disk-degraded flag) — the shared daemon's
+//! (`--recorder`) or the private child's (`--record DIR` alone) — polled every
+//! few seconds off the Act path.
 //!
 //! **Configuration** ([`TelemetryConfig::resolve`]): flags (and their
 //! `REFLEX_*` variables) win over the standard `OTEL_*` variables:
@@ -80,8 +80,10 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::filter::{Filtered, Targets};
 use tracing_subscriber::registry::Registry;
 
-use crate::policy::{ActOutput, CacheStatus};
-use crate::service::{PolicyService, ServiceError};
+use reflex_engine::policy::{ActOutput, CacheStatus};
+
+use crate::error::ServiceError;
+use crate::recording::Counters;
 
 /// The `tracing` target of every span meant for OpenTelemetry.
 pub const SPAN_TARGET: &str = "reflex::otel";
@@ -469,15 +471,24 @@ impl Telemetry {
         t
     }
 
+    /// The hook `reflex replay` traces its calls through; `None` when tracing is off.
+    pub fn call_tracer(&self) -> Option<Arc<dyn reflex_proto::CallTracer>> {
+        self.act
+            .tracer
+            .is_some()
+            .then(|| Arc::new(ReplayTracer) as Arc<dyn reflex_proto::CallTracer>)
+    }
+
     /// What the Act path needs (cheap to clone).
     pub fn act(&self) -> ActTelemetry {
         self.act.clone()
     }
 
-    /// Registers the instruments read at collection time: the service's
-    /// queue, cache ratio and recording counters, and, with `recorder` (a
-    /// shared daemon's URI), that daemon's status, polled in the background.
-    pub fn observe(&mut self, service: &Arc<PolicyService>, recorder: Option<String>) {
+    /// Registers the instruments read at collection time: the Act path's
+    /// queue and cache ratio, the recording hand-off's `counters` (when
+    /// recording is on), and, with `recorder` (a shared daemon's URI), that
+    /// daemon's status, polled in the background.
+    pub fn observe(&mut self, counters: Option<Arc<Counters>>, recorder: Option<String>) {
         let (Some(meter), Some(m)) = (&self.meter, &self.act.metrics) else {
             return;
         };
@@ -510,9 +521,9 @@ impl Telemetry {
             )
             .with_callback(move |o| o.observe(m2.hit_ratio(), &[]))
             .build();
-        if service.recording().counters().is_some() {
-            type Read = fn(&crate::recording::Counters) -> &AtomicU64;
-            let counters: [(&'static str, &'static str, Read); 3] = [
+        if let Some(counters) = counters {
+            type Read = fn(&Counters) -> &AtomicU64;
+            let instruments: [(&'static str, &'static str, Read); 3] = [
                 (
                     "reflex.record.queued",
                     "Records handed to the recorder queue",
@@ -529,20 +540,12 @@ impl Telemetry {
                     |c| &c.dropped,
                 ),
             ];
-            for (name, help, read) in counters {
-                let svc = Arc::downgrade(service);
+            for (name, help, read) in instruments {
+                let c = counters.clone();
                 meter
                     .u64_observable_counter(name)
                     .with_description(help)
-                    .with_callback(move |o| {
-                        if let Some(c) = svc.upgrade().as_ref().and_then(|s| {
-                            s.recording()
-                                .counters()
-                                .map(|c| read(c).load(Ordering::Relaxed))
-                        }) {
-                            o.observe(c, &[]);
-                        }
-                    })
+                    .with_callback(move |o| o.observe(read(&c).load(Ordering::Relaxed), &[]))
                     .build();
             }
         }
@@ -659,7 +662,7 @@ impl ActTelemetry {
     pub fn finish_act_span(
         &self,
         act: &ActSpan,
-        seq: u64,
+        seq: Option<u64>,
         recorded: bool,
         result: &Result<(ActOutput, f64), ServiceError>,
         total_ms: f64,
@@ -669,7 +672,10 @@ impl ActTelemetry {
         let span = &act.span;
         // Integers as i64: the OTel layer would write a u64 as text. A seq
         // never reaches 2^63; a noise seed may, so it stays text on purpose.
-        span.record("reflex.record.seq", seq as i64);
+        // A refusal has no seq (it is counted, not recorded).
+        if let Some(seq) = seq {
+            span.record("reflex.record.seq", seq as i64);
+        }
         span.record("reflex.record.recorded", recorded);
         span.record("reflex.total_ms", total_ms);
         match result {
@@ -690,7 +696,7 @@ impl ActTelemetry {
             }
             Err(e) => {
                 span.record("gen_ai.action.denoise_steps", i64::from(configured_steps));
-                span.record("error.type", e.slug());
+                span.record("error.type", e.slug().as_str());
                 span.set_status(OtelStatus::error(e.to_string()));
             }
         }
@@ -770,7 +776,7 @@ impl ActMetrics {
                 };
                 "ok"
             }
-            Err(e) => e.slug(),
+            Err(e) => e.slug().as_str(),
         };
         let attrs = [KeyValue::new("status", status)];
         self.duration.record(total_ms / 1e3, &attrs);
@@ -878,6 +884,29 @@ pub fn fail_span(span: &Span, slug: &'static str, message: &str) {
     }
     span.record("error.type", slug);
     span.set_status(OtelStatus::error(message.to_string()));
+}
+
+/// [`replay_span`], [`inject`] and [`fail_span`] behind the hook `reflex replay` traces
+/// its calls through ([`reflex_proto::CallTracer`]): the replayer links no OpenTelemetry.
+pub struct ReplayTracer;
+
+impl reflex_proto::CallTracer for ReplayTracer {
+    fn start(&self, seq: u64) -> Box<dyn reflex_proto::CallSpan> {
+        Box::new(ReplayCallSpan(replay_span(seq)))
+    }
+}
+
+/// Ends (and is exported) when dropped, like the span it holds.
+struct ReplayCallSpan(Span);
+
+impl reflex_proto::CallSpan for ReplayCallSpan {
+    fn inject(&self, metadata: &mut MetadataMap) {
+        inject(&self.0, metadata);
+    }
+
+    fn fail(&self, slug: &'static str, message: &str) {
+        fail_span(&self.0, slug, message);
+    }
 }
 
 // ---------------------------------------------------------------------------

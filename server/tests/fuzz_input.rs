@@ -34,10 +34,10 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::FileFailurePersistence;
 use prost::Message;
+use reflex_engine::config::ImageConfig;
+use reflex_engine::policy::{MAX_INSTRUCTION_BYTES, Policy, PolicyOptions};
+use reflex_engine::preprocess::{self, ImageError, MAX_SIDE};
 use reflex_proto::v1 as pb;
-use reflex_server::config::ImageConfig;
-use reflex_server::policy::{MAX_INSTRUCTION_BYTES, Policy, PolicyOptions};
-use reflex_server::preprocess::{self, ImageError, MAX_SIDE};
 use reflex_server::recording::Recording;
 use reflex_server::service::{PolicyService, ServiceOptions};
 use sha2::{Digest, Sha256};
@@ -122,12 +122,13 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        reflex_server::export::write_reference_export(dir.path(), 0).unwrap();
+        reflex_engine::export::write_reference_export(dir.path(), 0).unwrap();
         let policy = Policy::load(dir.path(), &PolicyOptions::default()).unwrap();
         let cfg = policy.config().clone();
         let opts = ServiceOptions {
             workers: 2,
             queue_depth: 64,
+            queue_per_connection: 64,
             max_message_bytes: MAX_MESSAGE,
             embodiment: "fuzz".into(),
             session_id: "fuzz-0001".into(),

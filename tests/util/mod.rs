@@ -154,6 +154,22 @@ pub async fn policy_client(
     pb::policy_client::PolicyClient::new(timeout(reflex_proto::connect(target)).await.unwrap())
 }
 
+/// Sends `reqs` on one ActStream and collects every answer until the server ends it.
+pub async fn act_stream_all(
+    c: &mut pb::policy_client::PolicyClient<tonic::transport::Channel>,
+    reqs: Vec<pb::ActRequest>,
+) -> Vec<pb::ActResponse> {
+    let mut stream = timeout(c.act_stream(tokio_stream::iter(reqs)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = vec![];
+    while let Some(r) = timeout(stream.message()).await.unwrap() {
+        got.push(r);
+    }
+    got
+}
+
 /// A 224×224 JPEG with a pattern that depends on `shade`.
 pub fn jpeg(shade: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(224, 224, |x, y| {
@@ -163,7 +179,7 @@ pub fn jpeg(shade: u8) -> Vec<u8> {
             shade.wrapping_mul(7),
         ])
     });
-    reflex_server::preprocess::encode_jpeg(&img, 90)
+    reflex_engine::preprocess::encode_jpeg(&img, 90)
 }
 
 pub fn state() -> Vec<f32> {
@@ -249,6 +265,32 @@ pub async fn recorder_status(sock: &Path) -> Option<pb::RecorderStatus> {
         .ok()?
         .ok()
         .map(|r| r.into_inner())
+}
+
+/// The README's check of a recorder, with the real grpcurl as an operator types it (no
+/// `-authority`, no `.proto`): reflection lists `reflex.v1.Recorder`, and `Status` answers.
+/// Returns the `Status` answer as JSON. Fails with grpcurl's stderr, which said
+/// `RST_STREAM ... PROTOCOL_ERROR` before the recorder's listener rewrote `:authority`.
+pub fn grpcurl_recorder_status(sock: &Path) -> serde_json::Value {
+    let grpcurl = |args: &[&str]| {
+        let out = Command::new("grpcurl")
+            .args(["-plaintext", "-unix", sock.to_str().unwrap()])
+            .args(args)
+            .output()
+            .expect("grpcurl is installed (.ci/run installs it)");
+        assert!(
+            out.status.success(),
+            "grpcurl {args:?} against the recorder failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = grpcurl(&["list"]);
+    assert!(
+        listed.lines().any(|l| l == "reflex.v1.Recorder"),
+        "reflex.v1.Recorder missing from:\n{listed}"
+    );
+    serde_json::from_str(&grpcurl(&["reflex.v1.Recorder/Status"])).unwrap()
 }
 
 /// Trace files (`*.jsonl.gz` / `*.jsonl`) in `dir`, sorted by name.

@@ -18,9 +18,15 @@
 //! variables stay (harmless for `LISTEN_*` and `WATCHDOG_*`, which name the PID they are
 //! for).
 //!
+//! [`child`] is the same relationship seen from the other side: a reflex command supervising
+//! another reflex process it started (own process group, `PR_SET_PDEATHSIG`, SIGTERM then
+//! SIGKILL).
+//!
 //! Rejected: the `sd-notify` crate — it re-reads `NOTIFY_SOCKET` on every call (so the
 //! variable cannot be removed early), does not speak abstract (`@name`) sockets, and hands
 //! back raw descriptors without checking what they are.
+
+pub mod child;
 
 use std::ffi::OsStr;
 use std::io;

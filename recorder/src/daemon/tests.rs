@@ -2,6 +2,7 @@
 
 use super::*;
 use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Instant;
 
 use hyper_util::rt::TokioIo;
@@ -96,17 +97,20 @@ async fn timeout<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(T, f).await.expect("timed out")
 }
 
-async fn connect(path: &Path) -> RecorderClient<Channel> {
+async fn channel(path: &Path) -> Channel {
     let path = path.to_path_buf();
-    let channel = Endpoint::try_from("http://localhost")
+    Endpoint::try_from("http://localhost")
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
         }))
         .await
-        .unwrap();
-    RecorderClient::new(channel).max_encoding_message_size(usize::MAX)
+        .unwrap()
+}
+
+async fn connect(path: &Path) -> RecorderClient<Channel> {
+    RecorderClient::new(channel(path).await).max_encoding_message_size(usize::MAX)
 }
 
 fn start_event(session_id: &str) -> RecordEvent {
@@ -145,6 +149,7 @@ fn end_event(reason: &str, total: u64, dropped: u64) -> RecordEvent {
             total_requests: total,
             dropped_requests: dropped,
             ended_at: String::new(),
+            refused_requests: 0,
         })),
     }
 }
@@ -706,6 +711,44 @@ async fn shutdown_closes_open_files_with_footer() {
     // The server's call got its summary.
     let summary = timeout(live.call).await.unwrap().unwrap();
     assert_eq!(summary.records_written, 25);
+}
+
+/// Both reflection versions list the recorder: grpcurl 1.9 and later ask v1, older
+/// clients v1alpha.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1_and_v1alpha_list_the_recorder() {
+    let d = Daemon::start(|_| {}).await;
+    macro_rules! listed {
+        ($version:ident) => {{
+            use tonic_reflection::pb::$version::{
+                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse,
+            };
+            let mut client = ServerReflectionClient::new(channel(&d.socket).await);
+            let ask = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut answers = timeout(client.server_reflection_info(tokio_stream::iter([ask])))
+                .await
+                .unwrap()
+                .into_inner();
+            let answer = timeout(answers.message())
+                .await
+                .unwrap()
+                .expect("an answer");
+            match answer.message_response {
+                Some(MessageResponse::ListServicesResponse(list)) => {
+                    list.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+                }
+                other => panic!("{other:?}"),
+            }
+        }};
+    }
+    for names in [listed!(v1), listed!(v1alpha)] {
+        assert!(names.iter().any(|n| n == "reflex.v1.Recorder"), "{names:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,131 @@
+//! The `cpu` engine: the export's ONNX graphs run by tract, pure Rust.
+//!
+//! Graphs are loaded, shape-fixed (the export declares concrete shapes),
+//! optimised and planned once at start; a call only spawns a run state. One
+//! call uses one thread: parallelism comes from the server's worker pool.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use super::{Engine, EngineError, Shapes};
+
+type Plan = Arc<TypedSimplePlan>;
+
+pub struct CpuEngine {
+    prefix: Plan,
+    expert: Plan,
+    shapes: Shapes,
+}
+
+fn load(path: &Path) -> Result<Plan, EngineError> {
+    let err = |e: TractError| EngineError::Load {
+        graph: path.display().to_string(),
+        message: format!("{e:#}"),
+    };
+    tract_onnx::onnx()
+        .model_for_path(path)
+        .map_err(err)?
+        .into_optimized()
+        .map_err(err)?
+        .into_runnable()
+        .map_err(err)
+}
+
+fn run_err(graph: &'static str) -> impl Fn(TractError) -> EngineError {
+    move |e| EngineError::Run {
+        graph,
+        message: format!("{e:#}"),
+    }
+}
+
+fn tensor<T: Datum + Copy>(shape: &[usize], data: &[T]) -> TractResult<TValue> {
+    Ok(Tensor::from_shape(shape, data)?.into_tvalue())
+}
+
+impl CpuEngine {
+    pub fn load(prefix: &Path, expert: &Path, shapes: Shapes) -> Result<Self, EngineError> {
+        Ok(CpuEngine {
+            prefix: load(prefix)?,
+            expert: load(expert)?,
+            shapes,
+        })
+    }
+
+    fn expert_inputs(
+        &self,
+        x: &[f32],
+        t: f32,
+        prefix: &[f32],
+        state: &[f32],
+    ) -> TractResult<TVec<TValue>> {
+        let s = &self.shapes;
+        Ok(tvec![
+            tensor(&[1, s.chunk, s.action_dim], x)?,
+            tensor(&[1, 1], &[t])?,
+            tensor(&[1, s.prefix_dim], prefix)?,
+            tensor(&[1, s.state_dim], state)?,
+        ])
+    }
+}
+
+fn first_output(out: TVec<TValue>) -> TractResult<Vec<f32>> {
+    Ok(out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+}
+
+impl Engine for CpuEngine {
+    fn mode(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn hardware(&self) -> BTreeMap<String, String> {
+        let mut m = super::cpu_hardware();
+        m.insert("engine".into(), "tract".into());
+        m
+    }
+
+    fn prefix(&self, pixels: &[f32], tokens: &[i64]) -> Result<Vec<f32>, EngineError> {
+        let s = &self.shapes;
+        let run = || -> TractResult<Vec<f32>> {
+            let inputs = tvec![
+                tensor(&[s.cameras, 3, s.height, s.width], pixels)?,
+                tensor(&[1, s.tokens], tokens)?,
+            ];
+            first_output(self.prefix.run(inputs)?)
+        };
+        run().map_err(run_err("prefix"))
+    }
+
+    fn expert_step(
+        &self,
+        x: &[f32],
+        t: f32,
+        prefix: &[f32],
+        state: &[f32],
+    ) -> Result<Vec<f32>, EngineError> {
+        let run = || first_output(self.expert.run(self.expert_inputs(x, t, prefix, state)?)?);
+        run().map_err(run_err("expert"))
+    }
+
+    fn denoise(
+        &self,
+        noise: Vec<f32>,
+        prefix: &[f32],
+        state: &[f32],
+        steps: u32,
+    ) -> Result<Vec<f32>, EngineError> {
+        // One run state for the whole loop: tract reuses its buffers between steps.
+        let mut run_state = self.expert.spawn().map_err(run_err("expert"))?;
+        super::euler(noise, steps, |x, t| {
+            let inputs = self
+                .expert_inputs(x, t, prefix, state)
+                .map_err(run_err("expert"))?;
+            run_state
+                .run(inputs)
+                .and_then(first_output)
+                .map_err(run_err("expert"))
+        })
+    }
+}

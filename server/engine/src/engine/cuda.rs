@@ -1,0 +1,997 @@
+//! The `cuda` engine: the export's graphs compiled by [`super::graph`] and
+//! run on an NVIDIA GPU through cudarc — cuBLAS for the products, NVRTC-built
+//! kernels for the rest, weights uploaded once, and the prefix and the whole
+//! denoise loop (host copies included) each captured as one CUDA graph that a
+//! call replays.
+//!
+//! Nothing CUDA is linked: cudarc loads libcuda, libnvrtc and libcublas at
+//! run time (CUDA 13 names), so this builds and starts anywhere; where a
+//! library or the GPU is missing, [`CudaEngine::load`] says which.
+//!
+//! One stream per engine, serialised by a mutex: graphs are not thread-safe,
+//! and one small policy keeps a GPU busy from one stream anyway.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::c_void;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{self, CudaBlas};
+use cudarc::driver::{
+    self, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PinnedHostSlice, PushKernelArg, sys,
+};
+use cudarc::nvrtc;
+
+use super::graph::cuda_src::{self, MAP_BLOCK, ROW_BLOCK};
+use super::graph::{self, CublasCall, DType, Op, Port, Program};
+use super::{Engine, EngineError, Frames, PixelNorm};
+
+/// The cuBLAS workspace (set before capture, as graphs require).
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+fn unavailable(reason: impl Into<String>) -> EngineError {
+    EngineError::Unavailable {
+        engine: "cuda",
+        reason: reason.into(),
+    }
+}
+
+fn run_err(graph: &'static str) -> impl Fn(String) -> EngineError {
+    move |message| EngineError::Run { graph, message }
+}
+
+/// Checks for the three libraries before any call that would load them
+/// (cudarc panics on a missing library; we want a sentence).
+pub fn check_libraries() -> Result<(), EngineError> {
+    // SAFETY: these only try dlopen on the candidate names.
+    let (drv, rtc, blas) = unsafe {
+        (
+            driver::sys::is_culib_present(),
+            nvrtc::sys::is_culib_present(),
+            cublas::sys::is_culib_present(),
+        )
+    };
+    if !drv {
+        return Err(unavailable(
+            "the NVIDIA driver library libcuda.so.1 was not found — is an NVIDIA GPU and its \
+             driver installed on this machine?",
+        ));
+    }
+    let mut missing = vec![];
+    if !rtc {
+        missing.push("libnvrtc.so.13 (CUDA 13 NVRTC)");
+    }
+    if !blas {
+        missing.push("libcublas.so.13 (CUDA 13 cuBLAS)");
+    }
+    if !missing.is_empty() {
+        return Err(unavailable(format!(
+            "{} not found; install the CUDA 13 runtime libraries (e.g. the cuda-libraries-13-0 \
+             package) or add their directory to LD_LIBRARY_PATH \
+             (/usr/local/cuda-13.0/targets/x86_64-linux/lib)",
+            missing.join(" and ")
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+enum Arg {
+    Ptr(u64),
+    I32(i32),
+    F32(f32),
+}
+
+#[derive(Clone)]
+enum Step {
+    Kernel {
+        func: CudaFunction,
+        grid: u32,
+        block: u32,
+        args: Vec<Arg>,
+    },
+    Gemm {
+        call: CublasCall,
+        alpha: f32,
+        first: u64,
+        second: u64,
+        c: u64,
+    },
+    /// Pinned host → device.
+    CopyIn { dst: u64, src: usize, bytes: usize },
+    /// Device → pinned host.
+    CopyOut { dst: usize, src: u64, bytes: usize },
+}
+
+enum Alloc {
+    F32(#[allow(dead_code)] CudaSlice<f32>),
+    I64(#[allow(dead_code)] CudaSlice<i64>),
+}
+
+/// A program on the device: its buffers and, per op, the launch.
+struct Loaded {
+    program: Program,
+    _allocs: Vec<Alloc>,
+    ptrs: Vec<u64>,
+    steps: Vec<Step>,
+    fill: CudaFunction,
+    step: CudaFunction,
+    frames: CudaFunction,
+}
+
+/// Page-locked host memory for the inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staging {
+    /// Ordinary cached pinned memory (the default): the host's copy in runs at
+    /// memcpy speed.
+    Cached,
+    /// Write-combined: cheaper for the device to read over PCIe, slower for
+    /// the host to fill.
+    WriteCombined,
+}
+
+/// Page-locked staging for one port.
+struct Stage {
+    _mem: PinnedHostSlice<u8>,
+    ptr: usize,
+    bytes: usize,
+}
+
+struct Inner {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    _workspace: CudaSlice<u8>,
+    prefix: Loaded,
+    expert: Loaded,
+    den: graph::DenoisePorts,
+    staging: HashMap<&'static str, Stage>,
+    use_graphs: bool,
+    prefix_graph: Option<CudaGraph>,
+    /// The frames path: raw bytes and presence flags on the device, and its
+    /// graph (captured for one normalisation, the export's).
+    frames_dev: CudaSlice<u8>,
+    present_dev: CudaSlice<i32>,
+    frames_graph: Option<(PixelNorm, CudaGraph)>,
+    denoise_graphs: HashMap<u32, CudaGraph>,
+}
+
+// SAFETY: every CUDA object is used only under the engine's mutex, with the
+// context bound to the calling thread first.
+unsafe impl Send for Inner {}
+
+pub struct CudaEngine {
+    inner: Mutex<Inner>,
+    hardware: BTreeMap<String, String>,
+}
+
+fn drv(e: driver::DriverError) -> String {
+    format!("{e:?}")
+}
+
+impl CudaEngine {
+    /// Compiles both graphs, builds the kernels, uploads the weights and
+    /// captures the prefix graph. `use_graphs: false` launches op by op
+    /// (for comparison; the results are the same).
+    pub fn load(prefix: &Path, expert: &Path, use_graphs: bool) -> Result<Self, EngineError> {
+        Self::load_with(prefix, expert, use_graphs, Staging::Cached)
+    }
+
+    /// [`CudaEngine::load`] with a choice of input staging memory (the bench compares them).
+    pub fn load_with(
+        prefix: &Path,
+        expert: &Path,
+        use_graphs: bool,
+        staging: Staging,
+    ) -> Result<Self, EngineError> {
+        check_libraries()?;
+        let prefix_p = graph::compile_file(prefix)?;
+        let expert_p = graph::compile_file(expert)?;
+        // cudarc panics where a symbol is missing (a driver older than CUDA 13):
+        // keep that a start-up error too.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::load_device(prefix_p, expert_p, use_graphs, staging)
+        }))
+        .unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(unavailable(format!(
+                "the CUDA libraries failed to load: {msg}"
+            )))
+        })
+    }
+
+    fn load_device(
+        prefix_p: Program,
+        expert_p: Program,
+        use_graphs: bool,
+        staging_kind: Staging,
+    ) -> Result<Self, EngineError> {
+        driver::result::init().map_err(|e| unavailable(format!("cuInit failed: {}", drv(e))))?;
+        let count = CudaContext::device_count().map_err(|e| unavailable(drv(e)))?;
+        if count < 1 {
+            return Err(unavailable("the driver found no CUDA device"));
+        }
+        let ctx = CudaContext::new(0).map_err(|e| unavailable(drv(e)))?;
+        // One stream, and graphs capture raw pointers: cudarc's per-buffer
+        // events would only add work (and break capture).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| unavailable(drv(e)))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| unavailable(format!("{e:?}")))?;
+        let workspace = stream
+            .alloc_zeros::<u8>(CUBLAS_WORKSPACE)
+            .map_err(|e| unavailable(drv(e)))?;
+        let (ws_ptr, _sync) = workspace.device_ptr(&stream);
+        unsafe {
+            cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                ws_ptr as *mut c_void,
+                CUBLAS_WORKSPACE,
+            )
+            .result()
+            .map_err(|e| unavailable(format!("cublasSetWorkspace: {e:?}")))?;
+        }
+        drop(_sync);
+
+        let (major, minor) = ctx.compute_capability().map_err(|e| unavailable(drv(e)))?;
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let hardware = hardware(&ctx, &blas, arch);
+
+        let err = |g: &'static str| run_err(g);
+        let prefix = load_program(&ctx, &stream, prefix_p, "p", arch).map_err(err("prefix"))?;
+        let expert = load_program(&ctx, &stream, expert_p, "e", arch).map_err(err("expert"))?;
+        let den = graph::denoise_ports(&expert.program).map_err(err("expert"))?;
+
+        let mut staging = HashMap::new();
+        let mut stage = |key: &'static str, bytes: usize| -> Result<(), EngineError> {
+            let flags = match staging_kind {
+                Staging::WriteCombined if !key.ends_with("_out") => {
+                    sys::CU_MEMHOSTALLOC_WRITECOMBINED
+                }
+                _ => 0,
+            };
+            let mut mem = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, flags) }
+                .map_err(|e| unavailable(drv(e)))?;
+            let ptr = mem.as_mut_ptr().map_err(|e| unavailable(drv(e)))? as usize;
+            staging.insert(
+                key,
+                Stage {
+                    _mem: mem,
+                    ptr,
+                    bytes,
+                },
+            );
+            Ok(())
+        };
+        let port_bytes = |p: &Port| -> usize {
+            p.shape.iter().product::<usize>() * if p.dtype == DType::I64 { 8 } else { 4 }
+        };
+        let pin = |p: &Program, name: &str| -> Result<usize, EngineError> {
+            p.input(name)
+                .map(port_bytes)
+                .ok_or_else(|| EngineError::Load {
+                    graph: p.name.clone(),
+                    message: format!("no input named {name:?}"),
+                })
+        };
+        stage("pixels", pin(&prefix.program, "pixels")?)?;
+        stage("tokens", pin(&prefix.program, "tokens")?)?;
+        stage("prefix_out", port_bytes(&prefix.program.outputs[0]))?;
+        let pixel_port = prefix.program.input("pixels").cloned();
+        let (cams, frame_bytes) = match &pixel_port {
+            Some(p) if p.shape.len() == 4 => (p.shape[0], p.shape.iter().product::<usize>()),
+            _ => (1, 3),
+        };
+        stage("frames", frame_bytes)?;
+        stage("present", cams * 4)?;
+        stage("x", port_bytes(&den.x))?;
+        stage("t", 4)?;
+        stage("prefix", pin(&expert.program, "prefix")?)?;
+        stage("state", pin(&expert.program, "state")?)?;
+        stage("x_out", port_bytes(&den.x))?;
+
+        let frames_dev = stream
+            .alloc_zeros::<u8>(frame_bytes)
+            .map_err(|e| unavailable(drv(e)))?;
+        let present_dev = stream
+            .alloc_zeros::<i32>(cams)
+            .map_err(|e| unavailable(drv(e)))?;
+        let mut inner = Inner {
+            frames_dev,
+            present_dev,
+            frames_graph: None,
+            ctx,
+            stream,
+            blas,
+            _workspace: workspace,
+            prefix,
+            expert,
+            den,
+            staging,
+            use_graphs,
+            prefix_graph: None,
+            denoise_graphs: HashMap::new(),
+        };
+        if use_graphs {
+            let steps = inner.prefix_steps().map_err(err("prefix"))?;
+            inner.prefix_graph = Some(inner.capture(&steps).map_err(err("prefix"))?);
+        }
+        Ok(CudaEngine {
+            inner: Mutex::new(inner),
+            hardware,
+        })
+    }
+}
+
+fn hardware(ctx: &Arc<CudaContext>, blas: &CudaBlas, arch: &str) -> BTreeMap<String, String> {
+    let mut m = super::cpu_hardware();
+    m.insert(
+        "engine".into(),
+        "reflex-cuda (cuBLAS + NVRTC, CUDA graphs)".into(),
+    );
+    if let Ok(name) = ctx.name() {
+        m.insert("gpu".into(), name);
+    }
+    m.insert("gpu_arch".into(), arch.to_string());
+    if let Ok(mem) = ctx.total_mem() {
+        m.insert("gpu_memory_mb".into(), (mem >> 20).to_string());
+    }
+    let mut v = 0i32;
+    if unsafe { driver::sys::cuDriverGetVersion(&mut v) } == driver::sys::CUresult::CUDA_SUCCESS {
+        m.insert(
+            "cuda_driver_api".into(),
+            format!("{}.{}", v / 1000, (v % 1000) / 10),
+        );
+    }
+    if let Some(version) = std::fs::read_to_string("/proc/driver/nvidia/version")
+        .ok()
+        .and_then(|s| nvidia_driver_version(&s))
+    {
+        m.insert("nvidia_driver".into(), version);
+    }
+    let (mut major, mut minor) = (0i32, 0i32);
+    if unsafe { nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        == nvrtc::sys::nvrtcResult::NVRTC_SUCCESS
+    {
+        m.insert("nvrtc".into(), format!("{major}.{minor}"));
+    }
+    let mut bv = 0i32;
+    if unsafe { cublas::sys::cublasGetVersion_v2(*blas.handle(), &mut bv) }
+        == cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+    {
+        m.insert(
+            "cublas".into(),
+            format!("{}.{}.{}", bv / 10000, (bv % 10000) / 100, bv % 100),
+        );
+    }
+    m
+}
+
+/// "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.95.05  Thu ..." → "580.95.05".
+pub fn nvidia_driver_version(proc_text: &str) -> Option<String> {
+    let line = proc_text.lines().find(|l| l.starts_with("NVRM version"))?;
+    line.split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) && w.contains('.'))
+        .map(str::to_string)
+}
+
+/// The program's kernels as PTX for `arch`.
+fn compile(program: &Program, tag: &str, arch: &'static str) -> Result<nvrtc::Ptx, String> {
+    let (_, src) = cuda_src::program_source(program, tag);
+    let opts = nvrtc::CompileOptions {
+        arch: Some(arch),
+        // IEEE division and square root, no flush-to-zero: close to the CPU.
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        ftz: Some(false),
+        ..Default::default()
+    };
+    nvrtc::compile_ptx_with_opts(&src, opts)
+        .map_err(|e| format!("NVRTC could not compile the kernels: {e:?}"))
+}
+
+fn load_program(
+    ctx: &Arc<CudaContext>,
+    stream: &Arc<CudaStream>,
+    program: Program,
+    tag: &str,
+    arch: &'static str,
+) -> Result<Loaded, String> {
+    let (kernels, _) = cuda_src::program_source(&program, tag);
+    let module = ctx
+        .load_module(compile(&program, tag, arch)?)
+        .map_err(drv)?;
+    let f = |name: &str| module.load_function(name).map_err(drv);
+
+    let mut allocs = vec![];
+    let mut ptrs = vec![];
+    for b in &program.buffers {
+        match b.dtype {
+            DType::F32 => {
+                let s = match &b.init {
+                    Some(v) => stream.clone_htod(v).map_err(drv)?,
+                    None => stream.alloc_zeros::<f32>(b.len).map_err(drv)?,
+                };
+                ptrs.push(s.device_ptr(stream).0);
+                allocs.push(Alloc::F32(s));
+            }
+            DType::I64 => {
+                let s = stream.alloc_zeros::<i64>(b.len).map_err(drv)?;
+                ptrs.push(s.device_ptr(stream).0);
+                allocs.push(Alloc::I64(s));
+            }
+        }
+    }
+    stream.synchronize().map_err(drv)?;
+
+    let (layernorm, softmax, mean) = (f("rf_layernorm")?, f("rf_softmax")?, f("rf_mean")?);
+    let blocks = |n: usize| n.div_ceil(MAP_BLOCK as usize) as u32;
+    let mut steps = vec![];
+    for (i, op) in program.ops.iter().enumerate() {
+        let p = |b: usize| Arg::Ptr(ptrs[b]);
+        steps.push(match op {
+            Op::Map { out, .. } => {
+                let k = kernels[i].as_ref().expect("a kernel for every map");
+                let mut args = vec![p(*out)];
+                args.extend(k.params.iter().map(|&b| p(b)));
+                Step::Kernel {
+                    func: f(&k.name)?,
+                    grid: blocks(k.elements * k.threads_per_element),
+                    block: MAP_BLOCK,
+                    args,
+                }
+            }
+            Op::Gemm(g) => {
+                let call = graph::cublas_call(g);
+                Step::Gemm {
+                    call,
+                    alpha: g.alpha,
+                    first: ptrs[call.first],
+                    second: ptrs[call.second],
+                    c: ptrs[call.c],
+                }
+            }
+            Op::LayerNorm {
+                x,
+                gamma,
+                beta,
+                out,
+                rows,
+                dim,
+                eps,
+            } => Step::Kernel {
+                func: layernorm.clone(),
+                grid: *rows as u32,
+                block: ROW_BLOCK,
+                args: vec![
+                    p(*x),
+                    p(*gamma),
+                    p(*beta),
+                    p(*out),
+                    Arg::I32(*dim as i32),
+                    Arg::F32(*eps),
+                ],
+            },
+            Op::Softmax { x, out, rows, dim } => Step::Kernel {
+                func: softmax.clone(),
+                grid: *rows as u32,
+                block: ROW_BLOCK,
+                args: vec![p(*x), p(*out), Arg::I32(*dim as i32)],
+            },
+            Op::Mean {
+                x,
+                out,
+                outer,
+                len,
+                inner,
+            } => Step::Kernel {
+                func: mean.clone(),
+                grid: blocks(outer * inner),
+                block: MAP_BLOCK,
+                args: vec![
+                    p(*x),
+                    p(*out),
+                    Arg::I32(*outer as i32),
+                    Arg::I32(*len as i32),
+                    Arg::I32(*inner as i32),
+                ],
+            },
+            Op::Fill { .. } | Op::Step { .. } => {
+                return Err("a graph program holds no loop steps".into());
+            }
+        });
+    }
+    Ok(Loaded {
+        program,
+        _allocs: allocs,
+        ptrs,
+        steps,
+        fill: f("rf_fill")?,
+        frames: f("rf_frames")?,
+        step: f("rf_step")?,
+    })
+}
+
+impl Inner {
+    fn stage(&self, key: &str) -> &Stage {
+        &self.staging[key]
+    }
+
+    /// Staging `key` → the device memory at `dst`.
+    fn stage_in(&self, key: &str, dst: u64) -> Step {
+        let s = self.stage(key);
+        Step::CopyIn {
+            dst,
+            src: s.ptr,
+            bytes: s.bytes,
+        }
+    }
+
+    fn copy_in(&self, key: &str, buf: usize, prog: &Loaded) -> Step {
+        self.stage_in(key, prog.ptrs[buf])
+    }
+
+    fn copy_out(&self, key: &str, buf: usize, prog: &Loaded) -> Step {
+        let s = self.stage(key);
+        Step::CopyOut {
+            dst: s.ptr,
+            src: prog.ptrs[buf],
+            bytes: s.bytes,
+        }
+    }
+
+    fn prefix_steps(&self) -> Result<Vec<Step>, String> {
+        let p = &self.prefix;
+        let port = |n: &str| {
+            p.program
+                .input(n)
+                .map(|x| x.buf)
+                .ok_or(format!("no input {n}"))
+        };
+        let mut steps = vec![
+            self.copy_in("pixels", port("pixels")?, p),
+            self.copy_in("tokens", port("tokens")?, p),
+        ];
+        steps.extend(p.steps.iter().cloned());
+        steps.push(self.copy_out("prefix_out", p.program.outputs[0].buf, p));
+        Ok(steps)
+    }
+
+    /// Bytes in, normalised on the device into the prefix's `pixels`, then the prefix.
+    fn frames_steps(&self, norm: &PixelNorm) -> Result<Vec<Step>, String> {
+        let p = &self.prefix;
+        let port = p.program.input("pixels").ok_or("no input pixels")?;
+        let (cams, plane) = (port.shape[0], port.shape[2] * port.shape[3]);
+        let frames = self.frames_dev.device_ptr(&self.stream).0;
+        let present = self.present_dev.device_ptr(&self.stream).0;
+        let n = cams * 3 * plane;
+        let mut args = vec![
+            Arg::Ptr(frames),
+            Arg::Ptr(present),
+            Arg::Ptr(p.ptrs[port.buf]),
+            Arg::I32(cams as i32),
+            Arg::I32(plane as i32),
+        ];
+        args.extend(norm.scale.iter().map(|v| Arg::F32(*v)));
+        args.extend(norm.offset.iter().map(|v| Arg::F32(*v)));
+        args.extend(norm.blank.iter().map(|v| Arg::F32(*v)));
+        let mut steps = vec![
+            self.stage_in("frames", frames),
+            self.stage_in("present", present),
+            Step::Kernel {
+                func: p.frames.clone(),
+                grid: (n as u32).div_ceil(MAP_BLOCK),
+                block: MAP_BLOCK,
+                args,
+            },
+        ];
+        let port = |n: &str| {
+            p.program
+                .input(n)
+                .map(|x| x.buf)
+                .ok_or(format!("no input {n}"))
+        };
+        steps.push(self.copy_in("tokens", port("tokens")?, p));
+        steps.extend(p.steps.iter().cloned());
+        steps.push(self.copy_out("prefix_out", p.program.outputs[0].buf, p));
+        Ok(steps)
+    }
+
+    fn denoise_steps(&self, n: u32) -> Vec<Step> {
+        let e = &self.expert;
+        let d = &self.den;
+        let port = |name: &str| e.program.input(name).map(|p| p.buf).unwrap_or(0);
+        let len = d.x.shape.iter().product::<usize>() as i32;
+        let mut steps = vec![
+            self.copy_in("x", d.x.buf, e),
+            self.copy_in("prefix", port("prefix"), e),
+            self.copy_in("state", port("state"), e),
+        ];
+        steps.extend(graph::unroll(
+            &e.steps,
+            n,
+            |t| Step::Kernel {
+                func: e.fill.clone(),
+                grid: 1,
+                block: 32,
+                args: vec![Arg::Ptr(e.ptrs[d.t.buf]), Arg::I32(1), Arg::F32(t)],
+            },
+            |dt, t_next| Step::Kernel {
+                func: e.step.clone(),
+                grid: (len as u32).div_ceil(MAP_BLOCK),
+                block: MAP_BLOCK,
+                args: vec![
+                    Arg::Ptr(e.ptrs[d.x.buf]),
+                    Arg::Ptr(e.ptrs[d.v.buf]),
+                    Arg::I32(len),
+                    Arg::F32(dt),
+                    Arg::Ptr(e.ptrs[d.t.buf]),
+                    Arg::F32(t_next),
+                ],
+            },
+        ));
+        steps.push(self.copy_out("x_out", d.x.buf, e));
+        steps
+    }
+
+    fn expert_step_steps(&self) -> Vec<Step> {
+        let e = &self.expert;
+        let d = &self.den;
+        let port = |name: &str| e.program.input(name).map(|p| p.buf).unwrap_or(0);
+        let mut steps = vec![
+            self.copy_in("x", d.x.buf, e),
+            self.copy_in("t", d.t.buf, e),
+            self.copy_in("prefix", port("prefix"), e),
+            self.copy_in("state", port("state"), e),
+        ];
+        steps.extend(e.steps.iter().cloned());
+        steps.push(self.copy_out("x_out", d.v.buf, e));
+        steps
+    }
+
+    /// Enqueues the steps on the stream (or into a capture).
+    fn exec(&self, steps: &[Step]) -> Result<(), String> {
+        let cu_stream = self.stream.cu_stream();
+        for s in steps {
+            match s {
+                Step::Kernel {
+                    func,
+                    grid,
+                    block,
+                    args,
+                } => {
+                    let mut b = self.stream.launch_builder(func);
+                    for a in args {
+                        match a {
+                            Arg::Ptr(p) => b.arg(p),
+                            Arg::I32(v) => b.arg(v),
+                            Arg::F32(v) => b.arg(v),
+                        };
+                    }
+                    let cfg = LaunchConfig {
+                        grid_dim: (*grid, 1, 1),
+                        block_dim: (*block, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: arguments match the kernel's parameters by construction
+                    // (cuda_src prints both from the same op).
+                    unsafe { b.launch(cfg) }.map_err(drv)?;
+                }
+                Step::Gemm {
+                    call,
+                    alpha,
+                    first,
+                    second,
+                    c,
+                } => {
+                    use cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+                    let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+                    let beta = 0.0f32;
+                    // SAFETY: pointers are this engine's live buffers, sized by the compiler.
+                    unsafe {
+                        cublas::result::sgemm_strided_batched(
+                            *self.blas.handle(),
+                            op(call.trans_first),
+                            op(call.trans_second),
+                            call.m,
+                            call.n,
+                            call.k,
+                            alpha,
+                            *first as *const f32,
+                            call.ld_first,
+                            call.stride_first,
+                            *second as *const f32,
+                            call.ld_second,
+                            call.stride_second,
+                            &beta,
+                            *c as *mut f32,
+                            call.ldc,
+                            call.stride_c,
+                            call.batch,
+                        )
+                    }
+                    .map_err(|e| format!("cuBLAS sgemm: {e:?}"))?;
+                }
+                // SAFETY: staging memory is pinned, owned by this engine, and not
+                // touched by the host while work is in flight (calls sync under the mutex).
+                Step::CopyIn { dst, src, bytes } => unsafe {
+                    let host = std::slice::from_raw_parts(*src as *const u8, *bytes);
+                    driver::result::memcpy_htod_async(*dst, host, cu_stream).map_err(drv)?;
+                },
+                Step::CopyOut { dst, src, bytes } => unsafe {
+                    let host = std::slice::from_raw_parts_mut(*dst as *mut u8, *bytes);
+                    driver::result::memcpy_dtoh_async(host, *src, cu_stream).map_err(drv)?;
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn capture(&self, steps: &[Step]) -> Result<CudaGraph, String> {
+        use sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        self.stream
+            .begin_capture(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(drv)?;
+        let enqueued = self.exec(steps);
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        enqueued?;
+        let graph = graph.map_err(drv)?.ok_or("the capture recorded nothing")?;
+        graph.upload().map_err(drv)?;
+        Ok(graph)
+    }
+
+    /// Runs steps (or their graph) and waits for them.
+    fn run(&mut self, which: Which) -> Result<(), String> {
+        self.ctx.bind_to_thread().map_err(drv)?;
+        match which {
+            Which::Prefix if self.use_graphs => {
+                if self.prefix_graph.is_none() {
+                    let g = self.capture(&self.prefix_steps()?)?;
+                    self.prefix_graph = Some(g);
+                }
+                self.prefix_graph.as_ref().unwrap().launch().map_err(drv)?;
+            }
+            Which::Prefix => self.exec(&self.prefix_steps()?)?,
+            Which::Frames(norm) if self.use_graphs => {
+                if self.frames_graph.as_ref().is_none_or(|(n, _)| *n != norm) {
+                    let g = self.capture(&self.frames_steps(&norm)?)?;
+                    self.frames_graph = Some((norm, g));
+                }
+                let (_, g) = self.frames_graph.as_ref().unwrap();
+                g.launch().map_err(drv)?;
+            }
+            Which::Frames(norm) => self.exec(&self.frames_steps(&norm)?)?,
+            Which::Denoise(n) if self.use_graphs => {
+                if !self.denoise_graphs.contains_key(&n) {
+                    let g = self.capture(&self.denoise_steps(n))?;
+                    self.denoise_graphs.insert(n, g);
+                }
+                self.denoise_graphs[&n].launch().map_err(drv)?;
+            }
+            Which::Denoise(n) => self.exec(&self.denoise_steps(n))?,
+            Which::Step => self.exec(&self.expert_step_steps())?,
+        }
+        self.stream.synchronize().map_err(drv)
+    }
+
+    fn put_f32(&mut self, key: &str, data: &[f32]) -> Result<(), String> {
+        let s = &self.staging[key];
+        if data.len() * 4 != s.bytes {
+            return Err(format!(
+                "{key}: {} values, expected {}",
+                data.len(),
+                s.bytes / 4
+            ));
+        }
+        // SAFETY: the staging block is `bytes` long, page-aligned, and idle.
+        unsafe { std::slice::from_raw_parts_mut(s.ptr as *mut f32, data.len()) }
+            .copy_from_slice(data);
+        Ok(())
+    }
+
+    fn put_i64(&mut self, key: &str, data: &[i64]) -> Result<(), String> {
+        let s = &self.staging[key];
+        if data.len() * 8 != s.bytes {
+            return Err(format!(
+                "{key}: {} values, expected {}",
+                data.len(),
+                s.bytes / 8
+            ));
+        }
+        // SAFETY: as in put_f32.
+        unsafe { std::slice::from_raw_parts_mut(s.ptr as *mut i64, data.len()) }
+            .copy_from_slice(data);
+        Ok(())
+    }
+
+    fn put_bytes(&mut self, key: &str, data: &[u8]) -> Result<(), String> {
+        let s = &self.staging[key];
+        if data.len() != s.bytes {
+            return Err(format!("{key}: {} bytes, expected {}", data.len(), s.bytes));
+        }
+        // SAFETY: as in put_f32.
+        unsafe { std::slice::from_raw_parts_mut(s.ptr as *mut u8, data.len()) }
+            .copy_from_slice(data);
+        Ok(())
+    }
+
+    fn get_f32(&self, key: &str) -> Vec<f32> {
+        let s = &self.staging[key];
+        // SAFETY: written by the device copy that `run` waited for.
+        unsafe { std::slice::from_raw_parts(s.ptr as *const f32, s.bytes / 4) }.to_vec()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Prefix,
+    Frames(PixelNorm),
+    Denoise(u32),
+    Step,
+}
+
+impl CudaEngine {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Engine for CudaEngine {
+    fn mode(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn hardware(&self) -> BTreeMap<String, String> {
+        self.hardware.clone()
+    }
+
+    fn prefix(&self, pixels: &[f32], tokens: &[i64]) -> Result<Vec<f32>, EngineError> {
+        let mut g = self.lock();
+        let run = |g: &mut Inner| -> Result<Vec<f32>, String> {
+            g.put_f32("pixels", pixels)?;
+            g.put_i64("tokens", tokens)?;
+            g.run(Which::Prefix)?;
+            Ok(g.get_f32("prefix_out"))
+        };
+        run(&mut g).map_err(run_err("prefix"))
+    }
+
+    fn prefix_frames(
+        &self,
+        frames: &Frames<'_>,
+        norm: &PixelNorm,
+        tokens: &[i64],
+    ) -> Result<Vec<f32>, EngineError> {
+        let mut g = self.lock();
+        let run = |g: &mut Inner| -> Result<Vec<f32>, String> {
+            g.put_bytes("frames", frames.hwc)?;
+            let present: Vec<u8> = frames
+                .present
+                .iter()
+                .flat_map(|p| (*p as i32).to_ne_bytes())
+                .collect();
+            g.put_bytes("present", &present)?;
+            g.put_i64("tokens", tokens)?;
+            g.run(Which::Frames(*norm))?;
+            Ok(g.get_f32("prefix_out"))
+        };
+        run(&mut g).map_err(run_err("prefix"))
+    }
+
+    fn expert_step(
+        &self,
+        x: &[f32],
+        t: f32,
+        prefix: &[f32],
+        state: &[f32],
+    ) -> Result<Vec<f32>, EngineError> {
+        let mut g = self.lock();
+        let run = |g: &mut Inner| -> Result<Vec<f32>, String> {
+            g.put_f32("x", x)?;
+            g.put_f32("t", &[t])?;
+            g.put_f32("prefix", prefix)?;
+            g.put_f32("state", state)?;
+            g.run(Which::Step)?;
+            Ok(g.get_f32("x_out"))
+        };
+        run(&mut g).map_err(run_err("expert"))
+    }
+
+    fn denoise(
+        &self,
+        noise: Vec<f32>,
+        prefix: &[f32],
+        state: &[f32],
+        steps: u32,
+    ) -> Result<Vec<f32>, EngineError> {
+        let mut g = self.lock();
+        let run = |g: &mut Inner| -> Result<Vec<f32>, String> {
+            g.put_f32("x", &noise)?;
+            g.put_f32("prefix", prefix)?;
+            g.put_f32("state", state)?;
+            g.run(Which::Denoise(steps))?;
+            Ok(g.get_f32("x_out"))
+        };
+        run(&mut g).map_err(run_err("expert"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NVRTC compiles without a GPU. CI installs it from PyPI
+    /// (`nvidia-cuda-nvrtc`, see deploy/ci-setup.sh); the library is loaded
+    /// by path first so cudarc's load by soname finds it.
+    fn load_nvrtc() -> Vec<libloading::Library> {
+        let dir = std::env::var("REFLEX_NVRTC_DIR").ok().or_else(|| {
+            let out = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import nvidia.cu13, os; print(os.path.join(list(nvidia.cu13.__path__)[0], 'lib'))",
+                ])
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        });
+        let dir = dir.expect(
+            "libnvrtc.so.13 not found: `python3 -m pip install nvidia-cuda-nvrtc==13.0.*` \
+             (deploy/ci-setup.sh does) or set REFLEX_NVRTC_DIR",
+        );
+        // NVRTC opens its builtins by soname at the first compile: load that first.
+        ["libnvrtc-builtins.so.13.0", "libnvrtc.so.13"]
+            .iter()
+            .map(|name| {
+                let path = std::path::Path::new(&dir).join(name);
+                // SAFETY: loading NVRTC runs no untrusted initialisers.
+                unsafe { libloading::Library::new(&path) }
+                    .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()))
+            })
+            .collect()
+    }
+
+    /// Every kernel the reference export needs, for the Hopper arch, through
+    /// the same NVRTC options the engine uses.
+    #[test]
+    fn nvrtc_compiles_every_kernel_of_the_reference_export() {
+        let _lib = load_nvrtc();
+        assert!(unsafe { nvrtc::sys::is_culib_present() });
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::export::write_reference_export(dir.path(), 0).unwrap();
+        for (file, tag) in [(&cfg.graphs.prefix, "p"), (&cfg.graphs.expert, "e")] {
+            let p = graph::compile_file(&dir.path().join(file)).unwrap();
+            let (kernels, _) = cuda_src::program_source(&p, tag);
+            let ptx = compile(&p, tag, "sm_90").unwrap_or_else(|e| panic!("{file}: {e}"));
+            let text = ptx.to_src();
+            for k in kernels.iter().flatten() {
+                assert!(
+                    text.contains(&format!(".entry {}(", k.name)),
+                    "{} missing",
+                    k.name
+                );
+            }
+            for k in [
+                "rf_layernorm",
+                "rf_softmax",
+                "rf_mean",
+                "rf_fill",
+                "rf_step",
+            ] {
+                assert!(text.contains(&format!(".entry {k}(")), "{k} missing");
+            }
+        }
+    }
+
+    #[test]
+    fn the_driver_version_is_read_from_proc() {
+        let text = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build  (dvs-builder@U16-I3-B03-4-3)  Tue Sep 23 09:48:44 UTC 2025\nGCC version:  gcc version 12.2.0\n";
+        assert_eq!(nvidia_driver_version(text).as_deref(), Some("580.95.05"));
+        assert_eq!(nvidia_driver_version("nothing"), None);
+    }
+}

@@ -1,0 +1,25 @@
+//! reflex-engine: the model runtime — from an export folder and a validated request to
+//! actions. It knows nothing of gRPC, sockets or async runtimes; `reflex-server` wraps it.
+//!
+//! Modules:
+//! - [`config`]: `reflex_config.json` (the export contract), `model_hash`/`config_hash`.
+//! - [`export`]: the reference export, written as ONNX through `tract_onnx::pb`.
+//! - [`tokenizer`]: instruction → token ids (`word-hash-v1` for the reference model).
+//! - [`preprocess`]: bounded JPEG/PNG decode, resize, normalise.
+//! - [`engine`]: the [`Engine`] trait and its implementations: `cpu` (tract), `graph` (the
+//!   ONNX → kernel-program compiler and its CPU reference executor), `cuda` (the GPU executor).
+//! - [`policy`]: one Act from validated input to actions: prefix cache, noise, Euler loop,
+//!   de-normalisation.
+//!
+//! **Invariant:** an engine's results depend only on its inputs — same request and seed,
+//! same bits.
+
+pub mod config;
+pub mod engine;
+pub mod export;
+pub mod policy;
+pub mod preprocess;
+pub mod tokenizer;
+
+pub use engine::{Engine, EngineError, EngineKind};
+pub use policy::Policy;

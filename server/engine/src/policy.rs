@@ -1,0 +1,773 @@
+//! The policy pipeline around an engine: one Act from validated input to
+//! de-normalised actions.
+//!
+//! Order of work for one call: hash each camera image (SHA-256) → look the
+//! prefix up in the cache (key: image hashes + instruction) → on a miss decode,
+//! resize and normalise the images, tokenize the instruction and run the
+//! prefix graph → draw noise from ChaCha8 seeded with the request's seed (or a
+//! fresh one) → Euler-integrate the expert → de-normalise. The same seed and
+//! inputs give the same actions bit for bit.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+use crate::config::{ConfigError, ExportConfig, hex, model_hash};
+use crate::engine::{Engine, EngineError, EngineKind, Shapes, cpu::CpuEngine, cuda::CudaEngine};
+use crate::preprocess::{self, ImageError};
+use crate::tokenizer;
+
+/// Longest instruction accepted, in bytes.
+pub const MAX_INSTRUCTION_BYTES: usize = 4096;
+
+/// One camera frame as it arrived.
+#[derive(Debug, Clone)]
+pub struct FrameInput {
+    /// Position of this image in the request's `images` list (for messages).
+    pub index: usize,
+    pub data: Vec<u8>,
+    /// Hex SHA-256 the client says `data` has, checked when present.
+    pub expect_sha256: Option<String>,
+    /// Name of the request field that carried the expected hash.
+    pub sha_field: String,
+}
+
+/// A request mapped onto the model's cameras; built by the service. Already canonical: the
+/// wire's two forms of the primary image (`image_b64`, `images[0]`) are resolved before
+/// (by `reflex_proto::images`, which this crate does not depend on), so slot 0 is the
+/// primary camera and nothing here knows the wire's forms.
+#[derive(Debug, Clone, Default)]
+pub struct ActInput {
+    /// One slot per configured camera, in config order.
+    pub frames: Vec<Option<FrameInput>>,
+    pub instruction: String,
+    pub state: Vec<f32>,
+    pub noise_seed: Option<u64>,
+}
+
+/// Something wrong with the request; each message names the field.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum InputError {
+    #[error("images is empty: the primary camera {camera:?} image is required")]
+    MissingPrimary { camera: String },
+    #[error("images has {got} entries; this model has {max} cameras ({cameras})")]
+    TooManyImages {
+        got: usize,
+        max: usize,
+        cameras: String,
+    },
+    #[error("images[{index}].camera {name:?} is not a camera of this model (cameras: {cameras})")]
+    UnknownCamera {
+        index: usize,
+        name: String,
+        cameras: String,
+    },
+    #[error("images[{index}].camera {name:?} appears twice")]
+    DuplicateCamera { index: usize, name: String },
+    #[error("images[0] must be the primary camera {primary:?}, got {got:?}")]
+    PrimaryNotFirst { primary: String, got: String },
+    #[error(
+        "images[{index}].data is empty (camera {camera:?}); a trace recorded with --record-images hash_only keeps only hashes: replay it with --image-dir"
+    )]
+    EmptyImage { index: usize, camera: String },
+    #[error("images[{index}].data (camera {camera:?}) {source}")]
+    BadImage {
+        index: usize,
+        camera: String,
+        source: ImageError,
+    },
+    #[error("{field} does not match the SHA-256 of the image bytes ({actual})")]
+    ShaMismatch { field: String, actual: String },
+    #[error("state has {got} values; this model takes {want}")]
+    StateLength { got: usize, want: usize },
+    #[error("state[{index}] is not a finite number")]
+    StateNotFinite { index: usize },
+    #[error(
+        "state[{index}] is {value:e}, out of this model's range (normalised by its mean and std it is not a finite number)"
+    )]
+    StateOutOfRange { index: usize, value: f32 },
+    #[error("instruction is {got} bytes; the limit is {MAX_INSTRUCTION_BYTES}")]
+    InstructionTooLong { got: usize },
+    #[error("request is {got} bytes; the limit is {limit} bytes (--max-message-mb)")]
+    TooLarge { got: usize, limit: usize },
+}
+
+/// Why an Act did not produce actions.
+#[derive(Debug, thiserror::Error)]
+pub enum ActError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    Disabled,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Disabled => "n/a",
+        }
+    }
+}
+
+/// Per-stage wall time of one call, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimes {
+    pub decode_ms: f64,
+    pub prefix_ms: f64,
+    pub denoise_ms: f64,
+    pub postprocess_ms: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ActOutput {
+    /// Row-major chunk × action_dim, robot units.
+    pub actions: Vec<f32>,
+    pub noise_seed: u64,
+    pub cache: CacheStatus,
+    pub times: StageTimes,
+    pub steps_used: u32,
+    /// Hex SHA-256 per camera slot (None: camera absent).
+    pub image_sha256: Vec<Option<String>>,
+}
+
+/// Knobs of the policy that are not part of the export.
+#[derive(Debug, Clone)]
+pub struct PolicyOptions {
+    pub engine: EngineKind,
+    /// With the cuda engine: replay the prefix and the denoise loop as CUDA
+    /// graphs (default) instead of launching op by op.
+    pub cuda_graphs: bool,
+    /// Prefix cache entries; 0 disables the cache (status "n/a").
+    pub cache_entries: usize,
+}
+
+impl Default for PolicyOptions {
+    fn default() -> Self {
+        PolicyOptions {
+            engine: EngineKind::Cpu,
+            cuda_graphs: true,
+            cache_entries: 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+type CacheKey = [u8; 32];
+
+/// Bytes one cache entry costs beside its features, rounded up from what `lru` 0.19
+/// allocates: the LRU node (32-byte key, the `Arc<[f32]>` pointer, two links: 64), the
+/// `Arc` header (16), the hash table's slot at its load factor (~20) and allocator
+/// headers.
+const CACHE_ENTRY_OVERHEAD: usize = 160;
+
+/// The prefix cache's worst case: every entry in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheCapacity {
+    pub entries: usize,
+    /// One entry: `prefix_dim` f32 features plus [`CACHE_ENTRY_OVERHEAD`].
+    pub entry_bytes: usize,
+    /// `entries × entry_bytes`: the cache never holds more.
+    pub max_bytes: usize,
+}
+
+/// One prefix and one denoise on zeros: the first Act then pays no kernel
+/// load or graph capture, and a broken device shows at start.
+fn warm_up(e: &dyn Engine, s: &Shapes, steps: u32) -> Result<(), EngineError> {
+    let pixels = vec![0.0; s.cameras * 3 * s.height * s.width];
+    let prefix = e.prefix(&pixels, &vec![0; s.tokens])?;
+    let x = e.denoise(
+        vec![0.0; s.chunk * s.action_dim],
+        &prefix,
+        &vec![0.0; s.state_dim],
+        steps,
+    )?;
+    if x.iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(EngineError::Run {
+            graph: "expert",
+            message: "the warm-up denoise gave non-finite values".into(),
+        })
+    }
+}
+
+pub struct Policy {
+    cfg: ExportConfig,
+    norm: crate::engine::PixelNorm,
+    engine: Box<dyn Engine>,
+    // A Mutex, not a sharded map: a lookup is a hash probe (~100 ns) beside
+    // milliseconds of inference, and LRU order needs exclusive access anyway.
+    cache: Option<Mutex<lru::LruCache<CacheKey, std::sync::Arc<[f32]>>>>,
+    model_hash: String,
+    config_hash: String,
+    export_dir: PathBuf,
+    seed_base: u64,
+    seed_counter: AtomicU64,
+}
+
+impl Policy {
+    /// Loads an export directory: config, hashes, engine (graphs optimised once).
+    pub fn load(dir: &Path, opts: &PolicyOptions) -> Result<Self, LoadError> {
+        let cfg = ExportConfig::load(dir)?;
+        let model_hash = model_hash(dir, &cfg.model_files())?;
+        let config_hash = cfg.config_hash();
+        let shapes = Shapes::of(&cfg);
+        let (prefix, expert) = (dir.join(&cfg.graphs.prefix), dir.join(&cfg.graphs.expert));
+        let steps = cfg.denoise.steps;
+        let cuda = || -> Result<CudaEngine, EngineError> {
+            let e = CudaEngine::load(&prefix, &expert, opts.cuda_graphs)?;
+            // Runs (and captures) both graphs once, so a device that loads but cannot
+            // run fails here, at start — and `auto` can still fall back.
+            warm_up(&e, &shapes, steps)?;
+            Ok(e)
+        };
+        let engine: Box<dyn Engine> = match opts.engine {
+            EngineKind::Cpu => Box::new(CpuEngine::load(&prefix, &expert, shapes)?),
+            EngineKind::Cuda => Box::new(cuda()?),
+            EngineKind::Auto => match cuda() {
+                Ok(e) => Box::new(e),
+                Err(e) => {
+                    tracing::info!("engine auto: running on cpu, because {e}");
+                    Box::new(CpuEngine::load(&prefix, &expert, shapes)?)
+                }
+            },
+        };
+        let cache =
+            NonZeroUsize::new(opts.cache_entries).map(|n| Mutex::new(lru::LruCache::new(n)));
+        Ok(Policy {
+            norm: preprocess::pixel_norm(&cfg.image),
+            cfg,
+            engine,
+            cache,
+            model_hash,
+            config_hash,
+            export_dir: dir.to_path_buf(),
+            seed_base: os_random_u64(),
+            seed_counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &ExportConfig {
+        &self.cfg
+    }
+    pub fn model_hash(&self) -> &str {
+        &self.model_hash
+    }
+    pub fn config_hash(&self) -> &str {
+        &self.config_hash
+    }
+    pub fn export_dir(&self) -> &Path {
+        &self.export_dir
+    }
+    pub fn mode(&self) -> &'static str {
+        self.engine.mode()
+    }
+    pub fn hardware(&self) -> BTreeMap<String, String> {
+        self.engine.hardware()
+    }
+
+    /// The prefix cache's bound in entries and bytes; `None` when the cache is off.
+    ///
+    /// The bound holds because only features of exactly `prefix_dim` floats are cached
+    /// (see [`Policy::act`]), and the LRU evicts beyond its entry count.
+    pub fn cache_capacity(&self) -> Option<CacheCapacity> {
+        let entries = self.cache.as_ref()?.lock().ok()?.cap().get();
+        let entry_bytes = self.cfg.prefix_dim * std::mem::size_of::<f32>() + CACHE_ENTRY_OVERHEAD;
+        Some(CacheCapacity {
+            entries,
+            entry_bytes,
+            max_bytes: entries.saturating_mul(entry_bytes),
+        })
+    }
+
+    /// Checks that need no image work: run on the async side before queueing.
+    pub fn check_cheap(&self, input: &ActInput) -> Result<(), InputError> {
+        if input.state.len() != self.cfg.state_dim {
+            return Err(InputError::StateLength {
+                got: input.state.len(),
+                want: self.cfg.state_dim,
+            });
+        }
+        if let Some(index) = input.state.iter().position(|v| !v.is_finite()) {
+            return Err(InputError::StateNotFinite { index });
+        }
+        // A finite value can still overflow once normalised (3.4e38 with std 0.5), and the
+        // model then answers NaN actions: refuse it here, as the input error it is.
+        let stats = &self.cfg.normalization.state;
+        if let Some(index) = input
+            .state
+            .iter()
+            .zip(stats.mean.iter().zip(&stats.std))
+            .position(|(s, (m, sd))| !((s - m) / sd).is_finite())
+        {
+            return Err(InputError::StateOutOfRange {
+                index,
+                value: input.state[index],
+            });
+        }
+        if input.instruction.len() > MAX_INSTRUCTION_BYTES {
+            return Err(InputError::InstructionTooLong {
+                got: input.instruction.len(),
+            });
+        }
+        if input.frames.first().is_none_or(|f| f.is_none()) {
+            return Err(InputError::MissingPrimary {
+                camera: self.cfg.cameras[0].clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs one Act. Blocking: call it from a worker thread, not the runtime.
+    pub fn act(&self, input: &ActInput) -> Result<ActOutput, ActError> {
+        self.check_cheap(input)?;
+        let t0 = Instant::now();
+        let image_sha256 = self.hash_frames(input)?;
+
+        let key = self
+            .cache
+            .as_ref()
+            .map(|_| cache_key(&image_sha256, &input.instruction));
+        let cached = key
+            .as_ref()
+            .and_then(|k| self.cache.as_ref()?.lock().ok()?.get(k).cloned());
+        let mut times = StageTimes::default();
+        let (prefix, cache) = match cached {
+            Some(p) => {
+                times.decode_ms = ms(t0);
+                (p, CacheStatus::Hit)
+            }
+            None => {
+                let (hwc, present) = self.frames(input)?;
+                let tokens = tokenizer::tokenize(
+                    &input.instruction,
+                    self.cfg.instruction.vocab_size,
+                    self.cfg.instruction.max_tokens,
+                );
+                times.decode_ms = ms(t0);
+                let t1 = Instant::now();
+                let frames = crate::engine::Frames {
+                    hwc: &hwc,
+                    present: &present,
+                };
+                let p: std::sync::Arc<[f32]> = self
+                    .engine
+                    .prefix_frames(&frames, &self.norm, &tokens)?
+                    .into();
+                times.prefix_ms = ms(t1);
+                // Only features of the configured size are kept: what `cache_capacity` promises.
+                if let (Some(k), Some(c)) = (key, &self.cache)
+                    && p.len() == self.cfg.prefix_dim
+                    && let Ok(mut c) = c.lock()
+                {
+                    c.put(k, p.clone());
+                }
+                let status = if self.cache.is_some() {
+                    CacheStatus::Miss
+                } else {
+                    CacheStatus::Disabled
+                };
+                (p, status)
+            }
+        };
+
+        let t2 = Instant::now();
+        let noise_seed = input.noise_seed.unwrap_or_else(|| self.fresh_seed());
+        let noise = gaussian_noise(noise_seed, self.cfg.chunk_size * self.cfg.action_dim);
+        let stats = &self.cfg.normalization;
+        let state: Vec<f32> = input
+            .state
+            .iter()
+            .zip(stats.state.mean.iter().zip(&stats.state.std))
+            .map(|(s, (m, sd))| (s - m) / sd)
+            .collect();
+        let steps = self.cfg.denoise.steps;
+        let mut actions = self.engine.denoise(noise, &prefix, &state, steps)?;
+        times.denoise_ms = ms(t2);
+
+        let t3 = Instant::now();
+        let ad = self.cfg.action_dim;
+        for row in actions.chunks_exact_mut(ad) {
+            for (j, a) in row.iter_mut().enumerate() {
+                *a = *a * stats.actions.std[j] + stats.actions.mean[j];
+            }
+        }
+        times.postprocess_ms = ms(t3);
+        Ok(ActOutput {
+            actions,
+            noise_seed,
+            cache,
+            times,
+            steps_used: steps,
+            image_sha256,
+        })
+    }
+
+    /// A liveness check for the watchdog: one expert step on zeros, the cheapest call that
+    /// still goes through the engine (and, for a GPU engine, the device). Blocking, like
+    /// [`Policy::act`]; it touches neither the cache nor the seed sequence.
+    pub fn probe(&self) -> Result<(), EngineError> {
+        let cfg = &self.cfg;
+        let x = vec![0.0f32; cfg.chunk_size * cfg.action_dim];
+        let v = self.engine.expert_step(
+            &x,
+            0.0,
+            &vec![0.0; cfg.prefix_dim],
+            &vec![0.0; cfg.state_dim],
+        )?;
+        if v.len() != x.len() || v.iter().any(|f| !f.is_finite()) {
+            return Err(EngineError::Run {
+                graph: "expert",
+                message: format!(
+                    "liveness probe: {} values, non-finite or not {}",
+                    v.len(),
+                    x.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn hash_frames(&self, input: &ActInput) -> Result<Vec<Option<String>>, InputError> {
+        let mut out = Vec::with_capacity(input.frames.len());
+        for (slot, frame) in input.frames.iter().enumerate() {
+            let Some(f) = frame else {
+                out.push(None);
+                continue;
+            };
+            if f.data.is_empty() {
+                return Err(InputError::EmptyImage {
+                    index: f.index,
+                    camera: self.cfg.cameras[slot].clone(),
+                });
+            }
+            let sha = hex(&Sha256::digest(&f.data));
+            if let Some(want) = &f.expect_sha256
+                && !want.eq_ignore_ascii_case(&sha)
+            {
+                return Err(InputError::ShaMismatch {
+                    field: f.sha_field.clone(),
+                    actual: sha,
+                });
+            }
+            out.push(Some(sha));
+        }
+        Ok(out)
+    }
+
+    /// Each camera slot's decoded frame (HWC RGB at the model's size; zeros when
+    /// absent) and which slots are present.
+    fn frames(&self, input: &ActInput) -> Result<(Vec<u8>, Vec<bool>), InputError> {
+        let img = &self.cfg.image;
+        let per = 3 * (img.height * img.width) as usize;
+        let cams = self.cfg.cameras.len();
+        let mut hwc = vec![0u8; per * cams];
+        let mut present = vec![false; cams];
+        for (slot, out) in hwc.chunks_exact_mut(per).enumerate() {
+            if let Some(f) = input.frames.get(slot).and_then(|f| f.as_ref()) {
+                let rgb = preprocess::decode_rgb(&f.data, img).map_err(|source| {
+                    InputError::BadImage {
+                        index: f.index,
+                        camera: self.cfg.cameras[slot].clone(),
+                        source,
+                    }
+                })?;
+                out.copy_from_slice(&rgb);
+                present[slot] = true;
+            }
+        }
+        Ok((hwc, present))
+    }
+
+    /// A fresh seed below 2^53, so it survives any JSON tool (jq reads doubles).
+    fn fresh_seed(&self) -> u64 {
+        let n = self.seed_counter.fetch_add(1, Ordering::Relaxed);
+        splitmix64(self.seed_base.wrapping_add(n)) & ((1u64 << 53) - 1)
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+fn cache_key(image_sha256: &[Option<String>], instruction: &str) -> CacheKey {
+    let mut h = Sha256::new();
+    for s in image_sha256 {
+        match s {
+            Some(s) => {
+                h.update([1u8]);
+                h.update(s.as_bytes());
+            }
+            None => h.update([0u8]),
+        }
+    }
+    h.update(instruction.as_bytes());
+    h.finalize().into()
+}
+
+/// `n` standard normal f32 from ChaCha8 seeded with `seed` (Box–Muller).
+pub fn gaussian_noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        // u1 in (0, 1]: never ln(0).
+        let u1 = ((rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+        let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let th = std::f64::consts::TAU * u2;
+        out.push((r * th.cos()) as f32);
+        out.push((r * th.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// 64 bits from the OS via std's randomly keyed hasher (no extra dependency).
+pub fn os_random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::write_reference_export;
+    use crate::preprocess::encode_jpeg;
+
+    fn frame(index: usize, data: Vec<u8>) -> Option<FrameInput> {
+        Some(FrameInput {
+            index,
+            data,
+            expect_sha256: None,
+            sha_field: "images[0].sha256".into(),
+        })
+    }
+
+    fn image(shade: u8) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(224, 224, |x, y| {
+            image::Rgb([
+                (x as u8).wrapping_add(shade),
+                (y as u8).wrapping_mul(2),
+                shade,
+            ])
+        });
+        encode_jpeg(&img, 90)
+    }
+
+    fn input(seed: Option<u64>) -> ActInput {
+        ActInput {
+            frames: vec![frame(0, image(10)), None],
+            instruction: "pick up the red cup".into(),
+            state: vec![0.0, 0.2, 0.0, -1.8, 0.0, 2.0, 0.8, 0.04],
+            noise_seed: seed,
+        }
+    }
+
+    fn policy(seed: u64, cache_entries: usize) -> (tempfile::TempDir, Policy) {
+        let dir = tempfile::tempdir().unwrap();
+        write_reference_export(dir.path(), seed).unwrap();
+        let p = Policy::load(
+            dir.path(),
+            &PolicyOptions {
+                cache_entries,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn same_seed_same_bits_other_seed_other_actions() {
+        let (_d, p) = policy(0, 0);
+        let a = p.act(&input(Some(7))).unwrap();
+        let b = p.act(&input(Some(7))).unwrap();
+        let c = p.act(&input(Some(8))).unwrap();
+        assert_eq!(a.actions.len(), 50 * 7);
+        assert!(a.actions.iter().all(|v| v.is_finite()));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.actions), bits(&b.actions));
+        assert_ne!(bits(&a.actions), bits(&c.actions));
+        assert_eq!(
+            (a.noise_seed, a.steps_used, a.cache),
+            (7, 10, CacheStatus::Disabled)
+        );
+    }
+
+    #[test]
+    fn the_liveness_probe_runs_the_engine_and_leaves_no_trace() {
+        let (_d, p) = policy(0, 4);
+        p.act(&input(None)).unwrap();
+        p.probe().unwrap();
+        let after = p.act(&input(None)).unwrap();
+        assert_eq!(
+            after.cache,
+            CacheStatus::Hit,
+            "the probe does not touch the prefix cache"
+        );
+        assert_eq!(
+            p.seed_counter.load(Ordering::Relaxed),
+            2,
+            "nor the seed sequence"
+        );
+    }
+
+    #[test]
+    fn fresh_seeds_are_returned_and_replay_exactly() {
+        let (_d, p) = policy(0, 0);
+        let a = p.act(&input(None)).unwrap();
+        let b = p.act(&input(None)).unwrap();
+        assert_ne!(a.noise_seed, b.noise_seed);
+        assert!(a.noise_seed < (1 << 53));
+        let again = p.act(&input(Some(a.noise_seed))).unwrap();
+        assert_eq!(a.actions, again.actions);
+    }
+
+    #[test]
+    fn actions_are_smooth_over_the_chunk() {
+        let (_d, p) = policy(0, 0);
+        let out = p.act(&input(Some(1))).unwrap();
+        let std = &p.config().normalization.actions.std;
+        // Mean step between consecutive rows, in units of each dim's std, is
+        // well below the spread of the chunk: a trajectory, not noise.
+        for j in 0..7 {
+            let col: Vec<f32> = out.actions.chunks(7).map(|r| r[j] / std[j]).collect();
+            let step: f32 = col.windows(2).map(|w| (w[1] - w[0]).abs()).sum::<f32>() / 49.0;
+            let mean = col.iter().sum::<f32>() / 50.0;
+            let spread = (col.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 50.0).sqrt();
+            assert!(
+                step < 0.3 * spread.max(0.05),
+                "dim {j}: step {step}, spread {spread}"
+            );
+        }
+    }
+
+    #[test]
+    fn cache_hits_on_same_image_and_instruction_and_gives_same_actions() {
+        let (_d, p) = policy(0, 8);
+        let a = p.act(&input(Some(3))).unwrap();
+        let b = p.act(&input(Some(3))).unwrap();
+        assert_eq!((a.cache, b.cache), (CacheStatus::Miss, CacheStatus::Hit));
+        assert_eq!(a.actions, b.actions);
+        assert_eq!(b.times.prefix_ms, 0.0);
+        let mut other = input(Some(3));
+        other.instruction = "open the drawer".into();
+        assert_eq!(p.act(&other).unwrap().cache, CacheStatus::Miss);
+        let mut moved = input(Some(3));
+        moved.frames[0] = frame(0, image(11));
+        let m = p.act(&moved).unwrap();
+        assert_eq!(m.cache, CacheStatus::Miss);
+        assert_ne!(m.actions, a.actions);
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let (_d, p) = policy(0, 2);
+        for shade in [1u8, 2, 3] {
+            let mut i = input(Some(1));
+            i.frames[0] = frame(0, image(shade));
+            p.act(&i).unwrap();
+        }
+        assert_eq!(p.cache.as_ref().unwrap().lock().unwrap().len(), 2);
+        let cap = p.cache_capacity().unwrap();
+        assert_eq!(cap.entries, 2);
+        assert_eq!(cap.max_bytes, 2 * cap.entry_bytes);
+        assert!(cap.entry_bytes > p.config().prefix_dim * 4);
+        assert_eq!(policy(0, 0).1.cache_capacity(), None);
+        let mut first = input(Some(1));
+        first.frames[0] = frame(0, image(1));
+        assert_eq!(
+            p.act(&first).unwrap().cache,
+            CacheStatus::Miss,
+            "evicted entry"
+        );
+    }
+
+    #[test]
+    fn bad_inputs_name_the_field() {
+        let (_d, p) = policy(0, 0);
+        let mut i = input(Some(1));
+        i.state.pop();
+        assert_eq!(
+            p.act(&i).unwrap_err().to_string(),
+            "state has 7 values; this model takes 8"
+        );
+        let mut i = input(Some(1));
+        i.state[2] = f32::NAN;
+        assert!(p.act(&i).unwrap_err().to_string().contains("state[2]"));
+        let mut i = input(Some(1));
+        i.frames[0] = frame(0, b"not an image".to_vec());
+        let msg = p.act(&i).unwrap_err().to_string();
+        assert!(
+            msg.contains("images[0].data") && msg.contains("JPEG or PNG"),
+            "{msg}"
+        );
+        let mut i = input(Some(1));
+        i.frames[0].as_mut().unwrap().expect_sha256 = Some("00".repeat(32));
+        assert!(
+            p.act(&i)
+                .unwrap_err()
+                .to_string()
+                .contains("images[0].sha256")
+        );
+        let mut i = input(Some(1));
+        i.frames[0] = None;
+        assert!(
+            p.act(&i)
+                .unwrap_err()
+                .to_string()
+                .contains("primary camera")
+        );
+    }
+
+    #[test]
+    fn noise_is_standard_normal_ish_and_seeded() {
+        let a = gaussian_noise(5, 10_001);
+        assert_eq!(a.len(), 10_001);
+        assert_eq!(a, gaussian_noise(5, 10_001));
+        assert_ne!(a, gaussian_noise(6, 10_001));
+        let mean = a.iter().sum::<f32>() / a.len() as f32;
+        let var = a.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / a.len() as f32;
+        assert!(
+            mean.abs() < 0.05 && (var - 1.0).abs() < 0.1,
+            "mean {mean} var {var}"
+        );
+    }
+}
