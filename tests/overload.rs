@@ -137,9 +137,12 @@ async fn a_call_whose_deadline_passes_in_the_queue_is_answered_and_not_run() {
         let target = target.clone();
         calls.spawn(async move {
             let mut c = policy_client(&target).await;
-            // Each call takes a few ms on one worker: 40 of them cannot all finish in 25 ms.
+            // Each call takes a few ms on one worker: 40 of them cannot all finish within
+            // their 25–103 ms. The deadlines are spread out so that the expired answers do
+            // not all fall due in the same millisecond: on a loaded machine a stampede of
+            // them, each recording its answer, could let tonic's own timer drop some first.
             let mut req = tonic::Request::new(act_request(i + 1, None));
-            req.set_timeout(Duration::from_millis(25));
+            req.set_timeout(Duration::from_millis(25 + 2 * u64::from(i)));
             c.act(req).await
         });
     }
