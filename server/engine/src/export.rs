@@ -29,7 +29,7 @@ use rand_core::{Rng, SeedableRng};
 use tract_onnx::pb;
 
 use crate::config::*;
-use crate::onnx::builder::{F32, GraphBuilder, I64, int, ints, write_atomic, write_model};
+use crate::onnx::builder::{F32, GraphBuilder, I64, int, write_atomic, write_model};
 
 /// Shapes of the reference model.
 pub const CAMERAS: [&str; 2] = ["base", "wrist"];
@@ -172,16 +172,7 @@ fn prefix_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
         &weights(rng, DIM * fan, fan, 1.0),
     );
     let b = g.f32s("patch.bias", &[d], &weights(rng, DIM, DIM, 0.1));
-    let conv = g.node(
-        "Conv",
-        &[&pixels, &w, &b],
-        vec![
-            ints("kernel_shape", &[PATCH, PATCH]),
-            ints("strides", &[PATCH, PATCH]),
-        ],
-    );
-    let flat = g.reshape(&conv, &[cams, d, patches]);
-    let img = g.transpose(&flat, &[0, 2, 1]);
+    let img = g.patch_embed(&pixels, (&w, &b), PATCH, [cams, d, patches]);
     let img = g.reshape(&img, &[1, cams * patches, d]);
 
     let emb = g.f32s(

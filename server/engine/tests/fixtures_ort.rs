@@ -16,6 +16,7 @@ use std::process::Command;
 
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
+use reflex_engine::engine::cos_and_max_abs;
 use reflex_engine::engine::cpu::{Plan, load_graph};
 use reflex_engine::fixtures::{Kind, assets, pi05};
 use serde_json::{Value, json};
@@ -83,12 +84,12 @@ impl HostTensor {
 
     fn from_tract(t: &TValue) -> HostTensor {
         let shape = t.shape().to_vec();
-        let data = if let Ok(v) = t.as_slice::<f32>() {
-            Data::F32(v.to_vec())
-        } else if let Ok(v) = t.as_slice::<i64>() {
-            Data::I64(v.to_vec())
-        } else {
-            Data::Bool(t.as_slice::<bool>().unwrap().to_vec())
+        let plain = t.try_as_plain_ram().unwrap();
+        let data = match t.datum_type() {
+            DatumType::F32 => Data::F32(plain.as_slice::<f32>().unwrap().to_vec()),
+            DatumType::I64 => Data::I64(plain.as_slice::<i64>().unwrap().to_vec()),
+            DatumType::Bool => Data::Bool(plain.as_slice::<bool>().unwrap().to_vec()),
+            other => panic!("unexpected output type {other:?}"),
         };
         HostTensor { shape, data }
     }
@@ -260,23 +261,9 @@ fn run_tract(plan: &Plan, values: &Tensors) -> Tensors {
         .collect()
 }
 
-/// (cosine similarity, max |a − b|).
-fn compare(a: &[f32], b: &[f32]) -> (f64, f64) {
-    assert_eq!(a.len(), b.len());
-    let (mut dot, mut na, mut nb, mut max) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (*x as f64, *y as f64);
-        dot += x * y;
-        na += x * x;
-        nb += y * y;
-        max = max.max((x - y).abs());
-    }
-    (dot / (na.sqrt() * nb.sqrt()), max)
-}
-
 fn assert_close(what: &str, ours: &HostTensor, theirs: &HostTensor) -> (f64, f64) {
     assert_eq!(ours.shape, theirs.shape, "{what}: shape");
-    let (cos, max) = compare(ours.f32s(), theirs.f32s());
+    let (cos, max) = cos_and_max_abs(ours.f32s(), theirs.f32s());
     eprintln!("{what}: cos {cos:.9}, max_abs {max:.3e}");
     assert!(
         cos >= 0.99999 && max <= 1e-4,
@@ -440,7 +427,7 @@ fn assert_actions_plausible(actions: &HostTensor, noise: &HostTensor) {
     let mean = a.iter().sum::<f32>() / a.len() as f32;
     let var = a.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / a.len() as f32;
     assert!(var > 1e-3, "actions are nearly constant (variance {var})");
-    let (cos, _) = compare(a, noise.f32s());
+    let (cos, _) = cos_and_max_abs(a, noise.f32s());
     assert!(cos < 0.99, "actions are the noise (cos {cos})");
 }
 

@@ -212,6 +212,28 @@ impl GraphBuilder {
         self.node(op, &[a, b], vec![])
     }
 
+    /// Patch embedding as ViTs export it: a Conv whose kernel and stride are the patch, the
+    /// grid flattened into tokens. `x` [B,3,H,W] → [B, tokens, width], `[B, width, tokens]`
+    /// given as `dims`.
+    pub fn patch_embed(
+        &mut self,
+        x: &str,
+        (kernel, bias): (&str, &str),
+        patch: i64,
+        [batch, width, tokens]: [i64; 3],
+    ) -> String {
+        let conv = self.node(
+            "Conv",
+            &[x, kernel, bias],
+            vec![
+                ints("kernel_shape", &[patch, patch]),
+                ints("strides", &[patch, patch]),
+            ],
+        );
+        let flat = self.reshape(&conv, &[batch, width, tokens]);
+        self.transpose(&flat, &[0, 2, 1])
+    }
+
     pub fn layer_norm(&mut self, x: &str, gamma: &str, beta: &str) -> String {
         self.node(
             "LayerNormalization",

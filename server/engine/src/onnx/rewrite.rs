@@ -9,10 +9,12 @@
 //!   axis for `keepdims = 0` without split); the SplitToSequence goes once nothing else reads
 //!   it. A sequence read by anything else is an error naming the node.
 //! - **CumSum over a bool mask cast to an integer** (`cumsum(pad_masks, 1)`: torch writes
-//!   `Cast(bool → int64)` then `CumSum` with a rank-0 int64 axis): tract 0.23 fails on the
-//!   integer CumSum. The sum is taken in f32 (`Cast(bool → f32)`, `CumSum`, `Cast(→ int64)`),
-//!   exact because every partial sum of 0/1 values is an integer below the axis length,
-//!   far under 2²⁴ (checked: a declared axis of 2²⁴ or more is refused).
+//!   `Cast(bool → int64)` then `CumSum` with a rank-0 int64 axis): tract 0.23 types that
+//!   cast as TDim (its symbolic-dimension integer) and its CumSum refuses TDim ("TDim is not
+//!   a number"), at analysis or at the first run. The sum is taken in f64 instead
+//!   (`Cast(bool → f64)`, `CumSum`, `Cast(→ int64)`): exact, as every partial sum of 0/1
+//!   values is an integer no larger than the axis length, and f64 holds every integer
+//!   below 2⁵³. A CumSum over anything else is left as it is.
 //!
 //! The rewritten model computes the same tensors bit for bit; `prepare` reports what it
 //! changed so the caller can log it. Nodes it adds are named `{node}/reflex_{what}`.
@@ -23,7 +25,7 @@ use tract_onnx::pb;
 
 use super::builder::int;
 
-const F32: i32 = pb::tensor_proto::DataType::Float as i32;
+const F64: i32 = pb::tensor_proto::DataType::Double as i32;
 const I64: i32 = pb::tensor_proto::DataType::Int64 as i32;
 const I32: i32 = pb::tensor_proto::DataType::Int32 as i32;
 const BOOL: i32 = pb::tensor_proto::DataType::Bool as i32;
@@ -35,7 +37,7 @@ pub struct Report {
     pub sequence_items: usize,
     /// SplitToSequence nodes removed.
     pub sequences: usize,
-    /// CumSum nodes moved from an integer type to f32.
+    /// CumSum nodes moved from an integer type to f64.
     pub cumsums: usize,
 }
 
@@ -276,7 +278,7 @@ fn sequences(
         new_inits.push((ends.clone(), vec![end]));
         new_inits.push((axes.clone(), vec![*axis]));
         let out = n.output[0].clone();
-        let sliced = if *squeeze {
+        let sliced = if squeeze {
             format!("{base}.out")
         } else {
             out.clone()
@@ -288,7 +290,7 @@ fn sequences(
             output: vec![sliced.clone()],
             ..Default::default()
         });
-        if *squeeze {
+        if squeeze {
             nodes.push(pb::NodeProto {
                 op_type: "Squeeze".into(),
                 name: format!("{}/reflex_squeeze", node_name(&n)),
@@ -398,19 +400,19 @@ fn cumsums(
             nodes.push(n);
             continue;
         };
-        let base = format!("{}/reflex_f32", node_name(&n));
-        let as_f32 = format!("{base}.in");
+        let base = format!("{}/reflex_f64", node_name(&n));
+        let as_f64 = format!("{base}.in");
         let summed = format!("{base}.sum");
         nodes.push(pb::NodeProto {
             op_type: "Cast".into(),
             name: format!("{base}.cast_in"),
             input: vec![mask.clone()],
-            output: vec![as_f32.clone()],
-            attribute: vec![int("to", F32 as i64)],
+            output: vec![as_f64.clone()],
+            attribute: vec![int("to", F64 as i64)],
             ..Default::default()
         });
         let mut input = n.input.clone();
-        input[0] = as_f32;
+        input[0] = as_f64;
         nodes.push(pb::NodeProto {
             op_type: "CumSum".into(),
             name: format!("{base}.cumsum"),
@@ -436,7 +438,7 @@ fn cumsums(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::onnx::builder::{GraphBuilder, int as attr_int};
+    use crate::onnx::builder::{F32, GraphBuilder, int as attr_int};
     use tract_onnx::prelude::*;
 
     fn run(model: &pb::ModelProto, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
@@ -466,11 +468,16 @@ mod tests {
         let input = || tvec![Tensor::from_shape(&[1, 8], &mask).unwrap().into_tvalue()];
         let mut model = positions_graph();
         // Why the rewrite exists: tract 0.23.9 cannot run the pattern as exported.
-        assert!(run(&model, input()).is_err());
+        // Why the rewrite exists: tract 0.23.9 types the cast as TDim and its CumSum refuses it
+        // ("CumSum: TDim is not a number").
+        let err = format!("{:#}", run(&model, input()).unwrap_err());
+        assert!(err.contains("CumSum"), "{err}");
         let report = prepare(&mut model).unwrap();
         assert_eq!(report.cumsums, 1);
         let out = run(&model, input()).unwrap();
-        let got = out[0].try_as_plain_ram().unwrap();
+        // tract carries int64 positions as TDim; the values are what matter.
+        let got = out[0].cast_to::<i64>().unwrap();
+        let got = got.try_as_plain_ram().unwrap();
         let got = got.as_slice::<i64>().unwrap();
         assert_eq!(got, &[0, 1, 1, 2, 2, 2, 3, 4]);
         // A second pass finds nothing left to do.
