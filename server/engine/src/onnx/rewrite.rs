@@ -368,8 +368,8 @@ fn bool_values(graph: &pb::GraphProto, consts: &Constants) -> HashSet<String> {
         let is_bool = match n.op_type.as_str() {
             op if BOOL_OPS.contains(&op) => true,
             "Cast" => attr_i(n, "to", 0) as i32 == BOOL,
-            "Identity" | "Expand" | "Reshape" | "Unsqueeze" | "Squeeze" | "Slice"
-            | "Transpose" | "Gather" | "Flatten" | "Pad" | "Tile" => out.contains(&n.input[0]),
+            "Identity" | "Expand" | "Reshape" | "Unsqueeze" | "Squeeze" | "Slice" | "Transpose"
+            | "Gather" | "Flatten" | "Pad" | "Tile" => out.contains(&n.input[0]),
             "Concat" => n.input.iter().all(|i| out.contains(i)),
             "Where" => n.input.len() == 3 && out.contains(&n.input[1]) && out.contains(&n.input[2]),
             _ => false,
@@ -529,17 +529,34 @@ mod tests {
         assert!(run(&model, input()).is_err(), "tract has no sequences");
         let report = prepare(&mut model).unwrap();
         assert_eq!((report.sequences, report.sequence_items), (3, 3));
-        assert!(model.graph.as_ref().unwrap().node.iter().all(|n| !n.op_type.contains("Sequence")));
+        assert!(
+            model
+                .graph
+                .as_ref()
+                .unwrap()
+                .node
+                .iter()
+                .all(|n| !n.op_type.contains("Sequence"))
+        );
         let out = run(&model, input()).unwrap();
         let at = |i: usize, j: usize, k: usize| (i * 18 + j * 3 + k) as f32;
-        let values = |t: &TValue| t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        let values = |t: &TValue| {
+            t.try_as_plain_ram()
+                .unwrap()
+                .as_slice::<f32>()
+                .unwrap()
+                .to_vec()
+        };
         let want_a: Vec<f32> = (0..2)
             .flat_map(|i| (2..6).flat_map(move |j| (0..3).map(move |k| at(i, j, k))))
             .collect();
         assert_eq!(out[0].shape(), &[2, 4, 3]);
         assert_eq!(values(&out[0]), want_a);
         assert_eq!(out[1].shape(), &[6, 3]);
-        assert_eq!(values(&out[1]), (18..36).map(|v| v as f32).collect::<Vec<_>>());
+        assert_eq!(
+            values(&out[1]),
+            (18..36).map(|v| v as f32).collect::<Vec<_>>()
+        );
         let want_c: Vec<f32> = (0..2)
             .flat_map(|i| (4..6).flat_map(move |j| (0..3).map(move |k| at(i, j, k))))
             .collect();
@@ -556,7 +573,11 @@ mod tests {
         g.output(&y, "y", F32, &[4, 3]);
         let err = prepare(&mut g.model(19)).unwrap_err();
         assert_eq!(err.op, "ConcatFromSequence");
-        assert!(err.to_string().contains("ConcatFromSequence:concatfromsequence_"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("ConcatFromSequence:concatfromsequence_"),
+            "{err}"
+        );
 
         let mut g = GraphBuilder::new("dynamic");
         let x = g.input("x", F32, &[4, 3]);
