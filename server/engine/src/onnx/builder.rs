@@ -288,31 +288,32 @@ impl GraphBuilder {
     }
 }
 
-pub fn int(name: &str, v: i64) -> pb::AttributeProto {
-    pb::AttributeProto {
+fn attribute(
+    name: &str,
+    kind: pb::attribute_proto::AttributeType,
+    set: impl FnOnce(&mut pb::AttributeProto),
+) -> pb::AttributeProto {
+    let mut a = pb::AttributeProto {
         name: name.into(),
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        i: v,
+        r#type: kind as i32,
         ..Default::default()
-    }
+    };
+    set(&mut a);
+    a
+}
+
+pub fn int(name: &str, v: i64) -> pb::AttributeProto {
+    attribute(name, pb::attribute_proto::AttributeType::Int, |a| a.i = v)
 }
 
 pub fn float(name: &str, v: f32) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        r#type: pb::attribute_proto::AttributeType::Float as i32,
-        f: v,
-        ..Default::default()
-    }
+    attribute(name, pb::attribute_proto::AttributeType::Float, |a| a.f = v)
 }
 
 pub fn ints(name: &str, v: &[i64]) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        r#type: pb::attribute_proto::AttributeType::Ints as i32,
-        ints: v.to_vec(),
-        ..Default::default()
-    }
+    attribute(name, pb::attribute_proto::AttributeType::Ints, |a| {
+        a.ints = v.to_vec()
+    })
 }
 
 /// Initializers of at least this many bytes go to the external data file (torch.onnx's
