@@ -154,3 +154,25 @@ impl Engine for CpuEngine {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::builder::{F32, GraphBuilder, int, write_model};
+
+    #[test]
+    fn a_graph_that_cannot_be_prepared_fails_naming_the_file_and_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = GraphBuilder::new("concat_from_sequence");
+        let x = g.input("x", F32, &[4, 3]);
+        let seq = g.node("SplitToSequence", &[&x], vec![int("axis", 0)]);
+        let y = g.node("ConcatFromSequence", &[&seq], vec![int("axis", 0)]);
+        g.output(&y, "y", F32, &[4, 3]);
+        write_model(dir.path(), "bad.onnx", g.model(19), None).unwrap();
+        let err = load_graph(&dir.path().join("bad.onnx"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.onnx"), "{err}");
+        assert!(err.contains("ConcatFromSequence:"), "{err}");
+    }
+}
