@@ -3,8 +3,8 @@
 # systemd-sysusers, systemd-tmpfiles, deb-systemd-helper for the package's scripts), dpkg
 # and objcopy (building and installing the .deb), and cargo-deb. Idempotent: a tool that is
 # already there is not fetched again. Also NVRTC from PyPI (the kernel-compile test) and the
-# Python client's test dependencies (tests/python_client.rs), and the readers the trace-export
-# tests check with (tests/trace.rs). Debian/Ubuntu, as root (CI) or with sudo.
+# Python client's test dependencies (tests/python_client.rs), the readers the trace-export
+# tests check with (tests/trace.rs), and onnxruntime for the export fixtures. Debian/Ubuntu, as root (CI) or with sudo.
 set -euo pipefail
 
 CARGO_DEB_VERSION=3.8.0
@@ -39,6 +39,19 @@ if ! python3 -c "import nvidia.cu13, os, sys; sys.exit(0 if os.path.exists(os.pa
     PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check "nvidia-cuda-nvrtc==$NVRTC_VERSION"
 fi
 
+# pip_satisfied SPEC...: true when every requirement is installed at a version it allows.
+pip_satisfied() {
+    python3 - "$@" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+from packaging.requirements import Requirement
+for spec in sys.argv[1:]:
+    r = Requirement(spec)
+    if not r.specifier.contains(version(r.name), prereleases=True):
+        sys.exit(1)
+PY
+}
+
 systemd-analyze --version | head -n1
 cargo deb --version
 
@@ -48,20 +61,19 @@ cargo deb --version
 # BasePolicy and broker are all the adapter test uses; dm-tree is what that broker imports),
 # and what the package itself needs.
 PY_TEST_DEPS=(grpcio grpcio-tools==1.71.2 "numpy>=2" pillow pytest mypy==2.4.1 dm-tree typing_extensions)
-if ! python3 - "${PY_TEST_DEPS[@]}" <<'PY' 2>/dev/null
-import sys
-from importlib.metadata import version
-from packaging.requirements import Requirement
-for spec in sys.argv[1:]:
-    r = Requirement(spec)
-    if not r.specifier.contains(version(r.name), prereleases=True):
-        sys.exit(1)
-sys.exit(0 if version("openpi-client") == "0.1.2" else 1)
-PY
-then
+if ! pip_satisfied "${PY_TEST_DEPS[@]}" openpi-client==0.1.2; then
     PIP=(python3 -m pip install --quiet --disable-pip-version-check)
     PIP_ROOT_USER_ACTION=ignore "${PIP[@]}" "${PY_TEST_DEPS[@]}"
     PIP_ROOT_USER_ACTION=ignore "${PIP[@]}" --no-deps openpi-client==0.1.2
+fi
+
+# The reference runtime the export fixtures are checked against (server/engine/tests/fixtures_ort.rs
+# runs tests/fixtures/run_ort.py): onnxruntime runs the graphs, HuggingFace tokenizers and
+# safetensors read the fixture's tokenizer.json and normaliser stats. Not the `onnx` package:
+# it needs protobuf >= 6, and the pinned grpcio-tools above needs protobuf < 6.
+FIXTURE_REFERENCE=(onnxruntime==1.32.0 tokenizers==0.22.1 safetensors==0.6.2)
+if ! pip_satisfied "${FIXTURE_REFERENCE[@]}"; then
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check "${FIXTURE_REFERENCE[@]}"
 fi
 
 # The readers tests/trace.rs checks `reflex trace export` with (tests/trace/readers.py): the
@@ -70,15 +82,6 @@ fi
 # imports torch and torchvision without declaring them, so they are pinned here (the CPU
 # suffices; ~3 GB with the CUDA wheels PyPI serves, fetched once).
 TRACE_READERS=(mcap==1.6.0 duckdb==2.0.1 lerobot-dataset==0.4.4 torch==2.5.1 torchvision==0.20.1)
-if ! python3 - "${TRACE_READERS[@]}" <<'PY' 2>/dev/null
-import sys
-from importlib.metadata import version
-from packaging.requirements import Requirement
-for spec in sys.argv[1:]:
-    r = Requirement(spec)
-    if not r.specifier.contains(version(r.name), prereleases=True):
-        sys.exit(1)
-PY
-then
+if ! pip_satisfied "${TRACE_READERS[@]}"; then
     PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check "${TRACE_READERS[@]}"
 fi

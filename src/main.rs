@@ -14,6 +14,8 @@ mod scene;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
+use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -44,7 +46,7 @@ enum Command {
     /// Exit codes: 0 all passed (or --no-replay done), 1 trace file error, 2 target failed,
     /// 3 --fail-on triggered, 64 usage error.
     Replay(reflex_replayer::ReplayArgs),
-    /// Write the reference export (a small decomposed VLA) into DIR.
+    /// Write a demo export into DIR: our reference model, or a tiny pi0.5 in the seed tool's layouts.
     ExportDemo(ExportDemoArgs),
     /// The main job on the built-in reference model: serve it and drive it like a robot.
     Demo(demo::DemoArgs),
@@ -55,12 +57,32 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(after_help = export_kinds_help())]
 struct ExportDemoArgs {
     /// Directory to write (created if missing; existing model files are replaced).
     dir: PathBuf,
+    /// Which export to write (see the list below).
+    #[arg(long, default_value = "reference", value_parser = clap::builder::PossibleValuesParser::new(
+        reflex_engine::fixtures::Kind::ALL.map(|k| k.as_str())
+    ).map(|s| s.parse::<reflex_engine::fixtures::Kind>().expect("a listed kind parses")))]
+    kind: reflex_engine::fixtures::Kind,
     /// Weight seed; another seed gives another model with the same shapes.
     #[arg(long, default_value_t = reflex_engine::export::DEFAULT_SEED)]
     seed: u64,
+}
+
+/// `--help`'s list of kinds, one line each, from the one list of kinds.
+fn export_kinds_help() -> String {
+    let mut s = String::from("Kinds:\n");
+    for k in reflex_engine::fixtures::Kind::ALL {
+        s.push_str(&format!("  {:<16} {}\n", k.as_str(), k.help()));
+    }
+    s.push_str(
+        "\nWeights are deterministic from --seed (ChaCha8), never downloaded. The pi0.5 kinds \
+         are small (32-pixel images, 16 tokens, 2 layers) with the seed tool's tensor names \
+         and dtypes; `reflex serve` does not load them yet.",
+    );
+    s
 }
 
 fn main() -> ExitCode {
@@ -117,13 +139,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(code as u8));
         }
         Command::ExportDemo(a) => {
-            let cfg = reflex_engine::export::write_reference_export(&a.dir, a.seed)?;
-            let hash = reflex_engine::config::model_hash(&a.dir, &cfg.model_files())?;
+            let written = reflex_engine::fixtures::write(a.kind, &a.dir, a.seed)
+                .with_context(|| format!("writing the {} export to {}", a.kind, a.dir.display()))?;
+            let hash = reflex_engine::config::model_hash(&a.dir, &written.model_files)?;
             println!(
-                "wrote reference export to {} (seed {}, model_hash {hash}, config_hash {})",
+                "wrote the {} export to {} (seed {}, model_hash {hash}): {}",
+                a.kind,
                 a.dir.display(),
                 a.seed,
-                cfg.config_hash()
+                written.files.join(", ")
             );
         }
         Command::Demo(args) => demo::run(args, shutdown).await?,

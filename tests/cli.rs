@@ -210,3 +210,43 @@ fn the_packaged_env_files_still_parse() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{recorder:?}: {}", stderr(&out));
 }
+
+#[test]
+fn export_demo_help_lists_every_kind_and_a_bad_kind_is_a_usage_error() {
+    let out = reflex(&["export-demo", "--help"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for kind in ["reference", "pi05", "pi05-per-step", "pi05-monolithic"] {
+        assert!(
+            help.lines().any(|l| l.trim_start().starts_with(kind)),
+            "--help does not explain {kind}:\n{help}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("x");
+    let out = reflex(&["export-demo", "--kind", "pi0", target.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(!target.exists());
+}
+
+#[test]
+fn export_demo_writes_the_seed_layout_for_pi05() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("pi05");
+    let out = reflex(&["export-demo", "--kind", "pi05", target.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    for f in [
+        "vlm_prefix.onnx",
+        "vlm_prefix.onnx.data",
+        "expert_denoise.onnx",
+        "expert_denoise.onnx.data",
+        "reflex_config.json",
+        "tokenizer.json",
+        "policy_preprocessor_step_2_normalizer_processor.safetensors",
+        "fixture.json",
+    ] {
+        assert!(target.join(f).is_file(), "{f} missing");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("wrote the pi05 export"), "{stdout}");
+}

@@ -20,7 +20,8 @@ use anyhow::{Context, bail};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use reflex_engine::engine::{
-    Engine, EngineError, EngineKind, Frames, Shapes, cpu::CpuEngine, cuda::CudaEngine,
+    Engine, EngineError, EngineKind, Frames, Shapes, cos_and_max_abs, cpu::CpuEngine,
+    cuda::CudaEngine,
 };
 use reflex_proto::v1::{self as pb, policy_client::PolicyClient};
 use reflex_server::serve::{ListenAddr, ServeArgs};
@@ -61,18 +62,6 @@ struct Variant {
     /// Actions per request index, from the first measured round.
     actions: Vec<Option<Vec<f32>>>,
     repeat_mismatch: usize,
-}
-
-fn cos_and_max_abs(a: &[f32], b: &[f32]) -> (f64, f64) {
-    let (mut dot, mut na, mut nb, mut max) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (*x as f64, *y as f64);
-        dot += x * y;
-        na += x * x;
-        nb += y * y;
-        max = max.max((x - y).abs());
-    }
-    (dot / (na.sqrt() * nb.sqrt()).max(f64::MIN_POSITIVE), max)
 }
 
 pub async fn run(args: EnginesBench) -> anyhow::Result<()> {

@@ -24,12 +24,12 @@
 
 use std::path::Path;
 
-use prost::Message;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use tract_onnx::pb;
 
 use crate::config::*;
+use crate::onnx::builder::{F32, GraphBuilder, I64, int, write_atomic, write_model};
 
 /// Shapes of the reference model.
 pub const CAMERAS: [&str; 2] = ["base", "wrist"];
@@ -58,18 +58,11 @@ pub fn write_reference_export(dir: &Path, seed: u64) -> std::io::Result<ExportCo
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let prefix = prefix_graph(&mut rng);
     let expert = expert_graph(&mut rng);
-    write_atomic(&dir.join(&cfg.graphs.prefix), &prefix.encode_to_vec())?;
-    write_atomic(&dir.join(&cfg.graphs.expert), &expert.encode_to_vec())?;
+    write_model(dir, &cfg.graphs.prefix, prefix, None)?;
+    write_model(dir, &cfg.graphs.expert, expert, None)?;
     let json = serde_json::to_string_pretty(&cfg).map_err(std::io::Error::other)?;
     write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
     Ok(cfg)
-}
-
-// A reader never sees a half-written graph: write beside it, then rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 pub fn reference_config(seed: u64) -> ExportConfig {
@@ -148,178 +141,15 @@ fn dct_basis() -> Vec<f32> {
     b
 }
 
-/// Builds an ONNX graph node by node; names are generated, weights go in raw_data.
-struct GraphBuilder {
-    graph: pb::GraphProto,
-    next: usize,
+/// LayerNorm with unit gain and zero bias, named after the block it belongs to.
+fn layer_norm(g: &mut GraphBuilder, x: &str, prefix: &str, dim: usize) -> String {
+    let gamma = g.f32s(&format!("{prefix}.gamma"), &[dim as i64], &vec![1.0; dim]);
+    let beta = g.f32s(&format!("{prefix}.beta"), &[dim as i64], &vec![0.0; dim]);
+    g.layer_norm(x, &gamma, &beta)
 }
 
-const F32: i32 = pb::tensor_proto::DataType::Float as i32;
-const I64: i32 = pb::tensor_proto::DataType::Int64 as i32;
-
-impl GraphBuilder {
-    fn new(name: &str) -> Self {
-        GraphBuilder {
-            graph: pb::GraphProto {
-                name: name.into(),
-                ..Default::default()
-            },
-            next: 0,
-        }
-    }
-
-    fn value_info(name: &str, elem: i32, dims: &[i64]) -> pb::ValueInfoProto {
-        use pb::tensor_shape_proto::{Dimension, dimension::Value};
-        let shape = pb::TensorShapeProto {
-            dim: dims
-                .iter()
-                .map(|d| Dimension {
-                    value: Some(Value::DimValue(*d)),
-                    ..Default::default()
-                })
-                .collect(),
-        };
-        pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: elem,
-                    shape: Some(shape),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    fn input(&mut self, name: &str, elem: i32, dims: &[i64]) -> String {
-        self.graph.input.push(Self::value_info(name, elem, dims));
-        name.into()
-    }
-
-    fn output(&mut self, value: &str, name: &str, elem: i32, dims: &[i64]) {
-        self.node_named("Identity", &[value], vec![], name);
-        self.graph.output.push(Self::value_info(name, elem, dims));
-    }
-
-    fn f32s(&mut self, name: &str, dims: &[i64], data: &[f32]) -> String {
-        debug_assert_eq!(dims.iter().product::<i64>() as usize, data.len());
-        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.graph.initializer.push(pb::TensorProto {
-            name: name.into(),
-            dims: dims.to_vec(),
-            data_type: F32,
-            raw_data: raw,
-            ..Default::default()
-        });
-        name.into()
-    }
-
-    fn i64s(&mut self, name: &str, data: &[i64]) -> String {
-        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.graph.initializer.push(pb::TensorProto {
-            name: name.into(),
-            dims: vec![data.len() as i64],
-            data_type: I64,
-            raw_data: raw,
-            ..Default::default()
-        });
-        name.into()
-    }
-
-    fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<pb::AttributeProto>) -> String {
-        self.next += 1;
-        let out = format!("{}_{}", op.to_lowercase(), self.next);
-        self.node_named(op, inputs, attrs, &out);
-        out
-    }
-
-    fn node_named(&mut self, op: &str, inputs: &[&str], attrs: Vec<pb::AttributeProto>, out: &str) {
-        self.graph.node.push(pb::NodeProto {
-            op_type: op.into(),
-            name: format!("{op}:{out}"),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![out.into()],
-            attribute: attrs,
-            ..Default::default()
-        });
-    }
-
-    fn reshape(&mut self, x: &str, shape: &[i64]) -> String {
-        self.next += 1;
-        let s = self.i64s(&format!("shape_{}", self.next), shape);
-        self.node("Reshape", &[x, &s], vec![])
-    }
-
-    fn transpose(&mut self, x: &str, perm: &[i64]) -> String {
-        self.node("Transpose", &[x], vec![ints("perm", perm)])
-    }
-
-    fn layer_norm(&mut self, x: &str, prefix: &str, dim: usize) -> String {
-        let g = self.f32s(&format!("{prefix}.gamma"), &[dim as i64], &vec![1.0; dim]);
-        let b = self.f32s(&format!("{prefix}.beta"), &[dim as i64], &vec![0.0; dim]);
-        self.node(
-            "LayerNormalization",
-            &[x, &g, &b],
-            vec![int("axis", -1), float("epsilon", 1e-5)],
-        )
-    }
-
-    /// Exact GELU, x·½·(1 + erf(x/√2)), as exporters write it for opsets before 20.
-    fn gelu(&mut self, x: &str) -> String {
-        self.next += 1;
-        let n = self.next;
-        let sqrt2 = self.f32s(&format!("gelu_{n}.sqrt2"), &[], &[std::f32::consts::SQRT_2]);
-        let one = self.f32s(&format!("gelu_{n}.one"), &[], &[1.0]);
-        let half = self.f32s(&format!("gelu_{n}.half"), &[], &[0.5]);
-        let scaled = self.node("Div", &[x, &sqrt2], vec![]);
-        let erf = self.node("Erf", &[&scaled], vec![]);
-        let shifted = self.node("Add", &[&erf, &one], vec![]);
-        let gated = self.node("Mul", &[x, &shifted], vec![]);
-        self.node("Mul", &[&gated, &half], vec![])
-    }
-
-    fn model(self) -> pb::ModelProto {
-        pb::ModelProto {
-            ir_version: 9,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 18,
-            }],
-            producer_name: "reflex".into(),
-            producer_version: env!("CARGO_PKG_VERSION").into(),
-            graph: Some(self.graph),
-            ..Default::default()
-        }
-    }
-}
-
-fn int(name: &str, v: i64) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        i: v,
-        ..Default::default()
-    }
-}
-
-fn float(name: &str, v: f32) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        r#type: pb::attribute_proto::AttributeType::Float as i32,
-        f: v,
-        ..Default::default()
-    }
-}
-
-fn ints(name: &str, v: &[i64]) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        r#type: pb::attribute_proto::AttributeType::Ints as i32,
-        ints: v.to_vec(),
-        ..Default::default()
-    }
-}
+/// The reference export's opset.
+const OPSET: i64 = 18;
 
 fn prefix_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
     let cams = CAMERAS.len() as i64;
@@ -342,16 +172,7 @@ fn prefix_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
         &weights(rng, DIM * fan, fan, 1.0),
     );
     let b = g.f32s("patch.bias", &[d], &weights(rng, DIM, DIM, 0.1));
-    let conv = g.node(
-        "Conv",
-        &[&pixels, &w, &b],
-        vec![
-            ints("kernel_shape", &[PATCH, PATCH]),
-            ints("strides", &[PATCH, PATCH]),
-        ],
-    );
-    let flat = g.reshape(&conv, &[cams, d, patches]);
-    let img = g.transpose(&flat, &[0, 2, 1]);
+    let img = g.patch_embed(&pixels, (&w, &b), PATCH, [cams, d, patches]);
     let img = g.reshape(&img, &[1, cams * patches, d]);
 
     let emb = g.f32s(
@@ -369,7 +190,7 @@ fn prefix_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
     let h0 = g.node("Add", &[&seq, &pos], vec![]);
 
     // Pre-norm attention block.
-    let ln1 = g.layer_norm(&h0, "block.ln1", DIM);
+    let ln1 = layer_norm(&mut g, &h0, "block.ln1", DIM);
     let mut proj = |g: &mut GraphBuilder, name: &str, x: &str| {
         let w = g.f32s(name, &[d, d], &weights(rng, DIM * DIM, DIM, 1.0));
         g.node("MatMul", &[x, &w], vec![])
@@ -394,7 +215,7 @@ fn prefix_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
     let o = proj(&mut g, "block.attn.o", &ctx);
     let h1 = g.node("Add", &[&h0, &o], vec![]);
 
-    let ln2 = g.layer_norm(&h1, "block.ln2", DIM);
+    let ln2 = layer_norm(&mut g, &h1, "block.ln2", DIM);
     let hid = MLP_HIDDEN as i64;
     let w1 = g.f32s(
         "block.mlp.w1",
@@ -419,11 +240,11 @@ fn prefix_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
     let m = g.node("Add", &[&m, &b2], vec![]);
     let h2 = g.node("Add", &[&h1, &m], vec![]);
 
-    let lnf = g.layer_norm(&h2, "final.ln", DIM);
+    let lnf = layer_norm(&mut g, &h2, "final.ln", DIM);
     let axes = g.i64s("pool.axes", &[1]);
     let pooled = g.node("ReduceMean", &[&lnf, &axes], vec![int("keepdims", 0)]);
     g.output(&pooled, "prefix", F32, &[1, d]);
-    g.model()
+    g.model(OPSET)
 }
 
 fn expert_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
@@ -495,7 +316,7 @@ fn expert_graph(rng: &mut ChaCha8Rng) -> pb::ModelProto {
     let remaining = g.node("Sub", &[&one, &t], vec![]);
     let velocity = g.node("Div", &[&diff, &remaining], vec![]);
     g.output(&velocity, "velocity", F32, &[1, a, ad]);
-    g.model()
+    g.model(OPSET)
 }
 
 #[cfg(test)]

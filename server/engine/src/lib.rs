@@ -3,7 +3,12 @@
 //!
 //! Modules:
 //! - [`config`]: `reflex_config.json` (the export contract), `model_hash`/`config_hash`.
+//! - [`onnx`]: ONNX protobuf below the engines — `builder` (how our exports and fixtures
+//!   write graphs, external data included) and `rewrite` (`prepare`: the torch.onnx
+//!   patterns tract cannot run, rewritten exactly before tract parses a graph).
 //! - [`export`]: the reference export, written as ONNX through `tract_onnx::pb`.
+//! - [`fixtures`]: `reflex export-demo --kind`: the reference export and tiny pi0.5 exports
+//!   in the seed tool's layouts, with a tokenizer.json and lerobot stats.
 //! - [`tokenizer`]: instruction → token ids (`word-hash-v1` for the reference model).
 //! - [`preprocess`]: bounded JPEG/PNG decode, resize, normalise.
 //! - [`engine`]: the [`Engine`] trait and its implementations: `cpu` (tract), `graph` (the
@@ -17,6 +22,8 @@
 pub mod config;
 pub mod engine;
 pub mod export;
+pub mod fixtures;
+pub mod onnx;
 pub mod policy;
 pub mod preprocess;
 pub mod tokenizer;

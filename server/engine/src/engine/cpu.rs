@@ -1,8 +1,9 @@
 //! The `cpu` engine: the export's ONNX graphs run by tract, pure Rust.
 //!
-//! Graphs are loaded, shape-fixed (the export declares concrete shapes),
-//! optimised and planned once at start; a call only spawns a run state. One
-//! call uses one thread: parallelism comes from the server's worker pool.
+//! Graphs are loaded, prepared for tract ([`crate::onnx::rewrite::prepare`]),
+//! shape-fixed (the export declares concrete shapes), optimised and planned once
+//! at start; a call only spawns a run state. One call uses one thread:
+//! parallelism comes from the server's worker pool.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,7 +13,8 @@ use tract_onnx::prelude::*;
 
 use super::{Engine, EngineError, Shapes};
 
-type Plan = Arc<TypedSimplePlan>;
+/// A graph optimised and planned for tract, ready to run.
+pub type Plan = Arc<TypedSimplePlan>;
 
 pub struct CpuEngine {
     prefix: Plan,
@@ -20,18 +22,41 @@ pub struct CpuEngine {
     shapes: Shapes,
 }
 
-fn load(path: &Path) -> Result<Plan, EngineError> {
-    let err = |e: TractError| EngineError::Load {
+/// Loads one ONNX graph: reads the protobuf, rewrites what tract cannot run
+/// ([`crate::onnx::rewrite::prepare`], logged), parses it with its folder (where
+/// external `*.data` files are resolved), optimises and plans it. Errors name the file
+/// (and the node, for a pattern that cannot be rewritten).
+pub fn load_graph(path: &Path) -> Result<Plan, EngineError> {
+    let err = |message: String| EngineError::Load {
         graph: path.display().to_string(),
-        message: format!("{e:#}"),
+        message,
     };
-    tract_onnx::onnx()
-        .model_for_path(path)
-        .map_err(err)?
+    let tract_err = |e: TractError| err(format!("{e:#}"));
+    let onnx = tract_onnx::onnx();
+    let mut proto = onnx.proto_model_for_path(path).map_err(tract_err)?;
+    let report = crate::onnx::rewrite::prepare(&mut proto).map_err(|e| err(e.to_string()))?;
+    if !report.is_empty() {
+        tracing::info!(
+            graph = %path.display(),
+            sequence_items = report.sequence_items,
+            cumsums = report.cumsums,
+            "graph rewritten for tract"
+        );
+    }
+    let dir = path.parent().and_then(Path::to_str);
+    let parsed = onnx.parse(&proto, dir).map_err(tract_err)?;
+    if !parsed.unresolved_inputs.is_empty() {
+        return Err(err(format!(
+            "inputs no node produces: {:?}",
+            parsed.unresolved_inputs
+        )));
+    }
+    parsed
+        .model
         .into_optimized()
-        .map_err(err)?
+        .map_err(tract_err)?
         .into_runnable()
-        .map_err(err)
+        .map_err(tract_err)
 }
 
 fn run_err(graph: &'static str) -> impl Fn(TractError) -> EngineError {
@@ -48,8 +73,8 @@ fn tensor<T: Datum + Copy>(shape: &[usize], data: &[T]) -> TractResult<TValue> {
 impl CpuEngine {
     pub fn load(prefix: &Path, expert: &Path, shapes: Shapes) -> Result<Self, EngineError> {
         Ok(CpuEngine {
-            prefix: load(prefix)?,
-            expert: load(expert)?,
+            prefix: load_graph(prefix)?,
+            expert: load_graph(expert)?,
             shapes,
         })
     }
@@ -127,5 +152,27 @@ impl Engine for CpuEngine {
                 .and_then(first_output)
                 .map_err(run_err("expert"))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::builder::{F32, GraphBuilder, int, write_model};
+
+    #[test]
+    fn a_graph_that_cannot_be_prepared_fails_naming_the_file_and_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = GraphBuilder::new("concat_from_sequence");
+        let x = g.input("x", F32, &[4, 3]);
+        let seq = g.node("SplitToSequence", &[&x], vec![int("axis", 0)]);
+        let y = g.node("ConcatFromSequence", &[&seq], vec![int("axis", 0)]);
+        g.output(&y, "y", F32, &[4, 3]);
+        write_model(dir.path(), "bad.onnx", g.model(19), None).unwrap();
+        let err = load_graph(&dir.path().join("bad.onnx"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.onnx"), "{err}");
+        assert!(err.contains("ConcatFromSequence:"), "{err}");
     }
 }

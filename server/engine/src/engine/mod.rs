@@ -218,6 +218,20 @@ pub fn euler(
     Ok(x)
 }
 
+/// (cosine similarity, max |a − b|) of two outputs, in f64: how engines are compared with
+/// each other and with outside runtimes.
+pub fn cos_and_max_abs(a: &[f32], b: &[f32]) -> (f64, f64) {
+    let (mut dot, mut na, mut nb, mut max) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+        max = max.max((x - y).abs());
+    }
+    (dot / (na.sqrt() * nb.sqrt()).max(f64::MIN_POSITIVE), max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
