@@ -70,8 +70,9 @@ fi
 # The reference runtime the export fixtures are checked against (server/engine/tests/fixtures_ort.rs
 # runs tests/fixtures/run_ort.py): onnxruntime runs the graphs, HuggingFace tokenizers and
 # safetensors read the fixture's tokenizer.json and normaliser stats. Not the `onnx` package:
-# it needs protobuf >= 6, and the pinned grpcio-tools above needs protobuf < 6.
-FIXTURE_REFERENCE=(onnxruntime==1.32.0 tokenizers==0.22.1 safetensors==0.6.2)
+# it needs protobuf >= 6, and the pinned grpcio-tools above needs protobuf < 6 (kept below 6
+# here too, so that no install step moves it).
+FIXTURE_REFERENCE=(onnxruntime==1.32.0 tokenizers==0.22.1 safetensors==0.6.2 "protobuf<6")
 if ! pip_satisfied "${FIXTURE_REFERENCE[@]}"; then
     PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check "${FIXTURE_REFERENCE[@]}"
 fi
