@@ -875,7 +875,10 @@ async fn malformed_grpc_framing_gets_a_clear_status_and_the_server_keeps_serving
             assert_eq!(a.grpc_status, Some(ok), "{a:?}");
             let r = pb::ActResponse::decode(&a.body[5..]).unwrap();
             assert_eq!((r.actions.len(), r.noise_seed), (350, 4));
-            assert_eq!(r.actions, by_64.actions, "the one-byte burst got other actions");
+            assert_eq!(
+                r.actions, by_64.actions,
+                "the one-byte burst got other actions"
+            );
         }
         assert_serves(&target.uri()).await;
         // Empty DATA frames are a flood whatever the reader does: h2 allows 100 per connection,
