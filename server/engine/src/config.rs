@@ -17,15 +17,17 @@ pub const CONFIG_FILE: &str = "reflex_config.json";
 pub enum ConfigError {
     #[error("export directory {0} has no {CONFIG_FILE}")]
     Missing(PathBuf),
-    #[error("cannot read {path}: {source}")]
+    // `error`, not `source`: the message already says it, and a chained source is printed
+    // a second time by `{:#}` (anyhow) in the command's error line.
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path} is not a valid reflex config: {source}")]
+    #[error("{path} is not a valid reflex config: {error}")]
     Parse {
         path: PathBuf,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -124,14 +126,17 @@ impl ExportConfig {
             } else {
                 ConfigError::Read {
                     path: path.clone(),
-                    source,
+                    error: source,
                 }
             }
         })?;
+        if let Some(message) = seed_tool_export(&bytes) {
+            return Err(ConfigError::Invalid { path, message });
+        }
         let cfg: ExportConfig =
-            serde_json::from_slice(&bytes).map_err(|source| ConfigError::Parse {
+            serde_json::from_slice(&bytes).map_err(|error| ConfigError::Parse {
                 path: path.clone(),
-                source,
+                error,
             })?;
         cfg.validate()
             .map_err(|message| ConfigError::Invalid { path, message })?;
@@ -220,6 +225,35 @@ impl ExportConfig {
     }
 }
 
+/// When `bytes` is the `reflex_config.json` of an export written by the seed tool
+/// (reflex-vla: no `format`, an `export_kind` or a `model_type` of its own), says so in
+/// words a user can act on, instead of a parse error about its first unknown field.
+fn seed_tool_export(bytes: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let o = v.as_object()?;
+    if o.contains_key("format") {
+        return None;
+    }
+    let text = |k: &str| o.get(k).and_then(|v| v.as_str());
+    let model_type = text("model_type");
+    let seed_type = matches!(
+        model_type,
+        Some("pi0" | "pi05" | "pi05_decomposed" | "smolvla" | "smolvla_native")
+    );
+    if !seed_type && text("export_kind").is_none() {
+        return None;
+    }
+    Some(format!(
+        "this is an export of the seed tool reflex-vla (model_type {}, export_kind {}); this \
+         build of reflex serves only its own export format (reflex-export v1, as `reflex \
+         export-demo --kind reference` writes it), not the seed tool's layouts yet",
+        model_type.map_or("none".to_string(), |t| format!("{t:?}")),
+        text("export_kind").map_or("none (the SmolVLA four-graph layout)".to_string(), |k| {
+            format!("{k:?}")
+        }),
+    ))
+}
+
 /// `model_hash` of an export directory (see the module doc for the layout).
 pub fn model_hash(dir: &Path, files: &[String]) -> Result<String, ConfigError> {
     let mut sorted: Vec<&String> = files.iter().collect();
@@ -227,7 +261,7 @@ pub fn model_hash(dir: &Path, files: &[String]) -> Result<String, ConfigError> {
     let mut h = Sha256::new();
     for rel in sorted {
         let path = dir.join(rel);
-        let bytes = std::fs::read(&path).map_err(|source| ConfigError::Read { path, source })?;
+        let bytes = std::fs::read(&path).map_err(|error| ConfigError::Read { path, error })?;
         h.update(rel.as_bytes());
         h.update([0u8]);
         h.update((bytes.len() as u64).to_le_bytes());

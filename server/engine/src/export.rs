@@ -366,6 +366,40 @@ mod tests {
     }
 
     #[test]
+    fn a_seed_tool_export_is_named_as_such_not_as_a_parse_error() {
+        for (kind, words) in [
+            (
+                crate::fixtures::Kind::Pi05,
+                "model_type \"pi05_decomposed\", export_kind \"decomposed\"",
+            ),
+            (
+                crate::fixtures::Kind::Pi05Monolithic,
+                "model_type \"pi05\", export_kind \"monolithic\"",
+            ),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            crate::fixtures::write(kind, d.path(), 0).unwrap();
+            let e = ExportConfig::load(d.path()).unwrap_err().to_string();
+            assert!(
+                e.contains("seed tool reflex-vla") && e.contains(words),
+                "{e}"
+            );
+            assert!(
+                e.contains(CONFIG_FILE) && !e.contains("unknown field"),
+                "{e}"
+            );
+        }
+        // Without an export_kind (the SmolVLA four-graph layout) it is still recognised.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(CONFIG_FILE), r#"{"model_type": "smolvla"}"#).unwrap();
+        let e = ExportConfig::load(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("export_kind none (the SmolVLA four-graph layout)"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn same_seed_same_bytes_other_seed_other_model() {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
