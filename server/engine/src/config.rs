@@ -130,13 +130,18 @@ impl ExportConfig {
                 }
             }
         })?;
-        if let Some(message) = seed_tool_export(&bytes) {
-            return Err(ConfigError::Invalid { path, message });
-        }
+        // A seed-tool config never parses (it has no `format`); only then is it read again
+        // to say what it is.
         let cfg: ExportConfig =
-            serde_json::from_slice(&bytes).map_err(|error| ConfigError::Parse {
-                path: path.clone(),
-                error,
+            serde_json::from_slice(&bytes).map_err(|error| match seed_tool_export(&bytes) {
+                Some(message) => ConfigError::Invalid {
+                    path: path.clone(),
+                    message,
+                },
+                None => ConfigError::Parse {
+                    path: path.clone(),
+                    error,
+                },
             })?;
         cfg.validate()
             .map_err(|message| ConfigError::Invalid { path, message })?;

@@ -119,9 +119,8 @@ impl GraphBuilder {
     }
 
     pub fn i64_tensor(&mut self, name: &str, dims: &[i64], data: &[i64]) -> String {
-        debug_assert_eq!(dims.iter().product::<i64>() as usize, data.len());
-        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.initializer(name, dims, I64, raw)
+        let t = super::i64_tensor(name, dims, data);
+        self.initializer(name, dims, I64, t.raw_data)
     }
 
     pub fn bools(&mut self, name: &str, dims: &[i64], data: &[bool]) -> String {

@@ -5,3 +5,42 @@
 
 pub mod builder;
 pub mod rewrite;
+
+use tract_onnx::pb;
+
+const I64: i32 = pb::tensor_proto::DataType::Int64 as i32;
+const I32: i32 = pb::tensor_proto::DataType::Int32 as i32;
+
+/// An int64 tensor with its values little-endian in `raw_data`, as exporters write them.
+pub fn i64_tensor(name: &str, dims: &[i64], values: &[i64]) -> pb::TensorProto {
+    debug_assert_eq!(dims.iter().product::<i64>() as usize, values.len());
+    pb::TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: I64,
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+/// The values of an int64 or int32 tensor held in the protobuf (`raw_data` or the typed
+/// field), widened to i64; `None` for any other type.
+pub fn int_values(t: &pb::TensorProto) -> Option<Vec<i64>> {
+    match t.data_type {
+        I64 if !t.raw_data.is_empty() => Some(
+            t.raw_data
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("chunks of 8")))
+                .collect(),
+        ),
+        I64 => Some(t.int64_data.clone()),
+        I32 if !t.raw_data.is_empty() => Some(
+            t.raw_data
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().expect("chunks of 4")) as i64)
+                .collect(),
+        ),
+        I32 => Some(t.int32_data.iter().map(|v| *v as i64).collect()),
+        _ => None,
+    }
+}

@@ -118,23 +118,7 @@ impl Constants {
 
     fn add(&mut self, name: &str, t: &pb::TensorProto) {
         self.dtypes.insert(name.to_string(), t.data_type);
-        let values: Option<Vec<i64>> = match t.data_type {
-            I64 if !t.raw_data.is_empty() => Some(
-                t.raw_data
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().expect("chunks of 8")))
-                    .collect(),
-            ),
-            I64 => Some(t.int64_data.clone()),
-            I32 if !t.raw_data.is_empty() => Some(
-                t.raw_data
-                    .chunks_exact(4)
-                    .map(|b| i32::from_le_bytes(b.try_into().expect("chunks of 4")) as i64)
-                    .collect(),
-            ),
-            I32 => Some(t.int32_data.iter().map(|v| *v as i64).collect()),
-            _ => None,
-        };
+        let values = super::int_values(t);
         if let Some(v) = values {
             self.ints.insert(name.to_string(), (t.dims.clone(), v));
         }
@@ -151,18 +135,6 @@ fn attr_i(n: &pb::NodeProto, name: &str, default: i64) -> i64 {
         .iter()
         .find(|a| a.name == name)
         .map_or(default, |a| a.i)
-}
-
-/// Adds an int64 1-D initializer for the rewrites' Slice/Squeeze arguments.
-fn int_initializer(graph: &mut pb::GraphProto, name: String, values: &[i64]) -> String {
-    graph.initializer.push(pb::TensorProto {
-        name: name.clone(),
-        dims: vec![values.len() as i64],
-        data_type: I64,
-        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ..Default::default()
-    });
-    name
 }
 
 /// How a SplitToSequence cuts its input.
@@ -303,7 +275,9 @@ fn sequences(
     }
     graph.node = nodes;
     for (name, values) in new_inits {
-        int_initializer(graph, name, &values);
+        graph
+            .initializer
+            .push(super::i64_tensor(&name, &[values.len() as i64], &values));
     }
     report.sequences += seqs.len();
     Ok(())

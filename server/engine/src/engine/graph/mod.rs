@@ -535,14 +535,7 @@ fn tensor_data(t: &pb::TensorProto) -> Result<(DType, Vec<f32>, Vec<i64>), Strin
             Ok((DType::F32, v, vec![]))
         }
         7 => {
-            let v: Vec<i64> = if !t.raw_data.is_empty() {
-                t.raw_data
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                    .collect()
-            } else {
-                t.int64_data.clone()
-            };
+            let v = crate::onnx::int_values(t).expect("an int64 tensor");
             if v.len() != n {
                 return Err(format!(
                     "initializer {} has {} values, not {n}",
