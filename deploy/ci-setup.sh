@@ -4,7 +4,8 @@
 # and objcopy (building and installing the .deb), and cargo-deb. Idempotent: a tool that is
 # already there is not fetched again. Also NVRTC from PyPI (the kernel-compile test) and the
 # Python client's test dependencies (tests/python_client.rs), the readers the trace-export
-# tests check with (tests/trace.rs), and onnxruntime for the export fixtures. Debian/Ubuntu, as root (CI) or with sudo.
+# tests check with (tests/trace.rs), onnxruntime for the export fixtures, and the seed tool
+# (reflex-vla, tests/seed_traces.rs). Debian/Ubuntu, as root (CI) or with sudo.
 set -euo pipefail
 
 CARGO_DEB_VERSION=3.8.0
@@ -73,6 +74,9 @@ fi
 # it needs protobuf >= 6, and the pinned grpcio-tools above needs protobuf < 6 (kept below 6
 # here too, so that no install step moves it).
 FIXTURE_REFERENCE=(onnxruntime==1.32.0 tokenizers==0.22.1 safetensors==0.6.2 "protobuf<6")
+# transformers: the seed tool's runtime loads its tokenizer with AutoTokenizer
+# (tests/real_exports.rs runs that runtime, installed below, on our fixtures; no torch).
+FIXTURE_REFERENCE+=(transformers==4.57.1)
 if ! pip_satisfied "${FIXTURE_REFERENCE[@]}"; then
     PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check "${FIXTURE_REFERENCE[@]}"
 fi
@@ -85,4 +89,21 @@ fi
 TRACE_READERS=(mcap==1.6.0 duckdb==2.0.1 lerobot-dataset==0.4.4 torch==2.5.1 torchvision==0.20.1)
 if ! pip_satisfied "${TRACE_READERS[@]}"; then
     PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check "${TRACE_READERS[@]}"
+fi
+
+# The seed tool (reflex-vla, the project reflex replaces) for tests/seed_traces.rs: its own
+# RecordWriter, trace reader and A2C2 batch builder run on both sides of a trace. --no-deps
+# into a folder of its own (its top-level package `reflex` then shadows nothing, and none of
+# its heavy dependencies come along); what those modules import (numpy, torch) is above,
+# and httpx for its HTTP client (tests/frontends.rs).
+# The test finds it at the same path ($REFLEX_SEED_TOOL_DIR overrides both).
+SEED_TOOL_VERSION=0.11.2
+SEED_TOOL_DIR="${REFLEX_SEED_TOOL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/reflex-ci/reflex-vla-$SEED_TOOL_VERSION}"
+if [ ! -d "$SEED_TOOL_DIR/reflex_vla-$SEED_TOOL_VERSION.dist-info" ]; then
+    rm -rf "$SEED_TOOL_DIR"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+        --no-deps --target "$SEED_TOOL_DIR" "reflex-vla==$SEED_TOOL_VERSION"
+fi
+if ! pip_satisfied httpx==0.28.1; then
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check httpx==0.28.1
 fi

@@ -69,6 +69,11 @@ struct ExportDemoArgs {
     /// Weight seed; another seed gives another model with the same shapes.
     #[arg(long, default_value_t = reflex_engine::export::DEFAULT_SEED)]
     seed: u64,
+    /// Sizes of a pi05 kind: `tiny` (what CI runs), `smolvla-size` (~430M parameters, 1.7 GB)
+    /// or `pi05-widths` (pi0.5's widths with fewer layers, ~1.2B parameters, 4.6 GB). Written
+    /// at bench time, never committed.
+    #[arg(long, default_value = "tiny")]
+    scale: reflex_engine::fixtures::pi05::Scale,
 }
 
 /// `--help`'s list of kinds, one line each, from the one list of kinds.
@@ -139,8 +144,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(code as u8));
         }
         Command::ExportDemo(a) => {
-            let written = reflex_engine::fixtures::write(a.kind, &a.dir, a.seed)
-                .with_context(|| format!("writing the {} export to {}", a.kind, a.dir.display()))?;
+            let written =
+                reflex_engine::fixtures::write_scaled(a.kind, &a.dir, a.seed, a.scale.dims())
+                    .with_context(|| {
+                        format!("writing the {} export to {}", a.kind, a.dir.display())
+                    })?;
             let hash = reflex_engine::config::model_hash(&a.dir, &written.model_files)?;
             println!(
                 "wrote the {} export to {} (seed {}, model_hash {hash}): {}",

@@ -249,15 +249,16 @@ fn export_demo_writes_the_seed_layout_for_pi05() {
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("wrote the pi05 export"), "{stdout}");
-    // `reflex serve` does not serve the seed tool's layouts yet, and says so in one line
-    // (not a parse error about the config's first unknown field, printed twice).
+    // What a seed-tool export lacks stops `reflex serve` in one line that names the file
+    // and the flag (not a parse error about the config's first unknown field).
+    std::fs::remove_file(target.join("tokenizer.json")).unwrap();
     let out = reflex(&["serve", "--model", target.to_str().unwrap()]);
     assert_ne!(out.status.code(), Some(0));
     let err = stderr(&out);
     assert!(
-        err.contains("an export of the seed tool reflex-vla")
-            && err.contains("\"pi05_decomposed\"")
-            && err.matches("reflex_config.json").count() == 1,
+        err.contains("seed-tool export has no tokenizer")
+            && err.contains("--tokenizer FILE")
+            && err.matches("has no tokenizer").count() == 1,
         "{err}"
     );
 }

@@ -182,7 +182,7 @@ async fn a_call_whose_deadline_passes_in_the_queue_is_answered_and_not_run() {
             "{r}"
         );
         assert_eq!(
-            r["latency"]["denoise_ms"].as_f64().unwrap_or(0.0),
+            r["latency"]["stages"]["denoise_ms"].as_f64().unwrap_or(0.0),
             0.0,
             "{r}"
         );

@@ -262,7 +262,13 @@ async fn a_full_queue_answers_resource_exhausted_and_recovers() {
             Err(s) => panic!("unexpected status {s:?}"),
         }
     }
-    assert!(ok >= 2 && busy >= 1, "ok {ok}, busy {busy}");
+    // How many of the burst get through beyond the first depends on how many arrive after a
+    // place frees up: under load (the full suite on two cores) all 23 others can arrive while
+    // the first runs, so only the first is counted on (it failed once as "ok 1, busy 23").
+    assert!(
+        ok >= 1 && busy >= 1 && ok + busy == 24,
+        "ok {ok}, busy {busy}"
+    );
     let mut c = c.clone();
     assert_actions(
         &timeout(c.act(act_request(1, Some(1))))

@@ -16,6 +16,12 @@
 //!   lowercase hex SHA-256 of its bytes, the bytes kept. The server never strips images;
 //!   **only the recorder redacts**, per the session's [`ImageMode`].
 //!
+//! - **The seed tool's image hash** ([`seed_image_hash`]): traces written by the seed's
+//!   tool (reflex-vla's `RecordWriter`) carry `image_sha256` as the first 16 hex digits of
+//!   SHA-256 over the image's *base64 text*, not over its bytes. Readers tell it from ours
+//!   by its length ([`is_seed_image_hash`]); the server only ever checks ours, so a replayer
+//!   turns a seed hash into ours before it sends the request.
+//!
 //! `reflex-engine` does not use this module (it must not depend on tonic): the server maps
 //! a request onto the engine's camera slots with these rules, and the engine takes the
 //! already-canonical slots.
@@ -154,6 +160,7 @@ pub fn canonical_request(
         noise_seed,
         image_b64: _,
         image_sha256: _,
+        noise,
     } = req;
     ActRequest {
         images,
@@ -163,6 +170,7 @@ pub fn canonical_request(
         noise_seed: *noise_seed,
         image_b64,
         image_sha256,
+        noise: noise.clone(),
     }
 }
 
@@ -176,6 +184,22 @@ pub fn sha256_hex(data: &[u8]) -> String {
         s.push(char::from(HEX[usize::from(b & 15)]));
     }
     s
+}
+
+/// The seed tool's `image_sha256`: the first 16 lowercase hex digits of SHA-256 over the
+/// base64 *text* of the image (reflex-vla `runtime/record.py`, `_redact_image`). Give it
+/// the text as the seed's client sent it: standard base64, padded.
+pub fn seed_image_hash(base64_text: &[u8]) -> String {
+    let mut full = sha256_hex(base64_text);
+    full.truncate(16);
+    full
+}
+
+/// `true` for 16 lowercase hex digits: the form of [`seed_image_hash`] (ours has 64).
+pub fn is_seed_image_hash(s: &str) -> bool {
+    s.len() == 16
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// `true` for 64 lowercase hex digits.
@@ -250,6 +274,7 @@ mod tests {
             episode_id: "e".into(),
             noise_seed: Some(3),
             image_sha256: String::new(),
+            noise: vec![0.25, -1.0],
         };
         let known = vec![Some("aa".repeat(32)), None];
         let c = canonical_request(&req, &cams(), &known);
@@ -274,6 +299,7 @@ mod tests {
             ),
             ("pick", &[0.5][..], "e", Some(3))
         );
+        assert_eq!(c.noise, [0.25, -1.0], "the request's own noise is kept");
         // Without the policy's hashes (a failed call) every image is hashed here.
         let c = canonical_request(&req, &cams(), &[]);
         assert_eq!(c.image_sha256, sha256_hex(b"B"));
@@ -307,6 +333,23 @@ mod tests {
         assert_eq!(ImageMode::parse("jpeg"), None);
         assert_eq!(ImageMode::parse("unknown"), None);
         assert_eq!(ImageMode::default(), ImageMode::HashOnly);
+    }
+
+    /// Pinned against Python: `hashlib.sha256(base64.b64encode(b"\x89PNG-frame")).hexdigest()[:16]`.
+    #[test]
+    fn seed_image_hash_is_16_hex_over_the_base64_text() {
+        // base64.b64encode(b"\x89PNG-frame") == b"iVBORy1mcmFtZQ=="
+        let text = b"iVBORy1mcmFtZQ==";
+        let h = seed_image_hash(text);
+        assert_eq!(h, "6f5c445fb1a70752");
+        assert!(is_seed_image_hash(&h));
+        assert!(!is_seed_image_hash(&sha256_hex(text)));
+        assert!(!is_seed_image_hash(&h.to_uppercase()));
+        assert_ne!(
+            h,
+            sha256_hex(b"\x89PNG-frame")[..16],
+            "over the text, not the bytes"
+        );
     }
 
     #[test]

@@ -848,7 +848,7 @@ mod tests {
         };
         assert_eq!(
             (f.total_requests, f.dropped_requests, f.records_written),
-            (2, 0, None)
+            (2, None, None)
         );
         assert!(r.next_record().unwrap().is_none());
         assert!(r.truncation().is_none());

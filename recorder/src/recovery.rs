@@ -148,7 +148,7 @@ fn rewrite(path: &Path, temp: &Path, level: u32) -> Result<(u64, bool), RecoverE
         let footer = Footer {
             ended_at: UtcTime::now().rfc3339_millis(),
             total_requests: total,
-            dropped_requests: total - records,
+            dropped_requests: Some(total - records),
             ended_reason: "recorder_lost".into(),
             records_written: Some(records),
             refused_requests: None,
@@ -252,7 +252,7 @@ mod tests {
             assert_eq!(f.ended_reason, "recorder_lost");
             assert_eq!(
                 (f.total_requests, f.dropped_requests, f.records_written),
-                (4, 1, Some(3))
+                (4, Some(1), Some(3))
             );
             assert!(!truncated);
             assert!(writer::footer_at_tail(path).unwrap());

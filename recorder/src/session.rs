@@ -426,7 +426,7 @@ impl Worker {
         let footer = Footer {
             ended_at: UtcTime::now().rfc3339_millis(),
             total_requests: total,
-            dropped_requests: dropped,
+            dropped_requests: Some(dropped),
             ended_reason: "rotated".into(),
             records_written: None,
             refused_requests: None,
@@ -475,7 +475,7 @@ impl Worker {
                     .clone()
                     .unwrap_or_else(|| UtcTime::now().rfc3339_millis()),
                 total_requests: total,
-                dropped_requests: dropped,
+                dropped_requests: Some(dropped),
                 ended_reason: end.reason.clone(),
                 records_written: None,
                 refused_requests: end.refused,

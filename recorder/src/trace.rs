@@ -22,11 +22,13 @@
 //!
 //! - **header** ([`Header`]), exactly one, first: `reflex_version, model_hash, config_hash,
 //!   session_id, started_at` (RFC 3339 UTC, ms, `Z`)`, export_dir, model_type, export_kind,
-//!   embodiment, hardware` (string map)`, mode, redaction {image, instruction}, first_seq`,
+//!   embodiment, hardware` (string map)`, mode, providers` (the engine, `["cpu"]`: the seed
+//!   tool's field)`, redaction {image, instruction}, first_seq`,
 //!   and `lost_requests` on the first file of a stream that continues a broken one.
 //! - **request** ([`RequestRecord`]), one per Act call: `seq, chunk_id, timestamp, request,
-//!   response {actions, num_actions, action_dim}, latency {total_ms, queue_ms, decode_ms,
-//!   prefix_ms, denoise_ms, postprocess_ms}` (ms, rounded to 3 decimals)`, denoise
+//!   response {actions, num_actions, action_dim}, latency {total_ms, stages {queue_ms,
+//!   decode_ms, prefix_ms, denoise_ms, postprocess_ms}}` (ms, rounded to 3 decimals; flat
+//!   stages of older traces read too)`, denoise
 //!   {steps_used, steps_configured, adaptive}, cache {status}, mode, noise_seed`, and
 //!   `error {slug, message}` only when Act failed (then `actions` may be empty).
 //! - **footer** ([`Footer`]), last, absent when the writer died: `ended_at, total_requests,
@@ -78,6 +80,17 @@
 //! included), so traces of the seed's tool (Reflex 0.7: `request {image_b64 | image_sha256,
 //! instruction, state}`, `latency {total_ms}`, no `cache`, `noise_seed` or `chunk_id`) read
 //! as well.
+//!
+//! # The seed tool's traces, both ways
+//! - Reading theirs: `request.image_sha256` is then 16 hex digits over the base64 *text*
+//!   (`reflex_proto::images::seed_image_hash`; the replayer checks and converts it),
+//!   `state` may be `null`, `vlm_conditioning` is read, `providers` is read into the header,
+//!   and a footer without `dropped_requests` reads as "unknown" (`None`), never 0.
+//! - Theirs reading ours: their reader (`reflex.replay.readers.load_reader`) and A2C2
+//!   trainer index `request.instruction`, `request.state`, `response.actions`,
+//!   `latency.total_ms` and `latency.stages` of every record, failed calls included, so
+//!   `instruction` (`""`) and `state` (`[]`) are always written. `tests/seed_traces.rs`
+//!   runs their code on our files.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -106,7 +119,14 @@ pub trait Kind: Serialize {
 /// string reads as `Unknown`).
 pub use reflex_proto::images::ImageMode;
 /// Lowercase hex SHA-256, and its check: the image contract's.
-pub use reflex_proto::images::{is_sha256_hex, sha256_hex};
+pub use reflex_proto::images::{is_seed_image_hash, is_sha256_hex, seed_image_hash, sha256_hex};
+
+/// The seed tool's `image_sha256` of image `bytes`: [`seed_image_hash`] of their standard
+/// padded base64, the text its client sends (`base64.b64encode(...).decode()`).
+pub fn seed_image_hash_of(bytes: &[u8]) -> String {
+    use base64::engine::general_purpose::STANDARD;
+    seed_image_hash(STANDARD.encode(bytes).as_bytes())
+}
 
 /// `header.redaction`: what was left out of the trace.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,11 +172,28 @@ pub struct Header {
     pub embodiment: String,
     #[serde(default, deserialize_with = "string_map")]
     pub hardware: BTreeMap<String, String>,
+    /// The export described (format, tokenizer hash, stats source, image range, noise
+    /// policy, seed quirks): `SessionStart.export`. Absent in older traces.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "string_map"
+    )]
+    pub export: BTreeMap<String, String>,
     /// Engine of the session ("cpu", "cuda"; "onnx_gpu" in seed traces).
     #[serde(default, deserialize_with = "nullable")]
     pub mode: String,
     #[serde(default, deserialize_with = "nullable")]
     pub redaction: Redaction,
+    /// What ran the model, in the seed tool's field: its ONNX Runtime execution providers
+    /// (`["CUDAExecutionProvider"]`), ours the engine (`["cpu"]`, `["cuda"]`). Shown in the
+    /// replay header; absent in traces written before it was added.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "nullable"
+    )]
+    pub providers: Vec<String>,
     /// Seq of the first request this file may hold (rotation and reconnects continue it).
     #[serde(default, deserialize_with = "nullable")]
     pub first_seq: u64,
@@ -212,7 +249,17 @@ impl Header {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            export: start
+                .export
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             mode: start.mode.clone(),
+            providers: if start.mode.is_empty() {
+                Vec::new()
+            } else {
+                vec![start.mode.clone()]
+            },
             redaction: Redaction { image, instruction },
             first_seq: start.first_seq,
             lost_requests: None,
@@ -251,6 +298,15 @@ pub struct RequestRecord {
     pub noise_seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TraceError>,
+    /// The seed tool's `vlm_conditioning`: `"real"` when the actions came from the images
+    /// and instruction; anything else (its stub or fallback paths) means they did not. We
+    /// never write it (every reflex answer is conditioned); a replay counts the others.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "nullable"
+    )]
+    pub vlm_conditioning: Option<String>,
 }
 
 impl Kind for RequestRecord {
@@ -267,17 +323,11 @@ pub struct TraceRequest {
         deserialize_with = "nullable"
     )]
     pub images: Vec<TraceImage>,
-    #[serde(
-        default,
-        skip_serializing_if = "String::is_empty",
-        deserialize_with = "nullable"
-    )]
+    /// Always written, `""` when empty: the seed tool's reader and A2C2 trainer index it.
+    #[serde(default, deserialize_with = "nullable")]
     pub instruction: String,
-    #[serde(
-        default,
-        skip_serializing_if = "Vec::is_empty",
-        deserialize_with = "f32_vec"
-    )]
+    /// Always written, `[]` when empty (the seed's tool writes `null`, read as empty).
+    #[serde(default, deserialize_with = "f32_vec")]
     pub state: Vec<f32>,
     #[serde(
         default,
@@ -300,6 +350,13 @@ pub struct TraceRequest {
         deserialize_with = "nullable"
     )]
     pub image_sha256: String,
+    /// The request's own flow-matching noise (`ActRequest.noise`), when it sent one.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "f32_vec"
+    )]
+    pub noise: Vec<f32>,
     /// Encoded bytes of the primary image (`full` mode only), base64 in JSON.
     #[serde(default, skip_serializing_if = "Vec::is_empty", with = "base64_bytes")]
     pub image_b64: Vec<u8>,
@@ -334,21 +391,56 @@ pub struct TraceResponse {
     pub action_dim: u32,
 }
 
-/// `latency`, milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+/// `latency`, milliseconds: `{total_ms, stages: {queue_ms, decode_ms, prefix_ms,
+/// denoise_ms, postprocess_ms}}`, the stages nested as the seed tool nests its own.
+///
+/// Read: stages nested under `stages` or flat beside `total_ms` (our traces before the
+/// stages were nested), with or without the `_ms` suffix; a stage name we do not time is
+/// kept in [`TraceLatency::other`] and written back under `stages`. Other keys beside
+/// `total_ms` (the seed's `rolling_p50_ms` …) are not stages and are skipped.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TraceLatency {
-    #[serde(default, deserialize_with = "nullable")]
     pub total_ms: f64,
-    #[serde(default, deserialize_with = "nullable")]
     pub queue_ms: f64,
-    #[serde(default, deserialize_with = "nullable")]
     pub decode_ms: f64,
-    #[serde(default, deserialize_with = "nullable")]
     pub prefix_ms: f64,
-    #[serde(default, deserialize_with = "nullable")]
     pub denoise_ms: f64,
-    #[serde(default, deserialize_with = "nullable")]
     pub postprocess_ms: f64,
+    /// Stages of other writers, by their name (`null` values kept as `None`).
+    pub other: BTreeMap<String, Option<f64>>,
+}
+
+impl TraceLatency {
+    /// The stage fields by their trace names, in the order they are written.
+    pub const STAGES: [&'static str; 5] = [
+        "queue_ms",
+        "decode_ms",
+        "prefix_ms",
+        "denoise_ms",
+        "postprocess_ms",
+    ];
+
+    fn stage_mut(&mut self, name: &str) -> Option<&mut f64> {
+        let base = name.strip_suffix("_ms").unwrap_or(name);
+        Some(match base {
+            "queue" => &mut self.queue_ms,
+            "decode" => &mut self.decode_ms,
+            "prefix" => &mut self.prefix_ms,
+            "denoise" => &mut self.denoise_ms,
+            "postprocess" => &mut self.postprocess_ms,
+            _ => return None,
+        })
+    }
+
+    fn stage_values(&self) -> [f64; 5] {
+        [
+            self.queue_ms,
+            self.decode_ms,
+            self.prefix_ms,
+            self.denoise_ms,
+            self.postprocess_ms,
+        ]
+    }
 }
 
 /// `denoise`: flow-matching steps.
@@ -383,8 +475,14 @@ pub struct Footer {
     pub ended_at: String,
     #[serde(default, deserialize_with = "nullable")]
     pub total_requests: u64,
-    #[serde(default, deserialize_with = "nullable")]
-    pub dropped_requests: u64,
+    /// Calls the recording dropped. `None` when the footer does not say (the seed tool's
+    /// footer has `total_requests` only): unknown, not 0.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_u64"
+    )]
+    pub dropped_requests: Option<u64>,
     #[serde(default, deserialize_with = "nullable")]
     pub ended_reason: String,
     /// Request records in this file (absent in seed traces).
@@ -473,6 +571,7 @@ impl RequestRecord {
                 prefix_ms: round3(latency.prefix_ms),
                 denoise_ms: round3(latency.denoise_ms),
                 postprocess_ms: round3(latency.postprocess_ms),
+                other: BTreeMap::new(),
             },
             denoise: Some(TraceDenoise {
                 steps_used: denoise.steps_used,
@@ -486,6 +585,7 @@ impl RequestRecord {
                 slug: e.code,
                 message: e.message,
             }),
+            vlm_conditioning: None,
         }
     }
 }
@@ -503,12 +603,14 @@ impl TraceRequest {
             noise_seed,
             mut image_b64,
             image_sha256,
+            noise,
         } = req;
         let mut out = TraceRequest {
             instruction,
             state,
             episode_id,
             noise_seed,
+            noise,
             ..Default::default()
         };
         if matches!(mode, ImageMode::None | ImageMode::Unknown) {
@@ -587,6 +689,7 @@ impl TraceRequest {
             noise_seed: self.noise_seed,
             image_b64: self.image_b64.clone(),
             image_sha256: self.image_sha256.clone(),
+            noise: self.noise.clone(),
         }
     }
 }
@@ -857,6 +960,71 @@ impl<'de> Deserialize<'de> for Nested {
     }
 }
 
+impl Serialize for TraceLatency {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeStruct};
+        struct Stages<'a>(&'a TraceLatency);
+        impl Serialize for Stages<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(Some(5 + self.0.other.len()))?;
+                for (name, v) in TraceLatency::STAGES.iter().zip(self.0.stage_values()) {
+                    m.serialize_entry(name, &v)?;
+                }
+                for (name, v) in &self.0.other {
+                    m.serialize_entry(name, v)?;
+                }
+                m.end()
+            }
+        }
+        let mut st = s.serialize_struct("TraceLatency", 2)?;
+        st.serialize_field("total_ms", &self.total_ms)?;
+        st.serialize_field("stages", &Stages(self))?;
+        st.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for TraceLatency {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TraceLatency;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a latency object")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<TraceLatency, E> {
+                Ok(TraceLatency::default())
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TraceLatency, A::Error> {
+                let mut out = TraceLatency::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "total_ms" {
+                        out.total_ms = map.next_value::<Option<f64>>()?.unwrap_or_default();
+                    } else if key == "stages" {
+                        let stages: Option<BTreeMap<String, Option<f64>>> = map.next_value()?;
+                        for (name, v) in stages.unwrap_or_default() {
+                            match out.stage_mut(&name) {
+                                Some(field) => *field = v.unwrap_or_default(),
+                                None => {
+                                    out.other.insert(name, v);
+                                }
+                            }
+                        }
+                    } else if let Some(field) = out.stage_mut(&key)
+                        && key.ends_with("_ms")
+                    {
+                        // A flat stage of our older traces.
+                        *field = map.next_value::<Option<f64>>()?.unwrap_or_default();
+                    } else {
+                        map.next_value::<de::IgnoredAny>()?;
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 impl<'de> Deserialize<'de> for CacheInfo {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -1005,6 +1173,7 @@ pub(crate) mod tests {
                 noise_seed: None,
                 image_b64: Vec::new(),
                 image_sha256: String::new(),
+                noise: vec![0.5, -1.25],
             }),
             actions: (0..14).map(|i| (i as f32 * 0.1f32).sin() / 3.0).collect(),
             num_actions: 2,
@@ -1057,8 +1226,10 @@ pub(crate) mod tests {
             no_gzip: false,
             started_at: "2026-04-24T17:13:05.000Z".into(),
             first_seq: 42,
+            export: [("format".to_string(), "reflex-export v2".to_string())].into(),
         };
         let h = Header::from_start(&start).unwrap();
+        assert_eq!(h.export["format"], "reflex-export v2");
         let text = line(&h);
         assert!(
             text.starts_with(r#"{"kind":"header","schema_version":1,"reflex_version":"0.1.0""#),
@@ -1108,10 +1279,14 @@ pub(crate) mod tests {
             "{text}"
         );
         assert!(
-            text.contains(r#""latency":{"total_ms":98.123,"queue_ms":0.0,"#),
+            text.contains(r#""latency":{"total_ms":98.123,"stages":{"queue_ms":0.0,"#),
             "{text}"
         );
         assert!(text.contains(r#""cache":{"status":"miss"}"#));
+        assert!(
+            text.contains(r#""noise":[0.5,-1.25]"#),
+            "the request's own noise: {text}"
+        );
         assert!(
             text.contains(&format!(r#""noise_seed":"{}""#, u64::MAX - 7)),
             "request.noise_seed is a string"
@@ -1351,10 +1526,19 @@ pub(crate) mod tests {
         for key in v["request"]["images"][1].as_object().unwrap().keys() {
             assert!(image.contains(key), "{key} not in {image:?}");
         }
+        // The proto's latency fields: total_ms beside the stages, the stages nested.
         let mut latency = fields_of("Latency");
         latency.sort();
-        let keys: Vec<_> = v["latency"].as_object().unwrap().keys().cloned().collect();
+        let mut keys: Vec<_> = v["latency"]["stages"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        keys.push("total_ms".into());
+        keys.sort();
         assert_eq!(keys, latency);
+        assert_eq!(v["latency"].as_object().unwrap().len(), 2);
         // Replays as the request it was (with the noise seed the call used).
         let back = rec.request.to_proto();
         assert_eq!(back.noise_seed, Some(u64::MAX - 7));
@@ -1388,7 +1572,7 @@ pub(crate) mod tests {
         let f = Footer {
             ended_at: "2026-04-24T18:00:00.000Z".into(),
             total_requests: 1843,
-            dropped_requests: 2,
+            dropped_requests: Some(2),
             ended_reason: "shutdown".into(),
             records_written: Some(1841),
             refused_requests: None,
@@ -1442,5 +1626,106 @@ pub(crate) mod tests {
         assert_eq!(r.chunk_id, None);
         assert_eq!(r.error, None);
         assert_eq!(r.latency.total_ms, 98.1);
+    }
+
+    #[test]
+    fn latency_reads_nested_flat_and_seed_stage_names() {
+        let read = |json: &str| -> TraceLatency { serde_json::from_str(json).unwrap() };
+        // Ours, nested.
+        let nested = read(
+            r#"{"total_ms":9.5,"stages":{"queue_ms":0.5,"decode_ms":1,"prefix_ms":2,"denoise_ms":5,"postprocess_ms":1}}"#,
+        );
+        assert_eq!(
+            (nested.total_ms, nested.stage_values()),
+            (9.5, [0.5, 1.0, 2.0, 5.0, 1.0])
+        );
+        assert!(nested.other.is_empty());
+        // Ours before the stages were nested: flat beside total_ms.
+        let flat = read(
+            r#"{"total_ms":9.5,"queue_ms":0.5,"decode_ms":1,"prefix_ms":2,"denoise_ms":5,"postprocess_ms":1}"#,
+        );
+        assert_eq!(flat, nested);
+        // The seed tool's: any names, nullable, and rolling percentiles that are not stages.
+        let seed = read(
+            r#"{"total_ms":98.0,"stages":{"prefix":20.0,"vlm_forward_ms":40.5,"expert_ms":null},"rolling_p50_ms":97.0}"#,
+        );
+        assert_eq!(
+            (seed.total_ms, seed.prefix_ms, seed.denoise_ms),
+            (98.0, 20.0, 0.0)
+        );
+        assert_eq!(seed.other.len(), 2);
+        assert_eq!(seed.other["vlm_forward_ms"], Some(40.5));
+        assert_eq!(seed.other["expert_ms"], None);
+        // Unknown stages are written back under `stages`.
+        let back = serde_json::to_value(&seed).unwrap();
+        assert_eq!(back["stages"]["vlm_forward_ms"], 40.5);
+        assert!(back["stages"]["expert_ms"].is_null());
+        assert_eq!(back["stages"]["prefix_ms"], 20.0);
+        assert_eq!(read(&back.to_string()), seed);
+        assert_eq!(read("null"), TraceLatency::default());
+    }
+
+    #[test]
+    fn seed_header_and_footer_read_with_providers_and_unknown_drops() {
+        let header = r#"{"kind":"header","schema_version":1,"session_id":"5b0e","started_at":"2026-04-24T17:13:05.000Z","model_hash":"7a8b3c1d9f2e4a55","config_hash":"","export_dir":"/x","model_type":"pi0","export_kind":"monolithic","embodiment":null,"hardware":{"gpu":"","cuda":"","ort":"1.20.1"},"providers":["CUDAExecutionProvider","CPUExecutionProvider"],"sample_rate":1.0,"redaction":{"image":"full","instruction":"full"},"notes":"","reflex_version":"0.11.2"}"#;
+        let Record::Header(h) = parse_line(header.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            h.providers,
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        );
+        assert_eq!(
+            (h.embodiment.as_str(), h.redaction.image),
+            ("", ImageMode::Full)
+        );
+        let footer = r#"{"kind":"footer","schema_version":1,"ended_at":"2026-04-24T17:20:00.000Z","total_requests":4}"#;
+        let Record::Footer(f) = parse_line(footer.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!((f.total_requests, f.dropped_requests), (4, None));
+        // Ours always says, 0 included.
+        let ours = Footer {
+            dropped_requests: Some(0),
+            ..Default::default()
+        };
+        assert!(line(&ours).contains(r#""dropped_requests":0"#));
+        let request = r#"{"kind":"request","schema_version":1,"seq":0,"chunk_id":0,"timestamp":"2026-04-24T17:13:05.412Z","request":{"instruction":"pick","state":null,"image_sha256":"6f5c445fb1a70752"},"response":{"actions":[[0.5]],"num_actions":1,"action_dim":1},"latency":{"total_ms":3.0},"denoise":{"steps_used":0,"steps_configured":0,"adaptive":false},"mode":"onnx_cpu","vlm_conditioning":"stub"}"#;
+        let Record::Request(r) = parse_line(request.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.vlm_conditioning.as_deref(), Some("stub"));
+        assert!(r.request.state.is_empty());
+        assert_eq!(r.request.image_sha256, "6f5c445fb1a70752");
+    }
+
+    #[test]
+    fn our_header_names_the_engine_as_providers() {
+        let start = SessionStart {
+            mode: "cpu".into(),
+            ..Default::default()
+        };
+        let h = Header::from_start(&start).unwrap();
+        assert!(line(&h).contains(r#""providers":["cpu"]"#), "{}", line(&h));
+    }
+
+    /// Regression: a failed call with no instruction and no state was written without
+    /// `request.instruction` and `request.state`, and the seed tool's A2C2 trainer, which
+    /// indexes both on every record, raised KeyError on our traces.
+    #[test]
+    fn empty_instruction_and_state_are_written() {
+        let mut act = sample_act(1, b"x");
+        act.request.as_mut().unwrap().instruction.clear();
+        act.request.as_mut().unwrap().state.clear();
+        act.actions.clear();
+        act.error = Some(reflex_proto::v1::ActError {
+            code: "INVALID_ARGUMENT".into(),
+            message: "no state".into(),
+        });
+        let rec = RequestRecord::from_act(act, ImageMode::HashOnly);
+        let v: serde_json::Value = serde_json::from_str(&line(&rec)).unwrap();
+        assert_eq!(v["request"]["instruction"], "");
+        assert_eq!(v["request"]["state"], serde_json::json!([]));
+        assert!(v["latency"]["stages"].is_object());
     }
 }

@@ -681,7 +681,7 @@ mod tests {
                 .finish(&Footer {
                     ended_reason: "shutdown".into(),
                     total_requests: 5,
-                    dropped_requests: 1,
+                    dropped_requests: Some(1),
                     ..Default::default()
                 })
                 .unwrap();

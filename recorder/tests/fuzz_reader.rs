@@ -148,6 +148,7 @@ fn act(seq: u64, failed: bool) -> pb::ActRecord {
             noise_seed: Some(seq * 31),
             image_b64: Vec::new(),
             image_sha256: String::new(),
+            noise: vec![0.25, -1.5],
         }),
         actions: if failed {
             Vec::new()
@@ -834,9 +835,19 @@ fn act_record() -> impl Strategy<Value = pb::ActRecord> {
         any::<Option<u64>>(),
         prop::collection::vec(any::<u8>(), 0..16),
         prop_oneof![any_string(), "[0-9a-f]{64}"],
+        prop::collection::vec(any_f32(), 0..4),
     )
         .prop_map(
-            |(images, instruction, state, episode_id, noise_seed, image_b64, image_sha256)| {
+            |(
+                images,
+                instruction,
+                state,
+                episode_id,
+                noise_seed,
+                image_b64,
+                image_sha256,
+                noise,
+            )| {
                 pb::ActRequest {
                     images,
                     instruction,
@@ -845,6 +856,7 @@ fn act_record() -> impl Strategy<Value = pb::ActRecord> {
                     noise_seed,
                     image_b64,
                     image_sha256,
+                    noise,
                 }
             },
         );

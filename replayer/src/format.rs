@@ -69,6 +69,12 @@ pub fn one_line(s: &str, max: usize) -> String {
     }
 }
 
+/// A count a footer may not state (`dropped_requests` of the seed tool's traces): the
+/// number, or `unknown` — never a 0 the trace did not say.
+pub fn count_or_unknown(n: Option<u64>) -> String {
+    n.map_or_else(|| "unknown".to_string(), |n| n.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

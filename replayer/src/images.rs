@@ -7,6 +7,12 @@
 //! read again when a record needs them, and checked against the hash once more, so a file
 //! changed after indexing is reported rather than sent.
 //!
+//! The seed tool's traces hash differently: 16 hex digits of SHA-256 over the image's
+//! base64 *text* (`reflex_proto::images::seed_image_hash`), told from ours by length. The
+//! server checks only ours, so a seed hash is checked against the bytes (a `full` trace)
+//! or looked up in the index (which keys every file by both hashes), then replaced by the
+//! SHA-256 of the bytes in the request sent.
+//!
 //! Bounds: regular files only (a symlink to a file counts; symlinked folders are not
 //! followed, so a loop cannot make the walk endless), at most [`MAX_IMAGE_BYTES`] each,
 //! at most [`MAX_FILES`] files and [`MAX_DEPTH`] levels.
@@ -18,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use reflex_proto::v1::{ActRequest, Image};
 use reflex_recorder::RequestRecord;
-use reflex_recorder::trace::sha256_hex;
+use reflex_recorder::trace::{is_seed_image_hash, seed_image_hash_of, sha256_hex};
 
 /// Largest file indexed (a camera frame is far smaller).
 pub const MAX_IMAGE_BYTES: u64 = 32 * 1024 * 1024;
@@ -38,10 +44,11 @@ pub enum IndexError {
     TooManyFiles(PathBuf),
 }
 
-/// SHA-256 → file, for every regular file under a folder.
+/// SHA-256 → file, for every regular file under a folder; and the seed tool's hash → file.
 #[derive(Debug, Default)]
 pub struct ImageIndex {
     files: HashMap<String, PathBuf>,
+    seed: HashMap<String, PathBuf>,
     /// Files left out: larger than [`MAX_IMAGE_BYTES`].
     pub skipped_large: usize,
     /// Files or folders that could not be read.
@@ -94,6 +101,10 @@ impl ImageIndex {
                     Ok(m) if m.is_file() && m.len() > MAX_IMAGE_BYTES => index.skipped_large += 1,
                     Ok(m) if m.is_file() => match read_bounded(&path) {
                         Some(bytes) => {
+                            index
+                                .seed
+                                .entry(seed_image_hash_of(&bytes))
+                                .or_insert_with(|| path.clone());
                             index.files.entry(sha256_hex(&bytes)).or_insert(path);
                         }
                         None => index.unreadable += 1,
@@ -115,11 +126,16 @@ impl ImageIndex {
         self.files.is_empty()
     }
 
-    /// The bytes whose SHA-256 is `sha256`, if a file has them (still).
+    /// The bytes whose SHA-256 is `sha256` (ours, or the seed tool's 16-digit form), if a
+    /// file has them (still).
     pub fn get(&self, sha256: &str) -> Option<Vec<u8>> {
-        let path = self.files.get(&sha256.to_ascii_lowercase())?;
-        let bytes = read_bounded(path)?;
-        (sha256_hex(&bytes).eq_ignore_ascii_case(sha256)).then_some(bytes)
+        let key = sha256.to_ascii_lowercase();
+        if is_seed_image_hash(&key) {
+            let bytes = read_bounded(self.seed.get(&key)?)?;
+            return (seed_image_hash_of(&bytes) == key).then_some(bytes);
+        }
+        let bytes = read_bounded(self.files.get(&key)?)?;
+        (sha256_hex(&bytes) == key).then_some(bytes)
     }
 }
 
@@ -189,6 +205,28 @@ pub fn request_for(
         req.noise_seed = Some(seed);
     }
     let mut missing = Vec::new();
+    // The seed's hashes of images the trace holds: checked, then made ours.
+    if is_seed_image_hash(&req.image_sha256.to_ascii_lowercase()) {
+        let primary = match req.images.first() {
+            Some(first) if !first.data.is_empty() => Some(&first.data),
+            _ if !req.image_b64.is_empty() => Some(&req.image_b64),
+            _ => None,
+        };
+        if let Some(bytes) = primary {
+            match ours_for_seed_hash(&req.image_sha256, bytes) {
+                Ok(sha) => req.image_sha256 = sha,
+                Err(e) => missing.push(format!("image_sha256: {e}")),
+            }
+        }
+    }
+    for (i, img) in req.images.iter_mut().enumerate() {
+        if !img.data.is_empty() && is_seed_image_hash(&img.sha256.to_ascii_lowercase()) {
+            match ours_for_seed_hash(&img.sha256, &img.data) {
+                Ok(sha) => img.sha256 = sha,
+                Err(e) => missing.push(format!("{}: {e}", describe(i, img))),
+            }
+        }
+    }
     let mut lookup = |sha: &str, what: String| -> Option<Vec<u8>> {
         if sha.is_empty() {
             missing.push(format!("{what}: no bytes and no hash in the trace"));
@@ -204,11 +242,15 @@ pub fn request_for(
         if req.image_b64.is_empty()
             && let Some(bytes) = lookup(&req.image_sha256.clone(), "primary image".into())
         {
+            if is_seed_image_hash(&req.image_sha256.to_ascii_lowercase()) {
+                req.image_sha256 = sha256_hex(&bytes);
+            }
             req.image_b64 = bytes;
         }
     } else {
         let primary_sha = req.image_sha256.clone();
         let primary_in_b64 = !req.image_b64.is_empty();
+        let mut req_primary_sha = None;
         for (i, img) in req.images.iter_mut().enumerate() {
             if !img.data.is_empty() || (i == 0 && primary_in_b64) {
                 continue;
@@ -219,14 +261,37 @@ pub fn request_for(
                 img.sha256.clone()
             };
             if let Some(bytes) = lookup(&sha, describe(i, img)) {
+                // The server checks hashes of our form only.
+                if is_seed_image_hash(&img.sha256.to_ascii_lowercase()) {
+                    img.sha256 = sha256_hex(&bytes);
+                }
+                if i == 0 && is_seed_image_hash(&primary_sha.to_ascii_lowercase()) {
+                    req_primary_sha = Some(sha256_hex(&bytes));
+                }
                 img.data = bytes;
             }
+        }
+        if let Some(sha) = req_primary_sha {
+            req.image_sha256 = sha;
         }
     }
     if missing.is_empty() {
         Ok(req)
     } else {
         Err(Unresolved { missing })
+    }
+}
+
+/// Our SHA-256 of `bytes` when `seed_hash` (the seed tool's form) is theirs.
+fn ours_for_seed_hash(seed_hash: &str, bytes: &[u8]) -> Result<String, String> {
+    let actual = seed_image_hash_of(bytes);
+    if actual.eq_ignore_ascii_case(seed_hash) {
+        Ok(sha256_hex(bytes))
+    } else {
+        Err(format!(
+            "{seed_hash} (the seed tool's hash of the base64 text) does not match the \
+             recorded image, whose hash in that form is {actual}"
+        ))
     }
 }
 
@@ -313,6 +378,65 @@ mod tests {
         fs::write(dir.path().join("a/base.jpg"), b"EDITED").unwrap();
         let r = record(vec![img("base", b"", &sb)], b"", &sb);
         assert_eq!(request_for(&r, Some(&index)).unwrap_err().missing, vec![sb]);
+    }
+
+    /// Regression: a full trace of the seed's tool failed every record with
+    /// "image_sha256 does not match": its hash is over the base64 text, 16 hex digits.
+    #[test]
+    fn seed_hashes_are_checked_against_the_bytes_and_replaced_by_ours() {
+        let seed_a = seed_image_hash_of(b"A");
+        assert_eq!(seed_a.len(), 16);
+        // Primary in image_b64 (the seed's own form).
+        let r = record(vec![], b"A", &seed_a);
+        let req = request_for(&r, None).unwrap();
+        assert_eq!(req.image_sha256, sha256_hex(b"A"));
+        assert_eq!(req.image_b64, b"A");
+        // A camera slot with its bytes and a seed hash.
+        let r = record(vec![img("base", b"A", &seed_a)], b"", "");
+        let req = request_for(&r, None).unwrap();
+        assert_eq!(req.images[0].sha256, sha256_hex(b"A"));
+        // Bytes that are not the hashed image: said, not sent.
+        let r = record(vec![], b"B", &seed_a);
+        let e = request_for(&r, None).unwrap_err();
+        assert!(
+            e.missing[0].contains("does not match the recorded image"),
+            "{e:?}"
+        );
+        let r = record(vec![img("wrist", b"B", &seed_a)], b"", "");
+        let e = request_for(&r, None).unwrap_err();
+        assert!(e.missing[0].starts_with("images[0] (wrist)"), "{e:?}");
+    }
+
+    #[test]
+    fn seed_hashes_resolve_from_a_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("frame0.jpg"), b"BASE").unwrap();
+        fs::write(dir.path().join("frame1.jpg"), b"WRIST").unwrap();
+        let index = ImageIndex::build(dir.path()).unwrap();
+        assert_eq!(index.len(), 2);
+        let (sb, sw) = (seed_image_hash_of(b"BASE"), seed_image_hash_of(b"WRIST"));
+        // hash_only seed trace: the primary by its seed hash alone.
+        let r = record(vec![], b"", &sb);
+        assert_eq!(kept(&r), Kept::Hashes);
+        let req = request_for(&r, Some(&index)).unwrap();
+        assert_eq!(
+            (req.image_b64.as_slice(), req.image_sha256.as_str()),
+            (&b"BASE"[..], sha256_hex(b"BASE").as_str())
+        );
+        // Camera slots by seed hash, the primary's taken from image_sha256.
+        let r = record(vec![img("base", b"", ""), img("wrist", b"", &sw)], b"", &sb);
+        let req = request_for(&r, Some(&index)).unwrap();
+        assert_eq!(req.images[0].data, b"BASE");
+        assert_eq!(req.image_sha256, sha256_hex(b"BASE"));
+        assert_eq!(
+            (req.images[1].data.as_slice(), req.images[1].sha256.as_str()),
+            (&b"WRIST"[..], sha256_hex(b"WRIST").as_str())
+        );
+        // Upper case reads too; an unknown seed hash is missing.
+        assert!(index.get(&sb.to_uppercase()).is_some());
+        let other = seed_image_hash_of(b"other");
+        let e = request_for(&record(vec![], b"", &other), Some(&index)).unwrap_err();
+        assert_eq!(e.missing, vec![other]);
     }
 
     #[test]

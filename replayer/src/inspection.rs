@@ -331,7 +331,7 @@ impl Inspection {
                     &f.ended_reason
                 },
                 f.total_requests,
-                f.dropped_requests
+                crate::format::count_or_unknown(f.dropped_requests)
             )),
             None if self.limited || self.interrupted => {}
             None => out.push("footer: none (the writer did not finish the file)".into()),

@@ -279,6 +279,7 @@ async fn drive(
         truncation: None,
         footer: None,
         last_file_bytes: 0,
+        unconditioned: 0,
     };
     let mut next = first;
     loop {
@@ -310,12 +311,28 @@ async fn drive(
         con.warn(&msg);
         report.warnings.push(msg);
     }
+    if run.unconditioned > 0 {
+        let msg = format!(
+            "{} records say vlm_conditioning is not \"real\": their recorded actions did not \
+             come from the images and instruction, so their action diffs compare with a stub",
+            run.unconditioned
+        );
+        con.warn(&msg);
+        report.warnings.push(msg);
+    }
+    if let Some(f) = &run.footer {
+        con.line(&format!(
+            "Footer: total_requests={} dropped_requests={}",
+            f.total_requests,
+            crate::format::count_or_unknown(f.dropped_requests)
+        ));
+    }
     if let Some(f) = &run.footer
-        && f.dropped_requests > 0
+        && let Some(dropped) = f.dropped_requests.filter(|&d| d > 0)
     {
         let msg = format!(
-            "the recording dropped {} of {} calls (footer): they are not in the trace",
-            f.dropped_requests, f.total_requests
+            "the recording dropped {dropped} of {} calls (footer): they are not in the trace",
+            f.total_requests
         );
         con.warn(&msg);
         report.warnings.push(msg);
@@ -341,6 +358,18 @@ async fn drive(
             ),
         });
     } else if summary.target_errors > 0 || run.stop == Some(Stop::TargetUnavailable) {
+        // Exit 2 without a thrown error: the report still says why.
+        let mut why = Vec::new();
+        if summary.target_errors > 0 {
+            why.push(format!(
+                "{} calls that succeeded when recorded failed on the target",
+                summary.target_errors
+            ));
+        }
+        if run.stop == Some(Stop::TargetUnavailable) {
+            why.push("the target became unavailable mid-replay".to_string());
+        }
+        report.error = Some(why.join("; "));
         Exit::TargetFailed
     } else if summary.fail_on_triggered {
         Exit::FailOn
@@ -548,6 +577,8 @@ struct Run {
     truncation: Option<Truncation>,
     footer: Option<Footer>,
     last_file_bytes: u64,
+    /// Records whose `vlm_conditioning` (the seed tool's field) is not `"real"`.
+    unconditioned: u64,
 }
 
 impl Run {
@@ -596,6 +627,13 @@ impl Run {
                         request,
                     } = *item;
                     let seq = record.seq;
+                    if record
+                        .vlm_conditioning
+                        .as_deref()
+                        .is_some_and(|v| v != "real")
+                    {
+                        self.unconditioned += 1;
+                    }
                     match request {
                         Ok(req) => {
                             let client = self.client.clone();

@@ -286,6 +286,7 @@ pub fn header_text(h: &Header) -> Vec<String> {
         format!("model_type: {}", or_dash(&h.model_type)),
         format!("export_kind: {}", or_dash(&h.export_kind)),
         format!("embodiment: {}", or_dash(&h.embodiment)),
+        format!("providers: {}", or_dash(&h.providers.join(", "))),
     ]
 }
 

@@ -131,6 +131,13 @@ impl AuthToken {
         }
     }
 
+    /// Whether `presented` is the token (compared as digests, in constant time): for
+    /// front-ends that carry it in their own header (`crate::frontend`).
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        bool::from(digest.ct_eq(&self.digest))
+    }
+
     /// Checks the `authorization` metadata of one call.
     pub fn verify(&self, metadata: &MetadataMap) -> Result<(), Refusal> {
         let value = metadata.get("authorization").ok_or(Refusal::Missing)?;
@@ -244,6 +251,47 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<ServerTlsConfig, AuthError> {
             reason: reflex_proto::error_chain(&e),
         })?;
     Ok(config)
+}
+
+/// The TLS of [`load_tls`] as a plain rustls server configuration, for a listener tonic
+/// does not serve (`--http-listen`), offering `alpn` (e.g. `http/1.1`). The same files
+/// with the same checks.
+pub fn load_rustls(
+    cert: &Path,
+    key: &Path,
+    alpn: &[&[u8]],
+) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, AuthError> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    const MAX_PEM: u64 = 1024 * 1024;
+    let fail = |reason: String| AuthError::Tls {
+        cert: cert.into(),
+        key: key.into(),
+        reason,
+    };
+    let cert_pem = std::fs::read(cert).map_err(|source| AuthError::Read {
+        what: "--tls-cert",
+        path: cert.into(),
+        source,
+    })?;
+    let key_pem = read_private("--tls-key", key, MAX_PEM)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(format!("certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(AuthError::NotACertificate { path: cert.into() });
+    }
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| fail(format!("key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| fail(e.to_string()))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
 }
 
 /// Reads a secret file, refusing one that "other" may read. Reads at most `limit + 1` bytes

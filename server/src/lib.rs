@@ -7,11 +7,13 @@
 //! `service` (wire ↔ domain), `serve` (listeners, health, reflection, shutdown), `auth`
 //! (bearer token and TLS for TCP listeners), `systemd`
 //! (readiness, the engine-probing watchdog and stopping notices under systemd), `telemetry`
-//! (OpenTelemetry spans and metrics, the Prometheus endpoint, `traceparent`).
+//! (OpenTelemetry spans and metrics, the Prometheus endpoint, `traceparent`), `frontend`
+//! (the seed tool's HTTP API, through the same Act seam as gRPC).
 
 pub mod auth;
 pub mod budget;
 pub mod error;
+pub mod frontend;
 pub mod pool;
 pub mod recording;
 pub mod serve;

@@ -15,6 +15,9 @@
 //! and the bearer-token interceptor on Policy and reflection (`--auth-token-file`);
 //! Health is always open. Unix listeners get neither: the socket's mode and folder
 //! decide who connects. A non-loopback TCP address needs a token, or `--insecure`.
+//! `--http-listen` (the seed tool's HTTP API, [`crate::frontend::http`]) is a TCP
+//! listener under the same rules, with the same token and certificate; it stops accepting
+//! and drains with the others.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -190,6 +193,29 @@ pub struct ServeArgs {
     )]
     pub cache_entries: usize,
 
+    /// A HuggingFace tokenizer.json for an export that lacks one (a seed-tool export); by
+    /// default `tokenizer.json` or `tokenizer/tokenizer.json` beside the graphs.
+    #[arg(long, value_name = "FILE", env = "REFLEX_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+
+    /// lerobot's normaliser statistics (`policy_preprocessor_step_*_normalizer_processor.safetensors`)
+    /// for an export that lacks them; by default the first `policy_*processor*.safetensors`
+    /// beside the graphs.
+    #[arg(long, value_name = "FILE", env = "REFLEX_STATS")]
+    pub stats: Option<PathBuf>,
+
+    /// For a seed-tool (reflex-vla) export: `keep` reproduces the seed runtime's actions,
+    /// quirks included (pi0.5 images in [0,1]; monolithic: one fixed noise, the primary image
+    /// copied to absent cameras, no normalisation); `fix` does what lerobot trains for. The
+    /// start-up log says which is in force.
+    #[arg(
+        long,
+        value_name = "keep|fix",
+        env = "REFLEX_SEED_QUIRKS",
+        default_value = "keep"
+    )]
+    pub seed_quirks: reflex_engine::seed::SeedQuirks,
+
     /// Largest Act request accepted, in MiB; larger ones get INVALID_ARGUMENT.
     #[arg(long, value_name = "MIB", env = "REFLEX_MAX_MESSAGE_MB", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -259,6 +285,14 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464. Off by default.
     #[arg(long, value_name = "ADDR", env = "REFLEX_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Also serve the seed tool's HTTP API (POST /act, GET /health, GET /config) on ADDR, e.g. 127.0.0.1:8000.
+    ///
+    /// For robots running reflex-vla's client (`ReflexClient`). Same rules as a TCP gRPC
+    /// listener: loopback unless --auth-token-file (sent as `X-Reflex-Key` or
+    /// `Authorization: Bearer`) or --insecure; the same queue, records and metrics.
+    #[arg(long, value_name = "ADDR", env = "REFLEX_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -279,6 +313,9 @@ impl ServeArgs {
             queue_depth: 32,
             queue_per_connection: None,
             cache_entries: 1024,
+            tokenizer: None,
+            stats: None,
+            seed_quirks: Default::default(),
             max_message_mb: 8,
             embodiment: "unknown".into(),
             drain_ms: 5000,
@@ -290,6 +327,7 @@ impl ServeArgs {
             otel_endpoint: None,
             otel_sample: None,
             metrics_listen: None,
+            http_listen: None,
         }
     }
 }
@@ -301,6 +339,8 @@ pub struct Running {
     pub service: Arc<PolicyService>,
     /// The Prometheus endpoint's address (port 0 resolved), with `--metrics-listen`.
     pub metrics: Option<SocketAddr>,
+    /// The seed tool's HTTP API's address (port 0 resolved), with `--http-listen`.
+    pub http: Option<SocketAddr>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -332,6 +372,11 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         engine: args.engine,
         cuda_graphs: args.cuda_graphs,
         cache_entries: args.cache_entries,
+        seed: reflex_engine::seed::SeedOptions {
+            tokenizer: args.tokenizer.clone(),
+            stats: args.stats.clone(),
+            quirks: args.seed_quirks,
+        },
     };
     let t0 = std::time::Instant::now();
     // Loading optimises the graphs: seconds of CPU, kept off the runtime.
@@ -399,6 +444,18 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         bound.push(bind(l).await?);
     }
     let listening: Vec<ListenAddr> = bound.iter().map(|b| b.addr.clone()).collect();
+    let http_listener = match args.http_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on --http-listen {a}"))?,
+        ),
+        None => None,
+    };
+    let http = match &http_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<PolicyServer<PolicyHandle>>().await;
@@ -500,6 +557,28 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             res.with_context(|| format!("listener {addr} failed"))
         });
     }
+    if let (Some(l), Some(addr)) = (http_listener, http) {
+        let fe = Arc::new(crate::frontend::http::HttpFrontend::new(
+            service.clone(),
+            access.token.clone(),
+            access.http_tls.clone(),
+            max_message_bytes,
+        ));
+        let stop = stop_accepting.clone();
+        listeners.spawn(async move {
+            fe.serve(l, stop).await;
+            Ok(())
+        });
+        tracing::info!(
+            listen = %format!(
+                "{}://{addr}",
+                if access.http_tls.is_some() { "https" } else { "http" }
+            ),
+            tls = access.http_tls.is_some(),
+            auth = if access.token.is_some() { "token" } else { "none" },
+            "serving the seed tool's HTTP API"
+        );
+    }
     for d in &described {
         tracing::info!(
             listen = %d.addr,
@@ -558,6 +637,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         listening,
         service,
         metrics,
+        http,
         task,
     })
 }
@@ -567,11 +647,14 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
 struct Access {
     token: Option<Arc<AuthToken>>,
     tls: Option<ServerTlsConfig>,
+    /// The same certificate for `--http-listen`.
+    http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Access {
     /// Applies the loopback rule, then reads the token and the TLS files.
     fn resolve(args: &ServeArgs) -> anyhow::Result<Access> {
+        // --http-listen is a TCP listener like any other: the same rules.
         let tcp: Vec<SocketAddr> = args
             .listen
             .iter()
@@ -579,6 +662,7 @@ impl Access {
                 ListenAddr::Tcp(a) => Some(*a),
                 ListenAddr::Unix(_) => None,
             })
+            .chain(args.http_listen)
             .collect();
         let exposed: Vec<SocketAddr> = tcp
             .iter()
@@ -623,7 +707,17 @@ impl Access {
                  Unix sockets are guarded by their file permissions"
             );
         }
-        Ok(Access { token, tls })
+        let http_tls = match (&args.http_listen, &args.tls_cert, &args.tls_key) {
+            (Some(_), Some(cert), Some(key)) => {
+                Some(crate::auth::load_rustls(cert, key, &[b"http/1.1"])?)
+            }
+            _ => None,
+        };
+        Ok(Access {
+            token,
+            tls,
+            http_tls,
+        })
     }
 
     fn describe(&self, addr: &ListenAddr, tcp: bool) -> ListenerAccess {
@@ -681,6 +775,7 @@ fn recording_for(args: &ServeArgs, policy: &Policy) -> Recording {
         embodiment: args.embodiment.clone(),
         mode: policy.mode().into(),
         hardware: policy.hardware().into_iter().collect(),
+        export: cfg.export.clone().into_iter().collect(),
         ..Default::default()
     };
     let opts = RecordOptions {

@@ -55,16 +55,18 @@ impl PolicyService {
             export_kind: cfg.export_kind.clone(),
             embodiment: opts.embodiment.clone(),
             cameras: cfg.cameras.clone(),
-            image_height: cfg.image.height,
-            image_width: cfg.image.width,
+            image_height: cfg.image_height,
+            image_width: cfg.image_width,
             state_dim: cfg.state_dim as u32,
             action_dim: cfg.action_dim as u32,
             chunk_size: cfg.chunk_size as u32,
-            denoise_steps: cfg.denoise.steps,
+            denoise_steps: cfg.denoise_steps,
             mode: policy.mode().into(),
             reflex_version: env!("CARGO_PKG_VERSION").into(),
             session_id: opts.session_id.clone(),
-            max_instruction_tokens: cfg.instruction.max_tokens as u32,
+            max_instruction_tokens: cfg.max_tokens as u32,
+            noise_width: cfg.noise_width as u32,
+            export: cfg.export.clone().into_iter().collect(),
         };
         PolicyService {
             pool: Pool::new(opts.workers, opts.queue_depth, opts.queue_per_connection),
@@ -112,13 +114,15 @@ impl PolicyService {
 
     /// One Act, from wire request to wire response.
     pub async fn act(&self, req: pb::ActRequest) -> Result<pb::ActResponse, Status> {
-        self.answer(req, None, Call::default()).await.result
+        self.submit(req, None, Call::default()).await.result
     }
 
     /// One Act with the seq it was given and whether it was recorded, which a failed call
     /// has too (ActStream reports them in its error answers); inside the caller's trace
-    /// (`parent`, from its `traceparent`) when tracing is on.
-    pub async fn answer(
+    /// (`parent`, from its `traceparent`) when tracing is on. **The one seam** every Act
+    /// goes through, gRPC's and the front-ends' (`crate::frontend`) alike: admission,
+    /// seq, record, spans, metrics and deadline are decided here.
+    pub async fn submit(
         &self,
         req: pb::ActRequest,
         parent: Option<opentelemetry::Context>,
@@ -167,7 +171,7 @@ impl PolicyService {
             latency,
             mode: self.policy.mode(),
             action_dim: cfg.action_dim as u32,
-            steps_configured: cfg.denoise.steps,
+            steps_configured: cfg.denoise_steps,
         });
         if let Some(span) = span {
             self.telemetry.finish_act_span(
@@ -176,7 +180,7 @@ impl PolicyService {
                 recorded,
                 &result,
                 total_ms,
-                cfg.denoise.steps,
+                cfg.denoise_steps,
             );
         }
         if let Some(m) = self.telemetry.metrics() {
@@ -205,7 +209,7 @@ impl PolicyService {
         let mut status = err.status();
         let result: Result<(ActOutput, f64), ServiceError> = Err(err);
         if let Some(span) = span {
-            let steps = self.policy.config().denoise.steps;
+            let steps = self.policy.config().denoise_steps;
             self.telemetry
                 .finish_act_span(span, None, false, &result, total_ms, steps);
         }
@@ -292,7 +296,7 @@ impl PolicyService {
             latency: Some(latency),
             denoise: Some(pb::Denoise {
                 steps_used: out.steps_used,
-                steps_configured: cfg.denoise.steps,
+                steps_configured: cfg.denoise_steps,
                 adaptive: false,
             }),
             model_hash: self.policy.model_hash().into(),
@@ -380,7 +384,7 @@ pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
     })
 }
 
-/// What [`PolicyService::answer`] tells its caller.
+/// What [`PolicyService::submit`] tells its caller.
 pub struct Answer {
     /// The call's seq (the `seq` of its trace record), failed or not; `None` for a refusal
     /// (RESOURCE_EXHAUSTED: counted, not recorded).
@@ -473,6 +477,7 @@ pub fn to_input(req: &pb::ActRequest, cameras: &[String]) -> Result<ActInput, Se
         instruction: req.instruction.clone(),
         state: req.state.clone(),
         noise_seed: req.noise_seed,
+        noise: (!req.noise.is_empty()).then(|| req.noise.clone()),
     })
 }
 
@@ -519,7 +524,7 @@ impl PolicyRpc for PolicyHandle {
         let parent = self.0.telemetry.parent(request.metadata());
         let call = Call::of(&request);
         self.0
-            .answer(request.into_inner(), parent, call)
+            .submit(request.into_inner(), parent, call)
             .await
             .result
             .map(Response::new)
@@ -547,7 +552,7 @@ impl PolicyRpc for PolicyHandle {
                             connection,
                             ..Call::default()
                         };
-                        let answer = svc.answer(req, parent.clone(), call).await;
+                        let answer = svc.submit(req, parent.clone(), call).await;
                         Ok(answer.result.unwrap_or_else(|status| {
                             stream_error(&status, answer.seq, answer.recorded)
                         }))

@@ -125,6 +125,11 @@ fn fixture() -> &'static Fixture {
         reflex_engine::export::write_reference_export(dir.path(), 0).unwrap();
         let policy = Policy::load(dir.path(), &PolicyOptions::default()).unwrap();
         let cfg = policy.config().clone();
+        let image = policy
+            .reference_config()
+            .expect("the reference export")
+            .image
+            .clone();
         let opts = ServiceOptions {
             workers: 2,
             queue_depth: 64,
@@ -135,7 +140,7 @@ fn fixture() -> &'static Fixture {
         };
         Fixture {
             service: PolicyService::new(Arc::new(policy), &opts, Recording::off()),
-            image: cfg.image.clone(),
+            image,
             cameras: cfg.cameras.clone(),
             state_dim: cfg.state_dim,
         }
@@ -176,6 +181,7 @@ fn answer(req: pb::ActRequest) -> Result<pb::ActResponse, tonic::Status> {
                     "image_sha256",
                     "state",
                     "instruction",
+                    "noise",
                     "request is"
                 ]
                 .iter()
@@ -498,9 +504,16 @@ fn any_request() -> impl Strategy<Value = pb::ActRequest> {
         any::<Option<u64>>(),
         prop_oneof![6 => Just(Vec::new()), 1 => image_bytes()],
         sha(),
+        // The request's own noise: mostly absent, sometimes any floats, sometimes the size the
+        // model takes (50 × 7).
+        prop_oneof![
+            8 => Just(Vec::new()),
+            1 => prop::collection::vec(any_f32(), 0..20),
+            1 => prop::collection::vec(any_f32(), 350..=350),
+        ],
     )
         .prop_map(
-            |(images, instruction, state, episode_id, noise_seed, image_b64, s)| {
+            |(images, instruction, state, episode_id, noise_seed, image_b64, s, noise)| {
                 let primary = images
                     .first()
                     .filter(|i| !i.data.is_empty())
@@ -513,6 +526,7 @@ fn any_request() -> impl Strategy<Value = pb::ActRequest> {
                     episode_id,
                     noise_seed,
                     image_b64,
+                    noise,
                 }
             },
         )
@@ -935,6 +949,7 @@ fn fuzz_act_request_any_reaches_every_outcome() {
                     ("state has", "state length"),
                     ("state[", "state value"),
                     ("instruction is", "instruction too long"),
+                    ("noise", "noise"),
                     ("camera", "camera"),
                 ]
                 .iter()
@@ -957,6 +972,7 @@ fn fuzz_act_request_any_reaches_every_outcome() {
         "state length",
         "state value",
         "instruction too long",
+        "noise",
     ] {
         assert!(seen.contains_key(kind), "no request got {kind:?}: {seen:?}");
     }

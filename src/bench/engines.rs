@@ -45,6 +45,14 @@ pub struct EnginesBench {
     /// Fail when cuda is not available, instead of measuring cpu alone (for the GPU acceptance run).
     #[arg(long)]
     pub require_gpu: bool,
+    /// A real VLA export (the seed tool's layouts or reflex-export v2): our cpu engine vs
+    /// onnxruntime's CPU provider on its graphs, side by side (e.g. from `reflex export-demo
+    /// --kind pi05 --scale smolvla-size DIR`). `--calls` and `--warmup` apply.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["cpu_only", "require_gpu"])]
+    pub export: Option<std::path::PathBuf>,
+    /// With --export: onnxruntime's intra-op threads (ours runs each call on one thread).
+    #[arg(long, default_value_t = 1, requires = "export")]
+    pub ort_threads: usize,
 }
 
 struct Variant {
@@ -65,6 +73,12 @@ struct Variant {
 }
 
 pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
+    if let Some(export) = args.export.clone() {
+        return tokio::task::spawn_blocking(move || {
+            super::exports::run(&export, args.calls, args.warmup, args.ort_threads)
+        })
+        .await?;
+    }
     let work = tempfile::Builder::new().prefix("reflex-bench-").tempdir()?;
     let export = work.path().join("export");
     let cfg = reflex_engine::export::write_reference_export(&export, 0)?;

@@ -9,6 +9,7 @@
 //! - [`engines`]: cpu vs cuda, and the GPU acceptance checks.
 
 mod engines;
+mod exports;
 mod load;
 mod record;
 mod serve;

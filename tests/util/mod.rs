@@ -19,6 +19,19 @@ pub async fn timeout<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(TIMEOUT, f).await.expect("timed out")
 }
 
+/// Where `deploy/ci-setup.sh` installs the seed tool (reflex-vla 0.11.2, `pip install
+/// --no-deps --target`): `$REFLEX_SEED_TOOL_DIR`, by default
+/// `${XDG_CACHE_HOME:-~/.cache}/reflex-ci/reflex-vla-0.11.2`.
+pub fn seed_tool_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("REFLEX_SEED_TOOL_DIR") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+    cache.join("reflex-ci/reflex-vla-0.11.2")
+}
+
 /// Writes the reference export with `seed` into `dir` using the real binary.
 pub fn export(dir: &Path, seed: u64) {
     let out = Command::new(BIN)

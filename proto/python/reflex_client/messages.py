@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 import numpy as np
@@ -43,6 +43,11 @@ class ModelInfo:
     reflex_version: str
     session_id: str
     max_instruction_tokens: int
+    #: Width of one row of an explicit `noise` (the graph's padded action width).
+    noise_width: int = 0
+    #: What describes the export: format, tokenizer and tokenizer_hash, stats_source,
+    #: image_range, noise policy, and for a seed-tool export source and seed_quirks.
+    export: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -68,6 +73,8 @@ class ModelInfo:
             reflex_version=m.reflex_version,
             session_id=m.session_id,
             max_instruction_tokens=m.max_instruction_tokens,
+            noise_width=m.noise_width,
+            export=dict(m.export),
         )
 
 

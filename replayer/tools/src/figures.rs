@@ -150,7 +150,11 @@ pub fn print(note: &ReadNote, f: &Figures, out: &mut impl Write) -> std::io::Res
         (Some(ft), _) => writeln!(
             out,
             "  {:<16} {} (total_requests {}, dropped {})",
-            "ended", ft.ended_reason, ft.total_requests, ft.dropped_requests
+            "ended",
+            ft.ended_reason,
+            ft.total_requests,
+            ft.dropped_requests
+                .map_or_else(|| "unknown".to_string(), |n| n.to_string())
         )?,
         (None, Some(t)) => writeln!(
             out,

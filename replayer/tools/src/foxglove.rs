@@ -101,7 +101,15 @@ pub fn export(traces: &[PathBuf], out: &Path, force: bool) -> Result<Exported, T
             "actions": rows,
             "num_actions": r.response.num_actions,
             "action_dim": r.response.action_dim,
-            "latency": r.latency,
+            // Flat, as ACT_SCHEMA states it (the trace nests the stages).
+            "latency": {
+                "total_ms": r.latency.total_ms,
+                "queue_ms": r.latency.queue_ms,
+                "decode_ms": r.latency.decode_ms,
+                "prefix_ms": r.latency.prefix_ms,
+                "denoise_ms": r.latency.denoise_ms,
+                "postprocess_ms": r.latency.postprocess_ms,
+            },
             "mode": r.mode,
         });
         if let Some(c) = r.chunk_id {

@@ -74,6 +74,8 @@ pub struct ImageConfig {
 pub enum ResizePolicy {
     Resize,
     Exact,
+    /// Centred black padding to a square, then resized (lerobot's `resize_with_pad`).
+    PadSquare,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -249,9 +251,9 @@ fn seed_tool_export(bytes: &[u8]) -> Option<String> {
         return None;
     }
     Some(format!(
-        "this is an export of the seed tool reflex-vla (model_type {}, export_kind {}); this \
-         build of reflex serves only its own export format (reflex-export v1, as `reflex \
-         export-demo --kind reference` writes it), not the seed tool's layouts yet",
+        "this is an export of the seed tool reflex-vla (model_type {}, export_kind {}), not \
+         reflex-export v1: `reflex serve` reads it (mapped onto reflex-export v2), this \
+         reference-format reader does not",
         model_type.map_or("none".to_string(), |t| format!("{t:?}")),
         text("export_kind").map_or("none (the SmolVLA four-graph layout)".to_string(), |k| {
             format!("{k:?}")
@@ -267,7 +269,15 @@ pub fn model_hash(dir: &Path, files: &[String]) -> Result<String, ConfigError> {
     for rel in sorted {
         let path = dir.join(rel);
         let bytes = std::fs::read(&path).map_err(|error| ConfigError::Read { path, error })?;
-        h.update(rel.as_bytes());
+        // A side file from outside the export (`--tokenizer`) counts by its name and bytes,
+        // not by where it lies.
+        let label = match Path::new(rel.as_str()) {
+            p if p.is_absolute() => p
+                .file_name()
+                .map_or(rel.as_str(), |n| n.to_str().unwrap_or(rel)),
+            _ => rel.as_str(),
+        };
+        h.update(label.as_bytes());
         h.update([0u8]);
         h.update((bytes.len() as u64).to_le_bytes());
         h.update(&bytes);

@@ -13,6 +13,10 @@
 //! - [`preprocess`]: bounded JPEG/PNG decode, resize, normalise.
 //! - [`engine`]: the [`Engine`] trait and its implementations: `cpu` (tract), `graph` (the
 //!   ONNX → kernel-program compiler and its CPU reference executor), `cuda` (the GPU executor).
+//! - [`contract`]: reflex-export format_version 2, the general contract for real VLA exports;
+//!   [`seed`]: the seed tool's (reflex-vla) configs mapped onto it; [`vla`]: such an export on
+//!   the cpu engine (graphs by input/output name, the prefix as opaque tensors, HuggingFace
+//!   tokenizers, lerobot stats).
 //! - [`policy`]: one Act from validated input to actions: prefix cache, noise, Euler loop,
 //!   de-normalisation.
 //!
@@ -20,13 +24,16 @@
 //! same bits.
 
 pub mod config;
+pub mod contract;
 pub mod engine;
 pub mod export;
 pub mod fixtures;
 pub mod onnx;
 pub mod policy;
 pub mod preprocess;
+pub mod seed;
 pub mod tokenizer;
+pub mod vla;
 
 pub use engine::{Engine, EngineError, EngineKind};
 pub use policy::Policy;

@@ -19,10 +19,13 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
-use crate::config::{ConfigError, ExportConfig, hex, model_hash};
+use crate::config::{ConfigError, ExportConfig, ImageConfig, hex, model_hash};
+use crate::contract::ExportV2;
 use crate::engine::{Engine, EngineError, EngineKind, Shapes, cpu::CpuEngine, cuda::CudaEngine};
 use crate::preprocess::{self, ImageError};
+use crate::seed::SeedOptions;
 use crate::tokenizer;
+use crate::vla::{Observation, VlaModel};
 
 /// Longest instruction accepted, in bytes.
 pub const MAX_INSTRUCTION_BYTES: usize = 4096;
@@ -50,6 +53,9 @@ pub struct ActInput {
     pub instruction: String,
     pub state: Vec<f32>,
     pub noise_seed: Option<u64>,
+    /// The flow-matching noise itself (chunk × the graph's action width, row-major),
+    /// replacing the draw from the seed.
+    pub noise: Option<Vec<f32>>,
 }
 
 /// Something wrong with the request; each message names the field.
@@ -93,6 +99,24 @@ pub enum InputError {
         "state[{index}] is {value:e}, out of this model's range (normalised by its mean and std it is not a finite number)"
     )]
     StateOutOfRange { index: usize, value: f32 },
+    #[error(
+        "noise has {got} values; this model takes {rows} × {width} (num_actions × the graph's action width)"
+    )]
+    NoiseLength {
+        got: usize,
+        rows: usize,
+        width: usize,
+    },
+    #[error(
+        "noise_seed {seed} is not below 2^32: this export draws its noise as the seed tool's monolithic servers do (numpy's RandomState)"
+    )]
+    NoiseSeedTooLarge { seed: u64 },
+    #[error(
+        "noise drives this model's actions out of range (non-finite); noise holds draws of a standard normal"
+    )]
+    NoiseOutOfRange,
+    #[error("noise[{index}] is not a finite number")]
+    NoiseNotFinite { index: usize },
     #[error("instruction is {got} bytes; the limit is {MAX_INSTRUCTION_BYTES}")]
     InstructionTooLong { got: usize },
     #[error("request is {got} bytes; the limit is {limit} bytes (--max-message-mb)")]
@@ -155,6 +179,8 @@ pub struct PolicyOptions {
     pub cuda_graphs: bool,
     /// Prefix cache entries; 0 disables the cache (status "n/a").
     pub cache_entries: usize,
+    /// For a seed-tool export: `--tokenizer`, `--stats`, `--seed-quirks`.
+    pub seed: SeedOptions,
 }
 
 impl Default for PolicyOptions {
@@ -163,6 +189,7 @@ impl Default for PolicyOptions {
             engine: EngineKind::Cpu,
             cuda_graphs: true,
             cache_entries: 1024,
+            seed: SeedOptions::default(),
         }
     }
 }
@@ -192,7 +219,6 @@ pub struct CacheCapacity {
     /// `entries × entry_bytes`: the cache never holds more.
     pub max_bytes: usize,
 }
-
 /// One prefix and one denoise on zeros: the first Act then pays no kernel
 /// load or graph capture, and a broken device shows at start.
 fn warm_up(e: &dyn Engine, s: &Shapes, steps: u32) -> Result<(), EngineError> {
@@ -214,13 +240,129 @@ fn warm_up(e: &dyn Engine, s: &Shapes, steps: u32) -> Result<(), EngineError> {
     }
 }
 
+/// What the server, ModelInfo and the trace header know of a loaded export, whatever its
+/// format: the request contract (cameras, the robot's state and action widths) and facts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFacts {
+    pub model_type: String,
+    pub export_kind: String,
+    /// Camera names in request order; the first is the primary camera.
+    pub cameras: Vec<String>,
+    pub image_height: u32,
+    pub image_width: u32,
+    /// The robot's state width (a request's `state`).
+    pub state_dim: usize,
+    /// The robot's action width (columns of the answer).
+    pub action_dim: usize,
+    pub chunk_size: usize,
+    pub denoise_steps: u32,
+    pub max_tokens: usize,
+    /// Width of one row of the `noise` a request may carry (the graph's padded action width).
+    pub noise_width: usize,
+    /// The export described: format, tokenizer and its hash, stats source, image range,
+    /// noise policy, seed quirks (ModelInfo's and the trace header's `export`).
+    pub export: BTreeMap<String, String>,
+}
+
+/// The model behind a policy: our reference format (v1, any engine) or a real VLA export
+/// (format_version 2 or the seed tool's layouts, the cpu engine).
+enum Runtime {
+    Reference {
+        cfg: Box<ExportConfig>,
+        norm: crate::engine::PixelNorm,
+        engine: Box<dyn Engine>,
+    },
+    Vla(Box<VlaModel>),
+}
+
+/// One entry of the prefix cache.
+#[derive(Clone)]
+enum Cached {
+    Features(std::sync::Arc<[f32]>),
+    Prefix(std::sync::Arc<crate::vla::Prefix>),
+}
+
+/// An export's `reflex_config.json`, by format.
+enum Export {
+    V1(ExportConfig),
+    V2 {
+        spec: ExportV2,
+        /// The seed mapping's decisions (empty for a native v2 export).
+        notes: Vec<String>,
+        seed: bool,
+    },
+}
+
+fn read_export(dir: &Path, opts: &SeedOptions) -> Result<Export, LoadError> {
+    let path = dir.join(crate::config::CONFIG_FILE);
+    let bytes = std::fs::read(&path).map_err(|error| {
+        if error.kind() == std::io::ErrorKind::NotFound {
+            ConfigError::Missing(dir.to_path_buf())
+        } else {
+            ConfigError::Read {
+                path: path.clone(),
+                error,
+            }
+        }
+    })?;
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.clone(),
+        message,
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|error| ConfigError::Parse {
+            path: path.clone(),
+            error,
+        })?;
+    if crate::seed::is_seed_config(&value) {
+        let m = crate::seed::map(dir, &value, opts).map_err(invalid)?;
+        let mut notes = m.quirks;
+        notes.insert(
+            0,
+            format!(
+                "a reflex-vla (seed tool) export: model_type {}, export_kind {}, mapped onto reflex-export v2",
+                value["model_type"], value["export_kind"]
+            ),
+        );
+        return Ok(Export::V2 {
+            spec: m.spec,
+            notes,
+            seed: true,
+        });
+    }
+    if value.get("format_version").and_then(|v| v.as_u64()) == Some(2) {
+        let spec: ExportV2 =
+            serde_json::from_value(value).map_err(|error| ConfigError::Parse { path, error })?;
+        return Ok(Export::V2 {
+            spec,
+            notes: vec![],
+            seed: false,
+        });
+    }
+    Ok(Export::V1(ExportConfig::load(dir)?))
+}
+
+/// A real VLA export's model alone, without the serving policy around it (benches): the
+/// same config reading and seed mapping as [`Policy::load`].
+pub fn load_vla_model(dir: &Path, seed: &SeedOptions) -> Result<VlaModel, LoadError> {
+    match read_export(dir, seed)? {
+        Export::V2 { spec, .. } => Ok(VlaModel::load(dir, spec)?),
+        Export::V1(_) => Err(ConfigError::Invalid {
+            path: dir.join(crate::config::CONFIG_FILE),
+            message: "this is a reflex-export v1 (reference) export, not a real VLA export".into(),
+        }
+        .into()),
+    }
+}
+
 pub struct Policy {
-    cfg: ExportConfig,
-    norm: crate::engine::PixelNorm,
-    engine: Box<dyn Engine>,
+    facts: ModelFacts,
+    /// How frames are decoded and fitted to the model's size.
+    image: ImageConfig,
+    runtime: Runtime,
     // A Mutex, not a sharded map: a lookup is a hash probe (~100 ns) beside
     // milliseconds of inference, and LRU order needs exclusive access anyway.
-    cache: Option<Mutex<lru::LruCache<CacheKey, std::sync::Arc<[f32]>>>>,
+    cache: Option<Mutex<lru::LruCache<CacheKey, Cached>>>,
     model_hash: String,
     config_hash: String,
     export_dir: PathBuf,
@@ -231,7 +373,17 @@ pub struct Policy {
 impl Policy {
     /// Loads an export directory: config, hashes, engine (graphs optimised once).
     pub fn load(dir: &Path, opts: &PolicyOptions) -> Result<Self, LoadError> {
-        let cfg = ExportConfig::load(dir)?;
+        match read_export(dir, &opts.seed)? {
+            Export::V1(cfg) => Self::load_reference(dir, cfg, opts),
+            Export::V2 { spec, notes, seed } => Self::load_vla(dir, spec, notes, seed, opts),
+        }
+    }
+
+    fn load_reference(
+        dir: &Path,
+        cfg: ExportConfig,
+        opts: &PolicyOptions,
+    ) -> Result<Self, LoadError> {
         let model_hash = model_hash(dir, &cfg.model_files())?;
         let config_hash = cfg.config_hash();
         let shapes = Shapes::of(&cfg);
@@ -255,12 +407,34 @@ impl Policy {
                 }
             },
         };
+        let facts = ModelFacts {
+            model_type: cfg.model_type.clone(),
+            export_kind: cfg.export_kind.clone(),
+            cameras: cfg.cameras.clone(),
+            image_height: cfg.image.height,
+            image_width: cfg.image.width,
+            state_dim: cfg.state_dim,
+            action_dim: cfg.action_dim,
+            chunk_size: cfg.chunk_size,
+            denoise_steps: cfg.denoise.steps,
+            max_tokens: cfg.instruction.max_tokens,
+            noise_width: cfg.action_dim,
+            export: BTreeMap::from([
+                ("format".to_string(), "reflex-export v1".to_string()),
+                ("tokenizer".to_string(), cfg.instruction.tokenizer.clone()),
+                ("stats_source".to_string(), "inline".to_string()),
+            ]),
+        };
         let cache =
             NonZeroUsize::new(opts.cache_entries).map(|n| Mutex::new(lru::LruCache::new(n)));
         Ok(Policy {
-            norm: preprocess::pixel_norm(&cfg.image),
-            cfg,
-            engine,
+            facts,
+            image: cfg.image.clone(),
+            runtime: Runtime::Reference {
+                norm: preprocess::pixel_norm(&cfg.image),
+                cfg: Box::new(cfg),
+                engine,
+            },
             cache,
             model_hash,
             config_hash,
@@ -270,8 +444,103 @@ impl Policy {
         })
     }
 
-    pub fn config(&self) -> &ExportConfig {
-        &self.cfg
+    fn load_vla(
+        dir: &Path,
+        spec: ExportV2,
+        notes: Vec<String>,
+        seed: bool,
+        opts: &PolicyOptions,
+    ) -> Result<Self, LoadError> {
+        match opts.engine {
+            EngineKind::Cpu => {}
+            EngineKind::Auto => tracing::info!(
+                "engine auto: running on cpu, because the cuda engine runs reflex-export v1 graphs only (real VLA exports: issue 14)"
+            ),
+            EngineKind::Cuda => {
+                return Err(EngineError::Unavailable {
+                    engine: "cuda",
+                    reason: format!(
+                        "it runs reflex-export v1 graphs only; this {} export runs on --engine cpu",
+                        spec.model_type
+                    ),
+                }
+                .into());
+            }
+        }
+        for n in &notes {
+            tracing::info!("{n}");
+        }
+        let config_hash = {
+            let value = serde_json::to_value(&spec).expect("the contract serialises");
+            crate::config::hex(&Sha256::digest(value.to_string().as_bytes())[..8])
+        };
+        let model = VlaModel::load(dir, spec)?;
+        let files: Vec<String> = model
+            .files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let model_hash = model_hash(dir, &files)?;
+        let s = &model.spec;
+        let mut export = model.facts();
+        if seed {
+            let quirks = notes
+                .iter()
+                .find_map(|n| n.strip_prefix("seed quirks: "))
+                .unwrap_or("keep");
+            export.insert("seed_quirks".into(), quirks.to_string());
+            export.insert("source".into(), "reflex-vla".into());
+        }
+        let facts = ModelFacts {
+            model_type: s.model_type.clone(),
+            export_kind: s.export_kind.clone(),
+            cameras: s.cameras.iter().map(|c| c.name.clone()).collect(),
+            image_height: model.height as u32,
+            image_width: model.width as u32,
+            state_dim: s.state.dim,
+            action_dim: s.actions.dim,
+            chunk_size: model.chunk,
+            denoise_steps: s.denoise.steps,
+            max_tokens: model.tokens,
+            noise_width: model.action_width,
+            export,
+        };
+        tracing::info!(
+            model_type = %facts.model_type,
+            export_kind = %facts.export_kind,
+            cameras = %facts.cameras.join(","),
+            tokenizer_hash = %model.tokenizer_hash,
+            stats = %model.stats_source,
+            "real VLA export loaded"
+        );
+        let image = model.image.clone();
+        // A monolithic export has no prefix to keep.
+        let cache = NonZeroUsize::new(opts.cache_entries)
+            .filter(|_| !model.is_monolithic())
+            .map(|n| Mutex::new(lru::LruCache::new(n)));
+        Ok(Policy {
+            facts,
+            image,
+            runtime: Runtime::Vla(Box::new(model)),
+            cache,
+            model_hash,
+            config_hash,
+            export_dir: dir.to_path_buf(),
+            seed_base: os_random_u64(),
+            seed_counter: AtomicU64::new(0),
+        })
+    }
+
+    /// The request contract and facts of the export.
+    pub fn config(&self) -> &ModelFacts {
+        &self.facts
+    }
+    /// The reference format's config (None for a real VLA export).
+    pub fn reference_config(&self) -> Option<&ExportConfig> {
+        match &self.runtime {
+            Runtime::Reference { cfg, .. } => Some(cfg),
+            Runtime::Vla(_) => None,
+        }
     }
     pub fn model_hash(&self) -> &str {
         &self.model_hash
@@ -283,19 +552,33 @@ impl Policy {
         &self.export_dir
     }
     pub fn mode(&self) -> &'static str {
-        self.engine.mode()
+        match &self.runtime {
+            Runtime::Reference { engine, .. } => engine.mode(),
+            Runtime::Vla(_) => "cpu",
+        }
     }
     pub fn hardware(&self) -> BTreeMap<String, String> {
-        self.engine.hardware()
+        match &self.runtime {
+            Runtime::Reference { engine, .. } => engine.hardware(),
+            Runtime::Vla(_) => {
+                let mut m = crate::engine::cpu_hardware();
+                m.insert("engine".into(), "tract".into());
+                m
+            }
+        }
     }
 
     /// The prefix cache's bound in entries and bytes; `None` when the cache is off.
     ///
-    /// The bound holds because only features of exactly `prefix_dim` floats are cached
-    /// (see [`Policy::act`]), and the LRU evicts beyond its entry count.
+    /// The bound holds because every cached prefix has the size the export declares (see
+    /// [`Policy::act`]), and the LRU evicts beyond its entry count.
     pub fn cache_capacity(&self) -> Option<CacheCapacity> {
         let entries = self.cache.as_ref()?.lock().ok()?.cap().get();
-        let entry_bytes = self.cfg.prefix_dim * std::mem::size_of::<f32>() + CACHE_ENTRY_OVERHEAD;
+        let features = match &self.runtime {
+            Runtime::Reference { cfg, .. } => cfg.prefix_dim * std::mem::size_of::<f32>(),
+            Runtime::Vla(m) => m.prefix_bytes(),
+        };
+        let entry_bytes = features + CACHE_ENTRY_OVERHEAD;
         Some(CacheCapacity {
             entries,
             entry_bytes,
@@ -305,10 +588,11 @@ impl Policy {
 
     /// Checks that need no image work: run on the async side before queueing.
     pub fn check_cheap(&self, input: &ActInput) -> Result<(), InputError> {
-        if input.state.len() != self.cfg.state_dim {
+        let f = &self.facts;
+        if input.state.len() != f.state_dim {
             return Err(InputError::StateLength {
                 got: input.state.len(),
-                want: self.cfg.state_dim,
+                want: f.state_dim,
             });
         }
         if let Some(index) = input.state.iter().position(|v| !v.is_finite()) {
@@ -316,17 +600,37 @@ impl Policy {
         }
         // A finite value can still overflow once normalised (3.4e38 with std 0.5), and the
         // model then answers NaN actions: refuse it here, as the input error it is.
-        let stats = &self.cfg.normalization.state;
-        if let Some(index) = input
-            .state
-            .iter()
-            .zip(stats.mean.iter().zip(&stats.std))
-            .position(|(s, (m, sd))| !((s - m) / sd).is_finite())
-        {
+        let in_range = |i: usize, s: f32| match &self.runtime {
+            Runtime::Reference { cfg, .. } => {
+                let st = &cfg.normalization.state;
+                ((s - st.mean[i]) / st.std[i]).is_finite()
+            }
+            Runtime::Vla(m) => m.state_is_finite(i, s),
+        };
+        if let Some(index) = (0..input.state.len()).find(|&i| !in_range(i, input.state[i])) {
             return Err(InputError::StateOutOfRange {
                 index,
                 value: input.state[index],
             });
+        }
+        if let Some(noise) = &input.noise {
+            let want = f.chunk_size * f.noise_width;
+            if noise.len() != want {
+                return Err(InputError::NoiseLength {
+                    got: noise.len(),
+                    rows: f.chunk_size,
+                    width: f.noise_width,
+                });
+            }
+            if let Some(index) = noise.iter().position(|v| !v.is_finite()) {
+                return Err(InputError::NoiseNotFinite { index });
+            }
+        }
+        if let Some(seed) = input.noise_seed
+            && seed > u32::MAX as u64
+            && matches!(&self.runtime, Runtime::Vla(m) if m.spec.noise == crate::contract::NoisePolicy::Fixed)
+        {
+            return Err(InputError::NoiseSeedTooLarge { seed });
         }
         if input.instruction.len() > MAX_INSTRUCTION_BYTES {
             return Err(InputError::InstructionTooLong {
@@ -335,10 +639,49 @@ impl Policy {
         }
         if input.frames.first().is_none_or(|f| f.is_none()) {
             return Err(InputError::MissingPrimary {
-                camera: self.cfg.cameras[0].clone(),
+                camera: f.cameras[0].clone(),
             });
         }
         Ok(())
+    }
+
+    /// The call's noise: the request's own tensor, else drawn from its seed (fresh, or 0 for
+    /// an export whose noise policy is `fixed`). Returns the seed the answer reports.
+    fn noise(&self, input: &ActInput) -> (u64, Vec<f32>) {
+        let fixed = matches!(&self.runtime, Runtime::Vla(m) if m.spec.noise == crate::contract::NoisePolicy::Fixed);
+        let seed = match (input.noise_seed, &input.noise, fixed) {
+            (Some(s), _, _) => s,
+            (None, Some(_), _) | (None, None, true) => 0,
+            (None, None, false) => self.fresh_seed(),
+        };
+        let n = self.facts.chunk_size * self.facts.noise_width;
+        let noise = match &input.noise {
+            Some(noise) => noise.clone(),
+            // `check_cheap` keeps a fixed-policy seed below 2^32.
+            None if fixed => crate::seed::numpy_legacy_randn(seed as u32, n),
+            None => gaussian_noise(seed, n),
+        };
+        (seed, noise)
+    }
+
+    fn lookup(&self, key: Option<&CacheKey>) -> Option<Cached> {
+        self.cache.as_ref()?.lock().ok()?.get(key?).cloned()
+    }
+
+    fn store(&self, key: Option<CacheKey>, value: Cached) {
+        if let (Some(k), Some(c)) = (key, &self.cache)
+            && let Ok(mut c) = c.lock()
+        {
+            c.put(k, value);
+        }
+    }
+
+    fn miss_status(&self) -> CacheStatus {
+        if self.cache.is_some() {
+            CacheStatus::Miss
+        } else {
+            CacheStatus::Disabled
+        }
     }
 
     /// Runs one Act. Blocking: call it from a worker thread, not the runtime.
@@ -346,76 +689,123 @@ impl Policy {
         self.check_cheap(input)?;
         let t0 = Instant::now();
         let image_sha256 = self.hash_frames(input)?;
-
         let key = self
             .cache
             .as_ref()
             .map(|_| cache_key(&image_sha256, &input.instruction));
-        let cached = key
-            .as_ref()
-            .and_then(|k| self.cache.as_ref()?.lock().ok()?.get(k).cloned());
+        let cached = self.lookup(key.as_ref());
         let mut times = StageTimes::default();
-        let (prefix, cache) = match cached {
-            Some(p) => {
-                times.decode_ms = ms(t0);
-                (p, CacheStatus::Hit)
-            }
-            None => {
-                let (hwc, present) = self.frames(input)?;
-                let tokens = tokenizer::tokenize(
-                    &input.instruction,
-                    self.cfg.instruction.vocab_size,
-                    self.cfg.instruction.max_tokens,
-                );
-                times.decode_ms = ms(t0);
-                let t1 = Instant::now();
-                let frames = crate::engine::Frames {
-                    hwc: &hwc,
-                    present: &present,
+        let (noise_seed, noise) = self.noise(input);
+        let steps = self.facts.denoise_steps;
+        let (actions, cache) = match &self.runtime {
+            Runtime::Reference { cfg, norm, engine } => {
+                let (prefix, cache) = match cached {
+                    Some(Cached::Features(p)) => {
+                        times.decode_ms = ms(t0);
+                        (p, CacheStatus::Hit)
+                    }
+                    _ => {
+                        let (hwc, present) = self.frames(input)?;
+                        let tokens = tokenizer::tokenize(
+                            &input.instruction,
+                            cfg.instruction.vocab_size,
+                            cfg.instruction.max_tokens,
+                        );
+                        times.decode_ms = ms(t0);
+                        let t1 = Instant::now();
+                        let frames = crate::engine::Frames {
+                            hwc: &hwc,
+                            present: &present,
+                        };
+                        let p: std::sync::Arc<[f32]> =
+                            engine.prefix_frames(&frames, norm, &tokens)?.into();
+                        times.prefix_ms = ms(t1);
+                        // Only features of the configured size are kept: what
+                        // `cache_capacity` promises.
+                        if p.len() == cfg.prefix_dim {
+                            self.store(key, Cached::Features(p.clone()));
+                        }
+                        (p, self.miss_status())
+                    }
                 };
-                let p: std::sync::Arc<[f32]> = self
-                    .engine
-                    .prefix_frames(&frames, &self.norm, &tokens)?
-                    .into();
-                times.prefix_ms = ms(t1);
-                // Only features of the configured size are kept: what `cache_capacity` promises.
-                if let (Some(k), Some(c)) = (key, &self.cache)
-                    && p.len() == self.cfg.prefix_dim
-                    && let Ok(mut c) = c.lock()
-                {
-                    c.put(k, p.clone());
+                let t2 = Instant::now();
+                let stats = &cfg.normalization;
+                let state: Vec<f32> = input
+                    .state
+                    .iter()
+                    .zip(stats.state.mean.iter().zip(&stats.state.std))
+                    .map(|(s, (m, sd))| (s - m) / sd)
+                    .collect();
+                let mut actions = engine.denoise(noise, &prefix, &state, steps)?;
+                times.denoise_ms = ms(t2);
+                let t3 = Instant::now();
+                let ad = cfg.action_dim;
+                for row in actions.chunks_exact_mut(ad) {
+                    for (j, a) in row.iter_mut().enumerate() {
+                        *a = *a * stats.actions.std[j] + stats.actions.mean[j];
+                    }
                 }
-                let status = if self.cache.is_some() {
-                    CacheStatus::Miss
+                times.postprocess_ms = ms(t3);
+                (actions, cache)
+            }
+            Runtime::Vla(m) => {
+                let state = m.state_values(&input.state);
+                let (graph_actions, cache) = if m.is_monolithic() {
+                    let (hwc, present) = self.frames(input)?;
+                    times.decode_ms = ms(t0);
+                    let t2 = Instant::now();
+                    let obs = Observation {
+                        hwc: &hwc,
+                        present: &present,
+                        instruction: &input.instruction,
+                    };
+                    let a = m.run_monolithic(&obs, &noise, state.as_deref())?;
+                    times.denoise_ms = ms(t2);
+                    (a, CacheStatus::Disabled)
                 } else {
-                    CacheStatus::Disabled
+                    let (prefix, cache) = match cached {
+                        Some(Cached::Prefix(p)) => {
+                            times.decode_ms = ms(t0);
+                            (p, CacheStatus::Hit)
+                        }
+                        _ => {
+                            let (hwc, present) = self.frames(input)?;
+                            times.decode_ms = ms(t0);
+                            let t1 = Instant::now();
+                            let obs = Observation {
+                                hwc: &hwc,
+                                present: &present,
+                                instruction: &input.instruction,
+                            };
+                            let p = std::sync::Arc::new(m.prefix(&obs)?);
+                            times.prefix_ms = ms(t1);
+                            self.store(key, Cached::Prefix(p.clone()));
+                            (p, self.miss_status())
+                        }
+                    };
+                    let t2 = Instant::now();
+                    let a = m.denoise(&prefix, &noise, state.as_deref())?;
+                    times.denoise_ms = ms(t2);
+                    (a, cache)
                 };
-                (p, status)
+                let t3 = Instant::now();
+                let actions = m.robot_actions(&graph_actions);
+                times.postprocess_ms = ms(t3);
+                (actions, cache)
             }
         };
-
-        let t2 = Instant::now();
-        let noise_seed = input.noise_seed.unwrap_or_else(|| self.fresh_seed());
-        let noise = gaussian_noise(noise_seed, self.cfg.chunk_size * self.cfg.action_dim);
-        let stats = &self.cfg.normalization;
-        let state: Vec<f32> = input
-            .state
-            .iter()
-            .zip(stats.state.mean.iter().zip(&stats.state.std))
-            .map(|(s, (m, sd))| (s - m) / sd)
-            .collect();
-        let steps = self.cfg.denoise.steps;
-        let mut actions = self.engine.denoise(noise, &prefix, &state, steps)?;
-        times.denoise_ms = ms(t2);
-
-        let t3 = Instant::now();
-        let ad = self.cfg.action_dim;
-        for row in actions.chunks_exact_mut(ad) {
-            for (j, a) in row.iter_mut().enumerate() {
-                *a = *a * stats.actions.std[j] + stats.actions.mean[j];
-            }
+        // Never answer a robot with NaN or infinite actions: finite but huge noise can make
+        // them (found by fuzz_act_request_any); the request's fault when it brought the noise.
+        if actions.iter().any(|a| !a.is_finite()) {
+            return Err(match input.noise {
+                Some(_) => InputError::NoiseOutOfRange.into(),
+                None => EngineError::Run {
+                    graph: "expert",
+                    message: "the model produced non-finite actions".into(),
+                }
+                .into(),
+            });
         }
-        times.postprocess_ms = ms(t3);
         Ok(ActOutput {
             actions,
             noise_seed,
@@ -426,25 +816,49 @@ impl Policy {
         })
     }
 
-    /// A liveness check for the watchdog: one expert step on zeros, the cheapest call that
-    /// still goes through the engine (and, for a GPU engine, the device). Blocking, like
-    /// [`Policy::act`]; it touches neither the cache nor the seed sequence.
+    /// A liveness check for the watchdog: the cheapest call that still goes through the
+    /// engine (and, for a GPU engine, the device) — one expert step on zeros for the
+    /// reference format; the expert (or the one graph) on zeros for a real export. Blocking,
+    /// like [`Policy::act`]; it touches neither the cache nor the seed sequence.
     pub fn probe(&self) -> Result<(), EngineError> {
-        let cfg = &self.cfg;
-        let x = vec![0.0f32; cfg.chunk_size * cfg.action_dim];
-        let v = self.engine.expert_step(
-            &x,
-            0.0,
-            &vec![0.0; cfg.prefix_dim],
-            &vec![0.0; cfg.state_dim],
-        )?;
-        if v.len() != x.len() || v.iter().any(|f| !f.is_finite()) {
+        let f = &self.facts;
+        let (v, want) = match &self.runtime {
+            Runtime::Reference { cfg, engine, .. } => {
+                let x = vec![0.0f32; cfg.chunk_size * cfg.action_dim];
+                let v = engine.expert_step(
+                    &x,
+                    0.0,
+                    &vec![0.0; cfg.prefix_dim],
+                    &vec![0.0; cfg.state_dim],
+                )?;
+                (v, x.len())
+            }
+            Runtime::Vla(m) => {
+                let noise = vec![0.0f32; f.chunk_size * f.noise_width];
+                let state = m.state_values(&vec![0.0; f.state_dim]);
+                let v = if m.is_monolithic() {
+                    let per = (f.image_height * f.image_width * 3) as usize;
+                    let hwc = vec![0u8; per * f.cameras.len()];
+                    let mut present = vec![false; f.cameras.len()];
+                    present[0] = true;
+                    let obs = Observation {
+                        hwc: &hwc,
+                        present: &present,
+                        instruction: "",
+                    };
+                    m.run_monolithic(&obs, &noise, state.as_deref())?
+                } else {
+                    m.denoise(&m.zero_prefix()?, &noise, state.as_deref())?
+                };
+                (v, noise.len())
+            }
+        };
+        if v.len() != want || v.iter().any(|f| !f.is_finite()) {
             return Err(EngineError::Run {
                 graph: "expert",
                 message: format!(
-                    "liveness probe: {} values, non-finite or not {}",
-                    v.len(),
-                    x.len()
+                    "liveness probe: {} values, non-finite or not {want}",
+                    v.len()
                 ),
             });
         }
@@ -461,7 +875,7 @@ impl Policy {
             if f.data.is_empty() {
                 return Err(InputError::EmptyImage {
                     index: f.index,
-                    camera: self.cfg.cameras[slot].clone(),
+                    camera: self.facts.cameras[slot].clone(),
                 });
             }
             let sha = hex(&Sha256::digest(&f.data));
@@ -481,9 +895,9 @@ impl Policy {
     /// Each camera slot's decoded frame (HWC RGB at the model's size; zeros when
     /// absent) and which slots are present.
     fn frames(&self, input: &ActInput) -> Result<(Vec<u8>, Vec<bool>), InputError> {
-        let img = &self.cfg.image;
+        let img = &self.image;
         let per = 3 * (img.height * img.width) as usize;
-        let cams = self.cfg.cameras.len();
+        let cams = self.facts.cameras.len();
         let mut hwc = vec![0u8; per * cams];
         let mut present = vec![false; cams];
         for (slot, out) in hwc.chunks_exact_mut(per).enumerate() {
@@ -491,7 +905,7 @@ impl Policy {
                 let rgb = preprocess::decode_rgb(&f.data, img).map_err(|source| {
                     InputError::BadImage {
                         index: f.index,
-                        camera: self.cfg.cameras[slot].clone(),
+                        camera: self.facts.cameras[slot].clone(),
                         source,
                     }
                 })?;
@@ -597,6 +1011,7 @@ mod tests {
             instruction: "pick up the red cup".into(),
             state: vec![0.0, 0.2, 0.0, -1.8, 0.0, 2.0, 0.8, 0.04],
             noise_seed: seed,
+            noise: None,
         }
     }
 
@@ -664,7 +1079,7 @@ mod tests {
     fn actions_are_smooth_over_the_chunk() {
         let (_d, p) = policy(0, 0);
         let out = p.act(&input(Some(1))).unwrap();
-        let std = &p.config().normalization.actions.std;
+        let std = &p.reference_config().unwrap().normalization.actions.std;
         // Mean step between consecutive rows, in units of each dim's std, is
         // well below the spread of the chunk: a trajectory, not noise.
         for j in 0..7 {
@@ -709,7 +1124,7 @@ mod tests {
         let cap = p.cache_capacity().unwrap();
         assert_eq!(cap.entries, 2);
         assert_eq!(cap.max_bytes, 2 * cap.entry_bytes);
-        assert!(cap.entry_bytes > p.config().prefix_dim * 4);
+        assert!(cap.entry_bytes > p.reference_config().unwrap().prefix_dim * 4);
         assert_eq!(policy(0, 0).1.cache_capacity(), None);
         let mut first = input(Some(1));
         first.frames[0] = frame(0, image(1));

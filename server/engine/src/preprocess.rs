@@ -66,17 +66,48 @@ pub fn decode_rgb(bytes: &[u8], cfg: &ImageConfig) -> Result<Vec<u8>, ImageError
     let (w, h) = (cfg.width, cfg.height);
     let rgb = if img.width() == w && img.height() == h {
         img.into_rgb8()
-    } else if cfg.resize == ResizePolicy::Exact {
-        return Err(ImageError::WrongSize {
-            width: img.width(),
-            height: img.height(),
-            want_w: w,
-            want_h: h,
-        });
     } else {
-        image::imageops::resize(&img.into_rgb8(), w, h, FilterType::Triangle)
+        match cfg.resize {
+            ResizePolicy::Exact => {
+                return Err(ImageError::WrongSize {
+                    width: img.width(),
+                    height: img.height(),
+                    want_w: w,
+                    want_h: h,
+                });
+            }
+            ResizePolicy::Resize => {
+                image::imageops::resize(&img.into_rgb8(), w, h, FilterType::Triangle)
+            }
+            ResizePolicy::PadSquare => {
+                let rgb = pad_square(img.into_rgb8());
+                if rgb.width() == w && rgb.height() == h {
+                    rgb
+                } else {
+                    image::imageops::resize(&rgb, w, h, FilterType::Triangle)
+                }
+            }
+        }
     };
     Ok(rgb.into_raw())
+}
+
+/// Centres a frame on a black square of its longer side (lerobot's and the seed tool's
+/// `resize_with_pad` before the resize).
+fn pad_square(rgb: image::RgbImage) -> image::RgbImage {
+    let (w, h) = rgb.dimensions();
+    if w == h {
+        return rgb;
+    }
+    let side = w.max(h);
+    let mut square = image::RgbImage::new(side, side);
+    image::imageops::replace(
+        &mut square,
+        &rgb,
+        ((side - w) / 2) as i64,
+        ((side - h) / 2) as i64,
+    );
+    square
 }
 
 /// The export's normalisation as the engines apply it.
@@ -164,6 +195,27 @@ mod tests {
             }
         );
         assert!(err.to_string().contains("320×240"));
+    }
+
+    #[test]
+    fn pad_square_centres_the_frame_on_black_before_resizing() {
+        let mut cfg = reference_config(0).image;
+        cfg.resize = ResizePolicy::PadSquare;
+        cfg.width = 8;
+        cfg.height = 8;
+        // 8 wide, 4 high, white: pads to 8×8 with two black rows above and below.
+        let png = encode_png(&solid(8, 4, [255, 255, 255]));
+        let rgb = decode_rgb(&png, &cfg).unwrap();
+        let row = |y: usize| &rgb[y * 24..(y + 1) * 24];
+        assert!(row(0).iter().all(|&p| p == 0) && row(1).iter().all(|&p| p == 0));
+        assert!(row(2).iter().all(|&p| p == 255) && row(5).iter().all(|&p| p == 255));
+        assert!(row(6).iter().all(|&p| p == 0) && row(7).iter().all(|&p| p == 0));
+        // A larger non-square frame is padded then resized: still black bands.
+        let png = encode_png(&solid(64, 32, [255, 255, 255]));
+        let rgb = decode_rgb(&png, &cfg).unwrap();
+        assert_eq!(rgb.len(), 8 * 8 * 3);
+        assert!(rgb[..24].iter().all(|&p| p == 0), "{:?}", &rgb[..24]);
+        assert!(rgb[4 * 24..5 * 24].iter().all(|&p| p > 250));
     }
 
     #[test]

@@ -190,7 +190,8 @@ impl Books {
             match &last.footer {
                 Some(ft) if ft.ended_reason != "client_lost" && ft.ended_reason != "rotated" => {
                     b.issued = first + ft.total_requests;
-                    b.dropped += ft.dropped_requests;
+                    // Our footers always state it.
+                    b.dropped += ft.dropped_requests.unwrap_or(0);
                     b.refused = ft.refused_requests.unwrap_or(0);
                 }
                 other => {
@@ -344,7 +345,7 @@ mod tests {
         Some(Footer {
             ended_at: String::new(),
             total_requests: total,
-            dropped_requests: dropped,
+            dropped_requests: Some(dropped),
             ended_reason: reason.into(),
             records_written: None,
             refused_requests: None,

@@ -47,6 +47,7 @@ mod report;
 mod run;
 mod sweep;
 mod watch;
+pub(super) use watch::proc_status_kib;
 
 use std::path::PathBuf;
 

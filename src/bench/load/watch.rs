@@ -34,7 +34,7 @@ pub(super) fn cpu_ticks(pid: u32) -> Option<u64> {
 }
 
 /// A `kB` field of /proc/PID/status.
-pub(super) fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+pub(in crate::bench) fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))

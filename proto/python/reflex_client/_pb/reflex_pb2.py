@@ -24,51 +24,59 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16reflex/v1/reflex.proto\x12\treflex.v1\"5\n\x05Image\x12\x0e\n\x06\x63\x61mera\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xe8\x01\n\nActRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.reflex.v1.Image\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x03(\x02\x12\x1e\n\nepisode_id\x18\x04 \x01(\tR\nepisode_id\x12#\n\nnoise_seed\x18\x05 \x01(\x04H\x00R\nnoise_seed\x88\x01\x01\x12\x1c\n\timage_b64\x18\x06 \x01(\x0cR\timage_b64\x12\"\n\x0cimage_sha256\x18\x07 \x01(\tR\x0cimage_sha256B\r\n\x0b_noise_seed\"\xc5\x01\n\x07Latency\x12\x1a\n\x08total_ms\x18\x01 \x01(\x01R\x08total_ms\x12\x1a\n\x08queue_ms\x18\x02 \x01(\x01R\x08queue_ms\x12\x1c\n\tdecode_ms\x18\x03 \x01(\x01R\tdecode_ms\x12\x1c\n\tprefix_ms\x18\x04 \x01(\x01R\tprefix_ms\x12\x1e\n\ndenoise_ms\x18\x05 \x01(\x01R\ndenoise_ms\x12&\n\x0epostprocess_ms\x18\x06 \x01(\x01R\x0epostprocess_ms\"g\n\x07\x44\x65noise\x12\x1e\n\nsteps_used\x18\x01 \x01(\rR\nsteps_used\x12*\n\x10steps_configured\x18\x02 \x01(\rR\x10steps_configured\x12\x10\n\x08\x61\x64\x61ptive\x18\x03 \x01(\x08\")\n\x08\x41\x63tError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xca\x02\n\x0b\x41\x63tResponse\x12\x0f\n\x07\x61\x63tions\x18\x01 \x03(\x02\x12 \n\x0bnum_actions\x18\x02 \x01(\rR\x0bnum_actions\x12\x1e\n\naction_dim\x18\x03 \x01(\rR\naction_dim\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x1e\n\nnoise_seed\x18\x05 \x01(\x04R\nnoise_seed\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x07 \x01(\t\x12#\n\x07latency\x18\x08 \x01(\x0b\x32\x12.reflex.v1.Latency\x12#\n\x07\x64\x65noise\x18\t \x01(\x0b\x32\x12.reflex.v1.Denoise\x12\x1e\n\nmodel_hash\x18\n \x01(\tR\nmodel_hash\x12\x10\n\x08recorded\x18\x0b \x01(\x08\x12\"\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x13.reflex.v1.ActError\"\x15\n\x13GetModelInfoRequest\"\x8c\x04\n\tModelInfo\x12\x1e\n\nmodel_hash\x18\x01 \x01(\tR\nmodel_hash\x12 \n\x0b\x63onfig_hash\x18\x02 \x01(\tR\x0b\x63onfig_hash\x12\x1e\n\nmodel_type\x18\x03 \x01(\tR\nmodel_type\x12 \n\x0b\x65xport_kind\x18\x04 \x01(\tR\x0b\x65xport_kind\x12\x12\n\nembodiment\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61meras\x18\x06 \x03(\t\x12\"\n\x0cimage_height\x18\x07 \x01(\rR\x0cimage_height\x12 \n\x0bimage_width\x18\x08 \x01(\rR\x0bimage_width\x12\x1c\n\tstate_dim\x18\t \x01(\rR\tstate_dim\x12\x1e\n\naction_dim\x18\n \x01(\rR\naction_dim\x12\x1e\n\nchunk_size\x18\x0b \x01(\rR\nchunk_size\x12$\n\rdenoise_steps\x18\x0c \x01(\rR\rdenoise_steps\x12\x0c\n\x04mode\x18\r \x01(\t\x12&\n\x0ereflex_version\x18\x0e \x01(\tR\x0ereflex_version\x12\x1e\n\nsession_id\x18\x0f \x01(\tR\nsession_id\x12\x36\n\x16max_instruction_tokens\x18\x10 \x01(\rR\x16max_instruction_tokens\"\x8b\x01\n\x0bRecordEvent\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.reflex.v1.SessionStartH\x00\x12#\n\x03\x61\x63t\x18\x02 \x01(\x0b\x32\x14.reflex.v1.ActRecordH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.reflex.v1.SessionEndH\x00\x42\x07\n\x05\x65vent\"\xaa\x04\n\x0cSessionStart\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12&\n\x0ereflex_version\x18\x02 \x01(\tR\x0ereflex_version\x12\x1e\n\nmodel_hash\x18\x03 \x01(\tR\nmodel_hash\x12 \n\x0b\x63onfig_hash\x18\x04 \x01(\tR\x0b\x63onfig_hash\x12\x1e\n\nexport_dir\x18\x05 \x01(\tR\nexport_dir\x12\x1e\n\nmodel_type\x18\x06 \x01(\tR\nmodel_type\x12 \n\x0b\x65xport_kind\x18\x07 \x01(\tR\x0b\x65xport_kind\x12\x12\n\nembodiment\x18\x08 \x01(\t\x12\x0c\n\x04mode\x18\t \x01(\t\x12\x37\n\x08hardware\x18\n \x03(\x0b\x32%.reflex.v1.SessionStart.HardwareEntry\x12\x1e\n\nimage_mode\x18\x0b \x01(\tR\nimage_mode\x12*\n\x10instruction_mode\x18\x0c \x01(\tR\x10instruction_mode\x12\x18\n\x07no_gzip\x18\r \x01(\x08R\x07no_gzip\x12\x1e\n\nstarted_at\x18\x0e \x01(\tR\nstarted_at\x12\x1c\n\tfirst_seq\x18\x0f \x01(\x04R\tfirst_seq\x1a/\n\rHardwareEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xed\x02\n\tActRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1a\n\x08\x63hunk_id\x18\x02 \x01(\x04R\x08\x63hunk_id\x12\x11\n\ttimestamp\x18\x03 \x01(\t\x12&\n\x07request\x18\x04 \x01(\x0b\x32\x15.reflex.v1.ActRequest\x12\x0f\n\x07\x61\x63tions\x18\x05 \x03(\x02\x12 \n\x0bnum_actions\x18\x06 \x01(\rR\x0bnum_actions\x12\x1e\n\naction_dim\x18\x07 \x01(\rR\naction_dim\x12#\n\x07latency\x18\x08 \x01(\x0b\x32\x12.reflex.v1.Latency\x12#\n\x07\x64\x65noise\x18\t \x01(\x0b\x32\x12.reflex.v1.Denoise\x12\r\n\x05\x63\x61\x63he\x18\n \x01(\t\x12\x0c\n\x04mode\x18\x0b \x01(\t\x12\x1e\n\nnoise_seed\x18\x0c \x01(\x04R\nnoise_seed\x12\"\n\x05\x65rror\x18\r \x01(\x0b\x32\x13.reflex.v1.ActError\"\xb8\x01\n\nSessionEnd\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12&\n\x0etotal_requests\x18\x02 \x01(\x04R\x0etotal_requests\x12*\n\x10\x64ropped_requests\x18\x03 \x01(\x04R\x10\x64ropped_requests\x12\x1a\n\x08\x65nded_at\x18\x04 \x01(\tR\x08\x65nded_at\x12*\n\x10refused_requests\x18\x05 \x01(\x04R\x10refused_requests\"m\n\rRecordSummary\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12(\n\x0frecords_written\x18\x02 \x01(\x04R\x0frecords_written\x12$\n\rbytes_written\x18\x03 \x01(\x04R\rbytes_written\"\x0f\n\rStatusRequest\"\x91\x02\n\rSessionStatus\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12(\n\x0frecords_written\x18\x03 \x01(\x04R\x0frecords_written\x12$\n\rbytes_written\x18\x04 \x01(\x04R\rbytes_written\x12*\n\x10\x64ropped_requests\x18\x05 \x01(\x04R\x10\x64ropped_requests\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12\x1e\n\nmodel_hash\x18\x07 \x01(\tR\nmodel_hash\x12$\n\rlost_requests\x18\x08 \x01(\x04R\rlost_requests\"\xf7\x02\n\x0eRecorderStatus\x12\x0b\n\x03\x64ir\x18\x01 \x01(\t\x12*\n\x08sessions\x18\x02 \x03(\x0b\x32\x18.reflex.v1.SessionStatus\x12&\n\x0esessions_total\x18\x03 \x01(\x04R\x0esessions_total\x12(\n\x0frecords_written\x18\x04 \x01(\x04R\x0frecords_written\x12$\n\rbytes_written\x18\x05 \x01(\x04R\rbytes_written\x12*\n\x10\x64ropped_requests\x18\x06 \x01(\x04R\x10\x64ropped_requests\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12(\n\x0f\x64\x65graded_reason\x18\x08 \x01(\tR\x0f\x64\x65graded_reason\x12&\n\x0ereflex_version\x18\t \x01(\tR\x0ereflex_version\x12$\n\rlost_requests\x18\n \x01(\x04R\rlost_requests2\xc4\x01\n\x06Policy\x12\x34\n\x03\x41\x63t\x12\x15.reflex.v1.ActRequest\x1a\x16.reflex.v1.ActResponse\x12>\n\tActStream\x12\x15.reflex.v1.ActRequest\x1a\x16.reflex.v1.ActResponse(\x01\x30\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.reflex.v1.GetModelInfoRequest\x1a\x14.reflex.v1.ModelInfo2\x87\x01\n\x08Recorder\x12<\n\x06Record\x12\x16.reflex.v1.RecordEvent\x1a\x18.reflex.v1.RecordSummary(\x01\x12=\n\x06Status\x12\x18.reflex.v1.StatusRequest\x1a\x19.reflex.v1.RecorderStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16reflex/v1/reflex.proto\x12\treflex.v1\"5\n\x05Image\x12\x0e\n\x06\x63\x61mera\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xf7\x01\n\nActRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.reflex.v1.Image\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x03(\x02\x12\x1e\n\nepisode_id\x18\x04 \x01(\tR\nepisode_id\x12#\n\nnoise_seed\x18\x05 \x01(\x04H\x00R\nnoise_seed\x88\x01\x01\x12\x1c\n\timage_b64\x18\x06 \x01(\x0cR\timage_b64\x12\"\n\x0cimage_sha256\x18\x07 \x01(\tR\x0cimage_sha256\x12\r\n\x05noise\x18\x08 \x03(\x02\x42\r\n\x0b_noise_seed\"\xc5\x01\n\x07Latency\x12\x1a\n\x08total_ms\x18\x01 \x01(\x01R\x08total_ms\x12\x1a\n\x08queue_ms\x18\x02 \x01(\x01R\x08queue_ms\x12\x1c\n\tdecode_ms\x18\x03 \x01(\x01R\tdecode_ms\x12\x1c\n\tprefix_ms\x18\x04 \x01(\x01R\tprefix_ms\x12\x1e\n\ndenoise_ms\x18\x05 \x01(\x01R\ndenoise_ms\x12&\n\x0epostprocess_ms\x18\x06 \x01(\x01R\x0epostprocess_ms\"g\n\x07\x44\x65noise\x12\x1e\n\nsteps_used\x18\x01 \x01(\rR\nsteps_used\x12*\n\x10steps_configured\x18\x02 \x01(\rR\x10steps_configured\x12\x10\n\x08\x61\x64\x61ptive\x18\x03 \x01(\x08\")\n\x08\x41\x63tError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xca\x02\n\x0b\x41\x63tResponse\x12\x0f\n\x07\x61\x63tions\x18\x01 \x03(\x02\x12 \n\x0bnum_actions\x18\x02 \x01(\rR\x0bnum_actions\x12\x1e\n\naction_dim\x18\x03 \x01(\rR\naction_dim\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x1e\n\nnoise_seed\x18\x05 \x01(\x04R\nnoise_seed\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x07 \x01(\t\x12#\n\x07latency\x18\x08 \x01(\x0b\x32\x12.reflex.v1.Latency\x12#\n\x07\x64\x65noise\x18\t \x01(\x0b\x32\x12.reflex.v1.Denoise\x12\x1e\n\nmodel_hash\x18\n \x01(\tR\nmodel_hash\x12\x10\n\x08recorded\x18\x0b \x01(\x08\x12\"\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x13.reflex.v1.ActError\"\x15\n\x13GetModelInfoRequest\"\x8f\x05\n\tModelInfo\x12\x1e\n\nmodel_hash\x18\x01 \x01(\tR\nmodel_hash\x12 \n\x0b\x63onfig_hash\x18\x02 \x01(\tR\x0b\x63onfig_hash\x12\x1e\n\nmodel_type\x18\x03 \x01(\tR\nmodel_type\x12 \n\x0b\x65xport_kind\x18\x04 \x01(\tR\x0b\x65xport_kind\x12\x12\n\nembodiment\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61meras\x18\x06 \x03(\t\x12\"\n\x0cimage_height\x18\x07 \x01(\rR\x0cimage_height\x12 \n\x0bimage_width\x18\x08 \x01(\rR\x0bimage_width\x12\x1c\n\tstate_dim\x18\t \x01(\rR\tstate_dim\x12\x1e\n\naction_dim\x18\n \x01(\rR\naction_dim\x12\x1e\n\nchunk_size\x18\x0b \x01(\rR\nchunk_size\x12$\n\rdenoise_steps\x18\x0c \x01(\rR\rdenoise_steps\x12\x0c\n\x04mode\x18\r \x01(\t\x12&\n\x0ereflex_version\x18\x0e \x01(\tR\x0ereflex_version\x12\x1e\n\nsession_id\x18\x0f \x01(\tR\nsession_id\x12\x36\n\x16max_instruction_tokens\x18\x10 \x01(\rR\x16max_instruction_tokens\x12 \n\x0bnoise_width\x18\x11 \x01(\rR\x0bnoise_width\x12\x30\n\x06\x65xport\x18\x12 \x03(\x0b\x32 .reflex.v1.ModelInfo.ExportEntry\x1a-\n\x0b\x45xportEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8b\x01\n\x0bRecordEvent\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.reflex.v1.SessionStartH\x00\x12#\n\x03\x61\x63t\x18\x02 \x01(\x0b\x32\x14.reflex.v1.ActRecordH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.reflex.v1.SessionEndH\x00\x42\x07\n\x05\x65vent\"\x8e\x05\n\x0cSessionStart\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12&\n\x0ereflex_version\x18\x02 \x01(\tR\x0ereflex_version\x12\x1e\n\nmodel_hash\x18\x03 \x01(\tR\nmodel_hash\x12 \n\x0b\x63onfig_hash\x18\x04 \x01(\tR\x0b\x63onfig_hash\x12\x1e\n\nexport_dir\x18\x05 \x01(\tR\nexport_dir\x12\x1e\n\nmodel_type\x18\x06 \x01(\tR\nmodel_type\x12 \n\x0b\x65xport_kind\x18\x07 \x01(\tR\x0b\x65xport_kind\x12\x12\n\nembodiment\x18\x08 \x01(\t\x12\x0c\n\x04mode\x18\t \x01(\t\x12\x37\n\x08hardware\x18\n \x03(\x0b\x32%.reflex.v1.SessionStart.HardwareEntry\x12\x1e\n\nimage_mode\x18\x0b \x01(\tR\nimage_mode\x12*\n\x10instruction_mode\x18\x0c \x01(\tR\x10instruction_mode\x12\x18\n\x07no_gzip\x18\r \x01(\x08R\x07no_gzip\x12\x1e\n\nstarted_at\x18\x0e \x01(\tR\nstarted_at\x12\x1c\n\tfirst_seq\x18\x0f \x01(\x04R\tfirst_seq\x12\x33\n\x06\x65xport\x18\x10 \x03(\x0b\x32#.reflex.v1.SessionStart.ExportEntry\x1a/\n\rHardwareEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0b\x45xportEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xed\x02\n\tActRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1a\n\x08\x63hunk_id\x18\x02 \x01(\x04R\x08\x63hunk_id\x12\x11\n\ttimestamp\x18\x03 \x01(\t\x12&\n\x07request\x18\x04 \x01(\x0b\x32\x15.reflex.v1.ActRequest\x12\x0f\n\x07\x61\x63tions\x18\x05 \x03(\x02\x12 \n\x0bnum_actions\x18\x06 \x01(\rR\x0bnum_actions\x12\x1e\n\naction_dim\x18\x07 \x01(\rR\naction_dim\x12#\n\x07latency\x18\x08 \x01(\x0b\x32\x12.reflex.v1.Latency\x12#\n\x07\x64\x65noise\x18\t \x01(\x0b\x32\x12.reflex.v1.Denoise\x12\r\n\x05\x63\x61\x63he\x18\n \x01(\t\x12\x0c\n\x04mode\x18\x0b \x01(\t\x12\x1e\n\nnoise_seed\x18\x0c \x01(\x04R\nnoise_seed\x12\"\n\x05\x65rror\x18\r \x01(\x0b\x32\x13.reflex.v1.ActError\"\xb8\x01\n\nSessionEnd\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12&\n\x0etotal_requests\x18\x02 \x01(\x04R\x0etotal_requests\x12*\n\x10\x64ropped_requests\x18\x03 \x01(\x04R\x10\x64ropped_requests\x12\x1a\n\x08\x65nded_at\x18\x04 \x01(\tR\x08\x65nded_at\x12*\n\x10refused_requests\x18\x05 \x01(\x04R\x10refused_requests\"m\n\rRecordSummary\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12(\n\x0frecords_written\x18\x02 \x01(\x04R\x0frecords_written\x12$\n\rbytes_written\x18\x03 \x01(\x04R\rbytes_written\"\x0f\n\rStatusRequest\"\x91\x02\n\rSessionStatus\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12(\n\x0frecords_written\x18\x03 \x01(\x04R\x0frecords_written\x12$\n\rbytes_written\x18\x04 \x01(\x04R\rbytes_written\x12*\n\x10\x64ropped_requests\x18\x05 \x01(\x04R\x10\x64ropped_requests\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12\x1e\n\nmodel_hash\x18\x07 \x01(\tR\nmodel_hash\x12$\n\rlost_requests\x18\x08 \x01(\x04R\rlost_requests\"\xf7\x02\n\x0eRecorderStatus\x12\x0b\n\x03\x64ir\x18\x01 \x01(\t\x12*\n\x08sessions\x18\x02 \x03(\x0b\x32\x18.reflex.v1.SessionStatus\x12&\n\x0esessions_total\x18\x03 \x01(\x04R\x0esessions_total\x12(\n\x0frecords_written\x18\x04 \x01(\x04R\x0frecords_written\x12$\n\rbytes_written\x18\x05 \x01(\x04R\rbytes_written\x12*\n\x10\x64ropped_requests\x18\x06 \x01(\x04R\x10\x64ropped_requests\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12(\n\x0f\x64\x65graded_reason\x18\x08 \x01(\tR\x0f\x64\x65graded_reason\x12&\n\x0ereflex_version\x18\t \x01(\tR\x0ereflex_version\x12$\n\rlost_requests\x18\n \x01(\x04R\rlost_requests2\xc4\x01\n\x06Policy\x12\x34\n\x03\x41\x63t\x12\x15.reflex.v1.ActRequest\x1a\x16.reflex.v1.ActResponse\x12>\n\tActStream\x12\x15.reflex.v1.ActRequest\x1a\x16.reflex.v1.ActResponse(\x01\x30\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.reflex.v1.GetModelInfoRequest\x1a\x14.reflex.v1.ModelInfo2\x87\x01\n\x08Recorder\x12<\n\x06Record\x12\x16.reflex.v1.RecordEvent\x1a\x18.reflex.v1.RecordSummary(\x01\x12=\n\x06Status\x12\x18.reflex.v1.StatusRequest\x1a\x19.reflex.v1.RecorderStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'reflex_client._pb.reflex_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODELINFO_EXPORTENTRY']._loaded_options = None
+  _globals['_MODELINFO_EXPORTENTRY']._serialized_options = b'8\001'
   _globals['_SESSIONSTART_HARDWAREENTRY']._loaded_options = None
   _globals['_SESSIONSTART_HARDWAREENTRY']._serialized_options = b'8\001'
+  _globals['_SESSIONSTART_EXPORTENTRY']._loaded_options = None
+  _globals['_SESSIONSTART_EXPORTENTRY']._serialized_options = b'8\001'
   _globals['_IMAGE']._serialized_start=37
   _globals['_IMAGE']._serialized_end=90
   _globals['_ACTREQUEST']._serialized_start=93
-  _globals['_ACTREQUEST']._serialized_end=325
-  _globals['_LATENCY']._serialized_start=328
-  _globals['_LATENCY']._serialized_end=525
-  _globals['_DENOISE']._serialized_start=527
-  _globals['_DENOISE']._serialized_end=630
-  _globals['_ACTERROR']._serialized_start=632
-  _globals['_ACTERROR']._serialized_end=673
-  _globals['_ACTRESPONSE']._serialized_start=676
-  _globals['_ACTRESPONSE']._serialized_end=1006
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1008
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1029
-  _globals['_MODELINFO']._serialized_start=1032
-  _globals['_MODELINFO']._serialized_end=1556
-  _globals['_RECORDEVENT']._serialized_start=1559
-  _globals['_RECORDEVENT']._serialized_end=1698
-  _globals['_SESSIONSTART']._serialized_start=1701
-  _globals['_SESSIONSTART']._serialized_end=2255
-  _globals['_SESSIONSTART_HARDWAREENTRY']._serialized_start=2208
-  _globals['_SESSIONSTART_HARDWAREENTRY']._serialized_end=2255
-  _globals['_ACTRECORD']._serialized_start=2258
-  _globals['_ACTRECORD']._serialized_end=2623
-  _globals['_SESSIONEND']._serialized_start=2626
-  _globals['_SESSIONEND']._serialized_end=2810
-  _globals['_RECORDSUMMARY']._serialized_start=2812
-  _globals['_RECORDSUMMARY']._serialized_end=2921
-  _globals['_STATUSREQUEST']._serialized_start=2923
-  _globals['_STATUSREQUEST']._serialized_end=2938
-  _globals['_SESSIONSTATUS']._serialized_start=2941
-  _globals['_SESSIONSTATUS']._serialized_end=3214
-  _globals['_RECORDERSTATUS']._serialized_start=3217
-  _globals['_RECORDERSTATUS']._serialized_end=3592
-  _globals['_POLICY']._serialized_start=3595
-  _globals['_POLICY']._serialized_end=3791
-  _globals['_RECORDER']._serialized_start=3794
-  _globals['_RECORDER']._serialized_end=3929
+  _globals['_ACTREQUEST']._serialized_end=340
+  _globals['_LATENCY']._serialized_start=343
+  _globals['_LATENCY']._serialized_end=540
+  _globals['_DENOISE']._serialized_start=542
+  _globals['_DENOISE']._serialized_end=645
+  _globals['_ACTERROR']._serialized_start=647
+  _globals['_ACTERROR']._serialized_end=688
+  _globals['_ACTRESPONSE']._serialized_start=691
+  _globals['_ACTRESPONSE']._serialized_end=1021
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1023
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1044
+  _globals['_MODELINFO']._serialized_start=1047
+  _globals['_MODELINFO']._serialized_end=1702
+  _globals['_MODELINFO_EXPORTENTRY']._serialized_start=1657
+  _globals['_MODELINFO_EXPORTENTRY']._serialized_end=1702
+  _globals['_RECORDEVENT']._serialized_start=1705
+  _globals['_RECORDEVENT']._serialized_end=1844
+  _globals['_SESSIONSTART']._serialized_start=1847
+  _globals['_SESSIONSTART']._serialized_end=2501
+  _globals['_SESSIONSTART_HARDWAREENTRY']._serialized_start=2407
+  _globals['_SESSIONSTART_HARDWAREENTRY']._serialized_end=2454
+  _globals['_SESSIONSTART_EXPORTENTRY']._serialized_start=1657
+  _globals['_SESSIONSTART_EXPORTENTRY']._serialized_end=1702
+  _globals['_ACTRECORD']._serialized_start=2504
+  _globals['_ACTRECORD']._serialized_end=2869
+  _globals['_SESSIONEND']._serialized_start=2872
+  _globals['_SESSIONEND']._serialized_end=3056
+  _globals['_RECORDSUMMARY']._serialized_start=3058
+  _globals['_RECORDSUMMARY']._serialized_end=3167
+  _globals['_STATUSREQUEST']._serialized_start=3169
+  _globals['_STATUSREQUEST']._serialized_end=3184
+  _globals['_SESSIONSTATUS']._serialized_start=3187
+  _globals['_SESSIONSTATUS']._serialized_end=3460
+  _globals['_RECORDERSTATUS']._serialized_start=3463
+  _globals['_RECORDERSTATUS']._serialized_end=3838
+  _globals['_POLICY']._serialized_start=3841
+  _globals['_POLICY']._serialized_end=4037
+  _globals['_RECORDER']._serialized_start=4040
+  _globals['_RECORDER']._serialized_end=4175
 # @@protoc_insertion_point(module_scope)

@@ -16,7 +16,7 @@ class Image(_message.Message):
     def __init__(self, camera: _Optional[str] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class ActRequest(_message.Message):
-    __slots__ = ("images", "instruction", "state", "episode_id", "noise_seed", "image_b64", "image_sha256")
+    __slots__ = ("images", "instruction", "state", "episode_id", "noise_seed", "image_b64", "image_sha256", "noise")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class ActRequest(_message.Message):
     NOISE_SEED_FIELD_NUMBER: _ClassVar[int]
     IMAGE_B64_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     instruction: str
     state: _containers.RepeatedScalarFieldContainer[float]
@@ -31,7 +32,8 @@ class ActRequest(_message.Message):
     noise_seed: int
     image_b64: bytes
     image_sha256: str
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., instruction: _Optional[str] = ..., state: _Optional[_Iterable[float]] = ..., episode_id: _Optional[str] = ..., noise_seed: _Optional[int] = ..., image_b64: _Optional[bytes] = ..., image_sha256: _Optional[str] = ...) -> None: ...
+    noise: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., instruction: _Optional[str] = ..., state: _Optional[_Iterable[float]] = ..., episode_id: _Optional[str] = ..., noise_seed: _Optional[int] = ..., image_b64: _Optional[bytes] = ..., image_sha256: _Optional[str] = ..., noise: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Latency(_message.Message):
     __slots__ = ("total_ms", "queue_ms", "decode_ms", "prefix_ms", "denoise_ms", "postprocess_ms")
@@ -100,7 +102,14 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_hash", "config_hash", "model_type", "export_kind", "embodiment", "cameras", "image_height", "image_width", "state_dim", "action_dim", "chunk_size", "denoise_steps", "mode", "reflex_version", "session_id", "max_instruction_tokens")
+    __slots__ = ("model_hash", "config_hash", "model_type", "export_kind", "embodiment", "cameras", "image_height", "image_width", "state_dim", "action_dim", "chunk_size", "denoise_steps", "mode", "reflex_version", "session_id", "max_instruction_tokens", "noise_width", "export")
+    class ExportEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +126,8 @@ class ModelInfo(_message.Message):
     REFLEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_INSTRUCTION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
     model_hash: str
     config_hash: str
     model_type: str
@@ -133,7 +144,9 @@ class ModelInfo(_message.Message):
     reflex_version: str
     session_id: str
     max_instruction_tokens: int
-    def __init__(self, model_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., model_type: _Optional[str] = ..., export_kind: _Optional[str] = ..., embodiment: _Optional[str] = ..., cameras: _Optional[_Iterable[str]] = ..., image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., state_dim: _Optional[int] = ..., action_dim: _Optional[int] = ..., chunk_size: _Optional[int] = ..., denoise_steps: _Optional[int] = ..., mode: _Optional[str] = ..., reflex_version: _Optional[str] = ..., session_id: _Optional[str] = ..., max_instruction_tokens: _Optional[int] = ...) -> None: ...
+    noise_width: int
+    export: _containers.ScalarMap[str, str]
+    def __init__(self, model_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., model_type: _Optional[str] = ..., export_kind: _Optional[str] = ..., embodiment: _Optional[str] = ..., cameras: _Optional[_Iterable[str]] = ..., image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., state_dim: _Optional[int] = ..., action_dim: _Optional[int] = ..., chunk_size: _Optional[int] = ..., denoise_steps: _Optional[int] = ..., mode: _Optional[str] = ..., reflex_version: _Optional[str] = ..., session_id: _Optional[str] = ..., max_instruction_tokens: _Optional[int] = ..., noise_width: _Optional[int] = ..., export: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RecordEvent(_message.Message):
     __slots__ = ("start", "act", "end")
@@ -146,8 +159,15 @@ class RecordEvent(_message.Message):
     def __init__(self, start: _Optional[_Union[SessionStart, _Mapping]] = ..., act: _Optional[_Union[ActRecord, _Mapping]] = ..., end: _Optional[_Union[SessionEnd, _Mapping]] = ...) -> None: ...
 
 class SessionStart(_message.Message):
-    __slots__ = ("session_id", "reflex_version", "model_hash", "config_hash", "export_dir", "model_type", "export_kind", "embodiment", "mode", "hardware", "image_mode", "instruction_mode", "no_gzip", "started_at", "first_seq")
+    __slots__ = ("session_id", "reflex_version", "model_hash", "config_hash", "export_dir", "model_type", "export_kind", "embodiment", "mode", "hardware", "image_mode", "instruction_mode", "no_gzip", "started_at", "first_seq", "export")
     class HardwareEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ExportEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +189,7 @@ class SessionStart(_message.Message):
     NO_GZIP_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     reflex_version: str
     model_hash: str
@@ -184,7 +205,8 @@ class SessionStart(_message.Message):
     no_gzip: bool
     started_at: str
     first_seq: int
-    def __init__(self, session_id: _Optional[str] = ..., reflex_version: _Optional[str] = ..., model_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., export_dir: _Optional[str] = ..., model_type: _Optional[str] = ..., export_kind: _Optional[str] = ..., embodiment: _Optional[str] = ..., mode: _Optional[str] = ..., hardware: _Optional[_Mapping[str, str]] = ..., image_mode: _Optional[str] = ..., instruction_mode: _Optional[str] = ..., no_gzip: bool = ..., started_at: _Optional[str] = ..., first_seq: _Optional[int] = ...) -> None: ...
+    export: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., reflex_version: _Optional[str] = ..., model_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., export_dir: _Optional[str] = ..., model_type: _Optional[str] = ..., export_kind: _Optional[str] = ..., embodiment: _Optional[str] = ..., mode: _Optional[str] = ..., hardware: _Optional[_Mapping[str, str]] = ..., image_mode: _Optional[str] = ..., instruction_mode: _Optional[str] = ..., no_gzip: bool = ..., started_at: _Optional[str] = ..., first_seq: _Optional[int] = ..., export: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ActRecord(_message.Message):
     __slots__ = ("seq", "chunk_id", "timestamp", "request", "actions", "num_actions", "action_dim", "latency", "denoise", "cache", "mode", "noise_seed", "error")

@@ -27,6 +27,15 @@ pub struct CpuEngine {
 /// external `*.data` files are resolved), optimises and plans it. Errors name the file
 /// (and the node, for a pattern that cannot be rewritten).
 pub fn load_graph(path: &Path) -> Result<Plan, EngineError> {
+    load_graph_with(path, |_| ()).map(|(plan, ())| plan)
+}
+
+/// [`load_graph`], with a look at the prepared protobuf before tract takes it (what tract
+/// does not keep: external data files, initializer shapes).
+pub fn load_graph_with<T>(
+    path: &Path,
+    inspect: impl FnOnce(&tract_onnx::pb::ModelProto) -> T,
+) -> Result<(Plan, T), EngineError> {
     let err = |message: String| EngineError::Load {
         graph: path.display().to_string(),
         message,
@@ -43,6 +52,7 @@ pub fn load_graph(path: &Path) -> Result<Plan, EngineError> {
             "graph rewritten for tract"
         );
     }
+    let seen = inspect(&proto);
     let dir = path.parent().and_then(Path::to_str);
     let parsed = onnx.parse(&proto, dir).map_err(tract_err)?;
     if !parsed.unresolved_inputs.is_empty() {
@@ -51,12 +61,13 @@ pub fn load_graph(path: &Path) -> Result<Plan, EngineError> {
             parsed.unresolved_inputs
         )));
     }
-    parsed
+    let plan = parsed
         .model
         .into_optimized()
         .map_err(tract_err)?
         .into_runnable()
-        .map_err(tract_err)
+        .map_err(tract_err)?;
+    Ok((plan, seen))
 }
 
 fn run_err(graph: &'static str) -> impl Fn(TractError) -> EngineError {

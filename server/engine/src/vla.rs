@@ -1,0 +1,1272 @@
+//! Real VLA exports (format_version 2, and the seed tool's layouts mapped onto it) on the
+//! cpu engine: graphs addressed by input and output *names*, the prefix held as an opaque
+//! list of tensors, the expert baked or stepped, HuggingFace tokenizers, lerobot stats.
+//!
+//! Load ([`VlaModel::load`]): each graph is read, prepared for tract and planned once; its
+//! inputs' names, dtypes and shapes are read from the graph and checked against the contract
+//! (every input named and fed, image `[1, 3, H, W]`, tokens `[1, T]`, noise
+//! `[1, chunk, width]`, the robot's state and action widths within the graph's); the tokenizer's
+//! vocabulary is checked against the token embedding the tokens input indexes. One error,
+//! naming the file and the input or node, stops the start.
+//!
+//! One call: frames and instruction → the prefix graph → [`Prefix`] (the tensors the expert
+//! takes by name: every layer's KV cache, pad masks; `Arc`s, never copied) → the expert with
+//! the noise (baked) or the Euler loop over it (per step) → the first `actions.dim` columns of
+//! each row, de-normalised. A monolithic export runs its one graph with everything.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+use crate::config::{ImageConfig, ResizePolicy, hex};
+use crate::contract::{
+    Absent, Channels, ExpertMode, ExportV2, Normalization, Range, StatsV2, TimeDirection,
+};
+use crate::engine::{EngineError, PixelNorm, cpu::Plan};
+
+/// lerobot's normaliser epsilon (`(x − mean)/(std + eps)`).
+const EPS: f32 = 1e-8;
+
+/// One graph input as the graph declares it.
+#[derive(Debug, Clone)]
+pub struct Port {
+    pub name: String,
+    pub dt: DatumType,
+    pub shape: Vec<usize>,
+}
+
+impl Port {
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    fn describe(&self) -> String {
+        format!("{} {:?}{:?}", self.name, self.dt, self.shape)
+    }
+}
+
+/// A graph planned by tract, with its inputs and outputs by name.
+pub struct Graph {
+    pub file: String,
+    plan: Plan,
+    pub inputs: Vec<Port>,
+    pub outputs: Vec<Port>,
+}
+
+/// What the ONNX protobuf says beyond what tract keeps: the files holding external data and,
+/// per graph input, the rows of an embedding table it indexes (`Gather(table, input)`).
+#[derive(Debug, Default)]
+struct ProtoFacts {
+    external: Vec<String>,
+    gather_rows: BTreeMap<String, i64>,
+}
+
+fn proto_facts(proto: &pb::ModelProto) -> ProtoFacts {
+    let mut f = ProtoFacts::default();
+    let Some(g) = proto.graph.as_ref() else {
+        return f;
+    };
+    for t in &g.initializer {
+        if let Some(e) = t.external_data.iter().find(|e| e.key == "location")
+            && !f.external.contains(&e.value)
+        {
+            f.external.push(e.value.clone());
+        }
+    }
+    for n in g.node.iter().filter(|n| n.op_type == "Gather") {
+        if let (Some(table), Some(idx)) = (n.input.first(), n.input.get(1))
+            && let Some(t) = g.initializer.iter().find(|t| &t.name == table)
+            && let Some(rows) = t.dims.first()
+        {
+            f.gather_rows.insert(idx.clone(), *rows);
+        }
+    }
+    f
+}
+
+fn ports(model: &TypedModel, outlets: &[OutletId], inputs: bool) -> Result<Vec<Port>, String> {
+    outlets
+        .iter()
+        .map(|o| {
+            let name = if inputs {
+                model.node(o.node).name.clone()
+            } else {
+                model
+                    .outlet_label(*o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| model.node(o.node).name.clone())
+            };
+            let fact = model.outlet_fact(*o).map_err(|e| format!("{e:#}"))?;
+            let shape = fact
+                .shape
+                .as_concrete()
+                .ok_or_else(|| {
+                    format!(
+                        "{name} has a symbolic shape {:?}: exports must be static",
+                        fact.shape
+                    )
+                })?
+                .to_vec();
+            Ok(Port {
+                name,
+                dt: fact.datum_type,
+                shape,
+            })
+        })
+        .collect()
+}
+
+impl Graph {
+    fn load(dir: &Path, file: &str) -> Result<(Graph, ProtoFacts), EngineError> {
+        let path = dir.join(file);
+        let (plan, facts) = crate::engine::cpu::load_graph_with(&path, proto_facts)?;
+        let err = |message: String| EngineError::Load {
+            graph: path.display().to_string(),
+            message,
+        };
+        let model = plan.model();
+        let inputs = ports(
+            model,
+            model.input_outlets().map_err(|e| err(format!("{e:#}")))?,
+            true,
+        )
+        .map_err(err)?;
+        let outputs = ports(
+            model,
+            model.output_outlets().map_err(|e| err(format!("{e:#}")))?,
+            false,
+        )
+        .map_err(err)?;
+        Ok((
+            Graph {
+                file: file.to_string(),
+                plan,
+                inputs,
+                outputs,
+            },
+            facts,
+        ))
+    }
+
+    fn input(&self, name: &str) -> Option<&Port> {
+        self.inputs.iter().find(|p| p.name == name)
+    }
+
+    fn output_index(&self, name: &str) -> Option<usize> {
+        self.outputs.iter().position(|p| p.name == name)
+    }
+
+    /// Runs with inputs by name; every input must be in `feed`.
+    fn run(&self, feed: &BTreeMap<&str, TValue>) -> Result<TVec<TValue>, EngineError> {
+        let err = |message: String| EngineError::Run {
+            graph: "vla",
+            message: format!("{}: {message}", self.file),
+        };
+        let mut inputs = TVec::with_capacity(self.inputs.len());
+        for p in &self.inputs {
+            let v = feed
+                .get(p.name.as_str())
+                .ok_or_else(|| err(format!("no value for input {}", p.name)))?;
+            inputs.push(if v.datum_type() == p.dt {
+                v.clone()
+            } else {
+                v.cast_to_dt(p.dt)
+                    .map_err(|e| err(format!("{e:#}")))?
+                    .into_owned()
+                    .into_tvalue()
+            });
+        }
+        self.plan.run(inputs).map_err(|e| err(format!("{e:#}")))
+    }
+}
+
+/// A tract failure while building or reading a tensor of the vla runtime.
+fn tract_err(e: TractError) -> EngineError {
+    EngineError::Run {
+        graph: "vla",
+        message: format!("{e:#}"),
+    }
+}
+
+/// A graph's input, made from host values of the contract's kinds (f32, i64, bool).
+fn value<T: Datum + Copy>(shape: &[usize], data: &[T]) -> Result<TValue, EngineError> {
+    Tensor::from_shape(shape, data)
+        .map(IntoTValue::into_tvalue)
+        .map_err(tract_err)
+}
+
+fn to_f32(v: &TValue, what: &str) -> Result<Vec<f32>, EngineError> {
+    let err = |e: TractError| EngineError::Run {
+        graph: "vla",
+        message: format!("{what}: {e:#}"),
+    };
+    let t = v.cast_to::<f32>().map_err(err)?;
+    Ok(t.try_as_plain_ram()
+        .map_err(err)?
+        .as_slice::<f32>()
+        .map_err(err)?
+        .to_vec())
+}
+
+/// Per-dimension normalisation of state (in) or actions (out).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Norm {
+    None,
+    MeanStd { mean: Vec<f32>, std: Vec<f32> },
+    Quantile { q01: Vec<f32>, q99: Vec<f32> },
+}
+
+impl Norm {
+    pub fn normalize(&self, i: usize, x: f32) -> f32 {
+        match self {
+            Norm::None => x,
+            Norm::MeanStd { mean, std } => (x - mean[i]) / (std[i] + EPS),
+            Norm::Quantile { q01, q99 } => {
+                let d = q99[i] - q01[i];
+                let d = if d == 0.0 { EPS } else { d };
+                (x - q01[i]) / d * 2.0 - 1.0
+            }
+        }
+    }
+
+    pub fn denormalize(&self, i: usize, x: f32) -> f32 {
+        match self {
+            Norm::None => x,
+            Norm::MeanStd { mean, std } => x * std[i] + mean[i],
+            Norm::Quantile { q01, q99 } => {
+                let d = q99[i] - q01[i];
+                let d = if d == 0.0 { EPS } else { d };
+                (x + 1.0) / 2.0 * d + q01[i]
+            }
+        }
+    }
+}
+
+/// Every f32/f64/f16/bf16 tensor of a safetensors file, as f32 vectors by name.
+pub fn read_stats_file(path: &Path) -> Result<BTreeMap<String, Vec<f32>>, String> {
+    use safetensors::Dtype;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{} is not a safetensors file: {e}", path.display()))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::F64 => data
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+            _ => continue,
+        };
+        out.insert(name, values);
+    }
+    Ok(out)
+}
+
+/// The prefix of one observation: the tensors the expert takes from the prefix graph, in the
+/// order of [`VlaModel::handoff`]. Opaque to the server; shared, never copied.
+pub struct Prefix {
+    tensors: Vec<TValue>,
+    bytes: usize,
+}
+
+impl Prefix {
+    /// Bytes of its tensors (what the prefix cache counts).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// One graph input as raw little-endian bytes.
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub name: String,
+    /// `float32`, `int64` or `bool` (one byte each).
+    pub dtype: &'static str,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// Host-side inputs of one observation, decoded and checked by the policy.
+pub struct Observation<'a> {
+    /// One `H·W·3` HWC RGB frame per camera slot (zeros for an absent one).
+    pub hwc: &'a [u8],
+    pub present: &'a [bool],
+    pub instruction: &'a str,
+}
+
+/// A real VLA export, loaded.
+pub struct VlaModel {
+    pub spec: ExportV2,
+    prefix: Option<Graph>,
+    expert: Graph,
+    tokenizer: tokenizers::Tokenizer,
+    pub tokenizer_hash: String,
+    pub stats_source: String,
+    state_norm: Norm,
+    action_norm: Norm,
+    pixel: PixelNorm,
+    /// How the policy decodes and fits this export's frames.
+    pub image: ImageConfig,
+    pub height: usize,
+    pub width: usize,
+    pub tokens: usize,
+    pub chunk: usize,
+    /// The graphs' padded action width (the noise's width).
+    pub action_width: usize,
+    state_width: Option<usize>,
+    /// Prefix outputs the expert takes, by name, in the prefix graph's output order.
+    handoff: Vec<(usize, String)>,
+    prefix_bytes: usize,
+    /// Every file read, relative to the export or absolute, for `model_hash`.
+    pub files: Vec<PathBuf>,
+}
+
+fn load_err(file: &Path, message: impl Into<String>) -> EngineError {
+    EngineError::Load {
+        graph: file.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// Resolves a side file of the contract: relative to the export (`tokenizer.json`,
+/// `tokenizer/tokenizer.json`), or an absolute path given by a flag.
+fn side_file(dir: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(name)
+    }
+}
+
+impl VlaModel {
+    pub fn load(dir: &Path, spec: ExportV2) -> Result<VlaModel, EngineError> {
+        let config_path = dir.join(crate::config::CONFIG_FILE);
+        spec.validate().map_err(|m| load_err(&config_path, m))?;
+        let mut files = vec![PathBuf::from(crate::config::CONFIG_FILE)];
+        let mut gathers = BTreeMap::new();
+        let mut load = |file: &str| -> Result<Graph, EngineError> {
+            let (g, facts) = Graph::load(dir, file)?;
+            files.push(file.into());
+            files.extend(facts.external.iter().map(PathBuf::from));
+            gathers.extend(facts.gather_rows);
+            Ok(g)
+        };
+        let prefix = spec.graphs.prefix.as_deref().map(&mut load).transpose()?;
+        let expert = load(&spec.graphs.expert)?;
+        // The graph that takes the observation: the prefix, or the whole model.
+        let obs = prefix.as_ref().unwrap_or(&expert);
+        let obs_path = dir.join(&obs.file);
+        let exp_path = dir.join(&expert.file);
+        let input = |g: &Graph, path: &Path, name: &str| -> Result<Port, EngineError> {
+            g.input(name).cloned().ok_or_else(|| {
+                load_err(
+                    path,
+                    format!(
+                        "the config names input {name:?}, which the graph does not have (its inputs: {})",
+                        g.inputs.iter().map(Port::describe).collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })
+        };
+
+        // Cameras: [1, 3, H, W], all the same size; masks bool [1].
+        let mut hw = None;
+        let mut known: Vec<String> = vec![];
+        for c in &spec.cameras {
+            let p = input(obs, &obs_path, &c.input)?;
+            match p.shape.as_slice() {
+                [1, 3, h, w] if hw.is_none_or(|s| s == (*h, *w)) => hw = Some((*h, *w)),
+                _ => {
+                    return Err(load_err(
+                        &obs_path,
+                        format!(
+                            "camera {:?}: input {} is not [1, 3, H, W] like the others",
+                            c.name,
+                            p.describe()
+                        ),
+                    ));
+                }
+            }
+            known.push(c.input.clone());
+            if let Some(m) = &c.mask {
+                let p = input(obs, &obs_path, m)?;
+                if p.len() != 1 {
+                    return Err(load_err(
+                        &obs_path,
+                        format!("mask {} is not one value", p.describe()),
+                    ));
+                }
+                known.push(m.clone());
+            }
+        }
+        let (height, width) = hw.expect("validate: at least one camera");
+
+        // Instruction: tokens [1, T] (and the mask [1, T]); the tokenizer's ids must index the
+        // embedding.
+        let ins = &spec.instruction;
+        let tok_port = input(obs, &obs_path, &ins.tokens_input)?;
+        let tokens = match tok_port.shape.as_slice() {
+            [1, t] => *t,
+            _ => {
+                return Err(load_err(
+                    &obs_path,
+                    format!("tokens {} is not [1, T]", tok_port.describe()),
+                ));
+            }
+        };
+        known.push(ins.tokens_input.clone());
+        if let Some(m) = &ins.mask_input {
+            let p = input(obs, &obs_path, m)?;
+            if p.shape != [1, tokens] {
+                return Err(load_err(
+                    &obs_path,
+                    format!("token mask {} is not [1, {tokens}]", p.describe()),
+                ));
+            }
+            known.push(m.clone());
+        }
+        let tok_path = side_file(dir, &ins.tokenizer);
+        let tok_bytes = std::fs::read(&tok_path)
+            .map_err(|e| load_err(&tok_path, format!("cannot read the tokenizer: {e}")))?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(&tok_bytes)
+            .map_err(|e| load_err(&tok_path, format!("not a HuggingFace tokenizer.json: {e}")))?;
+        let vocab = tokenizer.get_vocab_size(true);
+        if let Some(rows) = gathers.get(&ins.tokens_input)
+            && vocab as i64 > *rows
+        {
+            return Err(load_err(
+                &tok_path,
+                format!(
+                    "the tokenizer's vocabulary ({vocab} ids) exceeds the token embedding {} indexes ({rows} rows)",
+                    ins.tokens_input
+                ),
+            ));
+        }
+        files.push(tok_path.clone());
+        let tokenizer_hash = hex(&Sha256::digest(&tok_bytes)[..8]);
+
+        // The expert's inputs: the prefix hand-off, then noise / x_t, t / state.
+        let exp_graph = &expert;
+        let d = &spec.denoise;
+        let (x_name, chunk, action_width) = {
+            let name = match d.expert {
+                ExpertMode::Baked => d.noise_input.clone(),
+                ExpertMode::PerStep => d.x_input.clone(),
+            }
+            .expect("validate: the expert's inputs are named");
+            let p = input(exp_graph, &exp_path, &name)?;
+            match p.shape.as_slice() {
+                [1, c, w] => (name, *c, *w),
+                _ => {
+                    return Err(load_err(
+                        &exp_path,
+                        format!("{} is not [1, chunk, width]", p.describe()),
+                    ));
+                }
+            }
+        };
+        let out_name = match d.expert {
+            ExpertMode::Baked => d.actions_output.clone(),
+            ExpertMode::PerStep => d.velocity_output.clone(),
+        }
+        .expect("validate: the expert's output is named");
+        match exp_graph.outputs.iter().find(|p| p.name == out_name) {
+            Some(p) if p.len() == chunk * action_width => {}
+            Some(p) => {
+                return Err(load_err(
+                    &exp_path,
+                    format!(
+                        "output {} is not [1, {chunk}, {action_width}]",
+                        p.describe()
+                    ),
+                ));
+            }
+            None => {
+                return Err(load_err(
+                    &exp_path,
+                    format!("the config names output {out_name:?}, which the graph does not have"),
+                ));
+            }
+        }
+        if spec.actions.dim > action_width {
+            return Err(load_err(
+                &config_path,
+                format!(
+                    "actions.dim {} exceeds the graph's action width {action_width}",
+                    spec.actions.dim
+                ),
+            ));
+        }
+        let mut exp_known = vec![x_name];
+        if let Some(t) = d
+            .t_input
+            .clone()
+            .filter(|_| d.expert == ExpertMode::PerStep)
+        {
+            input(exp_graph, &exp_path, &t)?;
+            exp_known.push(t);
+        }
+        let state_width = match &spec.state.input {
+            None => None,
+            Some(name) => {
+                // The state goes to the graph that takes it: the expert (or the whole model).
+                let (g, path) = if exp_graph.input(name).is_some() || prefix.is_none() {
+                    (exp_graph, &exp_path)
+                } else {
+                    (obs, &obs_path)
+                };
+                let p = input(g, path, name)?;
+                let w = match p.shape.as_slice() {
+                    [1, w] => *w,
+                    _ => {
+                        return Err(load_err(
+                            path,
+                            format!("state {} is not [1, width]", p.describe()),
+                        ));
+                    }
+                };
+                if spec.state.dim > w {
+                    return Err(load_err(
+                        &config_path,
+                        format!(
+                            "state.dim {} exceeds the graph's state width {w}",
+                            spec.state.dim
+                        ),
+                    ));
+                }
+                if std::ptr::eq(g, exp_graph) {
+                    exp_known.push(name.clone());
+                } else {
+                    known.push(name.clone());
+                }
+                Some(w)
+            }
+        };
+        let mut handoff = vec![];
+        let mut prefix_bytes = 0;
+        if let Some(p) = &prefix {
+            for i in &exp_graph.inputs {
+                if exp_known.contains(&i.name) {
+                    continue;
+                }
+                let Some(ix) = p.output_index(&i.name) else {
+                    return Err(load_err(
+                        &exp_path,
+                        format!(
+                            "input {} is neither an output of {} nor named by the config",
+                            i.describe(),
+                            p.file
+                        ),
+                    ));
+                };
+                let out = &p.outputs[ix];
+                if out.shape != i.shape {
+                    return Err(load_err(
+                        &exp_path,
+                        format!(
+                            "input {} does not match the prefix's output {}",
+                            i.describe(),
+                            out.describe()
+                        ),
+                    ));
+                }
+                prefix_bytes += out.len() * out.dt.size_of();
+                handoff.push((ix, i.name.clone()));
+            }
+            for i in &p.inputs {
+                if !known.contains(&i.name) {
+                    return Err(load_err(
+                        &obs_path,
+                        format!("input {} is not named by the config", i.describe()),
+                    ));
+                }
+            }
+        } else {
+            for i in &exp_graph.inputs {
+                if !known.contains(&i.name) && !exp_known.contains(&i.name) {
+                    return Err(load_err(
+                        &exp_path,
+                        format!("input {} is not named by the config", i.describe()),
+                    ));
+                }
+            }
+        }
+
+        // Stats.
+        let (state_norm, action_norm, stats_source) =
+            resolve_stats(dir, &spec, state_width.is_some(), &mut files)?;
+        let image = image_config(&spec, height, width);
+        // An absent camera is the contract's fill value, not the reference format's grey.
+        let pixel = PixelNorm {
+            blank: [spec.image.absent_fill; 3],
+            ..crate::preprocess::pixel_norm(&image)
+        };
+        Ok(VlaModel {
+            prefix,
+            expert,
+            tokenizer,
+            tokenizer_hash,
+            stats_source,
+            state_norm,
+            action_norm,
+            pixel,
+            image,
+            height,
+            width,
+            tokens,
+            chunk,
+            action_width,
+            state_width,
+            handoff,
+            prefix_bytes,
+            files,
+            spec,
+        })
+    }
+
+    /// Bytes of one [`Prefix`] (0 for a monolithic export: nothing is cached).
+    pub fn prefix_bytes(&self) -> usize {
+        self.prefix_bytes
+    }
+
+    pub fn is_monolithic(&self) -> bool {
+        self.prefix.is_none()
+    }
+
+    /// Tokenizes an instruction: template, special tokens, truncated and right-padded to the
+    /// graph's length; the mask is true for real tokens.
+    pub fn tokenize(&self, instruction: &str) -> Result<(Vec<i64>, Vec<bool>), EngineError> {
+        let ins = &self.spec.instruction;
+        let cleaned;
+        let instruction = if ins.clean {
+            cleaned = instruction.trim().replace('_', " ").replace('\n', " ");
+            cleaned.as_str()
+        } else {
+            instruction
+        };
+        let text = ins.template.replace("{instruction}", instruction);
+        let enc = self
+            .tokenizer
+            .encode(text, ins.add_special_tokens)
+            .map_err(|e| EngineError::Run {
+                graph: "tokenizer",
+                message: e.to_string(),
+            })?;
+        let mut ids: Vec<i64> = enc
+            .get_ids()
+            .iter()
+            .take(self.tokens)
+            .map(|&i| i as i64)
+            .collect();
+        let mut mask = vec![true; ids.len()];
+        ids.resize(self.tokens, ins.pad_id as i64);
+        mask.resize(self.tokens, false);
+        Ok((ids, mask))
+    }
+
+    /// The robot's state, normalised and zero-padded to the graph's width.
+    pub fn state_values(&self, state: &[f32]) -> Option<Vec<f32>> {
+        let w = self.state_width?;
+        let mut out = vec![0.0; w];
+        for (i, s) in state.iter().enumerate().take(w) {
+            out[i] = self.state_norm.normalize(i, *s);
+        }
+        Some(out)
+    }
+
+    /// Whether a state value stays finite once normalised (the policy refuses it otherwise).
+    pub fn state_is_finite(&self, i: usize, s: f32) -> bool {
+        self.state_width.is_none() || self.state_norm.normalize(i, s).is_finite()
+    }
+
+    /// The observation's graph inputs: camera planes and masks, tokens and mask.
+    fn observation_feed<'a>(
+        &'a self,
+        obs: &Observation<'_>,
+    ) -> Result<BTreeMap<&'a str, TValue>, EngineError> {
+        let mut feed = BTreeMap::new();
+        let (h, w) = (self.height, self.width);
+        let per = h * w * 3;
+        let primary = &obs.hwc[..per];
+        for (slot, cam) in self.spec.cameras.iter().enumerate() {
+            let mut planes = vec![0.0f32; per];
+            let present = obs.present.get(slot).copied().unwrap_or(false);
+            let (frame, on) = match (present, self.spec.image.absent) {
+                (true, _) => (Some(&obs.hwc[slot * per..(slot + 1) * per]), true),
+                (false, Absent::CopyPrimary) => (Some(primary), true),
+                (false, Absent::Fill) => (None, false),
+            };
+            match frame {
+                Some(f) => self.pixel.apply(f, &mut planes),
+                None => self.pixel.fill_blank(&mut planes),
+            }
+            if self.spec.image.channels == Channels::Bgr {
+                let plane = h * w;
+                let (r, rest) = planes.split_at_mut(plane);
+                r.swap_with_slice(&mut rest[plane..]);
+            }
+            feed.insert(cam.input.as_str(), value(&[1, 3, h, w], &planes)?);
+            if let Some(m) = &cam.mask {
+                feed.insert(m.as_str(), value(&[1], &[on])?);
+            }
+        }
+        let (ids, mask) = self.tokenize(obs.instruction)?;
+        let ins = &self.spec.instruction;
+        feed.insert(ins.tokens_input.as_str(), value(&[1, self.tokens], &ids)?);
+        if let Some(m) = &ins.mask_input {
+            feed.insert(m.as_str(), value(&[1, self.tokens], &mask)?);
+        }
+        Ok(feed)
+    }
+
+    /// The observation's graph inputs as raw little-endian tensors (`float32`, `int64`,
+    /// `bool` one byte each): what `reflex bench engines --export` hands onnxruntime so that
+    /// both runtimes see the same bytes.
+    pub fn observation_raw(&self, obs: &Observation<'_>) -> Result<Vec<RawTensor>, EngineError> {
+        let feed = self.observation_feed(obs)?;
+        let mut out = vec![];
+        for (name, v) in feed {
+            let view = v.try_as_plain_ram().map_err(tract_err)?;
+            let (dtype, bytes): (&'static str, Vec<u8>) = match v.datum_type() {
+                DatumType::F32 => (
+                    "float32",
+                    view.as_slice::<f32>()
+                        .map_err(tract_err)?
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect(),
+                ),
+                DatumType::I64 => (
+                    "int64",
+                    view.as_slice::<i64>()
+                        .map_err(tract_err)?
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect(),
+                ),
+                DatumType::Bool => (
+                    "bool",
+                    view.as_slice::<bool>()
+                        .map_err(tract_err)?
+                        .iter()
+                        .map(|b| *b as u8)
+                        .collect(),
+                ),
+                other => {
+                    return Err(EngineError::Run {
+                        graph: "vla",
+                        message: format!("input {name} is {other:?}"),
+                    });
+                }
+            };
+            out.push(RawTensor {
+                name: name.to_string(),
+                dtype,
+                shape: v.shape().to_vec(),
+                bytes,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Runs the prefix graph on one observation (decomposed exports).
+    pub fn prefix(&self, obs: &Observation<'_>) -> Result<Prefix, EngineError> {
+        let g = self.prefix.as_ref().ok_or_else(|| EngineError::Run {
+            graph: "prefix",
+            message: "a monolithic export has no prefix graph".into(),
+        })?;
+        let feed = self.observation_feed(obs)?;
+        let out = g.run(&feed)?;
+        Ok(Prefix {
+            tensors: self
+                .handoff
+                .iter()
+                .map(|(ix, _)| out[*ix].clone())
+                .collect(),
+            bytes: self.prefix_bytes,
+        })
+    }
+
+    /// A prefix of zeros in the right shapes (the watchdog's liveness probe).
+    pub fn zero_prefix(&self) -> Result<Prefix, EngineError> {
+        let mut tensors = vec![];
+        for (_, name) in &self.handoff {
+            let p = self.expert.input(name).expect("checked at load");
+            let t = Tensor::zero_dt(p.dt, &p.shape).map_err(|e| EngineError::Run {
+                graph: "expert",
+                message: format!("{e:#}"),
+            })?;
+            tensors.push(t.into_tvalue());
+        }
+        Ok(Prefix {
+            tensors,
+            bytes: self.prefix_bytes,
+        })
+    }
+
+    fn noise_shape(&self) -> [usize; 3] {
+        [1, self.chunk, self.action_width]
+    }
+
+    /// Integrates the expert from `noise` (chunk × action_width): the graph's loop (baked) or
+    /// ours (per step), over the prefix. Returns the graph-width actions, normalised.
+    pub fn denoise(
+        &self,
+        prefix: &Prefix,
+        noise: &[f32],
+        state: Option<&[f32]>,
+    ) -> Result<Vec<f32>, EngineError> {
+        let d = &self.spec.denoise;
+        let mut feed: BTreeMap<&str, TValue> = BTreeMap::new();
+        for ((_, name), t) in self.handoff.iter().zip(&prefix.tensors) {
+            feed.insert(name.as_str(), t.clone());
+        }
+        if let (Some(name), Some(s)) = (&self.spec.state.input, state) {
+            feed.insert(name.as_str(), value(&[1, s.len()], s)?);
+        }
+        let shape = self.noise_shape();
+        match d.expert {
+            ExpertMode::Baked => {
+                let name = d.noise_input.as_deref().expect("validated");
+                feed.insert(name, value(&shape, noise)?);
+                let out = self.expert.run(&feed)?;
+                let ix = self
+                    .expert
+                    .output_index(d.actions_output.as_deref().expect("validated"))
+                    .expect("checked at load");
+                to_f32(&out[ix], "actions")
+            }
+            ExpertMode::PerStep => {
+                let x_name = d.x_input.as_deref().expect("validated");
+                let t_name = d.t_input.as_deref().expect("validated");
+                let t_port = self.expert.input(t_name).expect("checked at load").clone();
+                let v_ix = self
+                    .expert
+                    .output_index(d.velocity_output.as_deref().expect("validated"))
+                    .expect("checked at load");
+                let n = d.steps;
+                // Step k at t₀ + k·dt in f64, fed as f32; x moves by dt in f32 (the seed
+                // runtime's `time_val = 1.0 + step * dt`, `x_t + dt * v_t`).
+                let (t0, dt) = match d.time {
+                    TimeDirection::OneToZero => (1.0f64, -1.0 / n as f64),
+                    TimeDirection::ZeroToOne => (0.0f64, 1.0 / n as f64),
+                };
+                let dt32 = dt as f32;
+                let mut x = noise.to_vec();
+                for k in 0..n {
+                    let t = (t0 + k as f64 * dt) as f32;
+                    feed.insert(x_name, value(&shape, &x)?);
+                    feed.insert(t_name, value(&t_port.shape, &vec![t; t_port.len()])?);
+                    let out = self.expert.run(&feed)?;
+                    let v = to_f32(&out[v_ix], "velocity")?;
+                    for (xi, vi) in x.iter_mut().zip(&v) {
+                        *xi += dt32 * vi;
+                    }
+                }
+                Ok(x)
+            }
+        }
+    }
+
+    /// A monolithic export's one graph: observation, state and noise → actions.
+    pub fn run_monolithic(
+        &self,
+        obs: &Observation<'_>,
+        noise: &[f32],
+        state: Option<&[f32]>,
+    ) -> Result<Vec<f32>, EngineError> {
+        let d = &self.spec.denoise;
+        let mut feed = self.observation_feed(obs)?;
+        if let (Some(name), Some(s)) = (&self.spec.state.input, state) {
+            feed.insert(name.as_str(), value(&[1, s.len()], s)?);
+        }
+        feed.insert(
+            d.noise_input.as_deref().expect("validated"),
+            value(&self.noise_shape(), noise)?,
+        );
+        let out = self.expert.run(&feed)?;
+        let ix = self
+            .expert
+            .output_index(d.actions_output.as_deref().expect("validated"))
+            .expect("checked at load");
+        to_f32(&out[ix], "actions")
+    }
+
+    /// Graph-width normalised actions → the robot's `actions.dim` columns, de-normalised.
+    pub fn robot_actions(&self, graph: &[f32]) -> Vec<f32> {
+        let dim = self.spec.actions.dim;
+        let mut out = Vec::with_capacity(self.chunk * dim);
+        for row in graph.chunks_exact(self.action_width) {
+            for (j, a) in row[..dim].iter().enumerate() {
+                out.push(self.action_norm.denormalize(j, *a));
+            }
+        }
+        out
+    }
+
+    /// What describes this export beyond its shapes: the trace header's and ModelInfo's
+    /// `export` facts.
+    pub fn facts(&self) -> BTreeMap<String, String> {
+        let s = &self.spec;
+        let mut m = BTreeMap::new();
+        m.insert(
+            "format".into(),
+            format!("reflex-export v{}", s.format_version),
+        );
+        m.insert(
+            "expert".into(),
+            match s.denoise.expert {
+                ExpertMode::Baked => "baked".into(),
+                ExpertMode::PerStep => "per_step".into(),
+            },
+        );
+        m.insert("tokenizer".into(), s.instruction.tokenizer.clone());
+        m.insert("tokenizer_hash".into(), self.tokenizer_hash.clone());
+        m.insert("stats_source".into(), self.stats_source.clone());
+        m.insert(
+            "image_range".into(),
+            format!("{:?}", s.image.range).to_lowercase(),
+        );
+        m.insert(
+            "image_resize".into(),
+            serde_json::to_value(s.image.resize)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        );
+        m.insert(
+            "noise".into(),
+            serde_json::to_value(s.noise)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        );
+        m.insert("noise_width".into(), self.action_width.to_string());
+        m.insert("tokens".into(), self.tokens.to_string());
+        m
+    }
+}
+
+/// How frames are decoded, fitted and normalised for this export: the contract's range as
+/// the mean and std that [`crate::preprocess`] applies to every export.
+fn image_config(spec: &ExportV2, height: usize, width: usize) -> ImageConfig {
+    let img = &spec.image;
+    let (mean, std) = match img.range {
+        Range::Unit => ([0.0; 3], [1.0; 3]),
+        Range::Signed => ([0.5; 3], [0.5; 3]),
+        Range::MeanStd => (img.mean.unwrap_or([0.0; 3]), img.std.unwrap_or([1.0; 3])),
+    };
+    ImageConfig {
+        height: height as u32,
+        width: width as u32,
+        mean,
+        std,
+        resize: match img.resize {
+            crate::contract::Resize::Stretch => ResizePolicy::Resize,
+            crate::contract::Resize::PadSquare => ResizePolicy::PadSquare,
+            crate::contract::Resize::Exact => ResizePolicy::Exact,
+        },
+    }
+}
+
+fn resolve_stats(
+    dir: &Path,
+    spec: &ExportV2,
+    takes_state: bool,
+    files: &mut Vec<PathBuf>,
+) -> Result<(Norm, Norm, String), EngineError> {
+    let config_path = dir.join(crate::config::CONFIG_FILE);
+    let state_mode = if takes_state {
+        spec.state.normalization
+    } else {
+        Normalization::None
+    };
+    let action_mode = spec.actions.normalization;
+    let (vectors, source): (BTreeMap<String, Vec<f32>>, String) = match &spec.stats {
+        None => (BTreeMap::new(), "none".into()),
+        Some(StatsV2::File { file }) => {
+            let path = side_file(dir, file);
+            let v = read_stats_file(&path).map_err(|m| load_err(&path, m))?;
+            files.push(path.clone());
+            (v, file.clone())
+        }
+        Some(StatsV2::Inline { state, actions }) => {
+            let mut v = BTreeMap::new();
+            for (key, s) in [("observation.state", state), ("action", actions)] {
+                for (k, vals) in [
+                    ("mean", &s.mean),
+                    ("std", &s.std),
+                    ("q01", &s.q01),
+                    ("q99", &s.q99),
+                ] {
+                    if let Some(vals) = vals {
+                        v.insert(format!("{key}.{k}"), vals.clone());
+                    }
+                }
+            }
+            (v, "inline".into())
+        }
+    };
+    let norm = |key: &str, mode: Normalization, dim: usize| -> Result<Norm, EngineError> {
+        let get = |k: &str| -> Result<Vec<f32>, EngineError> {
+            let v = vectors.get(&format!("{key}.{k}")).ok_or_else(|| {
+                load_err(
+                    &config_path,
+                    format!(
+                        "stats ({source}) have no {key}.{k}, which {mode:?} normalisation needs"
+                    ),
+                )
+            })?;
+            if v.len() < dim || v.iter().any(|x| !x.is_finite()) {
+                return Err(load_err(
+                    &config_path,
+                    format!(
+                        "stats {key}.{k} ({source}) need {dim} finite values, have {}",
+                        v.len()
+                    ),
+                ));
+            }
+            Ok(v[..dim].to_vec())
+        };
+        Ok(match mode {
+            Normalization::None => Norm::None,
+            Normalization::MeanStd => Norm::MeanStd {
+                mean: get("mean")?,
+                std: get("std")?,
+            },
+            Normalization::Quantile => Norm::Quantile {
+                q01: get("q01")?,
+                q99: get("q99")?,
+            },
+        })
+    };
+    Ok((
+        norm("observation.state", state_mode, spec.state.dim)?,
+        norm("action", action_mode, spec.actions.dim)?,
+        source,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{self, Kind, assets, pi05};
+    use crate::policy::{ActInput, CacheStatus, FrameInput, Policy, PolicyOptions};
+
+    fn png(shade: u8) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([(x * 8) as u8 ^ shade, (y * 8) as u8, shade])
+        });
+        crate::preprocess::encode_png(&img)
+    }
+
+    fn input(noise: Option<Vec<f32>>, seed: Option<u64>) -> ActInput {
+        let frame = |index: usize, shade: u8| {
+            Some(FrameInput {
+                index,
+                data: png(shade),
+                expect_sha256: None,
+                sha_field: String::new(),
+            })
+        };
+        ActInput {
+            frames: vec![frame(0, 40), frame(1, 200), None],
+            instruction: "pick up the red block".into(),
+            state: vec![0.1, 0.2, 0.0, -1.8, 0.0, 2.0, 0.8, 0.04],
+            noise_seed: seed,
+            noise,
+        }
+    }
+
+    fn opts(cache_entries: usize) -> PolicyOptions {
+        PolicyOptions {
+            cache_entries,
+            ..Default::default()
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn every_seed_fixture_serves_and_a_native_v2_config_gives_the_same_bits() {
+        for kind in [Kind::Pi05, Kind::Pi05PerStep, Kind::Pi05Monolithic] {
+            let d = tempfile::tempdir().unwrap();
+            fixtures::write(kind, d.path(), 3).unwrap();
+            let p = Policy::load(d.path(), &opts(8)).unwrap();
+            let f = p.config();
+            assert_eq!(f.cameras, ["base", "wrist_l", "wrist_r"], "{kind}");
+            assert_eq!(
+                (f.state_dim, f.action_dim),
+                (assets::ROBOT_STATE_DIM, assets::ROBOT_ACTION_DIM)
+            );
+            assert_eq!(
+                (f.chunk_size, f.noise_width),
+                (pi05::CHUNK as usize, pi05::ACTION_WIDTH as usize)
+            );
+            assert_eq!(f.export["source"], "reflex-vla");
+            // Seed 11's noise as this export draws it: ChaCha8, or numpy's RandomState for a
+            // seed monolithic export with its quirks kept.
+            let n = f.chunk_size * f.noise_width;
+            let noise = if kind == Kind::Pi05Monolithic {
+                crate::seed::numpy_legacy_randn(11, n)
+            } else {
+                crate::policy::gaussian_noise(11, n)
+            };
+            let a = p.act(&input(Some(noise.clone()), None)).unwrap();
+            assert_eq!(a.actions.len(), 50 * assets::ROBOT_ACTION_DIM);
+            assert!(a.actions.iter().all(|v| v.is_finite()));
+            // The explicit noise is the draw of seed 11: the same bits as asking for seed 11.
+            let b = p.act(&input(None, Some(11))).unwrap();
+            assert_eq!(bits(&a.actions), bits(&b.actions), "{kind}");
+            assert_eq!(b.noise_seed, 11);
+            let c = p.act(&input(None, Some(12))).unwrap();
+            assert_ne!(bits(&a.actions), bits(&c.actions), "{kind}");
+            if kind == Kind::Pi05Monolithic {
+                assert_eq!(b.cache, CacheStatus::Disabled);
+                // The seed's monolithic servers replay one noise: seed 0 for every call.
+                assert_eq!(p.act(&input(None, None)).unwrap().noise_seed, 0);
+            } else {
+                assert_eq!((a.cache, b.cache), (CacheStatus::Miss, CacheStatus::Hit));
+                assert!(p.cache_capacity().unwrap().entry_bytes > 2 * 2 * 64 * 16 * 4);
+            }
+            p.probe().unwrap();
+
+            // The same export described by a native format_version 2 config.
+            let cfg: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(d.path().join("reflex_config.json")).unwrap(),
+            )
+            .unwrap();
+            let mut spec = crate::seed::map(d.path(), &cfg, &Default::default())
+                .unwrap()
+                .spec;
+            spec.instruction.tokenizer = assets::TOKENIZER_FILE.into();
+            spec.stats = Some(StatsV2::File {
+                file: assets::STATS_FILE.into(),
+            });
+            std::fs::write(
+                d.path().join("reflex_config.json"),
+                serde_json::to_vec_pretty(&spec).unwrap(),
+            )
+            .unwrap();
+            let v2 = Policy::load(d.path(), &opts(0)).unwrap();
+            assert_eq!(v2.config().export["format"], "reflex-export v2");
+            assert!(!v2.config().export.contains_key("source"));
+            let again = v2.act(&input(None, Some(11))).unwrap();
+            assert_eq!(bits(&a.actions), bits(&again.actions), "{kind} as v2");
+        }
+    }
+
+    #[test]
+    fn an_export_that_does_not_match_its_config_fails_naming_the_file_and_the_input() {
+        let d = tempfile::tempdir().unwrap();
+        fixtures::write(Kind::Pi05, d.path(), 0).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.path().join("reflex_config.json")).unwrap())
+                .unwrap();
+        let spec = crate::seed::map(d.path(), &cfg, &Default::default())
+            .unwrap()
+            .spec;
+        let load_err = |spec: ExportV2| match VlaModel::load(d.path(), spec) {
+            Ok(_) => panic!("loaded"),
+            Err(e) => e.to_string(),
+        };
+
+        let mut s = spec.clone();
+        s.cameras[0].input = "img_front".into();
+        let e = load_err(s);
+        assert!(
+            e.contains("vlm_prefix.onnx") && e.contains("\"img_front\"") && e.contains("img_base"),
+            "{e}"
+        );
+
+        let mut s = spec.clone();
+        s.cameras.pop();
+        let e = load_err(s);
+        assert!(
+            e.contains("vlm_prefix.onnx")
+                && e.contains("img_wrist_r")
+                && e.contains("not named by the config"),
+            "{e}"
+        );
+
+        let mut s = spec.clone();
+        s.actions.dim = 33;
+        assert!(load_err(s).contains("actions.dim 33 exceeds the graph's action width 32"));
+
+        let mut s = spec.clone();
+        s.graphs.expert = "nothing.onnx".into();
+        assert!(load_err(s).contains("nothing.onnx"));
+
+        // A tokenizer whose ids exceed the embedding the tokens index.
+        let mut tok = assets::tokenizer_json();
+        let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+        for i in 0..pi05::VOCAB {
+            vocab.insert(format!("word{i}"), serde_json::json!(100 + i));
+        }
+        std::fs::write(d.path().join("big.json"), tok.to_string()).unwrap();
+        let mut s = spec.clone();
+        s.instruction.tokenizer = "big.json".into();
+        let e = load_err(s);
+        assert!(
+            e.contains("big.json") && e.contains("exceeds the token embedding lang_tokens"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tokens_follow_the_template_with_bos_and_right_padding() {
+        let d = tempfile::tempdir().unwrap();
+        fixtures::write(Kind::Pi05, d.path(), 0).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.path().join("reflex_config.json")).unwrap())
+                .unwrap();
+        let spec = crate::seed::map(d.path(), &cfg, &Default::default())
+            .unwrap()
+            .spec;
+        let m = VlaModel::load(d.path(), spec).unwrap();
+        let (ids, mask) = m.tokenize("pick up the red block").unwrap();
+        // <bos> task : pick up the red block ; action :  — then <pad>.
+        assert_eq!(&ids[..11], &[2, 4, 5, 8, 9, 10, 11, 14, 6, 7, 5]);
+        assert!(ids[11..].iter().all(|&i| i == 0));
+        assert_eq!(mask.iter().filter(|&&m| m).count(), 11);
+        assert_eq!(ids.len(), pi05::TOKENS as usize);
+        // Longer than the graph: truncated on the right, all real.
+        let (ids, mask) = m.tokenize(&"red ".repeat(40)).unwrap();
+        assert_eq!(ids.len(), 16);
+        assert!(mask.iter().all(|&m| m));
+    }
+
+    #[test]
+    fn quantile_and_mean_std_normalisation_round_trip() {
+        let q = Norm::Quantile {
+            q01: vec![-2.0],
+            q99: vec![2.0],
+        };
+        assert_eq!(q.normalize(0, 2.0), 1.0);
+        assert_eq!(q.normalize(0, -2.0), -1.0);
+        assert_eq!(q.denormalize(0, 0.5), 1.0);
+        let m = Norm::MeanStd {
+            mean: vec![1.0],
+            std: vec![2.0],
+        };
+        assert!((m.denormalize(0, m.normalize(0, 5.0)) - 5.0).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,323 @@
+//! Real VLA exports in the seed tool's layouts, through the real `reflex serve` and gRPC:
+//! each fixture kind (`reflex export-demo --kind pi05|pi05-per-step|pi05-monolithic`, our
+//! generator) is served unchanged, its actions match onnxruntime running the same graphs
+//! with the seed runtime's pre- and post-processing (`tests/fixtures/act_ort.py`, installed
+//! by `deploy/ci-setup.sh`), its trace header describes the export, and its trace replays
+//! bit-exactly.
+
+mod util;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use reflex_proto::v1 as pb;
+use util::*;
+
+/// A 32×32 PNG (the fixtures' image size: no resize on either side).
+fn png(shade: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([(x * 8) as u8 ^ shade, (y * 8) as u8, shade.wrapping_mul(3)])
+    });
+    reflex_engine::preprocess::encode_png(&img)
+}
+
+/// Noise the test chooses (not drawn by either side): chunk × width, smooth and varied.
+fn noise(n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i as f32) * 0.37).sin() * 1.3).collect()
+}
+
+fn request(noise: Vec<f32>, seed: Option<u64>) -> pb::ActRequest {
+    pb::ActRequest {
+        images: vec![
+            pb::Image {
+                camera: "base".into(),
+                data: png(40),
+                sha256: String::new(),
+            },
+            pb::Image {
+                camera: "wrist_l".into(),
+                data: png(200),
+                sha256: String::new(),
+            },
+        ],
+        instruction: "pick up the red block".into(),
+        state: state(),
+        episode_id: "ep-real".into(),
+        noise_seed: seed,
+        noise,
+        ..Default::default()
+    }
+}
+
+/// The actions a Python reference in `tests/fixtures` computes for `req`: the request is
+/// written as `act_ort.py` and `seed_runtime.py` read it (each image as `CAMERA.png`,
+/// instruction, state, noise) and `script LEAD… EXPORT REQUEST OUT` is run.
+fn python_actions(
+    dir: &Path,
+    export: &Path,
+    req: &pb::ActRequest,
+    script: &str,
+    lead: &[&Path],
+) -> Vec<f32> {
+    let work = dir.join(script.trim_end_matches(".py"));
+    std::fs::create_dir_all(&work).unwrap();
+    let mut images = serde_json::Map::new();
+    for img in &req.images {
+        let file = format!("{}.png", img.camera);
+        std::fs::write(work.join(&file), &img.data).unwrap();
+        images.insert(img.camera.clone(), file.into());
+    }
+    let spec = serde_json::json!({
+        "images": images, "instruction": req.instruction, "state": req.state, "noise": req.noise,
+    });
+    std::fs::write(work.join("request.json"), spec.to_string()).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(script);
+    let out = Command::new("python3")
+        .arg(&path)
+        .args(lead)
+        .args([export, &work.join("request.json"), &work.join("out.json")])
+        .output()
+        .expect("python3 must be installed (deploy/ci-setup.sh)");
+    assert!(
+        out.status.success(),
+        "{script} failed (onnxruntime, tokenizers, safetensors, pillow, transformers and reflex-vla come from deploy/ci-setup.sh): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.join("out.json")).unwrap()).unwrap();
+    v["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// onnxruntime's actions for `req` (the seed runtime's flow, `act_ort.py`).
+fn onnxruntime_actions(dir: &Path, export: &Path, req: &pb::ActRequest) -> Vec<f32> {
+    python_actions(dir, export, req, "act_ort.py", &[])
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_seed_layout_serves_over_grpc_matches_onnxruntime_and_replays_bit_exactly() {
+    for kind in ["pi05", "pi05-per-step", "pi05-monolithic"] {
+        let dir = tempfile::tempdir().unwrap();
+        let export = dir.path().join(kind);
+        let out = Command::new(BIN)
+            .args(["export-demo", "--kind", kind, export.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let traces = dir.path().join("traces");
+        let (mut p, sock) = serve(
+            dir.path(),
+            &export,
+            &[
+                "--record",
+                traces.to_str().unwrap(),
+                "--record-images",
+                "full",
+            ],
+        )
+        .await;
+        p.wait_for_log("real VLA export loaded");
+        let log = p.stderr();
+        assert!(log.contains("seed quirks: keep"), "{kind}: {log}");
+        let mut c = policy_client(&format!("unix://{}", sock.display())).await;
+
+        let info = timeout(c.get_model_info(pb::GetModelInfoRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.cameras, ["base", "wrist_l", "wrist_r"], "{kind}");
+        assert_eq!(
+            (
+                info.state_dim,
+                info.action_dim,
+                info.chunk_size,
+                info.noise_width
+            ),
+            (8, 7, 50, 32),
+            "{kind}"
+        );
+        assert_eq!((info.image_height, info.image_width), (32, 32));
+        assert_eq!(info.export["source"], "reflex-vla");
+        assert_eq!(info.export["seed_quirks"], "keep");
+        let tok = std::fs::read(export.join("tokenizer.json")).unwrap();
+        assert_eq!(
+            info.export["tokenizer_hash"],
+            reflex_engine::config::hex(&sha2_16(&tok)),
+            "the tokenizer hash is the tokenizer.json's"
+        );
+        assert_eq!(info.export["tokenizer"], "tokenizer.json");
+        assert_eq!(
+            info.export["stats_source"],
+            "policy_preprocessor_step_2_normalizer_processor.safetensors"
+        );
+
+        // One call with the test's own noise, held against onnxruntime.
+        let req = request(noise(50 * 32), None);
+        let ours = timeout(c.act(req.clone())).await.unwrap().into_inner();
+        assert_eq!((ours.num_actions, ours.action_dim), (50, 7));
+        let reference = onnxruntime_actions(dir.path(), &export, &req);
+        assert_eq!(reference.len(), ours.actions.len());
+        let (cos, max_abs) = reflex_engine::engine::cos_and_max_abs(&ours.actions, &reference);
+        eprintln!("{kind}: reflex serve vs onnxruntime: cos {cos:.9} max_abs {max_abs:.2e}");
+        assert!(
+            cos >= 0.99999 && max_abs <= 1e-4,
+            "{kind}: cos {cos} max_abs {max_abs}"
+        );
+
+        // Seeded calls: the same seed gives the same bits (the decomposed kinds from the
+        // prefix cache the second time).
+        let a = timeout(c.act(request(vec![], Some(5))))
+            .await
+            .unwrap()
+            .into_inner();
+        let b = timeout(c.act(request(vec![], Some(5))))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(bits(&a.actions), bits(&b.actions), "{kind}");
+        assert_eq!(a.noise_seed, 5);
+        if kind != "pi05-monolithic" {
+            assert_eq!(b.cache, "hit");
+        }
+
+        // Bad input: the robot's state width, not the graph's; noise of the wrong size.
+        let mut bad = request(vec![], None);
+        bad.state = vec![0.0; 32];
+        let e = timeout(c.act(bad)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message()
+                .contains("state has 32 values; this model takes 8"),
+            "{}",
+            e.message()
+        );
+        let e = timeout(c.act(request(vec![0.5; 50 * 7], None)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message()
+                .contains("noise has 350 values; this model takes 50 × 32"),
+            "{}",
+            e.message()
+        );
+
+        p.signal(libc::SIGTERM);
+        assert!(p.wait_exit(Duration::from_secs(10)).unwrap().success());
+        let trace = trace_files(&traces).pop().expect("trace written");
+        let lines = trace_lines(&trace);
+        assert_eq!(lines[0]["export"]["source"], "reflex-vla", "{}", lines[0]);
+        assert_eq!(
+            lines[0]["export"]["tokenizer_hash"],
+            info.export["tokenizer_hash"]
+        );
+        assert_eq!(
+            lines[1]["request"]["noise"].as_array().unwrap().len(),
+            50 * 32
+        );
+
+        // The trace replays bit-exactly against the same export: the explicit noise and the
+        // seeds are sent again.
+        let out = Command::new(BIN)
+            .args([
+                "replay",
+                trace.to_str().unwrap(),
+                "--model",
+                export.to_str().unwrap(),
+                "--diff",
+                "all",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{kind}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            stdout
+                .matches("cos=1.000000 max_abs=0.00e+00 [PASS]")
+                .count(),
+            3,
+            "{kind}: {stdout}"
+        );
+    }
+}
+
+fn sha2_16(bytes: &[u8]) -> [u8; 8] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)[..8].try_into().unwrap()
+}
+
+/// The seed tool's package folder, checked.
+fn seed_package() -> std::path::PathBuf {
+    let dir = seed_tool_dir();
+    assert!(
+        dir.join("reflex/runtime/decomposed_server.py").is_file(),
+        "the seed tool (reflex-vla 0.11.2) is not installed in {}: run `bash deploy/ci-setup.sh` (REFLEX_SEED_TOOL_DIR overrides the folder)",
+        dir.display()
+    );
+    dir
+}
+
+/// The seed tool's own runtime's actions for `req` (`seed_runtime.py`).
+fn seed_runtime_actions(dir: &Path, export: &Path, req: &pb::ActRequest) -> Vec<f32> {
+    python_actions(dir, export, req, "seed_runtime.py", &[&seed_package()])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_seed_tools_own_runtime_gives_the_same_actions_as_reflex_serve() {
+    for kind in ["pi05", "pi05-monolithic"] {
+        let dir = tempfile::tempdir().unwrap();
+        let export = dir.path().join(kind);
+        let out = Command::new(BIN)
+            .args(["export-demo", "--kind", kind, export.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (mut p, sock) = serve(dir.path(), &export, &[]).await;
+        let mut c = policy_client(&format!("unix://{}", sock.display())).await;
+        let req = if kind == "pi05" {
+            // Both cameras its /act takes, and the noise its one unseeded draw is given.
+            request(noise(50 * 32), None)
+        } else {
+            // Its monolithic /act takes one image and replays RandomState(0) noise: so does
+            // `reflex serve` with --seed-quirks keep (the default) when the call sends no noise.
+            let mut r = request(vec![], None);
+            r.images.truncate(1);
+            r
+        };
+        let ours = timeout(c.act(req.clone())).await.unwrap().into_inner();
+        let theirs = seed_runtime_actions(dir.path(), &export, &req);
+        assert_eq!(theirs.len(), ours.actions.len(), "{kind}");
+        let (cos, max_abs) = reflex_engine::engine::cos_and_max_abs(&ours.actions, &theirs);
+        eprintln!(
+            "{kind}: reflex serve vs the seed tool's runtime: cos {cos:.9} max_abs {max_abs:.2e}"
+        );
+        assert!(cos >= 0.9999, "{kind}: cos {cos} max_abs {max_abs}");
+        assert!(max_abs <= 1e-4, "{kind}: cos {cos} max_abs {max_abs}");
+        p.signal(libc::SIGTERM);
+        assert!(p.wait_exit(Duration::from_secs(10)).unwrap().success());
+    }
+}
