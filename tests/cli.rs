@@ -216,7 +216,14 @@ fn export_demo_help_lists_every_kind_and_a_bad_kind_is_a_usage_error() {
     let out = reflex(&["export-demo", "--help"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let help = String::from_utf8_lossy(&out.stdout);
-    for kind in ["reference", "pi05", "pi05-per-step", "pi05-monolithic"] {
+    for kind in [
+        "reference",
+        "pi05",
+        "pi05-per-step",
+        "pi05-monolithic",
+        "pi0",
+        "smolvla",
+    ] {
         assert!(
             help.lines().any(|l| l.trim_start().starts_with(kind)),
             "--help does not explain {kind}:\n{help}"
@@ -224,7 +231,7 @@ fn export_demo_help_lists_every_kind_and_a_bad_kind_is_a_usage_error() {
     }
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("x");
-    let out = reflex(&["export-demo", "--kind", "pi0", target.to_str().unwrap()]);
+    let out = reflex(&["export-demo", "--kind", "pi1", target.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert!(!target.exists());
 }

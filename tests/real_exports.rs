@@ -1,6 +1,6 @@
 //! Real VLA exports in the seed tool's layouts, through the real `reflex serve` and gRPC:
-//! each fixture kind (`reflex export-demo --kind pi05|pi05-per-step|pi05-monolithic`, our
-//! generator) is served unchanged, its actions match onnxruntime running the same graphs
+//! each fixture kind (`reflex export-demo --kind pi05|pi05-per-step|pi05-monolithic|pi0|smolvla`,
+//! our generator) is served unchanged, its actions match onnxruntime running the same graphs
 //! with the seed runtime's pre- and post-processing (`tests/fixtures/act_ort.py`, installed
 //! by `deploy/ci-setup.sh`), its trace header describes the export, and its trace replays
 //! bit-exactly.
@@ -14,12 +14,40 @@ use std::time::Duration;
 use reflex_proto::v1 as pb;
 use util::*;
 
-/// A 32×32 PNG (the fixtures' image size: no resize on either side).
-fn png(shade: u8) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(32, 32, |x, y| {
-        image::Rgb([(x * 8) as u8 ^ shade, (y * 8) as u8, shade.wrapping_mul(3)])
+/// A `size`×`size` PNG (the fixture's image size: no resize on either side).
+fn png(shade: u8, size: u32) -> Vec<u8> {
+    let step = (256 / size).max(1);
+    let img = image::RgbImage::from_fn(size, size, |x, y| {
+        image::Rgb([
+            (x * step) as u8 ^ shade,
+            (y * step) as u8,
+            shade.wrapping_mul(3),
+        ])
     });
     reflex_engine::preprocess::encode_png(&img)
+}
+
+/// What a fixture's `fixture.json` says of its cameras: their names and image size.
+#[derive(Clone)]
+struct Cameras {
+    names: Vec<String>,
+    size: u32,
+}
+
+impl Cameras {
+    fn of(export: &Path) -> Cameras {
+        let facts: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(export.join("fixture.json")).unwrap()).unwrap();
+        Cameras {
+            names: facts["cameras"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_string())
+                .collect(),
+            size: facts["image_size"].as_u64().unwrap() as u32,
+        }
+    }
 }
 
 /// Noise the test chooses (not drawn by either side): chunk × width, smooth and varied.
@@ -27,20 +55,18 @@ fn noise(n: usize) -> Vec<f32> {
     (0..n).map(|i| ((i as f32) * 0.37).sin() * 1.3).collect()
 }
 
-fn request(noise: Vec<f32>, seed: Option<u64>) -> pb::ActRequest {
+/// The first two cameras' frames (the third absent), the test's instruction and state.
+fn request(cams: &Cameras, noise: Vec<f32>, seed: Option<u64>) -> pb::ActRequest {
     pb::ActRequest {
-        images: vec![
-            pb::Image {
-                camera: "base".into(),
-                data: png(40),
+        images: [40u8, 200]
+            .iter()
+            .zip(&cams.names)
+            .map(|(shade, camera)| pb::Image {
+                camera: camera.clone(),
+                data: png(*shade, cams.size),
                 sha256: String::new(),
-            },
-            pb::Image {
-                camera: "wrist_l".into(),
-                data: png(200),
-                sha256: String::new(),
-            },
-        ],
+            })
+            .collect(),
         instruction: "pick up the red block".into(),
         state: state(),
         episode_id: "ep-real".into(),
@@ -107,7 +133,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_seed_layout_serves_over_grpc_matches_onnxruntime_and_replays_bit_exactly() {
-    for kind in ["pi05", "pi05-per-step", "pi05-monolithic"] {
+    for kind in ["pi05", "pi05-per-step", "pi05-monolithic", "pi0", "smolvla"] {
         let dir = tempfile::tempdir().unwrap();
         let export = dir.path().join(kind);
         let out = Command::new(BIN)
@@ -119,6 +145,8 @@ async fn every_seed_layout_serves_over_grpc_matches_onnxruntime_and_replays_bit_
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let cams = Cameras::of(&export);
+        let request = |noise, seed| request(&cams, noise, seed);
         let traces = dir.path().join("traces");
         let (mut p, sock) = serve(
             dir.path(),
@@ -140,7 +168,7 @@ async fn every_seed_layout_serves_over_grpc_matches_onnxruntime_and_replays_bit_
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(info.cameras, ["base", "wrist_l", "wrist_r"], "{kind}");
+        assert_eq!(info.cameras, cams.names, "{kind}");
         assert_eq!(
             (
                 info.state_dim,
@@ -151,7 +179,11 @@ async fn every_seed_layout_serves_over_grpc_matches_onnxruntime_and_replays_bit_
             (8, 7, 50, 32),
             "{kind}"
         );
-        assert_eq!((info.image_height, info.image_width), (32, 32));
+        assert_eq!(
+            (info.image_height, info.image_width),
+            (cams.size, cams.size),
+            "{kind}"
+        );
         assert_eq!(info.export["source"], "reflex-vla");
         assert_eq!(info.export["seed_quirks"], "keep");
         let tok = std::fs::read(export.join("tokenizer.json")).unwrap();
@@ -191,7 +223,7 @@ async fn every_seed_layout_serves_over_grpc_matches_onnxruntime_and_replays_bit_
             .into_inner();
         assert_eq!(bits(&a.actions), bits(&b.actions), "{kind}");
         assert_eq!(a.noise_seed, 5);
-        if kind != "pi05-monolithic" {
+        if kind == "pi05" || kind == "pi05-per-step" {
             assert_eq!(b.cache, "hit");
         }
 
@@ -284,7 +316,7 @@ fn seed_runtime_actions(dir: &Path, export: &Path, req: &pb::ActRequest) -> Vec<
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_seed_tools_own_runtime_gives_the_same_actions_as_reflex_serve() {
-    for kind in ["pi05", "pi05-monolithic"] {
+    for kind in ["pi05", "pi05-monolithic", "pi0", "smolvla"] {
         let dir = tempfile::tempdir().unwrap();
         let export = dir.path().join(kind);
         let out = Command::new(BIN)
@@ -296,15 +328,17 @@ async fn the_seed_tools_own_runtime_gives_the_same_actions_as_reflex_serve() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let cams = Cameras::of(&export);
         let (mut p, sock) = serve(dir.path(), &export, &[]).await;
         let mut c = policy_client(&format!("unix://{}", sock.display())).await;
         let req = if kind == "pi05" {
             // Both cameras its /act takes, and the noise its one unseeded draw is given.
-            request(noise(50 * 32), None)
+            request(&cams, noise(50 * 32), None)
         } else {
             // Its monolithic /act takes one image and replays RandomState(0) noise: so does
             // `reflex serve` with --seed-quirks keep (the default) when the call sends no noise.
-            let mut r = request(vec![], None);
+            // Its SmolVLA server does not resize: the frame is the graph's 512 pixels.
+            let mut r = request(&cams, vec![], None);
             r.images.truncate(1);
             r
         };

@@ -263,7 +263,7 @@ pub fn map(dir: &Path, cfg: &Value, opts: &SeedOptions) -> Result<Mapped, String
                         .map(|i| CameraV2 {
                             name: format!("cam{i}"),
                             input: format!("img_cam{i}"),
-                            mask: None,
+                            mask: Some(format!("mask_cam{i}")),
                         })
                         .collect()
                 } else {
@@ -422,7 +422,7 @@ mod tests {
 
     #[test]
     fn every_seed_fixture_maps_onto_a_valid_contract() {
-        for kind in [Kind::Pi05, Kind::Pi05PerStep, Kind::Pi05Monolithic] {
+        for kind in Kind::ALL.into_iter().filter(|k| k.variant().is_some()) {
             let d = tempfile::tempdir().unwrap();
             fixtures::write(kind, d.path(), 0).unwrap();
             let cfg: Value = serde_json::from_slice(

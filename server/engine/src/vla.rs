@@ -1107,12 +1107,12 @@ mod tests {
 
     #[test]
     fn every_seed_fixture_serves_and_a_native_v2_config_gives_the_same_bits() {
-        for kind in [Kind::Pi05, Kind::Pi05PerStep, Kind::Pi05Monolithic] {
+        for kind in Kind::ALL.into_iter().filter(|k| k.variant().is_some()) {
             let d = tempfile::tempdir().unwrap();
             fixtures::write(kind, d.path(), 3).unwrap();
             let p = Policy::load(d.path(), &opts(8)).unwrap();
             let f = p.config();
-            assert_eq!(f.cameras, ["base", "wrist_l", "wrist_r"], "{kind}");
+            assert_eq!(f.cameras, kind.variant().unwrap().cameras(), "{kind}");
             assert_eq!(
                 (f.state_dim, f.action_dim),
                 (assets::ROBOT_STATE_DIM, assets::ROBOT_ACTION_DIM)
@@ -1125,7 +1125,7 @@ mod tests {
             // Seed 11's noise as this export draws it: ChaCha8, or numpy's RandomState for a
             // seed monolithic export with its quirks kept.
             let n = f.chunk_size * f.noise_width;
-            let noise = if kind == Kind::Pi05Monolithic {
+            let noise = if kind.monolithic() {
                 crate::seed::numpy_legacy_randn(11, n)
             } else {
                 crate::policy::gaussian_noise(11, n)
@@ -1139,7 +1139,7 @@ mod tests {
             assert_eq!(b.noise_seed, 11);
             let c = p.act(&input(None, Some(12))).unwrap();
             assert_ne!(bits(&a.actions), bits(&c.actions), "{kind}");
-            if kind == Kind::Pi05Monolithic {
+            if kind.monolithic() {
                 assert_eq!(b.cache, CacheStatus::Disabled);
                 // The seed's monolithic servers replay one noise: seed 0 for every call.
                 assert_eq!(p.act(&input(None, None)).unwrap().noise_seed, 0);

@@ -1,4 +1,4 @@
-//! The pi0.5 fixtures (`reflex export-demo --kind pi05|pi05-per-step|pi05-monolithic`)
+//! The seed-layout fixtures (`reflex export-demo --kind pi05|pi05-per-step|pi05-monolithic|pi0|smolvla`)
 //! checked against a reference no one here wrote: onnxruntime runs each fixture
 //! (`tests/fixtures/run_ort.py`, the seed tool's flow) on deterministic inputs; the test
 //! asserts the seed's tensor names, dtypes and shapes as onnxruntime reads them, that the
@@ -105,9 +105,10 @@ impl HostTensor {
 type Tensors = BTreeMap<String, HostTensor>;
 
 /// Deterministic inputs: two cameras with patterns, the third absent (−1, mask off, as the
-/// seed's server fills it), a BOS-led prompt right-padded with 0, ChaCha8 Gaussian noise.
-fn inputs() -> Tensors {
-    let s = pi05::IMAGE as usize;
+/// seed's server fills it), a BOS-led prompt right-padded with 0, ChaCha8 Gaussian noise;
+/// a state for the variants that take one. Cameras and image size are the variant's.
+fn inputs(v: pi05::Variant) -> Tensors {
+    let s = v.dims(pi05::Dims::TINY).image as usize;
     let plane = s * s;
     let image = |phase: f32| -> Vec<f32> {
         (0..3 * plane)
@@ -145,13 +146,14 @@ fn inputs() -> Tensors {
             (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
         })
         .collect();
-    BTreeMap::from([
-        ("img_base".into(), img(image(0.0))),
-        ("img_wrist_l".into(), img(image(1.7))),
-        ("img_wrist_r".into(), img(vec![-1.0; 3 * plane])),
-        ("mask_base".into(), flag(true)),
-        ("mask_wrist_l".into(), flag(true)),
-        ("mask_wrist_r".into(), flag(false)),
+    let [c0, c1, c2] = v.cameras();
+    let mut values = BTreeMap::from([
+        (format!("img_{c0}"), img(image(0.0))),
+        (format!("img_{c1}"), img(image(1.7))),
+        (format!("img_{c2}"), img(vec![-1.0; 3 * plane])),
+        (format!("mask_{c0}"), flag(true)),
+        (format!("mask_{c1}"), flag(true)),
+        (format!("mask_{c2}"), flag(false)),
         (
             "lang_tokens".into(),
             HostTensor {
@@ -173,7 +175,21 @@ fn inputs() -> Tensors {
                 data: Data::F32(noise),
             },
         ),
-    ])
+    ]);
+    if v.takes_state() {
+        let w = pi05::STATE_WIDTH as usize;
+        let state = (0..w)
+            .map(|i| if i < 8 { (i as f32 * 0.9).sin() } else { 0.0 })
+            .collect();
+        values.insert(
+            "state".into(),
+            HostTensor {
+                shape: vec![1, w],
+                data: Data::F32(state),
+            },
+        );
+    }
+    values
 }
 
 fn write_inputs(dir: &Path, tensors: &Tensors) -> PathBuf {
@@ -293,18 +309,26 @@ fn io(manifest: &Value, graph: &str, side: &str) -> Vec<(String, String, Vec<i64
         .collect()
 }
 
-fn prefix_inputs_layout() -> Vec<(String, String, Vec<i64>)> {
-    let s = pi05::IMAGE;
+/// The seed exporters' prefix inputs in their order (`state` last, for pi0 and SmolVLA).
+fn prefix_inputs_layout(variant: pi05::Variant) -> Vec<(String, String, Vec<i64>)> {
+    let s = variant.dims(pi05::Dims::TINY).image;
     let t = pi05::TOKENS;
     let mut v = vec![];
-    for c in pi05::CAMERAS {
+    for c in variant.cameras() {
         v.push((format!("img_{c}"), "tensor(float)".into(), vec![1, 3, s, s]));
     }
-    for c in pi05::CAMERAS {
+    for c in variant.cameras() {
         v.push((format!("mask_{c}"), "tensor(bool)".into(), vec![1]));
     }
     v.push(("lang_tokens".into(), "tensor(int64)".into(), vec![1, t]));
     v.push(("lang_masks".into(), "tensor(bool)".into(), vec![1, t]));
+    if variant.takes_state() {
+        v.push((
+            "state".into(),
+            "tensor(float)".into(),
+            vec![1, pi05::STATE_WIDTH],
+        ));
+    }
     v
 }
 
@@ -341,7 +365,7 @@ fn assert_seed_layout(kind: Kind, manifest: &Value) {
         Kind::Pi05 | Kind::Pi05PerStep => {
             assert_eq!(
                 io(manifest, pi05::PREFIX_ONNX, "inputs"),
-                prefix_inputs_layout()
+                prefix_inputs_layout(pi05::Variant::Pi05)
             );
             assert_eq!(io(manifest, pi05::PREFIX_ONNX, "outputs"), kv_layout());
             let mut expert_in = kv_layout();
@@ -356,8 +380,8 @@ fn assert_seed_layout(kind: Kind, manifest: &Value) {
             assert_eq!(io(manifest, pi05::EXPERT_ONNX, "inputs"), expert_in);
             assert_eq!(io(manifest, pi05::EXPERT_ONNX, "outputs"), outputs);
         }
-        Kind::Pi05Monolithic => {
-            let mut inputs = prefix_inputs_layout();
+        Kind::Pi05Monolithic | Kind::Pi0 | Kind::Smolvla => {
+            let mut inputs = prefix_inputs_layout(kind.variant().unwrap());
             inputs.push(action_layout("noise"));
             assert_eq!(io(manifest, pi05::MONOLITHIC_ONNX, "inputs"), inputs);
             assert_eq!(
@@ -376,9 +400,9 @@ fn assert_folder(kind: Kind, dir: &Path, manifest: &Value) {
         serde_json::from_slice(&std::fs::read(dir.join(assets::SEED_CONFIG)).unwrap()).unwrap();
     assert_eq!(cfg["num_denoising_steps"], pi05::STEPS);
     assert_eq!(cfg["action_dim"], 32);
-    if kind == Kind::Pi05Monolithic {
+    if kind.monolithic() {
         assert_eq!(cfg["export_kind"], "monolithic");
-        assert_eq!(cfg["model_type"], "pi05");
+        assert_eq!(cfg["model_type"], kind.variant().unwrap().model_type());
     } else {
         assert_eq!(cfg["export_kind"], "decomposed");
         assert_eq!(cfg["model_type"], "pi05_decomposed");
@@ -463,7 +487,7 @@ fn check(kind: Kind) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("export");
     reflex_engine::fixtures::write(kind, &dir, 3).unwrap();
-    let values = inputs();
+    let values = inputs(kind.variant().unwrap());
     let inputs_json = write_inputs(&tmp.path().join("inputs"), &values);
     let (manifest, theirs) = onnxruntime(&dir, &inputs_json, &tmp.path().join("ort"));
     assert_seed_layout(kind, &manifest);
@@ -471,7 +495,7 @@ fn check(kind: Kind) {
     let actions = &theirs["actions"];
     assert_actions_plausible(actions, &values["noise"]);
 
-    let ours_actions = if kind == Kind::Pi05Monolithic {
+    let ours_actions = if kind.monolithic() {
         let model = load_graph(&dir.join(pi05::MONOLITHIC_ONNX)).unwrap();
         run_tract(&model, &values).remove("actions").unwrap()
     } else {
@@ -516,4 +540,14 @@ fn pi05_per_step_matches_onnxruntime() {
 #[test]
 fn pi05_monolithic_matches_onnxruntime() {
     check(Kind::Pi05Monolithic);
+}
+
+#[test]
+fn pi0_monolithic_matches_onnxruntime() {
+    check(Kind::Pi0);
+}
+
+#[test]
+fn smolvla_monolithic_matches_onnxruntime() {
+    check(Kind::Smolvla);
 }

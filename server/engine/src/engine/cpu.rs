@@ -49,6 +49,7 @@ pub fn load_graph_with<T>(
             graph = %path.display(),
             sequence_items = report.sequence_items,
             cumsums = report.cumsums,
+            powers = report.powers,
             "graph rewritten for tract"
         );
     }

@@ -10,6 +10,8 @@ use tract_onnx::pb;
 
 const I64: i32 = pb::tensor_proto::DataType::Int64 as i32;
 const I32: i32 = pb::tensor_proto::DataType::Int32 as i32;
+const F32: i32 = pb::tensor_proto::DataType::Float as i32;
+const F64: i32 = pb::tensor_proto::DataType::Double as i32;
 
 /// An int64 tensor with its values little-endian in `raw_data`, as exporters write them.
 pub fn i64_tensor(name: &str, dims: &[i64], values: &[i64]) -> pb::TensorProto {
@@ -41,6 +43,28 @@ pub fn int_values(t: &pb::TensorProto) -> Option<Vec<i64>> {
                 .collect(),
         ),
         I32 => Some(t.int32_data.iter().map(|v| *v as i64).collect()),
+        _ => None,
+    }
+}
+
+/// The values of a float32 or float64 tensor held in the protobuf (`raw_data` or the typed
+/// field), as f64; `None` for any other type or for external data.
+pub fn float_values(t: &pb::TensorProto) -> Option<Vec<f64>> {
+    match t.data_type {
+        F32 if !t.raw_data.is_empty() => Some(
+            t.raw_data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("chunks of 4")) as f64)
+                .collect(),
+        ),
+        F32 if t.external_data.is_empty() => Some(t.float_data.iter().map(|v| *v as f64).collect()),
+        F64 if !t.raw_data.is_empty() => Some(
+            t.raw_data
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("chunks of 8")))
+                .collect(),
+        ),
+        F64 if t.external_data.is_empty() => Some(t.double_data.clone()),
         _ => None,
     }
 }
