@@ -355,3 +355,139 @@ async fn the_seed_tools_own_runtime_gives_the_same_actions_as_reflex_serve() {
         assert!(p.wait_exit(Duration::from_secs(10)).unwrap().success());
     }
 }
+
+/// The libonnxruntime of the Python onnxruntime package `deploy/ci-setup.sh` installs.
+fn python_ort_lib() -> std::path::PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*')))[-1])",
+        ])
+        .output()
+        .expect("python3 must be installed (deploy/ci-setup.sh)");
+    assert!(
+        out.status.success(),
+        "onnxruntime (pip) is not installed: run deploy/ci-setup.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ort_engine_serves_every_seed_layout_and_agrees_with_tract() {
+    let lib = python_ort_lib();
+    let lib_arg = lib.to_str().unwrap();
+    for kind in ["pi05", "pi05-per-step", "pi05-monolithic", "pi0", "smolvla"] {
+        let dir = tempfile::tempdir().unwrap();
+        let export = dir.path().join(kind);
+        let out = Command::new(BIN)
+            .args(["export-demo", "--kind", kind, export.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cams = Cameras::of(&export);
+        let req = request(&cams, noise(50 * 32), None);
+
+        let (mut tract, sock) = serve(dir.path(), &export, &[]).await;
+        let mut c = policy_client(&format!("unix://{}", sock.display())).await;
+        let by_tract = timeout(c.act(req.clone())).await.unwrap().into_inner();
+        tract.signal(libc::SIGTERM);
+        assert!(tract.wait_exit(Duration::from_secs(10)).unwrap().success());
+
+        let ort_dir = dir.path().join("ort");
+        std::fs::create_dir_all(&ort_dir).unwrap();
+        let (mut p, sock) = serve(
+            &ort_dir,
+            &export,
+            &[
+                "--engine",
+                "ort",
+                "--ort-lib",
+                lib_arg,
+                "--ort-threads",
+                "2",
+            ],
+        )
+        .await;
+        p.wait_for_log("engine ort: onnxruntime runs the graphs");
+        let mut c = policy_client(&format!("unix://{}", sock.display())).await;
+        let info = timeout(c.get_model_info(pb::GetModelInfoRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.mode, "ort", "{kind}");
+        let by_ort = timeout(c.act(req.clone())).await.unwrap().into_inner();
+        let (cos, max_abs) =
+            reflex_engine::engine::cos_and_max_abs(&by_ort.actions, &by_tract.actions);
+        eprintln!("{kind}: --engine ort vs --engine cpu: cos {cos:.9} max_abs {max_abs:.2e}");
+        assert!(
+            cos >= 0.99999 && max_abs <= 1e-4,
+            "{kind}: cos {cos} max_abs {max_abs}"
+        );
+        // Repeats are bit-identical on this engine too (seeded; cached prefix or not).
+        let a = timeout(c.act(request(&cams, vec![], Some(9))))
+            .await
+            .unwrap()
+            .into_inner();
+        let b = timeout(c.act(request(&cams, vec![], Some(9))))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(bits(&a.actions), bits(&b.actions), "{kind}");
+        p.signal(libc::SIGTERM);
+        assert!(p.wait_exit(Duration::from_secs(10)).unwrap().success());
+    }
+}
+
+#[test]
+fn the_ort_engine_without_a_library_or_on_the_reference_export_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("pi05");
+    let out = Command::new(BIN)
+        .args(["export-demo", "--kind", "pi05", export.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let run = |export: &Path, extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args([
+                "serve",
+                "--model",
+                export.to_str().unwrap(),
+                "--engine",
+                "ort",
+            ])
+            .args(extra)
+            .env_remove("ORT_DYLIB_PATH")
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = run(&export, &[]);
+    assert!(
+        err.contains("--ort-lib") && err.contains("ORT_DYLIB_PATH"),
+        "{err}"
+    );
+    let err = run(&export, &["--ort-lib", "/nonexistent/libonnxruntime.so"]);
+    assert!(
+        err.contains("/nonexistent/libonnxruntime.so: no such file"),
+        "{err}"
+    );
+    let reference = dir.path().join("reference");
+    let out = Command::new(BIN)
+        .args(["export-demo", reference.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let lib = python_ort_lib();
+    let err = run(&reference, &["--ort-lib", lib.to_str().unwrap()]);
+    assert!(
+        err.contains("reference export runs on --engine cpu or cuda"),
+        "{err}"
+    );
+}

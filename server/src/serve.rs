@@ -140,7 +140,9 @@ pub struct ServeArgs {
 
     /// Engine that runs the model: cpu (tract), cuda (NVIDIA GPU: cuBLAS + NVRTC kernels,
     /// CUDA graphs; needs the driver and the CUDA 13 libcublas/libnvrtc, and refuses to start
-    /// without them) or auto (cuda where it loads, else cpu with one log line saying why).
+    /// without them), auto (cuda where it loads, else cpu with one log line saying why) or ort
+    /// (onnxruntime's CPU provider, loaded at run time from --ort-lib / ORT_DYLIB_PATH; real
+    /// VLA exports only — faster than tract on transformer-sized graphs, see the README).
     #[arg(
         long,
         value_name = "ENGINE",
@@ -215,6 +217,16 @@ pub struct ServeArgs {
         default_value = "keep"
     )]
     pub seed_quirks: reflex_engine::seed::SeedQuirks,
+
+    /// With --engine ort: the onnxruntime library to load (a libonnxruntime.so.*; the
+    /// `onnxruntime` wheel on PyPI ships one in onnxruntime/capi/).
+    #[arg(long, value_name = "PATH", env = "ORT_DYLIB_PATH")]
+    pub ort_lib: Option<PathBuf>,
+
+    /// With --engine ort: onnxruntime's intra-op threads per call (tract runs a call on one).
+    #[arg(long, value_name = "N", env = "REFLEX_ORT_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub ort_threads: u32,
 
     /// Largest Act request accepted, in MiB; larger ones get INVALID_ARGUMENT.
     #[arg(long, value_name = "MIB", env = "REFLEX_MAX_MESSAGE_MB", default_value_t = 8,
@@ -316,6 +328,8 @@ impl ServeArgs {
             tokenizer: None,
             stats: None,
             seed_quirks: Default::default(),
+            ort_lib: None,
+            ort_threads: 1,
             max_message_mb: 8,
             embodiment: "unknown".into(),
             drain_ms: 5000,
@@ -377,6 +391,8 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             stats: args.stats.clone(),
             quirks: args.seed_quirks,
         },
+        ort_lib: args.ort_lib.clone(),
+        ort_threads: args.ort_threads as usize,
     };
     let t0 = std::time::Instant::now();
     // Loading optimises the graphs: seconds of CPU, kept off the runtime.

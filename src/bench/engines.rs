@@ -50,9 +50,19 @@ pub struct EnginesBench {
     /// --kind pi05 --scale smolvla-size DIR`). `--calls` and `--warmup` apply.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["cpu_only", "require_gpu"])]
     pub export: Option<std::path::PathBuf>,
-    /// With --export: onnxruntime's intra-op threads (ours runs each call on one thread).
+    /// With --export: onnxruntime's intra-op threads, in its Python worker and in our `ort`
+    /// engine (tract runs each call on one thread).
     #[arg(long, default_value_t = 1, requires = "export")]
     pub ort_threads: usize,
+    /// With --export: which of our engines runs against onnxruntime's Python worker: `tract`
+    /// (the embedded cpu engine) or `ort` (our onnxruntime engine, `reflex serve --engine ort`).
+    #[arg(long, value_name = "tract|ort", default_value = "tract", requires = "export",
+          value_parser = ["tract", "ort"])]
+    pub export_engine: String,
+    /// With --export-engine ort: the libonnxruntime.so.* to load; default `ORT_DYLIB_PATH`,
+    /// else the one of the Python onnxruntime package the worker uses.
+    #[arg(long, value_name = "PATH", requires = "export")]
+    pub ort_lib: Option<std::path::PathBuf>,
 }
 
 struct Variant {
@@ -75,7 +85,13 @@ struct Variant {
 pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
     if let Some(export) = args.export.clone() {
         return tokio::task::spawn_blocking(move || {
-            super::exports::run(&export, args.calls, args.warmup, args.ort_threads)
+            super::exports::run(
+                &export,
+                args.calls,
+                args.warmup,
+                args.ort_threads,
+                (args.export_engine == "ort").then_some(args.ort_lib),
+            )
         })
         .await?;
     }

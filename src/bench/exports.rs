@@ -89,7 +89,47 @@ impl Worker {
     }
 }
 
-pub fn run(export: &Path, calls: usize, warmup: usize, ort_threads: usize) -> anyhow::Result<()> {
+/// The libonnxruntime of the Python onnxruntime package (`onnxruntime/capi/`).
+pub fn python_ort_lib() -> anyhow::Result<PathBuf> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*')))[-1])",
+        ])
+        .output()
+        .context("starting python3")?;
+    if !out.status.success() {
+        bail!(
+            "no libonnxruntime found through python3's onnxruntime package (pip install onnxruntime, or give --ort-lib): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// `ort`: `None` runs our tract engine; `Some(lib)` our onnxruntime engine (`lib`, else
+/// `ORT_DYLIB_PATH`, else [`python_ort_lib`]).
+pub fn run(
+    export: &Path,
+    calls: usize,
+    warmup: usize,
+    ort_threads: usize,
+    ort: Option<Option<PathBuf>>,
+) -> anyhow::Result<()> {
+    let backend = match ort {
+        None => reflex_engine::vla::Backend::Tract,
+        Some(lib) => reflex_engine::vla::Backend::Ort {
+            lib: match lib.or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from)) {
+                Some(l) => l,
+                None => python_ort_lib()?,
+            },
+            threads: ort_threads,
+        },
+    };
+    let ours_name = match &backend {
+        reflex_engine::vla::Backend::Tract => "reflex cpu (tract)".to_string(),
+        reflex_engine::vla::Backend::Ort { threads, .. } => format!("reflex ort ({threads} thr)"),
+    };
     let work = tempfile::Builder::new()
         .prefix("reflex-bench-export-")
         .tempdir()?;
@@ -103,7 +143,7 @@ pub fn run(export: &Path, calls: usize, warmup: usize, ort_threads: usize) -> an
     // Ours.
     let rss0 = self_status_kib("VmRSS");
     let t0 = Instant::now();
-    let model = reflex_engine::policy::load_vla_model(export, &Default::default())
+    let model = reflex_engine::policy::load_vla_model(export, &Default::default(), &backend)
         .with_context(|| format!("loading {}", export.display()))?;
     let mut ours = Side {
         load_s: t0.elapsed().as_secs_f64(),
@@ -239,7 +279,7 @@ pub fn run(export: &Path, calls: usize, warmup: usize, ort_threads: usize) -> an
         "/weights"
     );
     for (name, s) in [
-        ("reflex cpu (tract)", &ours),
+        (ours_name.as_str(), &ours),
         (&*format!("onnxruntime cpu ({ort_threads} thr)"), &ort),
     ] {
         println!(
@@ -262,7 +302,7 @@ pub fn run(export: &Path, calls: usize, warmup: usize, ort_threads: usize) -> an
         ours.peak_rss_kib as f64 / ort.peak_rss_kib.max(1) as f64,
     );
     println!(
-        "ours: one thread per call, as `reflex serve` runs each call (its --workers run calls in parallel); peak RSS is the process's VmHWM above its start, onnxruntime's its worker's ru_maxrss"
+        "ours: {ours_name}, as `reflex serve` runs each call (its --workers run calls in parallel); peak RSS is the process's VmHWM above its start, onnxruntime's its worker's ru_maxrss"
     );
     Ok(())
 }

@@ -181,6 +181,10 @@ pub struct PolicyOptions {
     pub cache_entries: usize,
     /// For a seed-tool export: `--tokenizer`, `--stats`, `--seed-quirks`.
     pub seed: SeedOptions,
+    /// `--engine ort`: the onnxruntime library (`--ort-lib`; else `ORT_DYLIB_PATH`) and its
+    /// intra-op threads.
+    pub ort_lib: Option<PathBuf>,
+    pub ort_threads: usize,
 }
 
 impl Default for PolicyOptions {
@@ -190,6 +194,8 @@ impl Default for PolicyOptions {
             cuda_graphs: true,
             cache_entries: 1024,
             seed: SeedOptions::default(),
+            ort_lib: None,
+            ort_threads: 1,
         }
     }
 }
@@ -344,9 +350,13 @@ fn read_export(dir: &Path, opts: &SeedOptions) -> Result<Export, LoadError> {
 
 /// A real VLA export's model alone, without the serving policy around it (benches): the
 /// same config reading and seed mapping as [`Policy::load`].
-pub fn load_vla_model(dir: &Path, seed: &SeedOptions) -> Result<VlaModel, LoadError> {
+pub fn load_vla_model(
+    dir: &Path,
+    seed: &SeedOptions,
+    backend: &crate::vla::Backend,
+) -> Result<VlaModel, LoadError> {
     match read_export(dir, seed)? {
-        Export::V2 { spec, .. } => Ok(VlaModel::load(dir, spec)?),
+        Export::V2 { spec, .. } => Ok(VlaModel::load_with(dir, spec, backend)?),
         Export::V1(_) => Err(ConfigError::Invalid {
             path: dir.join(crate::config::CONFIG_FILE),
             message: "this is a reflex-export v1 (reference) export, not a real VLA export".into(),
@@ -368,6 +378,19 @@ pub struct Policy {
     export_dir: PathBuf,
     seed_base: u64,
     seed_counter: AtomicU64,
+    /// Acts whose engine run gave finite actions; `probe_mark`, the count the last
+    /// [`Policy::probe`] saw (see there).
+    engine_ok: AtomicU64,
+    probe_mark: AtomicU64,
+}
+
+/// What [`Policy::probe`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probed {
+    /// Ran the engine on zeros.
+    Ran,
+    /// Skipped: calls have run the engine to finite actions since the last probe.
+    ProvenByCalls,
 }
 
 impl Policy {
@@ -397,6 +420,13 @@ impl Policy {
             Ok(e)
         };
         let engine: Box<dyn Engine> = match opts.engine {
+            EngineKind::Ort => {
+                return Err(EngineError::Unavailable {
+                    engine: "ort",
+                    reason: "it runs real VLA exports (reflex-export v2, the seed tool's layouts); this reference export runs on --engine cpu or cuda".into(),
+                }
+                .into());
+            }
             EngineKind::Cpu => Box::new(CpuEngine::load(&prefix, &expert, shapes)?),
             EngineKind::Cuda => Box::new(cuda()?),
             EngineKind::Auto => match cuda() {
@@ -441,6 +471,8 @@ impl Policy {
             export_dir: dir.to_path_buf(),
             seed_base: os_random_u64(),
             seed_counter: AtomicU64::new(0),
+            engine_ok: AtomicU64::new(0),
+            probe_mark: AtomicU64::new(0),
         })
     }
 
@@ -451,8 +483,15 @@ impl Policy {
         seed: bool,
         opts: &PolicyOptions,
     ) -> Result<Self, LoadError> {
+        let backend = match opts.engine {
+            EngineKind::Ort => crate::vla::Backend::Ort {
+                lib: crate::engine::onnxruntime::library_path(opts.ort_lib.as_deref())?,
+                threads: opts.ort_threads,
+            },
+            _ => crate::vla::Backend::Tract,
+        };
         match opts.engine {
-            EngineKind::Cpu => {}
+            EngineKind::Cpu | EngineKind::Ort => {}
             EngineKind::Auto => tracing::info!(
                 "engine auto: running on cpu, because the cuda engine runs reflex-export v1 graphs only (real VLA exports: issue 14)"
             ),
@@ -474,7 +513,10 @@ impl Policy {
             let value = serde_json::to_value(&spec).expect("the contract serialises");
             crate::config::hex(&Sha256::digest(value.to_string().as_bytes())[..8])
         };
-        let model = VlaModel::load(dir, spec)?;
+        let model = VlaModel::load_with(dir, spec, &backend)?;
+        if let crate::vla::Backend::Ort { lib, threads } = &backend {
+            tracing::info!(lib = %lib.display(), threads, "engine ort: onnxruntime runs the graphs");
+        }
         let files: Vec<String> = model
             .files
             .iter()
@@ -528,6 +570,8 @@ impl Policy {
             export_dir: dir.to_path_buf(),
             seed_base: os_random_u64(),
             seed_counter: AtomicU64::new(0),
+            engine_ok: AtomicU64::new(0),
+            probe_mark: AtomicU64::new(0),
         })
     }
 
@@ -554,15 +598,17 @@ impl Policy {
     pub fn mode(&self) -> &'static str {
         match &self.runtime {
             Runtime::Reference { engine, .. } => engine.mode(),
+            // The engine's name as `--engine` spells it.
+            Runtime::Vla(model) if model.engine == "onnxruntime" => "ort",
             Runtime::Vla(_) => "cpu",
         }
     }
     pub fn hardware(&self) -> BTreeMap<String, String> {
         match &self.runtime {
             Runtime::Reference { engine, .. } => engine.hardware(),
-            Runtime::Vla(_) => {
+            Runtime::Vla(model) => {
                 let mut m = crate::engine::cpu_hardware();
-                m.insert("engine".into(), "tract".into());
+                m.insert("engine".into(), model.engine.into());
                 m
             }
         }
@@ -806,6 +852,7 @@ impl Policy {
                 .into(),
             });
         }
+        self.engine_ok.fetch_add(1, Ordering::Relaxed);
         Ok(ActOutput {
             actions,
             noise_seed,
@@ -820,7 +867,19 @@ impl Policy {
     /// engine (and, for a GPU engine, the device) — one expert step on zeros for the
     /// reference format; the expert (or the one graph) on zeros for a real export. Blocking,
     /// like [`Policy::act`]; it touches neither the cache nor the seed sequence.
-    pub fn probe(&self) -> Result<(), EngineError> {
+    ///
+    /// For a real export that probe is a whole denoise (a baked loop or a monolithic graph:
+    /// seconds on a CPU at real scale), so it is skipped when calls have run the engine to
+    /// finite actions since the previous probe ([`Probed::ProvenByCalls`]): a busy server's
+    /// calls prove its engine, an idle one runs the probe. A wedged engine stops the calls
+    /// from succeeding, so the next probe runs and hangs, and the watchdog sees it.
+    pub fn probe(&self) -> Result<Probed, EngineError> {
+        if matches!(self.runtime, Runtime::Vla(_)) {
+            let seen = self.engine_ok.load(Ordering::Relaxed);
+            if self.probe_mark.swap(seen, Ordering::Relaxed) != seen {
+                return Ok(Probed::ProvenByCalls);
+            }
+        }
         let f = &self.facts;
         let (v, want) = match &self.runtime {
             Runtime::Reference { cfg, engine, .. } => {
@@ -862,7 +921,7 @@ impl Policy {
                 ),
             });
         }
-        Ok(())
+        Ok(Probed::Ran)
     }
 
     fn hash_frames(&self, input: &ActInput) -> Result<Vec<Option<String>>, InputError> {
@@ -1050,7 +1109,11 @@ mod tests {
     fn the_liveness_probe_runs_the_engine_and_leaves_no_trace() {
         let (_d, p) = policy(0, 4);
         p.act(&input(None)).unwrap();
-        p.probe().unwrap();
+        assert_eq!(
+            p.probe().unwrap(),
+            Probed::Ran,
+            "the reference probe always runs: one step"
+        );
         let after = p.act(&input(None)).unwrap();
         assert_eq!(
             after.cache,

@@ -25,7 +25,33 @@ use crate::config::{ImageConfig, ResizePolicy, hex};
 use crate::contract::{
     Absent, Channels, ExpertMode, ExportV2, Normalization, Range, StatsV2, TimeDirection,
 };
+use crate::engine::onnxruntime::OrtGraph;
 use crate::engine::{EngineError, PixelNorm, cpu::Plan};
+
+/// What runs a real export's graphs: tract (embedded, the default) or onnxruntime (`--engine
+/// ort`, [`crate::engine::onnxruntime`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Backend {
+    #[default]
+    Tract,
+    /// The library file and its intra-op threads.
+    Ort { lib: PathBuf, threads: usize },
+}
+
+impl Backend {
+    /// `tract` or `onnxruntime`: ModelInfo's `hardware.engine`, logs, benches.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Tract => "tract",
+            Backend::Ort { .. } => "onnxruntime",
+        }
+    }
+}
+
+enum Exec {
+    Tract(Plan),
+    Ort(OrtGraph),
+}
 
 /// lerobot's normaliser epsilon (`(x − mean)/(std + eps)`).
 const EPS: f32 = 1e-8;
@@ -47,10 +73,10 @@ impl Port {
     }
 }
 
-/// A graph planned by tract, with its inputs and outputs by name.
+/// A graph planned by tract or loaded into onnxruntime, with its inputs and outputs by name.
 pub struct Graph {
     pub file: String,
-    plan: Plan,
+    exec: Exec,
     pub inputs: Vec<Port>,
     pub outputs: Vec<Port>,
 }
@@ -119,13 +145,41 @@ fn ports(model: &TypedModel, outlets: &[OutletId], inputs: bool) -> Result<Vec<P
 }
 
 impl Graph {
-    fn load(dir: &Path, file: &str) -> Result<(Graph, ProtoFacts), EngineError> {
+    fn load(dir: &Path, file: &str, backend: &Backend) -> Result<(Graph, ProtoFacts), EngineError> {
         let path = dir.join(file);
-        let (plan, facts) = crate::engine::cpu::load_graph_with(&path, proto_facts)?;
         let err = |message: String| EngineError::Load {
             graph: path.display().to_string(),
             message,
         };
+        if let Backend::Ort { lib, threads } = backend {
+            // The protobuf alone (its weights stay in their .data files) for the facts;
+            // onnxruntime reads the graph itself.
+            let bytes = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
+            let proto = <pb::ModelProto as prost::Message>::decode(bytes.as_slice())
+                .map_err(|e| err(format!("not an ONNX model: {e}")))?;
+            let facts = proto_facts(&proto);
+            drop(proto);
+            let g = OrtGraph::load(&path, lib, *threads)?;
+            let port = |p: &crate::engine::onnxruntime::OrtPort| Port {
+                name: p.name.clone(),
+                dt: p.dt,
+                shape: p.shape.clone(),
+            };
+            let (inputs, outputs) = (
+                g.inputs.iter().map(port).collect(),
+                g.outputs.iter().map(port).collect(),
+            );
+            return Ok((
+                Graph {
+                    file: file.to_string(),
+                    exec: Exec::Ort(g),
+                    inputs,
+                    outputs,
+                },
+                facts,
+            ));
+        }
+        let (plan, facts) = crate::engine::cpu::load_graph_with(&path, proto_facts)?;
         let model = plan.model();
         let inputs = ports(
             model,
@@ -142,7 +196,7 @@ impl Graph {
         Ok((
             Graph {
                 file: file.to_string(),
-                plan,
+                exec: Exec::Tract(plan),
                 inputs,
                 outputs,
             },
@@ -178,7 +232,10 @@ impl Graph {
                     .into_tvalue()
             });
         }
-        self.plan.run(inputs).map_err(|e| err(format!("{e:#}")))
+        match &self.exec {
+            Exec::Tract(plan) => plan.run(inputs).map_err(|e| err(format!("{e:#}"))),
+            Exec::Ort(g) => g.run(&inputs).map_err(err),
+        }
     }
 }
 
@@ -334,6 +391,8 @@ pub struct VlaModel {
     prefix_bytes: usize,
     /// Every file read, relative to the export or absolute, for `model_hash`.
     pub files: Vec<PathBuf>,
+    /// What runs the graphs: `tract` or `onnxruntime` ([`Backend::name`]).
+    pub engine: &'static str,
 }
 
 fn load_err(file: &Path, message: impl Into<String>) -> EngineError {
@@ -356,12 +415,21 @@ fn side_file(dir: &Path, name: &str) -> PathBuf {
 
 impl VlaModel {
     pub fn load(dir: &Path, spec: ExportV2) -> Result<VlaModel, EngineError> {
+        VlaModel::load_with(dir, spec, &Backend::Tract)
+    }
+
+    /// [`VlaModel::load`] on `backend`.
+    pub fn load_with(
+        dir: &Path,
+        spec: ExportV2,
+        backend: &Backend,
+    ) -> Result<VlaModel, EngineError> {
         let config_path = dir.join(crate::config::CONFIG_FILE);
         spec.validate().map_err(|m| load_err(&config_path, m))?;
         let mut files = vec![PathBuf::from(crate::config::CONFIG_FILE)];
         let mut gathers = BTreeMap::new();
         let mut load = |file: &str| -> Result<Graph, EngineError> {
-            let (g, facts) = Graph::load(dir, file)?;
+            let (g, facts) = Graph::load(dir, file, backend)?;
             files.push(file.into());
             files.extend(facts.external.iter().map(PathBuf::from));
             gathers.extend(facts.gather_rows);
@@ -618,6 +686,7 @@ impl VlaModel {
             ..crate::preprocess::pixel_norm(&image)
         };
         Ok(VlaModel {
+            engine: backend.name(),
             prefix,
             expert,
             tokenizer,
@@ -1147,7 +1216,11 @@ mod tests {
                 assert_eq!((a.cache, b.cache), (CacheStatus::Miss, CacheStatus::Hit));
                 assert!(p.cache_capacity().unwrap().entry_bytes > 2 * 2 * 64 * 16 * 4);
             }
-            p.probe().unwrap();
+            // The calls above proved the engine: the probe skips the whole-loop run; the
+            // next one, with no call between, runs it.
+            assert_eq!(p.probe().unwrap(), crate::policy::Probed::ProvenByCalls);
+            assert_eq!(p.probe().unwrap(), crate::policy::Probed::Ran);
+            assert_eq!(p.probe().unwrap(), crate::policy::Probed::Ran);
 
             // The same export described by a native format_version 2 config.
             let cfg: serde_json::Value = serde_json::from_slice(

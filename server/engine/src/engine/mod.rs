@@ -9,6 +9,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod graph;
+pub mod onnxruntime;
 
 use std::collections::BTreeMap;
 
@@ -58,6 +59,9 @@ pub enum EngineKind {
     Cuda,
     /// `cuda` where it loads, else `cpu` with one log line saying why.
     Auto,
+    /// onnxruntime's CPU provider, its library loaded at run time (`--ort-lib`,
+    /// `ORT_DYLIB_PATH`): real VLA exports only ([`onnxruntime`]).
+    Ort,
 }
 
 impl std::str::FromStr for EngineKind {
@@ -67,8 +71,9 @@ impl std::str::FromStr for EngineKind {
             "cpu" => Ok(EngineKind::Cpu),
             "cuda" => Ok(EngineKind::Cuda),
             "auto" => Ok(EngineKind::Auto),
+            "ort" => Ok(EngineKind::Ort),
             other => Err(format!(
-                "unknown engine {other:?} (one of: cpu, cuda, auto)"
+                "unknown engine {other:?} (one of: cpu, cuda, auto, ort)"
             )),
         }
     }

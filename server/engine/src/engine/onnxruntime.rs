@@ -37,7 +37,10 @@ pub fn library_path(flag: Option<&Path>) -> Result<PathBuf, EngineError> {
     if !path.is_file() {
         return Err(EngineError::Unavailable {
             engine: "ort",
-            reason: format!("{}: no such file (--ort-lib / ORT_DYLIB_PATH)", path.display()),
+            reason: format!(
+                "{}: no such file (--ort-lib / ORT_DYLIB_PATH)",
+                path.display()
+            ),
         });
     }
     Ok(path)
@@ -175,7 +178,10 @@ impl OrtGraph {
     }
 }
 
-fn view<'a, T>(shape: Vec<usize>, v: &'a TValue) -> Result<ort::session::SessionInputValue<'a>, String>
+fn view<'a, T>(
+    shape: Vec<usize>,
+    v: &'a TValue,
+) -> Result<ort::session::SessionInputValue<'a>, String>
 where
     T: ort::value::PrimitiveTensorElementType + Datum + std::fmt::Debug + Clone + 'static,
 {
@@ -191,7 +197,7 @@ where
 fn to_tract(p: &OrtPort, v: &DynValue) -> Result<Tensor, String> {
     fn copy<T>(p: &OrtPort, v: &DynValue) -> Result<Tensor, String>
     where
-        T: ort::value::PrimitiveTensorElementType + Datum + Clone,
+        T: ort::value::PrimitiveTensorElementType + Datum + Copy,
     {
         let (shape, data) = v
             .try_extract_tensor::<T>()
