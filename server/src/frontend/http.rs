@@ -41,7 +41,6 @@ use hyper::body::Incoming;
 use reflex_proto::v1 as pb;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthToken;
@@ -49,8 +48,6 @@ use crate::service::{Call, PolicyService};
 
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// A TLS handshake must finish within this.
-pub const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 /// A request body must arrive within this.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -125,53 +122,24 @@ impl HttpFrontend {
     /// Serves connections from `listener` until `stop`; then lets each connection finish
     /// the request it is in (HTTP/1.1 graceful shutdown) and returns.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        let mut conns = JoinSet::new();
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                accepted = listener.accept(), if conns.len() < MAX_CONNECTIONS => {
-                    let (io, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // E.g. out of file descriptors: wait instead of spinning.
-                            tracing::warn!(error = %e, "http front-end cannot accept");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    };
-                    let _ = io.set_nodelay(true);
-                    let (fe, stop) = (self.clone(), stop.clone());
-                    match self.tls.clone() {
-                        None => {
-                            conns.spawn(fe.connection(io, peer, stop));
-                        }
-                        Some(acceptor) => {
-                            conns.spawn(async move {
-                                // The handshake inside the task: a slow client holds only
-                                // its own connection, for at most the handshake timeout.
-                                let accepted =
-                                    tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(io)).await;
-                                match accepted {
-                                    Ok(Ok(tls)) => fe.connection(tls, peer, stop).await,
-                                    Ok(Err(e)) => {
-                                        tracing::debug!(error = %e, %peer, "tls handshake failed")
-                                    }
-                                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
-                                }
-                            });
-                        }
-                    }
-                }
-            }
-        }
-        while conns.join_next().await.is_some() {}
+        let tls = self.tls.clone();
+        super::serve_tcp(
+            listener,
+            tls,
+            MAX_CONNECTIONS,
+            stop,
+            "http",
+            move |io, peer, stop| self.clone().connection(io, peer, stop),
+        )
+        .await
     }
 
-    async fn connection<I>(self: Arc<Self>, io: I, peer: SocketAddr, stop: CancellationToken)
-    where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
+    async fn connection(
+        self: Arc<Self>,
+        io: super::Stream,
+        peer: SocketAddr,
+        stop: CancellationToken,
+    ) {
         let fe = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let fe = fe.clone();
@@ -231,13 +199,7 @@ impl HttpFrontend {
         let presented = headers
             .get("x-reflex-key")
             .map(|v| v.as_bytes().trim_ascii())
-            .or_else(|| {
-                let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-                let (scheme, rest) = v.split_once(' ')?;
-                scheme
-                    .eq_ignore_ascii_case("bearer")
-                    .then(|| rest.trim().as_bytes())
-            });
+            .or_else(|| super::authorization(headers, &["bearer"]));
         let reason = match presented {
             Some(p) if !p.is_empty() && token.matches(p) => return None,
             Some(_) => "wrong",
@@ -332,7 +294,7 @@ impl HttpFrontend {
         };
         drop(body);
         let call = Call {
-            connection: Some(connection_key(peer)),
+            connection: Some(super::connection_key(peer)),
             deadline: None,
             arrived: Some(arrived),
         };
@@ -400,15 +362,6 @@ impl HttpFrontend {
         }
         Ok(out)
     }
-}
-
-/// The same key gRPC gives a TCP connection (the peer's address, top bit set), so the
-/// queue's share per connection counts an HTTP keep-alive connection as one.
-fn connection_key(peer: SocketAddr) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    peer.hash(&mut h);
-    h.finish() | 1 << 63
 }
 
 /// The seed's `/act` body as an `ActRequest`; the error names the field.
