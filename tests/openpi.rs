@@ -2,7 +2,7 @@
 //! `reflex serve` on the reference model, driven by openpi's own client:
 //! `openpi_client.websocket_client_policy.WebsocketClientPolicy` and `ActionChunkBroker`
 //! (openpi-client 0.1.2 from PyPI, with msgpack and websockets), through
-//! `tests/frontends/openpi_client.py`.
+//! `tests/frontends/drive_openpi.py`.
 //!
 //! openpi-client and its dependencies are installed by `deploy/ci-setup.sh`; a missing one
 //! fails the test and says so.
@@ -16,9 +16,9 @@ use std::time::Duration;
 use reflex_proto::v1 as pb;
 use util::*;
 
-/// Runs `openpi_client.py ARGS`; its stdout as JSON.
-fn openpi_client(args: &[&str], envs: &[(&str, &Path)]) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/frontends/openpi_client.py");
+/// Runs `drive_openpi.py ARGS`; its stdout as JSON.
+fn drive_openpi(args: &[&str], envs: &[(&str, &Path)]) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/frontends/drive_openpi.py");
     let out = Command::new("python3")
         .arg(script)
         .args(args)
@@ -27,7 +27,7 @@ fn openpi_client(args: &[&str], envs: &[(&str, &Path)]) -> serde_json::Value {
         .expect("python3 must be installed (deploy/ci-setup.sh)");
     assert!(
         out.status.success(),
-        "openpi_client.py {args:?} failed (openpi-client, msgpack or websockets missing? run \
+        "drive_openpi.py {args:?} failed (openpi-client, msgpack or websockets missing? run \
          `bash deploy/ci-setup.sh`):\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -82,7 +82,7 @@ async fn openpi_client_drives_openpi_listen_equal_to_grpc_and_every_call_replays
     .await;
     let (host, port) = openpi_addr(&server);
     let frame = dir.path().join("frame.rgb");
-    let got = openpi_client(
+    let got = drive_openpi(
         &[
             "drive",
             &host,
@@ -232,7 +232,7 @@ async fn openpi_bad_input_is_a_text_frame_and_close_1011_and_the_server_keeps_se
     )
     .await;
     let (host, port) = openpi_addr(&server);
-    let got = openpi_client(&["errors", &host, &port], &[]);
+    let got = drive_openpi(&["errors", &host, &port], &[]);
     let expect = [
         (
             "not_msgpack",
@@ -329,7 +329,7 @@ async fn openpi_listen_serves_wss_with_the_grpc_certificate_and_needs_a_token_of
     let line = server.wait_for_log(needle);
     let at = line.find(needle).unwrap() + needle.len();
     let addr = line[at..].split_whitespace().next().unwrap();
-    let got = openpi_client(
+    let got = drive_openpi(
         &["tls", &format!("wss://{addr}")],
         &[("SSL_CERT_FILE", &ca)],
     );

@@ -500,12 +500,15 @@ mod tests {
 
     #[test]
     fn numbers_convert_from_every_numeric_dtype() {
-        let arr = |dtype, data: &'static [u8]| NdArray {
-            dtype,
-            shape: vec![data.len()],
-            data,
-        };
-        assert_eq!(arr("<f8", &0.25f64.to_le_bytes()).to_f32().unwrap(), [0.25]);
+        fn arr<'a>(dtype: &'a str, data: &'a [u8]) -> NdArray<'a> {
+            NdArray {
+                dtype,
+                shape: vec![data.len()],
+                data,
+            }
+        }
+        let quarter = 0.25f64.to_le_bytes();
+        assert_eq!(arr("<f8", &quarter).to_f32().unwrap(), [0.25]);
         assert_eq!(arr(">i2", &[0xff, 0xfe]).to_f32().unwrap(), [-2.0]);
         assert_eq!(arr("|u1", &[7, 9]).to_f32().unwrap(), [7.0, 9.0]);
         assert!(arr("<U1", &[0; 4]).to_f32().unwrap_err().contains("<U1"));

@@ -2,15 +2,15 @@
 against `reflex serve --openpi-listen`, for tests/openpi.rs. Prints one JSON summary on
 stdout.
 
-    openpi_client.py drive HOST PORT TOKEN FRAME_OUT
+    drive_openpi.py drive HOST PORT TOKEN FRAME_OUT
         with the token: the metadata, LIBERO observations (HWC, then the same pixels CHW, with
         a noise_seed), an ActionChunkBroker stepping through a chunk and into the next; then
         refusals without / with a wrong token. Writes the frame's raw HWC bytes to FRAME_OUT
         (for the gRPC call the test compares with).
-    openpi_client.py errors HOST PORT
+    drive_openpi.py errors HOST PORT
         one bad call per connection: each answered with a text frame (the client raises)
         and close 1011; then a good call on a new connection.
-    openpi_client.py tls URI
+    drive_openpi.py tls URI
         one call over wss:// (the CA from SSL_CERT_FILE).
 """
 
