@@ -204,23 +204,7 @@ async fn seed_client_drives_http_listen_sync_and_async_with_a_token_and_every_ca
         );
     }
     // And it replays bit-exactly over gRPC, the refused call refused the same way.
-    let out = Command::new(BIN)
-        .args(["replay", trace.to_str().unwrap(), "--model"])
-        .arg(&export_dir)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        text.matches("cos=1.000000 max_abs=0.00e+00").count(),
-        6,
-        "{text}"
-    );
+    assert_replays_bit_exactly(&trace, &export_dir, 6);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -193,23 +193,7 @@ async fn openpi_client_drives_openpi_listen_equal_to_grpc_and_every_call_replays
     assert_eq!(seqs, (0..6).collect::<Vec<_>>());
     assert!(reqs.iter().all(|r| r["error"].is_null()));
     // And it replays bit-exactly over gRPC from the recorded PNGs.
-    let out = Command::new(BIN)
-        .args(["replay", trace.to_str().unwrap(), "--model"])
-        .arg(&export_dir)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        text.matches("cos=1.000000 max_abs=0.00e+00").count(),
-        6,
-        "{text}"
-    );
+    assert_replays_bit_exactly(&trace, &export_dir, 6);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -617,14 +617,12 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     }
     if let (Some(l), Some(addr)) = (http_listener, http) {
         let fe = Arc::new(crate::frontend::http::HttpFrontend::new(
-            service.clone(),
-            access.token.clone(),
-            access.http_tls.clone(),
+            access.front_end(&service),
             max_message_bytes,
         ));
         let stop = stop_accepting.clone();
         listeners.spawn(async move {
-            fe.serve(l, stop).await;
+            crate::frontend::serve(fe, l, stop).await;
             Ok(())
         });
         tracing::info!(
@@ -649,15 +647,13 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         }
         let keys = mapping.describe();
         let fe = Arc::new(crate::frontend::openpi::OpenpiFrontend::new(
-            service.clone(),
-            access.token.clone(),
-            access.http_tls.clone(),
+            access.front_end(&service),
             mapping,
             max_message_bytes,
         ));
         let stop = stop_accepting.clone();
         listeners.spawn(async move {
-            fe.serve(l, stop).await;
+            crate::frontend::serve(fe, l, stop).await;
             Ok(())
         });
         tracing::info!(
@@ -813,6 +809,12 @@ impl Access {
             tls,
             http_tls,
         })
+    }
+
+    /// What a front-end's listener shares with the others: the Act seam, the token, and
+    /// the certificate.
+    fn front_end(&self, service: &Arc<PolicyService>) -> crate::frontend::Shared {
+        crate::frontend::Shared::new(service.clone(), self.token.clone(), self.http_tls.clone())
     }
 
     fn describe(&self, addr: &ListenAddr, tcp: bool) -> ListenerAccess {

@@ -40,11 +40,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use reflex_proto::v1 as pb;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::AuthToken;
-use crate::service::{Call, PolicyService};
+use super::{FrontEnd, Shared};
+use crate::service::Call;
 
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -53,9 +52,7 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The HTTP front-end of one server: what every connection shares.
 pub struct HttpFrontend {
-    service: Arc<PolicyService>,
-    token: Option<Arc<AuthToken>>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Shared,
     max_body: usize,
     budget: BodyBudget,
 }
@@ -98,67 +95,15 @@ type Reply = Response<Full<Bytes>>;
 impl HttpFrontend {
     /// `max_message_bytes` is `--max-message-mb`: the largest `ActRequest`; a body carries
     /// its images as base64, 4/3 of their bytes.
-    /// `tls`: the certificate the gRPC listeners serve (`--tls-cert`), see
-    /// [`crate::auth::load_rustls`].
-    pub fn new(
-        service: Arc<PolicyService>,
-        token: Option<Arc<AuthToken>>,
-        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-        max_message_bytes: usize,
-    ) -> HttpFrontend {
+    pub fn new(shared: Shared, max_message_bytes: usize) -> HttpFrontend {
         let max_body = max_message_bytes.div_ceil(3).saturating_mul(4) + 64 * 1024;
         HttpFrontend {
-            service,
-            token,
-            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+            shared,
             max_body,
             budget: BodyBudget {
                 used: AtomicUsize::new(0),
                 total: max_body.saturating_mul(4),
             },
-        }
-    }
-
-    /// Serves connections from `listener` until `stop`; then lets each connection finish
-    /// the request it is in (HTTP/1.1 graceful shutdown) and returns.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        let tls = self.tls.clone();
-        super::serve_tcp(
-            listener,
-            tls,
-            MAX_CONNECTIONS,
-            stop,
-            "http",
-            move |io, peer, stop| self.clone().connection(io, peer, stop),
-        )
-        .await
-    }
-
-    async fn connection(
-        self: Arc<Self>,
-        io: super::Stream,
-        peer: SocketAddr,
-        stop: CancellationToken,
-    ) {
-        let fe = self.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let fe = fe.clone();
-            async move { Ok::<_, Infallible>(fe.handle(req, peer).await) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-        tokio::pin!(conn);
-        let res = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = res {
-            tracing::debug!(error = %e, %peer, "http connection ended");
         }
     }
 
@@ -195,23 +140,13 @@ impl HttpFrontend {
     /// or as ours does (`Authorization: Bearer`); `None` lets it through. The token is
     /// never logged, never echoed.
     fn refusal(&self, headers: &HeaderMap, peer: SocketAddr) -> Option<Reply> {
-        let token = self.token.as_ref()?;
         let presented = headers
             .get("x-reflex-key")
             .map(|v| v.as_bytes().trim_ascii())
             .or_else(|| super::authorization(headers, &["bearer"]));
-        let reason = match presented {
-            Some(p) if !p.is_empty() && token.matches(p) => return None,
-            Some(_) => "wrong",
-            None => "missing",
-        };
-        tracing::warn!(
-            slug = "auth-refused",
-            service = "http",
-            %peer,
-            reason,
-            "call refused"
-        );
+        if self.shared.admits(presented, peer, Self::NAME) {
+            return None;
+        }
         Some(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -221,7 +156,7 @@ impl HttpFrontend {
     }
 
     fn health(&self) -> Reply {
-        let info = self.service.info();
+        let info = self.shared.service.info();
         reply(
             StatusCode::OK,
             &json!({
@@ -236,7 +171,7 @@ impl HttpFrontend {
     }
 
     fn config(&self) -> Reply {
-        let i = self.service.info();
+        let i = self.shared.service.info();
         reply(
             StatusCode::OK,
             &json!({
@@ -298,7 +233,7 @@ impl HttpFrontend {
             deadline: None,
             arrived: Some(arrived),
         };
-        let answer = self.service.submit(request, None, call).await;
+        let answer = self.shared.service.submit(request, None, call).await;
         drop(held);
         match answer.result {
             Ok(r) => reply(StatusCode::OK, &act_json(&r)),
@@ -361,6 +296,45 @@ impl HttpFrontend {
             out.extend_from_slice(&data);
         }
         Ok(out)
+    }
+}
+
+impl FrontEnd for HttpFrontend {
+    const NAME: &'static str = "http";
+    const MAX_CONNECTIONS: usize = MAX_CONNECTIONS;
+
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Serves HTTP/1.1 on one connection until it ends; on `stop`, lets it finish the
+    /// request it is in (graceful shutdown).
+    async fn connection(
+        self: Arc<Self>,
+        io: super::Stream,
+        peer: SocketAddr,
+        stop: CancellationToken,
+    ) {
+        let fe = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let fe = fe.clone();
+            async move { Ok::<_, Infallible>(fe.handle(req, peer).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let res = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = res {
+            tracing::debug!(error = %e, %peer, "http connection ended");
+        }
     }
 }
 

@@ -11,9 +11,9 @@
 //!   `WebsocketClientPolicy`; [`openpi::mapping`] maps its observation keys onto the
 //!   model's cameras, state and prompt.
 //!
-//! What they share is here: the TCP accept loop with its optional TLS handshake
-//! ([`serve_tcp`]), the queue's connection key, and reading a token from the
-//! `Authorization` header.
+//! What they share is here: [`Shared`] (the Act seam, the token check, the certificate),
+//! the TCP accept loop with its TLS handshake ([`serve`], for any [`FrontEnd`]), the queue's
+//! connection key, and reading a token from the `Authorization` header.
 //!
 //! **Invariant:** a front-end never runs model work or touches the recorder itself; it
 //! holds no state but its listener's.
@@ -23,6 +23,7 @@ pub mod openpi;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -30,51 +31,107 @@ use tokio::task::JoinSet;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{AuthToken, TLS_HANDSHAKE_TIMEOUT};
+use crate::service::PolicyService;
+
 /// One accepted connection, in clear or after the TLS handshake.
 pub type Stream = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
 
-/// Accepts connections from `listener` until `stop`, at most `max_connections` at once
-/// (more wait in the listen backlog), each one's TLS handshake (with `tls`) inside its own
-/// task; then waits for every connection's task, which `stop` asks to finish what it is in.
-pub async fn serve_tcp<F, Fut>(
-    listener: TcpListener,
+/// What every front-end of one server shares: the Act seam, and the token and certificate
+/// of the TCP listeners.
+pub struct Shared {
+    pub service: Arc<PolicyService>,
+    token: Option<Arc<AuthToken>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    max_connections: usize,
-    stop: CancellationToken,
-    name: &'static str,
-    connection: F,
-) where
-    F: Fn(Stream, SocketAddr, CancellationToken) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
+}
+
+impl Shared {
+    /// `tls`: the certificate the gRPC listeners serve, see [`crate::auth::load_rustls`].
+    pub fn new(
+        service: Arc<PolicyService>,
+        token: Option<Arc<AuthToken>>,
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    ) -> Shared {
+        Shared {
+            service,
+            token,
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+        }
+    }
+
+    /// Whether a call that `presented` these credentials may go on: any call when the server
+    /// has no token, else only one with it (compared in constant time). A refusal is logged
+    /// (`slug=auth-refused`); the token never is.
+    pub fn admits(&self, presented: Option<&[u8]>, peer: SocketAddr, front_end: &str) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let reason = match presented {
+            Some(p) if !p.is_empty() && token.matches(p) => return true,
+            Some(_) => "wrong",
+            None => "missing",
+        };
+        tracing::warn!(
+            slug = "auth-refused",
+            service = front_end,
+            %peer,
+            reason,
+            "call refused"
+        );
+        false
+    }
+}
+
+/// One front-end's protocol on a connection; [`serve`] accepts the connections.
+pub trait FrontEnd: Send + Sync + 'static {
+    /// Its name in logs (`service=` of an auth refusal).
+    const NAME: &'static str;
+    /// Connections served at once; more wait in the listen backlog.
+    const MAX_CONNECTIONS: usize;
+
+    fn shared(&self) -> &Shared;
+
+    /// Serves one connection until it ends or `stop`, then finishes the call it is in.
+    fn connection(
+        self: Arc<Self>,
+        io: Stream,
+        peer: SocketAddr,
+        stop: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// Accepts connections from `listener` until `stop`, at most `F::MAX_CONNECTIONS` at once,
+/// each one's TLS handshake (with the certificate) inside its own task; then waits for
+/// every connection's task, which `stop` asks to finish what it is in.
+pub async fn serve<F: FrontEnd>(fe: Arc<F>, listener: TcpListener, stop: CancellationToken) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept(), if conns.len() < max_connections => {
+            accepted = listener.accept(), if conns.len() < F::MAX_CONNECTIONS => {
                 let (io, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         // E.g. out of file descriptors: wait instead of spinning.
-                        tracing::warn!(error = %e, front_end = name, "cannot accept");
+                        tracing::warn!(error = %e, front_end = F::NAME, "cannot accept");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 };
                 let _ = io.set_nodelay(true);
-                let stop = stop.clone();
-                match tls.clone() {
+                let (fe, stop) = (fe.clone(), stop.clone());
+                match fe.shared().tls.clone() {
                     None => {
-                        conns.spawn(connection(Either::Left(io), peer, stop));
+                        conns.spawn(fe.connection(Either::Left(io), peer, stop));
                     }
                     Some(acceptor) => {
-                        let connection = connection.clone();
                         conns.spawn(async move {
                             // The handshake inside the task: a slow client holds only
                             // its own connection, for at most the handshake timeout.
-                            match tokio::time::timeout(crate::auth::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-                                Ok(Ok(tls)) => connection(Either::Right(tls), peer, stop).await,
+                            let handshake = acceptor.accept(io);
+                            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                                Ok(Ok(tls)) => fe.connection(Either::Right(tls), peer, stop).await,
                                 Ok(Err(e)) => {
                                     tracing::debug!(error = %e, %peer, "tls handshake failed")
                                 }

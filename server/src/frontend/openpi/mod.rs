@@ -24,7 +24,7 @@
 //! - Auth: with `--auth-token-file`, the handshake must carry `Authorization: Api-Key
 //!   TOKEN` (what `WebsocketClientPolicy(api_key=…)` sends; `Bearer` works too), else it is
 //!   refused with 401 before the upgrade. The token is compared in constant time
-//!   ([`AuthToken::matches`]) and never logged.
+//!   ([`Shared::admits`]) and never logged.
 //! - TLS: with `--tls-cert`/`--tls-key`, `wss://` with the certificate the other listeners
 //!   serve.
 //!
@@ -58,15 +58,14 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use reflex_proto::v1 as pb;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpListener;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::AuthToken;
-use crate::service::{Call, PolicyService};
+use super::{FrontEnd, Shared};
+use crate::service::Call;
 use mapping::Mapping;
 use wire::Writer;
 
@@ -84,9 +83,7 @@ const CLOSE_REASON: &str = "Internal server error. Traceback included in previou
 
 /// The openpi front-end of one server: what every connection shares.
 pub struct OpenpiFrontend {
-    service: Arc<PolicyService>,
-    token: Option<Arc<AuthToken>>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Shared,
     mapping: Mapping,
     max_message: usize,
     /// The packed metadata, the first frame of every connection.
@@ -96,80 +93,14 @@ pub struct OpenpiFrontend {
 type Reply = Response<Full<Bytes>>;
 
 impl OpenpiFrontend {
-    /// `max_message_bytes` is `--max-message-mb`; `tls` the certificate the other
-    /// listeners serve ([`crate::auth::load_rustls`]).
-    pub fn new(
-        service: Arc<PolicyService>,
-        token: Option<Arc<AuthToken>>,
-        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-        mapping: Mapping,
-        max_message_bytes: usize,
-    ) -> OpenpiFrontend {
-        let metadata = metadata(service.info(), &mapping);
+    /// `max_message_bytes` is `--max-message-mb`.
+    pub fn new(shared: Shared, mapping: Mapping, max_message_bytes: usize) -> OpenpiFrontend {
+        let metadata = metadata(shared.service.info(), &mapping);
         OpenpiFrontend {
-            service,
-            token,
-            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+            shared,
             mapping,
             max_message: max_message_bytes + 64 * 1024,
             metadata,
-        }
-    }
-
-    /// Serves connections from `listener` until `stop`; each finishes the call it is in.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        let tls = self.tls.clone();
-        super::serve_tcp(
-            listener,
-            tls,
-            MAX_CONNECTIONS,
-            stop,
-            "openpi",
-            move |io, peer, stop| self.clone().connection(io, peer, stop),
-        )
-        .await
-    }
-
-    /// The HTTP/1.1 request that opens the websocket (hyper answers it), then the session
-    /// on the same connection.
-    async fn connection(
-        self: Arc<Self>,
-        io: super::Stream,
-        peer: SocketAddr,
-        stop: CancellationToken,
-    ) {
-        // The upgrade the handshake answered 101 to; taken once the 101 is written.
-        let upgrade: Arc<Mutex<Option<OnUpgrade>>> = Arc::default();
-        let fe = self.clone();
-        let slot = upgrade.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let reply = fe.handshake(req, peer, &slot);
-            async move { Ok::<_, Infallible>(reply) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(HANDSHAKE_TIMEOUT)
-            .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades();
-        tokio::pin!(conn);
-        let res = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = res {
-            tracing::debug!(error = %e, %peer, "openpi connection ended");
-            return;
-        }
-        // Only this task takes it; a poisoned lock means the handshake panicked.
-        let taken = upgrade.lock().ok().and_then(|mut u| u.take());
-        if let Some(on) = taken {
-            match on.await {
-                Ok(upgraded) => self.session(TokioIo::new(upgraded), peer, stop).await,
-                Err(e) => tracing::debug!(error = %e, %peer, "openpi upgrade failed"),
-            }
         }
     }
 
@@ -241,19 +172,10 @@ impl OpenpiFrontend {
 
     /// The 401 for a handshake without the token; `None` lets it through.
     fn refusal(&self, headers: &HeaderMap, peer: SocketAddr) -> Option<Reply> {
-        let token = self.token.as_ref()?;
-        let reason = match super::authorization(headers, &["api-key", "bearer"]) {
-            Some(p) if !p.is_empty() && token.matches(p) => return None,
-            Some(_) => "wrong",
-            None => "missing",
-        };
-        tracing::warn!(
-            slug = "auth-refused",
-            service = "openpi",
-            %peer,
-            reason,
-            "call refused"
-        );
+        let presented = super::authorization(headers, &["api-key", "bearer"]);
+        if self.shared.admits(presented, peer, Self::NAME) {
+            return None;
+        }
         Some(text(
             StatusCode::UNAUTHORIZED,
             "this server requires a token: WebsocketClientPolicy(host, port, api_key=TOKEN) \
@@ -351,7 +273,7 @@ impl OpenpiFrontend {
             deadline: None,
             arrived: Some(arrived),
         };
-        let answer = self.service.submit(request, None, call).await;
+        let answer = self.shared.service.submit(request, None, call).await;
         let infer_ms = arrived.elapsed().as_secs_f64() * 1e3;
         match answer.result {
             Ok(r) => Ok(reply(&r, infer_ms, prev_total_ms)),
@@ -361,6 +283,58 @@ impl OpenpiFrontend {
                     Some(seq) => format!("{code}: {} (seq {seq})", status.message()),
                     None => format!("{code}: {}", status.message()),
                 })
+            }
+        }
+    }
+}
+
+impl FrontEnd for OpenpiFrontend {
+    const NAME: &'static str = "openpi";
+    const MAX_CONNECTIONS: usize = MAX_CONNECTIONS;
+
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// The HTTP/1.1 request that opens the websocket (hyper answers it), then the session
+    /// on the same connection.
+    async fn connection(
+        self: Arc<Self>,
+        io: super::Stream,
+        peer: SocketAddr,
+        stop: CancellationToken,
+    ) {
+        // The upgrade the handshake answered 101 to; taken once the 101 is written.
+        let upgrade: Arc<Mutex<Option<OnUpgrade>>> = Arc::default();
+        let fe = self.clone();
+        let slot = upgrade.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let reply = fe.handshake(req, peer, &slot);
+            async move { Ok::<_, Infallible>(reply) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HANDSHAKE_TIMEOUT)
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades();
+        tokio::pin!(conn);
+        let res = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = res {
+            tracing::debug!(error = %e, %peer, "openpi connection ended");
+            return;
+        }
+        // Only this task takes it; a poisoned lock means the handshake panicked.
+        let taken = upgrade.lock().ok().and_then(|mut u| u.take());
+        if let Some(on) = taken {
+            match on.await {
+                Ok(upgraded) => self.session(TokioIo::new(upgraded), peer, stop).await,
+                Err(e) => tracing::debug!(error = %e, %peer, "openpi upgrade failed"),
             }
         }
     }
