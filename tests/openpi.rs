@@ -291,6 +291,37 @@ async fn openpi_bad_input_is_a_text_frame_and_close_1011_and_the_server_keeps_se
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn openpi_droid_and_aloha_observations_map_by_preset_and_openpi_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let export_dir = dir.path().join("export");
+    export(&export_dir, 0);
+    let runs: [(&str, &[&str], &str); 2] = [
+        ("droid", &[], "observation/wrist_image_left→wrist"),
+        (
+            "aloha",
+            &["--openpi-map", "prompt=task"],
+            "images/cam_low→(unused), state←[state], prompt←task",
+        ),
+    ];
+    for (preset, extra, keys) in runs {
+        let sub = dir.path().join(preset);
+        std::fs::create_dir(&sub).unwrap();
+        let mut args = vec!["--openpi-listen", "127.0.0.1:0", "--openpi-preset", preset];
+        args.extend_from_slice(extra);
+        let (server, _sock) = serve(&sub, &export_dir, &args).await;
+        assert!(
+            server.wait_for_log("listen=ws://").contains(keys),
+            "{}",
+            server.stderr()
+        );
+        let (host, port) = openpi_addr(&server);
+        let got = drive_openpi(&["preset", &host, &port, preset], &[]);
+        assert_eq!(got["shape"], serde_json::json!([50, 7]), "{preset}: {got}");
+        stop(server).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn openpi_listen_serves_wss_with_the_grpc_certificate_and_needs_a_token_off_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let export_dir = dir.path().join("export");

@@ -10,6 +10,8 @@ stdout.
     drive_openpi.py errors HOST PORT
         one bad call per connection: each answered with a text frame (the client raises)
         and close 1011; then a good call on a new connection.
+    drive_openpi.py preset HOST PORT droid|aloha
+        one call with that example robot's observation keys.
     drive_openpi.py tls URI
         one call over wss:// (the CA from SSL_CERT_FILE).
 """
@@ -134,6 +136,24 @@ def errors(host, port):
     print(json.dumps(out))
 
 
+def preset(host, port, name):
+    """One call with the observation keys of openpi's DROID or ALOHA example (ALOHA's nested
+    `images` dict, CHW frames, its prompt under `task`: the test maps it with --openpi-map)."""
+    if name == "droid":
+        o = {
+            "observation/exterior_image_1_left": frame(3),
+            "observation/wrist_image_left": frame(4),
+            "observation/joint_position": STATE[:7],
+            "observation/gripper_position": STATE[7:],
+            "prompt": PROMPT,
+        }
+    else:
+        chw = lambda a: np.ascontiguousarray(a.transpose(2, 0, 1))  # noqa: E731
+        cams = ["cam_high", "cam_left_wrist", "cam_right_wrist", "cam_low"]
+        o = {"images": {c: chw(frame(3 + i)) for i, c in enumerate(cams)}, "state": STATE, "task": PROMPT}
+    print(json.dumps(summary(WebsocketClientPolicy(host, port).infer(o))))
+
+
 def tls(uri):
     policy = WebsocketClientPolicy(uri)
     print(json.dumps({"after": summary(policy.infer(obs(frame(5))))}))
@@ -144,6 +164,8 @@ if __name__ == "__main__":
         drive(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
     elif sys.argv[1] == "errors":
         errors(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1] == "preset":
+        preset(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     elif sys.argv[1] == "tls":
         tls(sys.argv[2])
     else:
