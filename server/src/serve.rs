@@ -309,15 +309,11 @@ pub struct ServeArgs {
 
     /// The observation keys of one of openpi's example robots, for --openpi-listen.
     ///
-    /// libero (the default; fits the reference model of `reflex export-demo`):
-    /// `observation/image`, `observation/wrist_image` → the model's cameras in order,
-    /// `observation/state` → state, `prompt` → instruction. droid:
-    /// `observation/exterior_image_1_left`, `observation/wrist_image_left`; state
-    /// `observation/joint_position` + `observation/gripper_position`; `prompt`. aloha:
-    /// `images/cam_high`, `images/cam_left_wrist`, `images/cam_right_wrist`, `images/cam_low`
-    /// (nested `images` dicts read as paths; cameras beyond the model's are checked, not used);
-    /// `state`; `prompt`. The first camera and the state are required; a key the mapping does
-    /// not name is refused.
+    /// Each preset's keys, below, are cameras (in the model's camera order); state
+    /// (concatenated); prompt (the instruction). libero, the default, fits the reference model
+    /// of `reflex export-demo`. Nested dicts are read as paths (`images/cam_high`); camera keys
+    /// beyond the model's cameras are checked, not used. The first camera and the state are
+    /// required; a key the mapping does not name is refused, naming it.
     #[arg(
         long,
         value_name = "PRESET",
