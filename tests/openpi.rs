@@ -11,7 +11,6 @@ mod util;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use reflex_proto::v1 as pb;
 use util::*;
@@ -36,10 +35,7 @@ fn drive_openpi(args: &[&str], envs: &[(&str, &Path)]) -> serde_json::Value {
 
 /// The (host, port) `reflex serve` logged for `--openpi-listen`.
 fn openpi_addr(p: &Proc) -> (String, String) {
-    let needle = "listen=ws://";
-    let line = p.wait_for_log(needle);
-    let at = line.find(needle).unwrap() + needle.len();
-    let addr = line[at..].split_whitespace().next().unwrap();
+    let addr = logged_addr(p, "listen=ws://");
     let (host, port) = addr.rsplit_once(':').unwrap();
     (host.to_string(), port.to_string())
 }
@@ -51,11 +47,6 @@ fn actions(v: &serde_json::Value) -> Vec<f32> {
         .iter()
         .map(|x| x.as_f64().unwrap() as f32)
         .collect()
-}
-
-async fn stop(mut p: Proc) {
-    p.signal(libc::SIGTERM);
-    assert!(p.wait_exit(Duration::from_secs(10)).unwrap().success());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -183,7 +174,7 @@ async fn openpi_client_drives_openpi_listen_equal_to_grpc_and_every_call_replays
     .unwrap()
     .into_inner();
     assert_eq!(r.actions, actions(&got["hwc"]), "openpi and gRPC disagree");
-    stop(server).await;
+    stop_cleanly(server);
 
     // Every call in the trace, in order: 3 single calls, 2 broker calls, then gRPC's.
     let trace = trace_files(&traces).pop().expect("a trace was written");
@@ -280,7 +271,7 @@ async fn openpi_bad_input_is_a_text_frame_and_close_1011_and_the_server_keeps_se
     let other = http_get(&addr, "/").await;
     assert!(other.starts_with("HTTP/1.1 426"), "{other}");
     assert!(other.contains("WebsocketClientPolicy"), "{other}");
-    stop(server).await;
+    stop_cleanly(server);
     let trace = trace_files(&traces).pop().expect("a trace was written");
     let reqs: Vec<serde_json::Value> = trace_lines(&trace)
         .into_iter()
@@ -317,7 +308,7 @@ async fn openpi_droid_and_aloha_observations_map_by_preset_and_openpi_map() {
         let (host, port) = openpi_addr(&server);
         let got = drive_openpi(&["preset", &host, &port, preset], &[]);
         assert_eq!(got["shape"], serde_json::json!([50, 7]), "{preset}: {got}");
-        stop(server).await;
+        stop_cleanly(server);
     }
 }
 
@@ -340,16 +331,13 @@ async fn openpi_listen_serves_wss_with_the_grpc_certificate_and_needs_a_token_of
         ],
     )
     .await;
-    let needle = "listen=wss://";
-    let line = server.wait_for_log(needle);
-    let at = line.find(needle).unwrap() + needle.len();
-    let addr = line[at..].split_whitespace().next().unwrap();
+    let addr = logged_addr(&server, "listen=wss://");
     let got = drive_openpi(
         &["tls", &format!("wss://{addr}")],
         &[("SSL_CERT_FILE", &ca)],
     );
     assert_eq!(got["after"]["shape"], serde_json::json!([50, 7]), "{got}");
-    stop(server).await;
+    stop_cleanly(server);
 
     let sock = format!("unix://{}", dir.path().join("p.sock").display());
     let out = Command::new(BIN)

@@ -462,3 +462,16 @@ pub fn assert_replays_bit_exactly(trace: &Path, export_dir: &Path, calls: usize)
         "{text}"
     );
 }
+
+/// The address a server logged after `needle` (e.g. `listen=http://`), port 0 resolved.
+pub fn logged_addr(p: &Proc, needle: &str) -> String {
+    let line = p.wait_for_log(needle);
+    let at = line.find(needle).unwrap() + needle.len();
+    line[at..].split_whitespace().next().unwrap().to_string()
+}
+
+/// SIGTERM, and a clean exit within 10 s.
+pub fn stop_cleanly(mut p: Proc) {
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit(Duration::from_secs(10)).unwrap().success());
+}
