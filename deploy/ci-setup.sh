@@ -67,6 +67,13 @@ if ! pip_satisfied "${PY_TEST_DEPS[@]}" openpi-client==0.1.2; then
     PIP_ROOT_USER_ACTION=ignore "${PIP[@]}" "${PY_TEST_DEPS[@]}"
     PIP_ROOT_USER_ACTION=ignore "${PIP[@]}" --no-deps openpi-client==0.1.2
 fi
+# What openpi-client's WebsocketClientPolicy imports and its --no-deps install above leaves
+# out: msgpack and websockets (tests/openpi.rs drives `reflex serve --openpi-listen` with the
+# real client; proto/python/bench/bench_frontends.py measures it).
+OPENPI_CLIENT_DEPS=(msgpack==1.2.4 websockets==17.4)
+if ! pip_satisfied "${OPENPI_CLIENT_DEPS[@]}"; then
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check "${OPENPI_CLIENT_DEPS[@]}"
+fi
 
 # The reference runtime the export fixtures are checked against (server/engine/tests/fixtures_ort.rs
 # runs tests/fixtures/run_ort.py): onnxruntime runs the graphs, HuggingFace tokenizers and

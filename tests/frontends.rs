@@ -9,7 +9,6 @@ mod util;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use util::*;
@@ -47,12 +46,6 @@ fn http_addr(p: &Proc) -> String {
     logged_addr(p, "listen=http://")
 }
 
-fn logged_addr(p: &Proc, needle: &str) -> String {
-    let line = p.wait_for_log(needle);
-    let at = line.find(needle).unwrap() + needle.len();
-    line[at..].split_whitespace().next().unwrap().to_string()
-}
-
 /// One raw HTTP/1.1 request; (status, head, body).
 async fn raw(addr: &str, request: Vec<u8>) -> (u16, String, String) {
     let mut s = timeout(tokio::net::TcpStream::connect(addr)).await.unwrap();
@@ -83,11 +76,6 @@ fn post(addr: &str, path: &str, body: &[u8]) -> Vec<u8> {
 
 fn json_body(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
-}
-
-async fn stop(mut p: Proc) {
-    p.signal(libc::SIGTERM);
-    assert!(p.wait_exit(Duration::from_secs(10)).unwrap().success());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -169,7 +157,7 @@ async fn seed_client_drives_http_listen_sync_and_async_with_a_token_and_every_ca
             "the token is never echoed"
         );
     }
-    stop(server).await;
+    stop_cleanly(server);
     drop(sock);
 
     // Every call landed in the trace, in order, the refused one with its error.
@@ -204,23 +192,7 @@ async fn seed_client_drives_http_listen_sync_and_async_with_a_token_and_every_ca
         );
     }
     // And it replays bit-exactly over gRPC, the refused call refused the same way.
-    let out = Command::new(BIN)
-        .args(["replay", trace.to_str().unwrap(), "--model"])
-        .arg(&export_dir)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        text.matches("cos=1.000000 max_abs=0.00e+00").count(),
-        6,
-        "{text}"
-    );
+    assert_replays_bit_exactly(&trace, &export_dir, 6);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -269,7 +241,7 @@ async fn seed_client_retries_503_from_a_full_queue_until_answered() {
         "{text}"
     );
     let refused = sample("reflex_act_requests_total{status=\"queue-full\"}");
-    stop(server).await;
+    stop_cleanly(server);
     let trace = trace_files(&traces).pop().expect("a trace was written");
     let lines = trace_lines(&trace);
     let footer = lines.iter().rfind(|l| l["kind"] == "footer").unwrap();
@@ -389,7 +361,7 @@ async fn http_bad_input_is_answered_in_the_seeds_error_shape() {
         (code, json_body(&body)["status"].as_str()),
         (200, Some("ok"))
     );
-    stop(server).await;
+    stop_cleanly(server);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -457,5 +429,5 @@ async fn http_listen_serves_tls_with_the_grpc_certificate() {
         got["plain"], "answered",
         "plain HTTP on the TLS port: {got}"
     );
-    stop(server).await;
+    stop_cleanly(server);
 }

@@ -15,9 +15,10 @@
 //! and the bearer-token interceptor on Policy and reflection (`--auth-token-file`);
 //! Health is always open. Unix listeners get neither: the socket's mode and folder
 //! decide who connects. A non-loopback TCP address needs a token, or `--insecure`.
-//! `--http-listen` (the seed tool's HTTP API, [`crate::frontend::http`]) is a TCP
-//! listener under the same rules, with the same token and certificate; it stops accepting
-//! and drains with the others.
+//! `--http-listen` (the seed tool's HTTP API, [`crate::frontend::http`]) and
+//! `--openpi-listen` (openpi's websocket protocol, [`crate::frontend::openpi`]) are TCP
+//! listeners under the same rules, with the same token and certificate; they stop accepting
+//! and drain with the others.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -305,6 +306,39 @@ pub struct ServeArgs {
     /// `Authorization: Bearer`) or --insecure; the same queue, records and metrics.
     #[arg(long, value_name = "ADDR", env = "REFLEX_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+
+    /// Also serve openpi's websocket policy protocol on ADDR, e.g. 127.0.0.1:8000.
+    ///
+    /// For robots running openpi-client (`WebsocketClientPolicy(host, port, api_key=…)`, and
+    /// `ActionChunkBroker` over it): msgpack observations with numpy arrays in, action chunks
+    /// out; errors as a text frame and close 1011, as openpi's server does. Observation keys
+    /// map onto the model by --openpi-preset and --openpi-map; `noise_seed` (an integer) is
+    /// the call's seed. Same rules as a TCP gRPC listener: loopback unless --auth-token-file
+    /// (sent as `Authorization: Api-Key TOKEN`) or --insecure; TLS (wss://) with --tls-cert;
+    /// the same queue, records and metrics.
+    #[arg(long, value_name = "ADDR", env = "REFLEX_OPENPI_LISTEN")]
+    pub openpi_listen: Option<SocketAddr>,
+
+    /// The observation keys of one of openpi's example robots, for --openpi-listen.
+    ///
+    /// Each preset's keys, below, are cameras (in the model's camera order); state
+    /// (concatenated); prompt (the instruction). libero, the default, fits the reference model
+    /// of `reflex export-demo`. Nested dicts are read as paths (`images/cam_high`); camera keys
+    /// beyond the model's cameras are checked, not used. The first camera and the state are
+    /// required; a key the mapping does not name is refused, naming it.
+    #[arg(
+        long,
+        value_name = "PRESET",
+        env = "REFLEX_OPENPI_PRESET",
+        default_value = "libero"
+    )]
+    pub openpi_preset: crate::frontend::openpi::mapping::Preset,
+
+    /// Replace one role of --openpi-preset: `camera=KEY` (repeat, in the model's camera
+    /// order; replaces all the preset's cameras), `state=KEY[,KEY…]` (concatenated),
+    /// `prompt=KEY`; `state=` / `prompt=` map none.
+    #[arg(long, value_name = "ROLE=KEY")]
+    pub openpi_map: Vec<crate::frontend::openpi::mapping::MapEntry>,
 }
 
 impl ServeArgs {
@@ -342,6 +376,9 @@ impl ServeArgs {
             otel_sample: None,
             metrics_listen: None,
             http_listen: None,
+            openpi_listen: None,
+            openpi_preset: Default::default(),
+            openpi_map: Vec::new(),
         }
     }
 }
@@ -355,6 +392,8 @@ pub struct Running {
     pub metrics: Option<SocketAddr>,
     /// The seed tool's HTTP API's address (port 0 resolved), with `--http-listen`.
     pub http: Option<SocketAddr>,
+    /// openpi's websocket protocol's address (port 0 resolved), with `--openpi-listen`.
+    pub openpi: Option<SocketAddr>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -377,6 +416,9 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Running> {
     // Before the model loads: a missing token or a bad key should fail in milliseconds.
     let access = Access::resolve(&args)?;
+    let openpi_keys =
+        crate::frontend::openpi::mapping::Keys::new(args.openpi_preset, &args.openpi_map)
+            .map_err(anyhow::Error::msg)?;
     let dir = args
         .export_dir
         .clone()
@@ -469,6 +511,18 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         None => None,
     };
     let http = match &http_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let openpi_listener = match args.openpi_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on --openpi-listen {a}"))?,
+        ),
+        None => None,
+    };
+    let openpi = match &openpi_listener {
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
@@ -575,14 +629,12 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     }
     if let (Some(l), Some(addr)) = (http_listener, http) {
         let fe = Arc::new(crate::frontend::http::HttpFrontend::new(
-            service.clone(),
-            access.token.clone(),
-            access.http_tls.clone(),
+            access.front_end(&service),
             max_message_bytes,
         ));
         let stop = stop_accepting.clone();
         listeners.spawn(async move {
-            fe.serve(l, stop).await;
+            crate::frontend::serve(fe, l, stop).await;
             Ok(())
         });
         tracing::info!(
@@ -593,6 +645,38 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             tls = access.http_tls.is_some(),
             auth = if access.token.is_some() { "token" } else { "none" },
             "serving the seed tool's HTTP API"
+        );
+    }
+    if let (Some(l), Some(addr)) = (openpi_listener, openpi) {
+        let mapping =
+            crate::frontend::openpi::mapping::Mapping::new(openpi_keys, &service.info().cameras);
+        if !mapping.unused_cameras().is_empty() {
+            tracing::info!(
+                keys = mapping.unused_cameras().join(", "),
+                cameras = service.info().cameras.len(),
+                "openpi camera keys beyond the model's cameras are checked and not used"
+            );
+        }
+        let keys = mapping.describe();
+        let fe = Arc::new(crate::frontend::openpi::OpenpiFrontend::new(
+            access.front_end(&service),
+            mapping,
+            max_message_bytes,
+        ));
+        let stop = stop_accepting.clone();
+        listeners.spawn(async move {
+            crate::frontend::serve(fe, l, stop).await;
+            Ok(())
+        });
+        tracing::info!(
+            listen = %format!(
+                "{}://{addr}",
+                if access.http_tls.is_some() { "wss" } else { "ws" }
+            ),
+            tls = access.http_tls.is_some(),
+            auth = if access.token.is_some() { "token" } else { "none" },
+            keys,
+            "serving openpi's websocket policy protocol"
         );
     }
     for d in &described {
@@ -654,6 +738,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         service,
         metrics,
         http,
+        openpi,
         task,
     })
 }
@@ -663,14 +748,14 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
 struct Access {
     token: Option<Arc<AuthToken>>,
     tls: Option<ServerTlsConfig>,
-    /// The same certificate for `--http-listen`.
+    /// The same certificate for `--http-listen` and `--openpi-listen` (HTTP/1.1).
     http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Access {
     /// Applies the loopback rule, then reads the token and the TLS files.
     fn resolve(args: &ServeArgs) -> anyhow::Result<Access> {
-        // --http-listen is a TCP listener like any other: the same rules.
+        // --http-listen and --openpi-listen are TCP listeners like any other: the same rules.
         let tcp: Vec<SocketAddr> = args
             .listen
             .iter()
@@ -679,6 +764,7 @@ impl Access {
                 ListenAddr::Unix(_) => None,
             })
             .chain(args.http_listen)
+            .chain(args.openpi_listen)
             .collect();
         let exposed: Vec<SocketAddr> = tcp
             .iter()
@@ -723,8 +809,9 @@ impl Access {
                  Unix sockets are guarded by their file permissions"
             );
         }
-        let http_tls = match (&args.http_listen, &args.tls_cert, &args.tls_key) {
-            (Some(_), Some(cert), Some(key)) => {
+        let front_ends = args.http_listen.is_some() || args.openpi_listen.is_some();
+        let http_tls = match (front_ends, &args.tls_cert, &args.tls_key) {
+            (true, Some(cert), Some(key)) => {
                 Some(crate::auth::load_rustls(cert, key, &[b"http/1.1"])?)
             }
             _ => None,
@@ -734,6 +821,12 @@ impl Access {
             tls,
             http_tls,
         })
+    }
+
+    /// What a front-end's listener shares with the others: the Act seam, the token, and
+    /// the certificate.
+    fn front_end(&self, service: &Arc<PolicyService>) -> crate::frontend::Shared {
+        crate::frontend::Shared::new(service.clone(), self.token.clone(), self.http_tls.clone())
     }
 
     fn describe(&self, addr: &ListenAddr, tcp: bool) -> ListenerAccess {

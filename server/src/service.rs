@@ -485,7 +485,7 @@ pub fn to_input(req: &pb::ActRequest, cameras: &[String]) -> Result<ActInput, Se
 /// travels in the `grpc-message` trailer, and a camera name of megabytes must not make it
 /// that big (gRPC C-core clients refuse trailers over 16 KiB and report their own error
 /// instead of ours).
-fn quoted(s: &str) -> String {
+pub(crate) fn quoted(s: &str) -> String {
     const MAX_CHARS: usize = 64;
     match s.char_indices().nth(MAX_CHARS) {
         None => s.to_string(),

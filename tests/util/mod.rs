@@ -441,3 +441,37 @@ pub fn vm_rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no VmRSS for {pid}:\n{status}"))
 }
+
+/// `reflex replay TRACE --model EXPORT`: exits 0 with `calls` answers equal bit for bit.
+pub fn assert_replays_bit_exactly(trace: &Path, export_dir: &Path, calls: usize) {
+    let out = Command::new(BIN)
+        .args(["replay", trace.to_str().unwrap(), "--model"])
+        .arg(export_dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.matches("cos=1.000000 max_abs=0.00e+00").count(),
+        calls,
+        "{text}"
+    );
+}
+
+/// The address a server logged after `needle` (e.g. `listen=http://`), port 0 resolved.
+pub fn logged_addr(p: &Proc, needle: &str) -> String {
+    let line = p.wait_for_log(needle);
+    let at = line.find(needle).unwrap() + needle.len();
+    line[at..].split_whitespace().next().unwrap().to_string()
+}
+
+/// SIGTERM, and a clean exit within 10 s.
+pub fn stop_cleanly(mut p: Proc) {
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit(Duration::from_secs(10)).unwrap().success());
+}

@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
-"""p50 overhead of the seed tool's HTTP API (`reflex serve --http-listen`) against the gRPC
-path, on the same calls, side by side in one run.
+"""p50 overhead of the seed tool's HTTP API (`reflex serve --http-listen`) and of openpi's
+websocket protocol (`--openpi-listen`) against the gRPC path, on the same calls, side by side
+in one run.
 
-One `reflex serve` on the reference export with a TCP gRPC listener and `--http-listen`
-(both loopback, plain, no token), run twice: prefix cache on (every call a cache hit, the
-cheapest call there is, so a front-end's share is as large as it gets) and off
-(`--cache-entries 0`: every call runs the whole model). Callers, in shuffled order call by
+One `reflex serve` on the reference export with a TCP gRPC listener, `--http-listen` and
+`--openpi-listen` (all loopback, plain, no token), run twice: prefix cache on (every call a
+cache hit, the cheapest call there is, so a front-end's share is as large as it gets) and
+off (`--cache-entries 0`: every call runs the whole model). Callers, in shuffled order call by
 call so all see the same server and machine state:
 
 - a raw grpcio `PolicyStub.Act` with the request built once (the baseline);
 - the seed tool's own client, `reflex.client.ReflexClient.act` (reflex-vla 0.11.2, httpx);
 - the same HTTP request by hand (`http.client`, one kept-alive connection, body built once):
-  what the server side of the front-end costs, without the seed client's Python.
+  what the server side of the front-end costs, without the seed client's Python;
+- openpi's own client, `openpi_client.websocket_client_policy.WebsocketClientPolicy.infer`
+  (openpi-client 0.1.2), with the frame as the uint8 array the JPEG was made from (openpi
+  sends raw pixels; the server makes a PNG of it);
+- the same openpi message by hand (packed once, sent on the client's websocket): the
+  server's side of that front-end, without the client's packing.
 
     python3 proto/python/bench/bench_frontends.py [--reflex target/release/reflex]
         [--seed-tool DIR] [--calls 300] [--json out.json]
@@ -61,11 +67,14 @@ def default_seed_tool() -> str:
     return os.path.join(cache, "reflex-ci", "reflex-vla-0.11.2")
 
 
-def jpeg() -> bytes:
+def frame() -> np.ndarray:
     y, x = np.mgrid[0:224, 0:224]
-    a = np.stack([(x + 1) % 256, (3 * y) % 256, np.full_like(x, 7)], axis=-1).astype(np.uint8)
+    return np.stack([(x + 1) % 256, (3 * y) % 256, np.full_like(x, 7)], axis=-1).astype(np.uint8)
+
+
+def jpeg() -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="JPEG", quality=90)
+    Image.fromarray(frame()).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -86,16 +95,19 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def run(binary: str, export: Path, d: Path, cache: bool, calls: int) -> dict[str, Any]:
+    from openpi_client import msgpack_numpy
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
     from reflex.client import ReflexClient
 
     log = d / f"serve-{cache}.log"
-    args = [binary, "serve", str(export), "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
+    args = [binary, "serve", str(export), "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--openpi-listen", "127.0.0.1:0"]
     if not cache:
         args += ["--cache-entries", "0"]
     proc = subprocess.Popen(args, stderr=log.open("wb"), stdout=subprocess.DEVNULL, env=dict(os.environ, RUST_LOG="info"))
     try:
         grpc_addr = logged(log, "listen=tcp://")
         http_addr = logged(log, "listen=http://")
+        openpi_host, openpi_port = logged(log, "listen=ws://").rsplit(":", 1)
         img = jpeg()
         req = pb.ActRequest(images=[pb.Image(data=img)], instruction=INSTRUCTION, state=STATE, episode_id="bench")
         ch = grpc.insecure_channel(grpc_addr)
@@ -106,6 +118,9 @@ def run(binary: str, export: Path, d: Path, cache: bool, calls: int) -> dict[str
         conn = http.client.HTTPConnection(host, int(port))
         body = json.dumps({"image": base64.b64encode(img).decode(), "instruction": INSTRUCTION, "state": STATE, "episode_id": "bench"}).encode()
         headers = {"Content-Type": "application/json"}
+        policy = WebsocketClientPolicy(openpi_host, int(openpi_port))
+        obs = {"observation/image": frame(), "observation/state": np.asarray(STATE), "prompt": INSTRUCTION}
+        packed = msgpack_numpy.packb(obs)
 
         def raw_grpc() -> None:
             stub.Act(req, timeout=10.0)
@@ -120,10 +135,21 @@ def run(binary: str, export: Path, d: Path, cache: bool, calls: int) -> dict[str
             data = r.read()
             assert r.status == 200, data
 
+        def openpi() -> None:
+            r = policy.infer(obs)
+            assert r["actions"].shape == (50, 7)
+
+        def openpi_by_hand() -> None:
+            policy._ws.send(packed)
+            r = policy._ws.recv()
+            assert isinstance(r, bytes), r
+
         fns: dict[str, Callable[[], None]] = {
             "gRPC, raw grpcio stub (baseline)": raw_grpc,
             "HTTP, the seed's ReflexClient.act": seed_client,
             "HTTP, the same call by hand (http.client, kept alive)": by_hand,
+            "openpi, WebsocketClientPolicy.infer (raw frame)": openpi,
+            "openpi, the same message by hand (packed once)": openpi_by_hand,
         }
         times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(max(20, calls // 10)):
@@ -139,6 +165,7 @@ def run(binary: str, export: Path, d: Path, cache: bool, calls: int) -> dict[str
                 times[k].append((time.perf_counter() - t0) * 1e3)
         seed.close()
         conn.close()
+        policy._ws.close()
         ch.close()
         rows = {k: {"p50": pct(v, 50), "p90": pct(v, 90), "p99": pct(v, 99), "calls": len(v)} for k, v in times.items()}
         base = rows["gRPC, raw grpcio stub (baseline)"]["p50"]

@@ -40,25 +40,19 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use reflex_proto::v1 as pb;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::AuthToken;
-use crate::service::{Call, PolicyService};
+use super::{FrontEnd, Shared};
+use crate::service::Call;
 
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// A TLS handshake must finish within this.
-pub const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 /// A request body must arrive within this.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The HTTP front-end of one server: what every connection shares.
 pub struct HttpFrontend {
-    service: Arc<PolicyService>,
-    token: Option<Arc<AuthToken>>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Shared,
     max_body: usize,
     budget: BodyBudget,
 }
@@ -101,96 +95,15 @@ type Reply = Response<Full<Bytes>>;
 impl HttpFrontend {
     /// `max_message_bytes` is `--max-message-mb`: the largest `ActRequest`; a body carries
     /// its images as base64, 4/3 of their bytes.
-    /// `tls`: the certificate the gRPC listeners serve (`--tls-cert`), see
-    /// [`crate::auth::load_rustls`].
-    pub fn new(
-        service: Arc<PolicyService>,
-        token: Option<Arc<AuthToken>>,
-        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-        max_message_bytes: usize,
-    ) -> HttpFrontend {
+    pub fn new(shared: Shared, max_message_bytes: usize) -> HttpFrontend {
         let max_body = max_message_bytes.div_ceil(3).saturating_mul(4) + 64 * 1024;
         HttpFrontend {
-            service,
-            token,
-            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+            shared,
             max_body,
             budget: BodyBudget {
                 used: AtomicUsize::new(0),
                 total: max_body.saturating_mul(4),
             },
-        }
-    }
-
-    /// Serves connections from `listener` until `stop`; then lets each connection finish
-    /// the request it is in (HTTP/1.1 graceful shutdown) and returns.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        let mut conns = JoinSet::new();
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                accepted = listener.accept(), if conns.len() < MAX_CONNECTIONS => {
-                    let (io, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // E.g. out of file descriptors: wait instead of spinning.
-                            tracing::warn!(error = %e, "http front-end cannot accept");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    };
-                    let _ = io.set_nodelay(true);
-                    let (fe, stop) = (self.clone(), stop.clone());
-                    match self.tls.clone() {
-                        None => {
-                            conns.spawn(fe.connection(io, peer, stop));
-                        }
-                        Some(acceptor) => {
-                            conns.spawn(async move {
-                                // The handshake inside the task: a slow client holds only
-                                // its own connection, for at most the handshake timeout.
-                                let accepted =
-                                    tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(io)).await;
-                                match accepted {
-                                    Ok(Ok(tls)) => fe.connection(tls, peer, stop).await,
-                                    Ok(Err(e)) => {
-                                        tracing::debug!(error = %e, %peer, "tls handshake failed")
-                                    }
-                                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
-                                }
-                            });
-                        }
-                    }
-                }
-            }
-        }
-        while conns.join_next().await.is_some() {}
-    }
-
-    async fn connection<I>(self: Arc<Self>, io: I, peer: SocketAddr, stop: CancellationToken)
-    where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let fe = self.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let fe = fe.clone();
-            async move { Ok::<_, Infallible>(fe.handle(req, peer).await) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-        tokio::pin!(conn);
-        let res = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = res {
-            tracing::debug!(error = %e, %peer, "http connection ended");
         }
     }
 
@@ -227,29 +140,13 @@ impl HttpFrontend {
     /// or as ours does (`Authorization: Bearer`); `None` lets it through. The token is
     /// never logged, never echoed.
     fn refusal(&self, headers: &HeaderMap, peer: SocketAddr) -> Option<Reply> {
-        let token = self.token.as_ref()?;
         let presented = headers
             .get("x-reflex-key")
             .map(|v| v.as_bytes().trim_ascii())
-            .or_else(|| {
-                let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-                let (scheme, rest) = v.split_once(' ')?;
-                scheme
-                    .eq_ignore_ascii_case("bearer")
-                    .then(|| rest.trim().as_bytes())
-            });
-        let reason = match presented {
-            Some(p) if !p.is_empty() && token.matches(p) => return None,
-            Some(_) => "wrong",
-            None => "missing",
-        };
-        tracing::warn!(
-            slug = "auth-refused",
-            service = "http",
-            %peer,
-            reason,
-            "call refused"
-        );
+            .or_else(|| super::authorization(headers, &["bearer"]));
+        if self.shared.admits(presented, peer, Self::NAME) {
+            return None;
+        }
         Some(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -259,7 +156,7 @@ impl HttpFrontend {
     }
 
     fn health(&self) -> Reply {
-        let info = self.service.info();
+        let info = self.shared.service.info();
         reply(
             StatusCode::OK,
             &json!({
@@ -274,7 +171,7 @@ impl HttpFrontend {
     }
 
     fn config(&self) -> Reply {
-        let i = self.service.info();
+        let i = self.shared.service.info();
         reply(
             StatusCode::OK,
             &json!({
@@ -332,11 +229,11 @@ impl HttpFrontend {
         };
         drop(body);
         let call = Call {
-            connection: Some(connection_key(peer)),
+            connection: Some(super::connection_key(peer)),
             deadline: None,
             arrived: Some(arrived),
         };
-        let answer = self.service.submit(request, None, call).await;
+        let answer = self.shared.service.submit(request, None, call).await;
         drop(held);
         match answer.result {
             Ok(r) => reply(StatusCode::OK, &act_json(&r)),
@@ -402,13 +299,43 @@ impl HttpFrontend {
     }
 }
 
-/// The same key gRPC gives a TCP connection (the peer's address, top bit set), so the
-/// queue's share per connection counts an HTTP keep-alive connection as one.
-fn connection_key(peer: SocketAddr) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    peer.hash(&mut h);
-    h.finish() | 1 << 63
+impl FrontEnd for HttpFrontend {
+    const NAME: &'static str = "http";
+    const MAX_CONNECTIONS: usize = MAX_CONNECTIONS;
+
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Serves HTTP/1.1 on one connection until it ends; on `stop`, lets it finish the
+    /// request it is in (graceful shutdown).
+    async fn connection(
+        self: Arc<Self>,
+        io: super::Stream,
+        peer: SocketAddr,
+        stop: CancellationToken,
+    ) {
+        let fe = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let fe = fe.clone();
+            async move { Ok::<_, Infallible>(fe.handle(req, peer).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let res = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = res {
+            tracing::debug!(error = %e, %peer, "http connection ended");
+        }
+    }
 }
 
 /// The seed's `/act` body as an `ActRequest`; the error names the field.
