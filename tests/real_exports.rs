@@ -27,6 +27,21 @@ fn png(shade: u8, size: u32) -> Vec<u8> {
     reflex_engine::preprocess::encode_png(&img)
 }
 
+/// `reflex export-demo --kind KIND DIR/KIND`, checked; returns the folder.
+fn export_demo(dir: &Path, kind: &str) -> std::path::PathBuf {
+    let export = dir.join(kind);
+    let out = Command::new(BIN)
+        .args(["export-demo", "--kind", kind, export.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    export
+}
+
 /// What a fixture's `fixture.json` says of its cameras: their names and image size.
 #[derive(Clone)]
 struct Cameras {
@@ -135,16 +150,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 async fn every_seed_layout_serves_over_grpc_matches_onnxruntime_and_replays_bit_exactly() {
     for kind in ["pi05", "pi05-per-step", "pi05-monolithic", "pi0", "smolvla"] {
         let dir = tempfile::tempdir().unwrap();
-        let export = dir.path().join(kind);
-        let out = Command::new(BIN)
-            .args(["export-demo", "--kind", kind, export.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let export = export_demo(dir.path(), kind);
         let cams = Cameras::of(&export);
         let request = |noise, seed| request(&cams, noise, seed);
         let traces = dir.path().join("traces");
@@ -318,16 +324,7 @@ fn seed_runtime_actions(dir: &Path, export: &Path, req: &pb::ActRequest) -> Vec<
 async fn the_seed_tools_own_runtime_gives_the_same_actions_as_reflex_serve() {
     for kind in ["pi05", "pi05-monolithic", "pi0", "smolvla"] {
         let dir = tempfile::tempdir().unwrap();
-        let export = dir.path().join(kind);
-        let out = Command::new(BIN)
-            .args(["export-demo", "--kind", kind, export.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let export = export_demo(dir.path(), kind);
         let cams = Cameras::of(&export);
         let (mut p, sock) = serve(dir.path(), &export, &[]).await;
         let mut c = policy_client(&format!("unix://{}", sock.display())).await;
@@ -379,16 +376,7 @@ async fn the_ort_engine_serves_every_seed_layout_and_agrees_with_tract() {
     let lib_arg = lib.to_str().unwrap();
     for kind in ["pi05", "pi05-per-step", "pi05-monolithic", "pi0", "smolvla"] {
         let dir = tempfile::tempdir().unwrap();
-        let export = dir.path().join(kind);
-        let out = Command::new(BIN)
-            .args(["export-demo", "--kind", kind, export.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let export = export_demo(dir.path(), kind);
         let cams = Cameras::of(&export);
         let req = request(&cams, noise(50 * 32), None);
 
@@ -446,12 +434,7 @@ async fn the_ort_engine_serves_every_seed_layout_and_agrees_with_tract() {
 #[test]
 fn the_ort_engine_without_a_library_or_on_the_reference_export_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let export = dir.path().join("pi05");
-    let out = Command::new(BIN)
-        .args(["export-demo", "--kind", "pi05", export.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let export = export_demo(dir.path(), "pi05");
     let run = |export: &Path, extra: &[&str]| {
         let out = Command::new(BIN)
             .args([
