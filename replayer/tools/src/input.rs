@@ -54,7 +54,7 @@ pub fn for_each_act(
                     record: &r,
                 })?;
                 n += 1;
-                if n % 64 == 0 {
+                if n.is_multiple_of(64) {
                     progress.update(done_before + reader.file_bytes_read());
                 }
             }

@@ -289,6 +289,8 @@ enum Cached {
 }
 
 /// An export's `reflex_config.json`, by format.
+// Built once per load and taken apart at once: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Export {
     V1(ExportConfig),
     V2 {

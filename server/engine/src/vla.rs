@@ -724,7 +724,7 @@ impl VlaModel {
         let ins = &self.spec.instruction;
         let cleaned;
         let instruction = if ins.clean {
-            cleaned = instruction.trim().replace('_', " ").replace('\n', " ");
+            cleaned = instruction.trim().replace(['_', '\n'], " ");
             cleaned.as_str()
         } else {
             instruction
