@@ -355,19 +355,8 @@ async fn the_seed_tools_own_runtime_gives_the_same_actions_as_reflex_serve() {
 
 /// The libonnxruntime of the Python onnxruntime package `deploy/ci-setup.sh` installs.
 fn python_ort_lib() -> std::path::PathBuf {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*')))[-1])",
-        ])
-        .output()
-        .expect("python3 must be installed (deploy/ci-setup.sh)");
-    assert!(
-        out.status.success(),
-        "onnxruntime (pip) is not installed: run deploy/ci-setup.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    reflex_engine::engine::onnxruntime::python_library()
+        .unwrap_or_else(|e| panic!("{e} (run deploy/ci-setup.sh)"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -89,26 +89,8 @@ impl Worker {
     }
 }
 
-/// The libonnxruntime of the Python onnxruntime package (`onnxruntime/capi/`).
-pub fn python_ort_lib() -> anyhow::Result<PathBuf> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*')))[-1])",
-        ])
-        .output()
-        .context("starting python3")?;
-    if !out.status.success() {
-        bail!(
-            "no libonnxruntime found through python3's onnxruntime package (pip install onnxruntime, or give --ort-lib): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
 /// `ort`: `None` runs our tract engine; `Some(lib)` our onnxruntime engine (`lib`, else
-/// `ORT_DYLIB_PATH`, else [`python_ort_lib`]).
+/// `ORT_DYLIB_PATH`, else the Python package's: `onnxruntime::python_library`).
 pub fn run(
     export: &Path,
     calls: usize,
@@ -121,7 +103,8 @@ pub fn run(
         Some(lib) => reflex_engine::vla::Backend::Ort {
             lib: match lib.or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from)) {
                 Some(l) => l,
-                None => python_ort_lib()?,
+                None => reflex_engine::engine::onnxruntime::python_library()
+                    .map_err(|e| anyhow::anyhow!("{e}; or give --ort-lib"))?,
             },
             threads: ort_threads,
         },

@@ -459,14 +459,35 @@ impl Policy {
         };
         let cache =
             NonZeroUsize::new(opts.cache_entries).map(|n| Mutex::new(lru::LruCache::new(n)));
-        Ok(Policy {
+        let image = cfg.image.clone();
+        let runtime = Runtime::Reference {
+            norm: preprocess::pixel_norm(&cfg.image),
+            cfg: Box::new(cfg),
+            engine,
+        };
+        Ok(Policy::assemble(
             facts,
-            image: cfg.image.clone(),
-            runtime: Runtime::Reference {
-                norm: preprocess::pixel_norm(&cfg.image),
-                cfg: Box::new(cfg),
-                engine,
-            },
+            image,
+            runtime,
+            cache,
+            (model_hash, config_hash),
+            dir,
+        ))
+    }
+
+    /// The fields every runtime's load fills alike: a fresh seed base, zeroed counters.
+    fn assemble(
+        facts: ModelFacts,
+        image: ImageConfig,
+        runtime: Runtime,
+        cache: Option<Mutex<lru::LruCache<CacheKey, Cached>>>,
+        (model_hash, config_hash): (String, String),
+        dir: &Path,
+    ) -> Policy {
+        Policy {
+            facts,
+            image,
+            runtime,
             cache,
             model_hash,
             config_hash,
@@ -475,7 +496,7 @@ impl Policy {
             seed_counter: AtomicU64::new(0),
             engine_ok: AtomicU64::new(0),
             probe_mark: AtomicU64::new(0),
-        })
+        }
     }
 
     fn load_vla(
@@ -562,19 +583,14 @@ impl Policy {
         let cache = NonZeroUsize::new(opts.cache_entries)
             .filter(|_| !model.is_monolithic())
             .map(|n| Mutex::new(lru::LruCache::new(n)));
-        Ok(Policy {
+        Ok(Policy::assemble(
             facts,
             image,
-            runtime: Runtime::Vla(Box::new(model)),
+            Runtime::Vla(Box::new(model)),
             cache,
-            model_hash,
-            config_hash,
-            export_dir: dir.to_path_buf(),
-            seed_base: os_random_u64(),
-            seed_counter: AtomicU64::new(0),
-            engine_ok: AtomicU64::new(0),
-            probe_mark: AtomicU64::new(0),
-        })
+            (model_hash, config_hash),
+            dir,
+        ))
     }
 
     /// The request contract and facts of the export.

@@ -46,6 +46,25 @@ pub fn library_path(flag: Option<&Path>) -> Result<PathBuf, EngineError> {
     Ok(path)
 }
 
+/// The libonnxruntime that `python3`'s onnxruntime package (the PyPI wheel) ships in its
+/// `capi/` folder: how the bench and the tests find one without a flag.
+pub fn python_library() -> Result<PathBuf, String> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*')))[-1])",
+        ])
+        .output()
+        .map_err(|e| format!("starting python3: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "no libonnxruntime found through python3's onnxruntime package (pip install onnxruntime): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
 /// The process's one onnxruntime environment (the library is loaded once; a second call
 /// with another path gets the first library).
 fn environment(lib: &Path) -> Result<&'static ort::environment::Environment, EngineError> {
