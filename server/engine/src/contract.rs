@@ -54,6 +54,15 @@
 //!   the loop); `steps`; `time` `one_to_zero` (t = 1 → 0, dt = −1/N: pi0/pi0.5) or
 //!   `zero_to_one`; step k runs at `t = t₀ + k·dt` (computed in f64, fed as f32, as the seed
 //!   runtime's loop) and updates `x ← x + dt·v` in f32.
+//! - **embed** (optional): the prefix graph takes embeddings the server assembles, as the
+//!   seed tool's SmolVLA four-graph export needs: each camera through an image graph, the
+//!   tokens through a text graph (`tokens` long), the state through a linear projection
+//!   (`.npy` weight `[D, W]`, bias `[D]`), `[images·scale, text·scale, state]` into
+//!   `embeds_input` with `mask_input` (`seed`: 0 for images and text, 1 for the state, as
+//!   the seed runtime feeds it; `valid`: 1 for present cameras, real tokens and the state);
+//!   the expert gets the prefix length (`offset_input`), the prefix mask (`kv_mask_input`,
+//!   all true under `seed`) and the action positions (`denoise.positions_input`). Symbolic
+//!   graph axes (`batch`, `seq`) are pinned at load to 1 and to these lengths.
 //! - **noise**: `per_call` (drawn from the call's seed, as for every reflex export) or `fixed`
 //!   (numpy's `RandomState(seed).randn`, seed 0 when the call sends none: the seed tool's
 //!   monolithic servers' one noise for every call). A request may carry its own `noise`
@@ -87,6 +96,64 @@ pub struct ExportV2 {
     pub denoise: DenoiseV2,
     #[serde(default)]
     pub noise: NoisePolicy,
+    /// The prefix graph's input embeddings assembled by the server from per-piece graphs
+    /// (the seed tool's SmolVLA four-graph export); absent when the prefix graph takes the
+    /// images and tokens itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embed: Option<EmbedV2>,
+}
+
+/// One graph of the embedding stage: its input and output by name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedGraphV2 {
+    pub graph: String,
+    pub input: String,
+    pub output: String,
+}
+
+/// The prefix mask rule of an assembled prefix.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbedMask {
+    /// What the seed runtime feeds: the prefix graph's mask 0 for every image and text
+    /// token and 1 for the state token; the expert's KV mask true everywhere.
+    Seed,
+    /// 1 (true) for the tokens of present cameras, real (unpadded) text tokens and the
+    /// state token, in both masks.
+    #[default]
+    Valid,
+}
+
+/// How the server assembles the prefix graph's input (`graphs.prefix` then takes
+/// `embeds_input` f32 `[1, L, D]` and `mask_input` i64 `[1, L]`):
+/// `[image(camera₁)·scale, …, text(tokens)·scale, state·Wᵀ + b]`, L = cameras·N + T + 1.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedV2 {
+    /// One camera `[1, 3, H, W]` → `[1, N, D]`, run once per camera.
+    pub image: EmbedGraphV2,
+    /// Token ids i64 `[1, T]` → `[1, T, D]`.
+    pub text: EmbedGraphV2,
+    /// T, the instruction's token length (the text graph's is symbolic).
+    pub tokens: usize,
+    /// The state token's projection: `.npy` f32 `[D, W]` (W the padded state width) and an
+    /// optional bias f32 `[D]`.
+    pub state_weight: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_bias: Option<String>,
+    /// Factor on the image and text embeddings (the seed runtime's √hidden).
+    pub scale: f32,
+    pub embeds_input: String,
+    pub mask_input: String,
+    #[serde(default)]
+    pub mask: EmbedMask,
+    /// Expert input i64 `[1, 1]` the server fills with L.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset_input: Option<String>,
+    /// Expert input bool `[1, L]`: the prefix positions the expert may attend to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_mask_input: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -310,6 +377,9 @@ pub struct DenoiseV2 {
     pub t_input: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub velocity_output: Option<String>,
+    /// Expert input i64 `[1, chunk]` the server fills with the action positions 0..chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions_input: Option<String>,
 }
 
 fn euler() -> String {
@@ -420,8 +490,43 @@ impl ExportV2 {
                 need(&d.velocity_output, "velocity_output")?;
             }
         }
+        if let Some(e) = &self.embed {
+            if self.export_kind != "decomposed" {
+                return Err(
+                    "`embed` assembles a prefix graph's input: export_kind decomposed".into(),
+                );
+            }
+            for f in [&e.image.graph, &e.text.graph, &e.state_weight]
+                .into_iter()
+                .chain(e.state_bias.as_ref())
+            {
+                if !plain_file_name(f) {
+                    return Err(format!("embed file name {f:?} must be a plain file name"));
+                }
+            }
+            if self
+                .cameras
+                .iter()
+                .any(|c| c.mask.is_some() || c.input != e.image.input)
+            {
+                return Err(format!(
+                    "with `embed`, every camera's input is the image graph's ({:?}) and has no mask: the prefix mask covers absent cameras",
+                    e.image.input
+                ));
+            }
+            if e.tokens == 0 || e.tokens > 4096 || !e.scale.is_finite() {
+                return Err("embed.tokens must be 1..=4096 and embed.scale finite".into());
+            }
+            if self.state.input.is_some() {
+                return Err(
+                    "with `embed` the state is the prefix's last token: state.input must be absent"
+                        .into(),
+                );
+            }
+        }
+        let takes_state = self.state.input.is_some() || self.embed.is_some();
         let uses_stats = self.actions.normalization != Normalization::None
-            || (self.state.input.is_some() && self.state.normalization != Normalization::None);
+            || (takes_state && self.state.normalization != Normalization::None);
         if uses_stats && self.stats.is_none() {
             return Err(
                 "normalization is on but `stats` is missing (a file or inline vectors)".into(),

@@ -9,6 +9,7 @@
 //! - [`export`]: the reference export, written as ONNX through `tract_onnx::pb`.
 //! - [`fixtures`]: `reflex export-demo --kind`: the reference export and tiny pi0.5 exports
 //!   in the seed tool's layouts, with a tokenizer.json and lerobot stats.
+//! - [`npy`]: numpy's `.npy` f32 arrays (the seed's SmolVLA state projection).
 //! - [`tokenizer`]: instruction → token ids (`word-hash-v1` for the reference model).
 //! - [`preprocess`]: bounded JPEG/PNG decode, resize, normalise.
 //! - [`engine`]: the [`Engine`] trait and its implementations: `cpu` (tract), `graph` (the
@@ -28,6 +29,7 @@ pub mod contract;
 pub mod engine;
 pub mod export;
 pub mod fixtures;
+pub mod npy;
 pub mod onnx;
 pub mod policy;
 pub mod preprocess;

@@ -753,10 +753,15 @@ impl Policy {
         self.check_cheap(input)?;
         let t0 = Instant::now();
         let image_sha256 = self.hash_frames(input)?;
+        // An assembled prefix holds the state token: the state is part of the key then.
+        let keyed_state = match &self.runtime {
+            Runtime::Vla(m) if m.prefix_takes_state() => Some(input.state.as_slice()),
+            _ => None,
+        };
         let key = self
             .cache
             .as_ref()
-            .map(|_| cache_key(&image_sha256, &input.instruction));
+            .map(|_| cache_key(&image_sha256, &input.instruction, keyed_state));
         let cached = self.lookup(key.as_ref());
         let mut times = StageTimes::default();
         let (noise_seed, noise) = self.noise(input);
@@ -822,6 +827,7 @@ impl Policy {
                         hwc: &hwc,
                         present: &present,
                         instruction: &input.instruction,
+                        state: state.as_deref(),
                     };
                     let a = m.run_monolithic(&obs, &noise, state.as_deref())?;
                     times.denoise_ms = ms(t2);
@@ -840,6 +846,7 @@ impl Policy {
                                 hwc: &hwc,
                                 present: &present,
                                 instruction: &input.instruction,
+                                state: state.as_deref(),
                             };
                             let p = std::sync::Arc::new(m.prefix(&obs)?);
                             times.prefix_ms = ms(t1);
@@ -922,6 +929,7 @@ impl Policy {
                         hwc: &hwc,
                         present: &present,
                         instruction: "",
+                        state: state.as_deref(),
                     };
                     m.run_monolithic(&obs, &noise, state.as_deref())?
                 } else {
@@ -1004,7 +1012,11 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-fn cache_key(image_sha256: &[Option<String>], instruction: &str) -> CacheKey {
+fn cache_key(
+    image_sha256: &[Option<String>],
+    instruction: &str,
+    state: Option<&[f32]>,
+) -> CacheKey {
     let mut h = Sha256::new();
     for s in image_sha256 {
         match s {
@@ -1016,6 +1028,12 @@ fn cache_key(image_sha256: &[Option<String>], instruction: &str) -> CacheKey {
         }
     }
     h.update(instruction.as_bytes());
+    if let Some(state) = state {
+        h.update([2u8]);
+        for v in state {
+            h.update(v.to_bits().to_le_bytes());
+        }
+    }
     h.finalize().into()
 }
 

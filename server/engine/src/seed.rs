@@ -21,9 +21,9 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::contract::{
-    Absent, ActionsV2, CameraV2, DenoiseV2, ExpertMode, ExportV2, FORMAT_VERSION, GraphsV2,
-    ImageV2, InstructionV2, NoisePolicy, Normalization, Range, Resize, StateV2, StatsV2,
-    TimeDirection,
+    Absent, ActionsV2, CameraV2, DenoiseV2, EmbedGraphV2, EmbedMask, EmbedV2, ExpertMode, ExportV2,
+    FORMAT_VERSION, GraphsV2, ImageV2, InstructionV2, NoisePolicy, Normalization, Range, Resize,
+    StateV2, StatsV2, TimeDirection,
 };
 
 /// How to treat the seed runtime's questionable behaviour (see the module doc).
@@ -92,6 +92,7 @@ pub fn is_seed_config(cfg: &Value) -> bool {
     };
     !o.contains_key("format")
         && (o.contains_key("export_kind")
+            || (o.contains_key("expert") && o.contains_key("vlm_kv_dim"))
             || matches!(
                 o.get("model_type").and_then(Value::as_str),
                 Some("pi0" | "pi05" | "pi05_decomposed" | "smolvla" | "smolvla_native")
@@ -208,11 +209,13 @@ pub fn map(dir: &Path, cfg: &Value, opts: &SeedOptions) -> Result<Mapped, String
                         x_input: Some("x_t".into()),
                         t_input: Some("t".into()),
                         velocity_output: Some("v_t".into()),
+                        positions_input: None,
                     }
                 } else {
                     baked(steps)
                 },
                 noise: NoisePolicy::PerCall,
+                embed: None,
             }
         }
         Some("monolithic") => {
@@ -299,14 +302,17 @@ pub fn map(dir: &Path, cfg: &Value, opts: &SeedOptions) -> Result<Mapped, String
                     .map(|p| StatsV2::File { file: named(p) }),
                 denoise: baked(steps),
                 noise,
+                embed: None,
             }
         }
-        None => {
-            return Err(
-                "this is the seed tool's SmolVLA four-graph export (no export_kind): not served yet"
-                    .into(),
-            );
-        }
+        None => four_graph(
+            dir,
+            cfg,
+            quirks,
+            stats_dims,
+            &mut notes,
+            named(&tokenizer_path),
+        )?,
         Some(other) => return Err(format!("unknown seed export_kind {other:?}")),
     };
     Ok(Mapped {
@@ -328,7 +334,181 @@ fn baked(steps: u32) -> DenoiseV2 {
         x_input: None,
         t_input: None,
         velocity_output: None,
+        positions_input: None,
     }
+}
+
+/// The seed tool's older SmolVLA export (no `export_kind`; `reflex/runtime/server.py`'s
+/// `ReflexServer` with `vlm_orchestrator.py`): `vision_encoder.onnx` per image,
+/// `text_embedder.onnx`, the state through `state_proj_{weight,bias}.npy`, the prefix
+/// `[image·s, text·s, state]` (s = √`vlm_hidden_size`) into `decoder_prefill.onnx`, then
+/// `expert_stack.onnx` one step per call, t from 1 to 0.
+///
+/// Its runtime, reproduced under `keep`: one camera (its /act passes one image); the instruction
+/// tokenized as is, padded to 32; the prefill mask 0 for image and text, 1 for the state;
+/// the expert's `kv_mask` all true; images resized to the graph's size in [−1, 1]; state
+/// and actions not normalised. `fix`: three cameras (absent ones filled with −1), the
+/// masks true for present cameras, real tokens and the state, mean/std normalisation.
+fn four_graph(
+    dir: &Path,
+    cfg: &Value,
+    quirks: SeedQuirks,
+    stats_dims: Option<(usize, usize)>,
+    notes: &mut Vec<String>,
+    tokenizer: String,
+) -> Result<ExportV2, String> {
+    let text = |k: &str, default: &'static str| -> String {
+        cfg.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
+    };
+    let num = |k: &str| cfg.get(k).and_then(Value::as_u64);
+    let vision = text("vlm_prefix_onnx", "vision_encoder.onnx");
+    let prefill = text("decoder_prefill_onnx", "decoder_prefill.onnx");
+    let embedder = text("text_embedder_onnx", "text_embedder.onnx");
+    for f in [
+        &vision,
+        &prefill,
+        &embedder,
+        &"expert_stack.onnx".to_string(),
+    ] {
+        if !dir.join(f).is_file() {
+            return Err(format!(
+                "this seed-tool export (no export_kind: the SmolVLA four-graph layout) has no {}: its runtime would serve noise-only actions without it; export the VLM pipeline too (`reflex export` of a SmolVLA checkpoint writes vision_encoder.onnx, text_embedder.onnx, decoder_prefill.onnx)",
+                dir.join(f).display()
+            ));
+        }
+    }
+    if !dir.join("state_proj_weight.npy").is_file() {
+        return Err(format!(
+            "{} is missing: the seed runtime would project the state with random weights; it is written by `reflex export` from the checkpoint's state_proj",
+            dir.join("state_proj_weight.npy").display()
+        ));
+    }
+    // The orchestrator's hidden size: vlm_hidden_size, else vlm_kv_dim (its fallback), else 960.
+    let hidden = num("vlm_hidden_size")
+        .or_else(|| num("vlm_kv_dim"))
+        .unwrap_or(960);
+    let steps = num("num_denoising_steps").unwrap_or(10) as u32;
+    let graph_width = num("action_dim").unwrap_or(32) as usize;
+    let (state_dim, action_dim, normalization) = match (quirks, stats_dims) {
+        (SeedQuirks::Keep, dims) => {
+            notes.push("no state/action normalisation, as the seed's SmolVLA server (--seed-quirks fix uses the stats)".into());
+            let (s, a) = dims.unwrap_or((32, graph_width));
+            (s, a, Normalization::None)
+        }
+        (SeedQuirks::Fix, Some((s, a))) => {
+            notes.push("state and actions normalised with the stats' mean/std".into());
+            (s, a, Normalization::MeanStd)
+        }
+        (SeedQuirks::Fix, None) => {
+            return Err(missing_stats(
+                dir,
+                "--seed-quirks fix normalises state and actions with them",
+            ));
+        }
+    };
+    let (cameras, mask) = match quirks {
+        SeedQuirks::Keep => {
+            notes.push("one camera; prefill mask 0 for images and text and 1 for the state, expert kv_mask all true, as the seed runtime feeds them (--seed-quirks fix masks padding instead)".into());
+            (1, EmbedMask::Seed)
+        }
+        SeedQuirks::Fix => {
+            notes.push("three cameras (absent ones filled with -1 and masked off); masks true for present cameras, real tokens and the state".into());
+            (3, EmbedMask::Valid)
+        }
+    };
+    let stats = if normalization == Normalization::None {
+        None
+    } else {
+        find_stats(dir, &SeedOptions::default())
+    };
+    Ok(ExportV2 {
+        format: "reflex-export".into(),
+        format_version: FORMAT_VERSION,
+        model_type: "smolvla".into(),
+        export_kind: "decomposed".into(),
+        graphs: GraphsV2 {
+            prefix: Some(prefill),
+            expert: "expert_stack.onnx".into(),
+        },
+        cameras: (1..=cameras)
+            .map(|i| CameraV2 {
+                name: format!("cam{i}"),
+                input: "pixel_values".into(),
+                mask: None,
+            })
+            .collect(),
+        image: ImageV2 {
+            resize: Resize::Stretch,
+            range: Range::Signed,
+            absent: Absent::Fill,
+            absent_fill: -1.0,
+            ..ImageV2::default()
+        },
+        instruction: InstructionV2 {
+            tokenizer,
+            template: "{instruction}".into(),
+            add_special_tokens: true,
+            tokens_input: "input_ids".into(),
+            mask_input: None,
+            pad_id: 0,
+            clean: false,
+        },
+        state: StateV2 {
+            dim: state_dim,
+            input: None,
+            normalization,
+        },
+        actions: ActionsV2 {
+            dim: action_dim,
+            normalization,
+        },
+        stats: stats.map(|p| StatsV2::File {
+            file: p
+                .strip_prefix(dir)
+                .map(|r| r.display().to_string())
+                .unwrap_or_else(|_| p.display().to_string()),
+        }),
+        denoise: DenoiseV2 {
+            expert: ExpertMode::PerStep,
+            steps,
+            time: TimeDirection::OneToZero,
+            method: "euler".into(),
+            noise_input: None,
+            actions_output: None,
+            x_input: Some("noisy_actions".into()),
+            t_input: Some("timestep".into()),
+            velocity_output: Some("velocity".into()),
+            positions_input: Some("position_ids".into()),
+        },
+        noise: NoisePolicy::PerCall,
+        embed: Some(EmbedV2 {
+            image: EmbedGraphV2 {
+                graph: vision,
+                input: "pixel_values".into(),
+                output: "image_embeds".into(),
+            },
+            text: EmbedGraphV2 {
+                graph: embedder,
+                input: "input_ids".into(),
+                output: "text_embeds".into(),
+            },
+            tokens: 32,
+            state_weight: "state_proj_weight.npy".into(),
+            state_bias: dir
+                .join("state_proj_bias.npy")
+                .is_file()
+                .then(|| "state_proj_bias.npy".into()),
+            scale: (hidden as f32).sqrt(),
+            embeds_input: "inputs_embeds".into(),
+            mask_input: "attention_mask".into(),
+            mask,
+            offset_input: Some("prefix_offset".into()),
+            kv_mask_input: Some("kv_mask".into()),
+        }),
+    })
 }
 
 fn pi_cameras(masks: bool) -> Vec<CameraV2> {
@@ -436,7 +616,7 @@ mod tests {
             assert_eq!(m.spec.actions.dim, fixtures::assets::ROBOT_ACTION_DIM);
             assert_eq!(
                 m.spec.denoise.expert == ExpertMode::PerStep,
-                kind == Kind::Pi05PerStep
+                matches!(kind, Kind::Pi05PerStep | Kind::SmolvlaFourGraph)
             );
         }
     }

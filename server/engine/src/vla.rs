@@ -23,7 +23,7 @@ use tract_onnx::prelude::*;
 
 use crate::config::{ImageConfig, ResizePolicy, hex};
 use crate::contract::{
-    Absent, Channels, ExpertMode, ExportV2, Normalization, Range, StatsV2, TimeDirection,
+    Absent, Channels, EmbedMask, ExpertMode, ExportV2, Normalization, Range, StatsV2, TimeDirection,
 };
 use crate::engine::onnxruntime::OrtGraph;
 use crate::engine::{EngineError, PixelNorm, cpu::Plan};
@@ -144,8 +144,23 @@ fn ports(model: &TypedModel, outlets: &[OutletId], inputs: bool) -> Result<Vec<P
         .collect()
 }
 
+/// What the runtime feeds a graph input, per axis (`None`: the graph's own dim).
+type Want<'a> = &'a dyn Fn(&str, usize) -> Vec<Option<usize>>;
+
+/// Axis 0 is the batch, fed 1; the other axes are the graph's own.
+fn batch_one(_: &str, rank: usize) -> Vec<Option<usize>> {
+    (0..rank).map(|a| (a == 0).then_some(1)).collect()
+}
+
 impl Graph {
-    fn load(dir: &Path, file: &str, backend: &Backend) -> Result<(Graph, ProtoFacts), EngineError> {
+    /// Loads `file`; its symbolic input dims are pinned to what `want` says
+    /// ([`crate::onnx::pin_symbols`]).
+    fn load(
+        dir: &Path,
+        file: &str,
+        backend: &Backend,
+        want: Want,
+    ) -> Result<(Graph, ProtoFacts), EngineError> {
         let path = dir.join(file);
         let err = |message: String| EngineError::Load {
             graph: path.display().to_string(),
@@ -155,11 +170,12 @@ impl Graph {
             // The protobuf alone (its weights stay in their .data files) for the facts;
             // onnxruntime reads the graph itself.
             let bytes = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
-            let proto = <pb::ModelProto as prost::Message>::decode(bytes.as_slice())
+            let mut proto = <pb::ModelProto as prost::Message>::decode(bytes.as_slice())
                 .map_err(|e| err(format!("not an ONNX model: {e}")))?;
             let facts = proto_facts(&proto);
+            let symbols = crate::onnx::pin_symbols(&mut proto, want).map_err(err)?;
             drop(proto);
-            let g = OrtGraph::load(&path, lib, *threads)?;
+            let g = OrtGraph::load(&path, lib, *threads, &symbols)?;
             let port = |p: &crate::engine::onnxruntime::OrtPort| Port {
                 name: p.name.clone(),
                 dt: p.dt,
@@ -179,7 +195,10 @@ impl Graph {
                 facts,
             ));
         }
-        let (plan, facts) = crate::engine::cpu::load_graph_with(&path, proto_facts)?;
+        let (plan, facts) = crate::engine::cpu::load_graph_edit(&path, |proto| {
+            crate::onnx::pin_symbols(proto, want)?;
+            Ok(proto_facts(proto))
+        })?;
         let model = plan.model();
         let inputs = ports(
             model,
@@ -364,11 +383,160 @@ pub struct Observation<'a> {
     pub hwc: &'a [u8],
     pub present: &'a [bool],
     pub instruction: &'a str,
+    /// The state as [`VlaModel::state_values`] gives it: an assembled prefix's last token
+    /// ([`VlaModel::prefix_takes_state`]); ignored otherwise.
+    pub state: Option<&'a [f32]>,
+}
+
+/// The embedding stage of an assembled prefix (contract `embed`): the per-piece graphs, the
+/// state projection and the sizes read from them.
+struct Embedder {
+    image: Graph,
+    image_out: usize,
+    text: Graph,
+    text_out: usize,
+    /// Image tokens per camera (N), embedding width (D), prefix length (L).
+    per_camera: usize,
+    hidden: usize,
+    len: usize,
+    height: usize,
+    width: usize,
+    /// `[D, W]` row-major and `[D]`.
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    state_width: usize,
+}
+
+impl Embedder {
+    fn load(
+        dir: &Path,
+        spec: &ExportV2,
+        load: &mut dyn FnMut(&str, Want) -> Result<Graph, EngineError>,
+        files: &mut Vec<PathBuf>,
+    ) -> Result<Embedder, EngineError> {
+        let e = spec.embed.as_ref().expect("called with an embed block");
+        let tokens = e.tokens;
+        let image_in = e.image.input.clone();
+        let image = load(&e.image.graph, &|name: &str, rank: usize| {
+            if name == image_in && rank == 4 {
+                vec![Some(1), Some(3), None, None]
+            } else {
+                batch_one(name, rank)
+            }
+        })?;
+        let text_in = e.text.input.clone();
+        let text = load(&e.text.graph, &|name: &str, rank: usize| {
+            if name == text_in && rank == 2 {
+                vec![Some(1), Some(tokens)]
+            } else {
+                batch_one(name, rank)
+            }
+        })?;
+        let image_path = dir.join(&image.file);
+        let text_path = dir.join(&text.file);
+        let port_of = |g: &Graph, path: &Path, name: &str, output: bool| {
+            let ports = if output { &g.outputs } else { &g.inputs };
+            ports
+                .iter()
+                .position(|p| p.name == name)
+                .map(|ix| (ix, ports[ix].clone()))
+                .ok_or_else(|| {
+                    load_err(
+                        path,
+                        format!(
+                            "the config names {} {name:?}, which the graph does not have (its {}: {})",
+                            if output { "output" } else { "input" },
+                            if output { "outputs" } else { "inputs" },
+                            ports.iter().map(Port::describe).collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                })
+        };
+        let (_, pin) = port_of(&image, &image_path, &e.image.input, false)?;
+        let (height, width) = match pin.shape.as_slice() {
+            [1, 3, h, w] => (*h, *w),
+            _ => {
+                return Err(load_err(
+                    &image_path,
+                    format!("input {} is not [1, 3, H, W]", pin.describe()),
+                ));
+            }
+        };
+        let (image_out, pout) = port_of(&image, &image_path, &e.image.output, true)?;
+        let (per_camera, hidden) = match pout.shape.as_slice() {
+            [1, n, d] => (*n, *d),
+            _ => {
+                return Err(load_err(
+                    &image_path,
+                    format!("output {} is not [1, N, D]", pout.describe()),
+                ));
+            }
+        };
+        let (_, tin) = port_of(&text, &text_path, &e.text.input, false)?;
+        if tin.shape != [1, tokens] {
+            return Err(load_err(
+                &text_path,
+                format!("input {} is not [1, {tokens}]", tin.describe()),
+            ));
+        }
+        let (text_out, tout) = port_of(&text, &text_path, &e.text.output, true)?;
+        if tout.shape != [1, tokens, hidden] {
+            return Err(load_err(
+                &text_path,
+                format!(
+                    "output {} is not [1, {tokens}, {hidden}] (the image embeddings' width)",
+                    tout.describe()
+                ),
+            ));
+        }
+        let weight_path = side_file(dir, &e.state_weight);
+        let weight = crate::npy::read_f32(&weight_path).map_err(|m| load_err(&weight_path, m))?;
+        let state_width = match weight.shape.as_slice() {
+            [d, w] if *d == hidden => *w,
+            other => {
+                return Err(load_err(
+                    &weight_path,
+                    format!("the state projection is {other:?}, not [{hidden}, state width]"),
+                ));
+            }
+        };
+        files.push(PathBuf::from(&e.state_weight));
+        let bias = match &e.state_bias {
+            Some(b) => {
+                let path = side_file(dir, b);
+                let a = crate::npy::read_f32(&path).map_err(|m| load_err(&path, m))?;
+                if a.shape != [hidden] {
+                    return Err(load_err(
+                        &path,
+                        format!("the state bias is {:?}, not [{hidden}]", a.shape),
+                    ));
+                }
+                files.push(PathBuf::from(b));
+                a.data
+            }
+            None => vec![0.0; hidden],
+        };
+        Ok(Embedder {
+            image,
+            image_out,
+            text,
+            text_out,
+            per_camera,
+            hidden,
+            len: spec.cameras.len() * per_camera + tokens + 1,
+            height,
+            width,
+            weight: weight.data,
+            bias,
+            state_width,
+        })
+    }
 }
 
 /// A real VLA export, loaded.
 pub struct VlaModel {
     pub spec: ExportV2,
+    embed: Option<Embedder>,
     prefix: Option<Graph>,
     expert: Graph,
     tokenizer: tokenizers::Tokenizer,
@@ -388,6 +556,9 @@ pub struct VlaModel {
     state_width: Option<usize>,
     /// Prefix outputs the expert takes, by name, in the prefix graph's output order.
     handoff: Vec<(usize, String)>,
+    /// Expert inputs an assembled prefix makes beside them (its length, its mask), after
+    /// the handoff in a [`Prefix`].
+    made: Vec<String>,
     prefix_bytes: usize,
     /// Every file read, relative to the export or absolute, for `model_hash`.
     pub files: Vec<PathBuf>,
@@ -428,15 +599,51 @@ impl VlaModel {
         spec.validate().map_err(|m| load_err(&config_path, m))?;
         let mut files = vec![PathBuf::from(crate::config::CONFIG_FILE)];
         let mut gathers = BTreeMap::new();
-        let mut load = |file: &str| -> Result<Graph, EngineError> {
-            let (g, facts) = Graph::load(dir, file, backend)?;
-            files.push(file.into());
-            files.extend(facts.external.iter().map(PathBuf::from));
+        let mut graph_files = vec![];
+        let mut load = |file: &str, want: Want| -> Result<Graph, EngineError> {
+            let (g, facts) = Graph::load(dir, file, backend, want)?;
+            graph_files.push(PathBuf::from(file));
+            graph_files.extend(facts.external.iter().map(PathBuf::from));
             gathers.extend(facts.gather_rows);
             Ok(g)
         };
-        let prefix = spec.graphs.prefix.as_deref().map(&mut load).transpose()?;
-        let expert = load(&spec.graphs.expert)?;
+        let mut side_files = vec![];
+        let embed = match &spec.embed {
+            Some(_) => Some(Embedder::load(dir, &spec, &mut load, &mut side_files)?),
+            None => None,
+        };
+        let e_spec = spec.embed.as_ref();
+        let prefix_want = |name: &str, rank: usize| match (&embed, e_spec) {
+            (Some(em), Some(e)) if name == e.embeds_input => {
+                vec![Some(1), Some(em.len), Some(em.hidden)]
+            }
+            (Some(em), Some(e)) if name == e.mask_input => vec![Some(1), Some(em.len)],
+            _ => batch_one(name, rank),
+        };
+        let prefix = spec
+            .graphs
+            .prefix
+            .as_deref()
+            .map(|f| load(f, &prefix_want))
+            .transpose()?;
+        let expert_want = |name: &str, rank: usize| {
+            // The prefix's outputs as they are; the prefix mask as long as the prefix.
+            if let Some(o) = prefix
+                .as_ref()
+                .and_then(|p| p.outputs.iter().find(|o| o.name == name))
+            {
+                return o.shape.iter().map(|d| Some(*d)).collect();
+            }
+            match (&embed, e_spec) {
+                (Some(em), Some(e)) if e.kv_mask_input.as_deref() == Some(name) => {
+                    vec![Some(1), Some(em.len)]
+                }
+                _ => batch_one(name, rank),
+            }
+        };
+        let expert = load(&spec.graphs.expert, &expert_want)?;
+        files.extend(graph_files);
+        files.extend(side_files);
         // The graph that takes the observation: the prefix, or the whole model.
         let obs = prefix.as_ref().unwrap_or(&expert);
         let obs_path = dir.join(&obs.file);
@@ -453,10 +660,15 @@ impl VlaModel {
             })
         };
 
-        // Cameras: [1, 3, H, W], all the same size; masks bool [1].
-        let mut hw = None;
+        // Cameras: [1, 3, H, W], all the same size; masks bool [1]. (An assembled prefix: the
+        // image graph's, read by the embedder.)
+        let mut hw = embed.as_ref().map(|e| (e.height, e.width));
         let mut known: Vec<String> = vec![];
-        for c in &spec.cameras {
+        if let Some(e) = e_spec {
+            known.push(e.embeds_input.clone());
+            known.push(e.mask_input.clone());
+        }
+        for c in spec.cameras.iter().filter(|_| embed.is_none()) {
             let p = input(obs, &obs_path, &c.input)?;
             match p.shape.as_slice() {
                 [1, 3, h, w] if hw.is_none_or(|s| s == (*h, *w)) => hw = Some((*h, *w)),
@@ -488,18 +700,23 @@ impl VlaModel {
         // Instruction: tokens [1, T] (and the mask [1, T]); the tokenizer's ids must index the
         // embedding.
         let ins = &spec.instruction;
-        let tok_port = input(obs, &obs_path, &ins.tokens_input)?;
-        let tokens = match tok_port.shape.as_slice() {
-            [1, t] => *t,
-            _ => {
-                return Err(load_err(
-                    &obs_path,
-                    format!("tokens {} is not [1, T]", tok_port.describe()),
-                ));
+        let tokens = match e_spec {
+            Some(e) => e.tokens,
+            None => {
+                let tok_port = input(obs, &obs_path, &ins.tokens_input)?;
+                known.push(ins.tokens_input.clone());
+                match tok_port.shape.as_slice() {
+                    [1, t] => *t,
+                    _ => {
+                        return Err(load_err(
+                            &obs_path,
+                            format!("tokens {} is not [1, T]", tok_port.describe()),
+                        ));
+                    }
+                }
             }
         };
-        known.push(ins.tokens_input.clone());
-        if let Some(m) = &ins.mask_input {
+        if let Some(m) = ins.mask_input.as_ref().filter(|_| embed.is_none()) {
             let p = input(obs, &obs_path, m)?;
             if p.shape != [1, tokens] {
                 return Err(load_err(
@@ -590,8 +807,38 @@ impl VlaModel {
             input(exp_graph, &exp_path, &t)?;
             exp_known.push(t);
         }
+        // Inputs an assembled prefix makes, and the action positions.
+        let mut made = vec![];
+        let mut made_bytes = 0;
+        let fixed_input = |name: &str, dt: DatumType, shape: &[usize]| -> Result<(), EngineError> {
+            let p = input(exp_graph, &exp_path, name)?;
+            if p.dt != dt || p.shape != shape {
+                return Err(load_err(
+                    &exp_path,
+                    format!("input {} is not {dt:?}{shape:?}", p.describe()),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(pos) = &d.positions_input {
+            fixed_input(pos, DatumType::I64, &[1, chunk])?;
+            exp_known.push(pos.clone());
+        }
+        if let (Some(e), Some(em)) = (e_spec, &embed) {
+            if let Some(off) = &e.offset_input {
+                fixed_input(off, DatumType::I64, &[1, 1])?;
+                made.push(off.clone());
+                made_bytes += 8;
+            }
+            if let Some(m) = &e.kv_mask_input {
+                fixed_input(m, DatumType::Bool, &[1, em.len])?;
+                made.push(m.clone());
+                made_bytes += em.len;
+            }
+            exp_known.extend(made.iter().cloned());
+        }
         let state_width = match &spec.state.input {
-            None => None,
+            None => embed.as_ref().map(|e| e.state_width),
             Some(name) => {
                 // The state goes to the graph that takes it: the expert (or the whole model).
                 let (g, path) = if exp_graph.input(name).is_some() || prefix.is_none() {
@@ -627,7 +874,7 @@ impl VlaModel {
             }
         };
         let mut handoff = vec![];
-        let mut prefix_bytes = 0;
+        let mut prefix_bytes = made_bytes;
         if let Some(p) = &prefix {
             for i in &exp_graph.inputs {
                 if exp_known.contains(&i.name) {
@@ -687,6 +934,8 @@ impl VlaModel {
         };
         Ok(VlaModel {
             engine: backend.name(),
+            embed,
+            made,
             prefix,
             expert,
             tokenizer,
@@ -764,32 +1013,46 @@ impl VlaModel {
         self.state_width.is_none() || self.state_norm.normalize(i, s).is_finite()
     }
 
+    /// Camera `slot`'s planes `[3, H, W]`, normalised, and whether it counts as present
+    /// (an absent camera is filled, or gets the primary frame under `copy_primary`).
+    fn camera_planes(&self, obs: &Observation<'_>, slot: usize) -> (Vec<f32>, bool) {
+        let (h, w) = (self.height, self.width);
+        let per = h * w * 3;
+        let primary = &obs.hwc[..per];
+        let mut planes = vec![0.0f32; per];
+        let present = obs.present.get(slot).copied().unwrap_or(false);
+        let (frame, on) = match (present, self.spec.image.absent) {
+            (true, _) => (Some(&obs.hwc[slot * per..(slot + 1) * per]), true),
+            (false, Absent::CopyPrimary) => (Some(primary), true),
+            (false, Absent::Fill) => (None, false),
+        };
+        match frame {
+            Some(f) => self.pixel.apply(f, &mut planes),
+            None => self.pixel.fill_blank(&mut planes),
+        }
+        if self.spec.image.channels == Channels::Bgr {
+            let plane = h * w;
+            let (r, rest) = planes.split_at_mut(plane);
+            r.swap_with_slice(&mut rest[plane..]);
+        }
+        (planes, on)
+    }
+
     /// The observation's graph inputs: camera planes and masks, tokens and mask.
     fn observation_feed<'a>(
         &'a self,
         obs: &Observation<'_>,
     ) -> Result<BTreeMap<&'a str, TValue>, EngineError> {
+        if self.embed.is_some() {
+            return Err(EngineError::Run {
+                graph: "vla",
+                message: "an assembled prefix (embed) has no single observation feed".into(),
+            });
+        }
         let mut feed = BTreeMap::new();
         let (h, w) = (self.height, self.width);
-        let per = h * w * 3;
-        let primary = &obs.hwc[..per];
         for (slot, cam) in self.spec.cameras.iter().enumerate() {
-            let mut planes = vec![0.0f32; per];
-            let present = obs.present.get(slot).copied().unwrap_or(false);
-            let (frame, on) = match (present, self.spec.image.absent) {
-                (true, _) => (Some(&obs.hwc[slot * per..(slot + 1) * per]), true),
-                (false, Absent::CopyPrimary) => (Some(primary), true),
-                (false, Absent::Fill) => (None, false),
-            };
-            match frame {
-                Some(f) => self.pixel.apply(f, &mut planes),
-                None => self.pixel.fill_blank(&mut planes),
-            }
-            if self.spec.image.channels == Channels::Bgr {
-                let plane = h * w;
-                let (r, rest) = planes.split_at_mut(plane);
-                r.swap_with_slice(&mut rest[plane..]);
-            }
+            let (planes, on) = self.camera_planes(obs, slot);
             feed.insert(cam.input.as_str(), value(&[1, 3, h, w], &planes)?);
             if let Some(m) = &cam.mask {
                 feed.insert(m.as_str(), value(&[1], &[on])?);
@@ -860,22 +1123,92 @@ impl VlaModel {
             graph: "prefix",
             message: "a monolithic export has no prefix graph".into(),
         })?;
-        let feed = self.observation_feed(obs)?;
+        let (feed, made) = match &self.embed {
+            Some(e) => self.assemble(e, obs)?,
+            None => (self.observation_feed(obs)?, vec![]),
+        };
         let out = g.run(&feed)?;
         Ok(Prefix {
             tensors: self
                 .handoff
                 .iter()
                 .map(|(ix, _)| out[*ix].clone())
+                .chain(made)
                 .collect(),
             bytes: self.prefix_bytes,
         })
     }
 
+    /// Whether the state is part of the prefix (an assembled prefix's last token): the
+    /// prefix cache then keys on it too.
+    pub fn prefix_takes_state(&self) -> bool {
+        self.embed.is_some()
+    }
+
+    /// An assembled prefix (contract `embed`): each camera through the image graph, the
+    /// tokens through the text graph, both × scale, the state projected; the prefix graph's
+    /// feed, and the expert inputs made beside it (the length, the mask) in `made` order.
+    fn assemble<'a>(
+        &'a self,
+        e: &Embedder,
+        obs: &Observation<'_>,
+    ) -> Result<(BTreeMap<&'a str, TValue>, Vec<TValue>), EngineError> {
+        let spec = self.spec.embed.as_ref().expect("an embedder has its spec");
+        let scale = spec.scale;
+        let (d, n, l) = (e.hidden, e.per_camera, e.len);
+        let mut embeds = Vec::with_capacity(l * d);
+        let mut valid = Vec::with_capacity(l);
+        for slot in 0..self.spec.cameras.len() {
+            let (planes, on) = self.camera_planes(obs, slot);
+            let mut feed = BTreeMap::new();
+            feed.insert(
+                spec.image.input.as_str(),
+                value(&[1, 3, e.height, e.width], &planes)?,
+            );
+            let out = e.image.run(&feed)?;
+            let emb = to_f32(&out[e.image_out], "image embeddings")?;
+            embeds.extend(emb.iter().map(|x| x * scale));
+            valid.extend(std::iter::repeat_n(on, n));
+        }
+        let (ids, real) = self.tokenize(obs.instruction)?;
+        let mut feed = BTreeMap::new();
+        feed.insert(spec.text.input.as_str(), value(&[1, ids.len()], &ids)?);
+        let out = e.text.run(&feed)?;
+        let emb = to_f32(&out[e.text_out], "text embeddings")?;
+        embeds.extend(emb.iter().map(|x| x * scale));
+        valid.extend(real);
+        // The state token: state · Wᵀ + b, W [D, width].
+        let zeros = vec![0.0; e.state_width];
+        let state = obs.state.unwrap_or(&zeros);
+        for (row, b) in e.weight.chunks_exact(e.state_width).zip(&e.bias) {
+            let dot: f32 = row.iter().zip(state).map(|(w, s)| w * s).sum();
+            embeds.push(dot + b);
+        }
+        valid.push(true);
+        let (mask, kv): (Vec<i64>, Vec<bool>) = match spec.mask {
+            EmbedMask::Seed => (
+                (0..l).map(|i| i64::from(i + 1 == l)).collect(),
+                vec![true; l],
+            ),
+            EmbedMask::Valid => (valid.iter().map(|v| i64::from(*v)).collect(), valid),
+        };
+        let mut feed = BTreeMap::new();
+        feed.insert(spec.embeds_input.as_str(), value(&[1, l, d], &embeds)?);
+        feed.insert(spec.mask_input.as_str(), value(&[1, l], &mask)?);
+        let mut made = vec![];
+        if spec.offset_input.is_some() {
+            made.push(value(&[1, 1], &[l as i64])?);
+        }
+        if spec.kv_mask_input.is_some() {
+            made.push(value(&[1, l], &kv)?);
+        }
+        Ok((feed, made))
+    }
+
     /// A prefix of zeros in the right shapes (the watchdog's liveness probe).
     pub fn zero_prefix(&self) -> Result<Prefix, EngineError> {
         let mut tensors = vec![];
-        for (_, name) in &self.handoff {
+        for name in self.handoff.iter().map(|(_, n)| n).chain(&self.made) {
             let p = self.expert.input(name).expect("checked at load");
             let t = Tensor::zero_dt(p.dt, &p.shape).map_err(|e| EngineError::Run {
                 graph: "expert",
@@ -903,8 +1236,13 @@ impl VlaModel {
     ) -> Result<Vec<f32>, EngineError> {
         let d = &self.spec.denoise;
         let mut feed: BTreeMap<&str, TValue> = BTreeMap::new();
-        for ((_, name), t) in self.handoff.iter().zip(&prefix.tensors) {
+        let names = self.handoff.iter().map(|(_, n)| n).chain(&self.made);
+        for (name, t) in names.zip(&prefix.tensors) {
             feed.insert(name.as_str(), t.clone());
+        }
+        if let Some(pos) = &d.positions_input {
+            let positions: Vec<i64> = (0..self.chunk as i64).collect();
+            feed.insert(pos.as_str(), value(&[1, self.chunk], &positions)?);
         }
         if let (Some(name), Some(s)) = (&self.spec.state.input, state) {
             feed.insert(name.as_str(), value(&[1, s.len()], s)?);
@@ -1028,6 +1366,22 @@ impl VlaModel {
         );
         m.insert("noise_width".into(), self.action_width.to_string());
         m.insert("tokens".into(), self.tokens.to_string());
+        if let (Some(e), Some(es)) = (&s.embed, &self.embed) {
+            m.insert(
+                "prefix_assembly".into(),
+                format!(
+                    "{} per camera + {} + state projection ({}), L={}, mask {}",
+                    e.image.graph,
+                    e.text.graph,
+                    e.state_weight,
+                    es.len,
+                    serde_json::to_value(e.mask)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ),
+            );
+        }
         m
     }
 }
@@ -1146,6 +1500,11 @@ mod tests {
     }
 
     fn input(noise: Option<Vec<f32>>, seed: Option<u64>) -> ActInput {
+        input_n(3, noise, seed)
+    }
+
+    /// [`input`] for a model of `cameras` cameras.
+    fn input_n(cameras: usize, noise: Option<Vec<f32>>, seed: Option<u64>) -> ActInput {
         let frame = |index: usize, shade: u8| {
             Some(FrameInput {
                 index,
@@ -1155,7 +1514,10 @@ mod tests {
             })
         };
         ActInput {
-            frames: vec![frame(0, 40), frame(1, 200), None],
+            frames: [frame(0, 40), frame(1, 200), None]
+                .into_iter()
+                .take(cameras)
+                .collect(),
             instruction: "pick up the red block".into(),
             state: vec![0.1, 0.2, 0.0, -1.8, 0.0, 2.0, 0.8, 0.04],
             noise_seed: seed,
@@ -1181,7 +1543,9 @@ mod tests {
             fixtures::write(kind, d.path(), 3).unwrap();
             let p = Policy::load(d.path(), &opts(8)).unwrap();
             let f = p.config();
-            assert_eq!(f.cameras, kind.variant().unwrap().cameras(), "{kind}");
+            assert_eq!(f.cameras, kind.cameras(), "{kind}");
+            let cams = f.cameras.len();
+            let input = |noise, seed| input_n(cams, noise, seed);
             assert_eq!(
                 (f.state_dim, f.action_dim),
                 (assets::ROBOT_STATE_DIM, assets::ROBOT_ACTION_DIM)
@@ -1215,6 +1579,17 @@ mod tests {
             } else {
                 assert_eq!((a.cache, b.cache), (CacheStatus::Miss, CacheStatus::Hit));
                 assert!(p.cache_capacity().unwrap().entry_bytes > 2 * 2 * 64 * 16 * 4);
+                // The state is the four-graph prefix's last token: another state is another
+                // prefix (a miss, other actions); elsewhere it is not part of the prefix.
+                let mut moved = input(None, Some(11));
+                moved.state[0] += 0.5;
+                let m = p.act(&moved).unwrap();
+                if kind == Kind::SmolvlaFourGraph {
+                    assert_eq!(m.cache, CacheStatus::Miss);
+                    assert_ne!(bits(&m.actions), bits(&a.actions));
+                } else {
+                    assert_eq!(m.cache, CacheStatus::Hit, "{kind}");
+                }
             }
             // The calls above proved the engine: the probe skips the whole-loop run; the
             // next one, with no call between, runs it.

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
 
 use super::{Engine, EngineError, Shapes};
 
@@ -36,6 +37,15 @@ pub fn load_graph_with<T>(
     path: &Path,
     inspect: impl FnOnce(&tract_onnx::pb::ModelProto) -> T,
 ) -> Result<(Plan, T), EngineError> {
+    load_graph_edit(path, |proto| Ok(inspect(proto)))
+}
+
+/// [`load_graph_with`] whose hook may also change the protobuf before tract parses it (pin
+/// symbolic input dims: [`crate::onnx::pin_symbols`]); its error names the graph.
+pub fn load_graph_edit<T>(
+    path: &Path,
+    edit: impl FnOnce(&mut tract_onnx::pb::ModelProto) -> Result<T, String>,
+) -> Result<(Plan, T), EngineError> {
     let err = |message: String| EngineError::Load {
         graph: path.display().to_string(),
         message,
@@ -53,7 +63,7 @@ pub fn load_graph_with<T>(
             "graph rewritten for tract"
         );
     }
-    let seen = inspect(&proto);
+    let seen = edit(&mut proto).map_err(err)?;
     let dir = path.parent().and_then(Path::to_str);
     let parsed = onnx.parse(&proto, dir).map_err(tract_err)?;
     if !parsed.unresolved_inputs.is_empty() {
@@ -62,13 +72,77 @@ pub fn load_graph_with<T>(
             parsed.unresolved_inputs
         )));
     }
-    let plan = parsed
-        .model
+    let mut typed = parsed.model.into_typed().map_err(tract_err)?;
+    materialize_broadcasts_into_concat(&mut typed);
+    let plan = typed
         .into_optimized()
         .map_err(tract_err)?
         .into_runnable()
         .map_err(tract_err)?;
     Ok((plan, seen))
+}
+
+/// tract 0.23.9's EinSum declutter (`declutter_broadcast`) absorbs a `MultiBroadcastTo`
+/// input even when the broadcast axis exists in no other input, and the einsum's output
+/// shrinks (an `Expand`ed time embedding concatenated with the action tokens before a
+/// Linear, as SmolVLA's expert does: "Trying to substitute a 50,32,F32 by 1,32,F32"). A
+/// broadcast that feeds a `Concat` is made a [`Materialize`] (the same values, computed), which
+/// no declutter rule sees through.
+fn materialize_broadcasts_into_concat(model: &mut TypedModel) {
+    use tract_onnx::tract_core::ops::array::{MultiBroadcastTo, TypedConcat};
+    let ids: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|n| {
+            n.op_is::<MultiBroadcastTo>()
+                && n.outputs[0]
+                    .successors
+                    .iter()
+                    .any(|s| model.node(s.node).op_is::<TypedConcat>())
+        })
+        .map(|n| n.id)
+        .collect();
+    for id in ids {
+        let node = model.node_mut(id);
+        let shape = node
+            .op_as::<MultiBroadcastTo>()
+            .expect("filtered")
+            .shape
+            .clone();
+        node.op = Box::new(Materialize { shape });
+    }
+}
+
+/// `MultiBroadcastTo`, evaluated as such, opaque to tract's declutter rules (see
+/// [`materialize_broadcasts_into_concat`]).
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct Materialize {
+    shape: ShapeFact,
+}
+
+impl Op for Materialize {
+    fn name(&self) -> StaticName {
+        "reflex.Materialize".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Materialize {
+    op_out_of_plan!();
+
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let shape = self.shape.eval_to_usize(ctx.symbols)?;
+        Ok(tvec!(inputs[0].broadcast_to_shape(&shape)?.into_tvalue()))
+    }
+}
+
+impl TypedOp for Materialize {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(inputs[0].datum_type.fact(self.shape.clone())))
+    }
+
+    as_op!();
 }
 
 fn run_err(graph: &'static str) -> impl Fn(TractError) -> EngineError {

@@ -15,6 +15,7 @@
 //!
 //! One run at a time per graph: `ort`'s `Session::run` takes `&mut self`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -111,16 +112,25 @@ fn datum_type(t: TensorElementType) -> Option<DatumType> {
     })
 }
 
-fn port(name: &str, ty: &ValueType) -> Result<OrtPort, String> {
-    let ValueType::Tensor { ty, shape, .. } = ty else {
+/// A port's shape; a symbolic dim takes its value from `symbols` (the dims pinned at load).
+fn port(name: &str, ty: &ValueType, symbols: &BTreeMap<String, usize>) -> Result<OrtPort, String> {
+    let ValueType::Tensor {
+        ty,
+        shape,
+        dimension_symbols,
+    } = ty
+    else {
         return Err(format!("{name} is not a tensor ({ty:?})"));
     };
     let dt = datum_type(*ty).ok_or_else(|| format!("{name}: element type {ty:?} not served"))?;
     let shape = shape
         .iter()
-        .map(|d| usize::try_from(*d))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| format!("{name} has a symbolic shape {shape:?}: exports must be static"))?;
+        .zip(dimension_symbols.iter())
+        .map(|(d, sym)| usize::try_from(*d).ok().or_else(|| symbols.get(sym).copied()))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            format!("{name} has a symbolic shape {shape:?} {dimension_symbols:?} that is not pinned: exports must be static")
+        })?;
     Ok(OrtPort {
         name: name.to_string(),
         dt,
@@ -129,8 +139,14 @@ fn port(name: &str, ty: &ValueType) -> Result<OrtPort, String> {
 }
 
 impl OrtGraph {
-    /// Loads `path` (its external data beside it) into a session.
-    pub fn load(path: &Path, lib: &Path, threads: usize) -> Result<OrtGraph, EngineError> {
+    /// Loads `path` (its external data beside it) into a session, the symbolic dims in
+    /// `symbols` fixed (onnxruntime's free dimension overrides).
+    pub fn load(
+        path: &Path,
+        lib: &Path,
+        threads: usize,
+        symbols: &BTreeMap<String, usize>,
+    ) -> Result<OrtGraph, EngineError> {
         let err = |message: String| EngineError::Load {
             graph: path.display().to_string(),
             message,
@@ -143,18 +159,24 @@ impl OrtGraph {
             })
             .and_then(|b| b.with_intra_threads(threads.max(1)).map_err(Into::into))
             .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
+            .and_then(|b| {
+                symbols.iter().try_fold(b, |b, (name, size)| {
+                    b.with_dimension_override(name, *size as i64)
+                        .map_err(Into::into)
+                })
+            })
             .and_then(|mut b| b.commit_from_file(path))
             .map_err(|e| err(format!("onnxruntime: {e}")))?;
         let inputs = session
             .inputs()
             .iter()
-            .map(|o| port(o.name(), o.dtype()))
+            .map(|o| port(o.name(), o.dtype(), symbols))
             .collect::<Result<Vec<_>, _>>()
             .map_err(err)?;
         let outputs = session
             .outputs()
             .iter()
-            .map(|o| port(o.name(), o.dtype()))
+            .map(|o| port(o.name(), o.dtype(), symbols))
             .collect::<Result<Vec<_>, _>>()
             .map_err(err)?;
         Ok(OrtGraph {

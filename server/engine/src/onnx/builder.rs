@@ -73,6 +73,27 @@ impl GraphBuilder {
         self.graph.output.push(Self::value_info(name, elem, dims));
     }
 
+    /// Marks dims of the graph input or output `name` symbolic (`dim_param`), as
+    /// `torch.onnx.export(dynamic_axes=…)` writes them: `(axis, "batch")`, `(axis, "seq")`.
+    pub fn symbolic(&mut self, name: &str, dims: &[(usize, &str)]) {
+        use pb::tensor_shape_proto::dimension::Value;
+        let g = &mut self.graph;
+        for vi in g.input.iter_mut().chain(g.output.iter_mut()) {
+            if vi.name != name {
+                continue;
+            }
+            let Some(pb::type_proto::Value::TensorType(t)) =
+                vi.r#type.as_mut().and_then(|t| t.value.as_mut())
+            else {
+                continue;
+            };
+            let shape = t.shape.as_mut().expect("value_info writes a shape");
+            for (axis, param) in dims {
+                shape.dim[*axis].value = Some(Value::DimParam((*param).into()));
+            }
+        }
+    }
+
     /// A fresh number for generated names.
     pub fn fresh(&mut self) -> usize {
         self.next += 1;

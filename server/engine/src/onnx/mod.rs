@@ -13,6 +13,86 @@ const I32: i32 = pb::tensor_proto::DataType::Int32 as i32;
 const F32: i32 = pb::tensor_proto::DataType::Float as i32;
 const F64: i32 = pb::tensor_proto::DataType::Double as i32;
 
+/// Pins the symbolic dims of a graph's inputs (`torch.onnx.export(dynamic_axes=…)`'s
+/// `batch`, `seq`): `want(input, rank)` says per axis what the runtime will feed (`None`:
+/// the graph's own). Every symbol so fixed is replaced by its value in the inputs' and
+/// outputs' declared shapes; returns the symbols and their values (onnxruntime's free
+/// dimension overrides take the same map). A symbol wanted with two values, or an unnamed
+/// symbolic dim, is an error naming the input.
+pub fn pin_symbols(
+    model: &mut pb::ModelProto,
+    want: &dyn Fn(&str, usize) -> Vec<Option<usize>>,
+) -> Result<std::collections::BTreeMap<String, usize>, String> {
+    use pb::tensor_shape_proto::dimension::Value;
+    let mut symbols = std::collections::BTreeMap::new();
+    let Some(graph) = model.graph.as_mut() else {
+        return Ok(symbols);
+    };
+    let initializers: std::collections::HashSet<String> =
+        graph.initializer.iter().map(|t| t.name.clone()).collect();
+    let dims_of = |vi: &pb::ValueInfoProto| -> Option<Vec<Option<Value>>> {
+        match vi.r#type.as_ref()?.value.as_ref()? {
+            pb::type_proto::Value::TensorType(t) => Some(
+                t.shape
+                    .as_ref()?
+                    .dim
+                    .iter()
+                    .map(|d| d.value.clone())
+                    .collect(),
+            ),
+        }
+    };
+    for vi in graph
+        .input
+        .iter()
+        .filter(|i| !initializers.contains(&i.name))
+    {
+        let Some(dims) = dims_of(vi) else { continue };
+        let wanted = want(&vi.name, dims.len());
+        for (axis, (dim, w)) in dims.iter().zip(&wanted).enumerate() {
+            let Some(v) = w else { continue };
+            match dim {
+                Some(Value::DimValue(_)) => {}
+                Some(Value::DimParam(p)) if !p.is_empty() => match symbols.get(p) {
+                    Some(old) if old != v => {
+                        return Err(format!(
+                            "input {} axis {axis}: symbolic dim {p:?} is {old} elsewhere and {v} here",
+                            vi.name
+                        ));
+                    }
+                    _ => {
+                        symbols.insert(p.clone(), *v);
+                    }
+                },
+                _ => {
+                    return Err(format!(
+                        "input {} axis {axis} is symbolic without a name: cannot pin it",
+                        vi.name
+                    ));
+                }
+            }
+        }
+    }
+    if symbols.is_empty() {
+        return Ok(symbols);
+    }
+    for vi in graph.input.iter_mut().chain(graph.output.iter_mut()) {
+        let Some(pb::type_proto::Value::TensorType(t)) =
+            vi.r#type.as_mut().and_then(|t| t.value.as_mut())
+        else {
+            continue;
+        };
+        for d in t.shape.iter_mut().flat_map(|s| s.dim.iter_mut()) {
+            if let Some(Value::DimParam(p)) = &d.value
+                && let Some(v) = symbols.get(p)
+            {
+                d.value = Some(Value::DimValue(*v as i64));
+            }
+        }
+    }
+    Ok(symbols)
+}
+
 /// An int64 tensor with its values little-endian in `raw_data`, as exporters write them.
 pub fn i64_tensor(name: &str, dims: &[i64], values: &[i64]) -> pb::TensorProto {
     debug_assert_eq!(dims.iter().product::<i64>() as usize, values.len());
