@@ -148,7 +148,14 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_seed_layout_serves_over_grpc_matches_onnxruntime_and_replays_bit_exactly() {
-    for kind in ["pi05", "pi05-per-step", "pi05-monolithic", "pi0", "smolvla"] {
+    for kind in [
+        "pi05",
+        "pi05-per-step",
+        "pi05-monolithic",
+        "pi0",
+        "smolvla",
+        "smolvla-four-graph",
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let export = export_demo(dir.path(), kind);
         let cams = Cameras::of(&export);
@@ -229,7 +236,7 @@ async fn every_seed_layout_serves_over_grpc_matches_onnxruntime_and_replays_bit_
             .into_inner();
         assert_eq!(bits(&a.actions), bits(&b.actions), "{kind}");
         assert_eq!(a.noise_seed, 5);
-        if kind == "pi05" || kind == "pi05-per-step" {
+        if kind == "pi05" || kind == "pi05-per-step" || kind == "smolvla-four-graph" {
             assert_eq!(b.cache, "hit");
         }
 
@@ -322,14 +329,21 @@ fn seed_runtime_actions(dir: &Path, export: &Path, req: &pb::ActRequest) -> Vec<
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_seed_tools_own_runtime_gives_the_same_actions_as_reflex_serve() {
-    for kind in ["pi05", "pi05-monolithic", "pi0", "smolvla"] {
+    for kind in [
+        "pi05",
+        "pi05-monolithic",
+        "pi0",
+        "smolvla",
+        "smolvla-four-graph",
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let export = export_demo(dir.path(), kind);
         let cams = Cameras::of(&export);
         let (mut p, sock) = serve(dir.path(), &export, &[]).await;
         let mut c = policy_client(&format!("unix://{}", sock.display())).await;
-        let req = if kind == "pi05" {
-            // Both cameras its /act takes, and the noise its one unseeded draw is given.
+        let req = if kind == "pi05" || kind == "smolvla-four-graph" {
+            // The cameras its /act takes (pi0.5: both; the four-graph SmolVLA: one), and the
+            // noise its one unseeded draw is given (the four-graph predict takes it).
             request(&cams, noise(50 * 32), None)
         } else {
             // Its monolithic /act takes one image and replays RandomState(0) noise: so does
@@ -363,7 +377,14 @@ fn python_ort_lib() -> std::path::PathBuf {
 async fn the_ort_engine_serves_every_seed_layout_and_agrees_with_tract() {
     let lib = python_ort_lib();
     let lib_arg = lib.to_str().unwrap();
-    for kind in ["pi05", "pi05-per-step", "pi05-monolithic", "pi0", "smolvla"] {
+    for kind in [
+        "pi05",
+        "pi05-per-step",
+        "pi05-monolithic",
+        "pi0",
+        "smolvla",
+        "smolvla-four-graph",
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let export = export_demo(dir.path(), kind);
         let cams = Cameras::of(&export);

@@ -133,13 +133,14 @@ pub fn run(
         ..Default::default()
     };
     let (hwc, present) = frames(&model);
+    let noise = reflex_engine::policy::gaussian_noise(7, model.chunk * model.action_width);
+    let state = model.state_values(&vec![0.1; model.spec.state.dim]);
     let obs = Observation {
         hwc: &hwc,
         present: &present,
         instruction: "pick up the red block and put it in the bowl",
+        state: state.as_deref(),
     };
-    let noise = reflex_engine::policy::gaussian_noise(7, model.chunk * model.action_width);
-    let state = model.state_values(&vec![0.1; model.spec.state.dim]);
 
     // The same bytes for onnxruntime.
     let mut tensors = serde_json::Map::new();

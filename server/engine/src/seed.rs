@@ -312,6 +312,9 @@ pub fn map(dir: &Path, cfg: &Value, opts: &SeedOptions) -> Result<Mapped, String
             stats_dims,
             &mut notes,
             named(&tokenizer_path),
+            stats_path
+                .as_ref()
+                .map(|p| StatsV2::File { file: named(p) }),
         )?,
         Some(other) => return Err(format!("unknown seed export_kind {other:?}")),
     };
@@ -356,6 +359,7 @@ fn four_graph(
     stats_dims: Option<(usize, usize)>,
     notes: &mut Vec<String>,
     tokenizer: String,
+    stats: Option<StatsV2>,
 ) -> Result<ExportV2, String> {
     let text = |k: &str, default: &'static str| -> String {
         cfg.get(k)
@@ -419,11 +423,6 @@ fn four_graph(
             (3, EmbedMask::Valid)
         }
     };
-    let stats = if normalization == Normalization::None {
-        None
-    } else {
-        find_stats(dir, &SeedOptions::default())
-    };
     Ok(ExportV2 {
         format: "reflex-export".into(),
         format_version: FORMAT_VERSION,
@@ -465,12 +464,7 @@ fn four_graph(
             dim: action_dim,
             normalization,
         },
-        stats: stats.map(|p| StatsV2::File {
-            file: p
-                .strip_prefix(dir)
-                .map(|r| r.display().to_string())
-                .unwrap_or_else(|_| p.display().to_string()),
-        }),
+        stats,
         denoise: DenoiseV2 {
             expert: ExpertMode::PerStep,
             steps,

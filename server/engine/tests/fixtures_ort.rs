@@ -389,6 +389,7 @@ fn assert_seed_layout(kind: Kind, manifest: &Value) {
                 vec![action_layout("actions")]
             );
         }
+        Kind::SmolvlaFourGraph => unreachable!("its own test: smolvla_four_graph_layout_*"),
         Kind::Reference => unreachable!("not a seed layout"),
     }
 }
@@ -550,4 +551,78 @@ fn pi0_monolithic_matches_onnxruntime() {
 #[test]
 fn smolvla_monolithic_matches_onnxruntime() {
     check(Kind::Smolvla);
+}
+
+/// The seed's SmolVLA four-graph layout as onnxruntime reads it: names, types, the symbolic
+/// `batch`/`seq` axes of its `dynamic_axes`, the state projection as numpy loads it. (Its
+/// actions against onnxruntime and the seed's own runtime: `tests/real_exports.rs`.)
+#[test]
+fn smolvla_four_graph_layout_is_the_seeds_as_onnxruntime_reads_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("export");
+    reflex_engine::fixtures::write(Kind::SmolvlaFourGraph, &dir, 3).unwrap();
+    let script = r#"
+import json, sys
+from pathlib import Path
+import numpy as np, onnxruntime as ort
+d = Path(sys.argv[1])
+io = lambda xs: [[a.name, a.type, list(a.shape)] for a in xs]
+out = {}
+for g in ["vision_encoder.onnx", "text_embedder.onnx", "decoder_prefill.onnx", "expert_stack.onnx"]:
+    s = ort.InferenceSession(str(d / g), providers=["CPUExecutionProvider"])
+    out[g] = {"inputs": io(s.get_inputs()), "outputs": io(s.get_outputs())}
+for f in ["state_proj_weight.npy", "state_proj_bias.npy"]:
+    a = np.load(d / f, allow_pickle=False)
+    out[f] = [str(a.dtype), list(a.shape)]
+print(json.dumps(out))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, dir.to_str().unwrap()])
+        .output()
+        .expect("python3 (deploy/ci-setup.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (w, layers, kv) = (pi05::WIDTH, pi05::LAYERS, pi05::HEAD_DIM);
+    let f = "tensor(float)";
+    let per_layer = json!([layers, "batch", "seq", kv]);
+    // The encoder's patch reshapes are written for one image, so onnxruntime infers the
+    // output's batch as 1 where the seed's says "batch" (both runtimes feed one image).
+    assert_eq!(
+        got["vision_encoder.onnx"],
+        json!({"inputs": [["pixel_values", f, ["batch", 3, 512, 512]]],
+               "outputs": [["image_embeds", f, [1, 64, w]]]})
+    );
+    assert_eq!(
+        got["text_embedder.onnx"],
+        json!({"inputs": [["input_ids", "tensor(int64)", ["batch", "seq"]]],
+               "outputs": [["text_embeds", f, ["batch", "seq", w]]]})
+    );
+    assert_eq!(
+        got["decoder_prefill.onnx"],
+        json!({"inputs": [["inputs_embeds", f, ["batch", "seq", w]],
+                          ["attention_mask", "tensor(int64)", ["batch", "seq"]]],
+               "outputs": [["vlm_k", f, per_layer], ["vlm_v", f, per_layer]]})
+    );
+    assert_eq!(
+        got["expert_stack.onnx"],
+        json!({"inputs": [["noisy_actions", f, ["batch", 50, 32]],
+                          ["timestep", f, ["batch"]],
+                          ["position_ids", "tensor(int64)", ["batch", 50]],
+                          ["vlm_k", f, per_layer], ["vlm_v", f, per_layer],
+                          ["prefix_offset", "tensor(int64)", ["batch", 1]],
+                          ["kv_mask", "tensor(bool)", ["batch", "seq"]]],
+               "outputs": [["velocity", f, ["batch", 50, 32]]]})
+    );
+    assert_eq!(got["state_proj_weight.npy"], json!(["float32", [w, 32]]));
+    assert_eq!(got["state_proj_bias.npy"], json!(["float32", [w]]));
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(assets::SEED_CONFIG)).unwrap()).unwrap();
+    assert!(cfg.get("export_kind").is_none() && cfg.get("model_type").is_none());
+    assert_eq!(cfg["vlm_kv_dim"], kv);
+    assert_eq!(cfg["vlm_hidden_size"], w);
+    assert_eq!(cfg["decoder_prefill_onnx"], "decoder_prefill.onnx");
 }
