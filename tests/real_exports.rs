@@ -101,6 +101,18 @@ fn python_actions(
     script: &str,
     lead: &[&Path],
 ) -> Vec<f32> {
+    python_actions_with(dir, export, req, script, lead, &[])
+}
+
+/// [`python_actions`] with arguments after `OUT` (`act_ort.py`'s `keep|fix`).
+fn python_actions_with(
+    dir: &Path,
+    export: &Path,
+    req: &pb::ActRequest,
+    script: &str,
+    lead: &[&Path],
+    tail: &[&str],
+) -> Vec<f32> {
     let work = dir.join(script.trim_end_matches(".py"));
     std::fs::create_dir_all(&work).unwrap();
     let mut images = serde_json::Map::new();
@@ -120,6 +132,7 @@ fn python_actions(
         .arg(&path)
         .args(lead)
         .args([export, &work.join("request.json"), &work.join("out.json")])
+        .args(tail)
         .output()
         .expect("python3 must be installed (deploy/ci-setup.sh)");
     assert!(
@@ -481,6 +494,93 @@ fn the_ort_engine_without_a_library_or_on_the_reference_export_fails_clearly() {
     let err = run(&reference, &["--ort-lib", lib.to_str().unwrap()]);
     assert!(
         err.contains("reference export runs on --engine cpu or cuda"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_quirks_fix_serves_what_lerobot_trains_and_matches_onnxruntime() {
+    for kind in ["pi05", "pi05-monolithic", "smolvla", "smolvla-four-graph"] {
+        let dir = tempfile::tempdir().unwrap();
+        let export = export_demo(dir.path(), kind);
+        let (mut p, sock) = serve(dir.path(), &export, &["--seed-quirks", "fix"]).await;
+        p.wait_for_log("real VLA export loaded");
+        let log = p.stderr();
+        assert!(log.contains("seed quirks: fix"), "{kind}: {log}");
+        let mut c = policy_client(&format!("unix://{}", sock.display())).await;
+        let info = timeout(c.get_model_info(pb::GetModelInfoRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.export["seed_quirks"], "fix");
+        // Under fix the four-graph export takes SmolVLA's three cameras (absent ones masked).
+        let cams = Cameras {
+            names: info.cameras.clone(),
+            size: info.image_height,
+        };
+        if kind == "smolvla-four-graph" {
+            assert_eq!(info.cameras, ["cam1", "cam2", "cam3"]);
+            assert!(
+                info.export["prefix_assembly"].contains("mask valid"),
+                "{:?}",
+                info.export
+            );
+        }
+        let req = request(&cams, noise(50 * 32), None);
+        let ours = timeout(c.act(req.clone())).await.unwrap().into_inner();
+        let reference = python_actions_with(dir.path(), &export, &req, "act_ort.py", &[], &["fix"]);
+        let (cos, max_abs) = reflex_engine::engine::cos_and_max_abs(&ours.actions, &reference);
+        eprintln!("{kind} (fix): reflex serve vs onnxruntime: cos {cos:.9} max_abs {max_abs:.2e}");
+        assert!(
+            cos >= 0.99999 && max_abs <= 1e-4,
+            "{kind}: cos {cos} max_abs {max_abs}"
+        );
+        p.signal(libc::SIGTERM);
+        assert!(p.wait_exit(Duration::from_secs(10)).unwrap().success());
+    }
+}
+
+#[test]
+fn a_four_graph_export_missing_a_piece_fails_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = export_demo(dir.path(), "smolvla-four-graph");
+    let start = || {
+        let out = Command::new(BIN)
+            .args(["serve", "--model", export.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    std::fs::rename(
+        export.join("state_proj_weight.npy"),
+        dir.path().join("w.npy"),
+    )
+    .unwrap();
+    let err = start();
+    assert!(
+        err.contains("state_proj_weight.npy is missing") && err.contains("random weights"),
+        "{err}"
+    );
+    // Not an f32 array (float64 here): refused with the reason.
+    let mut f8 = std::fs::read(dir.path().join("w.npy")).unwrap();
+    let at = f8.windows(3).position(|w| w == b"<f4").unwrap();
+    f8[at + 2] = b'8';
+    std::fs::write(export.join("state_proj_weight.npy"), &f8).unwrap();
+    let err = start();
+    assert!(
+        err.contains("state_proj_weight.npy") && err.contains("is not little-endian float32"),
+        "{err}"
+    );
+    std::fs::rename(
+        dir.path().join("w.npy"),
+        export.join("state_proj_weight.npy"),
+    )
+    .unwrap();
+    std::fs::remove_file(export.join("decoder_prefill.onnx")).unwrap();
+    let err = start();
+    assert!(
+        err.contains("decoder_prefill.onnx") && err.contains("noise-only actions"),
         "{err}"
     );
 }
