@@ -1622,6 +1622,120 @@ mod tests {
         }
     }
 
+    /// Rewrites `file` in `dir` so that graph input `input` is f16 (a Cast to f32 inside the
+    /// graph) or graph output `output` is f16 (a Cast from f32): how a half-precision export
+    /// presents its inputs and outputs.
+    fn halve(dir: &Path, file: &str, inputs: &[&str], outputs: &[&str]) {
+        use crate::onnx::builder::F32;
+        use prost::Message;
+        const F16: i32 = pb::tensor_proto::DataType::Float16 as i32;
+        let path = dir.join(file);
+        let mut m = pb::ModelProto::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+        let g = m.graph.as_mut().unwrap();
+        let set_type = |vi: &mut pb::ValueInfoProto| {
+            if let Some(pb::type_proto::Value::TensorType(t)) =
+                vi.r#type.as_mut().and_then(|t| t.value.as_mut())
+            {
+                t.elem_type = F16;
+            }
+        };
+        let cast = |from: &str, to: &str, dt: i32| pb::NodeProto {
+            op_type: "Cast".into(),
+            name: format!("halve:{to}"),
+            input: vec![from.into()],
+            output: vec![to.into()],
+            attribute: vec![crate::onnx::builder::int("to", dt as i64)],
+            ..Default::default()
+        };
+        for name in inputs {
+            let inner = format!("{name}.f32");
+            for n in g.node.iter_mut() {
+                for i in n.input.iter_mut().filter(|i| i.as_str() == *name) {
+                    *i = inner.clone();
+                }
+            }
+            g.node.insert(0, cast(name, &inner, F32));
+            set_type(g.input.iter_mut().find(|i| i.name == *name).unwrap());
+        }
+        for name in outputs {
+            let inner = format!("{name}.f32");
+            for n in g.node.iter_mut() {
+                for o in n.output.iter_mut().filter(|o| o.as_str() == *name) {
+                    *o = inner.clone();
+                }
+            }
+            g.node.push(cast(&inner, name, F16));
+            set_type(g.output.iter_mut().find(|o| o.name == *name).unwrap());
+        }
+        std::fs::write(&path, m.encode_to_vec()).unwrap();
+    }
+
+    #[test]
+    fn f16_graph_inputs_and_outputs_are_fed_and_read_as_the_contract_says() {
+        let d = tempfile::tempdir().unwrap();
+        fixtures::write(Kind::Pi05PerStep, d.path(), 3).unwrap();
+        let f32_policy = Policy::load(d.path(), &opts(0)).unwrap();
+        let reference = f32_policy.act(&input(None, Some(4))).unwrap().actions;
+        drop(f32_policy);
+        // Images in, the prefix's KV out, the step's x_t in and velocity out: all f16.
+        let cams: Vec<String> = pi05::CAMERAS.iter().map(|c| format!("img_{c}")).collect();
+        let cams: Vec<&str> = cams.iter().map(String::as_str).collect();
+        let kv = pi05::past_kv_names();
+        let kv: Vec<&str> = kv.iter().map(String::as_str).collect();
+        halve(d.path(), pi05::PREFIX_ONNX, &cams, &kv);
+        halve(
+            d.path(),
+            pi05::EXPERT_ONNX,
+            &[&["x_t"][..], &kv[..]].concat(),
+            &["v_t"],
+        );
+        let model = VlaModel::load(
+            d.path(),
+            crate::seed::map(
+                d.path(),
+                &serde_json::from_slice(
+                    &std::fs::read(d.path().join("reflex_config.json")).unwrap(),
+                )
+                .unwrap(),
+                &Default::default(),
+            )
+            .unwrap()
+            .spec,
+        )
+        .unwrap();
+        assert_eq!(model.prefix.as_ref().unwrap().inputs[0].dt, DatumType::F16);
+        assert_eq!(model.expert.outputs[0].dt, DatumType::F16);
+        drop(model);
+        let half = Policy::load(d.path(), &opts(0)).unwrap();
+        let a = half.act(&input(None, Some(4))).unwrap().actions;
+        let b = half.act(&input(None, Some(4))).unwrap().actions;
+        assert_eq!(bits(&a), bits(&b), "f16 graphs are deterministic too");
+        let (cos, max_abs) = crate::engine::cos_and_max_abs(&a, &reference);
+        // f16 carries 11 significant bits: close to the f32 graphs, not equal.
+        assert!(cos > 0.999 && max_abs < 0.05, "cos {cos} max_abs {max_abs}");
+        assert_ne!(bits(&a), bits(&reference), "the f16 casts took effect");
+
+        // onnxruntime takes and gives the same f16 tensors (`--engine ort`).
+        let lib = crate::engine::onnxruntime::python_library()
+            .expect("the onnxruntime wheel deploy/ci-setup.sh installs");
+        let ort = Policy::load(
+            d.path(),
+            &PolicyOptions {
+                engine: crate::EngineKind::Ort,
+                ort_lib: Some(lib),
+                ort_threads: 1,
+                ..opts(0)
+            },
+        )
+        .unwrap();
+        let o = ort.act(&input(None, Some(4))).unwrap().actions;
+        let (cos, max_abs) = crate::engine::cos_and_max_abs(&o, &a);
+        assert!(
+            cos > 0.99999 && max_abs < 1e-3,
+            "ort vs tract on f16: cos {cos} max_abs {max_abs}"
+        );
+    }
+
     #[test]
     fn an_export_that_does_not_match_its_config_fails_naming_the_file_and_the_input() {
         let d = tempfile::tempdir().unwrap();
