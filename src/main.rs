@@ -54,6 +54,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Look at traces (ls, show) and export them to MCAP (Foxglove), LeRobotDataset v3 or Parquet.
     Trace(reflex_tracetools::TraceArgs),
+    /// Ship closed traces to S3-compatible object storage, verified, resumable, never twice.
+    Ship(reflex_ship::ShipArgs),
 }
 
 #[derive(clap::Args)]
@@ -160,6 +162,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => demo::run(args, shutdown).await?,
         Command::Bench(args) => bench::run(args).await?,
+        Command::Ship(args) => {
+            reflex_ship::run(args, shutdown).await?;
+        }
         Command::Trace(args) => {
             // Reading and writing files only: off the async runtime, which has nothing else to do.
             tokio::task::spawn_blocking(move || reflex_tracetools::run(args)).await??;
