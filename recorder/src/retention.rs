@@ -142,7 +142,14 @@ impl Retention {
             }
         }
         if held > 0 {
-            tracing::info!(files = held, bytes = held_bytes, total, cap, slug = "record-held-back", "over max total size, keeping traces not shipped yet");
+            tracing::info!(
+                files = held,
+                bytes = held_bytes,
+                total,
+                cap,
+                slug = "record-held-back",
+                "over max total size, keeping traces not shipped yet"
+            );
         }
         Ok(deleted)
     }
@@ -314,7 +321,10 @@ mod tests {
         state.save(dir.path()).unwrap();
         assert_eq!(r.enforce_with_free(roomy).unwrap(), vec![name(0)]);
         // The disk nearly full: unshipped files go too, oldest first, down to the cap.
-        assert_eq!(r.enforce_with_free(DISK_FLOOR_BYTES - 1).unwrap(), vec![name(2)]);
+        assert_eq!(
+            r.enforce_with_free(DISK_FLOOR_BYTES - 1).unwrap(),
+            vec![name(2)]
+        );
         assert!(dir.path().join(name(3)).exists());
         // Shipping off (no state file): plain retention.
         fs::write(dir.path().join(name(4)), vec![0u8; 1000]).unwrap();

@@ -190,7 +190,11 @@ mod tests {
             ShipState::load(dir.path()),
             Err(StateError::Parse { .. })
         ));
-        fs::write(dir.path().join(STATE_FILE), b"{\"version\":9,\"shipped\":{}}").unwrap();
+        fs::write(
+            dir.path().join(STATE_FILE),
+            b"{\"version\":9,\"shipped\":{}}",
+        )
+        .unwrap();
         assert!(matches!(
             ShipState::load(dir.path()),
             Err(StateError::Version { version: 9, .. })

@@ -475,3 +475,4 @@ pub fn stop_cleanly(mut p: Proc) {
     p.signal(libc::SIGTERM);
     assert!(p.wait_exit(Duration::from_secs(10)).unwrap().success());
 }
+pub mod s3;

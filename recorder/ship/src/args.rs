@@ -26,14 +26,19 @@ others.
 Exit codes: 0 done (with --once: every closed file verified in the bucket), 1 error (a bad \
 destination, credentials refused, a file that failed after its retries), 64 usage error.")]
 pub struct ShipArgs {
-    /// The recorder's trace directory.
-    #[arg(long, value_name = "DIR")]
+    /// The recorder's trace directory (`--dir` is accepted too).
+    #[arg(
+        long = "trace-dir",
+        alias = "dir",
+        env = "REFLEX_SHIP_DIR",
+        value_name = "DIR"
+    )]
     pub dir: PathBuf,
     /// Destination, s3://BUCKET or s3://BUCKET/PREFIX.
-    #[arg(long, value_name = "s3://BUCKET/PREFIX", value_parser = Destination::parse)]
+    #[arg(long, env = "REFLEX_SHIP_TO", value_name = "s3://BUCKET/PREFIX", value_parser = Destination::parse)]
     pub to: Destination,
     /// This robot's id in the keys (`robot=<ID>`): 1-64 of [A-Za-z0-9._-].
-    #[arg(long, value_name = "ID", value_parser = parse_robot)]
+    #[arg(long, env = "REFLEX_SHIP_ROBOT", value_name = "ID", value_parser = parse_robot)]
     pub robot: String,
     /// Ship every closed file there is, then exit (0 when all are verified).
     #[arg(long)]
@@ -131,14 +136,18 @@ fn parse_robot(s: &str) -> Result<String, String> {
     if ok {
         Ok(s.to_string())
     } else {
-        Err(format!("robot id {s:?} is not 1-64 characters of [A-Za-z0-9._-]"))
+        Err(format!(
+            "robot id {s:?} is not 1-64 characters of [A-Za-z0-9._-]"
+        ))
     }
 }
 
 fn parse_mbps(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a positive number of megabits per second")),
+        _ => Err(format!(
+            "{s:?} is not a positive number of megabits per second"
+        )),
     }
 }
 

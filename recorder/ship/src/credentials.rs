@@ -170,8 +170,14 @@ mod tests {
             ("AWS_SECRET_ACCESS_KEY", "SK"),
         ]))
         .unwrap();
-        assert_eq!((c.access_key_id.as_str(), c.source.as_str()), ("AK", "environment"));
-        assert!(format!("{c:?}").find("SK").is_none(), "the secret never prints");
+        assert_eq!(
+            (c.access_key_id.as_str(), c.source.as_str()),
+            ("AK", "environment")
+        );
+        assert!(
+            format!("{c:?}").find("SK").is_none(),
+            "the secret never prints"
+        );
         assert!(matches!(
             find(&env(&[("AWS_ACCESS_KEY_ID", "AK")])),
             Err(CredentialsError::HalfSet)
@@ -187,14 +193,24 @@ mod tests {
         let f = file.to_str().unwrap();
         fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).unwrap();
         let e = find(&env(&[("AWS_SHARED_CREDENTIALS_FILE", f)])).unwrap_err();
-        assert!(matches!(e, CredentialsError::TooOpen { mode: 0o640, .. }), "{e}");
+        assert!(
+            matches!(e, CredentialsError::TooOpen { mode: 0o640, .. }),
+            "{e}"
+        );
         fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
         let c = find(&env(&[("AWS_SHARED_CREDENTIALS_FILE", f)])).unwrap();
         assert_eq!(c.secret_access_key, "DS");
-        let c = find(&env(&[("AWS_SHARED_CREDENTIALS_FILE", f), ("AWS_PROFILE", "ship")])).unwrap();
+        let c = find(&env(&[
+            ("AWS_SHARED_CREDENTIALS_FILE", f),
+            ("AWS_PROFILE", "ship"),
+        ]))
+        .unwrap();
         assert_eq!(c.access_key_id, "S");
         assert!(matches!(
-            find(&env(&[("AWS_SHARED_CREDENTIALS_FILE", f), ("AWS_PROFILE", "x")])),
+            find(&env(&[
+                ("AWS_SHARED_CREDENTIALS_FILE", f),
+                ("AWS_PROFILE", "x")
+            ])),
             Err(CredentialsError::NoProfile { .. })
         ));
         let home = dir.path().to_str().unwrap();
@@ -202,7 +218,10 @@ mod tests {
             find(&env(&[("HOME", home)])),
             Err(CredentialsError::Missing { .. })
         ));
-        assert_eq!(region(&env(&[("AWS_DEFAULT_REGION", "eu-west-1")])), "eu-west-1");
+        assert_eq!(
+            region(&env(&[("AWS_DEFAULT_REGION", "eu-west-1")])),
+            "eu-west-1"
+        );
         assert_eq!(region(&env(&[])), "us-east-1");
     }
 }

@@ -163,7 +163,7 @@ impl PassReport {
 }
 
 impl Shipper {
-    /// Loads (or starts) the directory's state and writes it at once: from here on the
+    /// Loads the directory's state, or writes an empty one at once: from here on the
     /// recorder's retention knows shipping is on.
     pub fn new(
         args: ShipArgs,
@@ -172,8 +172,14 @@ impl Shipper {
     ) -> anyhow::Result<Shipper> {
         std::fs::read_dir(&args.dir)
             .with_context(|| format!("cannot read trace directory {}", args.dir.display()))?;
-        let state = ShipState::load(&args.dir)?.unwrap_or_default();
-        state.save(&args.dir)?;
+        let state = match ShipState::load(&args.dir)? {
+            Some(state) => state,
+            None => {
+                let state = ShipState::default();
+                state.save(&args.dir)?;
+                state
+            }
+        };
         Ok(Shipper {
             uploader: Uploader {
                 store,
@@ -323,7 +329,9 @@ impl Shipper {
                     if self.args.delete_after_upload {
                         match std::fs::remove_file(path) {
                             Ok(()) => tracing::info!(file = name, "deleted after verified upload"),
-                            Err(e) => tracing::warn!(file = name, error = %e, "cannot delete after upload"),
+                            Err(e) => {
+                                tracing::warn!(file = name, error = %e, "cannot delete after upload")
+                            }
                         }
                     }
                     return Ok((outcome, size));
@@ -359,10 +367,13 @@ impl Shipper {
     /// Drops state entries of files no longer in the directory (deleted after upload or
     /// by retention), so the state stays small.
     async fn prune(&self, files: &[reflex_recorder::retention::TraceFile]) -> anyhow::Result<()> {
-        let names: std::collections::HashSet<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        let names: std::collections::HashSet<&str> =
+            files.iter().map(|f| f.name.as_str()).collect();
         let mut state = self.state.lock().await;
         let before = state.shipped.len();
-        state.shipped.retain(|name, _| names.contains(name.as_str()));
+        state
+            .shipped
+            .retain(|name, _| names.contains(name.as_str()));
         if state.shipped.len() != before {
             state.save(&self.args.dir)?;
         }

@@ -57,16 +57,18 @@ impl UploadError {
     /// given up at once, with the server's words.
     pub fn is_permanent(&self) -> bool {
         match self {
-            UploadError::Store { source, .. } => matches!(
-                source,
-                object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-            ) || {
-                let s = source.to_string();
-                s.contains("NoSuchBucket")
-                    || s.contains("InvalidAccessKeyId")
-                    || s.contains("SignatureDoesNotMatch")
-            },
+            UploadError::Store { source, .. } => {
+                matches!(
+                    source,
+                    object_store::Error::PermissionDenied { .. }
+                        | object_store::Error::Unauthenticated { .. }
+                ) || {
+                    let s = source.to_string();
+                    s.contains("NoSuchBucket")
+                        || s.contains("InvalidAccessKeyId")
+                        || s.contains("SignatureDoesNotMatch")
+                }
+            }
             UploadError::Stopped => true,
             _ => false,
         }
@@ -140,7 +142,12 @@ impl Uploader {
                 Outcome::AlreadyThere
             }
             Ok(meta) => {
-                tracing::warn!(key, remote_size = meta.size, size, "object differs from the local file; replacing it");
+                tracing::warn!(
+                    key,
+                    remote_size = meta.size,
+                    size,
+                    "object differs from the local file; replacing it"
+                );
                 self.upload(path, &object, size, PutMode::Overwrite).await?;
                 Outcome::Uploaded
             }
