@@ -250,7 +250,7 @@ impl World {
 }
 
 fn run_bounded(cmd: &mut Command) -> Output {
-    let mut child = cmd
+    let child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -484,7 +484,8 @@ async fn s3_server_killed_mid_multipart_and_restarted() {
     ship.wait_for_log("credentials");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     w.s3.kill();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Down for longer than a part's pause: the next part finds no server.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     w.s3.restart();
     // No object is visible before the upload completes.
     let listed = s3::objects(&s3::bucket(&w.s3.endpoint()), PREFIX).await;

@@ -238,10 +238,14 @@ impl Shipper {
             if self.uploader.stop.is_cancelled() {
                 break;
             }
+            let path = dir.join(&f.name);
             if self.state.lock().await.shipped.contains_key(&f.name) {
+                // Verified by an earlier pass (perhaps one without --delete-after-upload).
+                if self.args.delete_after_upload {
+                    self.delete(&path, &f.name);
+                }
                 continue;
             }
-            let path = dir.join(&f.name);
             let p = path.clone();
             let closed = match tokio::task::spawn_blocking(move || closed_trace(&p)).await? {
                 Ok(Some(c)) => c,
@@ -327,12 +331,7 @@ impl Shipper {
                     }
                     drop(state);
                     if self.args.delete_after_upload {
-                        match std::fs::remove_file(path) {
-                            Ok(()) => tracing::info!(file = name, "deleted after verified upload"),
-                            Err(e) => {
-                                tracing::warn!(file = name, error = %e, "cannot delete after upload")
-                            }
-                        }
+                        self.delete(path, name);
                     }
                     return Ok((outcome, size));
                 }
@@ -347,6 +346,14 @@ impl Shipper {
                     self.backoff(attempt - 1).await?;
                 }
             }
+        }
+    }
+
+    /// `--delete-after-upload`, for a file whose object is verified and recorded.
+    fn delete(&self, path: &Path, name: &str) {
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(file = name, "deleted after verified upload"),
+            Err(e) => tracing::warn!(file = name, error = %e, "cannot delete after upload"),
         }
     }
 
