@@ -229,18 +229,7 @@ impl World {
             "one manifest per file: {manifests:?}"
         );
         for (name, (size, sha, records, key)) in expect {
-            let m = format!("{manifest_root}{name}.json");
-            let bytes = timeout(async {
-                store
-                    .get(&object_store::path::Path::from(m.as_str()))
-                    .await
-                    .unwrap()
-                    .bytes()
-                    .await
-            })
-            .await
-            .unwrap();
-            let line: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            let line = s3::manifest(&store, &format!("{manifest_root}{name}.json")).await;
             assert_eq!(line["key"], key.as_str());
             assert_eq!(line["size"], *size);
             assert_eq!(line["sha256"], sha.as_str());
@@ -550,33 +539,9 @@ async fn shipper_killed_9_mid_upload_resumes_with_nothing_lost_or_twice() {
 /// room again the object already in the bucket is recognised, not uploaded again.
 #[tokio::test(flavor = "multi_thread")]
 async fn local_disk_full_while_shipping_loses_nothing_and_uploads_nothing_twice() {
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test mounts a tmpfs and needs root (CI runs as root)"
-    );
     let outer = tempfile::tempdir().unwrap();
     let small = outer.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    let st = Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=2m",
-            "tmpfs",
-            small.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount tmpfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let _unmount = mount_tmpfs(&small, "2m");
     let mut w = World::with_traces(Some(small.join("traces"))).await;
     w.record("session-i8", 30, 350).await;
     let expect = w.local();
@@ -743,6 +708,7 @@ async fn fleet_soak() {
     let mut victim = 0;
     let mut next_kill = 20;
     let mut next_s3 = 45;
+    let (mut kills, mut s3_restarts) = (0, 0);
     while t0.elapsed().as_secs() < secs {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let el = t0.elapsed().as_secs();
@@ -755,12 +721,14 @@ async fn fleet_soak() {
             drop(p);
             r.shipper = Some(start_shipper(&r.traces, victim % robots));
             victim += 7;
+            kills += 1;
         }
         if el >= next_s3 {
             next_s3 += 45;
             s3.kill();
             tokio::time::sleep(Duration::from_millis(500)).await;
             s3.restart();
+            s3_restarts += 1;
         }
     }
     stop.cancel();
@@ -822,17 +790,7 @@ async fn fleet_soak() {
     let mut data = BTreeMap::new();
     for (k, v) in &objects {
         if k.contains("/_manifest/") {
-            let m = timeout(async {
-                store
-                    .get(&object_store::path::Path::from(k.as_str()))
-                    .await
-                    .unwrap()
-                    .bytes()
-                    .await
-            })
-            .await
-            .unwrap();
-            let line: serde_json::Value = serde_json::from_slice(&m).unwrap();
+            let line = s3::manifest(&store, k).await;
             manifest_records += line["records"].as_u64().unwrap();
         } else {
             data.insert(k.clone(), v.clone());
@@ -849,9 +807,13 @@ async fn fleet_soak() {
     println!(
         "fleet soak: {robots} robots, {elapsed:.0} s: {files} files, {bytes} bytes, {records} records \
          written; {} bytes shipped during the run ({:.2} MB/s); shipper CPU {cpu:.1} s ({:.3} CPU s per MB shipped); \
-         manifests count {manifest_records} records; lost {lost}, duplicated/extra {extra}, partial/different {differ}",
+         manifests count {manifest_records} records; faults: {} proxy faults, {} S3 server restarts, {} shippers killed -9; \
+         lost {lost}, duplicated/extra {extra}, partial/different {differ}",
         shipped_during,
         shipped_during as f64 / 1e6 / elapsed,
+        proxy.faults_done.load(std::sync::atomic::Ordering::SeqCst),
+        s3_restarts,
+        kills,
         cpu / (shipped_during as f64 / 1e6).max(1e-9),
     );
     assert_eq!((lost, extra, differ), (0, 0, 0));

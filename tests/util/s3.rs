@@ -261,3 +261,17 @@ pub fn sha256_hex(b: &[u8]) -> String {
         .map(|x| format!("{x:02x}"))
         .collect()
 }
+
+/// A manifest object's one JSON line.
+pub async fn manifest(store: &Arc<dyn ObjectStore>, key: &str) -> serde_json::Value {
+    let bytes = super::timeout(async {
+        store
+            .get(&object_store::path::Path::from(key))
+            .await?
+            .bytes()
+            .await
+    })
+    .await
+    .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
