@@ -163,7 +163,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(args, shutdown).await?,
         Command::Bench(args) => bench::run(args).await?,
         Command::Ship(args) => {
-            reflex_ship::run(args, shutdown).await?;
+            let metrics = reflex_ship::metrics::Metrics::default();
+            if let Some(addr) = args.metrics_listen {
+                reflex_server::telemetry::spawn_metrics_endpoint(
+                    addr,
+                    metrics.registry(),
+                    shutdown.clone(),
+                )
+                .await?;
+            }
+            reflex_ship::run(args, shutdown, metrics).await?;
         }
         Command::Trace(args) => {
             // Reading and writing files only: off the async runtime, which has nothing else to do.

@@ -469,6 +469,8 @@ async fn s3_server_killed_mid_multipart_and_restarted() {
             "1",
             "--attempts",
             "20",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ],
     );
     ship.wait_for_log("credentials");
@@ -486,6 +488,44 @@ async fn s3_server_killed_mid_multipart_and_restarted() {
     ship.wait_for_log("already_there=");
     ship.wait_for_log("ship-retry");
     w.assert_bucket(&expect).await;
+    // The backlog gauge and the counters, as Prometheus scrapes them, once a pass has ended.
+    ship.wait_for_log("uploaded=1");
+    let line = ship.wait_for_log("serving Prometheus metrics");
+    let at = line.find("http://").unwrap() + "http://".len();
+    let addr = line[at..].split('/').next().unwrap().to_string();
+    let text = scrape(&addr);
+    for want in [
+        "reflex_ship_backlog_files 0",
+        "reflex_ship_backlog_bytes 0",
+        "reflex_ship_uploaded_files_total 1",
+        &format!(
+            "reflex_ship_uploaded_bytes_total {}",
+            expect.values().next().unwrap().0
+        ),
+    ] {
+        assert!(text.lines().any(|l| l == want), "{want} in:\n{text}");
+    }
+    let retries = text
+        .lines()
+        .find_map(|l| l.strip_prefix("reflex_ship_retries_total "))
+        .unwrap();
+    assert!(retries.parse::<u64>().unwrap() >= 1, "{text}");
+}
+
+/// GET /metrics over plain HTTP/1.0.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(TIMEOUT)).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
 }
 
 /// The shipper killed -9 mid-upload and started again: nothing lost, nothing uploaded

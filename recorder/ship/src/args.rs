@@ -61,6 +61,9 @@ pub struct ShipArgs {
     /// Attempts per file before it is given up for this pass (`slug=ship-failed`).
     #[arg(long, value_name = "N", default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub attempts: u32,
+    /// Serve Prometheus metrics (backlog, uploads, retries) at http://ADDR/metrics; loopback only.
+    #[arg(long, env = "REFLEX_SHIP_METRICS_LISTEN", value_name = "ADDR", value_parser = parse_loopback)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Per-request timeout in seconds.
     #[arg(long, value_name = "N", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout_secs: u64,
@@ -151,6 +154,16 @@ fn parse_mbps(s: &str) -> Result<f64, String> {
     }
 }
 
+fn parse_loopback(s: &str) -> Result<std::net::SocketAddr, String> {
+    match s.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_loopback() => Ok(a),
+        Ok(a) => Err(format!(
+            "{a} is not a loopback address (the metrics stay on the robot)"
+        )),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
 fn parse_endpoint(s: &str) -> Result<String, String> {
     if s.starts_with("http://") || s.starts_with("https://") {
         Ok(s.trim_end_matches('/').to_string())
@@ -193,5 +206,6 @@ mod tests {
         }
         assert!(parse_mbps("0").is_err() && parse_mbps("2.5").is_ok());
         assert!(parse_endpoint("ftp://x").is_err());
+        assert!(parse_loopback("127.0.0.1:0").is_ok() && parse_loopback("0.0.0.0:9464").is_err());
     }
 }

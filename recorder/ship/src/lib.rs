@@ -18,9 +18,11 @@
 //! - [`args`]: the `reflex ship` flags ([`ShipArgs`]) and the destination URL.
 //! - [`credentials`]: keys and region from the environment or the shared credentials file.
 //! - [`upload`]: one file into the bucket, verified; the bandwidth pacer.
+//! - [`metrics`]: the Prometheus registry (backlog gauge, uploads, retries); `main` serves it.
 
 pub mod args;
 pub mod credentials;
+pub mod metrics;
 pub mod upload;
 
 use std::path::{Path, PathBuf};
@@ -99,10 +101,15 @@ pub fn store(
 
 /// `reflex ship`: one pass with `--once`, else passes until `shutdown`.
 /// Returns whether everything closed is shipped (always true for the daemon's clean stop).
-pub async fn run(args: ShipArgs, shutdown: CancellationToken) -> anyhow::Result<bool> {
+pub async fn run(
+    args: ShipArgs,
+    shutdown: CancellationToken,
+    metrics: metrics::Metrics,
+) -> anyhow::Result<bool> {
     let env = |k: &str| std::env::var(k).ok();
     let store = store(&args, &env)?;
-    let shipper = Shipper::new(args, store, shutdown.clone())?;
+    let mut shipper = Shipper::new(args, store, shutdown.clone())?;
+    shipper.metrics = metrics;
     shipper.preflight().await?;
     if shipper.args.once {
         let report = shipper.pass().await?;
@@ -144,6 +151,7 @@ pub struct Shipper {
     pub args: ShipArgs,
     uploader: Uploader,
     state: tokio::sync::Mutex<ShipState>,
+    pub metrics: metrics::Metrics,
 }
 
 impl PassReport {
@@ -189,6 +197,7 @@ impl Shipper {
             },
             state: tokio::sync::Mutex::new(state),
             args,
+            metrics: metrics::Metrics::default(),
         })
     }
 
@@ -277,6 +286,7 @@ impl Shipper {
             }
         }
         report.backlog = self.backlog().await?;
+        self.metrics.pass(&report);
         Ok(report)
     }
 
@@ -343,6 +353,7 @@ impl Shipper {
                         return Err(e);
                     }
                     tracing::warn!(slug = "ship-retry", file = name, key, attempt, error = %e, "upload failed, retrying");
+                    self.metrics.retries.inc();
                     self.backoff(attempt - 1).await?;
                 }
             }
