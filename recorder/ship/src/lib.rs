@@ -25,7 +25,7 @@ pub mod credentials;
 pub mod metrics;
 pub mod upload;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -407,7 +407,7 @@ impl Shipper {
     }
 }
 
-fn backlog_of(dir: &PathBuf, shipped: &[String]) -> anyhow::Result<Backlog> {
+fn backlog_of(dir: &Path, shipped: &[String]) -> anyhow::Result<Backlog> {
     let now = SystemTime::now();
     let mut b = Backlog::default();
     for f in trace_files(dir)? {
