@@ -862,3 +862,50 @@ async fn fleet_soak() {
         "records in the bucket = records written"
     );
 }
+
+/// Retention and shipping do not fight: with the shipper's state in the folder, the
+/// recorder's --max-total-mb keeps every closed file not shipped yet (and says so), and
+/// deletes shipped ones once they are verified in the bucket.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_keeps_unshipped_files_over_the_cap_and_deletes_shipped_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let traces = dir.path().join("traces");
+    let sock = dir.path().join("recorder.sock");
+    std::fs::create_dir_all(&traces).unwrap();
+    // Shipping is on before anything is recorded.
+    reflex_recorder::shipped::ShipState::default()
+        .save(&traces)
+        .unwrap();
+    let rec = recorder(&traces, &sock, &["--max-total-mb", "1"]).await;
+    let s3 = S3Server::start(&dir.path().join("s3"));
+    let mut w = World {
+        dir,
+        traces,
+        sock,
+        _recorder: rec,
+        s3,
+        written: BTreeMap::new(),
+    };
+    // Three files of ~0.6 MB each: 1.8 MB against a 1 MB cap.
+    for i in 0..3 {
+        w.record(&format!("session-k{i:02}x"), 250, 350).await;
+    }
+    assert_eq!(trace_files(&w.traces).len(), 3, "nothing deleted unshipped");
+    w._recorder.wait_for_log("record-held-back");
+    let expect = w.local();
+    let out = w.ship_once(&w.s3.endpoint(), &[], (s3::ACCESS_KEY, s3::SECRET_KEY));
+    assert!(out.status.success(), "{}", text(&out));
+    w.assert_bucket(&expect).await;
+    // The next closed file triggers a retention pass: shipped files go, oldest first,
+    // down to the cap; the new, unshipped one stays.
+    w.record("session-k99x", 10, 350).await;
+    let left = trace_files(&w.traces);
+    assert!(left.len() < 4, "{left:?}");
+    assert!(
+        left.iter()
+            .any(|p| p.to_string_lossy().contains("session-k99x")),
+        "{left:?}"
+    );
+    let total: u64 = left.iter().map(|p| p.metadata().unwrap().len()).sum();
+    assert!(total <= 1 << 20, "{total} bytes left");
+}
