@@ -191,20 +191,8 @@ impl World {
         self.written
             .iter()
             .map(|(name, records)| {
-                let path = self.traces.join(name);
-                let bytes = std::fs::read(&path).unwrap();
-                let header = reflex_recorder::TraceReader::open(&path)
-                    .unwrap()
-                    .header()
-                    .clone();
-                let key = format!(
-                    "{PREFIX}/robot={ROBOT}/date={}/model={MODEL}/{name}",
-                    &header.started_at[..10]
-                );
-                (
-                    name.clone(),
-                    (bytes.len() as u64, s3::sha256_hex(&bytes), *records, key),
-                )
+                let (size, sha, key) = local_file(&self.traces.join(name), PREFIX, ROBOT);
+                (name.clone(), (size, sha, *records, key))
             })
             .collect()
     }
@@ -236,6 +224,21 @@ impl World {
             assert_eq!(line["records"], *records, "{name}");
         }
     }
+}
+
+/// A local trace file's size, SHA-256 and the key it must have in the bucket.
+fn local_file(path: &Path, prefix: &str, robot: &str) -> (u64, String, String) {
+    let name = path.file_name().unwrap().to_string_lossy();
+    let bytes = std::fs::read(path).unwrap();
+    let header = reflex_recorder::TraceReader::open(path)
+        .unwrap()
+        .header()
+        .clone();
+    let key = format!(
+        "{prefix}/robot={robot}/date={}/model={MODEL}/{name}",
+        &header.started_at[..10]
+    );
+    (bytes.len() as u64, s3::sha256_hex(&bytes), key)
 }
 
 fn run_bounded(cmd: &mut Command) -> Output {
@@ -812,19 +815,10 @@ async fn fleet_soak() {
     let mut expect = BTreeMap::new();
     for (i, r) in fleet.iter().enumerate() {
         for path in trace_files(&r.traces) {
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            let data = std::fs::read(&path).unwrap();
-            let header = reflex_recorder::TraceReader::open(&path)
-                .unwrap()
-                .header()
-                .clone();
-            let key = format!(
-                "soak/robot=robot-{i:03}/date={}/model={MODEL}/{name}",
-                &header.started_at[..10]
-            );
-            expect.insert(key, (data.len() as u64, s3::sha256_hex(&data)));
+            let (size, sha, key) = local_file(&path, "soak", &format!("robot-{i:03}"));
+            expect.insert(key, (size, sha));
             files += 1;
-            bytes += data.len() as u64;
+            bytes += size;
         }
     }
     let mut data = BTreeMap::new();
