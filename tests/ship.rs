@@ -651,13 +651,13 @@ async fn fleet_soak() {
     let dir = tempfile::tempdir().unwrap();
     let mut s3 = S3Server::start(&dir.path().join("s3"));
     // Every connection ends in a fault sooner or later (kept-alive ones would otherwise
-    // carry everything): a 500, or a reset after 256 KiB to 16 MiB.
+    // carry everything): a 500, or a reset after 64 KiB to 2 MiB.
     let plan: Vec<Fault> = (0..1_000_000)
         .map(|i| match i % 4 {
             0 => Fault::Status500,
-            1 => Fault::ResetAfter(256 << 10),
-            2 => Fault::ResetAfter(4 << 20),
-            _ => Fault::ResetAfter(16 << 20),
+            1 => Fault::ResetAfter(64 << 10),
+            2 => Fault::ResetAfter(512 << 10),
+            _ => Fault::ResetAfter(2 << 20),
         })
         .collect();
     let proxy = FaultProxy::start(s3.port, plan).await;
@@ -845,10 +845,10 @@ async fn fleet_soak() {
          lost {lost}, duplicated/extra {extra}, partial/different {differ}",
         shipped_during,
         shipped_during as f64 / 1e6 / elapsed,
+        cpu / (shipped_during as f64 / 1e6).max(1e-9),
         proxy.faults_done.load(std::sync::atomic::Ordering::SeqCst),
         s3_restarts,
         kills,
-        cpu / (shipped_during as f64 / 1e6).max(1e-9),
     );
     assert_eq!((lost, extra, differ), (0, 0, 0));
     assert_eq!(
