@@ -5,7 +5,7 @@
 # already there is not fetched again. Also NVRTC from PyPI (the kernel-compile test) and the
 # Python client's test dependencies (tests/python_client.rs), the readers the trace-export
 # tests check with (tests/trace.rs), onnxruntime for the export fixtures, and the seed tool
-# (reflex-vla, tests/seed_traces.rs). Debian/Ubuntu, as root (CI) or with sudo.
+# (reflex-vla, tests/seed_traces.rs), and s3s-fs (tests/ship.rs). Debian/Ubuntu, as root (CI) or with sudo.
 set -euo pipefail
 
 CARGO_DEB_VERSION=3.8.0
@@ -31,6 +31,17 @@ fi
 # Built from source (about two minutes on two cores); pinned so CI is reproducible.
 if [ "$(cargo deb --version 2>/dev/null || true)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
     cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
+fi
+
+# The S3-compatible server tests/ship.rs ships traces to: s3s-fs, a maintained S3 server
+# over a folder (the s3s project, Apache-2.0), from crates.io. Chosen because it keeps its
+# objects on disk (a test kills it mid-multipart and restarts it on the same folder),
+# supports multipart uploads and SigV4, and installs from a registry CI reaches (MinIO is
+# in none; moto's server keeps objects in memory, so a restart loses the bucket). 0.14.1 is
+# the newest that builds on our Rust 1.95 (0.17 needs 1.96); about 3.5 minutes on two cores.
+S3S_FS_VERSION=0.14.1
+if [ "$(s3s-fs --version 2>/dev/null || "$HOME/.cargo/bin/s3s-fs" --version 2>/dev/null || true)" != "s3s-fs $S3S_FS_VERSION" ]; then
+    cargo install s3s-fs --version "$S3S_FS_VERSION" --features binary --locked --quiet
 fi
 
 # NVRTC (CUDA 13) from PyPI: server/engine/src/engine/cuda.rs compiles every kernel of the reference

@@ -54,6 +54,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Look at traces (ls, show) and export them to MCAP (Foxglove), LeRobotDataset v3 or Parquet.
     Trace(reflex_tracetools::TraceArgs),
+    /// Ship closed traces to S3-compatible object storage, verified, resumable, never twice.
+    Ship(reflex_ship::ShipArgs),
 }
 
 #[derive(clap::Args)]
@@ -160,6 +162,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => demo::run(args, shutdown).await?,
         Command::Bench(args) => bench::run(args).await?,
+        Command::Ship(args) => {
+            let metrics = reflex_ship::metrics::Metrics::default();
+            if let Some(addr) = args.metrics_listen {
+                reflex_server::telemetry::spawn_metrics_endpoint(
+                    addr,
+                    metrics.registry(),
+                    shutdown.clone(),
+                )
+                .await?;
+            }
+            reflex_ship::run(args, shutdown, metrics).await?;
+        }
         Command::Trace(args) => {
             // Reading and writing files only: off the async runtime, which has nothing else to do.
             tokio::task::spawn_blocking(move || reflex_tracetools::run(args)).await??;

@@ -25,6 +25,15 @@ fn an_unknown_flag_exits_64_for_serve_replay_recorder_and_the_rest() {
         &["demo"],
         &["bench", "load"],
         &["export-demo", "d"],
+        &[
+            "ship",
+            "--trace-dir",
+            "d",
+            "--to",
+            "s3://bkt/p",
+            "--robot",
+            "r1",
+        ],
     ] {
         let mut args = cmd.to_vec();
         args.push("--no-such-flag");
@@ -209,6 +218,30 @@ fn the_packaged_env_files_still_parse() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{recorder:?}: {}", stderr(&out));
+
+    // The shipper's file and unit parse; with no credentials anywhere it stops there.
+    let mut ship = settings("deploy/env/ship.env", "REFLEX_SHIP_");
+    ship.extend(settings(
+        "deploy/systemd/reflex-ship.service",
+        "Environment=REFLEX_SHIP_",
+    ));
+    assert!(ship.len() >= 3, "{ship:?}");
+    std::fs::create_dir(dir.path().join("traces")).unwrap();
+    let out = Command::new(BIN)
+        .arg("ship")
+        .envs(
+            ship.iter()
+                .map(|(k, v)| (k.trim_start_matches("Environment="), v)),
+        )
+        .env("REFLEX_SHIP_DIR", dir.path().join("traces"))
+        .env("HOME", dir.path())
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SHARED_CREDENTIALS_FILE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{ship:?}: {}", stderr(&out));
+    assert!(stderr(&out).contains("no credentials"), "{}", stderr(&out));
 }
 
 #[test]

@@ -103,7 +103,18 @@ fn systemd_analyze_verify_accepts_every_unit_and_the_cuda_drop_in() {
         dropin.join("cuda.conf"),
     )
     .unwrap();
-    verify(&UNITS.map(|u| dir.path().join(u)));
+    // The shipper's unit (not in the package: it needs a destination before it can run).
+    let ship = std::fs::read_to_string(Path::new(ROOT).join("deploy/systemd/reflex-ship.service"))
+        .unwrap();
+    assert!(ship.contains("ExecStart=/usr/bin/reflex ship "));
+    std::fs::write(
+        dir.path().join("reflex-ship.service"),
+        ship.replace("/usr/bin/reflex", BIN),
+    )
+    .unwrap();
+    let mut units = UNITS.map(|u| dir.path().join(u)).to_vec();
+    units.push(dir.path().join("reflex-ship.service"));
+    verify(&units);
 
     // The check has teeth: a misspelt key is caught.
     let mut f = std::fs::OpenOptions::new()
@@ -154,6 +165,17 @@ fn units_say_what_the_spec_asks() {
     ));
     assert!(serve.lines().any(|l| l.starts_with("WatchdogSec=")));
     assert!(has(&recorder, "ReadWritePaths=/var/lib/reflex/traces"));
+    let ship = unit("reflex-ship.service");
+    for line in [
+        "User=reflex",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "ReadWritePaths=/var/lib/reflex/traces",
+        "After=reflex-recorder.service network-online.target",
+        "EnvironmentFile=/etc/reflex/ship.env",
+    ] {
+        assert!(has(&ship, line), "reflex-ship: {line}");
+    }
     let socket = unit("reflex-recorder.socket");
     for line in [
         "ListenStream=/run/reflex/recorder.sock",

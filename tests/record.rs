@@ -269,36 +269,9 @@ async fn kill_9_server_gets_client_lost_footer_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_full_logs_once_keeps_serving_reports_degraded_and_spares_other_disks() {
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test mounts a tmpfs and needs root (CI runs as root)"
-    );
     let dir = tempfile::tempdir().unwrap();
     let small = dir.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    let st = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=96k",
-            "tmpfs",
-            small.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _guard = Unmount(small.clone());
+    let _guard = mount_tmpfs(&small, "96k");
 
     let (full_sock, ok_sock) = (dir.path().join("r1.sock"), dir.path().join("r2.sock"));
     let rec_full = recorder(&small.join("traces"), &full_sock, &["--flush-ms", "20"]).await;

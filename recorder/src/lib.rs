@@ -18,6 +18,8 @@
 //! - [`writer`]: one trace file — naming, permissions, gzip, flushes, footer, durability.
 //! - [`retention`]: which files in the trace directory are ours and which may be deleted.
 //! - [`recovery`]: start-up repair of files a killed recorder left without a footer.
+//! - [`shipped`]: the state file `reflex ship` keeps in a trace directory (the shipping
+//!   marker retention reads), and when a trace file counts as closed.
 //! - [`session`]: one Record stream's writer thread, rotation and disk-error handling, and
 //!   what sessions share with the daemon.
 //! - [`daemon`]: the `reflex.v1.Recorder` service (with reflection), socket, limits,
@@ -33,6 +35,7 @@ pub mod reader;
 pub mod recovery;
 pub mod retention;
 pub mod session;
+pub mod shipped;
 pub mod trace;
 pub mod writer;
 

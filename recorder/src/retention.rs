@@ -9,6 +9,15 @@
 //! file is created and while a retention pass deletes, so a pass never sees a file that a
 //! writer is about to claim. Files we did not name (other tools', temp files, links we did
 //! not make) are never touched, and do not count toward the cap.
+//!
+//! **Shipping holds files back.** When `reflex ship` runs on the directory (its state file,
+//! [`crate::shipped::STATE_FILE`], exists), a closed file that the state does not list as
+//! shipped is kept even over the cap, and the pass says so in the log (`slug=record-held-back`):
+//! a file leaves the robot only once it is verified in the bucket. The one exception is the
+//! disk itself: when the file system's free space is under [`DISK_FLOOR_BYTES`], unshipped
+//! files go too, oldest first, each logged at warn (`slug=record-unshipped-deleted`) —
+//! recording new data wins over keeping old data, as without shipping. A state file that
+//! cannot be read counts as "nothing shipped" (the safe side).
 
 use std::collections::HashSet;
 use std::fs;
@@ -16,6 +25,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
+
+use crate::shipped::ShipState;
+
+/// Free space under which retention deletes unshipped files too (see the module comment).
+pub const DISK_FLOOR_BYTES: u64 = 256 << 20;
 
 /// Whether `name` is a trace file name the recorder makes:
 /// `YYYYMMDD-HHMMSS-<8 hex>-<session_id>.jsonl[.gz]`.
@@ -66,16 +80,40 @@ impl Retention {
     }
 
     /// Deletes the oldest closed trace files until the directory's trace files total at
-    /// most the cap. Returns the names deleted.
+    /// most the cap, holding back unshipped ones while shipping is on and the disk has room.
+    /// Returns the names deleted.
     pub fn enforce(&self) -> io::Result<Vec<String>> {
+        if self.max_total.is_none() {
+            return Ok(Vec::new());
+        }
+        let free = free_bytes(&self.dir).unwrap_or(u64::MAX);
+        self.enforce_with_free(free)
+    }
+
+    /// [`Retention::enforce`] with the file system's free bytes given.
+    pub(crate) fn enforce_with_free(&self, free: u64) -> io::Result<Vec<String>> {
         let Some(cap) = self.max_total else {
             return Ok(Vec::new());
         };
         let open = self.lock_open();
         let mut files = trace_files(&self.dir)?;
         let mut total: u64 = files.iter().map(|f| f.size).sum();
+        if total <= cap {
+            return Ok(Vec::new());
+        }
+        // `None`: shipping is off. Read after listing, so a file shipped meanwhile is at
+        // worst held back once more, never deleted unshipped.
+        let shipped = match ShipState::load(&self.dir) {
+            Ok(state) => state.map(|s| s.shipped),
+            Err(e) => {
+                tracing::warn!(error = %e, "ship state unreadable: every file counts as unshipped");
+                Some(Default::default())
+            }
+        };
+        let disk_low = free < DISK_FLOOR_BYTES;
         files.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
         let mut deleted = Vec::new();
+        let (mut held, mut held_bytes) = (0u64, 0u64);
         for TraceFile { name, size, .. } in files {
             if total <= cap {
                 break;
@@ -83,9 +121,19 @@ impl Retention {
             if open.contains(&name) {
                 continue;
             }
+            let unshipped = shipped.as_ref().is_some_and(|s| !s.contains_key(&name));
+            if unshipped && !disk_low {
+                held += 1;
+                held_bytes += size;
+                continue;
+            }
             match fs::remove_file(self.dir.join(&name)) {
                 Ok(()) => {
-                    tracing::info!(file = %name, bytes = size, "old trace deleted (max total size)");
+                    if unshipped {
+                        tracing::warn!(file = %name, bytes = size, free, slug = "record-unshipped-deleted", "unshipped trace deleted: the disk is nearly full");
+                    } else {
+                        tracing::info!(file = %name, bytes = size, "old trace deleted (max total size)");
+                    }
                     total -= size;
                     deleted.push(name);
                 }
@@ -93,8 +141,31 @@ impl Retention {
                 Err(e) => tracing::warn!(file = %name, error = %e, "cannot delete old trace"),
             }
         }
+        if held > 0 {
+            tracing::info!(
+                files = held,
+                bytes = held_bytes,
+                total,
+                cap,
+                slug = "record-held-back",
+                "over max total size, keeping traces not shipped yet"
+            );
+        }
         Ok(deleted)
     }
+}
+
+/// Bytes available to an unprivileged writer on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// One regular file with a trace name.
@@ -218,5 +289,46 @@ mod tests {
         let r = Retention::new(dir.path().to_path_buf(), Some(1500));
         assert_eq!(r.enforce().unwrap(), vec![older.to_string()]);
         assert!(dir.path().join(newer).exists());
+    }
+
+    /// Shipping on: over the cap, unshipped files stay (held back) and shipped ones go; with
+    /// the disk nearly full, unshipped ones go too.
+    #[test]
+    fn unshipped_files_are_held_back_unless_the_disk_is_nearly_full() {
+        use crate::shipped::{ShipState, Shipped};
+        let dir = tempfile::tempdir().unwrap();
+        let name = |i: u32| format!("20260424-1713{i:02}-7a8b3c1d-session{i:02}.jsonl.gz");
+        for i in 0..4 {
+            fs::write(dir.path().join(name(i)), vec![0u8; 1000]).unwrap();
+        }
+        let mut state = ShipState::default();
+        let shipped = Shipped {
+            key: String::new(),
+            size: 1000,
+            sha256: String::new(),
+            records: 0,
+            uploaded_at: String::new(),
+        };
+        state.shipped.insert(name(1), shipped.clone());
+        state.save(dir.path()).unwrap();
+        let r = Retention::new(dir.path().to_path_buf(), Some(1500));
+        let roomy = DISK_FLOOR_BYTES * 10;
+        // Only the shipped file may go; 0, 2 and 3 stay although over the cap.
+        assert_eq!(r.enforce_with_free(roomy).unwrap(), vec![name(1)]);
+        assert!(r.enforce_with_free(roomy).unwrap().is_empty());
+        // Shipped later: now it goes.
+        state.shipped.insert(name(0), shipped);
+        state.save(dir.path()).unwrap();
+        assert_eq!(r.enforce_with_free(roomy).unwrap(), vec![name(0)]);
+        // The disk nearly full: unshipped files go too, oldest first, down to the cap.
+        assert_eq!(
+            r.enforce_with_free(DISK_FLOOR_BYTES - 1).unwrap(),
+            vec![name(2)]
+        );
+        assert!(dir.path().join(name(3)).exists());
+        // Shipping off (no state file): plain retention.
+        fs::write(dir.path().join(name(4)), vec![0u8; 1000]).unwrap();
+        fs::remove_file(dir.path().join(crate::shipped::STATE_FILE)).unwrap();
+        assert_eq!(r.enforce_with_free(roomy).unwrap(), vec![name(3)]);
     }
 }

@@ -912,6 +912,22 @@ impl reflex_proto::CallSpan for ReplayCallSpan {
 // ---------------------------------------------------------------------------
 // The Prometheus endpoint
 
+/// Serves `registry` at `http://ADDR/metrics` until `stop`, for a process other than the
+/// server that keeps its own registry (`reflex ship`). Returns the bound address.
+pub async fn spawn_metrics_endpoint(
+    addr: std::net::SocketAddr,
+    registry: prometheus::Registry,
+    stop: CancellationToken,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(serve_metrics(listener, registry, stop));
+    tracing::info!(metrics = %format!("http://{bound}/metrics"), "serving Prometheus metrics");
+    Ok(bound)
+}
+
 async fn serve_metrics(
     listener: tokio::net::TcpListener,
     registry: prometheus::Registry,

@@ -475,3 +475,32 @@ pub fn stop_cleanly(mut p: Proc) {
     p.signal(libc::SIGTERM);
     assert!(p.wait_exit(Duration::from_secs(10)).unwrap().success());
 }
+
+pub mod s3;
+
+/// A tmpfs of `size` (mount's `size=` syntax) mounted on `dir` (created) until the guard
+/// drops: a small disk that fills. Needs root, which CI has.
+pub fn mount_tmpfs(dir: &Path, size: &str) -> Unmount {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test mounts a tmpfs and needs root (CI runs as root)"
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    Unmount(dir.to_path_buf())
+}
+
+/// Unmounts (lazily) on drop.
+pub struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
