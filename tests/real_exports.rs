@@ -454,25 +454,25 @@ async fn the_ort_engine_serves_every_seed_layout_and_agrees_with_tract() {
     }
 }
 
+/// `reflex serve --model EXPORT EXTRA…` that must fail at start (no `ORT_DYLIB_PATH` from the
+/// environment): its stderr.
+fn failed_start(export: &Path, extra: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(["serve", "--model", export.to_str().unwrap()])
+        .args(extra)
+        .env_remove("ORT_DYLIB_PATH")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
 #[test]
 fn the_ort_engine_without_a_library_or_on_the_reference_export_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let export = export_demo(dir.path(), "pi05");
     let run = |export: &Path, extra: &[&str]| {
-        let out = Command::new(BIN)
-            .args([
-                "serve",
-                "--model",
-                export.to_str().unwrap(),
-                "--engine",
-                "ort",
-            ])
-            .args(extra)
-            .env_remove("ORT_DYLIB_PATH")
-            .output()
-            .unwrap();
-        assert_ne!(out.status.code(), Some(0));
-        String::from_utf8_lossy(&out.stderr).to_string()
+        failed_start(export, &[&["--engine", "ort"], extra].concat())
     };
     let err = run(&export, &[]);
     assert!(
@@ -544,14 +544,7 @@ async fn seed_quirks_fix_serves_what_lerobot_trains_and_matches_onnxruntime() {
 fn a_four_graph_export_missing_a_piece_fails_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let export = export_demo(dir.path(), "smolvla-four-graph");
-    let start = || {
-        let out = Command::new(BIN)
-            .args(["serve", "--model", export.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert_ne!(out.status.code(), Some(0));
-        String::from_utf8_lossy(&out.stderr).to_string()
-    };
+    let start = || failed_start(&export, &[]);
     std::fs::rename(
         export.join("state_proj_weight.npy"),
         dir.path().join("w.npy"),

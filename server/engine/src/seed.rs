@@ -223,23 +223,14 @@ pub fn map(dir: &Path, cfg: &Value, opts: &SeedOptions) -> Result<Mapped, String
             let takes_state = model_type == "pi0" || smolvla;
             let graph_width = num("action_dim").unwrap_or(32) as usize;
             let max_state = num("max_state_dim").unwrap_or(32) as usize;
-            let (state_dim, action_dim, normalization) = match (quirks, stats_dims) {
-                (SeedQuirks::Keep, dims) => {
-                    notes.push("no state/action normalisation, as the seed's monolithic servers (--seed-quirks fix uses the stats)".into());
-                    let (s, a) = dims.unwrap_or((max_state, graph_width));
-                    (s, a, Normalization::None)
-                }
-                (SeedQuirks::Fix, Some((s, a))) => {
-                    notes.push("state and actions normalised with the stats' mean/std".into());
-                    (s, a, Normalization::MeanStd)
-                }
-                (SeedQuirks::Fix, None) => {
-                    return Err(missing_stats(
-                        dir,
-                        "--seed-quirks fix normalises state and actions with them",
-                    ));
-                }
-            };
+            let (state_dim, action_dim, normalization) = unnormalised_unless_fixed(
+                dir,
+                quirks,
+                stats_dims,
+                (max_state, graph_width),
+                "the seed's monolithic servers",
+                &mut notes,
+            )?;
             let (absent, noise) = match quirks {
                 SeedQuirks::Keep => {
                     notes.push("the primary image is copied into absent cameras and one fixed noise (seed 0) serves every call that sends no noise_seed, as the seed's monolithic servers do".into());
@@ -326,6 +317,37 @@ pub fn map(dir: &Path, cfg: &Value, opts: &SeedOptions) -> Result<Mapped, String
     })
 }
 
+/// The seed servers that normalise nothing (monolithic, SmolVLA four-graph): `keep` feeds
+/// the raw state and returns the graph's actions (widths from the stats when there are any,
+/// else `graph_widths`); `fix` normalises both with the stats' mean/std, which it then needs.
+/// Returns (state dim, action dim, normalisation).
+fn unnormalised_unless_fixed(
+    dir: &Path,
+    quirks: SeedQuirks,
+    stats_dims: Option<(usize, usize)>,
+    graph_widths: (usize, usize),
+    server: &str,
+    notes: &mut Vec<String>,
+) -> Result<(usize, usize, Normalization), String> {
+    match (quirks, stats_dims) {
+        (SeedQuirks::Keep, dims) => {
+            notes.push(format!(
+                "no state/action normalisation, as {server} (--seed-quirks fix uses the stats)"
+            ));
+            let (s, a) = dims.unwrap_or(graph_widths);
+            Ok((s, a, Normalization::None))
+        }
+        (SeedQuirks::Fix, Some((s, a))) => {
+            notes.push("state and actions normalised with the stats' mean/std".into());
+            Ok((s, a, Normalization::MeanStd))
+        }
+        (SeedQuirks::Fix, None) => Err(missing_stats(
+            dir,
+            "--seed-quirks fix normalises state and actions with them",
+        )),
+    }
+}
+
 fn baked(steps: u32) -> DenoiseV2 {
     DenoiseV2 {
         expert: ExpertMode::Baked,
@@ -396,23 +418,14 @@ fn four_graph(
         .unwrap_or(960);
     let steps = num("num_denoising_steps").unwrap_or(10) as u32;
     let graph_width = num("action_dim").unwrap_or(32) as usize;
-    let (state_dim, action_dim, normalization) = match (quirks, stats_dims) {
-        (SeedQuirks::Keep, dims) => {
-            notes.push("no state/action normalisation, as the seed's SmolVLA server (--seed-quirks fix uses the stats)".into());
-            let (s, a) = dims.unwrap_or((32, graph_width));
-            (s, a, Normalization::None)
-        }
-        (SeedQuirks::Fix, Some((s, a))) => {
-            notes.push("state and actions normalised with the stats' mean/std".into());
-            (s, a, Normalization::MeanStd)
-        }
-        (SeedQuirks::Fix, None) => {
-            return Err(missing_stats(
-                dir,
-                "--seed-quirks fix normalises state and actions with them",
-            ));
-        }
-    };
+    let (state_dim, action_dim, normalization) = unnormalised_unless_fixed(
+        dir,
+        quirks,
+        stats_dims,
+        (32, graph_width),
+        "the seed's SmolVLA server",
+        notes,
+    )?;
     let (cameras, mask) = match quirks {
         SeedQuirks::Keep => {
             notes.push("one camera; prefill mask 0 for images and text and 1 for the state, expert kv_mask all true, as the seed runtime feeds them (--seed-quirks fix masks padding instead)".into());
