@@ -228,6 +228,11 @@ impl World {
 
 /// A local trace file's size, SHA-256 and the key it must have in the bucket.
 fn local_file(path: &Path, prefix: &str, robot: &str) -> (u64, String, String) {
+    local_file_of(path, prefix, robot, MODEL)
+}
+
+/// `local_file` for a trace of the model `model` (a real server's export).
+fn local_file_of(path: &Path, prefix: &str, robot: &str, model: &str) -> (u64, String, String) {
     let name = path.file_name().unwrap().to_string_lossy();
     let bytes = std::fs::read(path).unwrap();
     let header = reflex_recorder::TraceReader::open(path)
@@ -235,7 +240,7 @@ fn local_file(path: &Path, prefix: &str, robot: &str) -> (u64, String, String) {
         .header()
         .clone();
     let key = format!(
-        "{prefix}/robot={robot}/date={}/model={MODEL}/{name}",
+        "{prefix}/robot={robot}/date={}/model={model}/{name}",
         &header.started_at[..10]
     );
     (bytes.len() as u64, s3::sha256_hex(&bytes), key)
@@ -630,13 +635,17 @@ async fn local_disk_full_while_shipping_loses_nothing_and_uploads_nothing_twice(
     w.assert_bucket(&expect).await;
 }
 
-/// The fleet soak (the issue's "done when"): `ROBOTS` recorders (default 50), each fed by
-/// its own synthetic robot through the recorder socket (rotating files every 1 MB so files
-/// close all the time), one shipper daemon per robot through a fault proxy (500s and
-/// resets on a schedule), the S3 server killed and restarted every 45 s and one shipper
-/// killed -9 and restarted every 20 s, for `SOAK_SECS` (default 300). Then every session
-/// ends, every shipper runs once more, and the bucket must equal the folders: 0 lost,
-/// 0 duplicated, 0 partial. Prints throughput and shipper CPU per MB.
+/// The fleet soak (the issue's "done when"): `ROBOTS` robots (default 50), each a real
+/// `reflex serve` of the reference export recording through its own `reflex recorder`
+/// (rotating files every 1 MB so files close all the time) and driven by its own
+/// `reflex bench load --target` (one client, Acts back to back; its books check runs at the
+/// end), one shipper daemon per robot through a fault proxy (500s and resets on a
+/// schedule), the S3 server killed and restarted every 45 s and one shipper killed -9 and
+/// restarted every 20 s, for `SOAK_SECS` (default 300). Then every load run ends (its server
+/// stopped, its session closed), every shipper runs once more, and the bucket must equal
+/// the folders: 0 lost, 0 duplicated, 0 partial, and the manifests' record counts equal the
+/// recorders'. Prints throughput and shipper CPU per MB. `SOAK_FEED=synthetic` feeds the
+/// recorders synthetic records through their sockets instead of servers (20 a second each).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "fleet soak, minutes of CPU: ROBOTS=50 SOAK_SECS=300 cargo test --release --test ship -- --ignored fleet_soak --nocapture"]
 async fn fleet_soak() {
@@ -664,6 +673,7 @@ async fn fleet_soak() {
     let endpoint = proxy.endpoint();
     struct Robot {
         traces: PathBuf,
+        sock: PathBuf,
         _recorder: Proc,
         shipper: Option<Proc>,
         cpu_ticks: u64,
@@ -713,39 +723,103 @@ async fn fleet_soak() {
         f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
             + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
     };
+    let synthetic = std::env::var("SOAK_FEED").is_ok_and(|v| v == "synthetic");
+    let export_dir = dir.path().join("export");
+    if !synthetic {
+        export(&export_dir, 0);
+    }
     let mut fleet = Vec::new();
     let mut feeders = Vec::new();
+    let mut servers = Vec::new();
     let stop = tokio_util::sync::CancellationToken::new();
     for r in 0..robots {
         let traces = dir.path().join(format!("robot-{r:03}"));
         let sock = dir.path().join(format!("r{r}.sock"));
         let rec = recorder(&traces, &sock, &["--max-file-mb", "1"]).await;
         let shipper = start_shipper(&traces, r);
-        let stop = stop.clone();
-        feeders.push(tokio::spawn(async move {
-            // One session per robot, 20 Act records a second of 7x50 actions.
-            let (tx, rx) = mpsc::channel(64);
-            let task = tokio::spawn(open_session(sock, rx));
-            tx.send(start(&format!("soak-session-{r:04}")))
-                .await
-                .unwrap();
-            let mut seq = 0;
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            while !stop.is_cancelled() {
-                tick.tick().await;
-                tx.send(act(seq, 350)).await.unwrap();
-                seq += 1;
-            }
-            tx.send(end(seq)).await.unwrap();
-            drop(tx);
-            task.await.unwrap()
-        }));
+        if synthetic {
+            let stop = stop.clone();
+            let sock = sock.clone();
+            feeders.push(tokio::spawn(async move {
+                // One session per robot, 20 Act records a second of 7x50 actions.
+                let (tx, rx) = mpsc::channel(64);
+                let task = tokio::spawn(open_session(sock, rx));
+                tx.send(start(&format!("soak-session-{r:04}")))
+                    .await
+                    .unwrap();
+                let mut seq = 0;
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                while !stop.is_cancelled() {
+                    tick.tick().await;
+                    tx.send(act(seq, 350)).await.unwrap();
+                    seq += 1;
+                }
+                tx.send(end(seq)).await.unwrap();
+                drop(tx);
+                task.await.unwrap()
+            }));
+        } else {
+            // A real server per robot, recording through this robot's recorder.
+            let listen = format!("unix://{}", dir.path().join(format!("s{r}.sock")).display());
+            let recorder_uri = format!("unix://{}", sock.display());
+            let server = Proc::start(
+                &format!("serve {r}"),
+                &[
+                    "serve",
+                    export_dir.to_str().unwrap(),
+                    "--listen",
+                    &listen,
+                    "--recorder",
+                    &recorder_uri,
+                    "--workers",
+                    "1",
+                ],
+                &[("RUST_LOG", "warn")],
+            );
+            wait_healthy(&listen, &server).await;
+            servers.push((listen, server));
+        }
         fleet.push(Robot {
             traces,
+            sock,
             _recorder: rec,
             shipper: Some(shipper),
             cpu_ticks: 0,
         });
+    }
+    // The load tool, one process per server: one client each, for the whole soak; then it
+    // stops its server with SIGTERM (the session's footer written) and checks the books
+    // against the robot's trace folder.
+    let mut loads = Vec::new();
+    for (r, (listen, server)) in servers.iter().enumerate() {
+        let out = dir.path().join(format!("load-{r:03}.out"));
+        let child = Command::new(BIN)
+            .args([
+                "bench",
+                "load",
+                "--target",
+                listen,
+                "--clients",
+                "1",
+                "--secs",
+                &secs.to_string(),
+                "--warmup-secs",
+                "0",
+                "--server-pid",
+                &server.child.id().to_string(),
+                "--trace-dir",
+                fleet[r].traces.to_str().unwrap(),
+            ])
+            .env("TMPDIR", dir.path())
+            .stdout(std::process::Stdio::from(
+                std::fs::File::create(&out).unwrap(),
+            ))
+            .stderr(std::process::Stdio::from(
+                std::fs::File::create(out.with_extension("err")).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        loads.push((child, out));
     }
     let t0 = std::time::Instant::now();
     let mut victim = 0;
@@ -778,6 +852,60 @@ async fn fleet_soak() {
     let mut records = 0;
     for f in feeders {
         records += timeout(f).await.unwrap().records_written;
+    }
+    // Every load run ends, its books balanced and its server stopped; then the recorders
+    // say what they wrote.
+    let mut acts_answered = 0u64;
+    for (r, (mut child, out)) in loads.into_iter().enumerate() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let st = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("load {r} did not finish: {}", read_to_string(&out));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let stdout = read_to_string(&out);
+        assert!(
+            st.success(),
+            "load {r}: {st}\n{stdout}\n{}",
+            read_to_string(&out.with_extension("err"))
+        );
+        if let Some(at) = stdout.find(" OK in") {
+            let n: String = stdout[..at]
+                .chars()
+                .rev()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            acts_answered += n
+                .chars()
+                .rev()
+                .collect::<String>()
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    for (_, server) in &mut servers {
+        assert!(
+            server.wait_exit(Duration::from_secs(20)).is_some(),
+            "{} still running",
+            server.name
+        );
+    }
+    if !synthetic {
+        for r in &fleet {
+            let mut st = recorder_status(&r.sock).await.unwrap();
+            let deadline = std::time::Instant::now() + TIMEOUT;
+            while !st.sessions.is_empty() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                st = recorder_status(&r.sock).await.unwrap();
+            }
+            assert!(st.sessions.is_empty(), "a session still open: {st:?}");
+            records += st.records_written;
+        }
     }
     // Stop the daemons (their CPU counted), then one last pass per robot straight to the
     // server.
@@ -813,9 +941,21 @@ async fn fleet_soak() {
     let objects = s3::objects(&store, "soak").await;
     let (mut files, mut bytes, mut manifest_records) = (0u64, 0u64, 0u64);
     let mut expect = BTreeMap::new();
+    let mut soak_model: Option<String> = None;
     for (i, r) in fleet.iter().enumerate() {
         for path in trace_files(&r.traces) {
-            let (size, sha, key) = local_file(&path, "soak", &format!("robot-{i:03}"));
+            // Every robot serves the same export: one model hash, the synthetic one or
+            // the reference export's.
+            let model = reflex_recorder::TraceReader::open(&path)
+                .unwrap()
+                .header()
+                .model_hash
+                .clone();
+            if synthetic {
+                assert_eq!(model, MODEL);
+            }
+            assert_eq!(model, *soak_model.get_or_insert_with(|| model.clone()));
+            let (size, sha, key) = local_file_of(&path, "soak", &format!("robot-{i:03}"), &model);
             expect.insert(key, (size, sha));
             files += 1;
             bytes += size;
@@ -839,10 +979,15 @@ async fn fleet_soak() {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let cpu = cpu_ticks as f64 / hz;
     println!(
-        "fleet soak: {robots} robots, {elapsed:.0} s: {files} files, {bytes} bytes, {records} records \
+        "fleet soak ({}): {robots} robots, {elapsed:.0} s: {files} files, {bytes} bytes, {records} records \
          written; {} bytes shipped during the run ({:.2} MB/s); shipper CPU {cpu:.1} s ({:.3} CPU s per MB shipped); \
          manifests count {manifest_records} records; faults: {} proxy faults, {} S3 server restarts, {} shippers killed -9; \
          lost {lost}, duplicated/extra {extra}, partial/different {differ}",
+        if synthetic {
+            "synthetic records into the recorder sockets".to_string()
+        } else {
+            format!("real servers driven by reflex bench load, {acts_answered} Acts answered")
+        },
         shipped_during,
         shipped_during as f64 / 1e6 / elapsed,
         cpu / (shipped_during as f64 / 1e6).max(1e-9),
