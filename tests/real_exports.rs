@@ -42,6 +42,16 @@ fn export_demo(dir: &Path, kind: &str) -> std::path::PathBuf {
     export
 }
 
+/// Every seed-layout kind `reflex export-demo --kind` writes.
+const SEED_KINDS: [&str; 6] = [
+    "pi05",
+    "pi05-per-step",
+    "pi05-monolithic",
+    "pi0",
+    "smolvla",
+    "smolvla-four-graph",
+];
+
 /// What a fixture's `fixture.json` says of its cameras: their names and image size.
 #[derive(Clone)]
 struct Cameras {
@@ -161,14 +171,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_seed_layout_serves_over_grpc_matches_onnxruntime_and_replays_bit_exactly() {
-    for kind in [
-        "pi05",
-        "pi05-per-step",
-        "pi05-monolithic",
-        "pi0",
-        "smolvla",
-        "smolvla-four-graph",
-    ] {
+    for kind in SEED_KINDS {
         let dir = tempfile::tempdir().unwrap();
         let export = export_demo(dir.path(), kind);
         let cams = Cameras::of(&export);
@@ -390,14 +393,7 @@ fn python_ort_lib() -> std::path::PathBuf {
 async fn the_ort_engine_serves_every_seed_layout_and_agrees_with_tract() {
     let lib = python_ort_lib();
     let lib_arg = lib.to_str().unwrap();
-    for kind in [
-        "pi05",
-        "pi05-per-step",
-        "pi05-monolithic",
-        "pi0",
-        "smolvla",
-        "smolvla-four-graph",
-    ] {
+    for kind in SEED_KINDS {
         let dir = tempfile::tempdir().unwrap();
         let export = export_demo(dir.path(), kind);
         let cams = Cameras::of(&export);

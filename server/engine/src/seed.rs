@@ -199,18 +199,7 @@ pub fn map(dir: &Path, cfg: &Value, opts: &SeedOptions) -> Result<Mapped, String
                     .as_ref()
                     .map(|p| StatsV2::File { file: named(p) }),
                 denoise: if per_step {
-                    DenoiseV2 {
-                        expert: ExpertMode::PerStep,
-                        steps,
-                        time: TimeDirection::OneToZero,
-                        method: "euler".into(),
-                        noise_input: None,
-                        actions_output: None,
-                        x_input: Some("x_t".into()),
-                        t_input: Some("t".into()),
-                        velocity_output: Some("v_t".into()),
-                        positions_input: None,
-                    }
+                    per_step_expert(steps, ["x_t", "t", "v_t"], None)
                 } else {
                     baked(steps)
                 },
@@ -348,6 +337,23 @@ fn unnormalised_unless_fixed(
     }
 }
 
+/// The seed's per-step experts: `[x, t, velocity]` by name (and the action positions the
+/// four-graph expert takes), t from 1 to 0; the runtime runs the loop.
+fn per_step_expert(steps: u32, [x, t, v]: [&str; 3], positions: Option<&str>) -> DenoiseV2 {
+    DenoiseV2 {
+        expert: ExpertMode::PerStep,
+        steps,
+        time: TimeDirection::OneToZero,
+        method: "euler".into(),
+        noise_input: None,
+        actions_output: None,
+        x_input: Some(x.into()),
+        t_input: Some(t.into()),
+        velocity_output: Some(v.into()),
+        positions_input: positions.map(Into::into),
+    }
+}
+
 fn baked(steps: u32) -> DenoiseV2 {
     DenoiseV2 {
         expert: ExpertMode::Baked,
@@ -478,18 +484,11 @@ fn four_graph(
             normalization,
         },
         stats,
-        denoise: DenoiseV2 {
-            expert: ExpertMode::PerStep,
+        denoise: per_step_expert(
             steps,
-            time: TimeDirection::OneToZero,
-            method: "euler".into(),
-            noise_input: None,
-            actions_output: None,
-            x_input: Some("noisy_actions".into()),
-            t_input: Some("timestep".into()),
-            velocity_output: Some("velocity".into()),
-            positions_input: Some("position_ids".into()),
-        },
+            ["noisy_actions", "timestep", "velocity"],
+            Some("position_ids"),
+        ),
         noise: NoisePolicy::PerCall,
         embed: Some(EmbedV2 {
             image: EmbedGraphV2 {

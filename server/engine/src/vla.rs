@@ -223,6 +223,29 @@ impl Graph {
         ))
     }
 
+    /// Input (or output) `name` with its index; else a load error naming `path` and listing
+    /// the graph's inputs (outputs).
+    fn port(&self, path: &Path, name: &str, output: bool) -> Result<(usize, Port), EngineError> {
+        let (ports, side) = if output {
+            (&self.outputs, "output")
+        } else {
+            (&self.inputs, "input")
+        };
+        ports
+            .iter()
+            .position(|p| p.name == name)
+            .map(|ix| (ix, ports[ix].clone()))
+            .ok_or_else(|| {
+                load_err(
+                    path,
+                    format!(
+                        "the config names {side} {name:?}, which the graph does not have (its {side}s: {})",
+                        ports.iter().map(Port::describe).collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })
+    }
+
     fn input(&self, name: &str) -> Option<&Port> {
         self.inputs.iter().find(|p| p.name == name)
     }
@@ -434,25 +457,7 @@ impl Embedder {
         })?;
         let image_path = dir.join(&image.file);
         let text_path = dir.join(&text.file);
-        let port_of = |g: &Graph, path: &Path, name: &str, output: bool| {
-            let ports = if output { &g.outputs } else { &g.inputs };
-            ports
-                .iter()
-                .position(|p| p.name == name)
-                .map(|ix| (ix, ports[ix].clone()))
-                .ok_or_else(|| {
-                    load_err(
-                        path,
-                        format!(
-                            "the config names {} {name:?}, which the graph does not have (its {}: {})",
-                            if output { "output" } else { "input" },
-                            if output { "outputs" } else { "inputs" },
-                            ports.iter().map(Port::describe).collect::<Vec<_>>().join(", ")
-                        ),
-                    )
-                })
-        };
-        let (_, pin) = port_of(&image, &image_path, &e.image.input, false)?;
+        let (_, pin) = image.port(&image_path, &e.image.input, false)?;
         let (height, width) = match pin.shape.as_slice() {
             [1, 3, h, w] => (*h, *w),
             _ => {
@@ -462,7 +467,7 @@ impl Embedder {
                 ));
             }
         };
-        let (image_out, pout) = port_of(&image, &image_path, &e.image.output, true)?;
+        let (image_out, pout) = image.port(&image_path, &e.image.output, true)?;
         let (per_camera, hidden) = match pout.shape.as_slice() {
             [1, n, d] => (*n, *d),
             _ => {
@@ -472,14 +477,14 @@ impl Embedder {
                 ));
             }
         };
-        let (_, tin) = port_of(&text, &text_path, &e.text.input, false)?;
+        let (_, tin) = text.port(&text_path, &e.text.input, false)?;
         if tin.shape != [1, tokens] {
             return Err(load_err(
                 &text_path,
                 format!("input {} is not [1, {tokens}]", tin.describe()),
             ));
         }
-        let (text_out, tout) = port_of(&text, &text_path, &e.text.output, true)?;
+        let (text_out, tout) = text.port(&text_path, &e.text.output, true)?;
         if tout.shape != [1, tokens, hidden] {
             return Err(load_err(
                 &text_path,
@@ -649,15 +654,7 @@ impl VlaModel {
         let obs_path = dir.join(&obs.file);
         let exp_path = dir.join(&expert.file);
         let input = |g: &Graph, path: &Path, name: &str| -> Result<Port, EngineError> {
-            g.input(name).cloned().ok_or_else(|| {
-                load_err(
-                    path,
-                    format!(
-                        "the config names input {name:?}, which the graph does not have (its inputs: {})",
-                        g.inputs.iter().map(Port::describe).collect::<Vec<_>>().join(", ")
-                    ),
-                )
-            })
+            g.port(path, name, false).map(|(_, p)| p)
         };
 
         // Cameras: [1, 3, H, W], all the same size; masks bool [1]. (An assembled prefix: the

@@ -483,6 +483,14 @@ mod tests {
     }
 
     /// torch.onnx's `cumsum(mask, 1) - 1` on a bool [1,8] input.
+    fn f32s(t: &TValue) -> Vec<f32> {
+        t.try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec()
+    }
+
     fn positions_graph() -> pb::ModelProto {
         let mut g = GraphBuilder::new("positions");
         let mask = g.input("mask", BOOL, &[1, 8]);
@@ -546,25 +554,18 @@ mod tests {
             .collect();
         assert_eq!(ops.iter().filter(|o| **o == "Pow").count(), 1, "{ops:?}");
         let after = run(&model, input()).unwrap();
-        let values = |t: &TValue| {
-            t.try_as_plain_ram()
-                .unwrap()
-                .as_slice::<f32>()
-                .unwrap()
-                .to_vec()
-        };
         // What onnxruntime's Pow computes for these exponents, bit for bit.
         assert_eq!(
-            values(&after[0]),
+            f32s(&after[0]),
             data.iter().map(|v| v * v).collect::<Vec<_>>()
         );
         assert_eq!(
-            values(&after[1]),
+            f32s(&after[1]),
             data.iter().map(|v| v * v * v).collect::<Vec<_>>()
         );
         let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(values(&after[2])), bits(values(&before[2])));
-        for (p, m) in values(&before[1]).iter().zip(values(&after[1])) {
+        assert_eq!(bits(f32s(&after[2])), bits(f32s(&before[2])));
+        for (p, m) in f32s(&before[1]).iter().zip(f32s(&after[1])) {
             assert!((p - m).abs() <= 1e-5 * p.abs().max(1.0), "{p} vs {m}");
         }
         assert!(prepare(&mut model).unwrap().is_empty());
@@ -626,28 +627,21 @@ mod tests {
         );
         let out = run(&model, input()).unwrap();
         let at = |i: usize, j: usize, k: usize| (i * 18 + j * 3 + k) as f32;
-        let values = |t: &TValue| {
-            t.try_as_plain_ram()
-                .unwrap()
-                .as_slice::<f32>()
-                .unwrap()
-                .to_vec()
-        };
         let want_a: Vec<f32> = (0..2)
             .flat_map(|i| (2..6).flat_map(move |j| (0..3).map(move |k| at(i, j, k))))
             .collect();
         assert_eq!(out[0].shape(), &[2, 4, 3]);
-        assert_eq!(values(&out[0]), want_a);
+        assert_eq!(f32s(&out[0]), want_a);
         assert_eq!(out[1].shape(), &[6, 3]);
         assert_eq!(
-            values(&out[1]),
+            f32s(&out[1]),
             (18..36).map(|v| v as f32).collect::<Vec<_>>()
         );
         let want_c: Vec<f32> = (0..2)
             .flat_map(|i| (4..6).flat_map(move |j| (0..3).map(move |k| at(i, j, k))))
             .collect();
         assert_eq!(out[2].shape(), &[2, 2, 3]);
-        assert_eq!(values(&out[2]), want_c);
+        assert_eq!(f32s(&out[2]), want_c);
     }
 
     #[test]
