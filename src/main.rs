@@ -56,6 +56,8 @@ enum Command {
     Trace(reflex_tracetools::TraceArgs),
     /// Ship closed traces to S3-compatible object storage, verified, resumable, never twice.
     Ship(reflex_ship::ShipArgs),
+    /// Fleet analysis: index shipped traces into a partitioned Parquet dataset; SQL and reports over it.
+    Fleet(reflex_fleet::FleetArgs),
 }
 
 #[derive(clap::Args)]
@@ -173,6 +175,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .await?;
             }
             reflex_ship::run(args, shutdown, metrics).await?;
+        }
+        Command::Fleet(args) => {
+            let code = reflex_fleet::run(args).await?;
+            if code != 0 {
+                return Ok(ExitCode::from(code as u8));
+            }
         }
         Command::Trace(args) => {
             // Reading and writing files only: off the async runtime, which has nothing else to do.

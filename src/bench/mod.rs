@@ -7,9 +7,11 @@
 //! - [`telemetry`]: Act latency with tracing and metrics off and on.
 //! - [`load`]: K concurrent robots against real children, and the book check.
 //! - [`engines`]: cpu vs cuda, and the GPU acceptance checks.
+//! - [`fleet`]: a synthetic fleet's traces, `reflex fleet index` and every report: time and memory.
 
 mod engines;
 mod exports;
+mod fleet;
 mod load;
 mod record;
 mod serve;
@@ -37,6 +39,9 @@ pub enum Suite {
     /// The reference model on cpu vs cuda (graphs on and off): engine-only, Policy::act and
     /// Act over a Unix socket, plus the GPU checks (cuda vs cpu, repeat bit-identity).
     Engines(engines::EnginesBench),
+    /// A synthetic fleet (robots × sessions through the real recorder, full images), then
+    /// `reflex fleet index` and every `reflex fleet query` report: wall, CPU, peak RSS.
+    Fleet(fleet::FleetBench),
 }
 
 /// `--cache on|off`: whether the server's prefix cache is on.
@@ -54,5 +59,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(Suite::Telemetry(a)) => telemetry::run(a).await,
         Some(Suite::Load(a)) => load::run(a).await,
         Some(Suite::Engines(a)) => engines::run(a).await,
+        Some(Suite::Fleet(a)) => fleet::run(a).await,
     }
 }

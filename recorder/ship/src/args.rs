@@ -130,7 +130,8 @@ impl Destination {
     }
 }
 
-fn parse_robot(s: &str) -> Result<String, String> {
+/// A robot id: 1-64 characters of [A-Za-z0-9._-] (it becomes a key segment `robot=<ID>`).
+pub fn parse_robot(s: &str) -> Result<String, String> {
     let ok = (1..=64).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -164,7 +165,8 @@ fn parse_loopback(s: &str) -> Result<std::net::SocketAddr, String> {
     }
 }
 
-fn parse_endpoint(s: &str) -> Result<String, String> {
+/// An S3 endpoint URL: http:// or https://, without a trailing slash.
+pub fn parse_endpoint(s: &str) -> Result<String, String> {
     if s.starts_with("http://") || s.starts_with("https://") {
         Ok(s.trim_end_matches('/').to_string())
     } else {

@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use object_store::ObjectStore;
 use object_store::aws::{AmazonS3Builder, Checksum};
+use object_store::{ObjectStore, ObjectStoreExt};
 use reflex_recorder::retention::trace_files;
 use reflex_recorder::shipped::{ClosedTrace, ShipState, closed_trace};
 use tokio_util::sync::CancellationToken;
@@ -66,30 +66,53 @@ pub fn store(
     args: &ShipArgs,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    // Our own retries (with their log lines) decide; the client tries each request once.
+    s3_store(
+        &args.to.bucket,
+        args.endpoint.as_deref(),
+        Duration::from_secs(args.timeout_secs),
+        Some(0),
+        env,
+    )
+}
+
+/// An S3 client for `bucket`, configured as the AWS tools are (credentials and region from
+/// `env`, see [`credentials`]); `endpoint` for S3-compatible servers (http:// allowed, the
+/// operator named it); `max_retries` `None` keeps the client's own retry policy. Also used
+/// by `reflex fleet` to read shipped traces and write its dataset.
+pub fn s3_store(
+    bucket: &str,
+    endpoint: Option<&str>,
+    timeout: Duration,
+    max_retries: Option<usize>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<Arc<dyn ObjectStore>> {
     let creds = credentials::find(env)?;
     let region = credentials::region(env);
-    tracing::info!(source = %creds.source, %region, endpoint = args.endpoint.as_deref().unwrap_or("aws"), "credentials");
+    tracing::info!(source = %creds.source, %region, endpoint = endpoint.unwrap_or("aws"), "credentials");
+    let mut retry = object_store::RetryConfig {
+        retry_timeout: timeout,
+        ..Default::default()
+    };
+    if let Some(n) = max_retries {
+        retry.max_retries = n;
+    }
     let mut b = AmazonS3Builder::new()
-        .with_bucket_name(&args.to.bucket)
+        .with_bucket_name(bucket)
         .with_region(region)
         .with_access_key_id(creds.access_key_id)
         .with_secret_access_key(creds.secret_access_key)
         .with_checksum_algorithm(Checksum::SHA256)
-        // Our own retries (with their log lines) decide; the client tries each request once.
-        .with_retry(object_store::RetryConfig {
-            max_retries: 0,
-            retry_timeout: Duration::from_secs(args.timeout_secs),
-            ..Default::default()
-        })
+        .with_retry(retry)
         .with_client_options(
             object_store::ClientOptions::new()
-                .with_timeout(Duration::from_secs(args.timeout_secs))
+                .with_timeout(timeout)
                 .with_connect_timeout(Duration::from_secs(10)),
         );
     if let Some(token) = creds.session_token {
         b = b.with_token(token);
     }
-    if let Some(endpoint) = &args.endpoint {
+    if let Some(endpoint) = endpoint {
         // http is allowed only for an endpoint the operator named (tests use loopback).
         b = b
             .with_endpoint(endpoint)

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use reflex_recorder::shipped::{ClosedTrace, Shipped};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
