@@ -328,6 +328,11 @@ def run(
                 results[key] = r
                 t.replayed += 1
                 t.latencies_ms.append(seconds * 1000.0)
+            # One progress line per batch (stdout; the summary line follows at the end).
+            print(
+                f"batch: target={ti} answered={len(out['done'])} handed_back={len(out['left'])}",
+                flush=True,
+            )
             if out["dead"]:
                 kill(t, out["dead"])
             if out["left"]:

@@ -1,6 +1,6 @@
 """`python3 -m reflex_client.ray_replay` against real `reflex serve` targets on a local
-Ray, compared with `reflex replay`'s report of the same traces; a target SIGKILLed before
-the run is taken over by the others.
+Ray, compared with `reflex replay`'s report of the same traces; a target SIGKILLed mid-run
+is taken over by the others.
 
 Ray 2.60's gcs_server, raylet and workers listen on every interface (`*:PORT`) even with
 `_node_ip_address="127.0.0.1"`, and its runtime-env agent on the host's address. So the
@@ -16,22 +16,37 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from conftest import STATE, frame, reflex_bin
 
 
-def _ray_replay(args: list[str]) -> subprocess.CompletedProcess[str]:
-    """`python3 -m reflex_client.ray_replay ARGS` in a loopback-only network namespace."""
+def _ray_replay(args: list[str], on_batch=None) -> tuple[int, str, str]:
+    """`python3 -m reflex_client.ray_replay ARGS` in a loopback-only network namespace;
+    `on_batch(n)` is called after its n-th `batch:` progress line. (code, stdout, stderr)."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     cmd = "exec " + shlex.join([sys.executable, "-m", "reflex_client.ray_replay", *args])
-    return subprocess.run(
+    p = subprocess.Popen(
         ["unshare", "-n", "sh", "-c", f"ip link set lo up && {cmd}"],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
         env=env,
     )
+    err: list[str] = []
+    t = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
+    t.start()
+    out, n = [], 0
+    for line in p.stdout:
+        out.append(line)
+        if line.startswith("batch:"):
+            n += 1
+            if on_batch:
+                on_batch(n)
+    code = p.wait(timeout=300)
+    t.join(timeout=10)
+    return code, "".join(out), "".join(err)
 
 SESSIONS = 2
 CALLS = 30
@@ -72,13 +87,18 @@ def test_ray_replay_matches_reflex_replay_and_fails_over(serve, tmp_path: Path) 
     assert p.returncode == 0, p.stdout + p.stderr
     ref = json.loads(ref_out.read_text())
 
-    # One target is gone before Ray starts: its actor's first call finds it dead and its
-    # records go to the others.
-    targets[1].server.signal(signal.SIGKILL)
-    targets[1].server.proc.wait(timeout=10)
+    # Target 1 is SIGKILLed once the first batch is answered (every actor has batches in
+    # flight then): what it had not answered goes to the others.
+    def kill_target_1(n: int) -> None:
+        if n == 1:
+            targets[1].server.signal(signal.SIGKILL)
+
     out = tmp_path / "ray.json"
-    p = _ray_replay(["--targets", ",".join(uris), str(traces), "--output", str(out), "--batch", "4"])
-    assert p.returncode == 0, p.stdout + p.stderr
+    code, stdout, stderr = _ray_replay(
+        ["--targets", ",".join(uris), str(traces), "--output", str(out), "--batch", "4"], kill_target_1
+    )
+    assert code == 0, stdout + stderr
+    assert targets[1].server.proc.wait(timeout=10) is not None
     got = json.loads(out.read_text())
 
     assert got["report_version"] == 1
@@ -93,7 +113,7 @@ def test_ray_replay_matches_reflex_replay_and_fails_over(serve, tmp_path: Path) 
     assert got["summary"]["dead_targets"] == 1
     assert got["summary"]["failed_over"] > 0
     dead = got["targets"][1]
-    assert dead["dead"] and dead["error"] and dead["replayed"] == 0, dead
+    assert dead["dead"] and dead["error"], dead
     assert dead["failed_over_from"] == got["summary"]["failed_over"]
     assert sum(t["replayed"] for t in got["targets"]) == SESSIONS * CALLS
 
@@ -105,8 +125,8 @@ def test_ray_replay_with_every_target_dead_exits_2(serve, tmp_path: Path) -> Non
     t.server.signal(signal.SIGKILL)
     t.server.proc.wait(timeout=10)
     out = tmp_path / "ray.json"
-    p = _ray_replay(["--target", t.unix, str(traces), "--output", str(out)])
-    assert p.returncode == 2, p.stdout + p.stderr
+    code, stdout, stderr = _ray_replay(["--target", t.unix, str(traces), "--output", str(out)])
+    assert code == 2, stdout + stderr
     got = json.loads(out.read_text())
     assert got["exit_code"] == 2
     assert got["summary"]["stopped"] == "all_targets_dead"
