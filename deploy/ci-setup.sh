@@ -78,6 +78,12 @@ if ! pip_satisfied "${PY_TEST_DEPS[@]}" openpi-client==0.1.2; then
     PIP_ROOT_USER_ACTION=ignore "${PIP[@]}" "${PY_TEST_DEPS[@]}"
     PIP_ROOT_USER_ACTION=ignore "${PIP[@]}" --no-deps openpi-client==0.1.2
 fi
+
+# Ray for reflex_client.ray_replay and its test (proto/python/tests/test_ray_replay.py): an
+# exact pin with a CPython 3.11 x86_64 wheel (240 MB installed; pip install took 9.4 s on the 2-core development machine).
+if ! pip_satisfied ray==2.60.0; then
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check ray==2.60.0
+fi
 # What openpi-client's WebsocketClientPolicy imports and its --no-deps install above leaves
 # out: msgpack and websockets (tests/openpi.rs drives `reflex serve --openpi-listen` with the
 # real client; proto/python/bench/bench_frontends.py measures it).

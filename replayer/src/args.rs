@@ -14,30 +14,48 @@ use crate::diff::{Kind, KindSet};
 /// Replay a trace against a server or an export and diff actions, latency and cache.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
-    /// Trace file (.jsonl or .jsonl.gz; compression is detected from the bytes).
+    /// Trace file (.jsonl or .jsonl.gz; compression is detected from the bytes), or a
+    /// folder: every *.jsonl / *.jsonl.gz under it, recursively, in sorted path order.
     #[arg(value_name = "TRACE")]
     pub trace: PathBuf,
 
+    /// More traces (files or folders, as TRACE). With several trace files the records of
+    /// all of them are replayed as one fleet run with one merged report.
+    #[arg(value_name = "TRACE")]
+    pub more_traces: Vec<PathBuf>,
+
     /// Server to replay against: unix:///path/to.sock, host:port or http://host:port.
+    /// Repeat it (or use --targets) to spread the records over several servers, each with
+    /// --concurrency calls in flight; a target that dies mid-run (connection refused or
+    /// reset, UNAVAILABLE) hands its unfinished records to the others.
     #[arg(
         long,
         value_name = "URI",
         conflicts_with = "model",
-        required_unless_present_any = ["model", "no_replay"]
+        required_unless_present_any = ["model", "no_replay", "targets"]
     )]
-    pub target: Option<String>,
+    pub target: Vec<String>,
+
+    /// Comma-separated targets, the same as one --target per URI (both may be given).
+    #[arg(
+        long,
+        value_name = "URI,URI,...",
+        value_delimiter = ',',
+        conflicts_with = "model"
+    )]
+    pub targets: Vec<String>,
 
     /// Export directory to load into a private server (on a temporary Unix socket) for the replay.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
 
     /// File holding the bearer token of a `--target` started with `--auth-token-file`
-    /// (sent as `authorization: Bearer TOKEN`).
-    #[arg(long, value_name = "FILE", requires = "target")]
+    /// (sent as `authorization: Bearer TOKEN`; to every target).
+    #[arg(long, value_name = "FILE", conflicts_with = "model")]
     pub auth_token_file: Option<PathBuf>,
 
     /// CA certificate (PEM) that signed the certificate of an `https://` `--target`.
-    #[arg(long, value_name = "PEM", requires = "target")]
+    #[arg(long, value_name = "PEM", conflicts_with = "model")]
     pub tls_ca: Option<PathBuf>,
 
     /// Diffs to compute: one kind (actions: cos + max_abs, latency: ±5 %, cache: status
@@ -67,7 +85,8 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "DIR")]
     pub image_dir: Option<PathBuf>,
 
-    /// Requests kept in flight at once; lines still print in seq order.
+    /// Requests kept in flight at once, per target; with one trace and one target lines
+    /// print in seq order, in a fleet run in the order answers come (the report is sorted).
     #[arg(long, value_name = "K", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
@@ -84,7 +103,9 @@ impl ReplayArgs {
     pub fn new(trace: impl Into<PathBuf>) -> ReplayArgs {
         ReplayArgs {
             trace: trace.into(),
-            target: None,
+            more_traces: Vec::new(),
+            target: Vec::new(),
+            targets: Vec::new(),
             model: None,
             auth_token_file: None,
             tls_ca: None,
@@ -97,6 +118,30 @@ impl ReplayArgs {
             concurrency: 1,
             serve_bin: None,
         }
+    }
+
+    /// Every target URI: the `--target`s, then the `--targets`, duplicates kept (two
+    /// entries for one server are two connections).
+    pub fn target_uris(&self) -> Vec<String> {
+        self.target
+            .iter()
+            .chain(&self.targets)
+            .filter(|t| !t.is_empty())
+            .cloned()
+            .collect()
+    }
+
+    /// Every TRACE argument, as given.
+    pub fn trace_args(&self) -> Vec<PathBuf> {
+        std::iter::once(self.trace.clone())
+            .chain(self.more_traces.iter().cloned())
+            .collect()
+    }
+
+    /// Whether this is a fleet run (several TRACEs, a folder, or several targets): see
+    /// [`crate::fleet`]. A run of one file against one target is the classic path.
+    pub fn is_fleet(&self) -> bool {
+        !self.more_traces.is_empty() || self.trace.is_dir() || self.target_uris().len() > 1
     }
 
     /// How to dial `--target`: its token and CA, read now (a bad file fails here).
@@ -236,13 +281,35 @@ mod tests {
         let a = parse(&["t.jsonl", "--no-replay"]).unwrap();
         assert!(a.no_replay);
         let a = parse(&["t.jsonl", "--target", "unix:///s.sock"]).unwrap();
-        assert_eq!(a.target.as_deref(), Some("unix:///s.sock"));
+        assert_eq!(a.target_uris(), ["unix:///s.sock"]);
+        assert!(!a.is_fleet());
         assert_eq!(
             (a.diff, a.n, a.concurrency),
             (DiffMode::One(Kind::Actions), 0, 1)
         );
         assert!(parse(&["t.jsonl", "--model", "d", "--concurrency", "0"]).is_err());
         assert!(parse(&["t.jsonl", "--model", "d", "--diff", "bogus"]).is_err());
+    }
+
+    #[test]
+    fn targets_repeat_and_split_on_commas() {
+        let a = parse(&[
+            "t.jsonl",
+            "u.jsonl",
+            "--target",
+            "a:1",
+            "--targets",
+            "b:2,c:3",
+            "--target",
+            "d:4",
+        ])
+        .unwrap();
+        assert_eq!(a.target_uris(), ["a:1", "d:4", "b:2", "c:3"]);
+        assert_eq!(a.trace_args().len(), 2);
+        assert!(a.is_fleet());
+        let a = parse(&["t.jsonl", "--targets", "b:2,c:3"]).unwrap();
+        assert_eq!(a.target_uris().len(), 2);
+        assert!(parse(&["t.jsonl", "--targets", "b:2", "--model", "d"]).is_err());
     }
 
     #[test]

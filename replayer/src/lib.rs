@@ -20,6 +20,8 @@
 //! - [`args`]: the `reflex replay` flags ([`ReplayArgs`]) → `diff`.
 //! - [`replay`]: one run, from the header to the exit code; the feed and the in-flight
 //!   queue → every module below.
+//! - [`fleet`]: several traces and/or several targets: the trace list, the scheduler
+//!   with failover from dead targets, the merged report → `replay`, `report`, `target`.
 //! - [`diff`]: [`diff::Kind`], the one list of diffs, the comparisons and their
 //!   thresholds, the per-kind results and tallies → `format`.
 //! - [`images`]: recorded request → `ActRequest` with image bytes; the `--image-dir` index.
@@ -34,6 +36,7 @@
 
 pub mod args;
 pub mod diff;
+pub mod fleet;
 pub mod format;
 pub mod images;
 pub mod inspection;

@@ -71,6 +71,9 @@ pub enum ReplayError {
     Target(#[from] TargetError),
     #[error("--output {}: {reason}", path.display())]
     Output { path: PathBuf, reason: String },
+    /// A TRACE argument that names no trace (a folder without any, or one not readable).
+    #[error("{}: {reason}", path.display())]
+    TraceSource { path: PathBuf, reason: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -83,6 +86,7 @@ impl ReplayError {
             | ReplayError::ImageDir(_)
             | ReplayError::ImagesUnavailable { .. }
             | ReplayError::Output { .. }
+            | ReplayError::TraceSource { .. }
             | ReplayError::Internal(_) => Exit::TraceError,
             ReplayError::Target(_) => Exit::TargetFailed,
         }
@@ -105,7 +109,12 @@ pub async fn execute(
     tracer: Option<Arc<dyn CallTracer>>,
 ) -> (Exit, Report) {
     let mut report = Report::new(args);
-    let mut exit = match drive(args, shutdown, con, &mut report, tracer).await {
+    let result = if args.is_fleet() {
+        crate::fleet::drive(args, shutdown, con, &mut report, tracer).await
+    } else {
+        drive(args, shutdown, con, &mut report, tracer).await
+    };
+    let mut exit = match result {
         Ok(exit) => exit,
         Err(e) => {
             let text = e.to_string();
@@ -148,39 +157,12 @@ async fn drive(
     if args.no_replay {
         return inspect(reader, args, shutdown, con, report).await;
     }
-    if args.target.is_none() && args.model.is_none() {
+    let uris = args.target_uris();
+    if uris.is_empty() && args.model.is_none() {
         return Err(TargetError::Missing.into());
     }
 
-    let index = match &args.image_dir {
-        None => None,
-        Some(dir) => {
-            let d = dir.clone();
-            let index = blocking(move || ImageIndex::build(&d)).await??;
-            let mut line = format!(
-                "Images: {} distinct files indexed from {}",
-                index.len(),
-                dir.display()
-            );
-            if index.skipped_large > 0 {
-                line.push_str(&format!(
-                    " ({} larger than {} MiB skipped)",
-                    index.skipped_large,
-                    images::MAX_IMAGE_BYTES >> 20
-                ));
-            }
-            con.line(&line);
-            if index.unreadable > 0 {
-                let msg = format!(
-                    "{} entries under --image-dir could not be read",
-                    index.unreadable
-                );
-                con.warn(&msg);
-                report.warnings.push(msg);
-            }
-            Some(Arc::new(index))
-        }
-    };
+    let index = image_index(args, con, report).await?;
 
     let file_len = std::fs::metadata(&args.trace).map(|m| m.len()).unwrap_or(0);
     let feed_depth = 2 * usize::from(args.concurrency) + 16;
@@ -191,10 +173,10 @@ async fn drive(
         Some(FeedMsg::Failed(e)) => return Err(e.into()),
         other => other,
     };
-    check_images(args, &header, index.is_some(), first.as_ref())?;
+    check_images(&args.trace, &header, index.is_some(), first.as_ref())?;
 
     let concurrency = usize::from(args.concurrency);
-    let target = match (&args.target, &args.model) {
+    let target = match (uris.first(), &args.model) {
         (Some(uri), _) => {
             con.line(&format!("Target: {uri}"));
             let opts = args
@@ -380,6 +362,43 @@ async fn drive(
     Ok(exit)
 }
 
+/// Indexes `--image-dir`, if given, printing what was found.
+pub(crate) async fn image_index(
+    args: &ReplayArgs,
+    con: &mut Console,
+    report: &mut Report,
+) -> Result<Option<Arc<ImageIndex>>, ReplayError> {
+    Ok(match &args.image_dir {
+        None => None,
+        Some(dir) => {
+            let d = dir.clone();
+            let index = blocking(move || ImageIndex::build(&d)).await??;
+            let mut line = format!(
+                "Images: {} distinct files indexed from {}",
+                index.len(),
+                dir.display()
+            );
+            if index.skipped_large > 0 {
+                line.push_str(&format!(
+                    " ({} larger than {} MiB skipped)",
+                    index.skipped_large,
+                    images::MAX_IMAGE_BYTES >> 20
+                ));
+            }
+            con.line(&line);
+            if index.unreadable > 0 {
+                let msg = format!(
+                    "{} entries under --image-dir could not be read",
+                    index.unreadable
+                );
+                con.warn(&msg);
+                report.warnings.push(msg);
+            }
+            Some(Arc::new(index))
+        }
+    })
+}
+
 /// `--no-replay`.
 async fn inspect(
     mut reader: TraceReader,
@@ -412,7 +431,7 @@ async fn inspect(
 }
 
 /// Fails early on an `--output` that cannot be written, rather than after a long replay.
-fn check_output(args: &ReplayArgs) -> Result<(), ReplayError> {
+pub(crate) fn check_output(args: &ReplayArgs) -> Result<(), ReplayError> {
     let Some(path) = &args.output else {
         return Ok(());
     };
@@ -434,14 +453,14 @@ fn check_output(args: &ReplayArgs) -> Result<(), ReplayError> {
 }
 
 /// Stops a trace that has nothing to send before any model is loaded.
-fn check_images(
-    args: &ReplayArgs,
+pub(crate) fn check_images(
+    path: &std::path::Path,
     header: &Header,
     have_index: bool,
     first: Option<&FeedMsg>,
 ) -> Result<(), ReplayError> {
     let unavailable = |what: &str| ReplayError::ImagesUnavailable {
-        path: args.trace.clone(),
+        path: path.to_path_buf(),
         what: what.to_string(),
     };
     let first = match first {
@@ -466,12 +485,12 @@ fn check_images(
     Ok(())
 }
 
-fn dash(s: &str) -> &str {
+pub(crate) fn dash(s: &str) -> &str {
     if s.is_empty() { "-" } else { s }
 }
 
 /// Runs blocking work off the runtime.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ReplayError> {
     tokio::task::spawn_blocking(f)
@@ -480,7 +499,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// What the feed sends.
-enum FeedMsg {
+pub(crate) enum FeedMsg {
     Item(Box<Item>),
     /// A header after the first line (files concatenated or rotated).
     Header(Box<Header>),
@@ -493,19 +512,19 @@ enum FeedMsg {
 }
 
 /// One request record, ready to send (or known to be unsendable).
-struct Item {
-    line: u64,
-    file_bytes: u64,
-    record: Box<RequestRecord>,
-    request: Result<ActRequest, Unresolved>,
+pub(crate) struct Item {
+    pub(crate) line: u64,
+    pub(crate) file_bytes: u64,
+    pub(crate) record: Box<RequestRecord>,
+    pub(crate) request: Result<ActRequest, Unresolved>,
 }
 
-struct Feed {
-    rx: mpsc::Receiver<FeedMsg>,
+pub(crate) struct Feed {
+    pub(crate) rx: mpsc::Receiver<FeedMsg>,
 }
 
 impl Feed {
-    fn start(
+    pub(crate) fn start(
         mut reader: TraceReader,
         index: Option<Arc<ImageIndex>>,
         n: u64,
@@ -708,7 +727,7 @@ impl Run {
 }
 
 /// One Act on the target.
-async fn call(
+pub(crate) async fn call(
     mut client: PolicyClient<AuthChannel>,
     req: ActRequest,
     seq: u64,
@@ -731,7 +750,7 @@ async fn call(
 }
 
 /// The diffs of one record against the target's answer.
-fn compare(
+pub(crate) fn compare(
     record: &RequestRecord,
     line: u64,
     res: Result<ActResponse, tonic::Status>,

@@ -22,6 +22,9 @@ use crate::target::TargetInfo;
 /// The result of one request record.
 #[derive(Debug, Clone, Serialize)]
 pub struct RequestResult {
+    /// The trace file of this record; only in a fleet run of several trace files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
     pub seq: u64,
     /// 1-based line of the record in the trace.
     pub line: u64,
@@ -39,6 +42,9 @@ pub struct RequestResult {
     /// is gone or going, and the replay stops sending.
     #[serde(skip)]
     pub unavailable: bool,
+    /// The index of the trace file in a fleet run (0 otherwise): the report sorts on it.
+    #[serde(skip)]
+    pub trace_index: usize,
 }
 
 /// What happened to a request record.
@@ -57,6 +63,7 @@ impl RequestResult {
     /// A record whose images were not found.
     pub fn unresolved(seq: u64, line: u64, missing: Vec<String>) -> RequestResult {
         RequestResult {
+            trace: None,
             seq,
             line,
             status: Outcome::NotReplayed,
@@ -64,6 +71,7 @@ impl RequestResult {
             error: None,
             missing_images: missing,
             unavailable: false,
+            trace_index: 0,
         }
     }
 
@@ -127,6 +135,8 @@ pub enum Stop {
     TraceError,
     /// The target answered UNAVAILABLE or went away (exit 2).
     TargetUnavailable,
+    /// Fleet runs: every target died before the records ran out (exit 2).
+    AllTargetsDead,
 }
 
 /// Counts over the results of a replay.
@@ -153,6 +163,13 @@ pub struct Summary {
     pub truncation: Option<TruncationInfo>,
     pub fail_on: Option<&'static str>,
     pub fail_on_triggered: bool,
+    /// Fleet runs only: records taken back from a target that died and sent to another
+    /// (a record counts once per move).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_over: Option<u64>,
+    /// Fleet runs only: targets that died (or could not be reached at the start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_targets: Option<u64>,
 }
 
 impl Summary {
@@ -235,6 +252,14 @@ impl Summary {
                 self.not_replayed
             ));
         }
+        if let Some(n) = self.failed_over.filter(|&n| n > 0) {
+            out.push(format!(
+                "failed over: {n} (records taken back from a dead target and replayed on another)"
+            ));
+        }
+        if let Some(n) = self.dead_targets.filter(|&n| n > 0) {
+            out.push(format!("dead targets: {n}"));
+        }
         match self.stopped {
             None => {}
             Some(Stop::Interrupted) => {
@@ -245,6 +270,9 @@ impl Summary {
             }
             Some(Stop::TargetUnavailable) => {
                 out.push("stopped: the target became unavailable".into())
+            }
+            Some(Stop::AllTargetsDead) => {
+                out.push("stopped: every target died; the counts cover what was replayed".into())
             }
         }
         if let Some(f) = self.fail_on
@@ -302,6 +330,37 @@ pub struct Options {
     pub no_replay: bool,
 }
 
+/// One trace file of a fleet run, as the report lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceEntry {
+    pub path: String,
+    pub model_hash: String,
+    pub session_id: String,
+    /// Request records taken from this file.
+    pub records: u64,
+}
+
+/// One target of a fleet run, as the report lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetEntry {
+    pub uri: String,
+    /// From `GetModelInfo`; `null` when the target could not be reached at the start.
+    pub info: Option<TargetInfo>,
+    /// Records this target answered (results in the report).
+    pub replayed: u64,
+    /// Records taken back from this target when it died (in flight or queued) and sent
+    /// to another.
+    pub failed_over_from: u64,
+    /// Whether it died (or was unreachable at the start).
+    pub dead: bool,
+    /// Why it died.
+    pub error: Option<String>,
+    /// Wall time of this target's answered calls, as the replayer measured it (ms);
+    /// `null` when it answered none.
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+}
+
 /// The JSON report of `--output`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -318,8 +377,15 @@ pub struct Report {
     /// `--no-replay` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inspection: Option<Inspection>,
-    /// One entry per request record, in seq order; kept only for `--output` (see [`Report::push`]).
+    /// One entry per request record, in seq order (a fleet run: in (trace, seq) order);
+    /// kept only for `--output` (see [`Report::push`]).
     pub requests: Vec<RequestResult>,
+    /// Fleet runs only: the trace files replayed, in the order of `trace_index`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub traces: Vec<TraceEntry>,
+    /// Fleet runs only: one entry per target, in the order given.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetEntry>,
     pub warnings: Vec<String>,
     /// The error that decided the exit code, if one did.
     pub error: Option<String>,
@@ -347,11 +413,19 @@ impl Report {
             summary: None,
             inspection: None,
             requests: Vec::new(),
+            traces: Vec::new(),
+            targets: Vec::new(),
             warnings: Vec::new(),
             error: None,
             exit_code: 0,
             keep_requests: args.output.is_some(),
         }
+    }
+
+    /// Sorts the entries by (trace, seq, line): a fleet run's answers arrive in any order.
+    pub fn sort_requests(&mut self) {
+        self.requests
+            .sort_by_key(|r| (r.trace_index, r.seq, r.line));
     }
 
     /// Adds one request's result (dropped without `--output`).
@@ -449,6 +523,8 @@ mod tests {
 
     fn passing() -> RequestResult {
         RequestResult {
+            trace: None,
+            trace_index: 0,
             seq: 0,
             line: 2,
             status: Outcome::Replayed,
