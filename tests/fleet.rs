@@ -162,7 +162,9 @@ fn truth(fleet: &Fleet, robots: &[&str]) -> BTreeMap<(String, String), (u64, u64
         for f in trace_files(&fleet.traces(robot)) {
             let lines = trace_lines(&f);
             let model = lines[0]["model_hash"].as_str().unwrap().to_string();
-            let e = out.entry((model, robot.to_string())).or_insert((0, 0, 0, 0));
+            let e = out
+                .entry((model, robot.to_string()))
+                .or_insert((0, 0, 0, 0));
             for l in lines.iter().filter(|l| l["kind"] == "request") {
                 e.0 += 1;
                 if !l["error"].is_null() {
@@ -198,7 +200,12 @@ print(json.dumps([dict(zip(cols, [v if isinstance(v, (int, float, str, type(None
         .spawn()
         .expect("python3");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(sql.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sql.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -209,7 +216,8 @@ print(json.dumps([dict(zip(cols, [v if isinstance(v, (int, float, str, type(None
 }
 
 /// Two result sets equal row by row: same columns, strings and integers equal, floats within
-/// a relative 1e-9 (1e-5 for the drift distances, which the engines sum in different orders).
+/// a relative 1e-6 (the engines' percentile interpolation differs in its last digits: 6.40319942
+/// vs 6.4032 seen) and 1e-5 for the drift distances, which they sum in different orders.
 fn assert_same_rows(what: &str, a: &[serde_json::Value], b: &[serde_json::Value]) {
     assert_eq!(a.len(), b.len(), "{what}: row counts\n{a:#?}\n{b:#?}");
     for (ra, rb) in a.iter().zip(b) {
@@ -221,7 +229,7 @@ fn assert_same_rows(what: &str, a: &[serde_json::Value], b: &[serde_json::Value]
             let vb = &ob[k];
             match (va.as_f64(), vb.as_f64()) {
                 (Some(x), Some(y)) => {
-                    let tol = if what.contains("drift") { 1e-5 } else { 1e-9 };
+                    let tol = if what.contains("drift") { 1e-5 } else { 1e-6 };
                     assert!(
                         (x - y).abs() <= tol * x.abs().max(y.abs()).max(1.0),
                         "{what}: {k}: {x} vs {y}\n{ra}\n{rb}"
@@ -273,7 +281,10 @@ async fn index_from_a_bucket_and_every_report_agrees_with_the_traces_and_with_du
     // Idempotent: nothing read or written again.
     let before = dataset_files(&local);
     let line = fleet.ok(&["fleet", "index", &src, "--to", local.to_str().unwrap()]);
-    assert!(line.contains("indexed 0 new") && line.contains("4 already indexed"), "{line}");
+    assert!(
+        line.contains("indexed 0 new") && line.contains("4 already indexed"),
+        "{line}"
+    );
     assert_eq!(dataset_files(&local), before);
 
     // Ground truth from the traces themselves.
@@ -296,10 +307,7 @@ async fn index_from_a_bucket_and_every_report_agrees_with_the_traces_and_with_du
             "{row}"
         );
     }
-    let model_a = summary
-        .iter()
-        .find(|r| r["robot"] == "r2")
-        .unwrap()["model_hash"]
+    let model_a = summary.iter().find(|r| r["robot"] == "r2").unwrap()["model_hash"]
         .as_str()
         .unwrap()
         .to_string();
@@ -320,7 +328,13 @@ async fn index_from_a_bucket_and_every_report_agrees_with_the_traces_and_with_du
         let here = fleet.query_json(local.to_str().unwrap(), &args);
         let there = fleet.query_json(&remote, &args);
         assert_same_rows(&format!("{report}: folder vs s3"), &here, &there);
-        let mut print = vec!["fleet", "query", local.to_str().unwrap(), "--print-sql", "duckdb"];
+        let mut print = vec![
+            "fleet",
+            "query",
+            local.to_str().unwrap(),
+            "--print-sql",
+            "duckdb",
+        ];
         print.extend_from_slice(&args);
         let sql = fleet.ok(&print);
         let duck = duckdb(&local, &sql);
@@ -341,7 +355,12 @@ async fn index_from_a_bucket_and_every_report_agrees_with_the_traces_and_with_du
     // A model against itself: distance 0.
     let same = fleet.query_json(
         local.to_str().unwrap(),
-        &["--report", "drift", "--models", &format!("{model_a},{model_a}")],
+        &[
+            "--report",
+            "drift",
+            "--models",
+            &format!("{model_a},{model_a}"),
+        ],
     );
     assert_eq!(same[0]["l2_max"].as_f64().unwrap(), 0.0, "{same:#?}");
 
@@ -355,8 +374,16 @@ async fn index_from_a_bucket_and_every_report_agrees_with_the_traces_and_with_du
         "--sql",
         "SELECT robot, count(*) AS n FROM acts GROUP BY robot ORDER BY robot",
     ]);
-    let r1: u64 = truth.iter().filter(|(k, _)| k.1 == "r1").map(|(_, v)| v.0).sum();
-    let r2: u64 = truth.iter().filter(|(k, _)| k.1 == "r2").map(|(_, v)| v.0).sum();
+    let r1: u64 = truth
+        .iter()
+        .filter(|(k, _)| k.1 == "r1")
+        .map(|(_, v)| v.0)
+        .sum();
+    let r2: u64 = truth
+        .iter()
+        .filter(|(k, _)| k.1 == "r2")
+        .map(|(_, v)| v.0)
+        .sum();
     assert_eq!(csv, format!("robot,n\nr1,{r1}\nr2,{r2}\n"));
     let none = fleet.query_json(
         local.to_str().unwrap(),
@@ -390,7 +417,11 @@ async fn a_recorder_folder_is_indexed_with_its_robot_and_bad_input_is_a_clear_er
     // No robot=<ID> in the path: --robot is needed, and said so.
     let o = fleet.reflex(&["fleet", "index", traces.to_str().unwrap(), "--to", ds]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--robot"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--robot"),
+        "{}",
+        text(&o)
+    );
 
     // A trace still being written (no footer) is left for later; a damaged one is named and
     // the run exits 1; the good one is indexed all the same.
@@ -435,22 +466,48 @@ async fn a_recorder_folder_is_indexed_with_its_robot_and_bad_input_is_a_clear_er
         err.contains("slug=\"fleet-index-failed\"") || err.contains("slug=fleet-index-failed"),
         "{err}"
     );
-    assert!(err.contains("not indexed: 20990101-000001-damaged.jsonl"), "{err}");
+    assert!(
+        err.contains("not indexed: 20990101-000001-damaged.jsonl"),
+        "{err}"
+    );
     let files = dataset_files(&dataset);
     assert_eq!(files.len(), 1, "{files:?}");
-    assert!(files.keys().next().unwrap().starts_with("robot=r9/date="), "{files:?}");
-    let rows = fleet.query_json(ds, &["--sql", "SELECT count(*) AS n, min(robot) AS robot FROM acts"]);
+    assert!(
+        files.keys().next().unwrap().starts_with("robot=r9/date="),
+        "{files:?}"
+    );
+    let rows = fleet.query_json(
+        ds,
+        &[
+            "--sql",
+            "SELECT count(*) AS n, min(robot) AS robot FROM acts",
+        ],
+    );
     assert_eq!(rows[0]["n"], 12);
     assert_eq!(rows[0]["robot"], "r9");
 
     // Bad SQL, a missing dataset, a dataset inside its source, a hostile --models.
     let o = fleet.reflex(&["fleet", "query", ds, "--sql", "SELECT nope FROM acts"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("nope"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nope"),
+        "{}",
+        text(&o)
+    );
     let missing = fleet.dir.path().join("no-such-dataset");
-    let o = fleet.reflex(&["fleet", "query", missing.to_str().unwrap(), "--report", "summary"]);
+    let o = fleet.reflex(&[
+        "fleet",
+        "query",
+        missing.to_str().unwrap(),
+        "--report",
+        "summary",
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("reflex fleet index"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("reflex fleet index"),
+        "{}",
+        text(&o)
+    );
     let inside = traces.join("dataset");
     let o = fleet.reflex(&[
         "fleet",
@@ -462,7 +519,19 @@ async fn a_recorder_folder_is_indexed_with_its_robot_and_bad_input_is_a_clear_er
         "r9",
     ]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("must not contain"), "{}", text(&o));
-    let o = fleet.reflex(&["fleet", "query", ds, "--report", "drift", "--models", "a,b' OR 1=1"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("must not contain"),
+        "{}",
+        text(&o)
+    );
+    let o = fleet.reflex(&[
+        "fleet",
+        "query",
+        ds,
+        "--report",
+        "drift",
+        "--models",
+        "a,b' OR 1=1",
+    ]);
     assert_eq!(o.status.code(), Some(64), "{}", text(&o));
 }

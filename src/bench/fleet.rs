@@ -119,10 +119,7 @@ pub async fn run(args: FleetBench) -> anyhow::Result<()> {
             m.stdout.lines().count().saturating_sub(1)
         );
     }
-    println!(
-        "dataset: {:.1} MB of Parquet",
-        du(&dataset) as f64 / 1e6
-    );
+    println!("dataset: {:.1} MB of Parquet", du(&dataset) as f64 / 1e6);
     Ok(())
 }
 
@@ -138,7 +135,11 @@ fn model_pair(exe: &Path, dataset: &Path) -> anyhow::Result<String> {
             "SELECT model_hash FROM acts GROUP BY model_hash ORDER BY min(timestamp) LIMIT 2",
         ])
         .output()?;
-    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout)?;
     let hashes: Vec<&str> = text.lines().skip(1).collect();
     anyhow::ensure!(hashes.len() == 2, "expected two models, got {hashes:?}");
@@ -241,8 +242,8 @@ async fn robot(
     let token = stop.clone();
     let server = tokio::spawn(async move { reflex_recorder::serve(listener, cfg, token).await });
     let uri = format!("unix://{}", sock.display());
-    let mut c = RecorderClient::new(reflex_proto::connect(&uri).await?)
-        .max_encoding_message_size(64 << 20);
+    let mut c =
+        RecorderClient::new(reflex_proto::connect(&uri).await?).max_encoding_message_size(64 << 20);
     for s in 0..sessions {
         // The first half on model A, the second on B, replaying the same episodes.
         let (model, half) = if s < sessions / 2 {
@@ -267,7 +268,8 @@ async fn robot(
                 let mut req = frames[i % frames.len()].clone();
                 req.episode_id = format!("ep-r{r:03}-{half:03}-{}", i / 10);
                 let failed = k % 50 == 7;
-                let base = 2.0 + (r % 10) as f64 * 0.1 + if model.starts_with('b') { 0.5 } else { 0.0 };
+                let base =
+                    2.0 + (r % 10) as f64 * 0.1 + if model.starts_with('b') { 0.5 } else { 0.0 };
                 let jitter = (k % 97) as f64 / 97.0;
                 let actions: Vec<f32> = (0..350)
                     .map(|j| {

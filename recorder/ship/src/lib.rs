@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
+use object_store::ObjectStore;
 use object_store::aws::{AmazonS3Builder, Checksum};
-use object_store::{ObjectStore, ObjectStoreExt};
 use reflex_recorder::retention::trace_files;
 use reflex_recorder::shipped::{ClosedTrace, ShipState, closed_trace};
 use tokio_util::sync::CancellationToken;

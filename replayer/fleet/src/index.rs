@@ -29,7 +29,7 @@ use futures::StreamExt;
 use crate::location::{Bucket, Location, walk};
 
 /// What one index run did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct IndexReport {
     /// Trace files found under SRC.
     pub sources: u64,

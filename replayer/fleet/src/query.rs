@@ -137,12 +137,9 @@ pub async fn run_sql(
                 rows += b.num_rows() as u64;
                 w.write(&b)?;
             }
+            // arrow's writer prints `[]` for no rows too.
             w.finish()?;
             let out = w.into_inner();
-            if rows == 0 {
-                // arrow's writer prints nothing for no rows: an empty array is still JSON.
-                write!(out, "[]")?;
-            }
             writeln!(out)?;
         }
     }

@@ -136,15 +136,19 @@ impl Report {
                 )?;
                 check_literal("model hash", a)?;
                 check_literal("model hash", b)?;
+                // DuckDB 2.0.1's list_distance on FLOAT[] after a join reports NULL elements
+                // that are not there; on DOUBLE[] it is right (DataFusion computes in f64 too).
                 let dist = match dialect {
-                    Dialect::DataFusion => "array_distance",
-                    Dialect::DuckDb => "list_distance",
+                    Dialect::DataFusion => "array_distance(a.actions, b.actions)",
+                    Dialect::DuckDb => {
+                        "list_distance(CAST(a.actions AS DOUBLE[]), CAST(b.actions AS DOUBLE[]))"
+                    }
                 };
                 format!(
                     "SELECT a.robot, count(*) AS pairs, \
-                       avg({dist}(a.actions, b.actions)) AS l2_mean, \
-                       percentile_cont(0.5) WITHIN GROUP (ORDER BY {dist}(a.actions, b.actions)) AS l2_p50, \
-                       max({dist}(a.actions, b.actions)) AS l2_max \
+                       avg({dist}) AS l2_mean, \
+                       percentile_cont(0.5) WITHIN GROUP (ORDER BY {dist}) AS l2_p50, \
+                       max({dist}) AS l2_max \
                      FROM (SELECT robot, episode_id, chunk_id, actions FROM acts \
                            WHERE model_hash = '{a}' AND error_slug IS NULL AND {w}) AS a \
                      JOIN (SELECT episode_id, chunk_id, actions FROM acts \
