@@ -280,7 +280,7 @@ pub async fn run(
                     &s,
                     &source,
                     &dataset,
-                    &existing,
+                    existing,
                     &scratch.join(n.to_string()),
                 )
                 .await;
@@ -334,14 +334,29 @@ enum Outcome {
     Open,
 }
 
+/// What the blocking part of [`index_one`] decided.
+enum Converted {
+    /// Written to `out` (the dataset file, or a scratch file to upload as `key`).
+    Written {
+        key: String,
+        out: PathBuf,
+        rows: u64,
+    },
+    Already,
+    Open,
+}
+
 async fn index_one(
     s: &Source,
     source: &Src,
     dataset: &Dataset,
-    existing: &std::collections::HashSet<String>,
+    existing: Arc<std::collections::HashSet<String>>,
     scratch: &Path,
 ) -> anyhow::Result<Outcome> {
-    std::fs::create_dir_all(scratch)?;
+    // A scratch folder only for what goes through a bucket.
+    if matches!(source, Src::S3(_)) || matches!(dataset, Dataset::S3(_)) {
+        std::fs::create_dir_all(scratch)?;
+    }
     let trace = match source {
         Src::Local(root) => root.join(&s.rel),
         Src::S3(b) => {
@@ -352,67 +367,64 @@ async fn index_one(
     };
     let s2 = s.clone();
     let (trace2, scratch2, dataset2) = (trace.clone(), scratch.to_path_buf(), dataset.clone());
-    let existing = existing.clone();
     // Reading and writing Parquet is CPU work: off the async threads.
-    let done =
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<(String, PathBuf, u64)>> {
-            // The partition from the path, else from the header (its first line only).
-            let (date, model) = match (&s2.date, &s2.model) {
-                (Some(d), Some(m)) => (d.clone(), m.clone()),
-                _ => {
-                    let reader = reflex_recorder::reader::TraceReader::open(&trace2)
-                        .with_context(|| format!("reading {}", trace2.display()))?;
-                    let h = reader.header();
-                    let date = h
-                        .started_at
-                        .get(..10)
-                        .filter(|d| valid_date(d))
-                        .map(str::to_string)
-                        .ok_or_else(|| {
-                            anyhow::anyhow!(
-                                "its header's started_at {:?} has no date",
-                                h.started_at
-                            )
-                        })?;
-                    if !valid_model(&h.model_hash) {
-                        bail!("its header's model_hash {:?} is not a hash", h.model_hash);
-                    }
-                    (date, h.model_hash.clone())
+    let done = tokio::task::spawn_blocking(move || -> anyhow::Result<Converted> {
+        // The partition from the path, else from the header (its first line only).
+        let (date, model) = match (&s2.date, &s2.model) {
+            (Some(d), Some(m)) => (d.clone(), m.clone()),
+            _ => {
+                let reader = reflex_recorder::reader::TraceReader::open(&trace2)
+                    .with_context(|| format!("reading {}", trace2.display()))?;
+                let h = reader.header();
+                let date = h
+                    .started_at
+                    .get(..10)
+                    .filter(|d| valid_date(d))
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("its header's started_at {:?} has no date", h.started_at)
+                    })?;
+                if !valid_model(&h.model_hash) {
+                    bail!("its header's model_hash {:?} is not a hash", h.model_hash);
                 }
-            };
-            let key = s2.dataset_key(&date, &model);
-            if existing.contains(&key) {
-                return Ok(Some((key, PathBuf::new(), u64::MAX)));
+                (date, h.model_hash.clone())
             }
-            // Closed? Only a closed trace is final: its footer at the tail (the last few KiB),
-            // else the whole file read through to decide.
-            let closed = reflex_recorder::writer::footer_at_tail(&trace2).unwrap_or(false)
-                || reflex_recorder::shipped::closed_trace(&trace2)
-                    .with_context(|| format!("reading {}", trace2.display()))?
-                    .is_some();
-            if !closed {
-                return Ok(None);
+        };
+        let key = s2.dataset_key(&date, &model);
+        if existing.contains(&key) {
+            return Ok(Converted::Already);
+        }
+        // Closed? Only a closed trace is final: its footer at the tail (the last few KiB),
+        // else the whole file read through to decide.
+        let closed = reflex_recorder::writer::footer_at_tail(&trace2).unwrap_or(false)
+            || reflex_recorder::shipped::closed_trace(&trace2)
+                .with_context(|| format!("reading {}", trace2.display()))?
+                .is_some();
+        if !closed {
+            return Ok(Converted::Open);
+        }
+        let out = match &dataset2 {
+            Dataset::Local(dir) => {
+                let out = dir.join(&key);
+                std::fs::create_dir_all(out.parent().expect("a key has folders"))?;
+                out
             }
-            let out = match &dataset2 {
-                Dataset::Local(dir) => {
-                    let out = dir.join(&key);
-                    std::fs::create_dir_all(out.parent().expect("a key has folders"))?;
-                    out
-                }
-                Dataset::S3(_) => scratch2.join(s2.parquet_name()),
-            };
-            let exported =
-                reflex_tracetools::table::export(std::slice::from_ref(&trace2), &out, true)?;
-            Ok(Some((key, out, exported.acts)))
+            Dataset::S3(_) => scratch2.join(s2.parquet_name()),
+        };
+        let exported = reflex_tracetools::table::export(std::slice::from_ref(&trace2), &out, true)?;
+        Ok(Converted::Written {
+            key,
+            out,
+            rows: exported.acts,
         })
-        .await
-        .context("the indexing job panicked")??;
-    let Some((key, out, rows)) = done else {
-        return Ok(Outcome::Open);
+    })
+    .await
+    .context("the indexing job panicked")??;
+    let (key, out, rows) = match done {
+        Converted::Written { key, out, rows } => (key, out, rows),
+        Converted::Already => return Ok(Outcome::Already),
+        Converted::Open => return Ok(Outcome::Open),
     };
-    if rows == u64::MAX {
-        return Ok(Outcome::Already);
-    }
     let written = match dataset {
         Dataset::Local(_) => std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0),
         Dataset::S3(b) => b.upload(&out, &key).await?,

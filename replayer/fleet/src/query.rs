@@ -96,26 +96,23 @@ pub async fn run_sql(
     format: Format,
     out: &mut dyn Write,
 ) -> anyhow::Result<u64> {
-    let df = ctx.sql(sql).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let df = ctx.sql(sql).await?;
     let mut rows = 0u64;
     match format {
         Format::Table => {
-            let batches = df.collect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let batches = df.collect().await?;
             rows = batches.iter().map(|b| b.num_rows() as u64).sum();
             let text = arrow::util::pretty::pretty_format_batches(&batches)?;
             writeln!(out, "{text}")?;
         }
         Format::Csv => {
-            let mut stream = df
-                .execute_stream()
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut stream = df.execute_stream().await?;
             let mut w = arrow::csv::WriterBuilder::new()
                 .with_header(true)
                 .build(out);
             let mut any = false;
             while let Some(b) = stream.next().await {
-                let b: RecordBatch = b.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let b: RecordBatch = b?;
                 rows += b.num_rows() as u64;
                 w.write(&b)?;
                 any = true;
@@ -127,13 +124,10 @@ pub async fn run_sql(
             }
         }
         Format::Json => {
-            let mut stream = df
-                .execute_stream()
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut stream = df.execute_stream().await?;
             let mut w = arrow::json::ArrayWriter::new(out);
             while let Some(b) = stream.next().await {
-                let b: RecordBatch = b.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let b: RecordBatch = b?;
                 rows += b.num_rows() as u64;
                 w.write(&b)?;
             }
