@@ -58,6 +58,25 @@ enum Command {
     Ship(reflex_ship::ShipArgs),
     /// Fleet analysis: index shipped traces into a partitioned Parquet dataset; SQL and reports over it.
     Fleet(reflex_fleet::FleetArgs),
+    /// What an export becomes on the cuda engine, learned without a GPU: every graph's
+    /// operators checked, then compiled into the plan (kernels, launches, device memory).
+    ///
+    /// Every node whose operator the cuda engine lacks is listed by name. Exit codes: 0 the
+    /// export runs on the engine, 1 it does not (or cannot be read), 64 usage error.
+    Inspect(InspectArgs),
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// The export folder (reflex_config.json and its graphs; the seed tool's layouts too).
+    export: PathBuf,
+    /// The engine to inspect for; only cuda has a compiler of its own (cpu and ort run any
+    /// export that loads).
+    #[arg(long, default_value = "cuda", value_parser = ["cuda"])]
+    engine: String,
+    /// Print the report as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -89,7 +108,8 @@ fn export_kinds_help() -> String {
     s.push_str(
         "\nWeights are deterministic from --seed (ChaCha8), never downloaded. The pi0.5 kinds \
          are small (32-pixel images, 16 tokens, 2 layers) with the seed tool's tensor names \
-         and dtypes; `reflex serve` does not load them yet.",
+         and dtypes; `reflex serve` serves every kind on the cpu engine (and ort), and \
+         `reflex inspect DIR --engine cuda` says what the cuda engine lacks for them.",
     );
     s
 }
@@ -180,6 +200,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let code = reflex_fleet::run(args).await?;
             if code != 0 {
                 return Ok(ExitCode::from(code as u8));
+            }
+        }
+        Command::Inspect(a) => {
+            let dir = a.export.clone();
+            let report = tokio::task::spawn_blocking(move || {
+                reflex_engine::inspect::inspect_cuda(&dir, &Default::default())
+            })
+            .await?
+            .with_context(|| format!("reading the export in {}", a.export.display()))?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", reflex_engine::inspect::render(&report));
+            }
+            if !report.runs {
+                return Ok(ExitCode::FAILURE);
             }
         }
         Command::Trace(args) => {

@@ -205,3 +205,131 @@ fn gpu_check_script_still_fails_without_a_gpu() {
     assert!(text.contains("engine cuda is not available"), "{text}");
     assert!(!text.contains("ALL GPU CHECKS PASSED"), "{text}");
 }
+
+/// `reflex inspect EXPORT --engine cuda` compiles without a GPU: the reference export runs
+/// (exit 0) and its plan is printed; each real-export fixture is reported as not running
+/// (exit 1) with every unsupported node named — among them the CumSum over the pad mask
+/// that the pi0.5 prefix has (the pattern torch.onnx writes for its position ids).
+#[test]
+fn inspect_says_whether_an_export_runs_on_the_cuda_engine_and_names_what_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let inspect = |export: &std::path::Path, extra: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .arg("inspect")
+            .arg(export)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let reference = dir.path().join("reference");
+    util::export(&reference, 0);
+    let (code, text, err) = inspect(&reference, &["--engine", "cuda"]);
+    assert_eq!(code, Some(0), "{text}{err}");
+    for needle in [
+        "engine cuda: RUNS",
+        "prefix graph prefix.onnx",
+        "expert graph expert.onnx",
+        "launches per Act: ",
+        "one prefix-cache entry on the device: ",
+        "device memory: weights ",
+    ] {
+        assert!(text.contains(needle), "{needle:?} in:\n{text}");
+    }
+    let (code, json, err) = inspect(&reference, &["--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let r: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(r["runs"], true);
+    for g in r["graphs"].as_array().unwrap() {
+        let p = &g["plan"];
+        assert!(p["launches"].as_u64().unwrap() > 0, "{g}");
+        assert_eq!(
+            p["maps"].as_u64().unwrap()
+                + p["gemms"].as_u64().unwrap()
+                + p["reductions"].as_u64().unwrap(),
+            p["launches"].as_u64().unwrap()
+        );
+        assert!(p["weight_bytes"].as_u64().unwrap() > 0, "{g}");
+    }
+    let launches: u64 = r["graphs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["plan"]["launches"].as_u64().unwrap())
+        .sum();
+    assert!(
+        r["launches_per_act"].as_u64().unwrap() > launches,
+        "the loop is unrolled: {r}"
+    );
+
+    for kind in [
+        "pi05",
+        "pi05-per-step",
+        "pi05-monolithic",
+        "pi0",
+        "smolvla",
+        "smolvla-four-graph",
+    ] {
+        let export = dir.path().join(kind);
+        let out = std::process::Command::new(BIN)
+            .args(["export-demo", "--kind", kind])
+            .arg(&export)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (code, text, err) = inspect(&export, &[]);
+        assert_eq!(code, Some(1), "{kind}: {text}{err}");
+        assert!(text.contains("engine cuda: DOES NOT RUN"), "{kind}: {text}");
+        assert!(
+            text.contains("serve this export with --engine cpu"),
+            "{kind}: {text}"
+        );
+        let (code, json, _) = inspect(&export, &["--json"]);
+        assert_eq!(code, Some(1));
+        let r: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(r["runs"], false, "{kind}");
+        let graphs = r["graphs"].as_array().unwrap();
+        let mut unsupported = 0;
+        for g in graphs {
+            let ops = g["operators"].as_object().unwrap();
+            let total: u64 = ops.values().map(|v| v.as_u64().unwrap()).sum();
+            assert_eq!(total, g["nodes"].as_u64().unwrap(), "{kind} {g}");
+            for u in g["unsupported"].as_array().unwrap() {
+                let op = u["op"].as_str().unwrap();
+                assert!(ops.contains_key(op), "{kind}: {u}");
+                assert!(text.contains(op), "{kind}: {op} printed:\n{text}");
+                unsupported += 1;
+            }
+            // A graph either lists what it lacks, says why it did not compile, or has a plan.
+            assert!(
+                !g["unsupported"].as_array().unwrap().is_empty()
+                    || g["error"].is_string()
+                    || g["plan"].is_object(),
+                "{kind}: {g}"
+            );
+        }
+        assert!(unsupported > 0, "{kind}: {json}");
+        if kind.starts_with("pi05") {
+            let cumsum = graphs
+                .iter()
+                .flat_map(|g| g["unsupported"].as_array().unwrap())
+                .filter(|u| u["op"] == "CumSum")
+                .count();
+            assert!(cumsum >= 1, "{kind}: the pad-mask CumSum is named: {json}");
+        }
+    }
+
+    let (code, _, err) = inspect(&dir.path().join("missing"), &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("missing"), "{err}");
+    let (code, _, err) = inspect(&reference, &["--engine", "cpu"]);
+    assert_eq!(code, Some(64), "{err}");
+}

@@ -365,12 +365,16 @@ class ChunkBroker:
                 err = e
             except Exception as e:  # encoding a frame, a closed channel: the loop goes on
                 err = error_for(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}")
+            # Logged after the lock is released: a handler can do I/O (a file, journald)
+            # and step() must never wait for it.
+            note: str | None = None
+            failed_now = False
             with self._lock:
                 self._in_flight = None
                 if err is None:
                     self._merge_locked(chunk, p.tick, time.perf_counter() - t0)
                     if self._failing:
-                        log.info("reflex broker: chunks flowing again")
+                        note = "reflex broker: chunks flowing again"
                     self._failing = False
                     delays = backoff.delays()
                     pause = 0.0
@@ -379,8 +383,7 @@ class ChunkBroker:
                     s.errors += 1
                     s.last_error = err
                     s.errors_by_code[err.code.name] = s.errors_by_code.get(err.code.name, 0) + 1
-                    if not self._failing:
-                        log.warning("reflex broker: request failed, retrying: %s", err)
+                    failed_now = not self._failing
                     self._failing = True
                     if p.must_go:  # the server must act on it: send it again first
                         self._must_go.appendleft(p)
@@ -389,6 +392,10 @@ class ChunkBroker:
                     self._want = True
                     pause = next(delays)
                 self._not_before = time.monotonic() + pause
+            if failed_now:
+                log.warning("reflex broker: request failed, retrying: %s", err)
+            elif note is not None:
+                log.info(note)
 
     def _merge_locked(self, chunk: Chunk, obs_tick: int, took_s: float | None = None) -> None:
         """Puts `chunk`, answered for the observation of `obs_tick`, into the plan.

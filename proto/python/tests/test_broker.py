@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import STATE, frame
 
-from reflex_client import Chunk, ChunkBroker, Client, Observation, Stall
+from reflex_client import Chunk, ChunkBroker, Client, LoopReport, Observation, Stall
 
 HZ = 50.0
 FRAME = frame(1, 224, 224)
@@ -20,6 +20,17 @@ FRAME = frame(1, 224, 224)
 
 def obs(seed: int | None = None, instruction: str = "pick up the red cup") -> Observation:
     return Observation({"base": FRAME}, instruction, STATE, noise_seed=seed)
+
+
+def assert_step_never_waits(report: LoopReport) -> None:
+    """step() holds one lock for O(chunk) numpy work and never waits on the network. A
+    step that waited on a request would last until its answer or its deadline (one chunk,
+    1 s here; the servers below are down or frozen for 1.5-2 s). So: the typical step short
+    (p99 < 5 ms) and none anywhere near a network wait (max < 100 ms). The
+    max is not held to 5 ms: on a busy two-core CI machine the OS alone has taken 20-25 ms
+    from one step (CI, stop 24) while the loop kept its rate."""
+    assert report.step_p99_ms < 5.0, report
+    assert report.step_max_ms < 100.0, report
 
 
 def test_a_50hz_loop_gets_a_fresh_action_every_tick(serve, control_priority) -> None:
@@ -33,7 +44,7 @@ def test_a_50hz_loop_gets_a_fresh_action_every_tick(serve, control_priority) -> 
     assert report.missed_ticks <= 1 and report.stalled_ticks == 0, report
     assert report.fresh_ticks == report.ticks
     assert abs(report.rate_hz - HZ) < 0.03 * HZ, report
-    assert report.step_max_ms < 5.0, report
+    assert_step_never_waits(report)
     assert all(a.shape == (7,) and a.dtype == np.float32 for a in actions)
     # 150 ticks of 50-action chunks prefetched at half a chunk: a request every ~25 ticks.
     assert 4 <= st.requests <= 10 and st.errors == 0, st
@@ -128,11 +139,11 @@ def test_server_killed_and_restarted_mid_loop(serve, control_priority) -> None:
         t.join(timeout=30)
         st = b.stats()
     # A missed tick is a whole period (20 ms) without a core: the OS's doing on a busy
-    # two-core machine, not the broker's (step() never waits: step_max_ms below). The
+    # two-core machine, not the broker's (step() never waits: see assert_step_never_waits). The
     # schedule itself never drifts: ticks + missed slots = duration × rate.
     assert report.ticks + report.missed_ticks == 300 and report.missed_ticks <= 3, report
     assert abs(report.rate_hz - HZ) < 0.03 * HZ, report
-    assert report.step_max_ms < 5.0, report
+    assert_step_never_waits(report)
     assert stalls, "the plan ran dry while the server was down: on_stall must fire"
     assert any(x.reason == "error" and x.error is not None for x in stalls), stalls[:3]
     assert all(x.last_action is not None for x in stalls)
@@ -160,7 +171,7 @@ def test_a_frozen_server_stalls_the_plan_not_the_loop(serve, control_priority) -
         st = b.stats()
     assert report.ticks + report.missed_ticks == 250 and report.missed_ticks <= 3, report
     assert abs(report.rate_hz - HZ) < 0.03 * HZ, report
-    assert report.step_max_ms < 5.0, report
+    assert_step_never_waits(report)
     # 2 s frozen, at most ~1 s of plan: about a second of stalled ticks, none after.
     assert 20 <= len(stalls) == report.stalled_ticks <= 110, report
     assert st.errors_by_code.get("DEADLINE_EXCEEDED", 0) >= 1, st

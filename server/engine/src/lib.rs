@@ -20,6 +20,8 @@
 //!   tokenizers, lerobot stats).
 //! - [`policy`]: one Act from validated input to actions: prefix cache, noise, Euler loop,
 //!   de-normalisation.
+//! - [`inspect`]: `reflex inspect EXPORT --engine cuda`: every graph checked against the
+//!   cuda compiler's operators and compiled into its plan, without a GPU.
 //!
 //! **Invariant:** an engine's results depend only on its inputs — same request and seed,
 //! same bits.
@@ -29,6 +31,7 @@ pub mod contract;
 pub mod engine;
 pub mod export;
 pub mod fixtures;
+pub mod inspect;
 pub mod npy;
 pub mod onnx;
 pub mod policy;

@@ -350,6 +350,66 @@ fn read_export(dir: &Path, opts: &SeedOptions) -> Result<Export, LoadError> {
     Ok(Export::V1(ExportConfig::load(dir)?))
 }
 
+/// An export's graph files by role, read from its config as [`Policy::load`] reads it (the
+/// seed tool's layouts mapped the same way): what `reflex inspect` compiles.
+#[derive(Debug, Clone)]
+pub struct ExportGraphs {
+    /// "reflex-export v1", "reflex-export v2", or "reflex-vla (seed tool)".
+    pub format: String,
+    pub model_type: String,
+    pub export_kind: String,
+    /// Euler steps of one Act.
+    pub steps: u32,
+    /// True when the expert graph is one step (the server runs the loop), false when the
+    /// loop is baked into the graph.
+    pub per_step: bool,
+    /// (role, path): "embed image", "embed text", "prefix", then "expert" — or "model" for
+    /// a monolithic export. A prefix graph's outputs are what one prefix-cache entry holds.
+    pub graphs: Vec<(String, PathBuf)>,
+}
+
+pub fn export_graphs(dir: &Path, seed_opts: &SeedOptions) -> Result<ExportGraphs, LoadError> {
+    Ok(match read_export(dir, seed_opts)? {
+        Export::V1(cfg) => ExportGraphs {
+            format: "reflex-export v1".into(),
+            model_type: cfg.model_type.clone(),
+            export_kind: cfg.export_kind.clone(),
+            steps: cfg.denoise.steps,
+            per_step: true,
+            graphs: vec![
+                ("prefix".into(), dir.join(&cfg.graphs.prefix)),
+                ("expert".into(), dir.join(&cfg.graphs.expert)),
+            ],
+        },
+        Export::V2 { spec, seed, .. } => {
+            let mut graphs = vec![];
+            if let Some(e) = &spec.embed {
+                graphs.push(("embed image".to_string(), dir.join(&e.image.graph)));
+                graphs.push(("embed text".to_string(), dir.join(&e.text.graph)));
+            }
+            match &spec.graphs.prefix {
+                Some(p) => {
+                    graphs.push(("prefix".into(), dir.join(p)));
+                    graphs.push(("expert".into(), dir.join(&spec.graphs.expert)));
+                }
+                None => graphs.push(("model".into(), dir.join(&spec.graphs.expert))),
+            }
+            ExportGraphs {
+                format: if seed {
+                    "reflex-vla (seed tool)".into()
+                } else {
+                    "reflex-export v2".into()
+                },
+                model_type: spec.model_type.clone(),
+                export_kind: spec.export_kind.clone(),
+                steps: spec.denoise.steps,
+                per_step: spec.denoise.expert == crate::contract::ExpertMode::PerStep,
+                graphs,
+            }
+        }
+    })
+}
+
 /// A real VLA export's model alone, without the serving policy around it (benches): the
 /// same config reading and seed mapping as [`Policy::load`].
 pub fn load_vla_model(

@@ -988,6 +988,27 @@ mod tests {
         }
     }
 
+    /// The kernels of the view and shape operators (Slice with negative steps, Pow as
+    /// powf, Reciprocal, broadcasts) compile too.
+    #[test]
+    fn nvrtc_compiles_the_view_operators_kernels() {
+        let _lib = load_nvrtc();
+        let model = graph::tests::views_model();
+        let p = graph::compile(&model, "views.onnx").unwrap();
+        let (kernels, src) = cuda_src::program_source(&p, "v");
+        assert!(src.contains("powf("), "{src}");
+        let ptx = compile(&p, "v", "sm_90").unwrap_or_else(|e| panic!("{e}\n{src}"));
+        let text = ptx.to_src();
+        assert!(kernels.iter().flatten().count() >= 1);
+        for k in kernels.iter().flatten() {
+            assert!(
+                text.contains(&format!(".entry {}(", k.name)),
+                "{} missing",
+                k.name
+            );
+        }
+    }
+
     #[test]
     fn the_driver_version_is_read_from_proc() {
         let text = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build  (dvs-builder@U16-I3-B03-4-3)  Tue Sep 23 09:48:44 UTC 2025\nGCC version:  gcc version 12.2.0\n";

@@ -148,3 +148,76 @@ pub fn float_values(t: &pb::TensorProto) -> Option<Vec<f64>> {
         _ => None,
     }
 }
+
+/// Moves every initializer's external data (`location`/`offset`/`length`, the layout
+/// torch.onnx and [`builder::write_model`] write) into its `raw_data`, reading the files
+/// from `dir`, so a graph compiler sees one self-contained model. A location must be a
+/// plain file name in `dir` (never a path out of it) and the range must lie in the file;
+/// each file is read once.
+pub fn inline_external(model: &mut pb::ModelProto, dir: &std::path::Path) -> Result<(), String> {
+    let Some(graph) = model.graph.as_mut() else {
+        return Ok(());
+    };
+    let mut files: std::collections::HashMap<String, Vec<u8>> = std::collections::HashMap::new();
+    for t in &mut graph.initializer {
+        if t.external_data.is_empty() {
+            continue;
+        }
+        let get = |key: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key == key)
+                .map(|e| e.value.clone())
+        };
+        let location = get("location")
+            .ok_or_else(|| format!("initializer {}: external data without a location", t.name))?;
+        if !crate::contract::plain_file_name(&location) {
+            return Err(format!(
+                "initializer {}: external data location {location:?} is not a plain file name in the export folder",
+                t.name
+            ));
+        }
+        let number = |key: &str| -> Result<Option<usize>, String> {
+            get(key)
+                .map(|v| {
+                    v.parse::<usize>().map_err(|_| {
+                        format!(
+                            "initializer {}: external {key} {v:?} is not a number",
+                            t.name
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
+        if !files.contains_key(&location) {
+            let bytes = std::fs::read(dir.join(&location)).map_err(|e| {
+                format!(
+                    "initializer {}: reading external data {}: {e}",
+                    t.name,
+                    dir.join(&location).display()
+                )
+            })?;
+            files.insert(location.clone(), bytes);
+        }
+        let data = &files[&location];
+        let end = match length {
+            Some(n) => offset.checked_add(n),
+            None => Some(data.len()),
+        };
+        let range = end
+            .filter(|&e| offset <= e && e <= data.len())
+            .map(|e| offset..e)
+            .ok_or_else(|| {
+                format!(
+                    "initializer {}: external range {offset}+{length:?} lies outside {location} ({} bytes)",
+                    t.name,
+                    data.len()
+                )
+            })?;
+        t.raw_data = data[range].to_vec();
+        t.external_data.clear();
+        t.data_location = None;
+    }
+    Ok(())
+}

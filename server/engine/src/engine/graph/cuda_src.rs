@@ -240,7 +240,11 @@ impl Printer {
                     UnOp::Neg => format!("(-({x}))"),
                     UnOp::Relu => format!("fmaxf({x}, 0.f)"),
                     UnOp::Sigmoid => format!("(1.f / (1.f + expf(-({x}))))"),
+                    UnOp::Reciprocal => format!("(1.f / ({x}))"),
                 }
+            }
+            Expr::Binary(BinOp::Pow, a, b) => {
+                format!("powf({}, {})", self.print(a, sc), self.print(b, sc))
             }
             Expr::Binary(op, a, b) => {
                 let sym = match op {
@@ -248,6 +252,7 @@ impl Printer {
                     BinOp::Sub => "-",
                     BinOp::Mul => "*",
                     BinOp::Div => "/",
+                    BinOp::Pow => unreachable!("printed as powf above"),
                 };
                 format!("({} {sym} {})", self.print(a, sc), self.print(b, sc))
             }

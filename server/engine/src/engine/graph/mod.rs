@@ -62,6 +62,8 @@ pub enum UnOp {
     Neg,
     Relu,
     Sigmoid,
+    /// 1/x (ONNX Reciprocal).
+    Reciprocal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +72,8 @@ pub enum BinOp {
     Sub,
     Mul,
     Div,
+    /// a^b (ONNX Pow with a float exponent; `x^2` is lowered to `x·x` instead).
+    Pow,
 }
 
 /// The value of one output element. Coordinates are those of the map's
@@ -228,7 +232,51 @@ pub struct Program {
     pub inputs: Vec<Port>,
     pub outputs: Vec<Port>,
     pub ops: Vec<Op>,
+    /// The ONNX graph's node count, before any fusion.
+    pub nodes: usize,
+    /// Exact-GELU five-node patterns fused into one function (see `fuse_gelu`).
+    pub fused_gelu: usize,
 }
+
+/// The ONNX operators [`compile`] lowers (`Gelu` also as the five-node exact pattern).
+/// `reflex inspect --engine cuda` checks every node of an export against it; a unit test
+/// keeps it equal to what the lowering accepts.
+pub const SUPPORTED_OPS: &[&str] = &[
+    "Erf",
+    "Gelu",
+    "Sin",
+    "Cos",
+    "Exp",
+    "Tanh",
+    "Sqrt",
+    "Neg",
+    "Relu",
+    "Sigmoid",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Identity",
+    "Reshape",
+    "Transpose",
+    "Concat",
+    "Gather",
+    "MatMul",
+    "Gemm",
+    "Conv",
+    "LayerNormalization",
+    "Softmax",
+    "ReduceMean",
+    "Reciprocal",
+    "Pow",
+    "Constant",
+    "Cast",
+    "Shape",
+    "Unsqueeze",
+    "Squeeze",
+    "Expand",
+    "Slice",
+];
 
 impl Program {
     pub fn input(&self, name: &str) -> Option<&Port> {
@@ -368,8 +416,11 @@ fn load_err(graph: &Path, message: impl Into<String>) -> EngineError {
 /// Reads and lowers one ONNX file.
 pub fn compile_file(path: &Path) -> Result<Program, EngineError> {
     let bytes = std::fs::read(path).map_err(|e| load_err(path, e.to_string()))?;
-    let model = pb::ModelProto::decode(bytes.as_slice())
+    let mut model = pb::ModelProto::decode(bytes.as_slice())
         .map_err(|e| load_err(path, format!("not an ONNX model: {e}")))?;
+    drop(bytes);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    crate::onnx::inline_external(&mut model, dir).map_err(|m| load_err(path, m))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -697,11 +748,7 @@ pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
     for t in &graph.initializer {
         let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
         let (dtype, f, i) = tensor_data(t)?;
-        let src = match dtype {
-            DType::I64 => Source::Ints(i),
-            DType::F32 if f.len() == 1 => Source::Scalar(f[0]),
-            DType::F32 => Source::Buf(l.buffer(f.len(), DType::F32, Some(f))),
-        };
+        let src = l.constant(dtype, f, i);
         l.values.insert(t.name.clone(), Value { shape, dtype, src });
     }
     let mut inputs = vec![];
@@ -750,6 +797,8 @@ pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
         inputs,
         outputs,
         ops: l.ops,
+        nodes: graph.node.len(),
+        fused_gelu: (graph.node.len() - nodes.len()) / 4,
     })
 }
 
@@ -889,6 +938,7 @@ impl Lowering {
             "Neg" => Some(UnOp::Neg),
             "Relu" => Some(UnOp::Relu),
             "Sigmoid" => Some(UnOp::Sigmoid),
+            "Reciprocal" => Some(UnOp::Reciprocal),
             _ => None,
         };
         let binary = match op {
@@ -896,6 +946,7 @@ impl Lowering {
             "Sub" => Some(BinOp::Sub),
             "Mul" => Some(BinOp::Mul),
             "Div" => Some(BinOp::Div),
+            "Pow" => Some(BinOp::Pow),
             _ => None,
         };
         if let Some(u) = unary {
@@ -922,6 +973,12 @@ impl Lowering {
                 return Ok(());
             }
             let ex = self.expr(&x, &shape);
+            if b == BinOp::Pow && matches!(y.src, Source::Scalar(e) if e == 2.0) {
+                // x² as x·x: exact, and what RMSNorm's pow(2) needs.
+                let sq = Expr::Binary(BinOp::Mul, Box::new(ex.clone()), Box::new(ex));
+                self.put_elementwise(&out, shape, sq);
+                return Ok(());
+            }
             let ey = self.expr(&y, &shape);
             self.put_elementwise(&out, shape, Expr::Binary(b, Box::new(ex), Box::new(ey)));
             return Ok(());
@@ -935,33 +992,208 @@ impl Lowering {
                 let v = self.get(input(0)?)?;
                 let spec = self.ints(input(1)?)?;
                 let shape = reshape(&v.shape, &spec)?;
-                let src = match &v.src {
-                    Source::Ints(i) => Source::Ints(i.clone()),
-                    Source::Scalar(x) => Source::Scalar(*x),
-                    Source::Pending(Expr::Load { src, coefs, offset })
-                        if *offset == 0 && *coefs == strides(&v.shape) =>
-                    {
-                        Source::Buf(*src)
-                    }
-                    Source::Pending(e) => {
-                        let from = v.shape.clone();
-                        let e = Expr::Reshape {
-                            from,
-                            expr: Box::new(e.clone()),
-                        };
-                        self.put_elementwise(&out, shape, e);
-                        return Ok(());
-                    }
-                    Source::Buf(b) => Source::Buf(*b),
+                self.put_reshaped(&out, &v, shape);
+            }
+            "Unsqueeze" | "Squeeze" => {
+                let v = self.get(input(0)?)?;
+                // Opset 13 moved the axes from an attribute to an optional input.
+                let axes = match node.input.get(1).filter(|a| !a.is_empty()) {
+                    Some(a) => Some(self.ints(a)?),
+                    None => attr_ints(node, "axes"),
                 };
+                let shape = if op == "Unsqueeze" {
+                    let axes = axes.ok_or("Unsqueeze without axes")?;
+                    let rank = v.shape.len() + axes.len();
+                    let mut axes: Vec<usize> = axes
+                        .iter()
+                        .map(|&a| norm_axis(a, rank))
+                        .collect::<Result<_, _>>()?;
+                    axes.sort_unstable();
+                    axes.dedup();
+                    if axes.len() + v.shape.len() != rank {
+                        return Err(format!("repeated axes in {axes:?}"));
+                    }
+                    let mut dims = v.shape.iter();
+                    (0..rank)
+                        .map(|d| {
+                            if axes.contains(&d) {
+                                1
+                            } else {
+                                *dims.next().expect("rank counted")
+                            }
+                        })
+                        .collect()
+                } else {
+                    let rank = v.shape.len();
+                    let axes: Vec<usize> = match axes {
+                        Some(a) => a
+                            .iter()
+                            .map(|&a| norm_axis(a, rank))
+                            .collect::<Result<_, _>>()?,
+                        None => (0..rank).filter(|&d| v.shape[d] == 1).collect(),
+                    };
+                    if let Some(&d) = axes.iter().find(|&&d| v.shape[d] != 1) {
+                        return Err(format!("cannot squeeze axis {d} of shape {:?}", v.shape));
+                    }
+                    (0..rank)
+                        .filter(|d| !axes.contains(d))
+                        .map(|d| v.shape[d])
+                        .collect()
+                };
+                self.put_reshaped(&out, &v, shape);
+            }
+            "Constant" => {
+                let a = node
+                    .attribute
+                    .first()
+                    .ok_or("Constant without a value attribute")?;
+                let (shape, dtype, f, i) = match a.name.as_str() {
+                    "value" => {
+                        let t = a.t.as_ref().ok_or("Constant value without a tensor")?;
+                        let (dtype, f, i) = tensor_data(t)?;
+                        (t.dims.iter().map(|&d| d as usize).collect(), dtype, f, i)
+                    }
+                    "value_float" => (vec![], DType::F32, vec![a.f], vec![]),
+                    "value_floats" => (vec![a.floats.len()], DType::F32, a.floats.clone(), vec![]),
+                    "value_int" => (vec![], DType::I64, vec![], vec![a.i]),
+                    "value_ints" => (vec![a.ints.len()], DType::I64, vec![], a.ints.clone()),
+                    other => return Err(format!("Constant {other} is not supported")),
+                };
+                let src = self.constant(dtype, f, i);
+                self.set(&out, Value { shape, dtype, src });
+            }
+            "Cast" => {
+                let v = self.get(input(0)?)?;
+                let to = attr_int(node, "to", 0);
+                let src = match (to, &v.src) {
+                    (1, _) if v.dtype == DType::F32 => v.src.clone(),
+                    (7, Source::Ints(_)) => v.src.clone(),
+                    // Integer constants (shapes, positions known at load) become floats here.
+                    (1, Source::Ints(i)) => {
+                        let f = i.iter().map(|&x| x as f32).collect();
+                        self.constant(DType::F32, f, vec![])
+                    }
+                    (to, _) => {
+                        return Err(format!(
+                            "Cast of a run-time {:?} value to ONNX type {to}: the cuda engine computes in float32, with int64 only at load",
+                            v.dtype
+                        ));
+                    }
+                };
+                let dtype = if to == 7 { DType::I64 } else { DType::F32 };
                 self.set(
                     &out,
                     Value {
-                        shape,
-                        dtype: v.dtype,
+                        shape: v.shape.clone(),
+                        dtype,
                         src,
                     },
                 );
+            }
+            "Shape" => {
+                let v = self.get(input(0)?)?;
+                let rank = v.shape.len() as i64;
+                let clamp = |x: i64| {
+                    if x < 0 {
+                        (x + rank).max(0)
+                    } else {
+                        x.min(rank)
+                    }
+                };
+                let start = clamp(attr_int(node, "start", 0)) as usize;
+                let end = clamp(attr_int(node, "end", rank)) as usize;
+                let dims: Vec<i64> = v.shape[start..end.max(start)]
+                    .iter()
+                    .map(|&d| d as i64)
+                    .collect();
+                self.set(
+                    &out,
+                    Value {
+                        shape: vec![dims.len()],
+                        dtype: DType::I64,
+                        src: Source::Ints(dims),
+                    },
+                );
+            }
+            "Expand" => {
+                let v = self.f32_value(input(0)?)?;
+                let spec: Vec<usize> = self
+                    .ints(input(1)?)?
+                    .iter()
+                    .map(|&d| usize::try_from(d).map_err(|_| format!("Expand to {d}")))
+                    .collect::<Result<_, _>>()?;
+                let shape = broadcast(&v.shape, &spec)?;
+                let e = self.expr(&v, &shape);
+                self.put_elementwise(&out, shape, e);
+            }
+            "Slice" => {
+                let v = self.get(input(0)?)?;
+                let rank = v.shape.len();
+                let opt = |i: usize| node.input.get(i).filter(|a| !a.is_empty()).cloned();
+                let (starts, ends, axes, steps) = match opt(1) {
+                    Some(st) => (
+                        self.ints(&st)?,
+                        self.ints(&opt(2).ok_or("Slice without ends")?)?,
+                        opt(3).map(|a| self.ints(&a)).transpose()?,
+                        opt(4).map(|a| self.ints(&a)).transpose()?,
+                    ),
+                    // Before opset 10: attributes, step 1.
+                    None => (
+                        attr_ints(node, "starts").ok_or("Slice without starts")?,
+                        attr_ints(node, "ends").ok_or("Slice without ends")?,
+                        attr_ints(node, "axes"),
+                        None,
+                    ),
+                };
+                let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+                let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+                if ends.len() != starts.len()
+                    || axes.len() != starts.len()
+                    || steps.len() != starts.len()
+                {
+                    return Err("Slice starts/ends/axes/steps of different lengths".into());
+                }
+                let mut shape = v.shape.clone();
+                let mut first = vec![0i64; rank];
+                let mut step = vec![1i64; rank];
+                for k in 0..starts.len() {
+                    let d = norm_axis(axes[k], rank)?;
+                    let (b, e, s) = slice_range(starts[k], ends[k], steps[k], v.shape[d] as i64)?;
+                    first[d] = b;
+                    step[d] = s;
+                    shape[d] = e;
+                }
+                if let Source::Ints(vals) = &v.src {
+                    // Shape arithmetic known at load: sliced here.
+                    let st = strides(&v.shape);
+                    let n: usize = shape.iter().product();
+                    let mut picked = Vec::with_capacity(n);
+                    for idx in 0..n {
+                        let (mut r, mut at) = (idx, 0i64);
+                        for d in (0..rank).rev() {
+                            let c = (r % shape[d]) as i64;
+                            r /= shape[d];
+                            at += (first[d] + c * step[d]) * st[d];
+                        }
+                        picked.push(vals[at as usize]);
+                    }
+                    self.set(
+                        &out,
+                        Value {
+                            shape,
+                            dtype: DType::I64,
+                            src: Source::Ints(picked),
+                        },
+                    );
+                } else {
+                    if v.dtype != DType::F32 {
+                        return Err(format!("{} must be float32", input(0)?));
+                    }
+                    let (src, st, offset) = self.view(&v);
+                    let offset = offset + (0..rank).map(|d| first[d] * st[d]).sum::<i64>();
+                    let coefs = (0..rank).map(|d| st[d] * step[d]).collect();
+                    self.put_elementwise(&out, shape, Expr::Load { src, coefs, offset });
+                }
             }
             "Transpose" => {
                 let v = self.f32_value(input(0)?)?;
@@ -1207,6 +1439,48 @@ impl Lowering {
         Ok(())
     }
 
+    /// `v` with the same elements in the same order under `shape` (Reshape, Unsqueeze,
+    /// Squeeze): a stored buffer or a constant is only renamed, a pending expression keeps
+    /// its own coordinates.
+    fn put_reshaped(&mut self, out: &str, v: &Value, shape: Vec<usize>) {
+        let src = match &v.src {
+            Source::Ints(i) => Source::Ints(i.clone()),
+            Source::Scalar(x) => Source::Scalar(*x),
+            Source::Pending(Expr::Load { src, coefs, offset })
+                if *offset == 0 && *coefs == strides(&v.shape) =>
+            {
+                Source::Buf(*src)
+            }
+            Source::Pending(e) => {
+                let e = Expr::Reshape {
+                    from: v.shape.clone(),
+                    expr: Box::new(e.clone()),
+                };
+                self.put_elementwise(out, shape, e);
+                return;
+            }
+            Source::Buf(b) => Source::Buf(*b),
+        };
+        self.set(
+            out,
+            Value {
+                shape,
+                dtype: v.dtype,
+                src,
+            },
+        );
+    }
+
+    /// A constant's source, as initializers are held: int64 at load, a one-element float
+    /// inlined, any other float tensor a weight buffer.
+    fn constant(&mut self, dtype: DType, f: Vec<f32>, i: Vec<i64>) -> Source {
+        match dtype {
+            DType::I64 => Source::Ints(i),
+            DType::F32 if f.len() == 1 => Source::Scalar(f[0]),
+            DType::F32 => Source::Buf(self.buffer(f.len(), DType::F32, Some(f))),
+        }
+    }
+
     fn f32_value(&self, name: &str) -> Result<Value, String> {
         let v = self.get(name)?;
         if v.dtype != DType::F32 {
@@ -1334,7 +1608,7 @@ impl Lowering {
     /// 2-D convolution without padding or dilation, group 1: im2col (a map)
     /// then one gemm per image, then the bias as a pending add.
     fn conv(&mut self, node: &pb::NodeProto, out: &str) -> Result<(), String> {
-        let x = self.f32_value(&node.input[0])?;
+        let x = self.f32_value(node.input.first().ok_or("no input")?)?;
         let w = self.f32_value(node.input.get(1).ok_or("no weight")?)?;
         if x.shape.len() != 4 || w.shape.len() != 4 {
             return Err("only 2-D convolutions are supported".into());
@@ -1416,6 +1690,31 @@ impl Lowering {
 }
 
 /// ONNX Reshape's shape argument (0 copies, -1 infers) applied to `from`.
+/// ONNX Slice on one axis of length `len`: (first index, element count, step), with
+/// negative indices counted from the end and out-of-range ones clamped as the spec says.
+fn slice_range(start: i64, end: i64, step: i64, len: i64) -> Result<(i64, usize, i64), String> {
+    if step == 0 {
+        return Err("Slice step 0".into());
+    }
+    let norm = |x: i64| if x < 0 { x.saturating_add(len) } else { x };
+    let (s, e) = (norm(start), norm(end));
+    let (first, count) = if step > 0 {
+        let (s, e) = (s.clamp(0, len), e.clamp(0, len));
+        (s, if e > s { (e - s + step - 1) / step } else { 0 })
+    } else {
+        let (s, e) = (s.clamp(0, len - 1), e.clamp(-1, len - 1));
+        (
+            s,
+            if s > e {
+                (s - e + (-step) - 1) / (-step)
+            } else {
+                0
+            },
+        )
+    };
+    Ok((first, count as usize, step))
+}
+
 fn reshape(from: &[usize], spec: &[i64]) -> Result<Vec<usize>, String> {
     let total: usize = from.iter().product();
     let mut shape = vec![];
@@ -1445,4 +1744,4 @@ fn reshape(from: &[usize], spec: &[i64]) -> Result<Vec<usize>, String> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

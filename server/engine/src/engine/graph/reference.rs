@@ -21,6 +21,7 @@ pub fn unary(op: UnOp, x: f32) -> f32 {
         UnOp::Neg => -x,
         UnOp::Relu => x.max(0.0),
         UnOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        UnOp::Reciprocal => 1.0 / x,
     }
 }
 
@@ -30,6 +31,7 @@ pub fn binary(op: BinOp, a: f32, b: f32) -> f32 {
         BinOp::Sub => a - b,
         BinOp::Mul => a * b,
         BinOp::Div => a / b,
+        BinOp::Pow => a.powf(b),
     }
 }
 

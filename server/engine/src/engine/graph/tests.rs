@@ -268,3 +268,213 @@ fn kernels_are_printed_for_every_map() {
         assert!(!src.contains("inf") || src.contains("__int_as_float"));
     }
 }
+
+/// SUPPORTED_OPS, which `reflex inspect` checks exports against, is what `node` lowers:
+/// every listed operator gets past the dispatch (it fails later, on its missing inputs),
+/// and an operator outside it is refused as unsupported.
+#[test]
+fn the_supported_operator_list_is_what_the_lowering_accepts() {
+    let lowering = || Lowering {
+        buffers: vec![],
+        ops: vec![],
+        values: HashMap::new(),
+        uses: HashMap::new(),
+    };
+    let node = |op: &str| pb::NodeProto {
+        op_type: op.into(),
+        name: format!("n_{op}"),
+        output: vec!["y".into()],
+        ..Default::default()
+    };
+    for op in SUPPORTED_OPS {
+        let err = lowering().node(&node(op)).unwrap_err();
+        assert!(!err.contains("not supported"), "{op}: {err}");
+    }
+    for op in ["CumSum", "Where", "NonMaxSuppression", "SplitToSequence"] {
+        assert!(!SUPPORTED_OPS.contains(&op));
+        let err = lowering().node(&node(op)).unwrap_err();
+        assert!(
+            err.contains("not supported by the cuda engine"),
+            "{op}: {err}"
+        );
+    }
+}
+
+/// Weights in an external data file (torch.onnx's layout, and the pi0.5 fixtures') compile
+/// to the same program as inline ones; a location out of the folder or a range past the
+/// file's end is refused with the initializer named.
+#[test]
+fn external_data_compiles_like_inline_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::export::write_reference_export(dir.path(), 5).unwrap();
+    let inline = compile_file(&dir.path().join(&cfg.graphs.prefix)).unwrap();
+    let bytes = std::fs::read(dir.path().join(&cfg.graphs.prefix)).unwrap();
+    let mut model = pb::ModelProto::decode(bytes.as_slice()).unwrap();
+    for t in &mut model.graph.as_mut().unwrap().initializer {
+        if t.data_type == 1 && t.raw_data.is_empty() {
+            t.raw_data = t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            t.float_data.clear();
+        }
+    }
+    let ext = tempfile::tempdir().unwrap();
+    crate::onnx::builder::write_model(ext.path(), "prefix.onnx", model, Some("prefix.onnx.data"))
+        .unwrap();
+    let written = std::fs::read(ext.path().join("prefix.onnx")).unwrap();
+    let written = pb::ModelProto::decode(written.as_slice()).unwrap();
+    let moved: Vec<&pb::TensorProto> = written
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .filter(|t| !t.external_data.is_empty())
+        .collect();
+    assert!(!moved.is_empty(), "the fixture must have external data");
+    let external = compile_file(&ext.path().join("prefix.onnx")).unwrap();
+    assert_eq!(external.ops, inline.ops);
+    let inits = |p: &Program| -> Vec<Option<Vec<f32>>> {
+        p.buffers.iter().map(|b| b.init.clone()).collect()
+    };
+    assert_eq!(inits(&external), inits(&inline));
+
+    // A location that leaves the folder, and a range past the end of the file.
+    let name = moved[0].name.clone();
+    for (key, value, says) in [
+        ("location", "../prefix.onnx.data", "not a plain file name"),
+        ("length", "999999999", "outside"),
+    ] {
+        let mut bad = written.clone();
+        let t = bad
+            .graph
+            .as_mut()
+            .unwrap()
+            .initializer
+            .iter_mut()
+            .find(|t| t.name == name)
+            .unwrap();
+        t.external_data
+            .iter_mut()
+            .find(|e| e.key == key)
+            .unwrap()
+            .value = value.into();
+        std::fs::write(ext.path().join("bad.onnx"), bad.encode_to_vec()).unwrap();
+        let err = compile_file(&ext.path().join("bad.onnx"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(says) && err.contains(&name), "{err}");
+    }
+}
+
+/// A graph of the shape and view operators transformer exports are full of (x f32
+/// [2,3,4], y f32 [4] → out f32 [2,2,4]); also compiled by NVRTC in the cuda tests.
+pub(crate) fn views_model() -> pb::ModelProto {
+    use crate::onnx::builder::{F32, GraphBuilder};
+    let mut g = GraphBuilder::new("views");
+    let x = g.input("x", F32, &[2, 3, 4]);
+    let y = g.input("y", F32, &[4]);
+    // Shape arithmetic: Shape → Slice → Cast to float, a [2]-vector (3, 4) at load.
+    let shp = g.node("Shape", &[&x], vec![]);
+    let dims = g.slice(&shp, 0, 1, 3);
+    let dims = g.cast(&dims, F32);
+    // x[:, 0:3:2, ::-1] through one Slice with negative start/end and steps.
+    let (st, en, ax, sp) = (
+        g.ints(&[-1, 0]),
+        g.ints(&[-5, 3]),
+        g.ints(&[2, 1]),
+        g.ints(&[-1, 2]),
+    );
+    let xs = g.node("Slice", &[&x, &st, &en, &ax, &sp], vec![]);
+    let two = g.konst(&[], &[2.0]);
+    let sq = g.binary("Pow", &xs, &two);
+    let one = g.konst(&[], &[1.0]);
+    let sq1 = g.binary("Add", &sq, &one);
+    let r = g.node("Reciprocal", &[&sq1], vec![]);
+    let half = g.konst(&[], &[0.5]);
+    let root = g.binary("Pow", &sq1, &half);
+    let yu = g.unsqueeze(&y, &[0, 1]);
+    let ye = g.expand(&yu, &[2, 2, 4]);
+    let m = g.binary("Mul", &r, &ye);
+    let z = g.binary("Add", &m, &root);
+    let z = g.unsqueeze(&z, &[0]);
+    let zero = g.ints(&[0]);
+    let z = g.node("Squeeze", &[&z, &zero], vec![]);
+    let z = g.cast(&z, F32);
+    let dcol = g.unsqueeze(&dims, &[1, 2]);
+    let z = g.binary("Add", &z, &dcol);
+    let k = pb::AttributeProto {
+        name: "value".into(),
+        r#type: pb::attribute_proto::AttributeType::Tensor as i32,
+        t: Some(pb::TensorProto {
+            dims: vec![4],
+            data_type: F32,
+            float_data: vec![1.5, -2.0, 0.25, 3.0],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let k = g.node("Constant", &[], vec![k]);
+    let out = g.binary("Mul", &z, &k);
+    g.output(&out, "out", F32, &[2, 2, 4]);
+    g.model(17)
+}
+
+/// The shape and view operators — Constant, Shape, Cast,
+/// Unsqueeze/Squeeze, Expand, Slice (negative indices and steps, several axes), Pow and
+/// Reciprocal — lowered to loads at affine offsets and fused maps, agreeing with tract on
+/// the same graph; the integer shape arithmetic is done at load (no launch for it).
+#[test]
+fn view_and_shape_operators_agree_with_tract() {
+    use tract_onnx::prelude::*;
+
+    let model = views_model();
+
+    let p = compile(&model, "views.onnx").unwrap();
+    assert_eq!(p.outputs[0].shape, vec![2, 2, 4]);
+    assert!(p.launches() <= 2, "views fuse into the map: {:?}", p.ops);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let xv = uniform(&mut rng, 24, 2.0);
+    let yv = uniform(&mut rng, 4, 1.0);
+    let mut mem = Memory::new(&p);
+    set_input(&p, &mut mem, "x", &xv);
+    set_input(&p, &mut mem, "y", &yv);
+    run_ops(&p.ops, &mut mem);
+    let ours = mem.f[p.outputs[0].buf].clone();
+
+    let plan = tract_onnx::onnx()
+        .model_for_proto_model(&model)
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let xt = tract_ndarray::Array3::from_shape_vec((2, 3, 4), xv).unwrap();
+    let yt = tract_ndarray::Array1::from_vec(yv);
+    let got = plan
+        .run(tvec!(Tensor::from(xt).into(), Tensor::from(yt).into()))
+        .unwrap();
+    let theirs: Vec<f32> = got[0]
+        .try_as_plain_ram()
+        .unwrap()
+        .as_slice::<f32>()
+        .unwrap()
+        .to_vec();
+    assert_eq!(ours.len(), theirs.len());
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "{ours:?}\n{theirs:?}"
+        );
+    }
+}
+
+/// ONNX Slice's index rules: negative indices from the end, clamping, negative steps.
+#[test]
+fn slice_ranges_follow_the_onnx_rules() {
+    assert_eq!(slice_range(0, 3, 1, 5).unwrap(), (0, 3, 1));
+    assert_eq!(slice_range(-2, i64::MAX, 1, 5).unwrap(), (3, 2, 1));
+    assert_eq!(slice_range(0, 5, 2, 5).unwrap(), (0, 3, 2));
+    assert_eq!(slice_range(-1, i64::MIN, -1, 5).unwrap(), (4, 5, -1));
+    assert_eq!(slice_range(4, 0, -2, 5).unwrap(), (4, 2, -2));
+    assert_eq!(slice_range(3, 1, 1, 5).unwrap(), (3, 0, 1));
+    assert!(slice_range(0, 1, 0, 5).is_err());
+}
