@@ -192,6 +192,29 @@ impl GraphBuilder {
         });
     }
 
+    /// A node with `outputs` outputs (Split), named after the node.
+    pub fn node_outputs(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<pb::AttributeProto>,
+        outputs: usize,
+    ) -> Vec<String> {
+        let n = self.fresh();
+        let names: Vec<String> = (0..outputs)
+            .map(|k| format!("{}_{n}_{k}", op.to_lowercase()))
+            .collect();
+        self.graph.node.push(pb::NodeProto {
+            op_type: op.into(),
+            name: format!("{op}:{}_{n}", op.to_lowercase()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: names.clone(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        names
+    }
+
     pub fn reshape(&mut self, x: &str, shape: &[i64]) -> String {
         let n = self.fresh();
         let s = self.i64s(&format!("shape_{n}"), shape);

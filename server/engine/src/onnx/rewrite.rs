@@ -169,6 +169,9 @@ fn sequences(
     // Each sequence value → (its input tensor, axis, how it is cut).
     let mut seqs: HashMap<String, (String, i64, Split)> = HashMap::new();
     for n in graph.node.iter().filter(|n| n.op_type == "SplitToSequence") {
+        let (Some(input), Some(output)) = (n.input.first(), n.output.first()) else {
+            return Err(refuse(n, "it has no input or no output"));
+        };
         let axis = attr_i(n, "axis", 0);
         let split = match n.input.get(1).filter(|s| !s.is_empty()) {
             None => Split::Ones {
@@ -185,7 +188,7 @@ fn sequences(
                 }
             },
         };
-        seqs.insert(n.output[0].clone(), (n.input[0].clone(), axis, split));
+        seqs.insert(output.clone(), (input.clone(), axis, split));
     }
     if seqs.is_empty() {
         return Ok(());
@@ -305,7 +308,7 @@ fn bool_casts(graph: &pb::GraphProto, bools: &HashSet<String>) -> HashMap<String
         .filter(|n| {
             n.op_type == "Cast"
                 && matches!(attr_i(n, "to", 0) as i32, I64 | I32)
-                && bools.contains(&n.input[0])
+                && n.input.first().is_some_and(|i| bools.contains(i))
         })
         .map(|n| {
             let to = attr_i(n, "to", 0) as i32;
@@ -357,7 +360,9 @@ fn bool_values(graph: &pb::GraphProto, consts: &Constants) -> HashSet<String> {
             op if BOOL_OPS.contains(&op) => true,
             "Cast" => attr_i(n, "to", 0) as i32 == BOOL,
             "Identity" | "Expand" | "Reshape" | "Unsqueeze" | "Squeeze" | "Slice" | "Transpose"
-            | "Gather" | "Flatten" | "Pad" | "Tile" => out.contains(&n.input[0]),
+            | "Gather" | "Flatten" | "Pad" | "Tile" => {
+                n.input.first().is_some_and(|i| out.contains(i))
+            }
             "Concat" => n.input.iter().all(|i| out.contains(i)),
             "Where" => n.input.len() == 3 && out.contains(&n.input[1]) && out.contains(&n.input[2]),
             _ => false,
@@ -382,7 +387,7 @@ fn cumsums(
     let mut nodes = Vec::with_capacity(graph.node.len());
     for n in std::mem::take(&mut graph.node) {
         let Some((mask, int_type)) = (n.op_type == "CumSum")
-            .then(|| casts.get(&n.input[0]))
+            .then(|| n.input.first().and_then(|i| casts.get(i)))
             .flatten()
         else {
             nodes.push(n);
@@ -442,6 +447,12 @@ fn powers(graph: &mut pb::GraphProto, consts: &Constants, report: &mut Report) {
         let e = (n.op_type == "Pow" && n.input.len() == 2)
             .then(|| exponent(&n.input[1]))
             .flatten();
+        let Some(e) = e else {
+            nodes.push(n);
+            continue;
+        };
+        // A Pow node has its base: only a node with two inputs got an exponent above (a
+        // Constant node, with none, used to be indexed here and panicked).
         let (x, out) = (n.input[0].clone(), n.output.clone());
         let mul = |name: String, a: &str, b: &str, output: Vec<String>| pb::NodeProto {
             op_type: "Mul".into(),
@@ -451,8 +462,8 @@ fn powers(graph: &mut pb::GraphProto, consts: &Constants, report: &mut Report) {
             ..Default::default()
         };
         match e {
-            Some(2.0) => nodes.push(mul(format!("{}/reflex_square", node_name(&n)), &x, &x, out)),
-            Some(3.0) => {
+            2.0 => nodes.push(mul(format!("{}/reflex_square", node_name(&n)), &x, &x, out)),
+            3.0 => {
                 let base = format!("{}/reflex_cube", node_name(&n));
                 let square = format!("{base}.square");
                 nodes.push(mul(format!("{base}.mul0"), &x, &x, vec![square.clone()]));
@@ -508,7 +519,6 @@ mod tests {
         let mask = [true, true, false, true, false, false, true, true];
         let input = || tvec![Tensor::from_shape(&[1, 8], &mask).unwrap().into_tvalue()];
         let mut model = positions_graph();
-        // Why the rewrite exists: tract 0.23.9 cannot run the pattern as exported.
         // Why the rewrite exists: tract 0.23.9 types the cast as TDim and its CumSum refuses it
         // ("CumSum: TDim is not a number").
         let err = format!("{:#}", run(&model, input()).unwrap_err());
@@ -569,6 +579,41 @@ mod tests {
             assert!((p - m).abs() <= 1e-5 * p.abs().max(1.0), "{p} vs {m}");
         }
         assert!(prepare(&mut model).unwrap().is_empty());
+    }
+
+    /// A node without inputs (a Constant) beside a Pow: every pass reads only the nodes it
+    /// rewrites (the Pow pass used to index every node's first input and panicked).
+    #[test]
+    fn a_constant_node_beside_a_pow_is_passed_through() {
+        let mut g = GraphBuilder::new("constant");
+        let x = g.input("x", F32, &[2]);
+        let value = pb::AttributeProto {
+            name: "value".into(),
+            r#type: pb::attribute_proto::AttributeType::Tensor as i32,
+            t: Some(pb::TensorProto {
+                dims: vec![],
+                data_type: F32,
+                float_data: vec![2.0],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let k = g.node("Constant", &[], vec![value]);
+        let two = g.konst(&[], &[2.0]);
+        let sq = g.binary("Pow", &x, &two);
+        let y = g.binary("Add", &sq, &k);
+        g.output(&y, "y", F32, &[2]);
+        let mut model = g.model(17);
+        let report = prepare(&mut model).unwrap();
+        assert_eq!(report.powers, 1);
+        let input = || {
+            tvec![
+                Tensor::from_shape(&[2], &[3.0f32, -0.5])
+                    .unwrap()
+                    .into_tvalue()
+            ]
+        };
+        assert_eq!(f32s(&run(&model, input()).unwrap()[0]), vec![11.0, 2.25]);
     }
 
     #[test]

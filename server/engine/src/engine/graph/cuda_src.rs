@@ -243,8 +243,13 @@ impl Printer {
                     UnOp::Reciprocal => format!("(1.f / ({x}))"),
                 }
             }
-            Expr::Binary(BinOp::Pow, a, b) => {
-                format!("powf({}, {})", self.print(a, sc), self.print(b, sc))
+            Expr::Binary(op @ (BinOp::Pow | BinOp::Max | BinOp::Min), a, b) => {
+                let f = match op {
+                    BinOp::Pow => "powf",
+                    BinOp::Max => "fmaxf",
+                    _ => "fminf",
+                };
+                format!("{f}({}, {})", self.print(a, sc), self.print(b, sc))
             }
             Expr::Binary(op, a, b) => {
                 let sym = match op {
@@ -252,7 +257,7 @@ impl Printer {
                     BinOp::Sub => "-",
                     BinOp::Mul => "*",
                     BinOp::Div => "/",
-                    BinOp::Pow => unreachable!("printed as powf above"),
+                    BinOp::Pow | BinOp::Max | BinOp::Min => unreachable!("printed as calls above"),
                 };
                 format!("({} {sym} {})", self.print(a, sc), self.print(b, sc))
             }

@@ -74,6 +74,9 @@ pub enum BinOp {
     Div,
     /// a^b (ONNX Pow with a float exponent; `x^2` is lowered to `x·x` instead).
     Pow,
+    /// fmaxf / fminf (ONNX Max, Min of two inputs; Clip).
+    Max,
+    Min,
 }
 
 /// The value of one output element. Coordinates are those of the map's
@@ -276,6 +279,13 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Squeeze",
     "Expand",
     "Slice",
+    "Max",
+    "Min",
+    "Clip",
+    "Range",
+    "Split",
+    "SplitToSequence",
+    "SequenceAt",
 ];
 
 impl Program {
@@ -452,6 +462,8 @@ struct Lowering {
     ops: Vec<Op>,
     values: HashMap<String, Value>,
     uses: HashMap<String, usize>,
+    /// Tensor sequences (SplitToSequence): their pieces, each a view.
+    seqs: HashMap<String, Vec<Value>>,
 }
 
 fn strides(shape: &[usize]) -> Vec<i64> {
@@ -735,6 +747,7 @@ pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
         ops: vec![],
         values: HashMap::new(),
         uses: HashMap::new(),
+        seqs: HashMap::new(),
     };
     let nodes = fuse_gelu(graph);
     for node in &nodes {
@@ -947,6 +960,14 @@ impl Lowering {
             "Mul" => Some(BinOp::Mul),
             "Div" => Some(BinOp::Div),
             "Pow" => Some(BinOp::Pow),
+            "Max" | "Min" if node.input.len() != 2 => {
+                return Err(format!(
+                    "{op} of {} inputs (two are supported)",
+                    node.input.len()
+                ));
+            }
+            "Max" => Some(BinOp::Max),
+            "Min" => Some(BinOp::Min),
             _ => None,
         };
         if let Some(u) = unary {
@@ -1194,6 +1215,150 @@ impl Lowering {
                     let coefs = (0..rank).map(|d| st[d] * step[d]).collect();
                     self.put_elementwise(&out, shape, Expr::Load { src, coefs, offset });
                 }
+            }
+            "Clip" => {
+                let x = self.f32_value(input(0)?)?;
+                let bound =
+                    |this: &Self, i: usize, attr_name: &str| -> Result<Option<f32>, String> {
+                        match node.input.get(i).filter(|n| !n.is_empty()) {
+                            Some(n) => match this.get(n)?.src {
+                                Source::Scalar(v) => Ok(Some(v)),
+                                _ => Err(format!("Clip bound {n} must be a constant scalar")),
+                            },
+                            // Before opset 11: attributes.
+                            None => Ok(attr(node, attr_name).map(|a| a.f)),
+                        }
+                    };
+                let (lo, hi) = (bound(self, 1, "min")?, bound(self, 2, "max")?);
+                let mut e = self.expr(&x, &x.shape);
+                if let Some(lo) = lo {
+                    e = Expr::Binary(BinOp::Max, Box::new(e), Box::new(Expr::Const(lo)));
+                }
+                if let Some(hi) = hi {
+                    e = Expr::Binary(BinOp::Min, Box::new(e), Box::new(Expr::Const(hi)));
+                }
+                self.put_elementwise(&out, x.shape.clone(), e);
+            }
+            "Range" => {
+                let (a, b, c) = (
+                    self.get(input(0)?)?,
+                    self.get(input(1)?)?,
+                    self.get(input(2)?)?,
+                );
+                let value = match (&a.src, &b.src, &c.src) {
+                    (Source::Ints(a), Source::Ints(b), Source::Ints(c))
+                        if a.len() == 1 && b.len() == 1 && c.len() == 1 && c[0] != 0 =>
+                    {
+                        let (start, limit, delta) = (a[0], b[0], c[0]);
+                        let n = ((limit - start) as f64 / delta as f64).ceil().max(0.0) as i64;
+                        let v: Vec<i64> = (0..n).map(|k| start + k * delta).collect();
+                        Value {
+                            shape: vec![v.len()],
+                            dtype: DType::I64,
+                            src: Source::Ints(v),
+                        }
+                    }
+                    (Source::Scalar(start), Source::Scalar(limit), Source::Scalar(delta))
+                        if *delta != 0.0 =>
+                    {
+                        let n = ((limit - start) / delta).ceil().max(0.0) as usize;
+                        let v: Vec<f32> = (0..n).map(|k| start + k as f32 * delta).collect();
+                        let shape = vec![v.len()];
+                        let src = self.constant(DType::F32, v, vec![]);
+                        Value {
+                            shape,
+                            dtype: DType::F32,
+                            src,
+                        }
+                    }
+                    _ => {
+                        return Err(
+                            "Range of run-time values (load-time constants are supported)".into(),
+                        );
+                    }
+                };
+                self.set(&out, value);
+            }
+            "Split" | "SplitToSequence" => {
+                let v = self.get(input(0)?)?;
+                let rank = v.shape.len();
+                let axis = norm_axis(attr_int(node, "axis", 0), rank)?;
+                let len = v.shape[axis];
+                let split = match node.input.get(1).filter(|n| !n.is_empty()) {
+                    Some(n) => Some(self.ints(n)?),
+                    None => attr_ints(node, "split"),
+                };
+                let outputs = node.output.iter().filter(|o| !o.is_empty()).count();
+                let sizes: Vec<usize> = match split {
+                    // SplitToSequence: a scalar split is a chunk size, the last chunk shorter.
+                    Some(s) if s.len() == 1 && op == "SplitToSequence" && len > 0 => {
+                        let c = usize::try_from(s[0])
+                            .ok()
+                            .filter(|&c| c > 0)
+                            .ok_or("split size 0")?;
+                        (0..len.div_ceil(c)).map(|k| c.min(len - k * c)).collect()
+                    }
+                    Some(s) => s
+                        .iter()
+                        .map(|&x| usize::try_from(x).map_err(|_| format!("split size {x}")))
+                        .collect::<Result<_, _>>()?,
+                    None if op == "SplitToSequence" => vec![1; len],
+                    None => {
+                        let n = usize::try_from(attr_int(node, "num_outputs", outputs as i64))
+                            .ok()
+                            .filter(|&n| n > 0)
+                            .ok_or("Split into 0 outputs")?;
+                        let c = len.div_ceil(n);
+                        (0..n).map(|k| c.min(len.saturating_sub(k * c))).collect()
+                    }
+                };
+                if sizes.iter().sum::<usize>() != len {
+                    return Err(format!("split sizes {sizes:?} do not add up to {len}"));
+                }
+                // keepdims 0 (SplitToSequence without split): the axis goes.
+                let drop_axis = op == "SplitToSequence"
+                    && node.input.get(1).is_none_or(|n| n.is_empty())
+                    && attr_int(node, "keepdims", 1) == 0;
+                let mut pieces = vec![];
+                let mut at = 0usize;
+                for size in sizes {
+                    let piece = self.piece(&v, axis, at, size, drop_axis)?;
+                    pieces.push(piece);
+                    at += size;
+                }
+                if op == "Split" {
+                    if pieces.len() != outputs {
+                        return Err(format!("{} pieces for {outputs} outputs", pieces.len()));
+                    }
+                    for (name, p) in node.output.iter().zip(pieces) {
+                        self.set(name, p);
+                    }
+                } else {
+                    self.seqs.insert(out.clone(), pieces);
+                }
+            }
+            "SequenceAt" => {
+                let seq = self.seqs.get(input(0)?).ok_or_else(|| {
+                    format!("{} is not a tensor sequence", input(0).unwrap_or(""))
+                })?;
+                let at = self.ints(input(1)?)?;
+                let n = seq.len() as i64;
+                let i = match at.as_slice() {
+                    [i] if (-n..n).contains(i) => {
+                        if *i < 0 {
+                            i + n
+                        } else {
+                            *i
+                        }
+                    }
+                    _ => {
+                        return Err(format!(
+                            "SequenceAt position {at:?} of a {n}-tensor sequence"
+                        ));
+                    }
+                };
+                let v = seq[i as usize].clone();
+                self.set(&out, v);
             }
             "Transpose" => {
                 let v = self.f32_value(input(0)?)?;
@@ -1451,6 +1616,37 @@ impl Lowering {
             {
                 Source::Buf(*src)
             }
+            // Only size-1 axes come or go (Unsqueeze, Squeeze): a view stays a view.
+            Source::Pending(Expr::Load { src, coefs, offset })
+                if v.shape
+                    .iter()
+                    .filter(|&&d| d != 1)
+                    .eq(shape.iter().filter(|&&d| d != 1)) =>
+            {
+                let mut kept = v
+                    .shape
+                    .iter()
+                    .zip(coefs)
+                    .filter(|(d, _)| **d != 1)
+                    .map(|(_, c)| *c);
+                let coefs = shape
+                    .iter()
+                    .map(|&d| {
+                        if d == 1 {
+                            0
+                        } else {
+                            kept.next().expect("same non-1 axes")
+                        }
+                    })
+                    .collect();
+                let e = Expr::Load {
+                    src: *src,
+                    coefs,
+                    offset: *offset,
+                };
+                self.put_elementwise(out, shape, e);
+                return;
+            }
             Source::Pending(e) => {
                 let e = Expr::Reshape {
                     from: v.shape.clone(),
@@ -1479,6 +1675,58 @@ impl Lowering {
             DType::F32 if f.len() == 1 => Source::Scalar(f[0]),
             DType::F32 => Source::Buf(self.buffer(f.len(), DType::F32, Some(f))),
         }
+    }
+
+    /// `v[.., at..at+size, ..]` along `axis` (dropped when `drop_axis`, size 1): a view of
+    /// a float value, or the integers themselves at load.
+    fn piece(
+        &mut self,
+        v: &Value,
+        axis: usize,
+        at: usize,
+        size: usize,
+        drop_axis: bool,
+    ) -> Result<Value, String> {
+        let mut shape = v.shape.clone();
+        shape[axis] = size;
+        let src = match &v.src {
+            Source::Ints(vals) => {
+                let st = strides(&v.shape);
+                let n: usize = shape.iter().product();
+                let mut picked = Vec::with_capacity(n);
+                for idx in 0..n {
+                    let (mut r, mut pos) = (idx, 0i64);
+                    for d in (0..shape.len()).rev() {
+                        let mut c = (r % shape[d]) as i64;
+                        r /= shape[d];
+                        if d == axis {
+                            c += at as i64;
+                        }
+                        pos += c * st[d];
+                    }
+                    picked.push(vals[pos as usize]);
+                }
+                Source::Ints(picked)
+            }
+            _ if v.dtype != DType::F32 => return Err("a split of a run-time int64 tensor".into()),
+            _ => {
+                let (src, st, offset) = self.view(v);
+                let mut coefs = st.clone();
+                let offset = offset + at as i64 * st[axis];
+                if drop_axis {
+                    coefs.remove(axis);
+                }
+                Source::Pending(Expr::Load { src, coefs, offset })
+            }
+        };
+        if drop_axis {
+            shape.remove(axis);
+        }
+        Ok(Value {
+            shape,
+            dtype: v.dtype,
+            src,
+        })
     }
 
     fn f32_value(&self, name: &str) -> Result<Value, String> {

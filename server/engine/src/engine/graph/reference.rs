@@ -32,6 +32,8 @@ pub fn binary(op: BinOp, a: f32, b: f32) -> f32 {
         BinOp::Mul => a * b,
         BinOp::Div => a / b,
         BinOp::Pow => a.powf(b),
+        BinOp::Max => a.max(b),
+        BinOp::Min => a.min(b),
     }
 }
 

@@ -279,6 +279,7 @@ fn the_supported_operator_list_is_what_the_lowering_accepts() {
         ops: vec![],
         values: HashMap::new(),
         uses: HashMap::new(),
+        seqs: HashMap::new(),
     };
     let node = |op: &str| pb::NodeProto {
         op_type: op.into(),
@@ -290,7 +291,7 @@ fn the_supported_operator_list_is_what_the_lowering_accepts() {
         let err = lowering().node(&node(op)).unwrap_err();
         assert!(!err.contains("not supported"), "{op}: {err}");
     }
-    for op in ["CumSum", "Where", "NonMaxSuppression", "SplitToSequence"] {
+    for op in ["CumSum", "Where", "NonMaxSuppression", "ReduceSum"] {
         assert!(!SUPPORTED_OPS.contains(&op));
         let err = lowering().node(&node(op)).unwrap_err();
         assert!(
@@ -368,7 +369,7 @@ fn external_data_compiles_like_inline_weights() {
 /// A graph of the shape and view operators transformer exports are full of (x f32
 /// [2,3,4], y f32 [4] → out f32 [2,2,4]); also compiled by NVRTC in the cuda tests.
 pub(crate) fn views_model() -> pb::ModelProto {
-    use crate::onnx::builder::{F32, GraphBuilder};
+    use crate::onnx::builder::{F32, GraphBuilder, int};
     let mut g = GraphBuilder::new("views");
     let x = g.input("x", F32, &[2, 3, 4]);
     let y = g.input("y", F32, &[4]);
@@ -413,14 +414,47 @@ pub(crate) fn views_model() -> pb::ModelProto {
         ..Default::default()
     };
     let k = g.node("Constant", &[], vec![k]);
-    let out = g.binary("Mul", &z, &k);
+    let z = g.binary("Mul", &z, &k);
+    // Clip with constant bounds, Max/Min of two tensors.
+    let (lo, hi) = (g.konst(&[], &[-1.5]), g.konst(&[], &[2.5]));
+    let z = g.node("Clip", &[&z, &lo, &hi], vec![]);
+    let z = g.binary("Max", &z, &ye);
+    // Range at load (0, 1, 2, 3) added along the last axis.
+    let (r0, r1, r2) = (g.int0(0), g.int0(4), g.int0(1));
+    let ramp = g.node("Range", &[&r0, &r1, &r2], vec![]);
+    let ramp = g.cast(&ramp, F32);
+    let z = g.binary("Add", &z, &ramp);
+    // Split into two outputs along axis 1 of x, and torch's unbind (SplitToSequence
+    // without split, keepdims 0) then SequenceAt with a negative position.
+    let sizes = g.ints(&[1, 2]);
+    let parts = g.node_outputs("Split", &[&x, &sizes], vec![int("axis", 1)], 2);
+    let pmin = g.binary("Min", &parts[1], &xs);
+    let z = g.binary("Sub", &z, &pmin);
+    let seq = g.node(
+        "SplitToSequence",
+        &[&x],
+        vec![int("axis", 1), int("keepdims", 0)],
+    );
+    let last = g.int0(-1);
+    let row = g.node("SequenceAt", &[&seq, &last], vec![]);
+    let row = g.unsqueeze(&row, &[1]);
+    let z = g.binary("Add", &z, &row);
+    let chunks = g.int0(1);
+    let seq2 = g.node(
+        "SplitToSequence",
+        &[&parts[0], &chunks],
+        vec![int("axis", 2)],
+    );
+    let third = g.int0(2);
+    let col = g.node("SequenceAt", &[&seq2, &third], vec![]);
+    let out = g.binary("Mul", &z, &col);
     g.output(&out, "out", F32, &[2, 2, 4]);
     g.model(17)
 }
 
-/// The shape and view operators — Constant, Shape, Cast,
-/// Unsqueeze/Squeeze, Expand, Slice (negative indices and steps, several axes), Pow and
-/// Reciprocal — lowered to loads at affine offsets and fused maps, agreeing with tract on
+/// The shape and view operators — Constant, Shape, Cast, Range, Unsqueeze/Squeeze,
+/// Expand, Slice (negative indices and steps, several axes), Split, SplitToSequence and
+/// SequenceAt, Pow, Reciprocal, Clip, Max/Min — lowered to loads at affine offsets and fused maps, agreeing with tract on
 /// the same graph; the integer shape arithmetic is done at load (no launch for it).
 #[test]
 fn view_and_shape_operators_agree_with_tract() {
@@ -440,8 +474,12 @@ fn view_and_shape_operators_agree_with_tract() {
     run_ops(&p.ops, &mut mem);
     let ours = mem.f[p.outputs[0].buf].clone();
 
+    // tract runs the sequence operators once `prepare` has rewritten them (the cpu
+    // engine's path); the cuda compiler takes the graph as exported.
+    let mut for_tract = model.clone();
+    crate::onnx::rewrite::prepare(&mut for_tract).unwrap();
     let plan = tract_onnx::onnx()
-        .model_for_proto_model(&model)
+        .model_for_proto_model(&for_tract)
         .unwrap()
         .into_optimized()
         .unwrap()
