@@ -16,6 +16,7 @@
 #     with `--fail-on actions`.
 #  3. The cuda server's own trace header carries the GPU, driver and CUDA versions.
 #  4. `--engine auto` picks cuda here.
+#  5. (informational) `reflex inspect --engine cuda` on every real-export fixture kind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${REFLEX_BIN:-$PWD/target/release/reflex}
@@ -76,4 +77,14 @@ kill -TERM "$AUTO"; wait "$AUTO" || true
 if grep -q "running on cpu" "$OUT/serve-auto.log"; then echo "FAIL: auto fell back"; cat "$OUT/serve-auto.log"; exit 1; fi
 grep -m1 -o 'mode="\?cuda"\?' "$OUT/serve-auto.log" || grep -m1 "cuda" "$OUT/serve-auto.log"
 echo "auto: PASS"
+
+# 5. Informational (issue 14, no pass/fail): what the cuda compiler makes of every real-export
+# fixture kind, the same report a machine without a GPU prints. Kinds it reports as running
+# are the ones the parity and bench checks above can be extended to.
+log "5. reflex inspect --engine cuda on every fixture kind"
+for kind in pi05 pi05-per-step pi05-monolithic pi0 smolvla smolvla-four-graph; do
+  "$BIN" export-demo --kind "$kind" "$W/$kind" >/dev/null
+  "$BIN" inspect "$W/$kind" --engine cuda >"$OUT/inspect-$kind.txt" 2>&1 || true
+  sed -n 2p "$OUT/inspect-$kind.txt" | sed "s/^/$kind: /"
+done
 echo "ALL GPU CHECKS PASSED"
