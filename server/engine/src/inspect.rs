@@ -95,6 +95,7 @@ fn dtype_name(d: DType) -> &'static str {
     match d {
         DType::F32 => "f32",
         DType::I64 => "i64",
+        DType::Bool => "bool",
     }
 }
 
@@ -102,6 +103,7 @@ fn dtype_bytes(d: DType) -> u64 {
     match d {
         DType::F32 => 4,
         DType::I64 => 8,
+        DType::Bool => 1,
     }
 }
 
@@ -112,7 +114,9 @@ pub fn plan(p: &Program) -> Plan {
         match op {
             Op::Map { .. } | Op::Fill { .. } | Op::Step { .. } => maps += 1,
             Op::Gemm(_) => gemms += 1,
-            Op::LayerNorm { .. } | Op::Softmax { .. } | Op::Mean { .. } => reductions += 1,
+            Op::LayerNorm { .. } | Op::Softmax { .. } | Op::Mean { .. } | Op::Axis { .. } => {
+                reductions += 1
+            }
         }
     }
     let bytes = |b: &graph::Buffer| b.len as u64 * dtype_bytes(b.dtype);

@@ -411,7 +411,7 @@ fn load_program(
     let mut ptrs = vec![];
     for b in &program.buffers {
         match b.dtype {
-            DType::F32 => {
+            DType::F32 | DType::Bool => {
                 let s = match &b.init {
                     Some(v) => stream.clone_htod(v).map_err(drv)?,
                     None => stream.alloc_zeros::<f32>(b.len).map_err(drv)?,
@@ -490,6 +490,28 @@ fn load_program(
                 inner,
             } => Step::Kernel {
                 func: mean.clone(),
+                grid: blocks(outer * inner),
+                block: MAP_BLOCK,
+                args: vec![
+                    p(*x),
+                    p(*out),
+                    Arg::I32(*outer as i32),
+                    Arg::I32(*len as i32),
+                    Arg::I32(*inner as i32),
+                ],
+            },
+            Op::Axis {
+                kind,
+                x,
+                out,
+                outer,
+                len,
+                inner,
+            } => Step::Kernel {
+                func: f(match kind {
+                    graph::AxisKind::Sum => "rf_sum",
+                    graph::AxisKind::CumSum => "rf_cumsum",
+                })?,
                 grid: blocks(outer * inner),
                 block: MAP_BLOCK,
                 args: vec![
@@ -989,23 +1011,31 @@ mod tests {
     }
 
     /// The kernels of the view and shape operators (Slice with negative steps, Pow as
-    /// powf, Reciprocal, broadcasts) compile too.
+    /// powf, Reciprocal, broadcasts) and of the run-time masks (comparisons, logic, Where,
+    /// CumSum, ReduceSum) compile too.
     #[test]
-    fn nvrtc_compiles_the_view_operators_kernels() {
+    fn nvrtc_compiles_the_view_and_mask_operators_kernels() {
         let _lib = load_nvrtc();
-        let model = graph::tests::views_model();
-        let p = graph::compile(&model, "views.onnx").unwrap();
-        let (kernels, src) = cuda_src::program_source(&p, "v");
-        assert!(src.contains("powf("), "{src}");
-        let ptx = compile(&p, "v", "sm_90").unwrap_or_else(|e| panic!("{e}\n{src}"));
-        let text = ptx.to_src();
-        assert!(kernels.iter().flatten().count() >= 1);
-        for k in kernels.iter().flatten() {
-            assert!(
-                text.contains(&format!(".entry {}(", k.name)),
-                "{} missing",
-                k.name
-            );
+        for (model, tag, needle) in [
+            (graph::tests::views_model(), "v", "powf("),
+            (graph::tests::masks_model(), "m", "? 1.f : 0.f"),
+        ] {
+            let p = graph::compile(&model, "test.onnx").unwrap();
+            let (kernels, src) = cuda_src::program_source(&p, tag);
+            assert!(src.contains(needle), "{src}");
+            let ptx = compile(&p, tag, "sm_90").unwrap_or_else(|e| panic!("{e}\n{src}"));
+            let text = ptx.to_src();
+            assert!(kernels.iter().flatten().count() >= 1);
+            for k in kernels.iter().flatten() {
+                assert!(
+                    text.contains(&format!(".entry {}(", k.name)),
+                    "{} missing",
+                    k.name
+                );
+            }
+            for k in ["rf_sum", "rf_cumsum"] {
+                assert!(text.contains(&format!(".entry {k}(")), "{k} missing");
+            }
         }
     }
 

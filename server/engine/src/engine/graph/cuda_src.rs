@@ -79,6 +79,31 @@ extern "C" __global__ void rf_mean(const float* __restrict__ x, float* __restric
     y[t] = s / len;
 }
 
+// The sum along the middle axis of x[outer, len, inner], in index order (ReduceSum).
+extern "C" __global__ void rf_sum(const float* __restrict__ x, float* __restrict__ y,
+        int outer, int len, int inner) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= outer * inner) return;
+    const int o = t / inner, i = t % inner;
+    float s = 0.f;
+    for (int l = 0; l < len; ++l) s += x[((long long)o * len + l) * inner + i];
+    y[t] = s;
+}
+
+// The running sum along the middle axis (CumSum), one thread per (outer, inner) column.
+extern "C" __global__ void rf_cumsum(const float* __restrict__ x, float* __restrict__ y,
+        int outer, int len, int inner) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= outer * inner) return;
+    const int o = t / inner, i = t % inner;
+    float s = 0.f;
+    for (int l = 0; l < len; ++l) {
+        const long long at = ((long long)o * len + l) * inner + i;
+        s += x[at];
+        y[at] = s;
+    }
+}
+
 extern "C" __global__ void rf_fill(float* __restrict__ y, int n, float v) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t < n) y[t] = v;
@@ -142,6 +167,7 @@ fn longest_dot(e: &Expr) -> i64 {
         Expr::Load { .. } | Expr::Gather { .. } | Expr::Const(_) => 0,
         Expr::Unary(_, x) => longest_dot(x),
         Expr::Binary(_, a, b) => longest_dot(a).max(longest_dot(b)),
+        Expr::Where(c, a, b) => longest_dot(c).max(longest_dot(a)).max(longest_dot(b)),
         Expr::Select { parts, .. } => parts.iter().map(longest_dot).max().unwrap_or(0),
         Expr::Dot { len, a, b } => (*len).max(longest_dot(a)).max(longest_dot(b)),
         Expr::Reshape { expr, .. } => longest_dot(expr),
@@ -163,6 +189,11 @@ fn collect_bufs(e: &Expr, out: &mut Vec<usize>) {
         Expr::Const(_) => {}
         Expr::Unary(_, x) => collect_bufs(x, out),
         Expr::Binary(_, a, b) | Expr::Dot { a, b, .. } => {
+            collect_bufs(a, out);
+            collect_bufs(b, out);
+        }
+        Expr::Where(c, a, b) => {
+            collect_bufs(c, out);
             collect_bufs(a, out);
             collect_bufs(b, out);
         }
@@ -241,6 +272,9 @@ impl Printer {
                     UnOp::Relu => format!("fmaxf({x}, 0.f)"),
                     UnOp::Sigmoid => format!("(1.f / (1.f + expf(-({x}))))"),
                     UnOp::Reciprocal => format!("(1.f / ({x}))"),
+                    UnOp::Not => format!("(({x}) == 0.f ? 1.f : 0.f)"),
+                    UnOp::NonZero => format!("(({x}) != 0.f ? 1.f : 0.f)"),
+                    UnOp::Trunc => format!("truncf({x})"),
                 }
             }
             Expr::Binary(op @ (BinOp::Pow | BinOp::Max | BinOp::Min), a, b) => {
@@ -251,13 +285,32 @@ impl Printer {
                 };
                 format!("{f}({}, {})", self.print(a, sc), self.print(b, sc))
             }
+            Expr::Binary(op, a, b) if op.is_predicate() => {
+                let (a, b) = (self.print(a, sc), self.print(b, sc));
+                let test = match op {
+                    BinOp::Equal => format!("({a}) == ({b})"),
+                    BinOp::Less => format!("({a}) < ({b})"),
+                    BinOp::LessOrEqual => format!("({a}) <= ({b})"),
+                    BinOp::Greater => format!("({a}) > ({b})"),
+                    BinOp::GreaterOrEqual => format!("({a}) >= ({b})"),
+                    BinOp::And => format!("({a}) != 0.f && ({b}) != 0.f"),
+                    _ => format!("({a}) != 0.f || ({b}) != 0.f"),
+                };
+                format!("(({test}) ? 1.f : 0.f)")
+            }
+            Expr::Where(c, a, b) => format!(
+                "(({}) != 0.f ? ({}) : ({}))",
+                self.print(c, sc),
+                self.print(a, sc),
+                self.print(b, sc)
+            ),
             Expr::Binary(op, a, b) => {
                 let sym = match op {
                     BinOp::Add => "+",
                     BinOp::Sub => "-",
                     BinOp::Mul => "*",
                     BinOp::Div => "/",
-                    BinOp::Pow | BinOp::Max | BinOp::Min => unreachable!("printed as calls above"),
+                    _ => unreachable!("printed as calls or predicates above"),
                 };
                 format!("({} {sym} {})", self.print(a, sc), self.print(b, sc))
             }
@@ -368,7 +421,7 @@ pub fn map_kernel(p: &Program, name: &str, shape: &[usize], expr: &Expr) -> MapK
     let mut head = format!("extern \"C\" __global__ void {name}(float* __restrict__ out");
     for &b in &params {
         let ty = match p.buffers[b].dtype {
-            DType::F32 => "float",
+            DType::F32 | DType::Bool => "float",
             DType::I64 => "long long",
         };
         let _ = write!(head, ", const {ty}* __restrict__ b{b}");

@@ -36,6 +36,11 @@ use super::EngineError;
 pub enum DType {
     F32,
     I64,
+    /// Booleans (masks). A bool graph input or a bool computed at run time is held in a
+    /// float32 buffer as 0 or 1 (the host converts an input when staging it); buffers
+    /// themselves are F32 or I64 only. Int64 values computed at run time (a mask's CumSum)
+    /// are held the same way, exact below 2^24.
+    Bool,
 }
 
 /// One device buffer: its element count, type and (for weights) contents.
@@ -64,6 +69,12 @@ pub enum UnOp {
     Sigmoid,
     /// 1/x (ONNX Reciprocal).
     Reciprocal,
+    /// 1 when x is 0, else 0 (ONNX Not).
+    Not,
+    /// 1 when x is not 0, else 0 (Cast to bool).
+    NonZero,
+    /// Toward zero (Cast of a float to an integer type).
+    Trunc,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +88,73 @@ pub enum BinOp {
     /// fmaxf / fminf (ONNX Max, Min of two inputs; Clip).
     Max,
     Min,
+    /// Comparisons and logic on values held as floats: 1 when true, 0 when false.
+    Equal,
+    Less,
+    LessOrEqual,
+    Greater,
+    GreaterOrEqual,
+    And,
+    Or,
+}
+
+impl BinOp {
+    /// Comparisons and logic: their result is a bool (1 or 0).
+    pub fn is_predicate(self) -> bool {
+        matches!(
+            self,
+            BinOp::Equal
+                | BinOp::Less
+                | BinOp::LessOrEqual
+                | BinOp::Greater
+                | BinOp::GreaterOrEqual
+                | BinOp::And
+                | BinOp::Or
+        )
+    }
+}
+
+/// `op` on two load-time int64 tensors, broadcast to `out` (integer division truncates,
+/// as onnxruntime's does).
+fn fold_ints(
+    op: BinOp,
+    p: &[i64],
+    ps: &[usize],
+    q: &[i64],
+    qs: &[usize],
+    out: &[usize],
+) -> Result<Vec<i64>, String> {
+    let (cp, cq) = (broadcast_coefs(ps, out), broadcast_coefs(qs, out));
+    let n: usize = out.iter().product();
+    let mut v = Vec::with_capacity(n);
+    for idx in 0..n {
+        let (mut r, mut i, mut j) = (idx, 0i64, 0i64);
+        for d in (0..out.len()).rev() {
+            let c = (r % out[d]) as i64;
+            r /= out[d];
+            i += c * cp[d];
+            j += c * cq[d];
+        }
+        let (a, b) = (p[i as usize], q[j as usize]);
+        v.push(match op {
+            BinOp::Add => a.wrapping_add(b),
+            BinOp::Sub => a.wrapping_sub(b),
+            BinOp::Mul => a.wrapping_mul(b),
+            BinOp::Div if b != 0 => a / b,
+            BinOp::Div => return Err("int64 division by zero at load".into()),
+            BinOp::Max => a.max(b),
+            BinOp::Min => a.min(b),
+            BinOp::Equal => (a == b) as i64,
+            BinOp::Less => (a < b) as i64,
+            BinOp::LessOrEqual => (a <= b) as i64,
+            BinOp::Greater => (a > b) as i64,
+            BinOp::GreaterOrEqual => (a >= b) as i64,
+            BinOp::And => (a != 0 && b != 0) as i64,
+            BinOp::Or => (a != 0 || b != 0) as i64,
+            BinOp::Pow => return Err("Pow of int64 tensors".into()),
+        });
+    }
+    Ok(v)
 }
 
 /// The value of one output element. Coordinates are those of the map's
@@ -102,6 +180,9 @@ pub enum Expr {
     Const(f32),
     Unary(UnOp, Box<Expr>),
     Binary(BinOp, Box<Expr>, Box<Expr>),
+    /// `cond ≠ 0 ? then : else` (ONNX Where); only the chosen side counts, so a
+    /// -inf or NaN on the other never leaks in.
+    Where(Box<Expr>, Box<Expr>, Box<Expr>),
     /// Concatenation along `axis`: part j holds coordinates from `starts[j]`
     /// and is an expression over its own (part-local) coordinates and shape.
     Select {
@@ -131,6 +212,7 @@ impl Expr {
             Expr::Load { .. } | Expr::Gather { .. } | Expr::Const(_) => 1,
             Expr::Unary(_, x) => 1 + x.nodes(),
             Expr::Binary(_, a, b) => 1 + a.nodes() + b.nodes(),
+            Expr::Where(c, a, b) => 1 + c.nodes() + a.nodes() + b.nodes(),
             Expr::Select { parts, .. } => 1 + parts.iter().map(Expr::nodes).sum::<usize>(),
             Expr::Dot { a, b, len } => 1 + (a.nodes() + b.nodes()) * *len as usize,
             Expr::Reshape { expr, .. } => 1 + expr.nodes(),
@@ -202,6 +284,16 @@ pub enum Op {
         len: usize,
         inner: usize,
     },
+    /// Along the middle axis of `x[outer, len, inner]`: the sum (`out[o, i]`) or the
+    /// running sum (`out[o, l, i]`, ONNX CumSum), added in index order.
+    Axis {
+        kind: AxisKind,
+        x: usize,
+        out: usize,
+        outer: usize,
+        len: usize,
+        inner: usize,
+    },
     Fill {
         out: usize,
         len: usize,
@@ -217,6 +309,12 @@ pub enum Op {
         t: usize,
         t_next: f32,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AxisKind {
+    Sum,
+    CumSum,
 }
 
 /// A graph input or output: its name, buffer and shape.
@@ -286,6 +384,17 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Split",
     "SplitToSequence",
     "SequenceAt",
+    "Equal",
+    "Less",
+    "LessOrEqual",
+    "Greater",
+    "GreaterOrEqual",
+    "And",
+    "Or",
+    "Not",
+    "Where",
+    "CumSum",
+    "ReduceSum",
 ];
 
 impl Program {
@@ -545,6 +654,11 @@ fn rebroadcast(e: &Expr, from: &[usize], to: &[usize]) -> Expr {
             Box::new(rebroadcast(a, from, to)),
             Box::new(rebroadcast(b, from, to)),
         ),
+        Expr::Where(c, a, b) => Expr::Where(
+            Box::new(rebroadcast(c, from, to)),
+            Box::new(rebroadcast(a, from, to)),
+            Box::new(rebroadcast(b, from, to)),
+        ),
         other => unreachable!("only cheap expressions are rebroadcast: {other:?}"),
     }
 }
@@ -608,8 +722,23 @@ fn tensor_data(t: &pb::TensorProto) -> Result<(DType, Vec<f32>, Vec<i64>), Strin
             }
             Ok((DType::I64, vec![], v))
         }
+        9 => {
+            let v: Vec<i64> = if !t.raw_data.is_empty() {
+                t.raw_data.iter().map(|&b| (b != 0) as i64).collect()
+            } else {
+                t.int32_data.iter().map(|&b| (b != 0) as i64).collect()
+            };
+            if v.len() != n {
+                return Err(format!(
+                    "initializer {} has {} values, not {n}",
+                    t.name,
+                    v.len()
+                ));
+            }
+            Ok((DType::Bool, vec![], v))
+        }
         other => Err(format!(
-            "initializer {} has ONNX data type {other}; the cuda engine takes float32 and int64",
+            "initializer {} has ONNX data type {other}; the cuda engine takes float32, int64 and bool",
             t.name
         )),
     }
@@ -627,6 +756,7 @@ fn value_shape(v: &pb::ValueInfoProto) -> Result<(Vec<usize>, DType), String> {
     let dtype = match t.elem_type {
         1 => DType::F32,
         7 => DType::I64,
+        9 => DType::Bool,
         other => return Err(format!("input {} has ONNX data type {other}", v.name)),
     };
     let dims = t
@@ -770,7 +900,12 @@ pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
             continue; // an initializer listed as input (older exporters)
         }
         let (shape, dtype) = value_shape(v)?;
-        let buf = l.buffer(shape.iter().product(), dtype, None);
+        let held = if dtype == DType::Bool {
+            DType::F32
+        } else {
+            dtype
+        };
+        let buf = l.buffer(shape.iter().product(), held, None);
         inputs.push(Port {
             name: v.name.clone(),
             buf,
@@ -793,15 +928,18 @@ pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
     let mut outputs = vec![];
     for o in &graph.output {
         let v = l.get(&o.name)?;
-        if v.dtype != DType::F32 {
-            return Err(format!("output {} is not float32", o.name));
-        }
+        // A bool or int64 output computed at run time (a prefix's pad mask) is handed
+        // over as floats, 0/1 or exact integers; an int64 input passed through stays int64.
         let buf = l.materialize(&v);
         outputs.push(Port {
             name: o.name.clone(),
             buf,
             shape: v.shape.clone(),
-            dtype: DType::F32,
+            dtype: match l.buffers[buf].dtype {
+                DType::I64 => DType::I64,
+                _ if v.dtype == DType::Bool => DType::Bool,
+                _ => DType::F32,
+            },
         });
     }
     Ok(Program {
@@ -884,6 +1022,26 @@ impl Lowering {
         }
     }
 
+    /// A float32 buffer of the value: an int64 graph input is converted by a map.
+    fn f32_buf(&mut self, v: &Value) -> usize {
+        match &v.src {
+            Source::Buf(b) if self.buffers[*b].dtype == DType::I64 => {
+                let e = self.expr(v, &v.shape);
+                self.emit_map(v.shape.clone(), e)
+            }
+            _ => self.materialize(v),
+        }
+    }
+
+    /// [`Self::put_elementwise`] for a result that is not float32 (a mask, an int64 value
+    /// computed at run time), held as floats all the same.
+    fn put_typed(&mut self, name: &str, shape: Vec<usize>, dtype: DType, expr: Expr) {
+        self.put_elementwise(name, shape, expr);
+        if let Some(v) = self.values.get_mut(name) {
+            v.dtype = dtype;
+        }
+    }
+
     /// Stores an elementwise result: pending when its one consumer can fuse it
     /// (or it is cheap enough to compute again in each).
     fn put_elementwise(&mut self, name: &str, shape: Vec<usize>, expr: Expr) {
@@ -952,6 +1110,7 @@ impl Lowering {
             "Relu" => Some(UnOp::Relu),
             "Sigmoid" => Some(UnOp::Sigmoid),
             "Reciprocal" => Some(UnOp::Reciprocal),
+            "Not" => Some(UnOp::Not),
             _ => None,
         };
         let binary = match op {
@@ -968,29 +1127,69 @@ impl Lowering {
             }
             "Max" => Some(BinOp::Max),
             "Min" => Some(BinOp::Min),
+            "Equal" => Some(BinOp::Equal),
+            "Less" => Some(BinOp::Less),
+            "LessOrEqual" => Some(BinOp::LessOrEqual),
+            "Greater" => Some(BinOp::Greater),
+            "GreaterOrEqual" => Some(BinOp::GreaterOrEqual),
+            "And" => Some(BinOp::And),
+            "Or" => Some(BinOp::Or),
             _ => None,
         };
         if let Some(u) = unary {
-            let x = self.f32_value(input(0)?)?;
+            let x = self.get(input(0)?)?;
+            if let Source::Ints(v) = &x.src {
+                // Integer arithmetic known at load.
+                let r: Vec<i64> = match u {
+                    UnOp::Neg => v.iter().map(|a| -a).collect(),
+                    UnOp::Not => v.iter().map(|&a| (a == 0) as i64).collect(),
+                    _ => return Err(format!("{op} of a load-time int64 tensor")),
+                };
+                let dtype = if u == UnOp::Not {
+                    DType::Bool
+                } else {
+                    DType::I64
+                };
+                self.set(
+                    &out,
+                    Value {
+                        shape: x.shape.clone(),
+                        dtype,
+                        src: Source::Ints(r),
+                    },
+                );
+                return Ok(());
+            }
+            let dtype = if u == UnOp::Not { DType::Bool } else { x.dtype };
             let e = self.expr(&x, &x.shape);
-            self.put_elementwise(&out, x.shape.clone(), Expr::Unary(u, Box::new(e)));
+            self.put_typed(&out, x.shape.clone(), dtype, Expr::Unary(u, Box::new(e)));
             return Ok(());
         }
         if let Some(b) = binary {
-            let x = self.f32_value(input(0)?)?;
-            let y = self.f32_value(input(1)?)?;
+            let x = self.get(input(0)?)?;
+            let y = self.get(input(1)?)?;
             let shape = broadcast(&x.shape, &y.shape)?;
-            if let (Source::Scalar(p), Source::Scalar(q)) = (&x.src, &y.src) {
-                let v = reference::binary(b, *p, *q);
-                let src = Source::Scalar(v);
+            let dtype = if b.is_predicate() {
+                DType::Bool
+            } else {
+                x.dtype
+            };
+            if let (Source::Ints(p), Source::Ints(q)) = (&x.src, &y.src) {
+                let v = fold_ints(b, p, &x.shape, q, &y.shape, &shape)?;
                 self.set(
                     &out,
                     Value {
                         shape,
-                        dtype: DType::F32,
-                        src,
+                        dtype,
+                        src: Source::Ints(v),
                     },
                 );
+                return Ok(());
+            }
+            if let (Source::Scalar(p), Source::Scalar(q)) = (&x.src, &y.src) {
+                let v = reference::binary(b, *p, *q);
+                let src = Source::Scalar(v);
+                self.set(&out, Value { shape, dtype, src });
                 return Ok(());
             }
             let ex = self.expr(&x, &shape);
@@ -1001,7 +1200,12 @@ impl Lowering {
                 return Ok(());
             }
             let ey = self.expr(&y, &shape);
-            self.put_elementwise(&out, shape, Expr::Binary(b, Box::new(ex), Box::new(ey)));
+            self.put_typed(
+                &out,
+                shape,
+                dtype,
+                Expr::Binary(b, Box::new(ex), Box::new(ey)),
+            );
             return Ok(());
         }
         match op {
@@ -1086,30 +1290,99 @@ impl Lowering {
             "Cast" => {
                 let v = self.get(input(0)?)?;
                 let to = attr_int(node, "to", 0);
-                let src = match (to, &v.src) {
-                    (1, _) if v.dtype == DType::F32 => v.src.clone(),
-                    (7, Source::Ints(_)) => v.src.clone(),
-                    // Integer constants (shapes, positions known at load) become floats here.
-                    (1, Source::Ints(i)) => {
-                        let f = i.iter().map(|&x| x as f32).collect();
-                        self.constant(DType::F32, f, vec![])
-                    }
-                    (to, _) => {
+                let to_dtype = match to {
+                    1 => DType::F32,
+                    6 | 7 => DType::I64,
+                    9 => DType::Bool,
+                    other => {
                         return Err(format!(
-                            "Cast of a run-time {:?} value to ONNX type {to}: the cuda engine computes in float32, with int64 only at load",
-                            v.dtype
+                            "Cast to ONNX type {other}: the cuda engine computes in float32 (int64 and bool held as floats)"
                         ));
                     }
                 };
-                let dtype = if to == 7 { DType::I64 } else { DType::F32 };
-                self.set(
-                    &out,
-                    Value {
-                        shape: v.shape.clone(),
-                        dtype,
-                        src,
-                    },
-                );
+                let shape = v.shape.clone();
+                let value = |dtype, src| Value { shape: shape.clone(), dtype, src };
+                let cast = match (&v.src, to_dtype) {
+                    // Known at load: converted here.
+                    (Source::Ints(i), DType::F32) => {
+                        let f = i.iter().map(|&x| x as f32).collect();
+                        value(DType::F32, self.constant(DType::F32, f, vec![]))
+                    }
+                    (Source::Ints(i), DType::I64) => value(DType::I64, Source::Ints(i.clone())),
+                    (Source::Ints(i), _) => {
+                        value(DType::Bool, Source::Ints(i.iter().map(|&x| (x != 0) as i64).collect()))
+                    }
+                    (Source::Scalar(x), DType::F32) => value(DType::F32, Source::Scalar(*x)),
+                    (Source::Scalar(x), DType::I64) => value(DType::I64, Source::Ints(vec![x.trunc() as i64])),
+                    (Source::Scalar(x), _) => value(DType::Bool, Source::Ints(vec![(*x != 0.0) as i64])),
+                    // The same type: the same value.
+                    _ if v.dtype == to_dtype => v.clone(),
+                    // At run time, as floats: bool → number and int64 → float keep their
+                    // value; float → int64 truncates; anything → bool tests for non-zero.
+                    _ => {
+                        let e = self.expr(&v, &v.shape);
+                        let e = match (v.dtype, to_dtype) {
+                            (DType::F32, DType::I64) => Expr::Unary(UnOp::Trunc, Box::new(e)),
+                            (_, DType::Bool) => Expr::Unary(UnOp::NonZero, Box::new(e)),
+                            _ => e,
+                        };
+                        self.put_typed(&out, v.shape.clone(), to_dtype, e);
+                        return Ok(());
+                    }
+                };
+                self.set(&out, cast);
+            }
+            "Where" => {
+                let c = self.get(input(0)?)?;
+                let a = self.get(input(1)?)?;
+                let b = self.get(input(2)?)?;
+                let shape = broadcast(&broadcast(&c.shape, &a.shape)?, &b.shape)?;
+                let ec = self.expr(&c, &shape);
+                let ea = self.expr(&a, &shape);
+                let eb = self.expr(&b, &shape);
+                let e = Expr::Where(Box::new(ec), Box::new(ea), Box::new(eb));
+                self.put_typed(&out, shape, a.dtype, e);
+            }
+            "CumSum" | "ReduceSum" => {
+                let x = self.get(input(0)?)?;
+                let rank = x.shape.len();
+                let axes = match node.input.get(1).filter(|s| !s.is_empty()) {
+                    Some(a) => self.ints(a)?,
+                    None => attr_ints(node, "axes").unwrap_or_default(),
+                };
+                let [axis] = axes.as_slice() else {
+                    return Err(format!("{op} over the axes {axes:?}: one axis is supported"));
+                };
+                let axis = norm_axis(*axis, rank)?;
+                if op == "CumSum" && (attr_int(node, "exclusive", 0) != 0 || attr_int(node, "reverse", 0) != 0) {
+                    return Err("CumSum with exclusive or reverse".into());
+                }
+                let outer: usize = x.shape[..axis].iter().product();
+                let inner: usize = x.shape[axis + 1..].iter().product();
+                let len = x.shape[axis];
+                let (kind, mut shape) = if op == "CumSum" {
+                    (AxisKind::CumSum, x.shape.clone())
+                } else {
+                    (AxisKind::Sum, x.shape.clone())
+                };
+                if kind == AxisKind::Sum {
+                    if attr_int(node, "keepdims", 1) != 0 {
+                        shape[axis] = 1;
+                    } else {
+                        shape.remove(axis);
+                    }
+                }
+                let xb = self.f32_buf(&x);
+                let o = self.buffer(shape.iter().product(), DType::F32, None);
+                self.ops.push(Op::Axis {
+                    kind,
+                    x: xb,
+                    out: o,
+                    outer,
+                    len,
+                    inner,
+                });
+                self.set(&out, Value { shape, dtype: x.dtype, src: Source::Buf(o) });
             }
             "Shape" => {
                 let v = self.get(input(0)?)?;
@@ -1379,6 +1652,18 @@ impl Lowering {
                 let expr = Expr::Load { src, coefs, offset };
                 self.put_elementwise(&out, shape, expr);
             }
+            "Concat" if !node.input.is_empty() && node.input.iter().all(|n| {
+                matches!(self.values.get(n), Some(Value { src: Source::Ints(_), shape, .. }) if shape.len() <= 1)
+            }) =>
+            {
+                // Shape vectors joined at load.
+                let mut v = vec![];
+                for n in &node.input {
+                    v.extend(self.ints(n)?);
+                }
+                let dtype = self.get(&node.input[0])?.dtype;
+                self.set(&out, Value { shape: vec![v.len()], dtype, src: Source::Ints(v) });
+            }
             "Concat" => {
                 let vals: Vec<Value> = node
                     .input
@@ -1415,16 +1700,31 @@ impl Lowering {
                 self.put_elementwise(&out, shape, expr);
             }
             "Gather" => {
-                let table = self.f32_value(input(0)?)?;
                 let idx = self.get(input(1)?)?;
+                if let (Source::Ints(t), Source::Ints(i)) = (&self.get(input(0)?)?.src, &idx.src) {
+                    // Shape arithmetic (`Gather(Shape(x), 1)`): picked at load.
+                    let n = t.len() as i64;
+                    let picked = i
+                        .iter()
+                        .map(|&k| {
+                            let k = if k < 0 { k + n } else { k };
+                            t.get(usize::try_from(k).map_err(|_| "index out of range")?)
+                                .copied()
+                                .ok_or("index out of range")
+                        })
+                        .collect::<Result<Vec<i64>, _>>()?;
+                    self.set(&out, Value { shape: idx.shape.clone(), dtype: DType::I64, src: Source::Ints(picked) });
+                    return Ok(());
+                }
+                let table = self.f32_value(input(0)?)?;
                 if attr_int(node, "axis", 0) != 0 || table.shape.len() != 2 {
                     return Err("only axis-0 gathers from a 2-D table are supported".into());
                 }
                 let Source::Buf(index) = idx.src else {
                     return Err("gather indices must be a graph input".into());
                 };
-                if idx.dtype != DType::I64 {
-                    return Err("gather indices must be int64".into());
+                if idx.dtype != DType::I64 || self.buffers[index].dtype != DType::I64 {
+                    return Err("gather indices must be an int64 graph input (indices computed at run time are not supported yet)".into());
                 }
                 let tbl = self.materialize(&table);
                 let row_len = table.shape[1];
@@ -1671,7 +1971,7 @@ impl Lowering {
     /// inlined, any other float tensor a weight buffer.
     fn constant(&mut self, dtype: DType, f: Vec<f32>, i: Vec<i64>) -> Source {
         match dtype {
-            DType::I64 => Source::Ints(i),
+            DType::I64 | DType::Bool => Source::Ints(i),
             DType::F32 if f.len() == 1 => Source::Scalar(f[0]),
             DType::F32 => Source::Buf(self.buffer(f.len(), DType::F32, Some(f))),
         }
@@ -1708,7 +2008,9 @@ impl Lowering {
                 }
                 Source::Ints(picked)
             }
-            _ if v.dtype != DType::F32 => return Err("a split of a run-time int64 tensor".into()),
+            Source::Buf(b) if self.buffers[*b].dtype == DType::I64 => {
+                return Err("a split of an int64 graph input".into());
+            }
             _ => {
                 let (src, st, offset) = self.view(v);
                 let mut coefs = st.clone();
@@ -1729,12 +2031,19 @@ impl Lowering {
         })
     }
 
+    /// A value computed in float32 maps: a float, or a bool/int64 held as floats. An int64
+    /// graph input (token ids) is not: it feeds gathers, or a Cast first.
     fn f32_value(&self, name: &str) -> Result<Value, String> {
         let v = self.get(name)?;
-        if v.dtype != DType::F32 {
-            return Err(format!("{name} must be float32"));
+        match &v.src {
+            Source::Buf(b) if self.buffers[*b].dtype == DType::I64 => Err(format!(
+                "{name} is an int64 graph input; only Gather and Cast read one"
+            )),
+            Source::Ints(_) if v.dtype != DType::Bool => Err(format!(
+                "{name} is an int64 constant where a float is expected"
+            )),
+            _ => Ok(v),
         }
-        Ok(v)
     }
 
     /// A per-channel vector of `dim` values as a buffer (broadcast if scalar).

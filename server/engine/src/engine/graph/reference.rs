@@ -3,7 +3,7 @@
 //! column-major sgemm with exactly the arguments handed to cuBLAS. It is
 //! slow and exists to test the compiler where no GPU is.
 
-use super::{BinOp, CublasCall, DType, Expr, Op, Program, UnOp, cublas_call};
+use super::{AxisKind, BinOp, CublasCall, DType, Expr, Op, Program, UnOp, cublas_call};
 
 pub fn unary(op: UnOp, x: f32) -> f32 {
     match op {
@@ -22,6 +22,9 @@ pub fn unary(op: UnOp, x: f32) -> f32 {
         UnOp::Relu => x.max(0.0),
         UnOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
         UnOp::Reciprocal => 1.0 / x,
+        UnOp::Not => (x == 0.0) as u8 as f32,
+        UnOp::NonZero => (x != 0.0) as u8 as f32,
+        UnOp::Trunc => x.trunc(),
     }
 }
 
@@ -34,6 +37,13 @@ pub fn binary(op: BinOp, a: f32, b: f32) -> f32 {
         BinOp::Pow => a.powf(b),
         BinOp::Max => a.max(b),
         BinOp::Min => a.min(b),
+        BinOp::Equal => (a == b) as u8 as f32,
+        BinOp::Less => (a < b) as u8 as f32,
+        BinOp::LessOrEqual => (a <= b) as u8 as f32,
+        BinOp::Greater => (a > b) as u8 as f32,
+        BinOp::GreaterOrEqual => (a >= b) as u8 as f32,
+        BinOp::And => (a != 0.0 && b != 0.0) as u8 as f32,
+        BinOp::Or => (a != 0.0 || b != 0.0) as u8 as f32,
     }
 }
 
@@ -54,7 +64,7 @@ impl Memory {
         let mut i = vec![];
         for b in &p.buffers {
             match b.dtype {
-                DType::F32 => {
+                DType::F32 | DType::Bool => {
                     f.push(b.init.clone().unwrap_or_else(|| vec![0.0; b.len]));
                     i.push(vec![]);
                 }
@@ -74,6 +84,10 @@ fn eval(e: &Expr, coords: &[i64], shape: &[usize], m: &Memory) -> f32 {
         (offset + coefs.iter().zip(coords).map(|(c, x)| c * x).sum::<i64>()) as usize
     };
     match e {
+        // An int64 buffer (a graph input) read into a float expression, as CUDA converts.
+        Expr::Load { src, coefs, offset } if m.f[*src].is_empty() => {
+            m.i[*src][dot(coefs, *offset)] as f32
+        }
         Expr::Load { src, coefs, offset } => m.f[*src][dot(coefs, *offset)],
         Expr::Gather {
             table,
@@ -95,6 +109,13 @@ fn eval(e: &Expr, coords: &[i64], shape: &[usize], m: &Memory) -> f32 {
         Expr::Const(c) => *c,
         Expr::Unary(op, x) => unary(*op, eval(x, coords, shape, m)),
         Expr::Binary(op, a, b) => binary(*op, eval(a, coords, shape, m), eval(b, coords, shape, m)),
+        Expr::Where(c, a, b) => {
+            if eval(c, coords, shape, m) != 0.0 {
+                eval(a, coords, shape, m)
+            } else {
+                eval(b, coords, shape, m)
+            }
+        }
         Expr::Select {
             axis,
             starts,
@@ -231,6 +252,29 @@ pub fn run_ops(ops: &[Op], m: &mut Memory) {
                     for i in 0..*inner {
                         let s: f32 = (0..*len).map(|l| m.f[*x][(o * len + l) * inner + i]).sum();
                         m.f[*out][o * inner + i] = s / *len as f32;
+                    }
+                }
+            }
+            Op::Axis {
+                kind,
+                x,
+                out,
+                outer,
+                len,
+                inner,
+            } => {
+                for o in 0..*outer {
+                    for i in 0..*inner {
+                        let mut s = 0.0f32;
+                        for l in 0..*len {
+                            s += m.f[*x][(o * len + l) * inner + i];
+                            if *kind == AxisKind::CumSum {
+                                m.f[*out][(o * len + l) * inner + i] = s;
+                            }
+                        }
+                        if *kind == AxisKind::Sum {
+                            m.f[*out][o * inner + i] = s;
+                        }
                     }
                 }
             }

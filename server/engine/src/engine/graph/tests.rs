@@ -291,7 +291,7 @@ fn the_supported_operator_list_is_what_the_lowering_accepts() {
         let err = lowering().node(&node(op)).unwrap_err();
         assert!(!err.contains("not supported"), "{op}: {err}");
     }
-    for op in ["CumSum", "Where", "NonMaxSuppression", "ReduceSum"] {
+    for op in ["NonMaxSuppression", "Loop", "If", "Einsum"] {
         assert!(!SUPPORTED_OPS.contains(&op));
         let err = lowering().node(&node(op)).unwrap_err();
         assert!(
@@ -515,4 +515,113 @@ fn slice_ranges_follow_the_onnx_rules() {
     assert_eq!(slice_range(4, 0, -2, 5).unwrap(), (4, 2, -2));
     assert_eq!(slice_range(3, 1, 1, 5).unwrap(), (3, 0, 1));
     assert!(slice_range(0, 1, 0, 5).is_err());
+}
+
+/// The run-time masks of a pi0.5 prefix as torch.onnx writes them: a bool pad mask input,
+/// Cast to int64, CumSum (axis a rank-0 int64 initializer) for the positions, the 2-D
+/// attention rule (LessOrEqual, And), Where to an additive mask, plus Not/Or/Equal and a
+/// ReduceSum of the valid tokens (x f32 [1,8,8], mask bool [1,8]).
+pub(crate) fn masks_model() -> pb::ModelProto {
+    use crate::onnx::builder::{BOOL, F32, GraphBuilder, I64, int};
+    let mut g = GraphBuilder::new("masks");
+    let x = g.input("x", F32, &[1, 8, 8]);
+    let mask = g.input("mask", BOOL, &[1, 8]);
+    let ints = g.cast(&mask, I64);
+    let axis = g.int0(1);
+    let cum = g.node("CumSum", &[&ints, &axis], vec![]);
+    let one = g.ints(&[1]);
+    let pos = g.binary("Sub", &cum, &one);
+    let keys = g.unsqueeze(&pos, &[1]);
+    let queries = g.unsqueeze(&pos, &[2]);
+    let causal = g.binary("LessOrEqual", &keys, &queries);
+    let pad = g.unsqueeze(&mask, &[1]);
+    let allowed = g.binary("And", &causal, &pad);
+    let eq = g.binary("Equal", &keys, &queries);
+    let not_pad = g.node("Not", &[&pad], vec![]);
+    let diag = g.binary("And", &eq, &not_pad);
+    let allowed = g.binary("Or", &allowed, &diag);
+    let zero = g.konst(&[], &[0.0]);
+    let fill = g.konst(&[], &[-1e9]);
+    let bias = g.node("Where", &[&allowed, &zero, &fill], vec![]);
+    let scores = g.binary("Add", &x, &bias);
+    let probs = g.node("Softmax", &[&scores], vec![int("axis", -1)]);
+    g.output(&probs, "probs", F32, &[1, 8, 8]);
+    let valid = g.cast(&mask, F32);
+    let axes = g.ints(&[1]);
+    let count = g.node("ReduceSum", &[&valid, &axes], vec![int("keepdims", 1)]);
+    g.output(&count, "count", F32, &[1, 1]);
+    let posf = g.cast(&pos, F32);
+    g.output(&posf, "positions", F32, &[1, 8]);
+    g.output(&allowed, "allowed", BOOL, &[1, 8, 8]);
+    g.model(17)
+}
+
+#[test]
+fn run_time_masks_agree_with_tract() {
+    use tract_onnx::prelude::*;
+
+    let model = masks_model();
+    let p = compile(&model, "masks.onnx").unwrap();
+    assert_eq!(p.input("mask").unwrap().dtype, DType::Bool);
+    assert!(p.ops.iter().any(|o| matches!(
+        o,
+        super::Op::Axis {
+            kind: AxisKind::CumSum,
+            ..
+        }
+    )));
+    assert!(p.ops.iter().any(|o| matches!(
+        o,
+        super::Op::Axis {
+            kind: AxisKind::Sum,
+            ..
+        }
+    )));
+    let mut for_tract = model.clone();
+    crate::onnx::rewrite::prepare(&mut for_tract).unwrap();
+    let plan = tract_onnx::onnx()
+        .model_for_proto_model(&for_tract)
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for bits in [
+        [true; 8],
+        [true, true, false, true, false, false, true, true],
+        [false; 8],
+    ] {
+        let xv = uniform(&mut rng, 64, 3.0);
+        let mut mem = Memory::new(&p);
+        set_input(&p, &mut mem, "x", &xv);
+        // The host stages a bool input as 0/1 floats.
+        let as_f: Vec<f32> = bits.iter().map(|&b| b as u8 as f32).collect();
+        set_input(&p, &mut mem, "mask", &as_f);
+        run_ops(&p.ops, &mut mem);
+        let xt = tract_ndarray::Array3::from_shape_vec((1, 8, 8), xv).unwrap();
+        let mt = tract_ndarray::Array2::from_shape_vec((1, 8), bits.to_vec()).unwrap();
+        let got = plan
+            .run(tvec!(Tensor::from(xt).into(), Tensor::from(mt).into()))
+            .unwrap();
+        for (k, port) in p.outputs.iter().enumerate() {
+            let ours = &mem.f[port.buf];
+            let theirs: Vec<f32> = got[k]
+                .cast_to::<f32>()
+                .unwrap()
+                .try_as_plain_ram()
+                .unwrap()
+                .as_slice::<f32>()
+                .unwrap()
+                .to_vec();
+            assert_eq!(ours.len(), theirs.len(), "{}", port.name);
+            for (a, b) in ours.iter().zip(&theirs) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                    "{} with mask {bits:?}:\n{ours:?}\n{theirs:?}",
+                    port.name
+                );
+            }
+        }
+    }
 }
