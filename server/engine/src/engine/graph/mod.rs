@@ -937,7 +937,11 @@ pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
             shape: v.shape.clone(),
             dtype: match l.buffers[buf].dtype {
                 DType::I64 => DType::I64,
-                _ if v.dtype == DType::Bool => DType::Bool,
+                _ if v.dtype == DType::Bool
+                    || value_shape(o).is_ok_and(|(_, d)| d == DType::Bool) =>
+                {
+                    DType::Bool
+                }
                 _ => DType::F32,
             },
         });
