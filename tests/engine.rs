@@ -266,25 +266,8 @@ fn inspect_says_whether_an_export_runs_on_the_cuda_engine_and_names_what_does_no
         "the loop is unrolled: {r}"
     );
 
-    for kind in [
-        "pi05",
-        "pi05-per-step",
-        "pi05-monolithic",
-        "pi0",
-        "smolvla",
-        "smolvla-four-graph",
-    ] {
-        let export = dir.path().join(kind);
-        let out = std::process::Command::new(BIN)
-            .args(["export-demo", "--kind", kind])
-            .arg(&export)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    for kind in SEED_KINDS {
+        let export = export_demo(dir.path(), kind);
         let (code, text, err) = inspect(&export, &[]);
         assert_eq!(code, Some(1), "{kind}: {text}{err}");
         assert!(text.contains("engine cuda: DOES NOT RUN"), "{kind}: {text}");

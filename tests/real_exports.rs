@@ -27,31 +27,6 @@ fn png(shade: u8, size: u32) -> Vec<u8> {
     reflex_engine::preprocess::encode_png(&img)
 }
 
-/// `reflex export-demo --kind KIND DIR/KIND`, checked; returns the folder.
-fn export_demo(dir: &Path, kind: &str) -> std::path::PathBuf {
-    let export = dir.join(kind);
-    let out = Command::new(BIN)
-        .args(["export-demo", "--kind", kind, export.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    export
-}
-
-/// Every seed-layout kind `reflex export-demo --kind` writes.
-const SEED_KINDS: [&str; 6] = [
-    "pi05",
-    "pi05-per-step",
-    "pi05-monolithic",
-    "pi0",
-    "smolvla",
-    "smolvla-four-graph",
-];
-
 /// What a fixture's `fixture.json` says of its cameras: their names and image size.
 #[derive(Clone)]
 struct Cameras {

@@ -533,3 +533,28 @@ pub fn output_text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// `reflex export-demo --kind KIND DIR/KIND`, checked; returns the folder.
+pub fn export_demo(dir: &Path, kind: &str) -> std::path::PathBuf {
+    let export = dir.join(kind);
+    let out = Command::new(BIN)
+        .args(["export-demo", "--kind", kind, export.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    export
+}
+
+/// Every seed-layout kind `reflex export-demo --kind` writes.
+pub const SEED_KINDS: [&str; 6] = [
+    "pi05",
+    "pi05-per-step",
+    "pi05-monolithic",
+    "pi0",
+    "smolvla",
+    "smolvla-four-graph",
+];

@@ -430,6 +430,19 @@ fn load_program(
 
     let (layernorm, softmax, mean) = (f("rf_layernorm")?, f("rf_softmax")?, f("rf_mean")?);
     let blocks = |n: usize| n.div_ceil(MAP_BLOCK as usize) as u32;
+    let along_axis =
+        |func, x: usize, out: usize, outer: usize, len: usize, inner: usize| Step::Kernel {
+            func,
+            grid: blocks(outer * inner),
+            block: MAP_BLOCK,
+            args: vec![
+                Arg::Ptr(ptrs[x]),
+                Arg::Ptr(ptrs[out]),
+                Arg::I32(outer as i32),
+                Arg::I32(len as i32),
+                Arg::I32(inner as i32),
+            ],
+        };
     let mut steps = vec![];
     for (i, op) in program.ops.iter().enumerate() {
         let p = |b: usize| Arg::Ptr(ptrs[b]);
@@ -482,24 +495,15 @@ fn load_program(
                 block: ROW_BLOCK,
                 args: vec![p(*x), p(*out), Arg::I32(*dim as i32)],
             },
+            // One thread per (outer, inner) column along the middle axis: the same
+            // arguments for the mean, the sum and the running sum.
             Op::Mean {
                 x,
                 out,
                 outer,
                 len,
                 inner,
-            } => Step::Kernel {
-                func: mean.clone(),
-                grid: blocks(outer * inner),
-                block: MAP_BLOCK,
-                args: vec![
-                    p(*x),
-                    p(*out),
-                    Arg::I32(*outer as i32),
-                    Arg::I32(*len as i32),
-                    Arg::I32(*inner as i32),
-                ],
-            },
+            } => along_axis(mean.clone(), *x, *out, *outer, *len, *inner),
             Op::Axis {
                 kind,
                 x,
@@ -507,21 +511,13 @@ fn load_program(
                 outer,
                 len,
                 inner,
-            } => Step::Kernel {
-                func: f(match kind {
+            } => {
+                let func = f(match kind {
                     graph::AxisKind::Sum => "rf_sum",
                     graph::AxisKind::CumSum => "rf_cumsum",
-                })?,
-                grid: blocks(outer * inner),
-                block: MAP_BLOCK,
-                args: vec![
-                    p(*x),
-                    p(*out),
-                    Arg::I32(*outer as i32),
-                    Arg::I32(*len as i32),
-                    Arg::I32(*inner as i32),
-                ],
-            },
+                })?;
+                along_axis(func, *x, *out, *outer, *len, *inner)
+            }
             Op::Fill { .. } | Op::Step { .. } => {
                 return Err("a graph program holds no loop steps".into());
             }

@@ -452,6 +452,38 @@ pub(crate) fn views_model() -> pb::ModelProto {
     g.model(17)
 }
 
+/// `model` run by tract as the cpu engine runs it (`prepare` first: tract takes the
+/// sequence operators and the CumSum of a cast mask only rewritten; the cuda compiler takes
+/// the graph as exported), every output as f32.
+fn tract_outputs(
+    model: &pb::ModelProto,
+    inputs: tract_onnx::prelude::TVec<tract_onnx::prelude::TValue>,
+) -> Vec<Vec<f32>> {
+    use tract_onnx::prelude::*;
+    let mut model = model.clone();
+    crate::onnx::rewrite::prepare(&mut model).unwrap();
+    let plan = tract_onnx::onnx()
+        .model_for_proto_model(&model)
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    plan.run(inputs)
+        .unwrap()
+        .iter()
+        .map(|t| {
+            t.cast_to::<f32>()
+                .unwrap()
+                .try_as_plain_ram()
+                .unwrap()
+                .as_slice::<f32>()
+                .unwrap()
+                .to_vec()
+        })
+        .collect()
+}
+
 /// The shape and view operators — Constant, Shape, Cast, Range, Unsqueeze/Squeeze,
 /// Expand, Slice (negative indices and steps, several axes), Split, SplitToSequence and
 /// SequenceAt, Pow, Reciprocal, Clip, Max/Min — lowered to loads at affine offsets and fused maps, agreeing with tract on
@@ -473,31 +505,15 @@ fn view_and_shape_operators_agree_with_tract() {
     set_input(&p, &mut mem, "y", &yv);
     run_ops(&p.ops, &mut mem);
     let ours = mem.f[p.outputs[0].buf].clone();
-
-    // tract runs the sequence operators once `prepare` has rewritten them (the cpu
-    // engine's path); the cuda compiler takes the graph as exported.
-    let mut for_tract = model.clone();
-    crate::onnx::rewrite::prepare(&mut for_tract).unwrap();
-    let plan = tract_onnx::onnx()
-        .model_for_proto_model(&for_tract)
-        .unwrap()
-        .into_optimized()
-        .unwrap()
-        .into_runnable()
-        .unwrap();
     let xt = tract_ndarray::Array3::from_shape_vec((2, 3, 4), xv).unwrap();
     let yt = tract_ndarray::Array1::from_vec(yv);
-    let got = plan
-        .run(tvec!(Tensor::from(xt).into(), Tensor::from(yt).into()))
-        .unwrap();
-    let theirs: Vec<f32> = got[0]
-        .try_as_plain_ram()
-        .unwrap()
-        .as_slice::<f32>()
-        .unwrap()
-        .to_vec();
+    let got = tract_outputs(
+        &model,
+        tvec!(Tensor::from(xt).into(), Tensor::from(yt).into()),
+    );
+    let theirs = &got[0];
     assert_eq!(ours.len(), theirs.len());
-    for (a, b) in ours.iter().zip(&theirs) {
+    for (a, b) in ours.iter().zip(theirs.iter()) {
         assert!(
             (a - b).abs() <= 1e-5 * b.abs().max(1.0),
             "{ours:?}\n{theirs:?}"
@@ -577,15 +593,6 @@ fn run_time_masks_agree_with_tract() {
             ..
         }
     )));
-    let mut for_tract = model.clone();
-    crate::onnx::rewrite::prepare(&mut for_tract).unwrap();
-    let plan = tract_onnx::onnx()
-        .model_for_proto_model(&for_tract)
-        .unwrap()
-        .into_optimized()
-        .unwrap()
-        .into_runnable()
-        .unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     for bits in [
         [true; 8],
@@ -601,21 +608,14 @@ fn run_time_masks_agree_with_tract() {
         run_ops(&p.ops, &mut mem);
         let xt = tract_ndarray::Array3::from_shape_vec((1, 8, 8), xv).unwrap();
         let mt = tract_ndarray::Array2::from_shape_vec((1, 8), bits.to_vec()).unwrap();
-        let got = plan
-            .run(tvec!(Tensor::from(xt).into(), Tensor::from(mt).into()))
-            .unwrap();
-        for (k, port) in p.outputs.iter().enumerate() {
+        let got = tract_outputs(
+            &model,
+            tvec!(Tensor::from(xt).into(), Tensor::from(mt).into()),
+        );
+        for (port, theirs) in p.outputs.iter().zip(&got) {
             let ours = &mem.f[port.buf];
-            let theirs: Vec<f32> = got[k]
-                .cast_to::<f32>()
-                .unwrap()
-                .try_as_plain_ram()
-                .unwrap()
-                .as_slice::<f32>()
-                .unwrap()
-                .to_vec();
             assert_eq!(ours.len(), theirs.len(), "{}", port.name);
-            for (a, b) in ours.iter().zip(&theirs) {
+            for (a, b) in ours.iter().zip(theirs.iter()) {
                 assert!(
                     (a - b).abs() <= 1e-6 * b.abs().max(1.0),
                     "{} with mask {bits:?}:\n{ours:?}\n{theirs:?}",
@@ -642,14 +642,6 @@ fn the_pi05_prefix_fixture_program_agrees_with_tract() {
     let bytes = std::fs::read(&path).unwrap();
     let mut model = pb::ModelProto::decode(bytes.as_slice()).unwrap();
     crate::onnx::inline_external(&mut model, dir.path()).unwrap();
-    crate::onnx::rewrite::prepare(&mut model).unwrap();
-    let plan = tract_onnx::onnx()
-        .model_for_proto_model(&model)
-        .unwrap()
-        .into_optimized()
-        .unwrap()
-        .into_runnable()
-        .unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     for valid in [usize::MAX, 5] {
         let mut mem = Memory::new(&p);
@@ -679,17 +671,9 @@ fn the_pi05_prefix_fixture_program_agrees_with_tract() {
             inputs.push(t.into_tvalue());
         }
         run_ops(&p.ops, &mut mem);
-        let got = plan.run(inputs).unwrap();
+        let got = tract_outputs(&model, inputs);
         assert_eq!(got.len(), p.outputs.len());
-        for (k, port) in p.outputs.iter().enumerate() {
-            let theirs: Vec<f32> = got[k]
-                .cast_to::<f32>()
-                .unwrap()
-                .try_as_plain_ram()
-                .unwrap()
-                .as_slice::<f32>()
-                .unwrap()
-                .to_vec();
+        for (port, theirs) in p.outputs.iter().zip(&got) {
             let ours: Vec<f32> = if p.buffers[port.buf].dtype == DType::I64 {
                 mem.i[port.buf].iter().map(|&x| x as f32).collect()
             } else {
