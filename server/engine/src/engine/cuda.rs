@@ -428,7 +428,7 @@ fn load_program(
     }
     stream.synchronize().map_err(drv)?;
 
-    let (layernorm, softmax, mean) = (f("rf_layernorm")?, f("rf_softmax")?, f("rf_mean")?);
+    let (layernorm, softmax) = (f("rf_layernorm")?, f("rf_softmax")?);
     let blocks = |n: usize| n.div_ceil(MAP_BLOCK as usize) as u32;
     let along_axis =
         |func, x: usize, out: usize, outer: usize, len: usize, inner: usize| Step::Kernel {
@@ -497,13 +497,6 @@ fn load_program(
             },
             // One thread per (outer, inner) column along the middle axis: the same
             // arguments for the mean, the sum and the running sum.
-            Op::Mean {
-                x,
-                out,
-                outer,
-                len,
-                inner,
-            } => along_axis(mean.clone(), *x, *out, *outer, *len, *inner),
             Op::Axis {
                 kind,
                 x,
@@ -513,6 +506,7 @@ fn load_program(
                 inner,
             } => {
                 let func = f(match kind {
+                    graph::AxisKind::Mean => "rf_mean",
                     graph::AxisKind::Sum => "rf_sum",
                     graph::AxisKind::CumSum => "rf_cumsum",
                 })?;

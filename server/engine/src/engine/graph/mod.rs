@@ -12,7 +12,8 @@
 //!   consumer instead of being written out.
 //! - [`Op::Gemm`]: (batched) matrix products, for cuBLAS; [`cublas_call`]
 //!   turns the row-major description into cuBLAS's column-major arguments.
-//! - [`Op::LayerNorm`], [`Op::Softmax`], [`Op::Mean`]: row reductions.
+//! - [`Op::LayerNorm`], [`Op::Softmax`], [`Op::Axis`]: row reductions (mean, sum) and the
+//!   running sum along one axis.
 //! - [`Op::Fill`] and [`Op::Step`]: the denoise loop's own steps
 //!   (`t ← 0`; `x ← x + dt·v` with the next `t`), see [`denoise_ops`].
 //!
@@ -276,16 +277,8 @@ pub enum Op {
         rows: usize,
         dim: usize,
     },
-    /// `out[o, i] = mean_l x[o, l, i]`.
-    Mean {
-        x: usize,
-        out: usize,
-        outer: usize,
-        len: usize,
-        inner: usize,
-    },
-    /// Along the middle axis of `x[outer, len, inner]`: the sum (`out[o, i]`) or the
-    /// running sum (`out[o, l, i]`, ONNX CumSum), added in index order.
+    /// Along the middle axis of `x[outer, len, inner]`: the mean or the sum
+    /// (`out[o, i]`), or the running sum (`out[o, l, i]`, ONNX CumSum), added in index order.
     Axis {
         kind: AxisKind,
         x: usize,
@@ -313,6 +306,7 @@ pub enum Op {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AxisKind {
+    Mean,
     Sum,
     CumSum,
 }
@@ -1884,7 +1878,8 @@ impl Lowering {
                 let inner = x.shape[axis + 1..].iter().product();
                 let xb = self.materialize(&x);
                 let o = self.buffer(outer * inner, DType::F32, None);
-                self.ops.push(Op::Mean {
+                self.ops.push(Op::Axis {
+                    kind: AxisKind::Mean,
                     x: xb,
                     out: o,
                     outer,

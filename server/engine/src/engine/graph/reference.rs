@@ -241,20 +241,6 @@ pub fn run_ops(ops: &[Op], m: &mut Memory) {
                     m.f[*out][r * dim..(r + 1) * dim].copy_from_slice(&vals);
                 }
             }
-            Op::Mean {
-                x,
-                out,
-                outer,
-                len,
-                inner,
-            } => {
-                for o in 0..*outer {
-                    for i in 0..*inner {
-                        let s: f32 = (0..*len).map(|l| m.f[*x][(o * len + l) * inner + i]).sum();
-                        m.f[*out][o * inner + i] = s / *len as f32;
-                    }
-                }
-            }
             Op::Axis {
                 kind,
                 x,
@@ -272,8 +258,10 @@ pub fn run_ops(ops: &[Op], m: &mut Memory) {
                                 m.f[*out][(o * len + l) * inner + i] = s;
                             }
                         }
-                        if *kind == AxisKind::Sum {
-                            m.f[*out][o * inner + i] = s;
+                        match kind {
+                            AxisKind::Sum => m.f[*out][o * inner + i] = s,
+                            AxisKind::Mean => m.f[*out][o * inner + i] = s / *len as f32,
+                            AxisKind::CumSum => {}
                         }
                     }
                 }
