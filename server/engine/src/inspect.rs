@@ -29,7 +29,11 @@ pub struct Report {
     /// Euler steps of one Act, and whether the server runs them (a per-step expert).
     pub steps: u32,
     pub per_step: bool,
-    /// True when every graph compiled: `reflex serve --engine cuda` can load this export.
+    /// True when every graph compiled.
+    pub compiles: bool,
+    /// True when `reflex serve --engine cuda` loads this export: it compiles, and the cuda
+    /// executor serves its format (reflex-export v1 today; v2 and the seed tool's layouts
+    /// are compiled, not yet executed: issue 14).
     pub runs: bool,
     pub graphs: Vec<GraphReport>,
     /// Device bytes of one prefix-cache entry (the prefix graph's outputs); absent for a
@@ -218,7 +222,8 @@ pub fn inspect_cuda(dir: &Path, seed: &SeedOptions) -> Result<Report, LoadError>
         }
         graphs.push(r);
     }
-    let runs = graphs.iter().all(|g| g.plan.is_some());
+    let compiles = graphs.iter().all(|g| g.plan.is_some());
+    let runs = compiles && eg.format == "reflex-export v1";
     let prefix_entry_bytes = graphs
         .iter()
         .find(|g| g.role == "prefix")
@@ -229,7 +234,7 @@ pub fn inspect_cuda(dir: &Path, seed: &SeedOptions) -> Result<Report, LoadError>
         .filter_map(|g| g.plan.as_ref())
         .map(|p| p.weight_bytes)
         .sum();
-    let launches_per_act = if runs && !programs.keys().any(|r| r.starts_with("embed")) {
+    let launches_per_act = if compiles && !programs.keys().any(|r| r.starts_with("embed")) {
         let prefix = programs.get("prefix").map_or(0, Program::launches);
         let body = programs
             .get("expert")
@@ -253,6 +258,7 @@ pub fn inspect_cuda(dir: &Path, seed: &SeedOptions) -> Result<Report, LoadError>
         engine: "cuda",
         steps: eg.steps,
         per_step: eg.per_step,
+        compiles,
         runs,
         graphs,
         prefix_entry_bytes,
@@ -319,8 +325,14 @@ pub fn render(r: &Report) -> String {
     if r.runs {
         let _ = writeln!(
             s,
-            "engine cuda: RUNS: every graph compiles to kernels ({} graphs)",
-            r.graphs.len()
+            "engine cuda: RUNS: every graph compiles to kernels ({})",
+            plural(r.graphs.len(), "graph")
+        );
+    } else if r.compiles {
+        let _ = writeln!(
+            s,
+            "engine cuda: COMPILES, DOES NOT RUN YET: every graph compiles to kernels ({}), but the cuda executor serves reflex-export v1 exports only so far; serve this export with --engine cpu or ort",
+            plural(r.graphs.len(), "graph")
         );
     } else {
         let _ = writeln!(
@@ -397,7 +409,7 @@ pub fn render(r: &Report) -> String {
             human_bytes(b)
         );
     }
-    if r.runs {
+    if r.compiles {
         let _ = writeln!(s, "weights on the device: {}", human_bytes(r.weight_bytes));
     }
     if let Some(n) = r.launches_per_act {

@@ -115,6 +115,58 @@ impl BinOp {
     }
 }
 
+/// A load-time value as float64 (a float64 tensor, a float32 scalar, int64 constants).
+fn load_time_f64(src: &Source) -> Option<Vec<f64>> {
+    match src {
+        Source::F64(v) => Some(v.clone()),
+        Source::Scalar(x) => Some(vec![*x as f64]),
+        Source::Ints(i) => Some(i.iter().map(|&x| x as f64).collect()),
+        _ => None,
+    }
+}
+
+fn float64_at_run_time(name: &str) -> String {
+    format!(
+        "{name} is a float64 value computed at run time (a time embedding from a time input); \
+         the cuda engine computes float64 only at load"
+    )
+}
+
+/// `op` on two load-time float64 tensors, broadcast to `out`, in double precision.
+fn fold_f64(
+    op: BinOp,
+    p: &[f64],
+    ps: &[usize],
+    q: &[f64],
+    qs: &[usize],
+    out: &[usize],
+) -> Result<Vec<f64>, String> {
+    let (cp, cq) = (broadcast_coefs(ps, out), broadcast_coefs(qs, out));
+    let n: usize = out.iter().product();
+    let mut v = Vec::with_capacity(n);
+    for idx in 0..n {
+        let (mut r, mut i, mut j) = (idx, 0i64, 0i64);
+        for d in (0..out.len()).rev() {
+            let c = (r % out[d]) as i64;
+            r /= out[d];
+            i += c * cp[d];
+            j += c * cq[d];
+        }
+        let (a, b) = (p[i as usize], q[j as usize]);
+        v.push(match op {
+            BinOp::Add => a + b,
+            BinOp::Sub => a - b,
+            BinOp::Mul => a * b,
+            BinOp::Div => a / b,
+            BinOp::Pow => a.powf(b),
+            BinOp::Max => a.max(b),
+            BinOp::Min => a.min(b),
+            other => return Err(format!("{other:?} of float64 tensors")),
+        });
+    }
+    Ok(v)
+}
+
 /// `op` on two load-time int64 tensors, broadcast to `out` (integer division truncates,
 /// as onnxruntime's does).
 fn fold_ints(
@@ -549,6 +601,10 @@ enum Source {
     Ints(Vec<i64>),
     /// A one-element f32 constant (inlined into expressions).
     Scalar(f32),
+    /// A float64 tensor known at load (a time embedding computed in double, as the graph
+    /// says, from a time that is itself a load-time constant — the baked Euler loop's).
+    /// Folded in f64 until a Cast to float32 makes it a constant; it never reaches a kernel.
+    F64(Vec<f64>),
     /// A single-use elementwise result not yet written anywhere.
     Pending(Expr),
 }
@@ -884,6 +940,20 @@ pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
     }
     for t in &graph.initializer {
         let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        if t.data_type == 11 {
+            let v = crate::onnx::float_values(t)
+                .ok_or_else(|| format!("initializer {}: float64 data not readable", t.name))?;
+            let src = Source::F64(v);
+            l.values.insert(
+                t.name.clone(),
+                Value {
+                    shape,
+                    dtype: DType::F32,
+                    src,
+                },
+            );
+            continue;
+        }
         let (dtype, f, i) = tensor_data(t)?;
         let src = l.constant(dtype, f, i);
         l.values.insert(t.name.clone(), Value { shape, dtype, src });
@@ -1000,6 +1070,12 @@ impl Lowering {
                 // Integer constants feed shapes; one read at run time gets a buffer of
                 // its values cast, which no supported op needs today.
                 let f = i.iter().map(|&x| x as f32).collect::<Vec<_>>();
+                self.buffer(f.len(), DType::F32, Some(f))
+            }
+            // Every op that can meet a float64 value folds it or refuses it (`f32_value`,
+            // the elementwise, Cast and Concat paths); not reached from a valid graph.
+            Source::F64(v) => {
+                let f = v.iter().map(|&x| x as f32).collect::<Vec<_>>();
                 self.buffer(f.len(), DType::F32, Some(f))
             }
         }
@@ -1136,6 +1212,31 @@ impl Lowering {
         };
         if let Some(u) = unary {
             let x = self.get(input(0)?)?;
+            if let Source::F64(v) = &x.src {
+                let f = |a: f64| -> Result<f64, String> {
+                    Ok(match u {
+                        UnOp::Sin => a.sin(),
+                        UnOp::Cos => a.cos(),
+                        UnOp::Exp => a.exp(),
+                        UnOp::Neg => -a,
+                        UnOp::Sqrt => a.sqrt(),
+                        UnOp::Tanh => a.tanh(),
+                        UnOp::Reciprocal => 1.0 / a,
+                        _ => return Err(format!("{op} of a float64 tensor")),
+                    })
+                };
+                let r = v.iter().map(|&a| f(a)).collect::<Result<Vec<_>, _>>()?;
+                let src = Source::F64(r);
+                self.set(
+                    &out,
+                    Value {
+                        shape: x.shape.clone(),
+                        dtype: DType::F32,
+                        src,
+                    },
+                );
+                return Ok(());
+            }
             if let Source::Ints(v) = &x.src {
                 // Integer arithmetic known at load.
                 let r: Vec<i64> = match u {
@@ -1172,6 +1273,21 @@ impl Lowering {
             } else {
                 x.dtype
             };
+            if matches!(x.src, Source::F64(_)) || matches!(y.src, Source::F64(_)) {
+                let (Some(p), Some(q)) = (load_time_f64(&x.src), load_time_f64(&y.src)) else {
+                    return Err(float64_at_run_time(&out));
+                };
+                let v = fold_f64(b, &p, &x.shape, &q, &y.shape, &shape)?;
+                self.set(
+                    &out,
+                    Value {
+                        shape,
+                        dtype: DType::F32,
+                        src: Source::F64(v),
+                    },
+                );
+                return Ok(());
+            }
             if let (Source::Ints(p), Source::Ints(q)) = (&x.src, &y.src) {
                 let v = fold_ints(b, p, &x.shape, q, &y.shape, &shape)?;
                 self.set(
@@ -1284,6 +1400,26 @@ impl Lowering {
                 };
                 let src = self.constant(dtype, f, i);
                 self.set(&out, Value { shape, dtype, src });
+            }
+            "Cast" if attr_int(node, "to", 0) == 11 => {
+                // To float64: only a value known at load (see Source::F64).
+                let v = self.get(input(0)?)?;
+                let f = load_time_f64(&v.src).ok_or_else(|| float64_at_run_time(&out))?;
+                self.set(&out, Value { shape: v.shape.clone(), dtype: DType::F32, src: Source::F64(f) });
+            }
+            "Cast" if matches!(self.values.get(node.input.first().map_or("", String::as_str)), Some(Value { src: Source::F64(_), .. })) => {
+                let v = self.get(input(0)?)?;
+                let Source::F64(f) = &v.src else { unreachable!("matched above") };
+                let to = attr_int(node, "to", 0);
+                let value = match to {
+                    1 => {
+                        let f32s = f.iter().map(|&x| x as f32).collect();
+                        Value { shape: v.shape.clone(), dtype: DType::F32, src: self.constant(DType::F32, f32s, vec![]) }
+                    }
+                    6 | 7 => Value { shape: v.shape.clone(), dtype: DType::I64, src: Source::Ints(f.iter().map(|&x| x.trunc() as i64).collect()) },
+                    other => return Err(format!("Cast of a float64 tensor to ONNX type {other}")),
+                };
+                self.set(&out, value);
             }
             "Cast" => {
                 let v = self.get(input(0)?)?;
@@ -1662,6 +1798,26 @@ impl Lowering {
                 let dtype = self.get(&node.input[0])?.dtype;
                 self.set(&out, Value { shape: vec![v.len()], dtype, src: Source::Ints(v) });
             }
+            "Concat" if node.input.iter().any(|n| matches!(self.values.get(n), Some(Value { src: Source::F64(_), .. }))) => {
+                let vals: Vec<Value> = node.input.iter().map(|n| self.get(n)).collect::<Result<_, _>>()?;
+                let parts: Vec<Vec<f64>> = vals
+                    .iter()
+                    .map(|v| load_time_f64(&v.src).ok_or_else(|| float64_at_run_time(&out)))
+                    .collect::<Result<_, _>>()?;
+                let rank = vals[0].shape.len();
+                let axis = norm_axis(attr_int(node, "axis", 0), rank)?;
+                let outer: usize = vals[0].shape[..axis].iter().product();
+                let mut joined = vec![];
+                for o in 0..outer {
+                    for (v, p) in vals.iter().zip(&parts) {
+                        let block: usize = v.shape[axis..].iter().product();
+                        joined.extend_from_slice(&p[o * block..(o + 1) * block]);
+                    }
+                }
+                let mut shape = vals[0].shape.clone();
+                shape[axis] = vals.iter().map(|v| v.shape[axis]).sum();
+                self.set(&out, Value { shape, dtype: DType::F32, src: Source::F64(joined) });
+            }
             "Concat" => {
                 let vals: Vec<Value> = node
                     .input
@@ -1909,6 +2065,7 @@ impl Lowering {
     fn put_reshaped(&mut self, out: &str, v: &Value, shape: Vec<usize>) {
         let src = match &v.src {
             Source::Ints(i) => Source::Ints(i.clone()),
+            Source::F64(f) => Source::F64(f.clone()),
             Source::Scalar(x) => Source::Scalar(*x),
             Source::Pending(Expr::Load { src, coefs, offset })
                 if *offset == 0 && *coefs == strides(&v.shape) =>
@@ -2041,6 +2198,7 @@ impl Lowering {
             Source::Ints(_) if v.dtype != DType::Bool => Err(format!(
                 "{name} is an int64 constant where a float is expected"
             )),
+            Source::F64(_) => Err(float64_at_run_time(name)),
             _ => Ok(v),
         }
     }

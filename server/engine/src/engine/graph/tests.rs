@@ -626,18 +626,17 @@ fn run_time_masks_agree_with_tract() {
     }
 }
 
-/// The pi0.5 prefix fixture (`reflex export-demo --kind pi05`: SigLIP-style patches, a
-/// Gemma-style decoder with RMSNorm, rotary positions from the pad mask's CumSum, the 2-D
-/// attention masks, external weights) compiled by the cuda compiler and run by the CPU
-/// reference executor agrees with tract running the same graph (after `prepare`, as the
-/// cpu engine runs it), output by output, for two pad masks.
-#[test]
-fn the_pi05_prefix_fixture_program_agrees_with_tract() {
+/// A fixture graph (`reflex export-demo --kind …`: SigLIP-style patches, a Gemma-style
+/// decoder with RMSNorm, rotary positions from the pad mask's CumSum, the 2-D attention
+/// masks, external weights) compiled by the cuda compiler and run by the CPU reference
+/// executor agrees with tract running the same graph (after `prepare`, as the cpu engine
+/// runs it), output by output, for two pad masks.
+fn fixture_program_agrees_with_tract(kind: crate::fixtures::Kind, file: &str) {
     use tract_onnx::prelude::*;
 
     let dir = tempfile::tempdir().unwrap();
-    crate::fixtures::write(crate::fixtures::Kind::Pi05, dir.path(), 4).unwrap();
-    let path = dir.path().join("vlm_prefix.onnx");
+    crate::fixtures::write(kind, dir.path(), 4).unwrap();
+    let path = dir.path().join(file);
     let p = compile_file(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let mut model = pb::ModelProto::decode(bytes.as_slice()).unwrap();
@@ -684,9 +683,30 @@ fn the_pi05_prefix_fixture_program_agrees_with_tract() {
             let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
             assert!(
                 cos >= 0.99999 && max_abs <= 1e-4 * scale as f64,
-                "{} (valid {valid}): cos {cos}, max_abs {max_abs}",
+                "{kind:?} {file} {} (valid {valid}): cos {cos}, max_abs {max_abs}",
                 port.name
             );
         }
+    }
+}
+
+#[test]
+fn the_pi05_prefix_fixture_program_agrees_with_tract() {
+    fixture_program_agrees_with_tract(crate::fixtures::Kind::Pi05, "vlm_prefix.onnx");
+}
+
+/// The baked expert (10 Euler steps, the float64 time embedding folded at load from the
+/// loop's constant times, adaRMS split with SplitToSequence, attention over the prefix KV).
+#[test]
+fn the_pi05_baked_expert_fixture_program_agrees_with_tract() {
+    fixture_program_agrees_with_tract(crate::fixtures::Kind::Pi05, "expert_denoise.onnx");
+}
+
+/// The seed tool's monolithic layouts: prefix and baked loop in one graph.
+#[test]
+fn the_monolithic_fixture_programs_agree_with_tract() {
+    use crate::fixtures::Kind;
+    for kind in [Kind::Pi05Monolithic, Kind::Pi0, Kind::Smolvla] {
+        fixture_program_agrees_with_tract(kind, "model.onnx");
     }
 }
