@@ -132,15 +132,14 @@ fn float64_at_run_time(name: &str) -> String {
     )
 }
 
-/// `op` on two load-time float64 tensors, broadcast to `out`, in double precision.
-fn fold_f64(
-    op: BinOp,
-    p: &[f64],
-    ps: &[usize],
-    q: &[f64],
-    qs: &[usize],
+/// `f(p[i], q[j])` for every element of `out`, which `ps` and `qs` broadcast to: the
+/// load-time folding of binary operators.
+fn fold_broadcast<T: Copy>(
+    (p, ps): (&[T], &[usize]),
+    (q, qs): (&[T], &[usize]),
     out: &[usize],
-) -> Result<Vec<f64>, String> {
+    f: impl Fn(T, T) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
     let (cp, cq) = (broadcast_coefs(ps, out), broadcast_coefs(qs, out));
     let n: usize = out.iter().product();
     let mut v = Vec::with_capacity(n);
@@ -152,8 +151,22 @@ fn fold_f64(
             i += c * cp[d];
             j += c * cq[d];
         }
-        let (a, b) = (p[i as usize], q[j as usize]);
-        v.push(match op {
+        v.push(f(p[i as usize], q[j as usize])?);
+    }
+    Ok(v)
+}
+
+/// `op` on two load-time float64 tensors, broadcast to `out`, in double precision.
+fn fold_f64(
+    op: BinOp,
+    p: &[f64],
+    ps: &[usize],
+    q: &[f64],
+    qs: &[usize],
+    out: &[usize],
+) -> Result<Vec<f64>, String> {
+    fold_broadcast((p, ps), (q, qs), out, |a, b| {
+        Ok(match op {
             BinOp::Add => a + b,
             BinOp::Sub => a - b,
             BinOp::Mul => a * b,
@@ -162,9 +175,8 @@ fn fold_f64(
             BinOp::Max => a.max(b),
             BinOp::Min => a.min(b),
             other => return Err(format!("{other:?} of float64 tensors")),
-        });
-    }
-    Ok(v)
+        })
+    })
 }
 
 /// `op` on two load-time int64 tensors, broadcast to `out` (integer division truncates,
@@ -177,19 +189,8 @@ fn fold_ints(
     qs: &[usize],
     out: &[usize],
 ) -> Result<Vec<i64>, String> {
-    let (cp, cq) = (broadcast_coefs(ps, out), broadcast_coefs(qs, out));
-    let n: usize = out.iter().product();
-    let mut v = Vec::with_capacity(n);
-    for idx in 0..n {
-        let (mut r, mut i, mut j) = (idx, 0i64, 0i64);
-        for d in (0..out.len()).rev() {
-            let c = (r % out[d]) as i64;
-            r /= out[d];
-            i += c * cp[d];
-            j += c * cq[d];
-        }
-        let (a, b) = (p[i as usize], q[j as usize]);
-        v.push(match op {
+    fold_broadcast((p, ps), (q, qs), out, |a, b| {
+        Ok(match op {
             BinOp::Add => a.wrapping_add(b),
             BinOp::Sub => a.wrapping_sub(b),
             BinOp::Mul => a.wrapping_mul(b),
@@ -205,9 +206,8 @@ fn fold_ints(
             BinOp::And => (a != 0 && b != 0) as i64,
             BinOp::Or => (a != 0 || b != 0) as i64,
             BinOp::Pow => return Err("Pow of int64 tensors".into()),
-        });
-    }
-    Ok(v)
+        })
+    })
 }
 
 /// The value of one output element. Coordinates are those of the map's
