@@ -11,9 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use prost::Message;
 use serde::Serialize;
-use tract_onnx::pb;
 
 use crate::engine::graph::{self, DType, Op, Program, SUPPORTED_OPS};
 use crate::policy::{LoadError, export_graphs};
@@ -167,16 +165,10 @@ pub fn inspect_graph(role: &str, path: &Path) -> (GraphReport, Option<Program>) 
         error: None,
         plan: None,
     };
-    let model = match std::fs::read(path) {
-        Ok(bytes) => match pb::ModelProto::decode(bytes.as_slice()) {
-            Ok(m) => m,
-            Err(e) => {
-                report.error = Some(format!("{}: not an ONNX model: {e}", path.display()));
-                return (report, None);
-            }
-        },
+    let model = match graph::read_model(path) {
+        Ok(m) => m,
         Err(e) => {
-            report.error = Some(format!("{}: {e}", path.display()));
+            report.error = Some(e.to_string());
             return (report, None);
         }
     };
@@ -198,7 +190,7 @@ pub fn inspect_graph(role: &str, path: &Path) -> (GraphReport, Option<Program>) 
         return (report, None);
     }
     // Every operator is covered: compile it for real (external data read from beside it).
-    match graph::compile_file(path) {
+    match graph::compile_model(model, path) {
         Ok(p) => {
             report.plan = Some(plan(&p));
             (report, Some(p))
@@ -223,7 +215,7 @@ pub fn inspect_cuda(dir: &Path, seed: &SeedOptions) -> Result<Report, LoadError>
         graphs.push(r);
     }
     let compiles = graphs.iter().all(|g| g.plan.is_some());
-    let runs = compiles && eg.format == "reflex-export v1";
+    let runs = compiles && eg.v1;
     let prefix_entry_bytes = graphs
         .iter()
         .find(|g| g.role == "prefix")

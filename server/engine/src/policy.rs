@@ -356,6 +356,8 @@ fn read_export(dir: &Path, opts: &SeedOptions) -> Result<Export, LoadError> {
 pub struct ExportGraphs {
     /// "reflex-export v1", "reflex-export v2", or "reflex-vla (seed tool)".
     pub format: String,
+    /// reflex-export v1: the reference format, the one the cuda executor serves today.
+    pub v1: bool,
     pub model_type: String,
     pub export_kind: String,
     /// Euler steps of one Act.
@@ -372,6 +374,7 @@ pub fn export_graphs(dir: &Path, seed_opts: &SeedOptions) -> Result<ExportGraphs
     Ok(match read_export(dir, seed_opts)? {
         Export::V1(cfg) => ExportGraphs {
             format: "reflex-export v1".into(),
+            v1: true,
             model_type: cfg.model_type.clone(),
             export_kind: cfg.export_kind.clone(),
             steps: cfg.denoise.steps,
@@ -400,6 +403,7 @@ pub fn export_graphs(dir: &Path, seed_opts: &SeedOptions) -> Result<ExportGraphs
                 } else {
                     "reflex-export v2".into()
                 },
+                v1: false,
                 model_type: spec.model_type.clone(),
                 export_kind: spec.export_kind.clone(),
                 steps: spec.denoise.steps,

@@ -115,6 +115,30 @@ impl BinOp {
     }
 }
 
+/// The elements of a row-major host tensor of shape `from` at `first[d] + c_d · step[d]`
+/// for every coordinate `c` of `out`: Slice and Split of tensors known at load.
+fn pick_strided<T: Copy>(
+    vals: &[T],
+    from: &[usize],
+    out: &[usize],
+    first: &[i64],
+    step: &[i64],
+) -> Vec<T> {
+    let st = strides(from);
+    let n: usize = out.iter().product();
+    let mut picked = Vec::with_capacity(n);
+    for idx in 0..n {
+        let (mut r, mut at) = (idx, 0i64);
+        for d in (0..out.len()).rev() {
+            let c = (r % out[d]) as i64;
+            r /= out[d];
+            at += (first[d] + c * step[d]) * st[d];
+        }
+        picked.push(vals[at as usize]);
+    }
+    picked
+}
+
 /// A load-time value as float64 (a float64 tensor, a float32 scalar, int64 constants).
 fn load_time_f64(src: &Source) -> Option<Vec<f64>> {
     match src {
@@ -580,10 +604,18 @@ fn load_err(graph: &Path, message: impl Into<String>) -> EngineError {
 
 /// Reads and lowers one ONNX file.
 pub fn compile_file(path: &Path) -> Result<Program, EngineError> {
+    compile_model(read_model(path)?, path)
+}
+
+/// Reads one ONNX file, not yet lowered (its external data still outside it).
+pub fn read_model(path: &Path) -> Result<pb::ModelProto, EngineError> {
     let bytes = std::fs::read(path).map_err(|e| load_err(path, e.to_string()))?;
-    let mut model = pb::ModelProto::decode(bytes.as_slice())
-        .map_err(|e| load_err(path, format!("not an ONNX model: {e}")))?;
-    drop(bytes);
+    pb::ModelProto::decode(bytes.as_slice())
+        .map_err(|e| load_err(path, format!("not an ONNX model: {e}")))
+}
+
+/// Lowers a model [`read_model`] read from `path`, its external data read from beside it.
+pub fn compile_model(mut model: pb::ModelProto, path: &Path) -> Result<Program, EngineError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     crate::onnx::inline_external(&mut model, dir).map_err(|m| load_err(path, m))?;
     let name = path
@@ -1407,20 +1439,6 @@ impl Lowering {
                 let f = load_time_f64(&v.src).ok_or_else(|| float64_at_run_time(&out))?;
                 self.set(&out, Value { shape: v.shape.clone(), dtype: DType::F32, src: Source::F64(f) });
             }
-            "Cast" if matches!(self.values.get(node.input.first().map_or("", String::as_str)), Some(Value { src: Source::F64(_), .. })) => {
-                let v = self.get(input(0)?)?;
-                let Source::F64(f) = &v.src else { unreachable!("matched above") };
-                let to = attr_int(node, "to", 0);
-                let value = match to {
-                    1 => {
-                        let f32s = f.iter().map(|&x| x as f32).collect();
-                        Value { shape: v.shape.clone(), dtype: DType::F32, src: self.constant(DType::F32, f32s, vec![]) }
-                    }
-                    6 | 7 => Value { shape: v.shape.clone(), dtype: DType::I64, src: Source::Ints(f.iter().map(|&x| x.trunc() as i64).collect()) },
-                    other => return Err(format!("Cast of a float64 tensor to ONNX type {other}")),
-                };
-                self.set(&out, value);
-            }
             "Cast" => {
                 let v = self.get(input(0)?)?;
                 let to = attr_int(node, "to", 0);
@@ -1449,6 +1467,17 @@ impl Lowering {
                     (Source::Scalar(x), DType::F32) => value(DType::F32, Source::Scalar(*x)),
                     (Source::Scalar(x), DType::I64) => value(DType::I64, Source::Ints(vec![x.trunc() as i64])),
                     (Source::Scalar(x), _) => value(DType::Bool, Source::Ints(vec![(*x != 0.0) as i64])),
+                    // Float64 known at load (see Source::F64) back to float32 or int64.
+                    (Source::F64(f), DType::F32) => {
+                        let f32s = f.iter().map(|&x| x as f32).collect();
+                        value(DType::F32, self.constant(DType::F32, f32s, vec![]))
+                    }
+                    (Source::F64(f), DType::I64) => {
+                        value(DType::I64, Source::Ints(f.iter().map(|&x| x.trunc() as i64).collect()))
+                    }
+                    (Source::F64(_), _) => {
+                        return Err(format!("Cast of a float64 tensor to ONNX type {to}"));
+                    }
                     // The same type: the same value.
                     _ if v.dtype == to_dtype => v.clone(),
                     // At run time, as floats: bool → number and int64 → float keep their
@@ -1593,18 +1622,7 @@ impl Lowering {
                 }
                 if let Source::Ints(vals) = &v.src {
                     // Shape arithmetic known at load: sliced here.
-                    let st = strides(&v.shape);
-                    let n: usize = shape.iter().product();
-                    let mut picked = Vec::with_capacity(n);
-                    for idx in 0..n {
-                        let (mut r, mut at) = (idx, 0i64);
-                        for d in (0..rank).rev() {
-                            let c = (r % shape[d]) as i64;
-                            r /= shape[d];
-                            at += (first[d] + c * step[d]) * st[d];
-                        }
-                        picked.push(vals[at as usize]);
-                    }
+                    let picked = pick_strided(vals, &v.shape, &shape, &first, &step);
                     self.set(
                         &out,
                         Value {
@@ -2147,22 +2165,10 @@ impl Lowering {
         shape[axis] = size;
         let src = match &v.src {
             Source::Ints(vals) => {
-                let st = strides(&v.shape);
-                let n: usize = shape.iter().product();
-                let mut picked = Vec::with_capacity(n);
-                for idx in 0..n {
-                    let (mut r, mut pos) = (idx, 0i64);
-                    for d in (0..shape.len()).rev() {
-                        let mut c = (r % shape[d]) as i64;
-                        r /= shape[d];
-                        if d == axis {
-                            c += at as i64;
-                        }
-                        pos += c * st[d];
-                    }
-                    picked.push(vals[pos as usize]);
-                }
-                Source::Ints(picked)
+                let mut first = vec![0i64; shape.len()];
+                first[axis] = at as i64;
+                let step = vec![1i64; shape.len()];
+                Source::Ints(pick_strided(vals, &v.shape, &shape, &first, &step))
             }
             Source::Buf(b) if self.buffers[*b].dtype == DType::I64 => {
                 return Err("a split of an int64 graph input".into());

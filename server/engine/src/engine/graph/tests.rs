@@ -637,9 +637,9 @@ fn fixture_program_agrees_with_tract(kind: crate::fixtures::Kind, file: &str) {
     let dir = tempfile::tempdir().unwrap();
     crate::fixtures::write(kind, dir.path(), 4).unwrap();
     let path = dir.path().join(file);
-    let p = compile_file(&path).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    let mut model = pb::ModelProto::decode(bytes.as_slice()).unwrap();
+    let mut model = read_model(&path).unwrap();
+    let p = compile_model(model.clone(), &path).unwrap();
+    // tract reads the same weights, inlined.
     crate::onnx::inline_external(&mut model, dir.path()).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     for valid in [usize::MAX, 5] {
@@ -679,7 +679,7 @@ fn fixture_program_agrees_with_tract(kind: crate::fixtures::Kind, file: &str) {
                 mem.f[port.buf].clone()
             };
             assert_eq!(ours.len(), theirs.len(), "{}", port.name);
-            let (cos, max_abs) = crate::engine::cos_and_max_abs(&ours, &theirs);
+            let (cos, max_abs) = crate::engine::cos_and_max_abs(&ours, theirs);
             let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
             assert!(
                 cos >= 0.99999 && max_abs <= 1e-4 * scale as f64,
@@ -709,4 +709,27 @@ fn the_monolithic_fixture_programs_agree_with_tract() {
     for kind in [Kind::Pi05Monolithic, Kind::Pi0, Kind::Smolvla] {
         fixture_program_agrees_with_tract(kind, "model.onnx");
     }
+}
+
+/// Split and SplitToSequence of a shape vector (int64 known at load) pick their pieces at
+/// load: `Reshape(x, Concat(Split(Shape(x), [1, 2])[1], SequenceAt(SplitToSequence(Shape(x)), 0)))`
+/// is x [2,3,4] read as [3,4,2], with no launch.
+#[test]
+fn shape_vectors_are_split_at_load() {
+    use crate::onnx::builder::{F32, GraphBuilder, int};
+    let mut g = GraphBuilder::new("shape_split");
+    let x = g.input("x", F32, &[2, 3, 4]);
+    let shp = g.node("Shape", &[&x], vec![]);
+    let sizes = g.ints(&[1, 2]);
+    let parts = g.node_outputs("Split", &[&shp, &sizes], vec![int("axis", 0)], 2);
+    let seq = g.node("SplitToSequence", &[&shp], vec![]);
+    let zero = g.int0(0);
+    let first = g.node("SequenceAt", &[&seq, &zero], vec![]);
+    let spec = g.concat(&[&parts[1], &first], 0);
+    let y = g.node("Reshape", &[&x, &spec], vec![]);
+    g.output(&y, "y", F32, &[3, 4, 2]);
+    let p = compile(&g.model(17), "shape_split.onnx").unwrap();
+    assert_eq!(p.outputs[0].shape, vec![3, 4, 2]);
+    assert_eq!(p.launches(), 0, "{:?}", p.ops);
+    assert_eq!(p.outputs[0].buf, p.inputs[0].buf);
 }
