@@ -774,7 +774,7 @@ fn tensor_data(t: &pb::TensorProto) -> Result<(DType, Vec<f32>, Vec<i64>), Strin
         return Err(format!("initializer {} uses external data", t.name));
     }
     let n: usize = t.dims.iter().map(|&d| d as usize).product();
-    match t.data_type {
+    let (dtype, f, i) = match t.data_type {
         1 => {
             let v: Vec<f32> = if !t.raw_data.is_empty() {
                 t.raw_data
@@ -784,46 +784,34 @@ fn tensor_data(t: &pb::TensorProto) -> Result<(DType, Vec<f32>, Vec<i64>), Strin
             } else {
                 t.float_data.clone()
             };
-            if v.len() != n {
-                return Err(format!(
-                    "initializer {} has {} values, not {n}",
-                    t.name,
-                    v.len()
-                ));
-            }
-            Ok((DType::F32, v, vec![]))
+            (DType::F32, v, vec![])
         }
-        7 => {
-            let v = crate::onnx::int_values(t).expect("an int64 tensor");
-            if v.len() != n {
-                return Err(format!(
-                    "initializer {} has {} values, not {n}",
-                    t.name,
-                    v.len()
-                ));
-            }
-            Ok((DType::I64, vec![], v))
-        }
+        7 => (
+            DType::I64,
+            vec![],
+            crate::onnx::int_values(t).expect("an int64 tensor"),
+        ),
         9 => {
             let v: Vec<i64> = if !t.raw_data.is_empty() {
                 t.raw_data.iter().map(|&b| (b != 0) as i64).collect()
             } else {
                 t.int32_data.iter().map(|&b| (b != 0) as i64).collect()
             };
-            if v.len() != n {
-                return Err(format!(
-                    "initializer {} has {} values, not {n}",
-                    t.name,
-                    v.len()
-                ));
-            }
-            Ok((DType::Bool, vec![], v))
+            (DType::Bool, vec![], v)
         }
-        other => Err(format!(
-            "initializer {} has ONNX data type {other}; the cuda engine takes float32, int64 and bool",
-            t.name
-        )),
+        other => {
+            return Err(format!(
+                "initializer {} has ONNX data type {other}; the cuda engine takes float32, int64 and bool",
+                t.name
+            ));
+        }
+    };
+    // One of the two holds the values.
+    let got = f.len() + i.len();
+    if got != n {
+        return Err(format!("initializer {} has {got} values, not {n}", t.name));
     }
+    Ok((dtype, f, i))
 }
 
 fn value_shape(v: &pb::ValueInfoProto) -> Result<(Vec<usize>, DType), String> {
