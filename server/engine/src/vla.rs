@@ -25,25 +25,37 @@ use crate::config::{ImageConfig, ResizePolicy, hex};
 use crate::contract::{
     Absent, Channels, EmbedMask, ExpertMode, ExportV2, Normalization, Range, StatsV2, TimeDirection,
 };
+use crate::engine::graph::{Program, reference::HostValue};
 use crate::engine::onnxruntime::OrtGraph;
 use crate::engine::{EngineError, PixelNorm, cpu::Plan};
 
-/// What runs a real export's graphs: tract (embedded, the default) or onnxruntime (`--engine
-/// ort`, [`crate::engine::onnxruntime`]).
+/// What runs a real export's graphs: tract (embedded, the default), onnxruntime (`--engine
+/// ort`, [`crate::engine::onnxruntime`]), or the cuda engine's compiled programs
+/// ([`crate::engine::graph`]) on the GPU or, to check them without one, on the CPU.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Backend {
     #[default]
     Tract,
     /// The library file and its intra-op threads.
     Ort { lib: PathBuf, threads: usize },
+    /// The cuda engine's programs run by the CPU reference executor: the same compiled
+    /// program the GPU runs (host island, buffers, fused maps, cuBLAS's column-major
+    /// arguments), slowly. For tests and for `reflex inspect --run`.
+    Reference,
+    /// The cuda executor ([`crate::engine::cuda::CudaProgram`]); `graphs`: replay each
+    /// graph's launches as one captured CUDA graph.
+    Cuda { graphs: bool },
 }
 
 impl Backend {
-    /// `tract` or `onnxruntime`: ModelInfo's `hardware.engine`, logs, benches.
+    /// `tract`, `onnxruntime`, `reference` or `cuda`: ModelInfo's `hardware.engine`, logs,
+    /// benches.
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Tract => "tract",
             Backend::Ort { .. } => "onnxruntime",
+            Backend::Reference => "reference",
+            Backend::Cuda { .. } => "cuda",
         }
     }
 }
@@ -51,6 +63,83 @@ impl Backend {
 enum Exec {
     Tract(Plan),
     Ort(OrtGraph),
+    /// A compiled program and what runs it.
+    Program(Box<dyn RunProgram>),
+}
+
+/// Runs one compiled graph program: inputs by name ([`Program::feeds`]), outputs in the
+/// program's order.
+pub trait RunProgram: Send + Sync {
+    fn run(&self, feed: &dyn Fn(&str) -> Option<HostValue>) -> Result<Vec<HostValue>, String>;
+}
+
+/// The CPU reference executor as a [`RunProgram`].
+struct ReferenceRun(Program);
+
+impl RunProgram for ReferenceRun {
+    fn run(&self, feed: &dyn Fn(&str) -> Option<HostValue>) -> Result<Vec<HostValue>, String> {
+        crate::engine::graph::reference::run_program(&self.0, feed)
+    }
+}
+
+/// The tract type of an ONNX element type a program port declares.
+fn datum_of(elem: i32) -> DatumType {
+    match elem {
+        7 => DatumType::I64,
+        9 => DatumType::Bool,
+        11 => DatumType::F64,
+        _ => DatumType::F32,
+    }
+}
+
+/// The ONNX element type each graph output declares (by name), where it declares one.
+fn declared_outputs(proto: &pb::ModelProto) -> BTreeMap<String, i32> {
+    use pb::type_proto::Value as V;
+    let mut m = BTreeMap::new();
+    for o in proto.graph.iter().flat_map(|g| &g.output) {
+        if let Some(pb::TypeProto {
+            value: Some(V::TensorType(t)),
+            ..
+        }) = &o.r#type
+        {
+            m.insert(o.name.clone(), t.elem_type);
+        }
+    }
+    m
+}
+
+/// A graph input as the program executor takes it.
+fn host_value(v: &TValue, dt: DatumType) -> Result<HostValue, String> {
+    fn plain<T: Datum + Copy>(v: &TValue) -> Result<Vec<T>, String> {
+        let t = v.cast_to::<T>().map_err(|e| format!("{e:#}"))?;
+        Ok(t.try_as_plain_ram()
+            .map_err(|e| format!("{e:#}"))?
+            .as_slice::<T>()
+            .map_err(|e| format!("{e:#}"))?
+            .to_vec())
+    }
+    Ok(match dt {
+        DatumType::I64 => HostValue::I64(plain::<i64>(v)?),
+        DatumType::Bool => HostValue::Bool(plain::<bool>(v)?),
+        DatumType::F64 => HostValue::F64(plain::<f64>(v)?),
+        _ => HostValue::F32(plain::<f32>(v)?),
+    })
+}
+
+/// A program output as the graph declares it (`dt`, `shape`).
+fn tvalue_of(v: HostValue, dt: DatumType, shape: &[usize]) -> Result<TValue, TractError> {
+    let t = match v {
+        HostValue::F32(v) => Tensor::from_shape(shape, &v)?,
+        HostValue::F64(v) => Tensor::from_shape(shape, &v)?,
+        HostValue::I64(v) => Tensor::from_shape(shape, &v)?,
+        HostValue::Bool(v) => Tensor::from_shape(shape, &v)?,
+    };
+    Ok(if t.datum_type() == dt {
+        t
+    } else {
+        t.cast_to_dt(dt)?.into_owned()
+    }
+    .into_tvalue())
 }
 
 /// lerobot's normaliser epsilon (`(x − mean)/(std + eps)`).
@@ -195,6 +284,54 @@ impl Graph {
                 facts,
             ));
         }
+        if matches!(backend, Backend::Reference | Backend::Cuda { .. }) {
+            // The cuda engine's compiler, on the graph with its symbols pinned as tract's.
+            let mut proto = crate::engine::graph::read_model(&path)?;
+            let facts = proto_facts(&proto);
+            crate::onnx::pin_symbols(&mut proto, want).map_err(err)?;
+            let declared = declared_outputs(&proto);
+            let program = crate::engine::graph::compile_model(proto, &path)?;
+            let inputs = program
+                .feeds()
+                .into_iter()
+                .map(|f| Port {
+                    name: f.name,
+                    dt: datum_of(f.elem),
+                    shape: f.shape,
+                })
+                .collect();
+            let outputs = program
+                .outputs
+                .iter()
+                .map(|o| Port {
+                    name: o.name.clone(),
+                    dt: declared.get(&o.name).map_or(
+                        match o.dtype {
+                            crate::engine::graph::DType::F32 => DatumType::F32,
+                            crate::engine::graph::DType::I64 => DatumType::I64,
+                            crate::engine::graph::DType::Bool => DatumType::Bool,
+                        },
+                        |&e| datum_of(e),
+                    ),
+                    shape: o.shape.clone(),
+                })
+                .collect();
+            let run: Box<dyn RunProgram> = match backend {
+                Backend::Cuda { graphs } => {
+                    Box::new(crate::engine::cuda::CudaProgram::load(program, *graphs)?)
+                }
+                _ => Box::new(ReferenceRun(program)),
+            };
+            return Ok((
+                Graph {
+                    file: file.to_string(),
+                    exec: Exec::Program(run),
+                    inputs,
+                    outputs,
+                },
+                facts,
+            ));
+        }
         let (plan, facts) = crate::engine::cpu::load_graph_edit(&path, |proto| {
             crate::onnx::pin_symbols(proto, want)?;
             Ok(proto_facts(proto))
@@ -260,6 +397,19 @@ impl Graph {
             graph: "vla",
             message: format!("{}: {message}", self.file),
         };
+        if let Exec::Program(run) = &self.exec {
+            let values = run
+                .run(&|name| {
+                    let p = self.input(name)?;
+                    feed.get(name).and_then(|v| host_value(v, p.dt).ok())
+                })
+                .map_err(err)?;
+            return values
+                .into_iter()
+                .zip(&self.outputs)
+                .map(|(v, p)| tvalue_of(v, p.dt, &p.shape).map_err(|e| err(format!("{e:#}"))))
+                .collect();
+        }
         let mut inputs = TVec::with_capacity(self.inputs.len());
         for p in &self.inputs {
             let v = feed
@@ -277,6 +427,7 @@ impl Graph {
         match &self.exec {
             Exec::Tract(plan) => plan.run(inputs).map_err(|e| err(format!("{e:#}"))),
             Exec::Ort(g) => g.run(&inputs).map_err(err),
+            Exec::Program(_) => unreachable!("returned above"),
         }
     }
 }
@@ -1616,6 +1767,81 @@ mod tests {
             assert!(!v2.config().export.contains_key("source"));
             let again = v2.act(&input(None, Some(11))).unwrap();
             assert_eq!(bits(&a.actions), bits(&again.actions), "{kind} as v2");
+        }
+    }
+
+    /// The cuda engine's path for every real-export kind, without a GPU: each graph compiled
+    /// by [`crate::engine::graph`] (symbols pinned as for tract, the per-step expert's
+    /// float64 time embedding cut out for the host) and run by the CPU reference executor,
+    /// under the same runtime (prefix list-of-tensors, the per-step Euler loop, the
+    /// four-graph assembly). The prefix tensors and the actions agree with tract's on the
+    /// same observation and noise (cos ≥ 0.99999, max |Δ| ≤ 1e-4 of the largest value), and
+    /// repeats are bit-identical.
+    #[test]
+    fn every_real_export_kind_runs_on_the_cuda_program_path_and_agrees_with_tract() {
+        let agree = |what: &str, ours: &[f32], theirs: &[f32]| {
+            assert_eq!(ours.len(), theirs.len(), "{what}");
+            let (cos, max_abs) = crate::engine::cos_and_max_abs(ours, theirs);
+            let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+            assert!(
+                cos >= 0.99999 && max_abs <= 1e-4 * scale as f64,
+                "{what}: cos {cos}, max_abs {max_abs}"
+            );
+        };
+        for kind in Kind::ALL.into_iter().filter(|k| k.variant().is_some()) {
+            let d = tempfile::tempdir().unwrap();
+            fixtures::write(kind, d.path(), 5).unwrap();
+            let load = |b: &Backend| {
+                crate::policy::load_vla_model(d.path(), &Default::default(), b)
+                    .unwrap_or_else(|e| panic!("{kind} on {}: {e}", b.name()))
+            };
+            let (tract, ours) = (load(&Backend::Tract), load(&Backend::Reference));
+            assert_eq!(ours.engine, "reference");
+            let cams = ours.spec.cameras.len();
+            let frame = vec![0u8; ours.height * ours.width * 3];
+            let mut hwc = vec![];
+            for c in 0..cams {
+                hwc.extend(
+                    frame
+                        .iter()
+                        .enumerate()
+                        .map(|(i, _)| ((i * 7 + c * 31) % 251) as u8),
+                );
+            }
+            let present: Vec<bool> = (0..cams).map(|c| c < 2).collect();
+            let state = ours.state_values(&[0.1, 0.2, 0.0, -1.8, 0.0, 2.0, 0.8, 0.04]);
+            let obs = Observation {
+                hwc: &hwc,
+                present: &present,
+                instruction: "pick up the red block",
+                state: state.as_deref(),
+            };
+            let noise = crate::policy::gaussian_noise(3, ours.chunk * ours.action_width);
+            let run = |m: &VlaModel| -> (Vec<Vec<f32>>, Vec<f32>) {
+                if m.is_monolithic() {
+                    (
+                        vec![],
+                        m.run_monolithic(&obs, &noise, state.as_deref()).unwrap(),
+                    )
+                } else {
+                    let p = m.prefix(&obs).unwrap();
+                    let tensors = p
+                        .tensors
+                        .iter()
+                        .map(|t| to_f32(t, "prefix").unwrap())
+                        .collect();
+                    (tensors, m.denoise(&p, &noise, state.as_deref()).unwrap())
+                }
+            };
+            let (their_prefix, theirs) = run(&tract);
+            let (our_prefix, actions) = run(&ours);
+            assert_eq!(our_prefix.len(), their_prefix.len(), "{kind}");
+            for (i, (o, t)) in our_prefix.iter().zip(&their_prefix).enumerate() {
+                agree(&format!("{kind} prefix tensor {i}"), o, t);
+            }
+            agree(&format!("{kind} actions"), &actions, &theirs);
+            let (_, again) = run(&ours);
+            assert_eq!(bits(&actions), bits(&again), "{kind}: repeats differ");
         }
     }
 

@@ -211,35 +211,14 @@ impl CudaEngine {
         use_graphs: bool,
         staging_kind: Staging,
     ) -> Result<Self, EngineError> {
-        driver::result::init().map_err(|e| unavailable(format!("cuInit failed: {}", drv(e))))?;
-        let count = CudaContext::device_count().map_err(|e| unavailable(drv(e)))?;
-        if count < 1 {
-            return Err(unavailable("the driver found no CUDA device"));
-        }
-        let ctx = CudaContext::new(0).map_err(|e| unavailable(drv(e)))?;
-        // One stream, and graphs capture raw pointers: cudarc's per-buffer
-        // events would only add work (and break capture).
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().map_err(|e| unavailable(drv(e)))?;
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| unavailable(format!("{e:?}")))?;
-        let workspace = stream
-            .alloc_zeros::<u8>(CUBLAS_WORKSPACE)
-            .map_err(|e| unavailable(drv(e)))?;
-        let (ws_ptr, _sync) = workspace.device_ptr(&stream);
-        unsafe {
-            cublas::sys::cublasSetWorkspace_v2(
-                *blas.handle(),
-                ws_ptr as *mut c_void,
-                CUBLAS_WORKSPACE,
-            )
-            .result()
-            .map_err(|e| unavailable(format!("cublasSetWorkspace: {e:?}")))?;
-        }
-        drop(_sync);
-
-        let (major, minor) = ctx.compute_capability().map_err(|e| unavailable(drv(e)))?;
-        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-        let hardware = hardware(&ctx, &blas, arch);
+        let Device {
+            ctx,
+            stream,
+            blas,
+            workspace,
+            arch,
+            hardware,
+        } = open_device()?;
 
         let err = |g: &'static str| run_err(g);
         let prefix = load_program(&ctx, &stream, prefix_p, "p", arch).map_err(err("prefix"))?;
@@ -325,6 +304,145 @@ impl CudaEngine {
             hardware,
         })
     }
+}
+
+/// The GPU: its context, one stream, and cuBLAS on that stream with its workspace set (as
+/// graph capture requires).
+struct Device {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    workspace: CudaSlice<u8>,
+    arch: &'static str,
+    hardware: BTreeMap<String, String>,
+}
+
+fn open_device() -> Result<Device, EngineError> {
+    driver::result::init().map_err(|e| unavailable(format!("cuInit failed: {}", drv(e))))?;
+    let count = CudaContext::device_count().map_err(|e| unavailable(drv(e)))?;
+    if count < 1 {
+        return Err(unavailable("the driver found no CUDA device"));
+    }
+    let ctx = CudaContext::new(0).map_err(|e| unavailable(drv(e)))?;
+    // One stream, and graphs capture raw pointers: cudarc's per-buffer
+    // events would only add work (and break capture).
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().map_err(|e| unavailable(drv(e)))?;
+    let blas = CudaBlas::new(stream.clone()).map_err(|e| unavailable(format!("{e:?}")))?;
+    let workspace = stream
+        .alloc_zeros::<u8>(CUBLAS_WORKSPACE)
+        .map_err(|e| unavailable(drv(e)))?;
+    let (ws_ptr, _sync) = workspace.device_ptr(&stream);
+    unsafe {
+        cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ws_ptr as *mut c_void, CUBLAS_WORKSPACE)
+            .result()
+            .map_err(|e| unavailable(format!("cublasSetWorkspace: {e:?}")))?;
+    }
+    drop(_sync);
+
+    let (major, minor) = ctx.compute_capability().map_err(|e| unavailable(drv(e)))?;
+    let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+    let hardware = hardware(&ctx, &blas, arch);
+    Ok(Device {
+        ctx,
+        stream,
+        blas,
+        workspace,
+        arch,
+        hardware,
+    })
+}
+
+/// Enqueues the steps on the stream (or into a capture).
+fn exec(stream: &Arc<CudaStream>, blas: &CudaBlas, steps: &[Step]) -> Result<(), String> {
+    let cu_stream = stream.cu_stream();
+    for s in steps {
+        match s {
+            Step::Kernel {
+                func,
+                grid,
+                block,
+                args,
+            } => {
+                let mut b = stream.launch_builder(func);
+                for a in args {
+                    match a {
+                        Arg::Ptr(p) => b.arg(p),
+                        Arg::I32(v) => b.arg(v),
+                        Arg::F32(v) => b.arg(v),
+                    };
+                }
+                let cfg = LaunchConfig {
+                    grid_dim: (*grid, 1, 1),
+                    block_dim: (*block, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: arguments match the kernel's parameters by construction
+                // (cuda_src prints both from the same op).
+                unsafe { b.launch(cfg) }.map_err(drv)?;
+            }
+            Step::Gemm {
+                call,
+                alpha,
+                first,
+                second,
+                c,
+            } => {
+                use cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+                let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+                let beta = 0.0f32;
+                // SAFETY: pointers are this engine's live buffers, sized by the compiler.
+                unsafe {
+                    cublas::result::sgemm_strided_batched(
+                        *blas.handle(),
+                        op(call.trans_first),
+                        op(call.trans_second),
+                        call.m,
+                        call.n,
+                        call.k,
+                        alpha,
+                        *first as *const f32,
+                        call.ld_first,
+                        call.stride_first,
+                        *second as *const f32,
+                        call.ld_second,
+                        call.stride_second,
+                        &beta,
+                        *c as *mut f32,
+                        call.ldc,
+                        call.stride_c,
+                        call.batch,
+                    )
+                }
+                .map_err(|e| format!("cuBLAS sgemm: {e:?}"))?;
+            }
+            // SAFETY: staging memory is pinned, owned by this engine, and not
+            // touched by the host while work is in flight (calls sync under the mutex).
+            Step::CopyIn { dst, src, bytes } => unsafe {
+                let host = std::slice::from_raw_parts(*src as *const u8, *bytes);
+                driver::result::memcpy_htod_async(*dst, host, cu_stream).map_err(drv)?;
+            },
+            Step::CopyOut { dst, src, bytes } => unsafe {
+                let host = std::slice::from_raw_parts_mut(*dst as *mut u8, *bytes);
+                driver::result::memcpy_dtoh_async(host, *src, cu_stream).map_err(drv)?;
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Captures the steps as one CUDA graph, uploaded and ready to launch.
+fn capture(stream: &Arc<CudaStream>, blas: &CudaBlas, steps: &[Step]) -> Result<CudaGraph, String> {
+    use sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    stream
+        .begin_capture(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(drv)?;
+    let enqueued = exec(stream, blas, steps);
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    enqueued?;
+    let graph = graph.map_err(drv)?.ok_or("the capture recorded nothing")?;
+    graph.upload().map_err(drv)?;
+    Ok(graph)
 }
 
 fn hardware(ctx: &Arc<CudaContext>, blas: &CudaBlas, arch: &str) -> BTreeMap<String, String> {
@@ -665,95 +783,12 @@ impl Inner {
         steps
     }
 
-    /// Enqueues the steps on the stream (or into a capture).
     fn exec(&self, steps: &[Step]) -> Result<(), String> {
-        let cu_stream = self.stream.cu_stream();
-        for s in steps {
-            match s {
-                Step::Kernel {
-                    func,
-                    grid,
-                    block,
-                    args,
-                } => {
-                    let mut b = self.stream.launch_builder(func);
-                    for a in args {
-                        match a {
-                            Arg::Ptr(p) => b.arg(p),
-                            Arg::I32(v) => b.arg(v),
-                            Arg::F32(v) => b.arg(v),
-                        };
-                    }
-                    let cfg = LaunchConfig {
-                        grid_dim: (*grid, 1, 1),
-                        block_dim: (*block, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    // SAFETY: arguments match the kernel's parameters by construction
-                    // (cuda_src prints both from the same op).
-                    unsafe { b.launch(cfg) }.map_err(drv)?;
-                }
-                Step::Gemm {
-                    call,
-                    alpha,
-                    first,
-                    second,
-                    c,
-                } => {
-                    use cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-                    let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
-                    let beta = 0.0f32;
-                    // SAFETY: pointers are this engine's live buffers, sized by the compiler.
-                    unsafe {
-                        cublas::result::sgemm_strided_batched(
-                            *self.blas.handle(),
-                            op(call.trans_first),
-                            op(call.trans_second),
-                            call.m,
-                            call.n,
-                            call.k,
-                            alpha,
-                            *first as *const f32,
-                            call.ld_first,
-                            call.stride_first,
-                            *second as *const f32,
-                            call.ld_second,
-                            call.stride_second,
-                            &beta,
-                            *c as *mut f32,
-                            call.ldc,
-                            call.stride_c,
-                            call.batch,
-                        )
-                    }
-                    .map_err(|e| format!("cuBLAS sgemm: {e:?}"))?;
-                }
-                // SAFETY: staging memory is pinned, owned by this engine, and not
-                // touched by the host while work is in flight (calls sync under the mutex).
-                Step::CopyIn { dst, src, bytes } => unsafe {
-                    let host = std::slice::from_raw_parts(*src as *const u8, *bytes);
-                    driver::result::memcpy_htod_async(*dst, host, cu_stream).map_err(drv)?;
-                },
-                Step::CopyOut { dst, src, bytes } => unsafe {
-                    let host = std::slice::from_raw_parts_mut(*dst as *mut u8, *bytes);
-                    driver::result::memcpy_dtoh_async(host, *src, cu_stream).map_err(drv)?;
-                },
-            }
-        }
-        Ok(())
+        exec(&self.stream, &self.blas, steps)
     }
 
     fn capture(&self, steps: &[Step]) -> Result<CudaGraph, String> {
-        use sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
-        self.stream
-            .begin_capture(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(drv)?;
-        let enqueued = self.exec(steps);
-        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        enqueued?;
-        let graph = graph.map_err(drv)?.ok_or("the capture recorded nothing")?;
-        graph.upload().map_err(drv)?;
-        Ok(graph)
+        capture(&self.stream, &self.blas, steps)
     }
 
     /// Runs steps (or their graph) and waits for them.
@@ -929,6 +964,215 @@ impl Engine for CudaEngine {
             Ok(g.get_f32("x_out"))
         };
         run(&mut g).map_err(run_err("expert"))
+    }
+}
+
+/// One compiled graph of a real VLA export on the GPU, run with host inputs and outputs: the
+/// host island (the float64 time embedding) evaluated per call and staged like any input,
+/// copies in, the program's launches, copies out, all replayed as one CUDA graph when
+/// `graphs` is on. The prefix's outputs come back to the host and go in again as the
+/// expert's inputs (issue 14 item 3 keeps them on the device).
+pub struct CudaProgram {
+    inner: Mutex<ProgramInner>,
+}
+
+struct ProgramInner {
+    dev: Device,
+    loaded: Loaded,
+    /// Per program input: its staging (bytes as the buffer holds them).
+    ins: Vec<Stage>,
+    outs: Vec<Stage>,
+    graphs: bool,
+    graph: Option<CudaGraph>,
+}
+
+// SAFETY: as for `Inner`: every CUDA object is used under the mutex, the context bound first.
+unsafe impl Send for ProgramInner {}
+
+impl CudaProgram {
+    pub fn load(program: Program, graphs: bool) -> Result<CudaProgram, EngineError> {
+        check_libraries()?;
+        let name = program.name.clone();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::load_device(program, graphs)
+        }))
+        .unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(unavailable(format!(
+                "the CUDA libraries failed to load ({name}): {msg}"
+            )))
+        })
+    }
+
+    fn load_device(program: Program, graphs: bool) -> Result<CudaProgram, EngineError> {
+        let dev = open_device()?;
+        let name = program.name.clone();
+        let err = |m: String| EngineError::Load {
+            graph: name.clone(),
+            message: m,
+        };
+        let loaded = load_program(&dev.ctx, &dev.stream, program, "g", dev.arch).map_err(err)?;
+        let p = &loaded.program;
+        let stage = |port: &Port| -> Result<Stage, EngineError> {
+            let width = if p.buffers[port.buf].dtype == DType::I64 {
+                8
+            } else {
+                4
+            };
+            let bytes = port.shape.iter().product::<usize>().max(1) * width;
+            let mut mem =
+                unsafe { dev.ctx.alloc_pinned::<u8>(bytes) }.map_err(|e| unavailable(drv(e)))?;
+            let ptr = mem.as_mut_ptr().map_err(|e| unavailable(drv(e)))? as usize;
+            Ok(Stage {
+                _mem: mem,
+                ptr,
+                bytes,
+            })
+        };
+        let ins = p.inputs.iter().map(stage).collect::<Result<_, _>>()?;
+        let outs = p.outputs.iter().map(stage).collect::<Result<_, _>>()?;
+        Ok(CudaProgram {
+            inner: Mutex::new(ProgramInner {
+                dev,
+                loaded,
+                ins,
+                outs,
+                graphs,
+                graph: None,
+            }),
+        })
+    }
+}
+
+impl ProgramInner {
+    fn steps(&self) -> Vec<Step> {
+        let p = &self.loaded.program;
+        let mut steps: Vec<Step> = p
+            .inputs
+            .iter()
+            .zip(&self.ins)
+            .map(|(port, s)| Step::CopyIn {
+                dst: self.loaded.ptrs[port.buf],
+                src: s.ptr,
+                bytes: s.bytes,
+            })
+            .collect();
+        steps.extend(self.loaded.steps.iter().cloned());
+        steps.extend(
+            p.outputs
+                .iter()
+                .zip(&self.outs)
+                .map(|(port, s)| Step::CopyOut {
+                    dst: s.ptr,
+                    src: self.loaded.ptrs[port.buf],
+                    bytes: s.bytes,
+                }),
+        );
+        steps
+    }
+
+    fn run(
+        &mut self,
+        feed: &dyn Fn(&str) -> Option<graph::reference::HostValue>,
+    ) -> Result<Vec<graph::reference::HostValue>, String> {
+        use graph::reference::HostValue;
+        let p = &self.loaded.program;
+        // The host island first: its results are inputs like the others.
+        let mut island: Vec<(String, Vec<f32>)> = vec![];
+        if let Some(h) = &p.host {
+            let vals = h
+                .inputs
+                .iter()
+                .map(|i| {
+                    feed(&i.name)
+                        .map(|v| v.to_f64())
+                        .ok_or_else(|| format!("no value for input {}", i.name))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let refs: Vec<&[f64]> = vals.iter().map(Vec::as_slice).collect();
+            for ((name, _), v) in h.outputs.iter().zip(h.eval(&refs)?) {
+                island.push((name.clone(), v));
+            }
+        }
+        for (port, s) in p.inputs.iter().zip(&self.ins) {
+            let n: usize = port.shape.iter().product();
+            let value = match island.iter().find(|(name, _)| *name == port.name) {
+                Some((_, v)) => HostValue::F32(v.clone()),
+                None => {
+                    feed(&port.name).ok_or_else(|| format!("no value for input {}", port.name))?
+                }
+            };
+            if value.len() != n {
+                return Err(format!(
+                    "input {} takes {n} values, got {}",
+                    port.name,
+                    value.len()
+                ));
+            }
+            // SAFETY: the staging block holds n values of the buffer's width, and the
+            // device is idle (every call waits for its work under the mutex).
+            if p.buffers[port.buf].dtype == DType::I64 {
+                let v: Vec<i64> = match value {
+                    HostValue::I64(v) => v,
+                    other => other.to_f64().iter().map(|&x| x as i64).collect(),
+                };
+                unsafe { std::slice::from_raw_parts_mut(s.ptr as *mut i64, n) }.copy_from_slice(&v);
+            } else {
+                unsafe { std::slice::from_raw_parts_mut(s.ptr as *mut f32, n) }
+                    .copy_from_slice(&value.to_f32());
+            }
+        }
+        self.dev.ctx.bind_to_thread().map_err(drv)?;
+        if self.graphs {
+            if self.graph.is_none() {
+                self.graph = Some(capture(&self.dev.stream, &self.dev.blas, &self.steps())?);
+            }
+            self.graph
+                .as_ref()
+                .expect("captured")
+                .launch()
+                .map_err(drv)?;
+        } else {
+            exec(&self.dev.stream, &self.dev.blas, &self.steps())?;
+        }
+        self.dev.stream.synchronize().map_err(drv)?;
+        let p = &self.loaded.program;
+        Ok(p.outputs
+            .iter()
+            .zip(&self.outs)
+            .map(|(port, s)| {
+                let n: usize = port.shape.iter().product();
+                // SAFETY: written by the copy out that the synchronise above waited for.
+                if p.buffers[port.buf].dtype == DType::I64 {
+                    HostValue::I64(
+                        unsafe { std::slice::from_raw_parts(s.ptr as *const i64, n) }.to_vec(),
+                    )
+                } else {
+                    let v = unsafe { std::slice::from_raw_parts(s.ptr as *const f32, n) };
+                    if port.dtype == DType::Bool {
+                        HostValue::Bool(v.iter().map(|&x| x != 0.0).collect())
+                    } else {
+                        HostValue::F32(v.to_vec())
+                    }
+                }
+            })
+            .collect())
+    }
+}
+
+impl crate::vla::RunProgram for CudaProgram {
+    fn run(
+        &self,
+        feed: &dyn Fn(&str) -> Option<graph::reference::HostValue>,
+    ) -> Result<Vec<graph::reference::HostValue>, String> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .run(feed)
     }
 }
 

@@ -23,6 +23,7 @@
 //! [`cuda_src`] prints the map kernels as CUDA C for NVRTC.
 
 pub mod cuda_src;
+pub mod host;
 pub mod reference;
 
 use std::collections::HashMap;
@@ -407,6 +408,9 @@ pub struct Program {
     pub nodes: usize,
     /// Exact-GELU five-node patterns fused into one function (see `fuse_gelu`).
     pub fused_gelu: usize,
+    /// Float64 work on a run-time scalar, done on the host per call ([`host`]); its
+    /// results are inputs of this program.
+    pub host: Option<host::HostIsland>,
 }
 
 /// The ONNX operators [`compile`] lowers (`Gelu` also as the five-node exact pattern).
@@ -467,9 +471,53 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "ReduceSum",
 ];
 
+/// An input the caller of a whole program supplies (its graph's own inputs): a device
+/// input, or a scalar the host island reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Feed {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// The ONNX element type: 1 float32, 7 int64, 9 bool, 11 float64 (a host input).
+    pub elem: i32,
+}
+
 impl Program {
     pub fn input(&self, name: &str) -> Option<&Port> {
         self.inputs.iter().find(|p| p.name == name)
+    }
+
+    /// What a caller feeds: the device inputs the host island does not fill, then the
+    /// island's own inputs not already among them.
+    pub fn feeds(&self) -> Vec<Feed> {
+        let filled = |name: &str| {
+            self.host
+                .as_ref()
+                .is_some_and(|h| h.outputs.iter().any(|(n, _)| n == name))
+        };
+        let mut out: Vec<Feed> = self
+            .inputs
+            .iter()
+            .filter(|p| !filled(&p.name))
+            .map(|p| Feed {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                elem: match p.dtype {
+                    DType::F32 => 1,
+                    DType::I64 => 7,
+                    DType::Bool => 9,
+                },
+            })
+            .collect();
+        for i in self.host.iter().flat_map(|h| &h.inputs) {
+            if !out.iter().any(|f| f.name == i.name) {
+                out.push(Feed {
+                    name: i.name.clone(),
+                    shape: i.shape.clone(),
+                    elem: i.elem,
+                });
+            }
+        }
+        out
     }
 
     /// Number of launches one run makes (maps and reductions are one kernel
@@ -939,8 +987,22 @@ fn fuse_gelu(graph: &pb::GraphProto) -> Vec<pb::NodeProto> {
         .collect()
 }
 
-/// Lowers a model to a program. Errors name the node and what is missing.
+/// Lowers a model to a program, the float64 work on a run-time scalar cut out for the host
+/// first ([`host::split`]). Errors name the node and what is missing.
 pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
+    match host::split(model)? {
+        Some((main, island)) => {
+            let mut p = lower(&main, name)?;
+            p.nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
+            p.host = Some(island);
+            Ok(p)
+        }
+        None => lower(model, name),
+    }
+}
+
+/// Lowers a model whose float64 values are all known at load.
+fn lower(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
     let graph = model.graph.as_ref().ok_or("the model has no graph")?;
     let mut l = Lowering {
         buffers: vec![],
@@ -1038,6 +1100,7 @@ pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
         ops: l.ops,
         nodes: graph.node.len(),
         fused_gelu: (graph.node.len() - nodes.len()) / 4,
+        host: None,
     })
 }
 
@@ -1636,6 +1699,8 @@ impl Lowering {
                         match node.input.get(i).filter(|n| !n.is_empty()) {
                             Some(n) => match this.get(n)?.src {
                                 Source::Scalar(v) => Ok(Some(v)),
+                                // An int64 bound (a clamp of positions at 0).
+                                Source::Ints(v) if v.len() == 1 => Ok(Some(v[0] as f32)),
                                 _ => Err(format!("Clip bound {n} must be a constant scalar")),
                             },
                             // Before opset 11: attributes.
@@ -1874,6 +1939,31 @@ impl Lowering {
                         })
                         .collect::<Result<Vec<i64>, _>>()?;
                     self.set(&out, Value { shape: idx.shape.clone(), dtype: DType::I64, src: Source::Ints(picked) });
+                    return Ok(());
+                }
+                let data = self.get(input(0)?)?;
+                if let Source::Ints(i) = &idx.src
+                    && i.len() == 1
+                    && data.dtype == DType::F32
+                {
+                    // One constant index along any axis (`vlm_k[i]` of a stacked KV): a view
+                    // at an offset, the axis dropped (a rank-0 index) or kept as 1.
+                    let rank = data.shape.len();
+                    let axis = norm_axis(attr_int(node, "axis", 0), rank)?;
+                    let n = data.shape[axis] as i64;
+                    let k = if i[0] < 0 { i[0] + n } else { i[0] };
+                    if !(0..n).contains(&k) {
+                        return Err(format!("index {} out of range for axis {axis} of {n}", i[0]));
+                    }
+                    let (src, st, offset) = self.view(&data);
+                    let offset = offset + k * st[axis];
+                    let mut shape = data.shape[..axis].to_vec();
+                    let mut coefs = st[..axis].to_vec();
+                    shape.extend(idx.shape.iter().copied());
+                    coefs.extend(idx.shape.iter().map(|_| 0));
+                    shape.extend(data.shape[axis + 1..].iter().copied());
+                    coefs.extend(st[axis + 1..].iter().copied());
+                    self.put_elementwise(&out, shape, Expr::Load { src, coefs, offset });
                     return Ok(());
                 }
                 let table = self.f32_value(input(0)?)?;

@@ -5,6 +5,111 @@
 
 use super::{AxisKind, BinOp, CublasCall, DType, Expr, Op, Program, UnOp, cublas_call};
 
+/// A value fed to or read from a whole program on the host, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostValue {
+    F32(Vec<f32>),
+    /// Int64, and float64 host inputs as their values.
+    F64(Vec<f64>),
+    I64(Vec<i64>),
+    Bool(Vec<bool>),
+}
+
+impl HostValue {
+    pub fn len(&self) -> usize {
+        match self {
+            HostValue::F32(v) => v.len(),
+            HostValue::F64(v) => v.len(),
+            HostValue::I64(v) => v.len(),
+            HostValue::Bool(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values as f64, whatever their kind (the host island's view).
+    pub fn to_f64(&self) -> Vec<f64> {
+        match self {
+            HostValue::F32(v) => v.iter().map(|&x| x as f64).collect(),
+            HostValue::F64(v) => v.clone(),
+            HostValue::I64(v) => v.iter().map(|&x| x as f64).collect(),
+            HostValue::Bool(v) => v.iter().map(|&x| x as u8 as f64).collect(),
+        }
+    }
+
+    /// The values as f32 (bools 0/1, integers rounded to the nearest float).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            HostValue::F32(v) => v.clone(),
+            HostValue::F64(v) => v.iter().map(|&x| x as f32).collect(),
+            HostValue::I64(v) => v.iter().map(|&x| x as f32).collect(),
+            HostValue::Bool(v) => v.iter().map(|&x| x as u8 as f32).collect(),
+        }
+    }
+}
+
+/// Runs a whole program the way an executor does: the host island from its scalar inputs,
+/// its results and the other inputs staged into the program's buffers, then the ops.
+/// `feed` gives each of [`Program::feeds`] by name; outputs come back in the program's
+/// output order (bool outputs as bools, int64 buffers as int64, the rest as f32).
+pub fn run_program(
+    p: &Program,
+    feed: &dyn Fn(&str) -> Option<HostValue>,
+) -> Result<Vec<HostValue>, String> {
+    let mut m = Memory::new(p);
+    let get = |name: &str, n: usize| -> Result<HostValue, String> {
+        let v = feed(name).ok_or_else(|| format!("no value for input {name}"))?;
+        if v.len() != n {
+            return Err(format!("input {name} takes {n} values, got {}", v.len()));
+        }
+        Ok(v)
+    };
+    let mut staged: Vec<(usize, Vec<f32>)> = vec![];
+    if let Some(h) = &p.host {
+        let vals = h
+            .inputs
+            .iter()
+            .map(|i| get(&i.name, i.shape.iter().product()).map(|v| v.to_f64()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&[f64]> = vals.iter().map(Vec::as_slice).collect();
+        for ((name, _), v) in h.outputs.iter().zip(h.eval(&refs)?) {
+            let port = p
+                .input(name)
+                .ok_or_else(|| format!("no program input {name}"))?;
+            staged.push((port.buf, v));
+        }
+    }
+    for port in &p.inputs {
+        if staged.iter().any(|(b, _)| *b == port.buf) {
+            continue;
+        }
+        let v = get(&port.name, port.shape.iter().product())?;
+        match p.buffers[port.buf].dtype {
+            DType::I64 => {
+                m.i[port.buf] = match v {
+                    HostValue::I64(v) => v,
+                    other => other.to_f64().iter().map(|&x| x as i64).collect(),
+                }
+            }
+            _ => staged.push((port.buf, v.to_f32())),
+        }
+    }
+    for (buf, v) in staged {
+        m.f[buf][..v.len()].copy_from_slice(&v);
+    }
+    run_ops(&p.ops, &mut m);
+    Ok(p.outputs
+        .iter()
+        .map(|o| match (o.dtype, p.buffers[o.buf].dtype) {
+            (_, DType::I64) => HostValue::I64(m.i[o.buf].clone()),
+            (DType::Bool, _) => HostValue::Bool(m.f[o.buf].iter().map(|&x| x != 0.0).collect()),
+            _ => HostValue::F32(m.f[o.buf][..o.shape.iter().product::<usize>()].to_vec()),
+        })
+        .collect())
+}
+
 pub fn unary(op: UnOp, x: f32) -> f32 {
     match op {
         UnOp::Gelu => x * (erf(x / std::f32::consts::SQRT_2) + 1.0) * 0.5,
