@@ -206,10 +206,9 @@ fn gpu_check_script_still_fails_without_a_gpu() {
     assert!(!text.contains("ALL GPU CHECKS PASSED"), "{text}");
 }
 
-/// `reflex inspect EXPORT --engine cuda` compiles without a GPU: the reference export runs
-/// (exit 0) and its plan is printed; each real-export fixture runs (exit 0) or not (exit 1)
-/// with what stops it named: an unsupported node by name, a float64 value at run time, a
-/// symbolic dimension.
+/// `reflex inspect EXPORT --engine cuda` compiles without a GPU: the reference export and
+/// every real-export fixture run (exit 0) with their plans printed (the per-step experts'
+/// host island included, launches per Act adding up); an unsupported node is named (exit 1).
 #[test]
 fn inspect_says_whether_an_export_runs_on_the_cuda_engine_and_names_what_does_not() {
     let dir = tempfile::tempdir().unwrap();
@@ -269,58 +268,59 @@ fn inspect_says_whether_an_export_runs_on_the_cuda_engine_and_names_what_does_no
 
     for kind in SEED_KINDS {
         let export = export_demo(dir.path(), kind);
-        // The compiler covers the baked-loop and monolithic fixtures (their programs are
-        // checked against tract in reflex-engine's graph tests); the per-step expert's
-        // float64 time embedding of a time *input*, and the four-graph pieces' symbolic
-        // dimensions, are what it still lacks.
-        let (compiles, why) = match kind {
-            "pi05-per-step" => (false, "float64 value computed at run time"),
-            "smolvla-four-graph" => (false, "symbolic dimension"),
-            _ => (true, ""),
-        };
+        // Every real-export kind loads for the cuda engine: each graph compiled with its
+        // symbols pinned as `serve` pins them (the four-graph pieces), the per-step
+        // expert's float64 time embedding on the host. (Their programs are checked against
+        // tract end to end in reflex-engine's vla tests.)
         let (code, text, err) = inspect(&export, &[]);
         let (code_json, json, _) = inspect(&export, &["--json"]);
         let r: serde_json::Value = serde_json::from_str(&json).unwrap();
-        assert_eq!(r["compiles"], compiles, "{kind}: {text}");
-        // The executor serves reflex-export v1 only so far: a compiled seed export does not
-        // run yet, and says so.
-        assert_eq!(r["runs"], false, "{kind}: {text}");
-        assert_eq!((code, code_json), (Some(1), Some(1)), "{kind}: {text}{err}");
-        assert!(
-            text.contains("serve this export with --engine cpu"),
-            "{kind}: {text}"
-        );
+        assert_eq!(r["compiles"], true, "{kind}: {text}");
+        assert_eq!(r["runs"], true, "{kind}: {text}");
+        assert!(r["load_error"].is_null(), "{kind}: {r}");
+        assert_eq!((code, code_json), (Some(0), Some(0)), "{kind}: {text}{err}");
+        assert!(text.contains("engine cuda: RUNS"), "{kind}: {text}");
         let graphs = r["graphs"].as_array().unwrap();
         for g in graphs {
             let ops = g["operators"].as_object().unwrap();
             let total: u64 = ops.values().map(|v| v.as_u64().unwrap()).sum();
             assert_eq!(total, g["nodes"].as_u64().unwrap(), "{kind} {g}");
-            // A graph either lists what it lacks, says why it did not compile, or has a plan.
-            assert!(
-                !g["unsupported"].as_array().unwrap().is_empty()
-                    || g["error"].is_string()
-                    || g["plan"].is_object(),
-                "{kind}: {g}"
-            );
+            assert!(g["plan"]["launches"].as_u64().unwrap() > 0, "{kind}: {g}");
         }
-        if compiles {
-            assert!(
-                text.contains("engine cuda: COMPILES, DOES NOT RUN YET"),
-                "{kind}: {text}"
-            );
-            assert!(
-                graphs
-                    .iter()
-                    .all(|g| g["plan"]["launches"].as_u64().unwrap() > 0)
-            );
-            assert!(r["launches_per_act"].as_u64().unwrap() > 0, "{kind}: {r}");
-        } else {
-            assert!(
-                text.contains("engine cuda: DOES NOT RUN:"),
-                "{kind}: {text}"
-            );
-            assert!(text.contains(why), "{kind}: {why:?} in\n{text}");
+        // The host island: exactly the per-step experts have one, reading the time input.
+        let host: Vec<&serde_json::Value> = graphs
+            .iter()
+            .filter(|g| !g["plan"]["host"].is_null())
+            .collect();
+        let per_step = matches!(kind, "pi05-per-step" | "smolvla-four-graph");
+        assert_eq!(host.len(), per_step as usize, "{kind}: {r}");
+        if per_step {
+            let h = &host[0]["plan"]["host"];
+            assert_eq!(host[0]["role"], "expert", "{kind}");
+            assert!(h["nodes"].as_u64().unwrap() >= 5, "{kind}: {h}");
+            assert_eq!(h["fills"].as_array().unwrap().len(), 1, "{kind}: {h}");
+            assert!(text.contains("of float64 work on"), "{kind}: {text}");
         }
+        // Launches per Act add up: a per-step expert runs once per step.
+        let launches = |role: &str| {
+            graphs
+                .iter()
+                .find(|g| g["role"] == role)
+                .map_or(0, |g| g["plan"]["launches"].as_u64().unwrap())
+        };
+        let steps = r["steps"].as_u64().unwrap();
+        // The four-graph fixture has one camera, through the image graph once.
+        let cams = if kind == "smolvla-four-graph" { 1 } else { 0 };
+        let expected = launches("embed image") * cams
+            + launches("embed text")
+            + launches("prefix")
+            + launches("expert") * if per_step { steps } else { 1 }
+            + launches("model");
+        assert_eq!(
+            r["launches_per_act"].as_u64().unwrap(),
+            expected,
+            "{kind}: {r}"
+        );
         if kind.starts_with("pi05") && kind != "pi05-monolithic" {
             // The pi0.5 prefix (rotary positions from the pad mask's CumSum, the 2-D masks,
             // external weights) compiles, and one prefix-cache entry is sized.

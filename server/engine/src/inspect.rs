@@ -29,9 +29,10 @@ pub struct Report {
     pub per_step: bool,
     /// True when every graph compiled.
     pub compiles: bool,
-    /// True when `reflex serve --engine cuda` loads this export: it compiles, and the cuda
-    /// executor serves its format (reflex-export v1 today; v2 and the seed tool's layouts
-    /// are compiled, not yet executed: issue 14).
+    /// True when `reflex serve --engine cuda` loads this export: every graph compiles (a
+    /// real export loaded as `serve` loads it). v1 runs on `CudaEngine` (the denoise loop
+    /// one CUDA graph); v2 and the seed tool's layouts on `CudaProgram`, one graph run at a
+    /// time with host copies between them.
     pub runs: bool,
     pub graphs: Vec<GraphReport>,
     /// Device bytes of one prefix-cache entry (the prefix graph's outputs); absent for a
@@ -39,9 +40,15 @@ pub struct Report {
     pub prefix_entry_bytes: Option<u64>,
     /// Weights of every compiled graph, in device bytes.
     pub weight_bytes: u64,
-    /// Kernel launches of one Act (prefix, then the denoise loop as the engine unrolls it),
-    /// when every graph compiled and the export has no per-camera embedding graphs.
+    /// Kernel launches of one Act when every graph compiled: the prefix (each camera through
+    /// an image embedding graph) and the denoise loop (unrolled on the device for v1; a
+    /// per-step expert of a real export runs once per step).
     pub launches_per_act: Option<usize>,
+    /// Graph runs of one Act, each one CUDA graph replay with `--cuda-graphs` on.
+    pub graph_runs_per_act: Option<usize>,
+    /// Why the export does not load for the cuda engine although every graph's operators
+    /// are covered (a contract check, a graph that does not compile).
+    pub load_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,6 +90,18 @@ pub struct Plan {
     pub activation_bytes: u64,
     pub inputs: Vec<PortInfo>,
     pub outputs: Vec<PortInfo>,
+    /// Float64 work on a run-time scalar done on the host each call (the per-step expert's
+    /// time embedding, [`graph::host`]): its node count and the values it hands over.
+    pub host: Option<HostPlan>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostPlan {
+    pub nodes: usize,
+    /// The scalar inputs it reads.
+    pub reads: Vec<String>,
+    /// The device inputs it fills.
+    pub fills: Vec<PortInfo>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -147,11 +166,21 @@ pub fn plan(p: &Program) -> Plan {
             .sum(),
         inputs: p.inputs.iter().map(port).collect(),
         outputs: p.outputs.iter().map(port).collect(),
+        host: p.host.as_ref().map(|h| HostPlan {
+            nodes: h.nodes,
+            reads: h.inputs.iter().map(|i| i.name.clone()).collect(),
+            fills: h
+                .outputs
+                .iter()
+                .filter_map(|(name, _)| p.input(name).map(port))
+                .collect(),
+        }),
     }
 }
 
-/// Reads, checks and (where every operator is covered) compiles one ONNX file.
-pub fn inspect_graph(role: &str, path: &Path) -> (GraphReport, Option<Program>) {
+/// Reads and checks one ONNX file and, with `compile` and every operator covered, compiles
+/// it on its own (symbolic dimensions unpinned).
+pub fn inspect_graph(role: &str, path: &Path, compile: bool) -> (GraphReport, Option<Program>) {
     let file = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -186,7 +215,7 @@ pub fn inspect_graph(role: &str, path: &Path) -> (GraphReport, Option<Program>) 
             });
         }
     }
-    if !report.unsupported.is_empty() {
+    if !report.unsupported.is_empty() || !compile {
         return (report, None);
     }
     // Every operator is covered: compile it for real (external data read from beside it).
@@ -205,17 +234,55 @@ pub fn inspect_graph(role: &str, path: &Path) -> (GraphReport, Option<Program>) 
 /// Inspects every graph of the export in `dir` for the cuda engine.
 pub fn inspect_cuda(dir: &Path, seed: &SeedOptions) -> Result<Report, LoadError> {
     let eg = export_graphs(dir, seed)?;
+    // Every graph's operators first; then, for a real export, the whole export loaded the
+    // way `serve --engine cuda` loads it (the contract's checks, symbolic dimensions
+    // pinned to the config's shapes, the host island cut out), on the CPU reference
+    // executor instead of the GPU. Where that fails, each graph is compiled on its own so
+    // the report names the one that does not compile.
     let mut graphs = vec![];
-    let mut programs = BTreeMap::new();
+    let mut programs: BTreeMap<String, Program> = BTreeMap::new();
     for (role, path) in &eg.graphs {
-        let (r, p) = inspect_graph(role, path);
+        let (r, p) = inspect_graph(role, path, eg.v1);
         if let Some(p) = p {
             programs.insert(role.clone(), p);
         }
         graphs.push(r);
     }
-    let compiles = graphs.iter().all(|g| g.plan.is_some());
-    let runs = compiles && eg.v1;
+    let covered = graphs
+        .iter()
+        .all(|g| g.unsupported.is_empty() && g.error.is_none());
+    let mut load_error = None;
+    if covered && !eg.v1 {
+        match crate::policy::load_vla_model(dir, seed, &crate::vla::Backend::Reference) {
+            Ok(m) => {
+                for (file, p) in m.programs() {
+                    let Some(((role, _), g)) = eg
+                        .graphs
+                        .iter()
+                        .zip(graphs.iter_mut())
+                        .find(|((_, path), _)| path.file_name().is_some_and(|f| f == file))
+                    else {
+                        continue;
+                    };
+                    g.plan = Some(plan(p));
+                    programs.insert(role.clone(), p.clone());
+                }
+            }
+            Err(e) => {
+                load_error = Some(e.to_string());
+                for ((role, path), g) in eg.graphs.iter().zip(graphs.iter_mut()) {
+                    let (r, p) = inspect_graph(role, path, true);
+                    *g = r;
+                    if let Some(p) = p {
+                        programs.insert(role.clone(), p);
+                    }
+                }
+            }
+        }
+    }
+    let compiles = graphs.iter().all(|g| g.plan.is_some()) && load_error.is_none();
+    // v1 on the reference executor path (`CudaEngine`), everything else on `CudaProgram`.
+    let runs = compiles;
     let prefix_entry_bytes = graphs
         .iter()
         .find(|g| g.role == "prefix")
@@ -226,21 +293,35 @@ pub fn inspect_cuda(dir: &Path, seed: &SeedOptions) -> Result<Report, LoadError>
         .filter_map(|g| g.plan.as_ref())
         .map(|p| p.weight_bytes)
         .sum();
-    let launches_per_act = if compiles && !programs.keys().any(|r| r.starts_with("embed")) {
-        let prefix = programs.get("prefix").map_or(0, Program::launches);
-        let body = programs
+    let l = |role: &str| programs.get(role).map_or(0, Program::launches);
+    let has = |role: &str| programs.contains_key(role) as usize;
+    let (launches_per_act, graph_runs_per_act) = if !compiles {
+        (None, None)
+    } else if eg.v1 {
+        let denoise = programs
             .get("expert")
-            .or_else(|| programs.get("model"))
-            .map(|e| {
-                if eg.per_step {
-                    graph::denoise_ops(e, eg.steps).map(|ops| ops.len()).ok()
-                } else {
-                    Some(e.launches())
-                }
-            });
-        body.flatten().map(|b| prefix + b)
+            .and_then(|e| graph::denoise_ops(e, eg.steps).ok())
+            .map_or(0, |ops| ops.len());
+        (Some(l("prefix") + denoise), Some(2))
     } else {
-        None
+        // The runtime drives a per-step expert from the host: one run per step.
+        let expert_runs = if eg.per_step { eg.steps as usize } else { 1 };
+        (
+            Some(
+                l("embed image") * eg.cameras
+                    + l("embed text")
+                    + l("prefix")
+                    + l("expert") * expert_runs
+                    + l("model"),
+            ),
+            Some(
+                has("embed image") * eg.cameras
+                    + has("embed text")
+                    + has("prefix")
+                    + has("expert") * expert_runs
+                    + has("model"),
+            ),
+        )
     };
     Ok(Report {
         export: dir.display().to_string(),
@@ -256,6 +337,8 @@ pub fn inspect_cuda(dir: &Path, seed: &SeedOptions) -> Result<Report, LoadError>
         prefix_entry_bytes,
         weight_bytes,
         launches_per_act,
+        graph_runs_per_act,
+        load_error,
     })
 }
 
@@ -320,11 +403,10 @@ pub fn render(r: &Report) -> String {
             "engine cuda: RUNS: every graph compiles to kernels ({})",
             plural(r.graphs.len(), "graph")
         );
-    } else if r.compiles {
+    } else if let Some(e) = r.load_error.as_ref().filter(|_| failing == 0) {
         let _ = writeln!(
             s,
-            "engine cuda: COMPILES, DOES NOT RUN YET: every graph compiles to kernels ({}), but the cuda executor serves reflex-export v1 exports only so far; serve this export with --engine cpu or ort",
-            plural(r.graphs.len(), "graph")
+            "engine cuda: DOES NOT RUN: every graph compiles on its own, but the export does not load: {e}"
         );
     } else {
         let _ = writeln!(
@@ -391,6 +473,15 @@ pub fn render(r: &Report) -> String {
             );
             let _ = writeln!(s, "  inputs: {}", ports(&p.inputs));
             let _ = writeln!(s, "  outputs: {}", ports(&p.outputs));
+            if let Some(h) = &p.host {
+                let _ = writeln!(
+                    s,
+                    "  on the host: {} of float64 work on {} (a time embedding), computed in double each call; it fills {}",
+                    plural(h.nodes, "node"),
+                    h.reads.join(", "),
+                    ports(&h.fills)
+                );
+            }
         }
     }
     s.push('\n');
@@ -404,10 +495,11 @@ pub fn render(r: &Report) -> String {
     if r.compiles {
         let _ = writeln!(s, "weights on the device: {}", human_bytes(r.weight_bytes));
     }
-    if let Some(n) = r.launches_per_act {
+    if let (Some(n), Some(g)) = (r.launches_per_act, r.graph_runs_per_act) {
         let _ = writeln!(
             s,
-            "launches per Act: {n} (prefix once, then the denoise loop as the engine unrolls it; one CUDA graph replay each)"
+            "launches per Act: {n} in {} (one CUDA graph replay each)",
+            plural(g, "graph run")
         );
     }
     s

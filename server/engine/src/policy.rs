@@ -227,6 +227,35 @@ pub struct CacheCapacity {
 }
 /// One prefix and one denoise on zeros: the first Act then pays no kernel
 /// load or graph capture, and a broken device shows at start.
+/// One zero observation through a real export's whole model (prefix and denoise, or the
+/// monolithic graph): finite actions of the right length, or the error.
+fn warm_up_vla(m: &VlaModel) -> Result<(), EngineError> {
+    let cams = m.spec.cameras.len();
+    let hwc = vec![0u8; m.height * m.width * 3 * cams];
+    let mut present = vec![false; cams];
+    present[0] = true;
+    let state = m.state_values(&vec![0.0; m.spec.state.dim]);
+    let obs = Observation {
+        hwc: &hwc,
+        present: &present,
+        instruction: "",
+        state: state.as_deref(),
+    };
+    let noise = vec![0.0f32; m.chunk * m.action_width];
+    let v = if m.is_monolithic() {
+        m.run_monolithic(&obs, &noise, state.as_deref())?
+    } else {
+        m.denoise(&m.prefix(&obs)?, &noise, state.as_deref())?
+    };
+    if v.len() != noise.len() || v.iter().any(|x| !x.is_finite()) {
+        return Err(EngineError::Run {
+            graph: "vla",
+            message: "warm-up: the actions are not finite".into(),
+        });
+    }
+    Ok(())
+}
+
 fn warm_up(e: &dyn Engine, s: &Shapes, steps: u32) -> Result<(), EngineError> {
     let pixels = vec![0.0; s.cameras * 3 * s.height * s.width];
     let prefix = e.prefix(&pixels, &vec![0; s.tokens])?;
@@ -368,6 +397,8 @@ pub struct ExportGraphs {
     /// (role, path): "embed image", "embed text", "prefix", then "expert" — or "model" for
     /// a monolithic export. A prefix graph's outputs are what one prefix-cache entry holds.
     pub graphs: Vec<(String, PathBuf)>,
+    /// Camera slots (the image embedding graph runs once per camera).
+    pub cameras: usize,
 }
 
 pub fn export_graphs(dir: &Path, seed_opts: &SeedOptions) -> Result<ExportGraphs, LoadError> {
@@ -383,6 +414,7 @@ pub fn export_graphs(dir: &Path, seed_opts: &SeedOptions) -> Result<ExportGraphs
                 ("prefix".into(), dir.join(&cfg.graphs.prefix)),
                 ("expert".into(), dir.join(&cfg.graphs.expert)),
             ],
+            cameras: cfg.cameras.len(),
         },
         Export::V2 { spec, seed, .. } => {
             let mut graphs = vec![];
@@ -408,6 +440,7 @@ pub fn export_graphs(dir: &Path, seed_opts: &SeedOptions) -> Result<ExportGraphs
                 export_kind: spec.export_kind.clone(),
                 steps: spec.denoise.steps,
                 per_step: spec.denoise.expert == crate::contract::ExpertMode::PerStep,
+                cameras: spec.cameras.len(),
                 graphs,
             }
         }
@@ -570,29 +603,6 @@ impl Policy {
         seed: bool,
         opts: &PolicyOptions,
     ) -> Result<Self, LoadError> {
-        let backend = match opts.engine {
-            EngineKind::Ort => crate::vla::Backend::Ort {
-                lib: crate::engine::onnxruntime::library_path(opts.ort_lib.as_deref())?,
-                threads: opts.ort_threads,
-            },
-            _ => crate::vla::Backend::Tract,
-        };
-        match opts.engine {
-            EngineKind::Cpu | EngineKind::Ort => {}
-            EngineKind::Auto => tracing::info!(
-                "engine auto: running on cpu, because the cuda engine runs reflex-export v1 graphs only (real VLA exports: issue 14)"
-            ),
-            EngineKind::Cuda => {
-                return Err(EngineError::Unavailable {
-                    engine: "cuda",
-                    reason: format!(
-                        "it runs reflex-export v1 graphs only; this {} export runs on --engine cpu",
-                        spec.model_type
-                    ),
-                }
-                .into());
-            }
-        }
         for n in &notes {
             tracing::info!("{n}");
         }
@@ -600,7 +610,36 @@ impl Policy {
             let value = serde_json::to_value(&spec).expect("the contract serialises");
             crate::config::hex(&Sha256::digest(value.to_string().as_bytes())[..8])
         };
-        let model = VlaModel::load_with(dir, spec, &backend)?;
+        let backend = match opts.engine {
+            EngineKind::Ort => crate::vla::Backend::Ort {
+                lib: crate::engine::onnxruntime::library_path(opts.ort_lib.as_deref())?,
+                threads: opts.ort_threads,
+            },
+            EngineKind::Cuda | EngineKind::Auto => crate::vla::Backend::Cuda {
+                graphs: opts.cuda_graphs,
+            },
+            EngineKind::Cpu => crate::vla::Backend::Tract,
+        };
+        // The cuda engine compiles every graph, uploads it and runs one zero observation
+        // through the whole model at start, so a device that loads but cannot run fails
+        // here — and `auto` can still fall back to the cpu.
+        let cuda = || -> Result<VlaModel, EngineError> {
+            crate::engine::cuda::check_libraries()?;
+            let m = VlaModel::load_with(dir, spec.clone(), &backend)?;
+            warm_up_vla(&m)?;
+            Ok(m)
+        };
+        let model = match opts.engine {
+            EngineKind::Cuda => cuda()?,
+            EngineKind::Auto => match cuda() {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::info!("engine auto: running on cpu, because {e}");
+                    VlaModel::load_with(dir, spec, &crate::vla::Backend::Tract)?
+                }
+            },
+            EngineKind::Cpu | EngineKind::Ort => VlaModel::load_with(dir, spec, &backend)?,
+        };
         if let crate::vla::Backend::Ort { lib, threads } = &backend {
             tracing::info!(lib = %lib.display(), threads, "engine ort: onnxruntime runs the graphs");
         }
@@ -682,6 +721,7 @@ impl Policy {
             Runtime::Reference { engine, .. } => engine.mode(),
             // The engine's name as `--engine` spells it.
             Runtime::Vla(model) if model.engine == "onnxruntime" => "ort",
+            Runtime::Vla(model) if model.engine == "cuda" => "cuda",
             Runtime::Vla(_) => "cpu",
         }
     }

@@ -71,6 +71,8 @@ enum Exec {
 /// program's order.
 pub trait RunProgram: Send + Sync {
     fn run(&self, feed: &dyn Fn(&str) -> Option<HostValue>) -> Result<Vec<HostValue>, String>;
+    /// The compiled program (for `reflex inspect`'s plan).
+    fn program(&self) -> &Program;
 }
 
 /// The CPU reference executor as a [`RunProgram`].
@@ -79,6 +81,9 @@ struct ReferenceRun(Program);
 impl RunProgram for ReferenceRun {
     fn run(&self, feed: &dyn Fn(&str) -> Option<HostValue>) -> Result<Vec<HostValue>, String> {
         crate::engine::graph::reference::run_program(&self.0, feed)
+    }
+    fn program(&self) -> &Program {
+        &self.0
     }
 }
 
@@ -1104,6 +1109,20 @@ impl VlaModel {
             files,
             spec,
         })
+    }
+
+    /// Each graph's compiled program by file name, in load order (embedding graphs, prefix,
+    /// expert), when the backend compiles ([`Backend::Reference`], [`Backend::Cuda`]).
+    pub fn programs(&self) -> Vec<(&str, &Program)> {
+        let embed = self.embed.iter().flat_map(|e| [&e.image, &e.text]);
+        embed
+            .chain(&self.prefix)
+            .chain(std::iter::once(&self.expert))
+            .filter_map(|g| match &g.exec {
+                Exec::Program(r) => Some((g.file.as_str(), r.program())),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Bytes of one [`Prefix`] (0 for a monolithic export: nothing is cached).

@@ -974,6 +974,8 @@ impl Engine for CudaEngine {
 /// expert's inputs (issue 14 item 3 keeps them on the device).
 pub struct CudaProgram {
     inner: Mutex<ProgramInner>,
+    /// The program as compiled, without its weights (they live on the device).
+    program: Program,
 }
 
 struct ProgramInner {
@@ -1035,7 +1037,17 @@ impl CudaProgram {
         };
         let ins = p.inputs.iter().map(stage).collect::<Result<_, _>>()?;
         let outs = p.outputs.iter().map(stage).collect::<Result<_, _>>()?;
+        // Uploaded: the host keeps each weight's size only (a plan counts a weight by its
+        // `init`), not a second copy of the model.
+        let mut loaded = loaded;
+        for b in &mut loaded.program.buffers {
+            if b.init.is_some() {
+                b.init = Some(vec![]);
+            }
+        }
+        let shown = loaded.program.clone();
         Ok(CudaProgram {
+            program: shown,
             inner: Mutex::new(ProgramInner {
                 dev,
                 loaded,
@@ -1173,6 +1185,9 @@ impl crate::vla::RunProgram for CudaProgram {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .run(feed)
+    }
+    fn program(&self) -> &Program {
+        &self.program
     }
 }
 
