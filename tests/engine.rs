@@ -369,3 +369,57 @@ fn inspect_says_whether_an_export_runs_on_the_cuda_engine_and_names_what_does_no
     let (code, _, err) = inspect(&reference, &["--engine", "cpu"]);
     assert_eq!(code, Some(64), "{err}");
 }
+
+/// `reflex bench engines --export DIR --export-engine reference`: the cuda engine's compiled
+/// programs for a real export, run by the CPU reference executor against tract in one run —
+/// the harness the GPU script runs with `--export-engine cuda`. Its checks pass (parity per
+/// request and prefix tensor, bit-identical repeats) for the per-step pi0.5 and the
+/// SmolVLA four-graph exports; `cuda` without a GPU fails at load, saying why.
+#[test]
+fn bench_engines_runs_a_real_export_on_the_compiled_programs_and_checks_parity() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ["pi05-per-step", "smolvla-four-graph"] {
+        let export = export_demo(dir.path(), kind);
+        let out = std::process::Command::new(BIN)
+            .args(["bench", "engines", "--export"])
+            .arg(&export)
+            .args([
+                "--export-engine",
+                "reference",
+                "--calls",
+                "4",
+                "--warmup",
+                "1",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{kind}: {text}{err}");
+        for needle in [
+            "reference executor vs cpu (tract): worst cos ",
+            "reference executor: repeats bit-identical",
+            "cpu (tract): repeats bit-identical",
+            "ALL CHECKS PASSED",
+        ] {
+            assert!(text.contains(needle), "{kind}: {needle:?} in\n{text}");
+        }
+        // The measured rows: one per engine, with its ratio to tract.
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("cpu (tract) ") || l.starts_with("reference executor "))
+            .filter(|l| l.trim_end().ends_with('x'))
+            .collect();
+        assert_eq!(rows.len(), 2, "{kind}: {text}");
+    }
+    let export = dir.path().join("pi05-per-step");
+    let out = std::process::Command::new(BIN)
+        .args(["bench", "engines", "--export"])
+        .arg(&export)
+        .args(["--export-engine", "cuda", "--calls", "1", "--warmup", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("engine cuda is not available"), "{err}");
+}

@@ -54,10 +54,13 @@ pub struct EnginesBench {
     /// engine (tract runs each call on one thread).
     #[arg(long, default_value_t = 1, requires = "export")]
     pub ort_threads: usize,
-    /// With --export: which of our engines runs against onnxruntime's Python worker: `tract`
-    /// (the embedded cpu engine) or `ort` (our onnxruntime engine, `reflex serve --engine ort`).
-    #[arg(long, value_name = "tract|ort", default_value = "tract", requires = "export",
-          value_parser = ["tract", "ort"])]
+    /// With --export: which of our engines runs. `tract` (the embedded cpu engine) or `ort`
+    /// (our onnxruntime engine, `reflex serve --engine ort`) against onnxruntime's Python
+    /// worker; `cuda` (needs a GPU: graphs on and off) or `reference` (the same compiled
+    /// programs on the CPU reference executor, slow) against tract, with the parity,
+    /// repeat and graphs-on-vs-off checks.
+    #[arg(long, value_name = "ENGINE", default_value = "tract", requires = "export",
+          value_parser = ["tract", "ort", "cuda", "reference"])]
     pub export_engine: String,
     /// With --export-engine ort: the libonnxruntime.so.* to load; default `ORT_DYLIB_PATH`,
     /// else the one of the Python onnxruntime package the worker uses.
@@ -84,6 +87,12 @@ struct Variant {
 
 pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
     if let Some(export) = args.export.clone() {
+        if matches!(args.export_engine.as_str(), "cuda" | "reference") {
+            return tokio::task::spawn_blocking(move || {
+                super::programs::run(&export, args.calls, args.warmup, &args.export_engine)
+            })
+            .await?;
+        }
         return tokio::task::spawn_blocking(move || {
             super::exports::run(
                 &export,

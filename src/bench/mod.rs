@@ -6,13 +6,15 @@
 //! - [`record`]: recording overhead per image mode, trace bytes, and recorder ingest.
 //! - [`telemetry`]: Act latency with tracing and metrics off and on.
 //! - [`load`]: K concurrent robots against real children, and the book check.
-//! - [`engines`]: cpu vs cuda, and the GPU acceptance checks.
+//! - [`engines`]: cpu vs cuda, and the GPU acceptance checks; with `--export`, a real export
+//!   against onnxruntime ([`exports`]) or on the cuda engine's programs ([`programs`]).
 //! - [`fleet`]: a synthetic fleet's traces, `reflex fleet index` and every report: time and memory.
 
 mod engines;
 mod exports;
 mod fleet;
 mod load;
+mod programs;
 mod record;
 mod serve;
 mod telemetry;

@@ -544,6 +544,11 @@ impl Prefix {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// Its tensors as f32 (bools 0/1), in order: for comparing engines.
+    pub fn to_f32(&self) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.tensors.iter().map(|t| to_f32(t, "prefix")).collect()
+    }
 }
 
 /// One graph input as raw little-endian bytes.
