@@ -301,7 +301,8 @@ fn inspect_says_whether_an_export_runs_on_the_cuda_engine_and_names_what_does_no
             assert_eq!(h["fills"].as_array().unwrap().len(), 1, "{kind}: {h}");
             assert!(text.contains("of float64 work on"), "{kind}: {text}");
         }
-        // Launches per Act add up: a per-step expert runs once per step.
+        // Launches per Act add up: a per-step expert's launches each step plus the Euler
+        // update, all in one graph run (the device loop).
         let launches = |role: &str| {
             graphs
                 .iter()
@@ -314,11 +315,21 @@ fn inspect_says_whether_an_export_runs_on_the_cuda_engine_and_names_what_does_no
         let expected = launches("embed image") * cams
             + launches("embed text")
             + launches("prefix")
-            + launches("expert") * if per_step { steps } else { 1 }
+            + if per_step {
+                (launches("expert") + 1) * steps
+            } else {
+                launches("expert")
+            }
             + launches("model");
         assert_eq!(
             r["launches_per_act"].as_u64().unwrap(),
             expected,
+            "{kind}: {r}"
+        );
+        let graph_runs = graphs.len() as u64 + cams.saturating_sub(1);
+        assert_eq!(
+            r["graph_runs_per_act"].as_u64().unwrap(),
+            graph_runs,
             "{kind}: {r}"
         );
         if kind.starts_with("pi05") && kind != "pi05-monolithic" {

@@ -304,21 +304,27 @@ pub fn inspect_cuda(dir: &Path, seed: &SeedOptions) -> Result<Report, LoadError>
             .map_or(0, |ops| ops.len());
         (Some(l("prefix") + denoise), Some(2))
     } else {
-        // The runtime drives a per-step expert from the host: one run per step.
-        let expert_runs = if eg.per_step { eg.steps as usize } else { 1 };
+        // A per-step expert runs as one device loop (`graph::DeviceLoop`): its launches
+        // each step, then the Euler update; one graph run for the whole loop.
+        let (expert_runs, updates) = if eg.per_step {
+            (eg.steps as usize, eg.steps as usize)
+        } else {
+            (1, 0)
+        };
         (
             Some(
                 l("embed image") * eg.cameras
                     + l("embed text")
                     + l("prefix")
                     + l("expert") * expert_runs
+                    + updates * has("expert")
                     + l("model"),
             ),
             Some(
                 has("embed image") * eg.cameras
                     + has("embed text")
                     + has("prefix")
-                    + has("expert") * expert_runs
+                    + has("expert")
                     + has("model"),
             ),
         )

@@ -73,6 +73,20 @@ pub trait RunProgram: Send + Sync {
     fn run(&self, feed: &dyn Fn(&str) -> Option<HostValue>) -> Result<Vec<HostValue>, String>;
     /// The compiled program (for `reflex inspect`'s plan).
     fn program(&self) -> &Program;
+    /// A per-step expert's whole Euler loop in one go on the executor
+    /// ([`crate::engine::graph::DeviceLoop`]: step k at `times[k]`, then x ← x + dt·v), its
+    /// (x, t, v) ports named; `feed` gives every other input. `None`: the executor has no loop
+    /// of its own, and the runtime steps from the host.
+    fn denoise(
+        &self,
+        _ports: (&str, &str, &str),
+        _x0: &[f32],
+        _times: &[f32],
+        _dt: f32,
+        _feed: &dyn Fn(&str) -> Option<HostValue>,
+    ) -> Option<Result<Vec<f32>, String>> {
+        None
+    }
 }
 
 /// The CPU reference executor as a [`RunProgram`].
@@ -84,6 +98,20 @@ impl RunProgram for ReferenceRun {
     }
     fn program(&self) -> &Program {
         &self.0
+    }
+    fn denoise(
+        &self,
+        ports: (&str, &str, &str),
+        x0: &[f32],
+        times: &[f32],
+        dt: f32,
+        feed: &dyn Fn(&str) -> Option<HostValue>,
+    ) -> Option<Result<Vec<f32>, String>> {
+        use crate::engine::graph::{DeviceLoop, reference::run_loop};
+        Some(
+            DeviceLoop::new(&self.0, ports, times, dt)
+                .and_then(|l| run_loop(&self.0, &l, x0, feed)),
+        )
     }
 }
 
@@ -394,6 +422,29 @@ impl Graph {
 
     fn output_index(&self, name: &str) -> Option<usize> {
         self.outputs.iter().position(|p| p.name == name)
+    }
+
+    /// A per-step expert's whole loop on its executor, when that has one
+    /// ([`RunProgram::denoise`]).
+    fn run_loop(
+        &self,
+        ports: (&str, &str, &str),
+        x0: &[f32],
+        times: &[f32],
+        dt: f32,
+        feed: &BTreeMap<&str, TValue>,
+    ) -> Option<Result<Vec<f32>, EngineError>> {
+        let Exec::Program(run) = &self.exec else {
+            return None;
+        };
+        let r = run.denoise(ports, x0, times, dt, &|name| {
+            let p = self.input(name)?;
+            feed.get(name).and_then(|v| host_value(v, p.dt).ok())
+        })?;
+        Some(r.map_err(|message| EngineError::Run {
+            graph: "vla",
+            message: format!("{}: {message}", self.file),
+        }))
     }
 
     /// Runs with inputs by name; every input must be in `feed`.
@@ -1447,6 +1498,16 @@ impl VlaModel {
                     TimeDirection::ZeroToOne => (0.0f64, 1.0 / n as f64),
                 };
                 let dt32 = dt as f32;
+                let times: Vec<f32> = (0..n).map(|k| (t0 + k as f64 * dt) as f32).collect();
+                let v_name = d.velocity_output.as_deref().expect("validated");
+                if let Some(r) =
+                    self.expert
+                        .run_loop((x_name, t_name, v_name), noise, &times, dt32, &feed)
+                {
+                    // The executor's own loop (the cuda engine's programs): the same times
+                    // and update, one graph for the whole loop.
+                    return r;
+                }
                 let mut x = noise.to_vec();
                 for k in 0..n {
                     let t = (t0 + k as f64 * dt) as f32;

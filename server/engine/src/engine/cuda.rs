@@ -102,6 +102,8 @@ enum Step {
     CopyIn { dst: u64, src: usize, bytes: usize },
     /// Device → pinned host.
     CopyOut { dst: usize, src: u64, bytes: usize },
+    /// Device → device (a loop's per-step table row into a program input).
+    CopyDtoD { dst: u64, src: u64, bytes: usize },
 }
 
 enum Alloc {
@@ -425,6 +427,10 @@ fn exec(stream: &Arc<CudaStream>, blas: &CudaBlas, steps: &[Step]) -> Result<(),
             Step::CopyOut { dst, src, bytes } => unsafe {
                 let host = std::slice::from_raw_parts_mut(*dst as *mut u8, *bytes);
                 driver::result::memcpy_dtoh_async(host, *src, cu_stream).map_err(drv)?;
+            },
+            // SAFETY: both are this engine's live device buffers, `bytes` long.
+            Step::CopyDtoD { dst, src, bytes } => unsafe {
+                driver::result::memcpy_dtod_async(*dst, *src, *bytes, cu_stream).map_err(drv)?;
             },
         }
     }
@@ -986,6 +992,117 @@ struct ProgramInner {
     outs: Vec<Stage>,
     graphs: bool,
     graph: Option<CudaGraph>,
+    /// A per-step expert's device loops, by their step times and dt (bits).
+    loops: HashMap<Vec<u32>, LoopState>,
+}
+
+/// One device loop of a per-step expert ([`graph::DeviceLoop`]): its tables on the device,
+/// x's staging, and its captured graph.
+struct LoopState {
+    dl: graph::DeviceLoop,
+    _tables: Vec<CudaSlice<f32>>,
+    table_ptrs: Vec<u64>,
+    x_stage: Stage,
+    _t_spare: CudaSlice<f32>,
+    t_spare: u64,
+    graph: Option<CudaGraph>,
+}
+
+/// A host value into a port's pinned staging, in the buffer's element type.
+fn stage_value(
+    p: &Program,
+    port: &Port,
+    s: &Stage,
+    value: graph::reference::HostValue,
+) -> Result<(), String> {
+    use graph::reference::HostValue;
+    let n: usize = port.shape.iter().product();
+    if value.len() != n {
+        return Err(format!(
+            "input {} takes {n} values, got {}",
+            port.name,
+            value.len()
+        ));
+    }
+    // SAFETY: the staging block holds n values of the buffer's width, and the device is
+    // idle (every call waits for its work under the mutex).
+    if p.buffers[port.buf].dtype == DType::I64 {
+        let v: Vec<i64> = match value {
+            HostValue::I64(v) => v,
+            other => other.to_f64().iter().map(|&x| x as i64).collect(),
+        };
+        unsafe { std::slice::from_raw_parts_mut(s.ptr as *mut i64, n) }.copy_from_slice(&v);
+    } else {
+        unsafe { std::slice::from_raw_parts_mut(s.ptr as *mut f32, n) }
+            .copy_from_slice(&value.to_f32());
+    }
+    Ok(())
+}
+
+/// The whole loop: the other inputs copied in once, x in, per step the table rows (device to
+/// device) or the time, the expert's launches and the Euler update; x out.
+fn loop_steps(e: &Loaded, ins: &[Stage], l: &LoopState) -> Vec<Step> {
+    let p = &e.program;
+    let dl = &l.dl;
+    let mut steps: Vec<Step> = p
+        .inputs
+        .iter()
+        .zip(ins)
+        .filter(|(port, _)| !dl.fills(&port.name))
+        .map(|(port, s)| Step::CopyIn {
+            dst: e.ptrs[port.buf],
+            src: s.ptr,
+            bytes: s.bytes,
+        })
+        .collect();
+    steps.push(Step::CopyIn {
+        dst: e.ptrs[dl.x.buf],
+        src: l.x_stage.ptr,
+        bytes: l.x_stage.bytes,
+    });
+    let len = dl.x.shape.iter().product::<usize>();
+    for (k, &tk) in dl.times.iter().enumerate() {
+        for ((port, _), &table) in dl.tables.iter().zip(&l.table_ptrs) {
+            let bytes = port.shape.iter().product::<usize>() * 4;
+            steps.push(Step::CopyDtoD {
+                dst: e.ptrs[port.buf],
+                src: table + (k * bytes) as u64,
+                bytes,
+            });
+        }
+        if let Some(t) = &dl.t {
+            steps.push(Step::Kernel {
+                func: e.fill.clone(),
+                grid: 1,
+                block: 32,
+                args: vec![
+                    Arg::Ptr(e.ptrs[t.buf]),
+                    Arg::I32(t.shape.iter().product::<usize>() as i32),
+                    Arg::F32(tk),
+                ],
+            });
+        }
+        steps.extend(e.steps.iter().cloned());
+        steps.push(Step::Kernel {
+            func: e.step.clone(),
+            grid: (len as u32).div_ceil(MAP_BLOCK),
+            block: MAP_BLOCK,
+            args: vec![
+                Arg::Ptr(e.ptrs[dl.x.buf]),
+                Arg::Ptr(e.ptrs[dl.v.buf]),
+                Arg::I32(len as i32),
+                Arg::F32(dl.dt),
+                Arg::Ptr(l.t_spare),
+                Arg::F32(0.0),
+            ],
+        });
+    }
+    steps.push(Step::CopyOut {
+        dst: l.x_stage.ptr,
+        src: e.ptrs[dl.x.buf],
+        bytes: l.x_stage.bytes,
+    });
+    steps
 }
 
 // SAFETY: as for `Inner`: every CUDA object is used under the mutex, the context bound first.
@@ -1055,6 +1172,7 @@ impl CudaProgram {
                 outs,
                 graphs,
                 graph: None,
+                loops: HashMap::new(),
             }),
         })
     }
@@ -1111,32 +1229,13 @@ impl ProgramInner {
             }
         }
         for (port, s) in p.inputs.iter().zip(&self.ins) {
-            let n: usize = port.shape.iter().product();
             let value = match island.iter().find(|(name, _)| *name == port.name) {
                 Some((_, v)) => HostValue::F32(v.clone()),
                 None => {
                     feed(&port.name).ok_or_else(|| format!("no value for input {}", port.name))?
                 }
             };
-            if value.len() != n {
-                return Err(format!(
-                    "input {} takes {n} values, got {}",
-                    port.name,
-                    value.len()
-                ));
-            }
-            // SAFETY: the staging block holds n values of the buffer's width, and the
-            // device is idle (every call waits for its work under the mutex).
-            if p.buffers[port.buf].dtype == DType::I64 {
-                let v: Vec<i64> = match value {
-                    HostValue::I64(v) => v,
-                    other => other.to_f64().iter().map(|&x| x as i64).collect(),
-                };
-                unsafe { std::slice::from_raw_parts_mut(s.ptr as *mut i64, n) }.copy_from_slice(&v);
-            } else {
-                unsafe { std::slice::from_raw_parts_mut(s.ptr as *mut f32, n) }
-                    .copy_from_slice(&value.to_f32());
-            }
+            stage_value(p, port, s, value)?;
         }
         self.dev.ctx.bind_to_thread().map_err(drv)?;
         if self.graphs {
@@ -1176,6 +1275,90 @@ impl ProgramInner {
     }
 }
 
+impl ProgramInner {
+    fn denoise(
+        &mut self,
+        ports: (&str, &str, &str),
+        x0: &[f32],
+        times: &[f32],
+        dt: f32,
+        feed: &dyn Fn(&str) -> Option<graph::reference::HostValue>,
+    ) -> Result<Vec<f32>, String> {
+        let key: Vec<u32> = times
+            .iter()
+            .chain(std::iter::once(&dt))
+            .map(|v| v.to_bits())
+            .collect();
+        self.dev.ctx.bind_to_thread().map_err(drv)?;
+        if !self.loops.contains_key(&key) {
+            let dl = graph::DeviceLoop::new(&self.loaded.program, ports, times, dt)?;
+            let stream = &self.dev.stream;
+            let mut tables = vec![];
+            let mut table_ptrs = vec![];
+            for (_, vals) in &dl.tables {
+                let t = stream.clone_htod(vals).map_err(drv)?;
+                table_ptrs.push(t.device_ptr(stream).0);
+                tables.push(t);
+            }
+            let spare = stream.alloc_zeros::<f32>(1).map_err(drv)?;
+            let t_spare = spare.device_ptr(stream).0;
+            let bytes = dl.x.shape.iter().product::<usize>() * 4;
+            let mut mem = unsafe { self.dev.ctx.alloc_pinned::<u8>(bytes) }.map_err(drv)?;
+            let ptr = mem.as_mut_ptr().map_err(drv)? as usize;
+            stream.synchronize().map_err(drv)?;
+            self.loops.insert(
+                key.clone(),
+                LoopState {
+                    dl,
+                    _tables: tables,
+                    table_ptrs,
+                    x_stage: Stage {
+                        _mem: mem,
+                        ptr,
+                        bytes,
+                    },
+                    _t_spare: spare,
+                    t_spare,
+                    graph: None,
+                },
+            );
+        }
+        let l = self.loops.get(&key).expect("inserted above");
+        let p = &self.loaded.program;
+        for (port, s) in p.inputs.iter().zip(&self.ins) {
+            if l.dl.fills(&port.name) {
+                continue;
+            }
+            let v = feed(&port.name).ok_or_else(|| format!("no value for input {}", port.name))?;
+            stage_value(p, port, s, v)?;
+        }
+        if x0.len() * 4 != l.x_stage.bytes {
+            return Err(format!(
+                "x takes {} values, got {}",
+                l.x_stage.bytes / 4,
+                x0.len()
+            ));
+        }
+        // SAFETY: x's staging is `bytes` long and idle.
+        unsafe { std::slice::from_raw_parts_mut(l.x_stage.ptr as *mut f32, x0.len()) }
+            .copy_from_slice(x0);
+        let steps = loop_steps(&self.loaded, &self.ins, l);
+        if self.graphs {
+            let l = self.loops.get_mut(&key).expect("inserted above");
+            if l.graph.is_none() {
+                l.graph = Some(capture(&self.dev.stream, &self.dev.blas, &steps)?);
+            }
+            l.graph.as_ref().expect("captured").launch().map_err(drv)?;
+        } else {
+            exec(&self.dev.stream, &self.dev.blas, &steps)?;
+        }
+        self.dev.stream.synchronize().map_err(drv)?;
+        let l = &self.loops[&key];
+        // SAFETY: written by the copy out that the synchronise above waited for.
+        Ok(unsafe { std::slice::from_raw_parts(l.x_stage.ptr as *const f32, x0.len()) }.to_vec())
+    }
+}
+
 impl crate::vla::RunProgram for CudaProgram {
     fn run(
         &self,
@@ -1188,6 +1371,21 @@ impl crate::vla::RunProgram for CudaProgram {
     }
     fn program(&self) -> &Program {
         &self.program
+    }
+    fn denoise(
+        &self,
+        ports: (&str, &str, &str),
+        x0: &[f32],
+        times: &[f32],
+        dt: f32,
+        feed: &dyn Fn(&str) -> Option<graph::reference::HostValue>,
+    ) -> Option<Result<Vec<f32>, String>> {
+        Some(
+            self.inner
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .denoise(ports, x0, times, dt, feed),
+        )
     }
 }
 

@@ -595,6 +595,126 @@ pub fn denoise_ops(expert: &Program, steps: u32) -> Result<Vec<Op>, String> {
     ))
 }
 
+/// A real export's per-step expert run as one loop on the device: step k at `times[k]`, then
+/// `x ← x + dt·v` (the runtime's own Euler loop, `vla::VlaModel::denoise`). The host island's
+/// results (the float64 time embedding) are computed for every step at once, in double, into
+/// one table per result; each step copies its row into the program's input. The whole loop is
+/// then one op list — one CUDA graph — instead of one graph run and one host round trip per
+/// step.
+#[derive(Debug, Clone)]
+pub struct DeviceLoop {
+    pub x: Port,
+    pub v: Port,
+    /// The expert's time input when the device program reads it (filled each step).
+    pub t: Option<Port>,
+    /// Per host-island result: the program input it fills and its values, step after step.
+    pub tables: Vec<(Port, Vec<f32>)>,
+    pub times: Vec<f32>,
+    pub dt: f32,
+}
+
+impl DeviceLoop {
+    pub fn new(
+        p: &Program,
+        (x, t, v): (&str, &str, &str),
+        times: &[f32],
+        dt: f32,
+    ) -> Result<DeviceLoop, String> {
+        let x = p
+            .input(x)
+            .cloned()
+            .ok_or_else(|| format!("the expert has no device input {x:?}"))?;
+        let v = p
+            .outputs
+            .iter()
+            .find(|o| o.name == v)
+            .cloned()
+            .ok_or_else(|| format!("the expert has no output {v:?}"))?;
+        let mut tables = vec![];
+        if let Some(h) = &p.host {
+            if let Some(other) = h.inputs.iter().find(|i| i.name != t) {
+                return Err(format!(
+                    "the host island reads {}, not only the time {t}",
+                    other.name
+                ));
+            }
+            let mut per: Vec<Vec<f32>> = vec![vec![]; h.outputs.len()];
+            for &tk in times {
+                // The runtime feeds each step's time as f32; the island reads it in double.
+                let vals: Vec<Vec<f64>> = h
+                    .inputs
+                    .iter()
+                    .map(|i| vec![tk as f64; i.shape.iter().product()])
+                    .collect();
+                let refs: Vec<&[f64]> = vals.iter().map(Vec::as_slice).collect();
+                for (row, out) in per.iter_mut().zip(h.eval(&refs)?) {
+                    row.extend(out);
+                }
+            }
+            for ((name, _), vals) in h.outputs.iter().zip(per) {
+                let port = p
+                    .input(name)
+                    .cloned()
+                    .ok_or_else(|| format!("no program input {name}"))?;
+                tables.push((port, vals));
+            }
+        }
+        Ok(DeviceLoop {
+            x,
+            v,
+            t: p.input(t).cloned(),
+            tables,
+            times: times.to_vec(),
+            dt,
+        })
+    }
+
+    /// Whether `name` is an input the loop fills itself (x, t, a table's).
+    pub fn fills(&self, name: &str) -> bool {
+        self.x.name == name
+            || self.t.as_ref().is_some_and(|t| t.name == name)
+            || self.tables.iter().any(|(p, _)| p.name == name)
+    }
+
+    /// The whole loop over the expert's `ops`: `table_bufs[i]` holds `tables[i]`, `t_buf` the
+    /// time (the t port's buffer, or a spare one when the program does not read it).
+    pub fn ops(&self, ops: &[Op], table_bufs: &[usize], t_buf: usize) -> Vec<Op> {
+        let len: usize = self.x.shape.iter().product();
+        let mut out = vec![];
+        for (k, &tk) in self.times.iter().enumerate() {
+            for ((port, _), &buf) in self.tables.iter().zip(table_bufs) {
+                let n: usize = port.shape.iter().product();
+                out.push(Op::Map {
+                    out: port.buf,
+                    shape: port.shape.clone(),
+                    expr: Expr::Load {
+                        src: buf,
+                        coefs: strides(&port.shape),
+                        offset: (k * n) as i64,
+                    },
+                });
+            }
+            if let Some(t) = &self.t {
+                out.push(Op::Fill {
+                    out: t.buf,
+                    len: t.shape.iter().product(),
+                    value: tk,
+                });
+            }
+            out.extend(ops.iter().cloned());
+            out.push(Op::Step {
+                x: self.x.buf,
+                v: self.v.buf,
+                len,
+                dt: self.dt,
+                t: t_buf,
+                t_next: self.times.get(k + 1).copied().unwrap_or(tk),
+            });
+        }
+        out
+    }
+}
+
 /// cuBLAS's column-major arguments for a row-major [`Gemm`]: the row-major
 /// C = op(A)·op(B) is the column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, so B goes first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,9 @@
 //! column-major sgemm with exactly the arguments handed to cuBLAS. It is
 //! slow and exists to test the compiler where no GPU is.
 
-use super::{AxisKind, BinOp, CublasCall, DType, Expr, Op, Program, UnOp, cublas_call};
+use super::{
+    AxisKind, BinOp, Buffer, CublasCall, DType, DeviceLoop, Expr, Op, Program, UnOp, cublas_call,
+};
 
 /// A value fed to or read from a whole program on the host, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +52,73 @@ impl HostValue {
     }
 }
 
+/// Stages every program input not `skip`ped from `feed` into `m`.
+fn stage_inputs(
+    p: &Program,
+    m: &mut Memory,
+    feed: &dyn Fn(&str) -> Option<HostValue>,
+    skip: &dyn Fn(&super::Port) -> bool,
+) -> Result<(), String> {
+    for port in p.inputs.iter().filter(|q| !skip(q)) {
+        let n: usize = port.shape.iter().product();
+        let v = feed(&port.name).ok_or_else(|| format!("no value for input {}", port.name))?;
+        if v.len() != n {
+            return Err(format!(
+                "input {} takes {n} values, got {}",
+                port.name,
+                v.len()
+            ));
+        }
+        match p.buffers[port.buf].dtype {
+            DType::I64 => {
+                m.i[port.buf] = match v {
+                    HostValue::I64(v) => v,
+                    other => other.to_f64().iter().map(|&x| x as i64).collect(),
+                }
+            }
+            _ => m.f[port.buf][..n].copy_from_slice(&v.to_f32()),
+        }
+    }
+    Ok(())
+}
+
+/// A per-step expert's whole loop ([`DeviceLoop`]) from `x0`, as the device runs it: the
+/// other inputs staged once, the tables in buffers of their own. Returns x after the last step.
+pub fn run_loop(
+    p: &Program,
+    l: &DeviceLoop,
+    x0: &[f32],
+    feed: &dyn Fn(&str) -> Option<HostValue>,
+) -> Result<Vec<f32>, String> {
+    let mut q = p.clone();
+    q.host = None;
+    let mut table_bufs = vec![];
+    for (_, vals) in &l.tables {
+        q.buffers.push(Buffer {
+            len: vals.len(),
+            dtype: DType::F32,
+            init: Some(vals.clone()),
+        });
+        table_bufs.push(q.buffers.len() - 1);
+    }
+    q.buffers.push(Buffer {
+        len: 1,
+        dtype: DType::F32,
+        init: None,
+    });
+    let t_buf = l.t.as_ref().map_or(q.buffers.len() - 1, |t| t.buf);
+    q.ops = l.ops(&p.ops, &table_bufs, t_buf);
+    let mut m = Memory::new(&q);
+    stage_inputs(&q, &mut m, feed, &|port| l.fills(&port.name))?;
+    let n: usize = l.x.shape.iter().product();
+    if x0.len() != n {
+        return Err(format!("x takes {n} values, got {}", x0.len()));
+    }
+    m.f[l.x.buf][..n].copy_from_slice(x0);
+    run_ops(&q.ops, &mut m);
+    Ok(m.f[l.x.buf][..n].to_vec())
+}
+
 /// Runs a whole program the way an executor does: the host island from its scalar inputs,
 /// its results and the other inputs staged into the program's buffers, then the ops.
 /// `feed` gives each of [`Program::feeds`] by name; outputs come back in the program's
@@ -81,21 +150,8 @@ pub fn run_program(
             staged.push((port.buf, v));
         }
     }
-    for port in &p.inputs {
-        if staged.iter().any(|(b, _)| *b == port.buf) {
-            continue;
-        }
-        let v = get(&port.name, port.shape.iter().product())?;
-        match p.buffers[port.buf].dtype {
-            DType::I64 => {
-                m.i[port.buf] = match v {
-                    HostValue::I64(v) => v,
-                    other => other.to_f64().iter().map(|&x| x as i64).collect(),
-                }
-            }
-            _ => staged.push((port.buf, v.to_f32())),
-        }
-    }
+    let filled: Vec<usize> = staged.iter().map(|(b, _)| *b).collect();
+    stage_inputs(p, &mut m, feed, &|port| filled.contains(&port.buf))?;
     for (buf, v) in staged {
         m.f[buf][..v.len()].copy_from_slice(&v);
     }

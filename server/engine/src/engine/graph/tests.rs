@@ -733,3 +733,65 @@ fn shape_vectors_are_split_at_load() {
     assert_eq!(p.launches(), 0, "{:?}", p.ops);
     assert_eq!(p.outputs[0].buf, p.inputs[0].buf);
 }
+
+/// The per-step pi0.5 expert's whole loop as the device runs it ([`DeviceLoop`]: the host
+/// island's float64 time embedding tabled for every step at load, each step's row copied in,
+/// the Euler update on the device) gives the same bits as stepping the program from the host
+/// (the island evaluated per call, x updated on the host) — and another schedule of times
+/// gives other actions.
+#[test]
+fn the_device_loop_of_a_per_step_expert_is_the_host_loop_bit_for_bit() {
+    use super::reference::{HostValue, run_loop, run_program};
+    let dir = tempfile::tempdir().unwrap();
+    crate::fixtures::write(crate::fixtures::Kind::Pi05PerStep, dir.path(), 2).unwrap();
+    let p = compile_file(&dir.path().join("expert_denoise.onnx")).unwrap();
+    assert!(
+        p.host.is_some(),
+        "the time embedding is cut out for the host"
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut fixed: HashMap<String, HostValue> = HashMap::new();
+    for f in p.feeds() {
+        let n: usize = f.shape.iter().product();
+        let v = match f.elem {
+            9 => HostValue::Bool((0..n).map(|k| k % 7 != 3).collect()),
+            7 => HostValue::I64((0..n as i64).collect()),
+            _ => HostValue::F32(uniform(&mut rng, n, 1.0)),
+        };
+        fixed.insert(f.name, v);
+    }
+    let x0 = uniform(&mut rng, 50 * 32, 1.0);
+    let (steps, dt) = (10, -0.1f32);
+    let times: Vec<f32> = (0..steps).map(|k| (1.0 - k as f64 * 0.1) as f32).collect();
+    // From the host, as `vla::VlaModel::denoise` steps a graph.
+    let mut x = x0.clone();
+    for &t in &times {
+        let out = run_program(&p, &|name| match name {
+            "x_t" => Some(HostValue::F32(x.clone())),
+            "t" => Some(HostValue::F32(vec![t])),
+            other => fixed.get(other).cloned(),
+        })
+        .unwrap();
+        let HostValue::F32(v) = &out[0] else {
+            panic!("velocity is f32")
+        };
+        for (xi, vi) in x.iter_mut().zip(v) {
+            *xi += dt * vi;
+        }
+    }
+    let l = DeviceLoop::new(&p, ("x_t", "t", "v_t"), &times, dt).unwrap();
+    assert!(l.t.is_none(), "only the host island reads t");
+    assert_eq!(l.tables.len(), 1);
+    assert_eq!(
+        l.tables[0].1.len(),
+        steps * l.tables[0].0.shape.iter().product::<usize>()
+    );
+    let feed = |name: &str| fixed.get(name).cloned();
+    let y = run_loop(&p, &l, &x0, &feed).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&y), bits(&x));
+    // The schedule matters: times from 0 up give other actions.
+    let up: Vec<f32> = times.iter().map(|t| 1.0 - t).collect();
+    let l2 = DeviceLoop::new(&p, ("x_t", "t", "v_t"), &up, dt).unwrap();
+    assert_ne!(bits(&run_loop(&p, &l2, &x0, &feed).unwrap()), bits(&x));
+}
