@@ -36,6 +36,9 @@ mkdir -p "$OUT"
 ENGINE=${ENGINE:-cuda}
 BENCH_FLAGS="--require-gpu"; [ "$ENGINE" = cpu ] && BENCH_FLAGS="--cpu-only"
 W=$(mktemp -d)
+# A fresh kernel cache: the first cuda load of each export compiles (NVRTC), later ones read
+# it back, so bench engines' "load s" shows both cold starts side by side.
+export REFLEX_KERNEL_CACHE="$W/kernels"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
 log() { printf '\n== %s\n' "$*"; }
 wait_socket() { for _ in $(seq 1 600); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1"; return 1; }

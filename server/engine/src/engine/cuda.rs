@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{self, CudaBlas};
@@ -503,19 +503,124 @@ pub fn nvidia_driver_version(proc_text: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The program's kernels as PTX for `arch`.
+/// The program's kernels as PTX for `arch`, from the kernel cache when it has them.
 fn compile(program: &Program, tag: &str, arch: &'static str) -> Result<nvrtc::Ptx, String> {
     let (_, src) = cuda_src::program_source(program, tag);
-    let opts = nvrtc::CompileOptions {
+    let t0 = std::time::Instant::now();
+    let dir = kernel_cache_dir();
+    let (ptx, hit) = compile_cached(&src, arch, dir.as_deref())?;
+    tracing::info!(
+        program = %program.name,
+        ms = t0.elapsed().as_millis() as u64,
+        cache = %dir.as_ref().map_or("off".to_string(), |d| d.display().to_string()),
+        "kernels {}",
+        if hit { "read from the kernel cache" } else { "compiled by NVRTC" }
+    );
+    Ok(ptx)
+}
+
+/// NVRTC's options for every program: IEEE division and square root, no flush-to-zero (close
+/// to the CPU).
+fn nvrtc_options(arch: &'static str) -> nvrtc::CompileOptions {
+    nvrtc::CompileOptions {
         arch: Some(arch),
-        // IEEE division and square root, no flush-to-zero: close to the CPU.
         prec_div: Some(true),
         prec_sqrt: Some(true),
         ftz: Some(false),
         ..Default::default()
+    }
+}
+
+/// Where compiled kernels are kept between starts, so a restart skips NVRTC:
+/// `REFLEX_KERNEL_CACHE` (a folder, or `off`), else `$XDG_CACHE_HOME/reflex/kernels`, else
+/// `$HOME/.cache/reflex/kernels`. The systemd units set it under `CacheDirectory=`.
+pub fn kernel_cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("REFLEX_KERNEL_CACHE") {
+        Some(v) if v == "off" || v.is_empty() => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("reflex").join("kernels")),
+    }
+}
+
+/// Whether `path` is ours and only ours to write (owned by this process's user, not group or
+/// world writable): a cached kernel runs on the GPU, so a file anyone could have written is
+/// not read.
+fn private_to_us(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(me), Ok(m)) = (
+        std::fs::metadata("/proc/self"),
+        std::fs::symlink_metadata(path),
+    ) else {
+        return false;
     };
-    nvrtc::compile_ptx_with_opts(&src, opts)
-        .map_err(|e| format!("NVRTC could not compile the kernels: {e:?}"))
+    m.uid() == me.uid() && m.mode() & 0o022 == 0 && !m.file_type().is_symlink()
+}
+
+/// PTX for `src` on `arch`: the copy in `dir` when it holds one for this source, arch, NVRTC
+/// version and options (SHA-256 of all four names the file), else NVRTC's, then stored there
+/// (0600 in a 0700 folder, written whole and renamed into place). A cache that cannot be
+/// written is logged, not an error. The bool: whether it came from the cache.
+pub fn compile_cached(
+    src: &str,
+    arch: &'static str,
+    dir: Option<&Path>,
+) -> Result<(nvrtc::Ptx, bool), String> {
+    use sha2::{Digest, Sha256};
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-parameters; NVRTC is loaded (check_libraries, or the caller's test).
+    unsafe { nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    let opts = nvrtc_options(arch);
+    let key = {
+        let mut h = Sha256::new();
+        h.update(format!(
+            "reflex-kernels v1\n{arch}\nnvrtc {major}.{minor}\n{opts:?}\n"
+        ));
+        h.update(src.as_bytes());
+        crate::config::hex(&h.finalize())
+    };
+    let file = dir.map(|d| d.join(format!("{key}.ptx")));
+    if let (Some(d), Some(f)) = (dir, &file)
+        && private_to_us(d)
+        && private_to_us(f)
+        && let Ok(text) = std::fs::read_to_string(f)
+        && text.contains(".entry")
+    {
+        return Ok((nvrtc::Ptx::from_src(text), true));
+    }
+    let ptx = nvrtc::compile_ptx_with_opts(src, opts)
+        .map_err(|e| format!("NVRTC could not compile the kernels: {e:?}"))?;
+    if let (Some(d), Some(f)) = (dir, &file) {
+        let store = || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)?;
+            if !private_to_us(d) {
+                return Err(std::io::Error::other(
+                    "the folder is not ours alone (owner, or group/world writable)",
+                ));
+            }
+            let tmp = d.join(format!("{key}.ptx.{}.tmp", std::process::id()));
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            out.write_all(ptx.to_src().as_bytes())?;
+            out.sync_all()?;
+            std::fs::rename(&tmp, f)
+        };
+        if let Err(e) = store() {
+            tracing::warn!(cache = %d.display(), "kernel cache not written: {e}");
+        }
+    }
+    Ok((ptx, false))
 }
 
 fn load_program(
@@ -1436,7 +1541,9 @@ mod tests {
         for (file, tag) in [(&cfg.graphs.prefix, "p"), (&cfg.graphs.expert, "e")] {
             let p = graph::compile_file(&dir.path().join(file)).unwrap();
             let (kernels, _) = cuda_src::program_source(&p, tag);
-            let ptx = compile(&p, tag, "sm_90").unwrap_or_else(|e| panic!("{file}: {e}"));
+            let (_, src) = cuda_src::program_source(&p, tag);
+            let (ptx, _) =
+                compile_cached(&src, "sm_90", None).unwrap_or_else(|e| panic!("{file}: {e}"));
             let text = ptx.to_src();
             for k in kernels.iter().flatten() {
                 assert!(
@@ -1457,6 +1564,55 @@ mod tests {
         }
     }
 
+    /// The kernel cache: NVRTC once, then the stored PTX (the same text) on the next start;
+    /// keyed by source and arch; files 0600 in a 0700 folder; a file others could have
+    /// written is not read but compiled again and replaced; no folder, no cache.
+    #[test]
+    fn kernels_are_compiled_once_and_read_from_the_cache_after() {
+        use std::os::unix::fs::PermissionsExt;
+        let _lib = load_nvrtc();
+        let dir = tempfile::tempdir().unwrap();
+        crate::fixtures::write(crate::fixtures::Kind::Pi05, dir.path(), 1).unwrap();
+        let p = graph::compile_file(&dir.path().join("expert_denoise.onnx")).unwrap();
+        let (_, src) = cuda_src::program_source(&p, "e");
+        let cache = dir.path().join("cache").join("kernels");
+        let t0 = std::time::Instant::now();
+        let (cold, hit) = compile_cached(&src, "sm_90", Some(&cache)).unwrap();
+        let cold_ms = t0.elapsed().as_secs_f64() * 1e3;
+        assert!(!hit);
+        let files: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&cache), mode(&files[0])), (0o700, 0o600));
+        let t0 = std::time::Instant::now();
+        let (warm, hit) = compile_cached(&src, "sm_90", Some(&cache)).unwrap();
+        let warm_ms = t0.elapsed().as_secs_f64() * 1e3;
+        assert!(hit);
+        assert_eq!(warm.to_src(), cold.to_src());
+        eprintln!(
+            "{} kernels: NVRTC {cold_ms:.0} ms, from the cache {warm_ms:.1} ms",
+            p.ops.len()
+        );
+        // Another arch is another entry.
+        let (_, hit) = compile_cached(&src, "sm_80", Some(&cache)).unwrap();
+        assert!(!hit);
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
+        // A cached file made writable by others is not trusted: compiled again, replaced.
+        std::fs::set_permissions(&files[0], std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (_, hit) = compile_cached(&src, "sm_90", Some(&cache)).unwrap();
+        assert!(!hit);
+        assert_eq!(mode(&files[0]), 0o600);
+        assert!(compile_cached(&src, "sm_90", Some(&cache)).unwrap().1);
+        // Nor is a folder others can write to.
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(!compile_cached(&src, "sm_90", Some(&cache)).unwrap().1);
+        // No folder: compiled every time, nothing written.
+        assert!(!compile_cached(&src, "sm_90", None).unwrap().1);
+    }
+
     /// The kernels of the view and shape operators (Slice with negative steps, Pow as
     /// powf, Reciprocal, broadcasts) and of the run-time masks (comparisons, logic, Where,
     /// CumSum, ReduceSum) compile too.
@@ -1470,7 +1626,8 @@ mod tests {
             let p = graph::compile(&model, "test.onnx").unwrap();
             let (kernels, src) = cuda_src::program_source(&p, tag);
             assert!(src.contains(needle), "{src}");
-            let ptx = compile(&p, tag, "sm_90").unwrap_or_else(|e| panic!("{e}\n{src}"));
+            let (ptx, _) =
+                compile_cached(&src, "sm_90", None).unwrap_or_else(|e| panic!("{e}\n{src}"));
             let text = ptx.to_src();
             assert!(kernels.iter().flatten().count() >= 1);
             for k in kernels.iter().flatten() {
