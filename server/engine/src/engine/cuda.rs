@@ -1447,15 +1447,27 @@ impl ProgramInner {
         // SAFETY: x's staging is `bytes` long and idle.
         unsafe { std::slice::from_raw_parts_mut(l.x_stage.ptr as *mut f32, x0.len()) }
             .copy_from_slice(x0);
-        let steps = loop_steps(&self.loaded, &self.ins, l);
-        if self.graphs {
-            let l = self.loops.get_mut(&key).expect("inserted above");
-            if l.graph.is_none() {
-                l.graph = Some(capture(&self.dev.stream, &self.dev.blas, &steps)?);
-            }
-            l.graph.as_ref().expect("captured").launch().map_err(drv)?;
+        if !self.graphs {
+            exec(
+                &self.dev.stream,
+                &self.dev.blas,
+                &loop_steps(&self.loaded, &self.ins, l),
+            )?;
         } else {
-            exec(&self.dev.stream, &self.dev.blas, &steps)?;
+            if l.graph.is_none() {
+                let g = capture(
+                    &self.dev.stream,
+                    &self.dev.blas,
+                    &loop_steps(&self.loaded, &self.ins, l),
+                )?;
+                self.loops.get_mut(&key).expect("inserted above").graph = Some(g);
+            }
+            self.loops[&key]
+                .graph
+                .as_ref()
+                .expect("captured")
+                .launch()
+                .map_err(drv)?;
         }
         self.dev.stream.synchronize().map_err(drv)?;
         let l = &self.loops[&key];

@@ -1299,6 +1299,32 @@ impl Lowering {
         }
     }
 
+    /// A gemm operand read in place: a pending pure load at offset 0 whose batch axes all
+    /// broadcast (coefficient 0 — an `Expand` of one KV head across the query heads) and whose
+    /// matrix is its source stored row-major, or transposed (then the transpose flag flips).
+    /// cuBLAS reads it with batch stride 0 instead of a materialised copy per head.
+    fn broadcast_operand(&self, v: &Value, trans: bool) -> Option<(usize, bool)> {
+        let Source::Pending(Expr::Load { src, coefs, offset }) = &v.src else {
+            return None;
+        };
+        let r = v.shape.len();
+        if *offset != 0 || r < 2 || coefs.len() != r || coefs[..r - 2].iter().any(|&c| c != 0) {
+            return None;
+        }
+        let (rows, cols) = (v.shape[r - 2] as i64, v.shape[r - 1] as i64);
+        let b = &self.buffers[*src];
+        if b.dtype != DType::F32 || (b.len as i64) < rows * cols {
+            return None;
+        }
+        if coefs[r - 2] == cols && coefs[r - 1] == 1 {
+            Some((*src, trans))
+        } else if coefs[r - 2] == 1 && coefs[r - 1] == rows {
+            Some((*src, !trans))
+        } else {
+            None
+        }
+    }
+
     /// A float32 buffer of the value: an int64 graph input is converted by a map.
     fn f32_buf(&mut self, v: &Value) -> usize {
         match &v.src {
@@ -2502,9 +2528,16 @@ impl Lowering {
                 ))
             }
         };
-        let a_stride = stride(&a.shape, ra, m * k)?;
-        let b_stride = stride(&b.shape, rb, k * n)?;
-        let (abuf, bbuf) = (self.materialize(a), self.materialize(b));
+        // An operand cuBLAS can read where it lies (a KV head shared across query heads,
+        // transposed or not) is not copied: batch stride 0.
+        let (abuf, a_trans, a_stride) = match self.broadcast_operand(a, a_trans) {
+            Some((buf, t)) => (buf, t, 0),
+            None => (self.materialize(a), a_trans, stride(&a.shape, ra, m * k)?),
+        };
+        let (bbuf, b_trans, b_stride) = match self.broadcast_operand(b, b_trans) {
+            Some((buf, t)) => (buf, t, 0),
+            None => (self.materialize(b), b_trans, stride(&b.shape, rb, k * n)?),
+        };
         let c = self.buffer(batch * m * n, DType::F32, None);
         self.ops.push(Op::Gemm(Gemm {
             batch,

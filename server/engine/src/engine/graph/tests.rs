@@ -795,3 +795,61 @@ fn the_device_loop_of_a_per_step_expert_is_the_host_loop_bit_for_bit() {
     let l2 = DeviceLoop::new(&p, ("x_t", "t", "v_t"), &up, dt).unwrap();
     assert_ne!(bits(&run_loop(&p, &l2, &x0, &feed).unwrap()), bits(&x));
 }
+
+/// Attention scores over one KV head shared by 8 query heads, as exports write them
+/// (`MatMul(Q, Expand(Transpose(K)))`) and large enough for cuBLAS: one gemm that reads K
+/// where it lies (batch stride 0, the transpose a cuBLAS flag), no broadcast copy of K per
+/// head; the result agrees with tract.
+#[test]
+fn a_shared_kv_head_is_read_in_place_by_the_gemm_not_copied_per_head() {
+    use crate::onnx::builder::{F32, GraphBuilder};
+    use tract_onnx::prelude::*;
+    let mut g = GraphBuilder::new("gqa");
+    let q = g.input("q", F32, &[1, 8, 128, 64]);
+    let k = g.input("k", F32, &[1, 1, 256, 64]);
+    let kt = g.transpose(&k, &[0, 1, 3, 2]);
+    let ke = g.expand(&kt, &[1, 8, 64, 256]);
+    let s = g.node("MatMul", &[&q, &ke], vec![]);
+    g.output(&s, "scores", F32, &[1, 8, 128, 256]);
+    let model = g.model(17);
+    let p = compile(&model, "gqa.onnx").unwrap();
+    assert_eq!(
+        p.launches(),
+        1,
+        "{:?}",
+        p.ops.iter().map(std::mem::discriminant).collect::<Vec<_>>()
+    );
+    let super::Op::Gemm(gemm) = &p.ops[0] else {
+        panic!("a gemm")
+    };
+    assert_eq!(
+        (gemm.b, gemm.b_stride, gemm.batch),
+        (p.input("k").unwrap().buf, 0, 8)
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (qv, kv) = (
+        uniform(&mut rng, 8 * 128 * 64, 1.0),
+        uniform(&mut rng, 256 * 64, 1.0),
+    );
+    let mut mem = Memory::new(&p);
+    set_input(&p, &mut mem, "q", &qv);
+    set_input(&p, &mut mem, "k", &kv);
+    run_ops(&p.ops, &mut mem);
+    let theirs = tract_outputs(
+        &model,
+        tvec![
+            Tensor::from_shape(&[1, 8, 128, 64], &qv)
+                .unwrap()
+                .into_tvalue(),
+            Tensor::from_shape(&[1, 1, 256, 64], &kv)
+                .unwrap()
+                .into_tvalue(),
+        ],
+    );
+    let ours = &mem.f[p.outputs[0].buf];
+    let (cos, max_abs) = crate::engine::cos_and_max_abs(ours, &theirs[0]);
+    assert!(
+        cos >= 0.99999 && max_abs <= 1e-4,
+        "cos {cos}, max_abs {max_abs}"
+    );
+}
