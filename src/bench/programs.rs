@@ -24,6 +24,9 @@ use crate::latency::{Summary, ms_since};
 /// Distinct requests, cycled: other frames, instruction and noise each.
 const REQUESTS: usize = 4;
 
+/// One Act's prefix tensors (as f32) and actions.
+type Outputs = (Vec<Vec<f32>>, Vec<f32>);
+
 struct Side {
     name: &'static str,
     model: VlaModel,
@@ -32,7 +35,7 @@ struct Side {
     denoise: Summary,
     act: Summary,
     /// Per request: the prefix tensors and the actions of its first run.
-    first: Vec<Option<(Vec<Vec<f32>>, Vec<f32>)>>,
+    first: Vec<Option<Outputs>>,
     repeat_mismatch: usize,
 }
 
@@ -72,7 +75,7 @@ fn requests(m: &VlaModel) -> Vec<Request> {
 
 /// One Act at the model level: (prefix tensors as f32, actions), timed into `side` when
 /// `measure`.
-fn act(side: &mut Side, req: &Request, measure: bool) -> anyhow::Result<(Vec<Vec<f32>>, Vec<f32>)> {
+fn act(side: &mut Side, req: &Request, measure: bool) -> anyhow::Result<Outputs> {
     let obs = Observation {
         hwc: &req.hwc,
         present: &req.present,
