@@ -192,18 +192,8 @@ impl CudaEngine {
         let expert_p = graph::compile_file(expert)?;
         // cudarc panics where a symbol is missing (a driver older than CUDA 13):
         // keep that a start-up error too.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        catch_load("", || {
             Self::load_device(prefix_p, expert_p, use_graphs, staging)
-        }))
-        .unwrap_or_else(|p| {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            Err(unavailable(format!(
-                "the CUDA libraries failed to load: {msg}"
-            )))
         })
     }
 
@@ -306,6 +296,24 @@ impl CudaEngine {
             hardware,
         })
     }
+}
+
+/// Runs a device load, turning a cudarc panic (a symbol missing from an older driver) into
+/// a start-up error; `what` follows "failed to load" in the message.
+fn catch_load<T>(
+    what: &str,
+    load: impl FnOnce() -> Result<T, EngineError>,
+) -> Result<T, EngineError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(unavailable(format!(
+            "the CUDA libraries failed to load{what}: {msg}"
+        )))
+    })
 }
 
 /// The GPU: its context, one stream, and cuBLAS on that stream with its workspace set (as
@@ -1216,20 +1224,8 @@ unsafe impl Send for ProgramInner {}
 impl CudaProgram {
     pub fn load(program: Program, graphs: bool) -> Result<CudaProgram, EngineError> {
         check_libraries()?;
-        let name = program.name.clone();
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Self::load_device(program, graphs)
-        }))
-        .unwrap_or_else(|p| {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            Err(unavailable(format!(
-                "the CUDA libraries failed to load ({name}): {msg}"
-            )))
-        })
+        let name = format!(" ({})", program.name);
+        catch_load(&name, || Self::load_device(program, graphs))
     }
 
     fn load_device(program: Program, graphs: bool) -> Result<CudaProgram, EngineError> {
