@@ -1212,7 +1212,7 @@ fn lower(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
             },
         });
     }
-    Ok(Program {
+    let mut p = Program {
         name: name.to_string(),
         buffers: l.buffers,
         inputs,
@@ -1221,7 +1221,144 @@ fn lower(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
         nodes: graph.node.len(),
         fused_gelu: (graph.node.len() - nodes.len()) / 4,
         host: None,
-    })
+    };
+    share_activations(&mut p);
+    Ok(p)
+}
+
+impl Expr {
+    /// Every buffer the expression reads.
+    fn for_each_buf(&mut self, f: &mut dyn FnMut(&mut usize)) {
+        match self {
+            Expr::Load { src, .. } => f(src),
+            Expr::Gather { table, index, .. } => {
+                f(table);
+                f(index);
+            }
+            Expr::Const(_) => {}
+            Expr::Unary(_, x) => x.for_each_buf(f),
+            Expr::Binary(_, a, b) | Expr::Dot { a, b, .. } => {
+                a.for_each_buf(f);
+                b.for_each_buf(f);
+            }
+            Expr::Where(c, a, b) => {
+                c.for_each_buf(f);
+                a.for_each_buf(f);
+                b.for_each_buf(f);
+            }
+            Expr::Select { parts, .. } => parts.iter_mut().for_each(|e| e.for_each_buf(f)),
+            Expr::Reshape { expr, .. } => expr.for_each_buf(f),
+        }
+    }
+}
+
+impl Op {
+    /// Every buffer the op touches: `f(buffer, written)`, reads first.
+    fn for_each_buf(&mut self, f: &mut dyn FnMut(&mut usize, bool)) {
+        match self {
+            Op::Map { out, expr, .. } => {
+                expr.for_each_buf(&mut |b| f(b, false));
+                f(out, true);
+            }
+            Op::Gemm(g) => {
+                f(&mut g.a, false);
+                f(&mut g.b, false);
+                f(&mut g.c, true);
+            }
+            Op::LayerNorm {
+                x,
+                gamma,
+                beta,
+                out,
+                ..
+            } => {
+                f(x, false);
+                f(gamma, false);
+                f(beta, false);
+                f(out, true);
+            }
+            Op::Softmax { x, out, .. } | Op::Axis { x, out, .. } => {
+                f(x, false);
+                f(out, true);
+            }
+            Op::Fill { out, .. } => f(out, true),
+            Op::Step { x, v, t, .. } => {
+                f(v, false);
+                f(x, true);
+                f(t, true);
+            }
+        }
+    }
+}
+
+/// Activation buffers share memory where their lives do not overlap: a buffer first written
+/// by op i and last touched by op j can take the place of one last touched before i (same
+/// element type; the larger size kept). Weights, graph inputs and outputs, and a buffer read
+/// before anything writes it keep their own. Every op writes its whole output, so a reused
+/// buffer's old contents are never read.
+fn share_activations(p: &mut Program) {
+    let n = p.buffers.len();
+    let mut fixed = vec![false; n];
+    for (b, buf) in p.buffers.iter().enumerate() {
+        fixed[b] = buf.init.is_some();
+    }
+    for port in p.inputs.iter().chain(&p.outputs) {
+        fixed[port.buf] = true;
+    }
+    let (mut first, mut last) = (vec![usize::MAX; n], vec![0usize; n]);
+    for (i, op) in p.ops.iter_mut().enumerate() {
+        op.for_each_buf(&mut |b, written| {
+            if first[*b] == usize::MAX {
+                first[*b] = i;
+                if !written {
+                    fixed[*b] = true;
+                }
+            }
+            last[*b] = last[*b].max(i);
+        });
+    }
+    let mut order: Vec<usize> = (0..n)
+        .filter(|&b| !fixed[b] && first[b] != usize::MAX)
+        .collect();
+    order.sort_by_key(|&b| first[b]);
+    // Slots: (the buffer standing for them, the last op touching them so far).
+    let mut slots: Vec<(usize, usize)> = vec![];
+    let mut rep: Vec<usize> = (0..n).collect();
+    for b in order {
+        let len = p.buffers[b].len;
+        let dtype = p.buffers[b].dtype;
+        // Best fit among the free slots of the same type: the smallest that holds it, else
+        // the largest (grown).
+        let free = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, (r, end))| *end < first[b] && p.buffers[*r].dtype == dtype)
+            .map(|(s, (r, _))| (s, p.buffers[*r].len));
+        let pick = free
+            .clone()
+            .filter(|(_, l)| *l >= len)
+            .min_by_key(|(_, l)| *l)
+            .or_else(|| free.max_by_key(|(_, l)| *l))
+            .map(|(s, _)| s);
+        match pick {
+            Some(s) => {
+                let r = slots[s].0;
+                rep[b] = r;
+                slots[s].1 = last[b];
+                p.buffers[r].len = p.buffers[r].len.max(len);
+            }
+            None => slots.push((b, last[b])),
+        }
+    }
+    for op in &mut p.ops {
+        op.for_each_buf(&mut |b, _| *b = rep[*b]);
+    }
+    for (b, r) in rep.iter().enumerate() {
+        if *r != b {
+            // Its memory is its slot's now.
+            p.buffers[b].len = 1;
+        }
+    }
 }
 
 impl Lowering {

@@ -853,3 +853,44 @@ fn a_shared_kv_head_is_read_in_place_by_the_gemm_not_copied_per_head() {
         "cos {cos}, max_abs {max_abs}"
     );
 }
+
+/// Activation buffers share memory by liveness: the baked pi0.5 expert's 573 launches write
+/// into a few dozen buffers, not one each, and no op reads the buffer it writes. That a
+/// shared buffer is never taken over while a later op still reads it is what the fixture
+/// parity tests above check, on these programs.
+#[test]
+fn activation_buffers_are_shared_where_their_lives_do_not_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::fixtures::write(crate::fixtures::Kind::Pi05, dir.path(), 1).unwrap();
+    let mut p = compile_file(&dir.path().join("expert_denoise.onnx")).unwrap();
+    let writes: Vec<usize> = p
+        .ops
+        .iter_mut()
+        .map(|op| {
+            let mut out = usize::MAX;
+            op.for_each_buf(&mut |b, written| {
+                if written {
+                    out = *b;
+                }
+            });
+            out
+        })
+        .collect();
+    // No op reads the buffer it writes: a GPU kernel would race on it (the reference
+    // executor, which writes a map's output after computing it, would not show it).
+    for (i, op) in p.ops.iter_mut().enumerate() {
+        op.for_each_buf(&mut |b, written| {
+            assert!(
+                written || *b != writes[i],
+                "op {i} reads its own output buffer {b}"
+            );
+        });
+    }
+    let distinct: std::collections::HashSet<usize> = writes.iter().copied().collect();
+    assert!(
+        distinct.len() * 4 < writes.len(),
+        "{} buffers for {} writes",
+        distinct.len(),
+        writes.len()
+    );
+}
