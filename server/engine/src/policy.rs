@@ -230,6 +230,20 @@ pub struct CacheCapacity {
 /// One zero observation through a real export's whole model (prefix and denoise, or the
 /// monolithic graph): finite actions of the right length, or the error.
 fn warm_up_vla(m: &VlaModel) -> Result<(), EngineError> {
+    let v = blank_actions(m, true)?;
+    if v.len() != m.chunk * m.action_width || v.iter().any(|x| !x.is_finite()) {
+        return Err(EngineError::Run {
+            graph: "vla",
+            message: "warm-up: the actions are not finite".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A real export's actions for a blank observation (black frames, the first camera present,
+/// no instruction, zero state and noise): the monolithic graph, or the denoise loop over the
+/// prefix graph's output (`through_prefix`) or over a zero prefix.
+fn blank_actions(m: &VlaModel, through_prefix: bool) -> Result<Vec<f32>, EngineError> {
     let cams = m.spec.cameras.len();
     let hwc = vec![0u8; m.height * m.width * 3 * cams];
     let mut present = vec![false; cams];
@@ -242,18 +256,13 @@ fn warm_up_vla(m: &VlaModel) -> Result<(), EngineError> {
         state: state.as_deref(),
     };
     let noise = vec![0.0f32; m.chunk * m.action_width];
-    let v = if m.is_monolithic() {
-        m.run_monolithic(&obs, &noise, state.as_deref())?
+    if m.is_monolithic() {
+        m.run_monolithic(&obs, &noise, state.as_deref())
+    } else if through_prefix {
+        m.denoise(&m.prefix(&obs)?, &noise, state.as_deref())
     } else {
-        m.denoise(&m.prefix(&obs)?, &noise, state.as_deref())?
-    };
-    if v.len() != noise.len() || v.iter().any(|x| !x.is_finite()) {
-        return Err(EngineError::Run {
-            graph: "vla",
-            message: "warm-up: the actions are not finite".into(),
-        });
+        m.denoise(&m.zero_prefix()?, &noise, state.as_deref())
     }
-    Ok(())
 }
 
 fn warm_up(e: &dyn Engine, s: &Shapes, steps: u32) -> Result<(), EngineError> {
@@ -1021,26 +1030,7 @@ impl Policy {
                 )?;
                 (v, x.len())
             }
-            Runtime::Vla(m) => {
-                let noise = vec![0.0f32; f.chunk_size * f.noise_width];
-                let state = m.state_values(&vec![0.0; f.state_dim]);
-                let v = if m.is_monolithic() {
-                    let per = (f.image_height * f.image_width * 3) as usize;
-                    let hwc = vec![0u8; per * f.cameras.len()];
-                    let mut present = vec![false; f.cameras.len()];
-                    present[0] = true;
-                    let obs = Observation {
-                        hwc: &hwc,
-                        present: &present,
-                        instruction: "",
-                        state: state.as_deref(),
-                    };
-                    m.run_monolithic(&obs, &noise, state.as_deref())?
-                } else {
-                    m.denoise(&m.zero_prefix()?, &noise, state.as_deref())?
-                };
-                (v, noise.len())
-            }
+            Runtime::Vla(m) => (blank_actions(m, false)?, f.chunk_size * f.noise_width),
         };
         if v.len() != want || v.iter().any(|f| !f.is_finite()) {
             return Err(EngineError::Run {

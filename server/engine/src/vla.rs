@@ -127,18 +127,12 @@ fn datum_of(elem: i32) -> DatumType {
 
 /// The ONNX element type each graph output declares (by name), where it declares one.
 fn declared_outputs(proto: &pb::ModelProto) -> BTreeMap<String, i32> {
-    use pb::type_proto::Value as V;
-    let mut m = BTreeMap::new();
-    for o in proto.graph.iter().flat_map(|g| &g.output) {
-        if let Some(pb::TypeProto {
-            value: Some(V::TensorType(t)),
-            ..
-        }) = &o.r#type
-        {
-            m.insert(o.name.clone(), t.elem_type);
-        }
-    }
-    m
+    proto
+        .graph
+        .iter()
+        .flat_map(|g| &g.output)
+        .filter_map(|o| Some((o.name.clone(), crate::onnx::tensor_type(o)?.elem_type)))
+        .collect()
 }
 
 /// A graph input as the program executor takes it.
@@ -437,53 +431,60 @@ impl Graph {
         let Exec::Program(run) = &self.exec else {
             return None;
         };
-        let r = run.denoise(ports, x0, times, dt, &|name| {
-            let p = self.input(name)?;
-            feed.get(name).and_then(|v| host_value(v, p.dt).ok())
-        })?;
-        Some(r.map_err(|message| EngineError::Run {
+        let r = run.denoise(ports, x0, times, dt, &self.host_feed(feed))?;
+        Some(r.map_err(|m| self.run_err(m)))
+    }
+
+    /// A run failure of this graph, named.
+    fn run_err(&self, message: String) -> EngineError {
+        EngineError::Run {
             graph: "vla",
             message: format!("{}: {message}", self.file),
-        }))
+        }
+    }
+
+    /// `feed` as a program executor takes it: each input in the type this graph declares.
+    fn host_feed<'a>(
+        &'a self,
+        feed: &'a BTreeMap<&str, TValue>,
+    ) -> impl Fn(&str) -> Option<HostValue> + 'a {
+        move |name| {
+            let p = self.input(name)?;
+            feed.get(name).and_then(|v| host_value(v, p.dt).ok())
+        }
     }
 
     /// Runs with inputs by name; every input must be in `feed`.
     fn run(&self, feed: &BTreeMap<&str, TValue>) -> Result<TVec<TValue>, EngineError> {
-        let err = |message: String| EngineError::Run {
-            graph: "vla",
-            message: format!("{}: {message}", self.file),
+        let err = |message: String| self.run_err(message);
+        // tract and onnxruntime take every input in the graph's own type, in order.
+        let inputs = || -> Result<TVec<TValue>, EngineError> {
+            let mut inputs = TVec::with_capacity(self.inputs.len());
+            for p in &self.inputs {
+                let v = feed
+                    .get(p.name.as_str())
+                    .ok_or_else(|| err(format!("no value for input {}", p.name)))?;
+                inputs.push(if v.datum_type() == p.dt {
+                    v.clone()
+                } else {
+                    v.cast_to_dt(p.dt)
+                        .map_err(|e| err(format!("{e:#}")))?
+                        .into_owned()
+                        .into_tvalue()
+                });
+            }
+            Ok(inputs)
         };
-        if let Exec::Program(run) = &self.exec {
-            let values = run
-                .run(&|name| {
-                    let p = self.input(name)?;
-                    feed.get(name).and_then(|v| host_value(v, p.dt).ok())
-                })
-                .map_err(err)?;
-            return values
+        match &self.exec {
+            Exec::Tract(plan) => plan.run(inputs()?).map_err(|e| err(format!("{e:#}"))),
+            Exec::Ort(g) => g.run(&inputs()?).map_err(err),
+            Exec::Program(run) => run
+                .run(&self.host_feed(feed))
+                .map_err(err)?
                 .into_iter()
                 .zip(&self.outputs)
                 .map(|(v, p)| tvalue_of(v, p.dt, &p.shape).map_err(|e| err(format!("{e:#}"))))
-                .collect();
-        }
-        let mut inputs = TVec::with_capacity(self.inputs.len());
-        for p in &self.inputs {
-            let v = feed
-                .get(p.name.as_str())
-                .ok_or_else(|| err(format!("no value for input {}", p.name)))?;
-            inputs.push(if v.datum_type() == p.dt {
-                v.clone()
-            } else {
-                v.cast_to_dt(p.dt)
-                    .map_err(|e| err(format!("{e:#}")))?
-                    .into_owned()
-                    .into_tvalue()
-            });
-        }
-        match &self.exec {
-            Exec::Tract(plan) => plan.run(inputs).map_err(|e| err(format!("{e:#}"))),
-            Exec::Ort(g) => g.run(&inputs).map_err(err),
-            Exec::Program(_) => unreachable!("returned above"),
+                .collect(),
         }
     }
 }

@@ -140,6 +140,20 @@ struct Stage {
     bytes: usize,
 }
 
+impl Stage {
+    /// `bytes` of page-locked host memory (`flags`: `cuMemHostAlloc`'s, e.g. write-combined).
+    fn new(ctx: &Arc<CudaContext>, bytes: usize, flags: u32) -> Result<Stage, String> {
+        // SAFETY: bytes of u8, written by the host before any read.
+        let mut mem = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, flags) }.map_err(drv)?;
+        let ptr = mem.as_mut_ptr().map_err(drv)? as usize;
+        Ok(Stage {
+            _mem: mem,
+            ptr,
+            bytes,
+        })
+    }
+}
+
 struct Inner {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -225,17 +239,7 @@ impl CudaEngine {
                 }
                 _ => 0,
             };
-            let mut mem = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, flags) }
-                .map_err(|e| unavailable(drv(e)))?;
-            let ptr = mem.as_mut_ptr().map_err(|e| unavailable(drv(e)))? as usize;
-            staging.insert(
-                key,
-                Stage {
-                    _mem: mem,
-                    ptr,
-                    bytes,
-                },
-            );
+            staging.insert(key, Stage::new(&ctx, bytes, flags).map_err(unavailable)?);
             Ok(())
         };
         let port_bytes = |p: &Port| -> usize {
@@ -1128,7 +1132,6 @@ fn stage_value(
     s: &Stage,
     value: graph::reference::HostValue,
 ) -> Result<(), String> {
-    use graph::reference::HostValue;
     let n: usize = port.shape.iter().product();
     if value.len() != n {
         return Err(format!(
@@ -1140,10 +1143,7 @@ fn stage_value(
     // SAFETY: the staging block holds n values of the buffer's width, and the device is
     // idle (every call waits for its work under the mutex).
     if p.buffers[port.buf].dtype == DType::I64 {
-        let v: Vec<i64> = match value {
-            HostValue::I64(v) => v,
-            other => other.to_f64().iter().map(|&x| x as i64).collect(),
-        };
+        let v = value.into_i64();
         unsafe { std::slice::from_raw_parts_mut(s.ptr as *mut i64, n) }.copy_from_slice(&v);
     } else {
         unsafe { std::slice::from_raw_parts_mut(s.ptr as *mut f32, n) }
@@ -1244,14 +1244,7 @@ impl CudaProgram {
                 4
             };
             let bytes = port.shape.iter().product::<usize>().max(1) * width;
-            let mut mem =
-                unsafe { dev.ctx.alloc_pinned::<u8>(bytes) }.map_err(|e| unavailable(drv(e)))?;
-            let ptr = mem.as_mut_ptr().map_err(|e| unavailable(drv(e)))? as usize;
-            Ok(Stage {
-                _mem: mem,
-                ptr,
-                bytes,
-            })
+            Stage::new(&dev.ctx, bytes, sys::CU_MEMHOSTALLOC_WRITECOMBINED).map_err(unavailable)
         };
         let ins = p.inputs.iter().map(stage).collect::<Result<_, _>>()?;
         let outs = p.outputs.iter().map(stage).collect::<Result<_, _>>()?;
@@ -1313,29 +1306,10 @@ impl ProgramInner {
         use graph::reference::HostValue;
         let p = &self.loaded.program;
         // The host island first: its results are inputs like the others.
-        let mut island: Vec<(String, Vec<f32>)> = vec![];
-        if let Some(h) = &p.host {
-            let vals = h
-                .inputs
-                .iter()
-                .map(|i| {
-                    feed(&i.name)
-                        .map(|v| v.to_f64())
-                        .ok_or_else(|| format!("no value for input {}", i.name))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let refs: Vec<&[f64]> = vals.iter().map(Vec::as_slice).collect();
-            for ((name, _), v) in h.outputs.iter().zip(h.eval(&refs)?) {
-                island.push((name.clone(), v));
-            }
-        }
+        let feed = graph::reference::with_host_island(p, feed)?;
         for (port, s) in p.inputs.iter().zip(&self.ins) {
-            let value = match island.iter().find(|(name, _)| *name == port.name) {
-                Some((_, v)) => HostValue::F32(v.clone()),
-                None => {
-                    feed(&port.name).ok_or_else(|| format!("no value for input {}", port.name))?
-                }
-            };
+            let value =
+                feed(&port.name).ok_or_else(|| format!("no value for input {}", port.name))?;
             stage_value(p, port, s, value)?;
         }
         self.dev.ctx.bind_to_thread().map_err(drv)?;
@@ -1403,9 +1377,11 @@ impl ProgramInner {
             }
             let spare = stream.alloc_zeros::<f32>(1).map_err(drv)?;
             let t_spare = spare.device_ptr(stream).0;
-            let bytes = dl.x.shape.iter().product::<usize>() * 4;
-            let mut mem = unsafe { self.dev.ctx.alloc_pinned::<u8>(bytes) }.map_err(drv)?;
-            let ptr = mem.as_mut_ptr().map_err(drv)? as usize;
+            let x_stage = Stage::new(
+                &self.dev.ctx,
+                dl.x.shape.iter().product::<usize>() * 4,
+                sys::CU_MEMHOSTALLOC_WRITECOMBINED,
+            )?;
             stream.synchronize().map_err(drv)?;
             self.loops.insert(
                 key.clone(),
@@ -1413,11 +1389,7 @@ impl ProgramInner {
                     dl,
                     _tables: tables,
                     table_ptrs,
-                    x_stage: Stage {
-                        _mem: mem,
-                        ptr,
-                        bytes,
-                    },
+                    x_stage,
                     _t_spare: spare,
                     t_spare,
                     graph: None,

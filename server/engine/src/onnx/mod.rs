@@ -19,6 +19,13 @@ const F64: i32 = pb::tensor_proto::DataType::Double as i32;
 /// outputs' declared shapes; returns the symbols and their values (onnxruntime's free
 /// dimension overrides take the same map). A symbol wanted with two values, or an unnamed
 /// symbolic dim, is an error naming the input.
+/// A value's tensor type (element type, declared shape), if it is a tensor.
+pub fn tensor_type(v: &pb::ValueInfoProto) -> Option<&pb::type_proto::Tensor> {
+    match v.r#type.as_ref()?.value.as_ref()? {
+        pb::type_proto::Value::TensorType(t) => Some(t),
+    }
+}
+
 pub fn pin_symbols(
     model: &mut pb::ModelProto,
     want: &dyn Fn(&str, usize) -> Vec<Option<usize>>,
@@ -31,16 +38,15 @@ pub fn pin_symbols(
     let initializers: std::collections::HashSet<String> =
         graph.initializer.iter().map(|t| t.name.clone()).collect();
     let dims_of = |vi: &pb::ValueInfoProto| -> Option<Vec<Option<Value>>> {
-        match vi.r#type.as_ref()?.value.as_ref()? {
-            pb::type_proto::Value::TensorType(t) => Some(
-                t.shape
-                    .as_ref()?
-                    .dim
-                    .iter()
-                    .map(|d| d.value.clone())
-                    .collect(),
-            ),
-        }
+        Some(
+            tensor_type(vi)?
+                .shape
+                .as_ref()?
+                .dim
+                .iter()
+                .map(|d| d.value.clone())
+                .collect(),
+        )
     };
     for vi in graph
         .input

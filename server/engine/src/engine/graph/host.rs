@@ -114,14 +114,7 @@ struct Fact {
 }
 
 fn elem_of(v: &pb::ValueInfoProto) -> Option<(i32, Option<Vec<usize>>)> {
-    use pb::type_proto::Value as V;
-    let Some(pb::TypeProto {
-        value: Some(V::TensorType(t)),
-        ..
-    }) = &v.r#type
-    else {
-        return None;
-    };
+    let t = crate::onnx::tensor_type(v)?;
     let dims = t.shape.as_ref().and_then(|s| {
         s.dim
             .iter()

@@ -983,14 +983,8 @@ fn tensor_data(t: &pb::TensorProto) -> Result<(DType, Vec<f32>, Vec<i64>), Strin
 }
 
 fn value_shape(v: &pb::ValueInfoProto) -> Result<(Vec<usize>, DType), String> {
-    use pb::type_proto::Value as V;
-    let Some(pb::TypeProto {
-        value: Some(V::TensorType(t)),
-        ..
-    }) = &v.r#type
-    else {
-        return Err(format!("input {} is not a tensor", v.name));
-    };
+    let t =
+        crate::onnx::tensor_type(v).ok_or_else(|| format!("input {} is not a tensor", v.name))?;
     let dtype = match t.elem_type {
         1 => DType::F32,
         7 => DType::I64,

@@ -41,6 +41,14 @@ impl HostValue {
         }
     }
 
+    /// The values as int64, for an int64 buffer (floats truncated).
+    pub fn into_i64(self) -> Vec<i64> {
+        match self {
+            HostValue::I64(v) => v,
+            other => other.to_f64().iter().map(|&x| x as i64).collect(),
+        }
+    }
+
     /// The values as f32 (bools 0/1, integers rounded to the nearest float).
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
@@ -50,6 +58,41 @@ impl HostValue {
             HostValue::Bool(v) => v.iter().map(|&x| x as u8 as f32).collect(),
         }
     }
+}
+
+/// `feed` with the program's host island evaluated from it (in double, [`super::host`]): the
+/// island's results answer for the program inputs they fill, every other name is asked of
+/// `feed`. How both executors stage a whole program's inputs.
+pub fn with_host_island<'a>(
+    p: &Program,
+    feed: &'a dyn Fn(&str) -> Option<HostValue>,
+) -> Result<impl Fn(&str) -> Option<HostValue> + 'a, String> {
+    let mut island: Vec<(String, Vec<f32>)> = vec![];
+    if let Some(h) = &p.host {
+        let vals = h
+            .inputs
+            .iter()
+            .map(|i| {
+                feed(&i.name)
+                    .map(|v| v.to_f64())
+                    .ok_or_else(|| format!("no value for input {}", i.name))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&[f64]> = vals.iter().map(Vec::as_slice).collect();
+        island = h
+            .outputs
+            .iter()
+            .map(|(name, _)| name.clone())
+            .zip(h.eval(&refs)?)
+            .collect();
+    }
+    Ok(move |name: &str| {
+        island
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| HostValue::F32(v.clone()))
+            .or_else(|| feed(name))
+    })
 }
 
 /// Stages every program input not `skip`ped from `feed` into `m`.
@@ -70,12 +113,7 @@ fn stage_inputs(
             ));
         }
         match p.buffers[port.buf].dtype {
-            DType::I64 => {
-                m.i[port.buf] = match v {
-                    HostValue::I64(v) => v,
-                    other => other.to_f64().iter().map(|&x| x as i64).collect(),
-                }
-            }
+            DType::I64 => m.i[port.buf] = v.into_i64(),
             _ => m.f[port.buf][..n].copy_from_slice(&v.to_f32()),
         }
     }
@@ -128,33 +166,8 @@ pub fn run_program(
     feed: &dyn Fn(&str) -> Option<HostValue>,
 ) -> Result<Vec<HostValue>, String> {
     let mut m = Memory::new(p);
-    let get = |name: &str, n: usize| -> Result<HostValue, String> {
-        let v = feed(name).ok_or_else(|| format!("no value for input {name}"))?;
-        if v.len() != n {
-            return Err(format!("input {name} takes {n} values, got {}", v.len()));
-        }
-        Ok(v)
-    };
-    let mut staged: Vec<(usize, Vec<f32>)> = vec![];
-    if let Some(h) = &p.host {
-        let vals = h
-            .inputs
-            .iter()
-            .map(|i| get(&i.name, i.shape.iter().product()).map(|v| v.to_f64()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let refs: Vec<&[f64]> = vals.iter().map(Vec::as_slice).collect();
-        for ((name, _), v) in h.outputs.iter().zip(h.eval(&refs)?) {
-            let port = p
-                .input(name)
-                .ok_or_else(|| format!("no program input {name}"))?;
-            staged.push((port.buf, v));
-        }
-    }
-    let filled: Vec<usize> = staged.iter().map(|(b, _)| *b).collect();
-    stage_inputs(p, &mut m, feed, &|port| filled.contains(&port.buf))?;
-    for (buf, v) in staged {
-        m.f[buf][..v.len()].copy_from_slice(&v);
-    }
+    let feed = with_host_island(p, feed)?;
+    stage_inputs(p, &mut m, &feed, &|_| false)?;
     run_ops(&p.ops, &mut m);
     Ok(p.outputs
         .iter()
