@@ -1244,7 +1244,9 @@ impl CudaProgram {
                 4
             };
             let bytes = port.shape.iter().product::<usize>().max(1) * width;
-            Stage::new(&dev.ctx, bytes, sys::CU_MEMHOSTALLOC_WRITECOMBINED).map_err(unavailable)
+            // Cached pinned memory (flags 0), as `Staging::Cached`: the host reads the
+            // outputs back, and reads of write-combined memory are uncached and slow.
+            Stage::new(&dev.ctx, bytes, 0).map_err(unavailable)
         };
         let ins = p.inputs.iter().map(stage).collect::<Result<_, _>>()?;
         let outs = p.outputs.iter().map(stage).collect::<Result<_, _>>()?;
@@ -1377,11 +1379,8 @@ impl ProgramInner {
             }
             let spare = stream.alloc_zeros::<f32>(1).map_err(drv)?;
             let t_spare = spare.device_ptr(stream).0;
-            let x_stage = Stage::new(
-                &self.dev.ctx,
-                dl.x.shape.iter().product::<usize>() * 4,
-                sys::CU_MEMHOSTALLOC_WRITECOMBINED,
-            )?;
+            // Cached: x comes back to the host (see `CudaProgram::load_device`).
+            let x_stage = Stage::new(&self.dev.ctx, dl.x.shape.iter().product::<usize>() * 4, 0)?;
             stream.synchronize().map_err(drv)?;
             self.loops.insert(
                 key.clone(),
