@@ -21,7 +21,8 @@
 #     --export DIR --export-engine cuda` checks parity with tract per request and prefix
 #     tensor, bit-identical repeats and graphs on = off.
 #  6. A trace of the per-step pi0.5 export recorded on cpu, replayed against `reflex serve
-#     --engine cuda` with `--fail-on actions`.
+#     --engine cuda` with `--fail-on actions`; the prefix cache's logged worst case is in
+#     device memory (the KV cache stays on the GPU between prefix and expert).
 #  7. (FULL=1, the default) the full-scale pi0.5-shaped exports, written here by the
 #     carried binary (`export-demo --scale smolvla-size|pi05-widths`), through the same
 #     bench: parity with tract and p50/p99 of prefix, denoise and Act.
@@ -121,6 +122,11 @@ wait_socket "$W/v2.sock"
 "$BIN" replay "$TRACE" --target "unix://$W/v2.sock" --diff actions --fail-on actions \
   --output "$OUT/replay-v2-report.json" >"$OUT/replay-v2.txt" 2>&1 && RC=0 || RC=$?
 kill -TERM "$V2"; wait "$V2" || true
+# The prefix (every layer's KV cache) stays on the device: the cache's worst case is device memory.
+grep -m1 'prefix cache bounded' "$OUT/serve-v2.log" || { echo "FAIL: no prefix cache bound logged"; exit 1; }
+WHERE=device; [ "$ENGINE" = cpu ] && WHERE=host
+grep -m1 'prefix cache bounded' "$OUT/serve-v2.log" | grep -q "location=\"\?$WHERE" \
+  || { echo "FAIL: the prefix cache should be in $WHERE memory"; exit 1; }
 tail -6 "$OUT/replay-v2.txt"
 echo "replay exit: $RC"
 [ "$RC" = 0 ] || { cat "$OUT/serve-v2.log"; echo "FAIL: replay of a real export's cpu trace on $ENGINE"; exit 1; }

@@ -196,6 +196,18 @@ pub struct ServeArgs {
     )]
     pub cache_entries: usize,
 
+    /// The prefix cache's bound in MiB: at most this much memory for cached prefixes (GPU
+    /// memory with `--engine cuda` on a real export, whose prefixes stay on the device). A
+    /// pi0.5 prefix (every layer's KV cache) is tens of MB, so this, not --cache-entries,
+    /// usually sets how many are kept; the start-up log states the worst case.
+    #[arg(
+        long,
+        value_name = "MIB",
+        env = "REFLEX_CACHE_MB",
+        default_value_t = 2048
+    )]
+    pub cache_mb: usize,
+
     /// A HuggingFace tokenizer.json for an export that lacks one (a seed-tool export); by
     /// default `tokenizer.json` or `tokenizer/tokenizer.json` beside the graphs.
     #[arg(long, value_name = "FILE", env = "REFLEX_TOKENIZER")]
@@ -359,6 +371,7 @@ impl ServeArgs {
             queue_depth: 32,
             queue_per_connection: None,
             cache_entries: 1024,
+            cache_mb: 2048,
             tokenizer: None,
             stats: None,
             seed_quirks: Default::default(),
@@ -428,6 +441,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         engine: args.engine,
         cuda_graphs: args.cuda_graphs,
         cache_entries: args.cache_entries,
+        cache_max_bytes: args.cache_mb.saturating_mul(1 << 20),
         seed: reflex_engine::seed::SeedOptions {
             tokenizer: args.tokenizer.clone(),
             stats: args.stats.clone(),
@@ -455,7 +469,9 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             entries = c.entries,
             entry_bytes = c.entry_bytes,
             max_bytes = c.max_bytes,
-            "prefix cache bounded"
+            location = c.location,
+            limited_by = if c.limited_by_bytes { "--cache-mb" } else { "--cache-entries" },
+            "prefix cache bounded (worst case: every entry in use)"
         );
     }
     let recording = recording_for(&args, &policy);

@@ -179,6 +179,10 @@ pub struct PolicyOptions {
     pub cuda_graphs: bool,
     /// Prefix cache entries; 0 disables the cache (status "n/a").
     pub cache_entries: usize,
+    /// The prefix cache's bound in bytes (device memory where the engine keeps prefixes on
+    /// the GPU): the cache holds at most `cache_max_bytes / entry_bytes` entries, fewer than
+    /// `cache_entries` when prefixes are big (a pi0.5 KV cache is tens of MB).
+    pub cache_max_bytes: usize,
     /// For a seed-tool export: `--tokenizer`, `--stats`, `--seed-quirks`.
     pub seed: SeedOptions,
     /// `--engine ort`: the onnxruntime library (`--ort-lib`; else `ORT_DYLIB_PATH`) and its
@@ -193,6 +197,7 @@ impl Default for PolicyOptions {
             engine: EngineKind::Cpu,
             cuda_graphs: true,
             cache_entries: 1024,
+            cache_max_bytes: DEFAULT_CACHE_BYTES,
             seed: SeedOptions::default(),
             ort_lib: None,
             ort_threads: 1,
@@ -216,14 +221,41 @@ type CacheKey = [u8; 32];
 /// headers.
 const CACHE_ENTRY_OVERHEAD: usize = 160;
 
+/// The prefix cache's default bound in bytes (`--cache-mb 2048`).
+pub const DEFAULT_CACHE_BYTES: usize = 2 << 30;
+
 /// The prefix cache's worst case: every entry in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheCapacity {
     pub entries: usize,
-    /// One entry: `prefix_dim` f32 features plus [`CACHE_ENTRY_OVERHEAD`].
+    /// One entry: the prefix's tensors (or `prefix_dim` f32 features) plus
+    /// [`CACHE_ENTRY_OVERHEAD`] of host bookkeeping.
     pub entry_bytes: usize,
     /// `entries × entry_bytes`: the cache never holds more.
     pub max_bytes: usize,
+    /// `device` when the prefixes are kept in GPU memory (the cuda engine on a real
+    /// export), else `host`.
+    pub location: &'static str,
+    /// Whether the byte bound, not the entry count, set `entries`.
+    pub limited_by_bytes: bool,
+}
+
+/// The prefix cache: at most `opts.cache_entries`, and no more than fit in
+/// `opts.cache_max_bytes` at `prefix_bytes` each (plus bookkeeping); `None` when that is zero.
+fn prefix_cache(
+    opts: &PolicyOptions,
+    prefix_bytes: usize,
+) -> Option<Mutex<lru::LruCache<CacheKey, Cached>>> {
+    let entry = prefix_bytes + CACHE_ENTRY_OVERHEAD;
+    let entries = opts.cache_entries.min(opts.cache_max_bytes / entry);
+    if entries == 0 && opts.cache_entries > 0 {
+        tracing::warn!(
+            prefix_bytes,
+            cache_max_bytes = opts.cache_max_bytes,
+            "one prefix is larger than the prefix cache's byte bound: the cache is off"
+        );
+    }
+    NonZeroUsize::new(entries).map(|n| Mutex::new(lru::LruCache::new(n)))
 }
 /// One prefix and one denoise on zeros: the first Act then pays no kernel
 /// load or graph capture, and a broken device shows at start.
@@ -481,6 +513,8 @@ pub struct Policy {
     // A Mutex, not a sharded map: a lookup is a hash probe (~100 ns) beside
     // milliseconds of inference, and LRU order needs exclusive access anyway.
     cache: Option<Mutex<lru::LruCache<CacheKey, Cached>>>,
+    /// `--cache-entries`, before the byte bound.
+    cache_entries_asked: usize,
     model_hash: String,
     config_hash: String,
     export_dir: PathBuf,
@@ -563,8 +597,7 @@ impl Policy {
                 ("stats_source".to_string(), "inline".to_string()),
             ]),
         };
-        let cache =
-            NonZeroUsize::new(opts.cache_entries).map(|n| Mutex::new(lru::LruCache::new(n)));
+        let cache = prefix_cache(opts, cfg.prefix_dim * std::mem::size_of::<f32>());
         let image = cfg.image.clone();
         let runtime = Runtime::Reference {
             norm: preprocess::pixel_norm(&cfg.image),
@@ -575,7 +608,7 @@ impl Policy {
             facts,
             image,
             runtime,
-            cache,
+            (cache, opts.cache_entries),
             (model_hash, config_hash),
             dir,
         ))
@@ -586,7 +619,7 @@ impl Policy {
         facts: ModelFacts,
         image: ImageConfig,
         runtime: Runtime,
-        cache: Option<Mutex<lru::LruCache<CacheKey, Cached>>>,
+        (cache, cache_entries_asked): (Option<Mutex<lru::LruCache<CacheKey, Cached>>>, usize),
         (model_hash, config_hash): (String, String),
         dir: &Path,
     ) -> Policy {
@@ -595,6 +628,7 @@ impl Policy {
             image,
             runtime,
             cache,
+            cache_entries_asked,
             model_hash,
             config_hash,
             export_dir: dir.to_path_buf(),
@@ -692,14 +726,16 @@ impl Policy {
         );
         let image = model.image.clone();
         // A monolithic export has no prefix to keep.
-        let cache = NonZeroUsize::new(opts.cache_entries)
-            .filter(|_| !model.is_monolithic())
-            .map(|n| Mutex::new(lru::LruCache::new(n)));
+        let cache = if model.is_monolithic() {
+            None
+        } else {
+            prefix_cache(opts, model.prefix_bytes())
+        };
         Ok(Policy::assemble(
             facts,
             image,
             Runtime::Vla(Box::new(model)),
-            cache,
+            (cache, opts.cache_entries),
             (model_hash, config_hash),
             dir,
         ))
@@ -751,15 +787,17 @@ impl Policy {
     /// [`Policy::act`]), and the LRU evicts beyond its entry count.
     pub fn cache_capacity(&self) -> Option<CacheCapacity> {
         let entries = self.cache.as_ref()?.lock().ok()?.cap().get();
-        let features = match &self.runtime {
-            Runtime::Reference { cfg, .. } => cfg.prefix_dim * std::mem::size_of::<f32>(),
-            Runtime::Vla(m) => m.prefix_bytes(),
+        let (features, location) = match &self.runtime {
+            Runtime::Reference { cfg, .. } => (cfg.prefix_dim * std::mem::size_of::<f32>(), "host"),
+            Runtime::Vla(m) => (m.prefix_bytes(), m.prefix_location()),
         };
         let entry_bytes = features + CACHE_ENTRY_OVERHEAD;
         Some(CacheCapacity {
             entries,
             entry_bytes,
             max_bytes: entries.saturating_mul(entry_bytes),
+            location,
+            limited_by_bytes: entries < self.cache_entries_asked,
         })
     }
 
@@ -1326,6 +1364,42 @@ mod tests {
             CacheStatus::Miss,
             "evicted entry"
         );
+    }
+
+    #[test]
+    fn cache_is_bounded_in_bytes_before_entries() {
+        let load = |cache_entries, cache_max_bytes| {
+            let dir = tempfile::tempdir().unwrap();
+            write_reference_export(dir.path(), 0).unwrap();
+            let opts = PolicyOptions {
+                cache_entries,
+                cache_max_bytes,
+                ..Default::default()
+            };
+            (dir.path().to_path_buf(), Policy::load(dir.path(), &opts).unwrap(), dir)
+        };
+        let entry = load(1024, DEFAULT_CACHE_BYTES).1.cache_capacity().unwrap().entry_bytes;
+        // Room for two and a half entries: two, whatever --cache-entries says.
+        let (_, p, _d) = load(1024, entry * 5 / 2);
+        let cap = p.cache_capacity().unwrap();
+        assert_eq!((cap.entries, cap.location, cap.limited_by_bytes), (2, "host", true));
+        assert!(cap.max_bytes <= entry * 5 / 2);
+        for shade in [1u8, 2, 3] {
+            let mut i = input(Some(1));
+            i.frames[0] = frame(0, image(shade));
+            assert_eq!(p.act(&i).unwrap().cache, CacheStatus::Miss);
+        }
+        assert_eq!(p.cache.as_ref().unwrap().lock().unwrap().len(), 2);
+        let mut first = input(Some(1));
+        first.frames[0] = frame(0, image(1));
+        assert_eq!(p.act(&first).unwrap().cache, CacheStatus::Miss, "evicted");
+        // The entry count still bounds when it is the smaller.
+        let cap = load(3, entry * 100).1.cache_capacity().unwrap();
+        assert_eq!((cap.entries, cap.limited_by_bytes), (3, false));
+        // Not even one prefix fits: the cache is off (and the log says why).
+        let (_, p, _d) = load(1024, entry - 1);
+        assert_eq!(p.cache_capacity(), None);
+        assert_eq!(p.act(&input(Some(1))).unwrap().cache, CacheStatus::Disabled);
     }
 
     #[test]

@@ -67,16 +67,54 @@ enum Exec {
     Program(Box<dyn RunProgram>),
 }
 
-/// Runs one compiled graph program: inputs by name ([`Program::feeds`]), outputs in the
-/// program's order.
+/// Tensors a program executor keeps between graphs: a prefix's handoff (every layer's KV
+/// cache, the masks), on the device for cuda (one allocation, freed when the last holder
+/// drops it: a prefix-cache entry is a device allocation). Opaque to the runtime.
+pub trait Kept: Send + Sync {
+    /// Bytes held where the executor keeps them (device memory for cuda).
+    fn bytes(&self) -> usize;
+    /// Whether they live in device memory (the prefix cache's log says where).
+    fn on_device(&self) -> bool;
+    /// A copy on the host, in order (for comparing engines).
+    fn to_host(&self) -> Result<Vec<HostValue>, String>;
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// Program inputs taken from kept tensors: `names[i]` is the i-th kept tensor.
+pub struct KeptFeed<'a> {
+    pub tensors: &'a dyn Kept,
+    pub names: &'a [&'a str],
+}
+
+impl KeptFeed<'_> {
+    /// The kept tensor feeding input `name`.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| *n == name)
+    }
+}
+
+/// Runs one compiled graph program: inputs by name ([`Program::feeds`]) from the host
+/// (`feed`) or from tensors the executor kept (`kept`, which wins), outputs in the program's
+/// order.
 pub trait RunProgram: Send + Sync {
-    fn run(&self, feed: &dyn Fn(&str) -> Option<HostValue>) -> Result<Vec<HostValue>, String>;
+    fn run(
+        &self,
+        feed: &dyn Fn(&str) -> Option<HostValue>,
+        kept: Option<&KeptFeed<'_>>,
+    ) -> Result<Vec<HostValue>, String>;
+    /// Runs and keeps the outputs `keep` (indices, in that order) on the executor instead of
+    /// bringing them to the host: the prefix graph's handoff stays on the device.
+    fn run_kept(
+        &self,
+        feed: &dyn Fn(&str) -> Option<HostValue>,
+        keep: &[usize],
+    ) -> Result<Box<dyn Kept>, String>;
     /// The compiled program (for `reflex inspect`'s plan).
     fn program(&self) -> &Program;
     /// A per-step expert's whole Euler loop in one go on the executor
     /// ([`crate::engine::graph::DeviceLoop`]: step k at `times[k]`, then x ← x + dt·v), its
-    /// (x, t, v) ports named; `feed` gives every other input. `None`: the executor has no loop
-    /// of its own, and the runtime steps from the host.
+    /// (x, t, v) ports named; `feed` and `kept` give every other input. `None`: the executor
+    /// has no loop of its own, and the runtime steps from the host.
     fn denoise(
         &self,
         _ports: (&str, &str, &str),
@@ -84,6 +122,7 @@ pub trait RunProgram: Send + Sync {
         _times: &[f32],
         _dt: f32,
         _feed: &dyn Fn(&str) -> Option<HostValue>,
+        _kept: Option<&KeptFeed<'_>>,
     ) -> Option<Result<Vec<f32>, String>> {
         None
     }
@@ -92,9 +131,80 @@ pub trait RunProgram: Send + Sync {
 /// The CPU reference executor as a [`RunProgram`].
 struct ReferenceRun(Program);
 
+/// What the reference executor keeps: host values (its "device" is the host).
+struct HostKept(Vec<HostValue>);
+
+impl Kept for HostKept {
+    fn bytes(&self) -> usize {
+        self.0
+            .iter()
+            .map(|v| match v {
+                HostValue::F32(x) => x.len() * 4,
+                HostValue::F64(x) => x.len() * 8,
+                HostValue::I64(x) => x.len() * 8,
+                HostValue::Bool(x) => x.len(),
+            })
+            .sum()
+    }
+    fn on_device(&self) -> bool {
+        false
+    }
+    fn to_host(&self) -> Result<Vec<HostValue>, String> {
+        Ok(self.0.clone())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// `feed` with the inputs `kept` names taken from the host-kept tensors.
+fn with_host_kept<'a>(
+    feed: &'a dyn Fn(&str) -> Option<HostValue>,
+    kept: Option<&'a KeptFeed<'a>>,
+) -> Result<impl Fn(&str) -> Option<HostValue> + 'a, String> {
+    let held = match kept {
+        Some(k) => Some((
+            k,
+            k.tensors
+                .as_any()
+                .downcast_ref::<HostKept>()
+                .ok_or("these tensors were kept by another executor")?,
+        )),
+        None => None,
+    };
+    Ok(move |name: &str| match held {
+        Some((k, h)) => match k.index(name) {
+            Some(i) => h.0.get(i).cloned(),
+            None => feed(name),
+        },
+        None => feed(name),
+    })
+}
+
 impl RunProgram for ReferenceRun {
-    fn run(&self, feed: &dyn Fn(&str) -> Option<HostValue>) -> Result<Vec<HostValue>, String> {
-        crate::engine::graph::reference::run_program(&self.0, feed)
+    fn run(
+        &self,
+        feed: &dyn Fn(&str) -> Option<HostValue>,
+        kept: Option<&KeptFeed<'_>>,
+    ) -> Result<Vec<HostValue>, String> {
+        let feed = with_host_kept(feed, kept)?;
+        crate::engine::graph::reference::run_program(&self.0, &feed)
+    }
+    fn run_kept(
+        &self,
+        feed: &dyn Fn(&str) -> Option<HostValue>,
+        keep: &[usize],
+    ) -> Result<Box<dyn Kept>, String> {
+        let mut out: Vec<Option<HostValue>> = self.run(feed, None)?.into_iter().map(Some).collect();
+        let kept = keep
+            .iter()
+            .map(|&i| {
+                out.get_mut(i)
+                    .and_then(Option::take)
+                    .ok_or_else(|| format!("no output {i} to keep (or kept twice)"))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Box::new(HostKept(kept)))
     }
     fn program(&self) -> &Program {
         &self.0
@@ -106,12 +216,13 @@ impl RunProgram for ReferenceRun {
         times: &[f32],
         dt: f32,
         feed: &dyn Fn(&str) -> Option<HostValue>,
+        kept: Option<&KeptFeed<'_>>,
     ) -> Option<Result<Vec<f32>, String>> {
         use crate::engine::graph::{DeviceLoop, reference::run_loop};
-        Some(
+        Some(with_host_kept(feed, kept).and_then(|feed| {
             DeviceLoop::new(&self.0, ports, times, dt)
-                .and_then(|l| run_loop(&self.0, &l, x0, feed)),
-        )
+                .and_then(|l| run_loop(&self.0, &l, x0, &feed))
+        }))
     }
 }
 
@@ -427,12 +538,46 @@ impl Graph {
         times: &[f32],
         dt: f32,
         feed: &BTreeMap<&str, TValue>,
+        kept: Option<&KeptFeed<'_>>,
     ) -> Option<Result<Vec<f32>, EngineError>> {
         let Exec::Program(run) = &self.exec else {
             return None;
         };
-        let r = run.denoise(ports, x0, times, dt, &self.host_feed(feed))?;
+        let r = run.denoise(ports, x0, times, dt, &self.host_feed(feed), kept)?;
         Some(r.map_err(|m| self.run_err(m)))
+    }
+
+    /// Runs on the program executor and keeps the outputs `keep` there (the prefix's handoff
+    /// on the device); `None` for tract and onnxruntime, which hand every output back.
+    fn run_kept(
+        &self,
+        feed: &BTreeMap<&str, TValue>,
+        keep: &[usize],
+    ) -> Option<Result<Box<dyn Kept>, EngineError>> {
+        let Exec::Program(run) = &self.exec else {
+            return None;
+        };
+        Some(
+            run.run_kept(&self.host_feed(feed), keep)
+                .map_err(|m| self.run_err(m)),
+        )
+    }
+
+    /// Bytes output `ix` takes where this graph's executor keeps it: a compiled program holds
+    /// bools in float32 buffers; tract and onnxruntime in the declared type.
+    fn kept_bytes(&self, ix: usize) -> usize {
+        match &self.exec {
+            Exec::Program(run) => {
+                let p = run.program();
+                let port = &p.outputs[ix];
+                let width = match p.buffers[port.buf].dtype {
+                    crate::engine::graph::DType::I64 => 8,
+                    _ => 4,
+                };
+                port.shape.iter().product::<usize>() * width
+            }
+            _ => self.outputs[ix].len() * self.outputs[ix].dt.size_of(),
+        }
     }
 
     /// A run failure of this graph, named.
@@ -456,7 +601,19 @@ impl Graph {
 
     /// Runs with inputs by name; every input must be in `feed`.
     fn run(&self, feed: &BTreeMap<&str, TValue>) -> Result<TVec<TValue>, EngineError> {
+        self.run_with(feed, None)
+    }
+
+    /// Runs with inputs by name, some of them (on a program executor) from kept tensors.
+    fn run_with(
+        &self,
+        feed: &BTreeMap<&str, TValue>,
+        kept: Option<&KeptFeed<'_>>,
+    ) -> Result<TVec<TValue>, EngineError> {
         let err = |message: String| self.run_err(message);
+        if kept.is_some() && !matches!(self.exec, Exec::Program(_)) {
+            return Err(err("kept tensors fed to a graph that runs on tract or onnxruntime".into()));
+        }
         // tract and onnxruntime take every input in the graph's own type, in order.
         let inputs = || -> Result<TVec<TValue>, EngineError> {
             let mut inputs = TVec::with_capacity(self.inputs.len());
@@ -479,7 +636,7 @@ impl Graph {
             Exec::Tract(plan) => plan.run(inputs()?).map_err(|e| err(format!("{e:#}"))),
             Exec::Ort(g) => g.run(&inputs()?).map_err(err),
             Exec::Program(run) => run
-                .run(&self.host_feed(feed))
+                .run(&self.host_feed(feed), kept)
                 .map_err(err)?
                 .into_iter()
                 .zip(&self.outputs)
@@ -587,8 +744,18 @@ pub fn read_stats_file(path: &Path) -> Result<BTreeMap<String, Vec<f32>>, String
 /// The prefix of one observation: the tensors the expert takes from the prefix graph, in the
 /// order of [`VlaModel::handoff`]. Opaque to the server; shared, never copied.
 pub struct Prefix {
-    tensors: Vec<TValue>,
+    /// On the host, or (program executors) the handoff kept by the executor — on the device
+    /// for cuda, so the expert reads the KV cache without a host copy.
+    tensors: PrefixTensors,
     bytes: usize,
+}
+
+enum PrefixTensors {
+    /// Handoff then made, in order.
+    Host(Vec<TValue>),
+    /// The handoff kept by the prefix graph's executor; the made tensors (an assembled
+    /// prefix's length and mask, made on the host) beside it.
+    Kept { kept: Box<dyn Kept>, made: Vec<TValue> },
 }
 
 impl Prefix {
@@ -597,9 +764,32 @@ impl Prefix {
         self.bytes
     }
 
-    /// Its tensors as f32 (bools 0/1), in order: for comparing engines.
+    /// Whether its handoff lives in device memory (the cuda engine's programs).
+    pub fn on_device(&self) -> bool {
+        matches!(&self.tensors, PrefixTensors::Kept { kept, .. } if kept.on_device())
+    }
+
+    /// Its tensors as f32 (bools 0/1), in order: for comparing engines. A kept prefix is
+    /// copied back from the device.
     pub fn to_f32(&self) -> Result<Vec<Vec<f32>>, EngineError> {
-        self.tensors.iter().map(|t| to_f32(t, "prefix")).collect()
+        match &self.tensors {
+            PrefixTensors::Host(t) => t.iter().map(|t| to_f32(t, "prefix")).collect(),
+            PrefixTensors::Kept { kept, made } => {
+                let mut out: Vec<Vec<f32>> = kept
+                    .to_host()
+                    .map_err(|message| EngineError::Run {
+                        graph: "prefix",
+                        message,
+                    })?
+                    .iter()
+                    .map(HostValue::to_f32)
+                    .collect();
+                for t in made {
+                    out.push(to_f32(t, "prefix")?);
+                }
+                Ok(out)
+            }
+        }
     }
 }
 
@@ -1111,7 +1301,7 @@ impl VlaModel {
                         ),
                     ));
                 }
-                prefix_bytes += out.len() * out.dt.size_of();
+                prefix_bytes += p.kept_bytes(ix);
                 handoff.push((ix, i.name.clone()));
             }
             for i in &p.inputs {
@@ -1185,6 +1375,16 @@ impl VlaModel {
     /// Bytes of one [`Prefix`] (0 for a monolithic export: nothing is cached).
     pub fn prefix_bytes(&self) -> usize {
         self.prefix_bytes
+    }
+
+    /// Where a [`Prefix`] lives: `device` when the cuda engine keeps it in GPU memory, else
+    /// `host`.
+    pub fn prefix_location(&self) -> &'static str {
+        if self.engine == "cuda" && self.prefix.is_some() {
+            "device"
+        } else {
+            "host"
+        }
     }
 
     pub fn is_monolithic(&self) -> bool {
@@ -1351,14 +1551,22 @@ impl VlaModel {
             Some(e) => self.assemble(e, obs)?,
             None => (self.observation_feed(obs)?, vec![]),
         };
+        let keep: Vec<usize> = self.handoff.iter().map(|(ix, _)| *ix).collect();
+        if let Some(kept) = g.run_kept(&feed, &keep) {
+            return Ok(Prefix {
+                tensors: PrefixTensors::Kept { kept: kept?, made },
+                bytes: self.prefix_bytes,
+            });
+        }
         let out = g.run(&feed)?;
         Ok(Prefix {
-            tensors: self
-                .handoff
-                .iter()
-                .map(|(ix, _)| out[*ix].clone())
-                .chain(made)
-                .collect(),
+            tensors: PrefixTensors::Host(
+                self.handoff
+                    .iter()
+                    .map(|(ix, _)| out[*ix].clone())
+                    .chain(made)
+                    .collect(),
+            ),
             bytes: self.prefix_bytes,
         })
     }
@@ -1441,7 +1649,7 @@ impl VlaModel {
             tensors.push(t.into_tvalue());
         }
         Ok(Prefix {
-            tensors,
+            tensors: PrefixTensors::Host(tensors),
             bytes: self.prefix_bytes,
         })
     }
@@ -1460,10 +1668,26 @@ impl VlaModel {
     ) -> Result<Vec<f32>, EngineError> {
         let d = &self.spec.denoise;
         let mut feed: BTreeMap<&str, TValue> = BTreeMap::new();
-        let names = self.handoff.iter().map(|(_, n)| n).chain(&self.made);
-        for (name, t) in names.zip(&prefix.tensors) {
-            feed.insert(name.as_str(), t.clone());
-        }
+        let handoff: Vec<&str> = self.handoff.iter().map(|(_, n)| n.as_str()).collect();
+        let kept = match &prefix.tensors {
+            PrefixTensors::Host(tensors) => {
+                let names = handoff.iter().copied().chain(self.made.iter().map(String::as_str));
+                for (name, t) in names.zip(tensors) {
+                    feed.insert(name, t.clone());
+                }
+                None
+            }
+            PrefixTensors::Kept { kept, made } => {
+                for (name, t) in self.made.iter().zip(made) {
+                    feed.insert(name.as_str(), t.clone());
+                }
+                Some(KeptFeed {
+                    tensors: kept.as_ref(),
+                    names: &handoff,
+                })
+            }
+        };
+        let kept = kept.as_ref();
         if let Some(pos) = &d.positions_input {
             let positions: Vec<i64> = (0..self.chunk as i64).collect();
             feed.insert(pos.as_str(), value(&[1, self.chunk], &positions)?);
@@ -1476,7 +1700,7 @@ impl VlaModel {
             ExpertMode::Baked => {
                 let name = d.noise_input.as_deref().expect("validated");
                 feed.insert(name, value(&shape, noise)?);
-                let out = self.expert.run(&feed)?;
+                let out = self.expert.run_with(&feed, kept)?;
                 let ix = self
                     .expert
                     .output_index(d.actions_output.as_deref().expect("validated"))
@@ -1503,7 +1727,7 @@ impl VlaModel {
                 let v_name = d.velocity_output.as_deref().expect("validated");
                 if let Some(r) =
                     self.expert
-                        .run_loop((x_name, t_name, v_name), noise, &times, dt32, &feed)
+                        .run_loop((x_name, t_name, v_name), noise, &times, dt32, &feed, kept)
                 {
                     // The executor's own loop (the cuda engine's programs): the same times
                     // and update, one graph for the whole loop.
@@ -1514,7 +1738,7 @@ impl VlaModel {
                     let t = (t0 + k as f64 * dt) as f32;
                     feed.insert(x_name, value(&shape, &x)?);
                     feed.insert(t_name, value(&t_port.shape, &vec![t; t_port.len()])?);
-                    let out = self.expert.run(&feed)?;
+                    let out = self.expert.run_with(&feed, kept)?;
                     let v = to_f32(&out[v_ix], "velocity")?;
                     for (xi, vi) in x.iter_mut().zip(&v) {
                         *xi += dt32 * vi;
@@ -1911,12 +2135,16 @@ mod tests {
                     )
                 } else {
                     let p = m.prefix(&obs).unwrap();
-                    let tensors = p
-                        .tensors
-                        .iter()
-                        .map(|t| to_f32(t, "prefix").unwrap())
-                        .collect();
-                    (tensors, m.denoise(&p, &noise, state.as_deref()).unwrap())
+                    let actions = m.denoise(&p, &noise, state.as_deref()).unwrap();
+                    if m.engine == "reference" {
+                        // The programs' prefix stays with their executor (the device, for
+                        // cuda); fed from the host instead, the expert gives the same bits.
+                        assert!(matches!(p.tensors, PrefixTensors::Kept { .. }), "{kind}");
+                        let host = on_host(m, &p);
+                        let again = m.denoise(&host, &noise, state.as_deref()).unwrap();
+                        assert_eq!(bits(&actions), bits(&again), "{kind}: kept vs host prefix");
+                    }
+                    (p.to_f32().unwrap(), actions)
                 }
             };
             let (their_prefix, theirs) = run(&tract);
@@ -1928,6 +2156,23 @@ mod tests {
             agree(&format!("{kind} actions"), &actions, &theirs);
             let (_, again) = run(&ours);
             assert_eq!(bits(&actions), bits(&again), "{kind}: repeats differ");
+        }
+    }
+
+    /// A kept prefix's tensors brought to the host, as tract's prefix holds them.
+    fn on_host(m: &VlaModel, p: &Prefix) -> Prefix {
+        let PrefixTensors::Kept { kept, made } = &p.tensors else {
+            panic!("not a kept prefix")
+        };
+        let mut tensors = vec![];
+        for ((_, name), v) in m.handoff.iter().zip(kept.to_host().unwrap()) {
+            let port = m.expert.input(name).unwrap();
+            tensors.push(tvalue_of(v, port.dt, &port.shape).unwrap());
+        }
+        tensors.extend(made.iter().cloned());
+        Prefix {
+            tensors: PrefixTensors::Host(tensors),
+            bytes: p.bytes,
         }
     }
 

@@ -1108,8 +1108,11 @@ struct ProgramInner {
     ins: Vec<Stage>,
     outs: Vec<Stage>,
     graphs: bool,
-    graph: Option<CudaGraph>,
-    /// A per-step expert's device loops, by their step times and dt (bits).
+    /// Captured graphs by which inputs come from kept device tensors (copied device to
+    /// device before the launch, so not staged) and which outputs go to the host.
+    captured: HashMap<(Vec<bool>, Vec<bool>), CudaGraph>,
+    /// A per-step expert's device loops, by their step times and dt (bits) and the inputs
+    /// fed from kept tensors.
     loops: HashMap<Vec<u32>, LoopState>,
 }
 
@@ -1123,6 +1126,98 @@ struct LoopState {
     _t_spare: CudaSlice<f32>,
     t_spare: u64,
     graph: Option<CudaGraph>,
+}
+
+/// Kept tensors are laid out at offsets aligned to this (cuBLAS and vector loads like it).
+const KEPT_ALIGN: usize = 256;
+
+/// One tensor in a [`DeviceKept`] block.
+struct KeptPart {
+    offset: usize,
+    bytes: usize,
+    /// The buffer's element type (bools are float32 on the device) and the port's.
+    buf: DType,
+    port: DType,
+}
+
+/// Tensors kept on the device between graphs (a prefix's handoff: the KV cache): one
+/// allocation, freed when the last holder drops it. What a prefix-cache entry holds.
+struct DeviceKept {
+    ctx: Arc<CudaContext>,
+    ptr: u64,
+    bytes: usize,
+    parts: Vec<KeptPart>,
+}
+
+// SAFETY: a plain device allocation; every use binds the context first, and the runtime only
+// reads it (copies) after the call that wrote it has synchronised.
+unsafe impl Send for DeviceKept {}
+unsafe impl Sync for DeviceKept {}
+
+impl Drop for DeviceKept {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `malloc_sync` in this context; no work reads it any more (every
+        // call synchronises before returning, and a holder is what is being dropped).
+        unsafe {
+            if self.ctx.bind_to_thread().is_ok() {
+                let _ = driver::result::free_sync(self.ptr);
+            }
+        }
+    }
+}
+
+impl crate::vla::Kept for DeviceKept {
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+    fn on_device(&self) -> bool {
+        true
+    }
+    fn to_host(&self) -> Result<Vec<graph::reference::HostValue>, String> {
+        use graph::reference::HostValue;
+        self.ctx.bind_to_thread().map_err(drv)?;
+        self.parts
+            .iter()
+            .map(|part| {
+                let mut raw = vec![0u8; part.bytes];
+                // SAFETY: the part lies inside this live allocation.
+                unsafe {
+                    driver::result::memcpy_dtoh_sync(&mut raw, self.ptr + part.offset as u64)
+                }
+                .map_err(drv)?;
+                Ok(match (part.buf, part.port) {
+                    (DType::I64, _) => HostValue::I64(
+                        raw.chunks_exact(8)
+                            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                            .collect(),
+                    ),
+                    (_, port) => {
+                        let v = raw
+                            .chunks_exact(4)
+                            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")));
+                        if port == DType::Bool {
+                            HostValue::Bool(v.map(|x| x != 0.0).collect())
+                        } else {
+                            HostValue::F32(v.collect())
+                        }
+                    }
+                })
+            })
+            .collect()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Bytes of a port's buffer on the device.
+fn port_bytes(p: &Program, port: &Port) -> usize {
+    let width = if p.buffers[port.buf].dtype == DType::I64 {
+        8
+    } else {
+        4
+    };
+    port.shape.iter().product::<usize>() * width
 }
 
 /// A host value into a port's pinned staging, in the buffer's element type.
@@ -1152,17 +1247,19 @@ fn stage_value(
     Ok(())
 }
 
-/// The whole loop: the other inputs copied in once, x in, per step the table rows (device to
-/// device) or the time, the expert's launches and the Euler update; x out.
-fn loop_steps(e: &Loaded, ins: &[Stage], l: &LoopState) -> Vec<Step> {
+/// The whole loop: the other inputs copied in once (those `fed` from kept tensors are on the
+/// device already), x in, per step the table rows (device to device) or the time, the
+/// expert's launches and the Euler update; x out.
+fn loop_steps(e: &Loaded, ins: &[Stage], fed: &[bool], l: &LoopState) -> Vec<Step> {
     let p = &e.program;
     let dl = &l.dl;
     let mut steps: Vec<Step> = p
         .inputs
         .iter()
         .zip(ins)
-        .filter(|(port, _)| !dl.fills(&port.name))
-        .map(|(port, s)| Step::CopyIn {
+        .zip(fed)
+        .filter(|((port, _), fed)| !**fed && !dl.fills(&port.name))
+        .map(|((port, s), _)| Step::CopyIn {
             dst: e.ptrs[port.buf],
             src: s.ptr,
             bytes: s.bytes,
@@ -1238,12 +1335,7 @@ impl CudaProgram {
         let loaded = load_program(&dev.ctx, &dev.stream, program, "g", dev.arch).map_err(err)?;
         let p = &loaded.program;
         let stage = |port: &Port| -> Result<Stage, EngineError> {
-            let width = if p.buffers[port.buf].dtype == DType::I64 {
-                8
-            } else {
-                4
-            };
-            let bytes = port.shape.iter().product::<usize>().max(1) * width;
+            let bytes = port_bytes(p, port).max(4);
             // Cached pinned memory (flags 0), as `Staging::Cached`: the host reads the
             // outputs back, and reads of write-combined memory are uncached and slow.
             Stage::new(&dev.ctx, bytes, 0).map_err(unavailable)
@@ -1267,21 +1359,29 @@ impl CudaProgram {
                 ins,
                 outs,
                 graphs,
-                graph: None,
+                captured: HashMap::new(),
                 loops: HashMap::new(),
             }),
         })
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProgramInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl ProgramInner {
-    fn steps(&self) -> Vec<Step> {
+    /// Copies in (inputs not `fed` from kept tensors), the launches, copies out (outputs
+    /// `to_host`).
+    fn steps(&self, fed: &[bool], to_host: &[bool]) -> Vec<Step> {
         let p = &self.loaded.program;
         let mut steps: Vec<Step> = p
             .inputs
             .iter()
             .zip(&self.ins)
-            .map(|(port, s)| Step::CopyIn {
+            .zip(fed)
+            .filter(|(_, fed)| !**fed)
+            .map(|((port, s), _)| Step::CopyIn {
                 dst: self.loaded.ptrs[port.buf],
                 src: s.ptr,
                 bytes: s.bytes,
@@ -1292,7 +1392,9 @@ impl ProgramInner {
             p.outputs
                 .iter()
                 .zip(&self.outs)
-                .map(|(port, s)| Step::CopyOut {
+                .zip(to_host)
+                .filter(|(_, out)| **out)
+                .map(|((port, s), _)| Step::CopyOut {
                     dst: s.ptr,
                     src: self.loaded.ptrs[port.buf],
                     bytes: s.bytes,
@@ -1301,33 +1403,100 @@ impl ProgramInner {
         steps
     }
 
-    fn run(
-        &mut self,
+    /// Stages every input: from `kept` (a device-to-device copy, returned to be enqueued
+    /// before the launch) or from the host feed (into its pinned staging). Returns which
+    /// inputs are fed from kept tensors, and their copies.
+    fn stage_inputs(
+        &self,
         feed: &dyn Fn(&str) -> Option<graph::reference::HostValue>,
-    ) -> Result<Vec<graph::reference::HostValue>, String> {
-        use graph::reference::HostValue;
+        kept: Option<&crate::vla::KeptFeed<'_>>,
+        in_loop: Option<&graph::DeviceLoop>,
+    ) -> Result<(Vec<bool>, Vec<Step>), String> {
         let p = &self.loaded.program;
-        // The host island first: its results are inputs like the others.
-        let feed = graph::reference::with_host_island(p, feed)?;
-        for (port, s) in p.inputs.iter().zip(&self.ins) {
+        let held = match kept {
+            Some(k) => Some((
+                k,
+                k.tensors
+                    .as_any()
+                    .downcast_ref::<DeviceKept>()
+                    .ok_or("these tensors were not kept on the device by the cuda engine")?,
+            )),
+            None => None,
+        };
+        // A device loop tables the host island per step itself; a run evaluates it here.
+        let island;
+        let feed: &dyn Fn(&str) -> Option<graph::reference::HostValue> = match in_loop {
+            Some(_) => feed,
+            None => {
+                island = graph::reference::with_host_island(p, feed)?;
+                &island
+            }
+        };
+        let mut fed = vec![false; p.inputs.len()];
+        let mut copies = vec![];
+        for (i, (port, s)) in p.inputs.iter().zip(&self.ins).enumerate() {
+            if in_loop.is_some_and(|l| l.fills(&port.name)) {
+                continue;
+            }
+            if let Some((k, dk)) = held
+                && let Some(j) = k.index(&port.name)
+            {
+                let part = dk
+                    .parts
+                    .get(j)
+                    .ok_or_else(|| format!("input {}: no kept tensor {j}", port.name))?;
+                let want = port_bytes(p, port);
+                if part.bytes != want || part.buf != p.buffers[port.buf].dtype {
+                    return Err(format!(
+                        "input {} takes {want} bytes of {:?}, the kept tensor has {} of {:?}",
+                        port.name,
+                        p.buffers[port.buf].dtype,
+                        part.bytes,
+                        part.buf
+                    ));
+                }
+                fed[i] = true;
+                copies.push(Step::CopyDtoD {
+                    dst: self.loaded.ptrs[port.buf],
+                    src: dk.ptr + part.offset as u64,
+                    bytes: part.bytes,
+                });
+                continue;
+            }
             let value =
                 feed(&port.name).ok_or_else(|| format!("no value for input {}", port.name))?;
             stage_value(p, port, s, value)?;
         }
+        Ok((fed, copies))
+    }
+
+    /// Enqueues `before` (not captured: kept tensors' addresses differ per call), then the
+    /// program's steps, replayed from a captured graph when graphs are on; waits.
+    fn launch(&mut self, before: &[Step], fed: Vec<bool>, to_host: Vec<bool>) -> Result<(), String> {
         self.dev.ctx.bind_to_thread().map_err(drv)?;
+        exec(&self.dev.stream, &self.dev.blas, before)?;
         if self.graphs {
-            if self.graph.is_none() {
-                self.graph = Some(capture(&self.dev.stream, &self.dev.blas, &self.steps())?);
+            let key = (fed, to_host);
+            if !self.captured.contains_key(&key) {
+                let g = capture(&self.dev.stream, &self.dev.blas, &self.steps(&key.0, &key.1))?;
+                self.captured.insert(key.clone(), g);
             }
-            self.graph
-                .as_ref()
-                .expect("captured")
-                .launch()
-                .map_err(drv)?;
+            self.captured[&key].launch().map_err(drv)?;
         } else {
-            exec(&self.dev.stream, &self.dev.blas, &self.steps())?;
+            exec(&self.dev.stream, &self.dev.blas, &self.steps(&fed, &to_host))?;
         }
-        self.dev.stream.synchronize().map_err(drv)?;
+        self.dev.stream.synchronize().map_err(drv)
+    }
+
+    fn run(
+        &mut self,
+        feed: &dyn Fn(&str) -> Option<graph::reference::HostValue>,
+        kept: Option<&crate::vla::KeptFeed<'_>>,
+    ) -> Result<Vec<graph::reference::HostValue>, String> {
+        use graph::reference::HostValue;
+        let (fed, copies) = self.stage_inputs(feed, kept, None)?;
+        let outs = vec![true; self.loaded.program.outputs.len()];
+        self.launch(&copies, fed, outs)?;
         let p = &self.loaded.program;
         Ok(p.outputs
             .iter()
@@ -1350,6 +1519,61 @@ impl ProgramInner {
             })
             .collect())
     }
+
+    /// Runs, and copies the outputs `keep` device to device into one new allocation that
+    /// outlives the call; nothing comes back to the host.
+    fn run_kept(
+        &mut self,
+        feed: &dyn Fn(&str) -> Option<graph::reference::HostValue>,
+        keep: &[usize],
+    ) -> Result<DeviceKept, String> {
+        let p = &self.loaded.program;
+        let mut parts = vec![];
+        let mut total = 0usize;
+        for &i in keep {
+            let port = p
+                .outputs
+                .get(i)
+                .ok_or_else(|| format!("no output {i} to keep"))?;
+            let bytes = port_bytes(p, port);
+            parts.push(KeptPart {
+                offset: total,
+                bytes,
+                buf: p.buffers[port.buf].dtype,
+                port: port.dtype,
+            });
+            total += bytes.div_ceil(KEPT_ALIGN) * KEPT_ALIGN;
+        }
+        let srcs: Vec<u64> = keep
+            .iter()
+            .map(|&i| self.loaded.ptrs[p.outputs[i].buf])
+            .collect();
+        let (fed, copies) = self.stage_inputs(feed, None, None)?;
+        let outs = vec![false; p.outputs.len()];
+        self.launch(&copies, fed, outs)?;
+        // SAFETY: a fresh allocation, owned by the returned value (freed on its drop).
+        let ptr = unsafe { driver::result::malloc_sync(total.max(KEPT_ALIGN)) }
+            .map_err(|e| format!("keeping {total} bytes of prefix on the device: {}", drv(e)))?;
+        let kept = DeviceKept {
+            ctx: self.dev.ctx.clone(),
+            ptr,
+            bytes: total,
+            parts,
+        };
+        let copies: Vec<Step> = kept
+            .parts
+            .iter()
+            .zip(srcs)
+            .map(|(part, src)| Step::CopyDtoD {
+                dst: ptr + part.offset as u64,
+                src,
+                bytes: part.bytes,
+            })
+            .collect();
+        exec(&self.dev.stream, &self.dev.blas, &copies)?;
+        self.dev.stream.synchronize().map_err(drv)?;
+        Ok(kept)
+    }
 }
 
 impl ProgramInner {
@@ -1360,13 +1584,22 @@ impl ProgramInner {
         times: &[f32],
         dt: f32,
         feed: &dyn Fn(&str) -> Option<graph::reference::HostValue>,
+        kept: Option<&crate::vla::KeptFeed<'_>>,
     ) -> Result<Vec<f32>, String> {
+        self.dev.ctx.bind_to_thread().map_err(drv)?;
+        // Which inputs come from kept tensors: part of the key (the graph copies the others in).
+        let from_kept = self
+            .loaded
+            .program
+            .inputs
+            .iter()
+            .map(|port| kept.is_some_and(|k| k.index(&port.name).is_some()));
         let key: Vec<u32> = times
             .iter()
             .chain(std::iter::once(&dt))
             .map(|v| v.to_bits())
+            .chain(from_kept.map(u32::from))
             .collect();
-        self.dev.ctx.bind_to_thread().map_err(drv)?;
         if !self.loops.contains_key(&key) {
             let dl = graph::DeviceLoop::new(&self.loaded.program, ports, times, dt)?;
             let stream = &self.dev.stream;
@@ -1396,14 +1629,7 @@ impl ProgramInner {
             );
         }
         let l = self.loops.get(&key).expect("inserted above");
-        let p = &self.loaded.program;
-        for (port, s) in p.inputs.iter().zip(&self.ins) {
-            if l.dl.fills(&port.name) {
-                continue;
-            }
-            let v = feed(&port.name).ok_or_else(|| format!("no value for input {}", port.name))?;
-            stage_value(p, port, s, v)?;
-        }
+        let (fed, copies) = self.stage_inputs(feed, kept, Some(&l.dl))?;
         if x0.len() * 4 != l.x_stage.bytes {
             return Err(format!(
                 "x takes {} values, got {}",
@@ -1414,18 +1640,19 @@ impl ProgramInner {
         // SAFETY: x's staging is `bytes` long and idle.
         unsafe { std::slice::from_raw_parts_mut(l.x_stage.ptr as *mut f32, x0.len()) }
             .copy_from_slice(x0);
+        exec(&self.dev.stream, &self.dev.blas, &copies)?;
         if !self.graphs {
             exec(
                 &self.dev.stream,
                 &self.dev.blas,
-                &loop_steps(&self.loaded, &self.ins, l),
+                &loop_steps(&self.loaded, &self.ins, &fed, l),
             )?;
         } else {
             if l.graph.is_none() {
                 let g = capture(
                     &self.dev.stream,
                     &self.dev.blas,
-                    &loop_steps(&self.loaded, &self.ins, l),
+                    &loop_steps(&self.loaded, &self.ins, &fed, l),
                 )?;
                 self.loops.get_mut(&key).expect("inserted above").graph = Some(g);
             }
@@ -1447,11 +1674,16 @@ impl crate::vla::RunProgram for CudaProgram {
     fn run(
         &self,
         feed: &dyn Fn(&str) -> Option<graph::reference::HostValue>,
+        kept: Option<&crate::vla::KeptFeed<'_>>,
     ) -> Result<Vec<graph::reference::HostValue>, String> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .run(feed)
+        self.lock().run(feed, kept)
+    }
+    fn run_kept(
+        &self,
+        feed: &dyn Fn(&str) -> Option<graph::reference::HostValue>,
+        keep: &[usize],
+    ) -> Result<Box<dyn crate::vla::Kept>, String> {
+        Ok(Box::new(self.lock().run_kept(feed, keep)?))
     }
     fn program(&self) -> &Program {
         &self.program
@@ -1463,13 +1695,9 @@ impl crate::vla::RunProgram for CudaProgram {
         times: &[f32],
         dt: f32,
         feed: &dyn Fn(&str) -> Option<graph::reference::HostValue>,
+        kept: Option<&crate::vla::KeptFeed<'_>>,
     ) -> Option<Result<Vec<f32>, String>> {
-        Some(
-            self.inner
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .denoise(ports, x0, times, dt, feed),
-        )
+        Some(self.lock().denoise(ports, x0, times, dt, feed, kept))
     }
 }
 
