@@ -74,6 +74,10 @@ struct InspectArgs {
     /// export that loads).
     #[arg(long, default_value = "cuda", value_parser = ["cuda"])]
     engine: String,
+    /// The precision to plan for (`serve --precision`): f16 and bf16 store the GEMMs'
+    /// weights and activations in 2 bytes, which the device memory figures show.
+    #[arg(long, value_name = "f32|f16|bf16", default_value = "f32")]
+    precision: reflex_engine::engine::graph::Precision,
     /// Print the report as one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -204,8 +208,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Inspect(a) => {
             let dir = a.export.clone();
+            let precision = a.precision;
             let report = tokio::task::spawn_blocking(move || {
-                reflex_engine::inspect::inspect_cuda(&dir, &Default::default())
+                reflex_engine::inspect::inspect_cuda(&dir, &Default::default(), precision)
             })
             .await?
             .with_context(|| format!("reading the export in {}", a.export.display()))?;

@@ -168,6 +168,20 @@ pub struct ServeArgs {
     )]
     pub cuda_graphs: bool,
 
+    /// With --engine cuda (or auto) on a real export: how weights and activations are stored.
+    /// f16 and bf16 halve the GPU memory of weights and run the big matrix products on tensor
+    /// cores (accumulating in f32); norms, softmax, masks, positions and the denoise loop's
+    /// state stay f32. Actions differ from f32 within cos ≥ 0.999. The cpu engine computes
+    /// in f32 only (a half precision with --engine cpu is refused; auto falling back to cpu
+    /// says so in its log line).
+    #[arg(
+        long,
+        value_name = "f32|f16|bf16",
+        env = "REFLEX_PRECISION",
+        default_value = "f32"
+    )]
+    pub precision: reflex_engine::engine::graph::Precision,
+
     /// Inference worker threads (each runs one call at a time). Default: CPU cores, at most 4.
     #[arg(long, value_name = "N", env = "REFLEX_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: Option<u16>,
@@ -367,6 +381,7 @@ impl ServeArgs {
             max_streams: 256,
             engine: EngineKind::Cpu,
             cuda_graphs: true,
+            precision: Default::default(),
             workers: None,
             queue_depth: 32,
             queue_per_connection: None,
@@ -437,9 +452,19 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         .clone()
         .or_else(|| args.model.clone())
         .context("no export directory: give --model DIR")?;
+    if args.precision != Default::default()
+        && matches!(args.engine, EngineKind::Cpu | EngineKind::Ort)
+    {
+        anyhow::bail!(
+            "--precision {} needs --engine cuda (or auto): the {} engine computes in f32",
+            args.precision,
+            if args.engine == EngineKind::Cpu { "cpu" } else { "ort" }
+        );
+    }
     let popts = PolicyOptions {
         engine: args.engine,
         cuda_graphs: args.cuda_graphs,
+        precision: args.precision,
         cache_entries: args.cache_entries,
         cache_max_bytes: args.cache_mb.saturating_mul(1 << 20),
         seed: reflex_engine::seed::SeedOptions {

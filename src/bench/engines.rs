@@ -66,6 +66,17 @@ pub struct EnginesBench {
     /// else the one of the Python onnxruntime package the worker uses.
     #[arg(long, value_name = "PATH", requires = "export")]
     pub ort_lib: Option<std::path::PathBuf>,
+    /// With --export-engine cuda|reference: the precisions to run, side by side (e.g.
+    /// `f32,bf16`). f32 is held to cos ≥ 0.9999 and max |Δ| ≤ 1e-3 of scale against tract;
+    /// f16 and bf16 to cos ≥ 0.999.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "f32",
+          requires = "export")]
+    pub precision: Vec<reflex_engine::engine::graph::Precision>,
+    /// With --export-engine cuda|reference: a baseline's figures to print beside ours, with
+    /// the ratio (the JSON `deploy/torch_baseline.py --json` writes: PyTorch eager and with
+    /// CUDA graphs on the same graphs and GPU). Repeatable.
+    #[arg(long, value_name = "FILE", requires = "export")]
+    pub baseline_json: Vec<std::path::PathBuf>,
 }
 
 struct Variant {
@@ -89,7 +100,16 @@ pub async fn run(args: EnginesBench) -> anyhow::Result<()> {
     if let Some(export) = args.export.clone() {
         if matches!(args.export_engine.as_str(), "cuda" | "reference") {
             return tokio::task::spawn_blocking(move || {
-                super::programs::run(&export, args.calls, args.warmup, &args.export_engine)
+                super::programs::run(
+                    &export,
+                    super::programs::Options {
+                        calls: args.calls,
+                        warmup: args.warmup,
+                        engine: &args.export_engine,
+                        precisions: &args.precision,
+                        baselines: &args.baseline_json,
+                    },
+                )
             })
             .await?;
         }

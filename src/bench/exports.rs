@@ -112,7 +112,7 @@ pub fn run(
     let ours_name = match &backend {
         reflex_engine::vla::Backend::Tract => "reflex cpu (tract)".to_string(),
         reflex_engine::vla::Backend::Ort { threads, .. } => format!("reflex ort ({threads} thr)"),
-        reflex_engine::vla::Backend::Reference => "reflex reference executor".to_string(),
+        reflex_engine::vla::Backend::Reference { .. } => "reflex reference executor".to_string(),
         reflex_engine::vla::Backend::Cuda { .. } => "reflex cuda".to_string(),
     };
     let work = tempfile::Builder::new()

@@ -88,6 +88,11 @@ pub struct Plan {
     pub fused_gelu: usize,
     pub weight_bytes: u64,
     pub activation_bytes: u64,
+    /// `f32`, `f16` or `bf16` (`--precision`), and in half: the GEMMs on half operands and
+    /// the f32 → half copies made for operands that stay f32 elsewhere.
+    pub precision: &'static str,
+    pub half_gemms: usize,
+    pub half_copies: usize,
     pub inputs: Vec<PortInfo>,
     pub outputs: Vec<PortInfo>,
     /// Float64 work on a run-time scalar done on the host each call (the per-step expert's
@@ -120,11 +125,11 @@ fn dtype_name(d: DType) -> &'static str {
     }
 }
 
+/// Bytes of one value on the device (bools are held in float32 buffers).
 fn dtype_bytes(d: DType) -> u64 {
     match d {
-        DType::F32 => 4,
+        DType::F32 | DType::Bool => 4,
         DType::I64 => 8,
-        DType::Bool => 1,
     }
 }
 
@@ -138,7 +143,7 @@ pub fn plan(p: &Program) -> Plan {
             Op::LayerNorm { .. } | Op::Softmax { .. } | Op::Axis { .. } => reductions += 1,
         }
     }
-    let bytes = |b: &graph::Buffer| b.len as u64 * dtype_bytes(b.dtype);
+    let bytes = |b: &graph::Buffer| b.bytes(p.precision) as u64;
     let port = |q: &graph::Port| PortInfo {
         name: q.name.clone(),
         dtype: dtype_name(q.dtype),
@@ -164,6 +169,9 @@ pub fn plan(p: &Program) -> Plan {
             .filter(|b| b.init.is_none())
             .map(bytes)
             .sum(),
+        precision: p.precision.name(),
+        half_gemms: p.half_gemms,
+        half_copies: p.half_copies,
         inputs: p.inputs.iter().map(port).collect(),
         outputs: p.outputs.iter().map(port).collect(),
         host: p.host.as_ref().map(|h| HostPlan {
@@ -180,7 +188,12 @@ pub fn plan(p: &Program) -> Plan {
 
 /// Reads and checks one ONNX file and, with `compile` and every operator covered, compiles
 /// it on its own (symbolic dimensions unpinned).
-pub fn inspect_graph(role: &str, path: &Path, compile: bool) -> (GraphReport, Option<Program>) {
+pub fn inspect_graph(
+    role: &str,
+    path: &Path,
+    compile: bool,
+    precision: graph::Precision,
+) -> (GraphReport, Option<Program>) {
     let file = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -219,7 +232,7 @@ pub fn inspect_graph(role: &str, path: &Path, compile: bool) -> (GraphReport, Op
         return (report, None);
     }
     // Every operator is covered: compile it for real (external data read from beside it).
-    match graph::compile_model(model, path) {
+    match graph::compile_model_at(model, path, precision) {
         Ok(p) => {
             report.plan = Some(plan(&p));
             (report, Some(p))
@@ -232,7 +245,11 @@ pub fn inspect_graph(role: &str, path: &Path, compile: bool) -> (GraphReport, Op
 }
 
 /// Inspects every graph of the export in `dir` for the cuda engine.
-pub fn inspect_cuda(dir: &Path, seed: &SeedOptions) -> Result<Report, LoadError> {
+pub fn inspect_cuda(
+    dir: &Path,
+    seed: &SeedOptions,
+    precision: graph::Precision,
+) -> Result<Report, LoadError> {
     let eg = export_graphs(dir, seed)?;
     // Every graph's operators first; then, for a real export, the whole export loaded the
     // way `serve --engine cuda` loads it (the contract's checks, symbolic dimensions
@@ -242,7 +259,7 @@ pub fn inspect_cuda(dir: &Path, seed: &SeedOptions) -> Result<Report, LoadError>
     let mut graphs = vec![];
     let mut programs: BTreeMap<String, Program> = BTreeMap::new();
     for (role, path) in &eg.graphs {
-        let (r, p) = inspect_graph(role, path, eg.v1);
+        let (r, p) = inspect_graph(role, path, eg.v1, precision);
         if let Some(p) = p {
             programs.insert(role.clone(), p);
         }
@@ -253,7 +270,7 @@ pub fn inspect_cuda(dir: &Path, seed: &SeedOptions) -> Result<Report, LoadError>
         .all(|g| g.unsupported.is_empty() && g.error.is_none());
     let mut load_error = None;
     if covered && !eg.v1 {
-        match crate::policy::load_vla_model(dir, seed, &crate::vla::Backend::Reference) {
+        match crate::policy::load_vla_model(dir, seed, &crate::vla::Backend::Reference { precision }) {
             Ok(m) => {
                 for (file, p) in m.programs() {
                     let Some(((role, _), g)) = eg
@@ -271,7 +288,7 @@ pub fn inspect_cuda(dir: &Path, seed: &SeedOptions) -> Result<Report, LoadError>
             Err(e) => {
                 load_error = Some(e.to_string());
                 for ((role, path), g) in eg.graphs.iter().zip(graphs.iter_mut()) {
-                    let (r, p) = inspect_graph(role, path, true);
+                    let (r, p) = inspect_graph(role, path, true, precision);
                     *g = r;
                     if let Some(p) = p {
                         programs.insert(role.clone(), p);
@@ -374,6 +391,8 @@ fn plural(n: usize, one: &str) -> String {
         format!("1 {one}")
     } else if one.ends_with("ch") {
         format!("{n} {one}es")
+    } else if let Some(stem) = one.strip_suffix('y') {
+        format!("{n} {stem}ies")
     } else {
         format!("{n} {one}s")
     }
@@ -477,6 +496,16 @@ pub fn render(r: &Report) -> String {
                 human_bytes(p.weight_bytes),
                 human_bytes(p.activation_bytes)
             );
+            if p.precision != "f32" {
+                let _ = writeln!(
+                    s,
+                    "  precision {}: {} of {} on half operands (tensor cores, f32 accumulation), {} of an f32 operand to half",
+                    p.precision,
+                    p.half_gemms,
+                    plural(p.gemms, "gemm"),
+                    plural(p.half_copies, "copy"),
+                );
+            }
             let _ = writeln!(s, "  inputs: {}", ports(&p.inputs));
             let _ = writeln!(s, "  outputs: {}", ports(&p.outputs));
             if let Some(h) = &p.host {
@@ -519,7 +548,7 @@ mod tests {
     fn the_reference_export_runs_and_its_plan_adds_up() {
         let dir = tempfile::tempdir().unwrap();
         crate::export::write_reference_export(dir.path(), 3).unwrap();
-        let r = inspect_cuda(dir.path(), &SeedOptions::default()).unwrap();
+        let r = inspect_cuda(dir.path(), &SeedOptions::default(), Default::default()).unwrap();
         assert!(r.runs, "{}", render(&r));
         assert_eq!(r.graphs.len(), 2);
         let prefix = graph::compile_file(&dir.path().join("prefix.onnx")).unwrap();

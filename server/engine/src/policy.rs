@@ -177,6 +177,9 @@ pub struct PolicyOptions {
     /// With the cuda engine: replay the prefix and the denoise loop as CUDA
     /// graphs (default) instead of launching op by op.
     pub cuda_graphs: bool,
+    /// With the cuda engine on a real export: how weights and activations are stored
+    /// (`--precision f32|f16|bf16`; half runs the GEMMs on tensor cores, accumulating in f32).
+    pub precision: crate::engine::graph::Precision,
     /// Prefix cache entries; 0 disables the cache (status "n/a").
     pub cache_entries: usize,
     /// The prefix cache's bound in bytes (device memory where the engine keeps prefixes on
@@ -196,6 +199,7 @@ impl Default for PolicyOptions {
         PolicyOptions {
             engine: EngineKind::Cpu,
             cuda_graphs: true,
+            precision: Default::default(),
             cache_entries: 1024,
             cache_max_bytes: DEFAULT_CACHE_BYTES,
             seed: SeedOptions::default(),
@@ -660,6 +664,7 @@ impl Policy {
             },
             EngineKind::Cuda | EngineKind::Auto => crate::vla::Backend::Cuda {
                 graphs: opts.cuda_graphs,
+                precision: opts.precision,
             },
             EngineKind::Cpu => crate::vla::Backend::Tract,
         };

@@ -25,7 +25,7 @@ use crate::config::{ImageConfig, ResizePolicy, hex};
 use crate::contract::{
     Absent, Channels, EmbedMask, ExpertMode, ExportV2, Normalization, Range, StatsV2, TimeDirection,
 };
-use crate::engine::graph::{Program, reference::HostValue};
+use crate::engine::graph::{Precision, Program, reference::HostValue};
 use crate::engine::onnxruntime::OrtGraph;
 use crate::engine::{EngineError, PixelNorm, cpu::Plan};
 
@@ -40,11 +40,12 @@ pub enum Backend {
     Ort { lib: PathBuf, threads: usize },
     /// The cuda engine's programs run by the CPU reference executor: the same compiled
     /// program the GPU runs (host island, buffers, fused maps, cuBLAS's column-major
-    /// arguments), slowly. For tests and for `reflex inspect --run`.
-    Reference,
+    /// arguments, the half precision's roundings), slowly. For tests and for `reflex
+    /// inspect`.
+    Reference { precision: Precision },
     /// The cuda executor ([`crate::engine::cuda::CudaProgram`]); `graphs`: replay each
-    /// graph's launches as one captured CUDA graph.
-    Cuda { graphs: bool },
+    /// graph's launches as one captured CUDA graph; `precision`: `--precision`.
+    Cuda { graphs: bool, precision: Precision },
 }
 
 impl Backend {
@@ -54,7 +55,7 @@ impl Backend {
         match self {
             Backend::Tract => "tract",
             Backend::Ort { .. } => "onnxruntime",
-            Backend::Reference => "reference",
+            Backend::Reference { .. } => "reference",
             Backend::Cuda { .. } => "cuda",
         }
     }
@@ -422,13 +423,13 @@ impl Graph {
                 facts,
             ));
         }
-        if matches!(backend, Backend::Reference | Backend::Cuda { .. }) {
+        if let Backend::Reference { precision } | Backend::Cuda { precision, .. } = backend {
             // The cuda engine's compiler, on the graph with its symbols pinned as tract's.
             let mut proto = crate::engine::graph::read_model(&path)?;
             let facts = proto_facts(&proto);
             crate::onnx::pin_symbols(&mut proto, want).map_err(err)?;
             let declared = declared_outputs(&proto);
-            let program = crate::engine::graph::compile_model(proto, &path)?;
+            let program = crate::engine::graph::compile_model_at(proto, &path, *precision)?;
             let inputs = program
                 .feeds()
                 .into_iter()
@@ -455,7 +456,7 @@ impl Graph {
                 })
                 .collect();
             let run: Box<dyn RunProgram> = match backend {
-                Backend::Cuda { graphs } => {
+                Backend::Cuda { graphs, .. } => {
                     Box::new(crate::engine::cuda::CudaProgram::load(program, *graphs)?)
                 }
                 _ => Box::new(ReferenceRun(program)),
@@ -2105,7 +2106,7 @@ mod tests {
                 crate::policy::load_vla_model(d.path(), &Default::default(), b)
                     .unwrap_or_else(|e| panic!("{kind} on {}: {e}", b.name()))
             };
-            let (tract, ours) = (load(&Backend::Tract), load(&Backend::Reference));
+            let (tract, ours) = (load(&Backend::Tract), load(&Backend::Reference { precision: Precision::F32 }));
             assert_eq!(ours.engine, "reference");
             let cams = ours.spec.cameras.len();
             let frame = vec![0u8; ours.height * ours.width * 3];
@@ -2156,6 +2157,72 @@ mod tests {
             agree(&format!("{kind} actions"), &actions, &theirs);
             let (_, again) = run(&ours);
             assert_eq!(bits(&actions), bits(&again), "{kind}: repeats differ");
+        }
+    }
+
+    /// `--precision f16|bf16`: every kind's programs at half precision (the reference executor
+    /// rounds every half store as the device does) against tract in f32: cos ≥ 0.999 for the
+    /// actions and each prefix tensor, repeats bit-identical, and not the f32 bits (the half
+    /// path really ran).
+    #[test]
+    fn every_real_export_kind_in_half_precision_is_within_its_bound_of_f32() {
+        for kind in Kind::ALL.into_iter().filter(|k| k.variant().is_some()) {
+            let d = tempfile::tempdir().unwrap();
+            fixtures::write(kind, d.path(), 5).unwrap();
+            let load = |b: &Backend| {
+                crate::policy::load_vla_model(d.path(), &Default::default(), b)
+                    .unwrap_or_else(|e| panic!("{kind} on {}: {e}", b.name()))
+            };
+            let cams = load(&Backend::Tract).spec.cameras.len();
+            let run = |m: &VlaModel| -> (Vec<Vec<f32>>, Vec<f32>) {
+                let hwc: Vec<u8> = (0..m.height * m.width * 3 * cams)
+                    .map(|i| ((i * 13) % 251) as u8)
+                    .collect();
+                let present = vec![true; cams];
+                let state = m.state_values(&[0.3, -0.2, 0.0, -1.8, 0.5, 2.0, 0.8, 0.04]);
+                let obs = Observation {
+                    hwc: &hwc,
+                    present: &present,
+                    instruction: "stack the cups",
+                    state: state.as_deref(),
+                };
+                let noise = crate::policy::gaussian_noise(9, m.chunk * m.action_width);
+                if m.is_monolithic() {
+                    (vec![], m.run_monolithic(&obs, &noise, state.as_deref()).unwrap())
+                } else {
+                    let p = m.prefix(&obs).unwrap();
+                    let a = m.denoise(&p, &noise, state.as_deref()).unwrap();
+                    (p.to_f32().unwrap(), a)
+                }
+            };
+            let (f32_prefix, f32_actions) = run(&load(&Backend::Tract));
+            let f32_ours = run(&load(&Backend::Reference {
+                precision: Precision::F32,
+            }))
+            .1;
+            for precision in [Precision::F16, Precision::BF16] {
+                let m = load(&Backend::Reference { precision });
+                let programs = m.programs();
+                assert!(
+                    programs.iter().all(|(_, p)| p.precision == precision),
+                    "{kind}"
+                );
+                assert!(
+                    programs.iter().map(|(_, p)| p.half_gemms).sum::<usize>() > 0,
+                    "{kind} {precision}: no GEMM in half"
+                );
+                let (prefix, actions) = run(&m);
+                let check = |what: String, ours: &[f32], theirs: &[f32]| {
+                    let (cos, _) = crate::engine::cos_and_max_abs(ours, theirs);
+                    assert!(cos >= 0.999, "{what}: cos {cos}");
+                };
+                check(format!("{kind} {precision} actions"), &actions, &f32_actions);
+                for (i, (o, t)) in prefix.iter().zip(&f32_prefix).enumerate() {
+                    check(format!("{kind} {precision} prefix tensor {i}"), o, t);
+                }
+                assert_ne!(bits(&actions), bits(&f32_ours), "{kind} {precision}: f32 bits");
+                assert_eq!(bits(&actions), bits(&run(&m).1), "{kind} {precision}: repeats");
+            }
         }
     }
 

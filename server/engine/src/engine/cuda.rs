@@ -97,6 +97,9 @@ enum Step {
         first: u64,
         second: u64,
         c: u64,
+        /// Half operands (`GemmEx`, f32 accumulation): their type and the result's; `None`
+        /// for f32 (`sgemm`).
+        half: Option<(cublas::sys::cudaDataType, cublas::sys::cudaDataType)>,
     },
     /// Pinned host → device.
     CopyIn { dst: u64, src: usize, bytes: usize },
@@ -109,6 +112,8 @@ enum Step {
 enum Alloc {
     F32(#[allow(dead_code)] CudaSlice<f32>),
     I64(#[allow(dead_code)] CudaSlice<i64>),
+    /// f16 or bf16 bits.
+    Half(#[allow(dead_code)] CudaSlice<u16>),
 }
 
 /// A program on the device: its buffers and, per op, the launch.
@@ -401,10 +406,43 @@ fn exec(stream: &Arc<CudaStream>, blas: &CudaBlas, steps: &[Step]) -> Result<(),
                 first,
                 second,
                 c,
+                half,
             } => {
                 use cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
                 let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
                 let beta = 0.0f32;
+                if let Some((ab, c_type)) = half {
+                    // SAFETY: as below; the types are the buffers' storage, set by the compiler.
+                    unsafe {
+                        cublas::result::gemm_strided_batched_ex(
+                            *blas.handle(),
+                            op(call.trans_first),
+                            op(call.trans_second),
+                            call.m,
+                            call.n,
+                            call.k,
+                            alpha as *const f32 as *const c_void,
+                            *first as *const c_void,
+                            *ab,
+                            call.ld_first,
+                            call.stride_first,
+                            *second as *const c_void,
+                            *ab,
+                            call.ld_second,
+                            call.stride_second,
+                            &beta as *const f32 as *const c_void,
+                            *c as *mut c_void,
+                            *c_type,
+                            call.ldc,
+                            call.stride_c,
+                            call.batch,
+                            cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                            cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                        )
+                    }
+                    .map_err(|e| format!("cuBLAS GemmEx: {e:?}"))?;
+                    continue;
+                }
                 // SAFETY: pointers are this engine's live buffers, sized by the compiler.
                 unsafe {
                     cublas::result::sgemm_strided_batched(
@@ -652,6 +690,17 @@ fn load_program(
     let mut ptrs = vec![];
     for b in &program.buffers {
         match b.dtype {
+            DType::F32 if b.half => {
+                let s = match &b.init {
+                    Some(v) => {
+                        let bits: Vec<u16> = v.iter().map(|&x| program.precision.bits(x)).collect();
+                        stream.clone_htod(&bits).map_err(drv)?
+                    }
+                    None => stream.alloc_zeros::<u16>(b.len).map_err(drv)?,
+                };
+                ptrs.push(s.device_ptr(stream).0);
+                allocs.push(Alloc::Half(s));
+            }
             DType::F32 | DType::Bool => {
                 let s = match &b.init {
                     Some(v) => stream.clone_htod(v).map_err(drv)?,
@@ -700,13 +749,28 @@ fn load_program(
                 }
             }
             Op::Gemm(g) => {
+                use cublas::sys::cudaDataType::{CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F};
                 let call = graph::cublas_call(g);
+                let bufs = &program.buffers;
+                let half_type = match program.precision {
+                    graph::Precision::BF16 => CUDA_R_16BF,
+                    _ => CUDA_R_16F,
+                };
+                let half = match (bufs[g.a].half, bufs[g.b].half) {
+                    (true, true) => Some((
+                        half_type,
+                        if bufs[g.c].half { half_type } else { CUDA_R_32F },
+                    )),
+                    (false, false) if !bufs[g.c].half => None,
+                    _ => return Err(format!("op {i}: a GEMM mixes half and f32 operands")),
+                };
                 Step::Gemm {
                     call,
                     alpha: g.alpha,
                     first: ptrs[call.first],
                     second: ptrs[call.second],
                     c: ptrs[call.c],
+                    half,
                 }
             }
             Op::LayerNorm {
@@ -1823,6 +1887,45 @@ mod tests {
     /// The kernels of the view and shape operators (Slice with negative steps, Pow as
     /// powf, Reciprocal, broadcasts) and of the run-time masks (comparisons, logic, Where,
     /// CumSum, ReduceSum) compile too.
+    #[test]
+    fn nvrtc_compiles_half_precision_programs() {
+        use crate::fixtures::Kind;
+        use graph::Precision;
+        let _lib = load_nvrtc();
+        // Decomposed pi0.5 in bf16, the per-step expert (host island, loop) in f16: every
+        // map kernel reading and writing half buffers, and the fixed ones.
+        for (kind, precision, store) in [
+            (Kind::Pi05, Precision::BF16, "rf_to_bf16("),
+            (Kind::Pi05PerStep, Precision::F16, "rf_to_f16("),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            crate::fixtures::write(kind, d.path(), 5).unwrap();
+            let mut files: Vec<_> = std::fs::read_dir(d.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|f| f.extension().is_some_and(|x| x == "onnx"))
+                .collect();
+            files.sort();
+            assert!(files.len() >= 2);
+            for path in files {
+                let file = path.display().to_string();
+                let mut model = graph::read_model(&path).unwrap();
+                crate::onnx::inline_external(&mut model, d.path()).unwrap();
+                // Every product a GEMM (as at full size), so most buffers are half.
+                let p = &graph::compile_with(&model, "h.onnx", precision, 0).unwrap();
+                let (kernels, src) = cuda_src::program_source(p, "h");
+                assert!(p.half_gemms > 0, "{file}");
+                assert!(src.contains("rf_ld(b") && src.contains(store), "{file}");
+                let (ptx, _) = compile_cached(&src, "sm_90", None)
+                    .unwrap_or_else(|e| panic!("{kind} {precision} {file}: {e}"));
+                let text = ptx.to_src();
+                for k in kernels.iter().flatten() {
+                    assert!(text.contains(&format!(".entry {}(", k.name)), "{}", k.name);
+                }
+            }
+        }
+    }
+
     #[test]
     fn nvrtc_compiles_the_view_and_mask_operators_kernels() {
         let _lib = load_nvrtc();

@@ -7,7 +7,7 @@
 
 use std::fmt::Write;
 
-use super::{BinOp, DType, Expr, Op, Program, UnOp};
+use super::{BinOp, DType, Expr, Op, Precision, Program, UnOp};
 
 /// Threads per block for maps and the elementwise fixed kernels.
 pub const MAP_BLOCK: u32 = 256;
@@ -140,6 +140,29 @@ __device__ __forceinline__ float rf_gelu_tanh(float x) {
     return 0.5f * x * (1.f + tanhf(0.79788456080286535588f * (x + 0.044715f * x * x * x)));
 }
 
+// Half storage (`--precision f16|bf16`): 2-byte values, computed in f32. Conversions round
+// to nearest even, as the reference executor's (the `half` crate's) do.
+struct rf_f16 { unsigned short x; };
+struct rf_bf16 { unsigned short x; };
+__device__ __forceinline__ float rf_ld(float v) { return v; }
+__device__ __forceinline__ float rf_ld(rf_f16 v) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x)); return f;
+}
+__device__ __forceinline__ float rf_ld(rf_bf16 v) {
+    return __uint_as_float(((unsigned)v.x) << 16);
+}
+__device__ __forceinline__ rf_f16 rf_to_f16(float f) {
+    rf_f16 r; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(f)); return r;
+}
+__device__ __forceinline__ rf_bf16 rf_to_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    rf_bf16 r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) { r.x = (unsigned short)((u >> 16) | 0x40u); return r; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    r.x = (unsigned short)(u >> 16);
+    return r;
+}
+
 __device__ __forceinline__ long long rf_row(long long r, long long rows) {
     if (r < 0) r += rows;
     return r < 0 ? 0 : (r >= rows ? rows - 1 : r);
@@ -208,11 +231,27 @@ struct Scope {
     shape: Vec<usize>,
 }
 
-struct Printer {
+struct Printer<'a> {
     /// Fresh-name counter for loop variables and reshape scopes.
     next: usize,
     /// A warp per output element: dots are shared by the lanes.
     warp: bool,
+    /// The program (which buffers are stored in half).
+    program: &'a Program,
+}
+
+/// The C type of a buffer's elements.
+fn c_type(p: &Program, b: usize) -> &'static str {
+    let buf = &p.buffers[b];
+    match buf.dtype {
+        DType::I64 => "long long",
+        _ if buf.half => match p.precision {
+            Precision::F16 => "rf_f16",
+            Precision::BF16 => "rf_bf16",
+            Precision::F32 => "float",
+        },
+        _ => "float",
+    }
 }
 
 fn index(coefs: &[i64], offset: i64, vars: &[String]) -> String {
@@ -225,7 +264,7 @@ fn index(coefs: &[i64], offset: i64, vars: &[String]) -> String {
     s
 }
 
-impl Printer {
+impl Printer<'_> {
     fn fresh(&mut self, stem: &str) -> String {
         self.next += 1;
         format!("{stem}{}", self.next)
@@ -235,10 +274,30 @@ impl Printer {
     /// immediately-invoked lambdas, so a select evaluates only its branch.
     fn print(&mut self, e: &Expr, sc: &Scope) -> String {
         let buf = |b: usize| format!("b{b}");
+        let half = |b: usize| c_type(self.program, b).starts_with("rf_");
         match e {
+            Expr::Load { src, coefs, offset } if half(*src) => {
+                format!("rf_ld({}[{}])", buf(*src), index(coefs, *offset, &sc.vars))
+            }
             Expr::Load { src, coefs, offset } => {
                 format!("{}[{}]", buf(*src), index(coefs, *offset, &sc.vars))
             }
+            Expr::Gather {
+                table,
+                rows,
+                row_len,
+                index: idx,
+                index_coefs,
+                index_offset,
+                row_coefs,
+                row_offset,
+            } if half(*table) => format!(
+                "rf_ld({}[rf_row({}[{}], {rows}LL) * {row_len}LL + {}])",
+                buf(*table),
+                buf(*idx),
+                index(index_coefs, *index_offset, &sc.vars),
+                index(row_coefs, *row_offset, &sc.vars)
+            ),
             Expr::Gather {
                 table,
                 rows,
@@ -415,17 +474,19 @@ fn narrow_ints(body: &str) -> String {
 }
 
 /// The kernel of one map op, named `{prefix}_{op index}`.
-pub fn map_kernel(p: &Program, name: &str, shape: &[usize], expr: &Expr) -> MapKernel {
+pub fn map_kernel(p: &Program, name: &str, out: usize, shape: &[usize], expr: &Expr) -> MapKernel {
     let mut params = vec![];
     collect_bufs(expr, &mut params);
-    let mut head = format!("extern \"C\" __global__ void {name}(float* __restrict__ out");
+    let out_ty = c_type(p, out);
+    let mut head = format!("extern \"C\" __global__ void {name}({out_ty}* __restrict__ out");
     for &b in &params {
-        let ty = match p.buffers[b].dtype {
-            DType::F32 | DType::Bool => "float",
-            DType::I64 => "long long",
-        };
-        let _ = write!(head, ", const {ty}* __restrict__ b{b}");
+        let _ = write!(head, ", const {}* __restrict__ b{b}", c_type(p, b));
     }
+    let store = |v: &str| match out_ty {
+        "rf_f16" => format!("rf_to_f16({v})"),
+        "rf_bf16" => format!("rf_to_bf16({v})"),
+        _ => v.to_string(),
+    };
     let n: usize = shape.iter().product();
     let mut src = String::new();
     let warp = longest_dot(expr) >= WARP_DOT_LEN;
@@ -458,14 +519,20 @@ pub fn map_kernel(p: &Program, name: &str, shape: &[usize], expr: &Expr) -> MapK
         vars: (0..shape.len()).map(|d| format!("c{d}")).collect(),
         shape: shape.to_vec(),
     };
-    let value = Printer { next: 0, warp }.print(expr, &scope);
+    let value = Printer {
+        next: 0,
+        warp,
+        program: p,
+    }
+    .print(expr, &scope);
     if warp {
         let _ = writeln!(
             src,
-            "    const float v = {value};\n    if (lane == 0) out[i] = v;\n}}"
+            "    const float v = {value};\n    if (lane == 0) out[i] = {};\n}}",
+            store("v")
         );
     } else {
-        let _ = writeln!(src, "    out[i] = {value};\n}}");
+        let _ = writeln!(src, "    out[i] = {};\n}}", store(&format!("({value})")));
     }
     // 64-bit division is emulated on the GPU: index in 32 bits when everything fits.
     let fits = |x: usize| x < (1usize << 31);
@@ -488,8 +555,8 @@ pub fn program_source(p: &Program, prefix: &str) -> (Vec<Option<MapKernel>>, Str
         .iter()
         .enumerate()
         .map(|(i, op)| match op {
-            Op::Map { shape, expr, .. } => {
-                let k = map_kernel(p, &format!("{prefix}_{i}"), shape, expr);
+            Op::Map { out, shape, expr } => {
+                let k = map_kernel(p, &format!("{prefix}_{i}"), *out, shape, expr);
                 src.push_str(&k.source);
                 Some(k)
             }

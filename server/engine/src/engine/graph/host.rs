@@ -73,7 +73,7 @@ impl HostIsland {
         }
         // Every value is known now: the compiler folds the float64 work in double and
         // leaves at most a few fills.
-        let p = super::lower(&m, "host")?;
+        let p = super::lower(&m, "host", super::DOT_MACS)?;
         let mut mem = reference::Memory::new(&p);
         reference::run_ops(&p.ops, &mut mem);
         Ok((p, mem))

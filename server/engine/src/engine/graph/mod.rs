@@ -51,6 +51,88 @@ pub struct Buffer {
     pub len: usize,
     pub dtype: DType,
     pub init: Option<Vec<f32>>,
+    /// Stored in the program's half [`Precision`] (2 bytes; computed in f32, rounded on
+    /// store): tensor-core GEMM operands and results, big embedding tables.
+    pub half: bool,
+}
+
+impl Buffer {
+    /// Bytes on the device at precision `p`.
+    pub fn bytes(&self, p: Precision) -> usize {
+        self.len
+            * match self.dtype {
+                DType::I64 => 8,
+                _ if self.half => p.bytes(),
+                _ => 4,
+            }
+    }
+}
+
+/// How a program stores its float weights and activations (`--precision`): f32, or half
+/// (IEEE f16 or bfloat16) for the GEMMs' operands and results, with f32 accumulation and
+/// everything else (norms, softmax, masks, positions, the loop's x) in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Precision {
+    #[default]
+    F32,
+    F16,
+    BF16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::BF16 => "bf16",
+        }
+    }
+
+    /// Bytes of one stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            _ => 2,
+        }
+    }
+
+    /// `x` rounded to this precision (to nearest, ties to even; what the device's
+    /// conversions do), as f32.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Precision::F32 => x,
+            Precision::F16 => half::f16::from_f32(x).to_f32(),
+            Precision::BF16 => half::bf16::from_f32(x).to_f32(),
+        }
+    }
+
+    /// The stored bits of `x` (a half buffer's upload).
+    pub fn bits(self, x: f32) -> u16 {
+        match self {
+            Precision::F16 => half::f16::from_f32(x).to_bits(),
+            _ => half::bf16::from_f32(x).to_bits(),
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "f16" | "fp16" => Ok(Precision::F16),
+            "bf16" => Ok(Precision::BF16),
+            other => Err(format!(
+                "unknown precision {other:?} (one of: f32, f16, bf16)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,6 +493,12 @@ pub struct Program {
     /// Float64 work on a run-time scalar, done on the host per call ([`host`]); its
     /// results are inputs of this program.
     pub host: Option<host::HostIsland>,
+    /// The storage of its [`Buffer::half`] buffers.
+    pub precision: Precision,
+    /// GEMMs that run on half operands (tensor cores), and the f32 → half copies made for
+    /// operands that must stay f32 elsewhere (a port, a norm's input).
+    pub half_gemms: usize,
+    pub half_copies: usize,
 }
 
 /// The ONNX operators [`compile`] lowers (`Gelu` also as the five-node exact pattern).
@@ -775,6 +863,11 @@ pub fn compile_file(path: &Path) -> Result<Program, EngineError> {
     compile_model(read_model(path)?, path)
 }
 
+/// Reads and lowers one ONNX file at `precision`.
+pub fn compile_file_at(path: &Path, precision: Precision) -> Result<Program, EngineError> {
+    compile_model_at(read_model(path)?, path, precision)
+}
+
 /// Reads one ONNX file, not yet lowered (its external data still outside it).
 pub fn read_model(path: &Path) -> Result<pb::ModelProto, EngineError> {
     let bytes = std::fs::read(path).map_err(|e| load_err(path, e.to_string()))?;
@@ -783,14 +876,23 @@ pub fn read_model(path: &Path) -> Result<pb::ModelProto, EngineError> {
 }
 
 /// Lowers a model [`read_model`] read from `path`, its external data read from beside it.
-pub fn compile_model(mut model: pb::ModelProto, path: &Path) -> Result<Program, EngineError> {
+pub fn compile_model(model: pb::ModelProto, path: &Path) -> Result<Program, EngineError> {
+    compile_model_at(model, path, Precision::F32)
+}
+
+/// [`compile_model`] at `precision`.
+pub fn compile_model_at(
+    mut model: pb::ModelProto,
+    path: &Path,
+    precision: Precision,
+) -> Result<Program, EngineError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     crate::onnx::inline_external(&mut model, dir).map_err(|m| load_err(path, m))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    compile(&model, &name).map_err(|m| load_err(path, m))
+    compile_at(&model, &name, precision).map_err(|m| load_err(path, m))
 }
 
 #[derive(Debug, Clone)]
@@ -823,6 +925,8 @@ struct Lowering {
     uses: HashMap<String, usize>,
     /// Tensor sequences (SplitToSequence): their pieces, each a view.
     seqs: HashMap<String, Vec<Value>>,
+    /// Products up to this many multiply-adds are fused dots ([`DOT_MACS`]).
+    dot_macs: usize,
 }
 
 fn strides(shape: &[usize]) -> Vec<i64> {
@@ -1104,19 +1208,161 @@ fn fuse_gelu(graph: &pb::GraphProto) -> Vec<pb::NodeProto> {
 /// Lowers a model to a program, the float64 work on a run-time scalar cut out for the host
 /// first ([`host::split`]). Errors name the node and what is missing.
 pub fn compile(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
-    match host::split(model)? {
+    compile_at(model, name, Precision::F32)
+}
+
+/// [`compile`] with weights and activations stored at `precision` ([`half_precision`]).
+pub fn compile_at(
+    model: &pb::ModelProto,
+    name: &str,
+    precision: Precision,
+) -> Result<Program, String> {
+    compile_with(model, name, precision, DOT_MACS)
+}
+
+/// [`compile_at`] with products up to `dot_macs` multiply-adds fused as dots (the rest
+/// GEMMs): tests lower it so that tiny fixtures take the GEMM paths full-size exports take.
+pub fn compile_with(
+    model: &pb::ModelProto,
+    name: &str,
+    precision: Precision,
+    dot_macs: usize,
+) -> Result<Program, String> {
+    let mut p = match host::split(model)? {
         Some((main, island)) => {
-            let mut p = lower(&main, name)?;
+            let mut p = lower(&main, name, dot_macs)?;
             p.nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
             p.host = Some(island);
-            Ok(p)
+            p
         }
-        None => lower(model, name),
+        None => lower(model, name, dot_macs)?,
+    };
+    half_precision(&mut p, precision);
+    share_activations(&mut p);
+    Ok(p)
+}
+
+/// GEMMs at least this deep run on half operands (tensor cores); shallower ones (a position
+/// times a frequency) stay f32.
+pub const HALF_GEMM_K: usize = 16;
+
+/// Every buffer an expression reads: `f(buffer, as a gather table)`.
+fn visit_reads(e: &Expr, f: &mut dyn FnMut(usize, bool)) {
+    match e {
+        Expr::Load { src, .. } => f(*src, false),
+        Expr::Gather { table, index, .. } => {
+            f(*table, true);
+            f(*index, false);
+        }
+        Expr::Const(_) => {}
+        Expr::Unary(_, x) | Expr::Reshape { expr: x, .. } => visit_reads(x, f),
+        Expr::Binary(_, a, b) | Expr::Dot { a, b, .. } => {
+            visit_reads(a, f);
+            visit_reads(b, f);
+        }
+        Expr::Where(c, a, b) => {
+            visit_reads(c, f);
+            visit_reads(a, f);
+            visit_reads(b, f);
+        }
+        Expr::Select { parts, .. } => parts.iter().for_each(|p| visit_reads(p, f)),
+    }
+}
+
+/// Stores the program's GEMMs in half `precision`, as mixed-precision inference does:
+/// - a GEMM of depth ≥ [`HALF_GEMM_K`] takes half operands (tensor cores; cuBLAS
+///   `GemmEx`, f32 accumulation) and writes a half result where it may;
+/// - a buffer may be half when it is a float32 activation or weight that only maps and such
+///   GEMMs touch: graph inputs and outputs (the host's staging, the prefix's handoff), the
+///   norms', softmax's and the loop's buffers, bools and integers stay f32;
+/// - an operand that must stay f32 is copied to a half buffer just before the GEMM;
+/// - an embedding table (a weight of ≥ 64Ki values that is only gathered from) is half.
+///
+/// Maps read half as f32 and round what they store; the reference executor rounds the same
+/// way, so the CPU tests see the same numbers the device computes (up to summation order).
+fn half_precision(p: &mut Program, precision: Precision) {
+    p.precision = precision;
+    if precision == Precision::F32 {
+        return;
+    }
+    let n = p.buffers.len();
+    let mut storable: Vec<bool> = p.buffers.iter().map(|b| b.dtype == DType::F32).collect();
+    for port in p.inputs.iter().chain(&p.outputs) {
+        storable[port.buf] = false;
+    }
+    let (mut loaded, mut gathered) = (vec![false; n], vec![false; n]);
+    for op in &p.ops {
+        match op {
+            Op::Gemm(g) if g.k >= HALF_GEMM_K => {}
+            Op::Map { expr, .. } => visit_reads(expr, &mut |b, table| {
+                if table {
+                    gathered[b] = true;
+                } else {
+                    loaded[b] = true;
+                }
+            }),
+            other => other.clone().for_each_buf(&mut |b, _| storable[*b] = false),
+        }
+    }
+    let mut half = vec![false; n];
+    for b in 0..n {
+        let buf = &p.buffers[b];
+        half[b] = storable[b]
+            && gathered[b]
+            && !loaded[b]
+            && buf.init.is_some()
+            && buf.len >= 1 << 16;
+    }
+    let mut ops = Vec::with_capacity(p.ops.len());
+    for op in std::mem::take(&mut p.ops) {
+        let Op::Gemm(mut g) = op else {
+            ops.push(op);
+            continue;
+        };
+        if g.k < HALF_GEMM_K {
+            ops.push(Op::Gemm(g));
+            continue;
+        }
+        p.half_gemms += 1;
+        for operand in [&mut g.a, &mut g.b] {
+            if storable[*operand] {
+                half[*operand] = true;
+                continue;
+            }
+            let len = p.buffers[*operand].len;
+            p.buffers.push(Buffer {
+                len,
+                dtype: DType::F32,
+                init: None,
+                half: true,
+            });
+            half.push(true);
+            let copy = p.buffers.len() - 1;
+            ops.push(Op::Map {
+                out: copy,
+                shape: vec![len],
+                expr: Expr::Load {
+                    src: *operand,
+                    coefs: vec![1],
+                    offset: 0,
+                },
+            });
+            p.half_copies += 1;
+            *operand = copy;
+        }
+        if storable[g.c] {
+            half[g.c] = true;
+        }
+        ops.push(Op::Gemm(g));
+    }
+    p.ops = ops;
+    for (b, h) in p.buffers.iter_mut().zip(half) {
+        b.half = h;
     }
 }
 
 /// Lowers a model whose float64 values are all known at load.
-fn lower(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
+fn lower(model: &pb::ModelProto, name: &str, dot_macs: usize) -> Result<Program, String> {
     let graph = model.graph.as_ref().ok_or("the model has no graph")?;
     let mut l = Lowering {
         buffers: vec![],
@@ -1124,6 +1370,7 @@ fn lower(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
         values: HashMap::new(),
         uses: HashMap::new(),
         seqs: HashMap::new(),
+        dot_macs,
     };
     let nodes = fuse_gelu(graph);
     for node in &nodes {
@@ -1206,7 +1453,7 @@ fn lower(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
             },
         });
     }
-    let mut p = Program {
+    let p = Program {
         name: name.to_string(),
         buffers: l.buffers,
         inputs,
@@ -1215,8 +1462,10 @@ fn lower(model: &pb::ModelProto, name: &str) -> Result<Program, String> {
         nodes: graph.node.len(),
         fused_gelu: (graph.node.len() - nodes.len()) / 4,
         host: None,
+        precision: Precision::F32,
+        half_gemms: 0,
+        half_copies: 0,
     };
-    share_activations(&mut p);
     Ok(p)
 }
 
@@ -1247,6 +1496,19 @@ impl Expr {
 }
 
 impl Op {
+    /// The buffer the op writes (a step's x; its t is a one-value f32 buffer).
+    pub fn output(&self) -> Option<usize> {
+        match self {
+            Op::Map { out, .. }
+            | Op::LayerNorm { out, .. }
+            | Op::Softmax { out, .. }
+            | Op::Axis { out, .. }
+            | Op::Fill { out, .. } => Some(*out),
+            Op::Gemm(g) => Some(g.c),
+            Op::Step { x, .. } => Some(*x),
+        }
+    }
+
     /// Every buffer the op touches: `f(buffer, written)`, reads first.
     fn for_each_buf(&mut self, f: &mut dyn FnMut(&mut usize, bool)) {
         match self {
@@ -1320,13 +1582,15 @@ fn share_activations(p: &mut Program) {
     let mut rep: Vec<usize> = (0..n).collect();
     for b in order {
         let len = p.buffers[b].len;
-        let dtype = p.buffers[b].dtype;
-        // Best fit among the free slots of the same type: the smallest that holds it, else
-        // the largest (grown).
+        let kind = (p.buffers[b].dtype, p.buffers[b].half);
+        // Best fit among the free slots of the same type and storage: the smallest that
+        // holds it, else the largest (grown).
         let free = slots
             .iter()
             .enumerate()
-            .filter(|(_, (r, end))| *end < first[b] && p.buffers[*r].dtype == dtype)
+            .filter(|(_, (r, end))| {
+                *end < first[b] && (p.buffers[*r].dtype, p.buffers[*r].half) == kind
+            })
             .map(|(s, (r, _))| (s, p.buffers[*r].len));
         let pick = free
             .clone()
@@ -1361,6 +1625,7 @@ impl Lowering {
             len: len.max(1),
             dtype,
             init,
+            half: false,
         });
         self.buffers.len() - 1
     }
@@ -2609,7 +2874,7 @@ impl Lowering {
         shape.extend([m, n]);
         let r = shape.len();
 
-        if batch * m * n * k <= DOT_MACS {
+        if batch * m * n * k <= self.dot_macs {
             // Coefficients over (batch…, i, j, p) for an operand whose last two logical
             // axes are (row, col) = (i, p) for a and (p, j) for b.
             let operand = |this: &mut Self, v: &Value, l: &[usize], t: bool, is_a: bool| {

@@ -4,6 +4,7 @@
 //! slow and exists to test the compiler where no GPU is.
 
 use super::{
+    Precision,
     AxisKind, BinOp, Buffer, CublasCall, DType, DeviceLoop, Expr, Op, Program, UnOp, cublas_call,
 };
 
@@ -136,6 +137,7 @@ pub fn run_loop(
             len: vals.len(),
             dtype: DType::F32,
             init: Some(vals.clone()),
+            half: false,
         });
         table_bufs.push(q.buffers.len() - 1);
     }
@@ -143,6 +145,7 @@ pub fn run_loop(
         len: 1,
         dtype: DType::F32,
         init: None,
+        half: false,
     });
     let t_buf = l.t.as_ref().map_or(q.buffers.len() - 1, |t| t.buf);
     q.ops = l.ops(&p.ops, &table_bufs, t_buf);
@@ -230,16 +233,25 @@ fn erf(x: f32) -> f32 {
 pub struct Memory {
     pub f: Vec<Vec<f32>>,
     pub i: Vec<Vec<i64>>,
+    /// Per buffer: the half precision it is stored in (values rounded on every store, as
+    /// the device's conversions do), if any.
+    pub half: Vec<Option<Precision>>,
 }
 
 impl Memory {
     pub fn new(p: &Program) -> Memory {
         let mut f = vec![];
         let mut i = vec![];
+        let mut half = vec![];
         for b in &p.buffers {
+            let h = (b.half && p.precision != Precision::F32).then_some(p.precision);
             match b.dtype {
                 DType::F32 | DType::Bool => {
-                    f.push(b.init.clone().unwrap_or_else(|| vec![0.0; b.len]));
+                    let mut v = b.init.clone().unwrap_or_else(|| vec![0.0; b.len]);
+                    if let Some(h) = h {
+                        v.iter_mut().for_each(|x| *x = h.round(*x));
+                    }
+                    f.push(v);
                     i.push(vec![]);
                 }
                 DType::I64 => {
@@ -247,8 +259,9 @@ impl Memory {
                     i.push(vec![0; b.len]);
                 }
             }
+            half.push(h);
         }
-        Memory { f, i }
+        Memory { f, i, half }
     }
 }
 
@@ -368,6 +381,18 @@ fn sgemm(call: &CublasCall, alpha: f32, m: &mut Memory) {
 
 pub fn run_ops(ops: &[Op], m: &mut Memory) {
     for op in ops {
+        run_op(op, m);
+        // A half buffer holds what the device stores: the result rounded.
+        if let Some(out) = op.output()
+            && let Some(h) = m.half[out]
+        {
+            m.f[out].iter_mut().for_each(|x| *x = h.round(*x));
+        }
+    }
+}
+
+fn run_op(op: &Op, m: &mut Memory) {
+    {
         match op {
             Op::Map { out, shape, expr } => {
                 let n: usize = shape.iter().product();

@@ -200,6 +200,7 @@ fn cublas_arguments_compute_the_row_major_product() {
         let mut mem = Memory {
             f: vec![a.clone(), b.clone(), vec![0.0; batch * m * n]],
             i: vec![vec![]; 3],
+            half: vec![None; 3],
         };
         run_ops(&[Op::Gemm(g.clone())], &mut mem);
         for bi in 0..batch {
@@ -280,6 +281,7 @@ fn the_supported_operator_list_is_what_the_lowering_accepts() {
         values: HashMap::new(),
         uses: HashMap::new(),
         seqs: HashMap::new(),
+        dot_macs: DOT_MACS,
     };
     let node = |op: &str| pb::NodeProto {
         op_type: op.into(),
@@ -894,3 +896,165 @@ fn activation_buffers_are_shared_where_their_lives_do_not_overlap() {
         writes.len()
     );
 }
+
+/// `--precision bf16` on the pi0.5 prefix and baked expert: the deep GEMMs take half operands
+/// and nothing else does. Ports, bools and integers, and every buffer a norm, softmax, reduction
+/// or shallow GEMM touches stay f32; no GEMM mixes the two; an operand that must stay f32
+/// reaches its GEMM through a half copy; half buffers cost 2 bytes.
+#[test]
+fn half_precision_stores_only_what_maps_and_deep_gemms_touch() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::fixtures::write(crate::fixtures::Kind::Pi05, dir.path(), 1).unwrap();
+    for file in ["vlm_prefix.onnx", "expert_denoise.onnx"] {
+        let path = dir.path().join(file);
+        let mut model = read_model(&path).unwrap();
+        crate::onnx::inline_external(&mut model, dir.path()).unwrap();
+        // Every product a GEMM, as at full size.
+        let f32p = compile_with(&model, file, Precision::F32, 0).unwrap();
+        let mut p = compile_with(&model, file, Precision::BF16, 0).unwrap();
+        assert_eq!((f32p.precision, p.precision), (Precision::F32, Precision::BF16));
+        assert!(f32p.buffers.iter().all(|b| !b.half) && f32p.half_gemms == 0);
+        let deep = p
+            .ops
+            .iter()
+            .filter(|op| matches!(op, Op::Gemm(g) if g.k >= HALF_GEMM_K))
+            .count();
+        assert!(deep > 0 && p.half_gemms == deep, "{file}: {deep} deep gemms");
+        for port in p.inputs.iter().chain(&p.outputs) {
+            assert!(!p.buffers[port.buf].half, "{file}: port {} in half", port.name);
+        }
+        let half: Vec<bool> = p.buffers.iter().map(|b| b.half).collect();
+        let mut copies = 0;
+        for (i, op) in p.ops.iter_mut().enumerate() {
+            match op {
+                Op::Gemm(g) => {
+                    let deep = g.k >= HALF_GEMM_K;
+                    assert_eq!((half[g.a], half[g.b]), (deep, deep), "{file}: op {i}");
+                    assert!(deep || !half[g.c], "{file}: op {i}");
+                }
+                Op::Map { out, expr, .. } => {
+                    if let Expr::Load { src, .. } = expr
+                        && half[*out]
+                        && !half[*src]
+                    {
+                        copies += 1;
+                    }
+                }
+                other => {
+                    let shown = format!("{other:?}");
+                    other.for_each_buf(&mut |b, _| {
+                        assert!(!half[*b], "{file}: op {i} ({shown}) touches a half buffer")
+                    })
+                }
+            }
+        }
+        assert!(copies >= p.half_copies, "{file}");
+        for b in p.buffers.iter().filter(|b| b.half) {
+            assert_eq!(b.dtype, DType::F32);
+            assert_eq!(b.bytes(Precision::BF16), b.len * 2);
+        }
+    }
+}
+
+/// The half path at the GEMM coverage of a full-size export (every product a GEMM, as
+/// products of full-size widths are): each pi0.5 program in bf16 and f16 on the reference
+/// executor against tract in f32, cos ≥ 0.999; the weights the deep GEMMs read are stored
+/// half (no copy per call), so the weights take well under f32's memory.
+#[test]
+fn half_precision_programs_with_every_product_a_gemm_agree_with_tract() {
+    use tract_onnx::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    crate::fixtures::write(crate::fixtures::Kind::Pi05, dir.path(), 2).unwrap();
+    for file in ["vlm_prefix.onnx", "expert_denoise.onnx"] {
+        let path = dir.path().join(file);
+        let mut model = read_model(&path).unwrap();
+        crate::onnx::inline_external(&mut model, dir.path()).unwrap();
+        let f32p = compile_with(&model, file, Precision::F32, 0).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut feeds: Vec<(String, super::reference::HostValue)> = vec![];
+        let mut inputs: TVec<TValue> = tvec![];
+        for port in &f32p.inputs {
+            let n: usize = port.shape.iter().product();
+            let (t, v) = match port.dtype {
+                DType::I64 => {
+                    let v: Vec<i64> = (0..n as i64).map(|k| 3 + (k * 7) % 50).collect();
+                    (
+                        Tensor::from_shape(&port.shape, &v).unwrap(),
+                        super::reference::HostValue::I64(v),
+                    )
+                }
+                DType::Bool => {
+                    let last = *port.shape.last().unwrap();
+                    let v: Vec<bool> = (0..n).map(|k| k % last + 2 < last.max(3)).collect();
+                    (
+                        Tensor::from_shape(&port.shape, &v).unwrap(),
+                        super::reference::HostValue::Bool(v),
+                    )
+                }
+                DType::F32 => {
+                    let v = uniform(&mut rng, n, 1.0);
+                    (
+                        Tensor::from_shape(&port.shape, &v).unwrap(),
+                        super::reference::HostValue::F32(v),
+                    )
+                }
+            };
+            inputs.push(t.into_tvalue());
+            feeds.push((port.name.clone(), v));
+        }
+        let feed = |name: &str| feeds.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        let theirs = tract_outputs(&model, inputs);
+        let f32_ours = super::reference::run_program(&f32p, &feed).unwrap();
+        for precision in [Precision::BF16, Precision::F16] {
+            let p = compile_with(&model, file, precision, 0).unwrap();
+            let gemms = p.ops.iter().filter(|op| matches!(op, super::Op::Gemm(_))).count();
+            assert!(
+                p.half_gemms * 2 > gemms,
+                "{file} {precision}: {} of {gemms} gemms in half",
+                p.half_gemms
+            );
+            // No deep GEMM reads its weight through a per-call copy.
+            for op in &p.ops {
+                if let super::Op::Map {
+                    expr: Expr::Load { src, .. },
+                    out,
+                    ..
+                } = op
+                {
+                    assert!(
+                        !(p.buffers[*out].half && p.buffers[*src].init.is_some()),
+                        "{file}: a weight copied to half per call"
+                    );
+                }
+            }
+            let weights = |p: &Program| -> usize {
+                p.buffers
+                    .iter()
+                    .filter(|b| b.init.is_some())
+                    .map(|b| b.bytes(p.precision))
+                    .sum()
+            };
+            assert!(
+                weights(&p) * 10 < weights(&f32p) * 7,
+                "{file}: weights {} vs {} bytes",
+                weights(&p),
+                weights(&f32p)
+            );
+            let ours = super::reference::run_program(&p, &feed).unwrap();
+            for (k, (o, t)) in ours.iter().zip(&theirs).enumerate() {
+                let o = o.to_f32();
+                let (cos, max_abs) = crate::engine::cos_and_max_abs(&o, t);
+                eprintln!("{file} {precision} output {k}: cos {cos:.7}, max |Δ| {max_abs:.2e}");
+                assert!(cos >= 0.999, "{file} {precision} output {k}: cos {cos}");
+                if k == 0 {
+                    assert_ne!(
+                        o.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        f32_ours[0].to_f32().iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        "{file} {precision}: the f32 bits"
+                    );
+                }
+            }
+        }
+    }
+}
+
