@@ -30,8 +30,10 @@
 #     step 7's exports (FULL=0: the tiny pi05 fixtures), eager and with CUDA graphs: p50/p99
 #     of prefix, denoise and Act into $OUT/baseline-*.json. Needs target/baseline-wheels
 #     (deploy/baseline-wheels.sh) carried for what that venv lacks; reported, not required
-#     (REQUIRE_BASELINE=1 requires it). ENGINE=cpu: the tiny pi05 fixture on the cpu when
-#     torch imports, else a line saying why not.
+#     (REQUIRE_BASELINE=1 requires it). Its parity Act: onnxruntime's cpu when it imports,
+#     else the same graphs in torch on the cpu (BASELINE_PARITY=none skips it: at full
+#     scale it costs a cpu Act). ENGINE=cpu: the tiny pi05 fixture on the cpu when torch
+#     imports, else a line saying why not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${REFLEX_BIN:-$PWD/target/release/reflex}
@@ -222,8 +224,9 @@ else
     name=${run%%:*} dir=${run#*:}
     PYTHONPATH="$W/pylib${PYTHONPATH:+:$PYTHONPATH}" "$TORCH_PYTHON" deploy/torch_baseline.py \
       --export "$dir" $BASELINE_ARGS --calls "${BASELINE_CALLS:-20}" --warmup "${BASELINE_WARMUP:-3}" \
+      --parity-vs "${BASELINE_PARITY:-auto}" \
       --json "$OUT/baseline-$name.json" >"$OUT/baseline-$name.txt" 2>&1 && RC=0 || RC=$?
-    grep -E "^(torch_baseline|parity|pytorch|placement)" "$OUT/baseline-$name.txt" | sed "s/^/$name: /"
+    grep -E "^(torch_baseline|parity|pytorch|placement|note: (parity|device syncs))" "$OUT/baseline-$name.txt" | sed "s/^/$name: /"
     if [ "$RC" != 0 ]; then
       tail -5 "$OUT/baseline-$name.txt"
       baseline_fail "$name exited $RC (see $OUT/baseline-$name.txt)"
