@@ -26,6 +26,15 @@
 #  7. (FULL=1, the default) the full-scale pi0.5-shaped exports, written here by the
 #     carried binary (`export-demo --scale smolvla-size|pi05-widths`), through the same
 #     bench: parity with tract and p50/p99 of prefix, denoise and Act.
+#  8. The PyTorch baseline (deploy/torch_baseline.py: the same ONNX graphs converted by
+#     onnx2torch, run by the machine's PyTorch, TORCH_PYTHON, default /opt/torch/.venv) on
+#     step 7's exports (FULL=0: the tiny pi05 fixtures), eager and with CUDA graphs: p50/p99
+#     of prefix, denoise and Act into $OUT/baseline-*.json. Needs target/baseline-wheels
+#     (deploy/baseline-wheels.sh) carried for what that venv lacks; reported, not required
+#     (REQUIRE_BASELINE=1 requires it). Its parity Act: onnxruntime's cpu when it imports,
+#     else the same graphs in torch on the cpu (BASELINE_PARITY=none skips it: at full
+#     scale it costs a cpu Act). ENGINE=cpu: the tiny pi05 fixture on the cpu when torch
+#     imports, else a line saying why not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${REFLEX_BIN:-$PWD/target/release/reflex}
@@ -141,11 +150,100 @@ if [ "${FULL:-1}" = 1 ]; then
       --calls "${FULL_CALLS:-5}" --warmup 1 >"$OUT/bench-full-$scale.txt" 2>&1 \
       || { cat "$OUT/bench-full-$scale.txt"; echo "FAIL: full $scale on $PROG_ENGINE"; exit 1; }
     grep -E "^(engine|cpu \(tract\)|cuda|reference)|vs cpu|graphs on vs off" "$OUT/bench-full-$scale.txt"
-    rm -rf "$W/full-$scale"
+    # Kept for step 8's baseline on the same graphs.
   done
 fi
-if [ "$ENGINE" = cpu ]; then
-  echo "ALL CHECKS PASSED (ENGINE=cpu: the script's own run, no GPU checked)"
+
+log "8. the PyTorch baseline on the same graphs (onnx2torch; eager and CUDA graphs)"
+# deploy/torch_baseline.py runs the export's ONNX graphs converted by onnx2torch in the
+# machine's own PyTorch (TORCH_PYTHON), per Act as the runtime does (prefix, then the expert's
+# loop), and writes $OUT/baseline-*.json for `reflex bench engines`. The wheels PyTorch's venv
+# lacks (onnx, onnx2torch, ...) come from target/baseline-wheels (deploy/baseline-wheels.sh,
+# carried with the run) and are unpacked into $W/pylib. A baseline that cannot run is a
+# FAIL line here but not a failed acceptance (REQUIRE_BASELINE=1 makes it one).
+BASELINE_STATUS=passed
+baseline_fail() {
+  echo "FAIL: baseline: $*"
+  BASELINE_STATUS="FAILED ($*)"
+  [ "${REQUIRE_BASELINE:-0}" = 1 ] && exit 1
+  return 0
+}
+if [ -z "${TORCH_PYTHON:-}" ]; then
+  TORCH_PYTHON=/opt/torch/.venv/bin/python
+  [ "$ENGINE" = cpu ] && [ ! -x "$TORCH_PYTHON" ] && TORCH_PYTHON=$(command -v python3 || echo python3)
+fi
+WHEELS=${BASELINE_WHEELS:-$PWD/target/baseline-wheels}
+BASELINE_SKIP=""
+if ! TORCH_V=$("$TORCH_PYTHON" -c 'import torch; print(torch.__version__, torch.cuda.is_available())' 2>"$W/torch-import.txt"); then
+  BASELINE_SKIP="torch does not import in $TORCH_PYTHON ($(tail -1 "$W/torch-import.txt"); set TORCH_PYTHON)"
 else
-  echo "ALL GPU CHECKS PASSED"
+  echo "torch: $TORCH_V ($TORCH_PYTHON)"
+  # The modules this Python lacks, each with the carried wheel that brings it and fits this
+  # Python (cpXY-cpXY: that version; cpXY-abi3: XY and later; py3-none: any), or "-".
+  NEEDED=$(WHEELS="$WHEELS" "$TORCH_PYTHON" - <<'PY'
+import glob, importlib.util, os, re, sys
+here = sys.version_info[:2]
+def fits(path):
+    m = re.search(r"-(py3|cp(\d)(\d+))-(none|abi3|cp\d+)-", os.path.basename(path))
+    if not m:
+        return False
+    if m.group(1) == "py3":
+        return True
+    tag = (int(m.group(2)), int(m.group(3)))
+    return tag <= here if m.group(4) == "abi3" else tag == here
+for module, wheel in [("numpy", "numpy"), ("google.protobuf", "protobuf"), ("ml_dtypes", "ml_dtypes"), ("onnx", "onnx"), ("onnx2torch", "onnx2torch")]:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ImportError:
+        found = False
+    if not found:
+        ok = [w for w in sorted(glob.glob(os.path.join(os.environ["WHEELS"], wheel + "-[0-9]*.whl"))) if fits(w)]
+        print(wheel, ok[0] if ok else "-", "%d.%d" % here)
+PY
+)
+  mkdir -p "$W/pylib"
+  while read -r wheel whl pyv; do
+    [ -n "$wheel" ] || continue
+    if [ "$whl" = - ]; then
+      BASELINE_SKIP="$TORCH_PYTHON (Python $pyv) lacks $wheel and $WHEELS has no wheel of it for Python $pyv (PY_VERSION=$pyv bash deploy/baseline-wheels.sh, and carry target/baseline-wheels)"
+      break
+    fi
+    # A wheel is a zip of the package's files: unpacked, it imports (no pip needed).
+    "$TORCH_PYTHON" -m zipfile -e "$whl" "$W/pylib"
+    echo "unpacked $(basename "$whl")"
+  done <<<"$NEEDED"
+fi
+if [ -n "$BASELINE_SKIP" ]; then
+  echo "baseline: SKIPPED: $BASELINE_SKIP"
+  BASELINE_STATUS="skipped ($BASELINE_SKIP)"
+  [ "$ENGINE" != cpu ] && [ "${REQUIRE_BASELINE:-0}" = 1 ] && { echo "FAIL: baseline required"; exit 1; }
+else
+  if [ "$ENGINE" = cpu ]; then
+    BASELINE_RUNS="pi05:$W/pi05"; BASELINE_ARGS="--device cpu --modes eager"
+  elif [ "${FULL:-1}" = 1 ]; then
+    BASELINE_RUNS="full-smolvla-size:$W/full-smolvla-size full-pi05-widths:$W/full-pi05-widths"
+    BASELINE_ARGS="--device cuda --modes eager,graphs"
+  else
+    BASELINE_RUNS="pi05:$W/pi05 pi05-per-step:$W/pi05-per-step"; BASELINE_ARGS="--device cuda --modes eager,graphs"
+  fi
+  for run in $BASELINE_RUNS; do
+    name=${run%%:*} dir=${run#*:}
+    PYTHONPATH="$W/pylib${PYTHONPATH:+:$PYTHONPATH}" "$TORCH_PYTHON" deploy/torch_baseline.py \
+      --export "$dir" $BASELINE_ARGS --calls "${BASELINE_CALLS:-20}" --warmup "${BASELINE_WARMUP:-3}" \
+      --parity-vs "${BASELINE_PARITY:-auto}" \
+      --json "$OUT/baseline-$name.json" >"$OUT/baseline-$name.txt" 2>&1 && RC=0 || RC=$?
+    grep -E "^(torch_baseline|parity|pytorch|placement|note: (parity|device syncs))" "$OUT/baseline-$name.txt" | sed "s/^/$name: /"
+    if [ "$RC" != 0 ]; then
+      tail -5 "$OUT/baseline-$name.txt"
+      baseline_fail "$name exited $RC (see $OUT/baseline-$name.txt)"
+    elif grep -q '"error"' "$OUT/baseline-$name.json"; then
+      baseline_fail "$name: a mode failed (see $OUT/baseline-$name.json)"
+    fi
+  done
+fi
+rm -rf "$W"/full-*
+if [ "$ENGINE" = cpu ]; then
+  echo "ALL CHECKS PASSED (ENGINE=cpu: the script's own run, no GPU checked; baseline: $BASELINE_STATUS)"
+else
+  echo "ALL GPU CHECKS PASSED (baseline: $BASELINE_STATUS)"
 fi
