@@ -18,15 +18,17 @@
 #  4. `--engine auto` picks cuda here.
 #  5. Every real-export fixture kind (pi0.5 baked and per-step, the monolithic pi0.5/pi0/
 #     SmolVLA, SmolVLA four-graph): `reflex inspect` says RUNS, and `reflex bench engines
-#     --export DIR --export-engine cuda` checks parity with tract per request and prefix
-#     tensor, bit-identical repeats and graphs on = off.
+#     --export DIR --export-engine cuda --precision f32,f16,bf16` checks parity with tract
+#     per request and prefix tensor (f32: cos >= 0.9999, max |d| <= 1e-3 of scale; f16/bf16:
+#     cos >= 0.999), bit-identical repeats and graphs on = off in each precision.
 #  6. A trace of the per-step pi0.5 export recorded on cpu, replayed against `reflex serve
 #     --engine cuda` with `--fail-on actions`; the prefix cache's logged worst case is in
 #     device memory (the KV cache stays on the GPU between prefix and expert).
 #  7. (FULL=1, the default) the full-scale pi0.5-shaped exports, written here by the
 #     carried binary (`export-demo --scale smolvla-size|pi05-widths`), through the same
-#     bench: parity with tract and p50/p99 of prefix, denoise and Act.
-#  8. The PyTorch baseline (deploy/torch_baseline.py: the same ONNX graphs converted by
+#     bench in f32 and bf16: parity with tract and p50/p99 of prefix, denoise and Act, with
+#     the baseline's figures and our speed-up over its best mode printed beside (8.).
+#  8. The PyTorch baseline, run just before each bench of step 7 (deploy/torch_baseline.py: the same ONNX graphs converted by
 #     onnx2torch, run by the machine's PyTorch, TORCH_PYTHON, default /opt/torch/.venv) on
 #     step 7's exports (FULL=0: the tiny pi05 fixtures), eager and with CUDA graphs: p50/p99
 #     of prefix, denoise and Act into $OUT/baseline-*.json. Needs target/baseline-wheels
@@ -103,58 +105,7 @@ else
   echo "auto: PASS"
 fi
 
-log "5. every real-export fixture kind on the cuda engine's programs (issue 14)"
-# Per kind: `reflex inspect` says RUNS, then `bench engines --export-engine cuda`: tract vs
-# cuda (graphs on, graphs off) on 4 requests, every prefix tensor and action within
-# cos >= 0.9999 and max |d| <= 1e-3 of scale, repeats bit-identical, graphs on = off.
-# ENGINE=cpu runs the same programs on the CPU reference executor instead.
-PROG_ENGINE=cuda; [ "$ENGINE" = cpu ] && PROG_ENGINE=reference
-for kind in pi05 pi05-per-step pi05-monolithic pi0 smolvla smolvla-four-graph; do
-  "$BIN" export-demo --kind "$kind" "$W/$kind" >/dev/null
-  "$BIN" inspect "$W/$kind" --engine cuda >"$OUT/inspect-$kind.txt" 2>&1 \
-    || { cat "$OUT/inspect-$kind.txt"; echo "FAIL: inspect $kind"; exit 1; }
-  sed -n 2p "$OUT/inspect-$kind.txt" | sed "s/^/$kind: /"
-  "$BIN" bench engines --export "$W/$kind" --export-engine "$PROG_ENGINE" \
-    --calls "${KIND_CALLS:-20}" --warmup 2 >"$OUT/bench-$kind.txt" 2>&1 \
-    || { cat "$OUT/bench-$kind.txt"; echo "FAIL: $kind on $PROG_ENGINE"; exit 1; }
-  grep -E "^(engine|cpu \(tract\)|cuda|reference)|vs cpu|graphs on vs off" "$OUT/bench-$kind.txt" | sed "s/^/  /"
-done
-
-log "6. a real export: a cpu trace replayed against reflex serve --engine cuda"
-"$BIN" demo --model "$W/pi05-per-step" --trace-dir "$W/v2-cpu-traces" --calls 30 >"$OUT/demo-v2.txt" 2>&1 \
-  || { cat "$OUT/demo-v2.txt"; exit 1; }
-TRACE=$(ls "$W"/v2-cpu-traces/*.jsonl.gz | head -1)
-RUST_LOG=info "$BIN" serve "$W/pi05-per-step" --engine "$ENGINE" --listen "unix://$W/v2.sock" \
-  2>"$OUT/serve-v2.log" &
-V2=$!
-wait_socket "$W/v2.sock"
-"$BIN" replay "$TRACE" --target "unix://$W/v2.sock" --diff actions --fail-on actions \
-  --output "$OUT/replay-v2-report.json" >"$OUT/replay-v2.txt" 2>&1 && RC=0 || RC=$?
-kill -TERM "$V2"; wait "$V2" || true
-# The prefix (every layer's KV cache) stays on the device: the cache's worst case is device memory.
-grep -m1 'prefix cache bounded' "$OUT/serve-v2.log" || { echo "FAIL: no prefix cache bound logged"; exit 1; }
-WHERE=device; [ "$ENGINE" = cpu ] && WHERE=host
-grep -m1 'prefix cache bounded' "$OUT/serve-v2.log" | grep -q "location=\"\?$WHERE" \
-  || { echo "FAIL: the prefix cache should be in $WHERE memory"; exit 1; }
-tail -6 "$OUT/replay-v2.txt"
-echo "replay exit: $RC"
-[ "$RC" = 0 ] || { cat "$OUT/serve-v2.log"; echo "FAIL: replay of a real export's cpu trace on $ENGINE"; exit 1; }
-
-if [ "${FULL:-1}" = 1 ]; then
-  log "7. full-scale exports written here, on the cuda engine (FULL=0 skips)"
-  for scale in smolvla-size pi05-widths; do
-    "$BIN" export-demo --kind pi05 --scale "$scale" "$W/full-$scale" >/dev/null
-    "$BIN" inspect "$W/full-$scale" --engine cuda >"$OUT/inspect-full-$scale.txt" 2>&1 || true
-    grep -E "^engine cuda|^weights|^launches|^one prefix" "$OUT/inspect-full-$scale.txt"
-    "$BIN" bench engines --export "$W/full-$scale" --export-engine "$PROG_ENGINE" \
-      --calls "${FULL_CALLS:-5}" --warmup 1 >"$OUT/bench-full-$scale.txt" 2>&1 \
-      || { cat "$OUT/bench-full-$scale.txt"; echo "FAIL: full $scale on $PROG_ENGINE"; exit 1; }
-    grep -E "^(engine|cpu \(tract\)|cuda|reference)|vs cpu|graphs on vs off" "$OUT/bench-full-$scale.txt"
-    # Kept for step 8's baseline on the same graphs.
-  done
-fi
-
-log "8. the PyTorch baseline on the same graphs (onnx2torch; eager and CUDA graphs)"
+log "baseline set-up: the PyTorch baseline on the same graphs (onnx2torch; eager and CUDA graphs)"
 # deploy/torch_baseline.py runs the export's ONNX graphs converted by onnx2torch in the
 # machine's own PyTorch (TORCH_PYTHON), per Act as the runtime does (prefix, then the expert's
 # loop), and writes $OUT/baseline-*.json for `reflex bench engines`. The wheels PyTorch's venv
@@ -217,31 +168,89 @@ if [ -n "$BASELINE_SKIP" ]; then
   echo "baseline: SKIPPED: $BASELINE_SKIP"
   BASELINE_STATUS="skipped ($BASELINE_SKIP)"
   [ "$ENGINE" != cpu ] && [ "${REQUIRE_BASELINE:-0}" = 1 ] && { echo "FAIL: baseline required"; exit 1; }
-else
-  if [ "$ENGINE" = cpu ]; then
-    BASELINE_RUNS="pi05:$W/pi05"; BASELINE_ARGS="--device cpu --modes eager"
-  elif [ "${FULL:-1}" = 1 ]; then
-    BASELINE_RUNS="full-smolvla-size:$W/full-smolvla-size full-pi05-widths:$W/full-pi05-widths"
-    BASELINE_ARGS="--device cuda --modes eager,graphs"
-  else
-    BASELINE_RUNS="pi05:$W/pi05 pi05-per-step:$W/pi05-per-step"; BASELINE_ARGS="--device cuda --modes eager,graphs"
+fi
+BASELINE_ARGS="--device cuda --modes eager,graphs"; [ "$ENGINE" = cpu ] && BASELINE_ARGS="--device cpu --modes eager"
+# run_baseline NAME DIR: the baseline on one export into $OUT/baseline-NAME.json; prints
+# `--baseline-json FILE` for bench engines when it produced one.
+run_baseline() {
+  local name=$1 dir=$2 rc
+  [ -z "$BASELINE_SKIP" ] || return 0
+  PYTHONPATH="$W/pylib${PYTHONPATH:+:$PYTHONPATH}" "$TORCH_PYTHON" deploy/torch_baseline.py \
+    --export "$dir" $BASELINE_ARGS --calls "${BASELINE_CALLS:-20}" --warmup "${BASELINE_WARMUP:-3}" \
+    --parity-vs "${BASELINE_PARITY:-auto}" \
+    --json "$OUT/baseline-$name.json" >"$OUT/baseline-$name.txt" 2>&1 && rc=0 || rc=$?
+  grep -E "^(torch_baseline|parity|pytorch|placement|note: (parity|device syncs))" "$OUT/baseline-$name.txt" | sed "s/^/$name: /" >&2
+  if [ "$rc" != 0 ]; then
+    tail -5 "$OUT/baseline-$name.txt" >&2
+    baseline_fail "$name exited $rc (see $OUT/baseline-$name.txt)" >&2
+  elif grep -q '"error"' "$OUT/baseline-$name.json"; then
+    baseline_fail "$name: a mode failed (see $OUT/baseline-$name.json)" >&2
   fi
-  for run in $BASELINE_RUNS; do
-    name=${run%%:*} dir=${run#*:}
-    PYTHONPATH="$W/pylib${PYTHONPATH:+:$PYTHONPATH}" "$TORCH_PYTHON" deploy/torch_baseline.py \
-      --export "$dir" $BASELINE_ARGS --calls "${BASELINE_CALLS:-20}" --warmup "${BASELINE_WARMUP:-3}" \
-      --parity-vs "${BASELINE_PARITY:-auto}" \
-      --json "$OUT/baseline-$name.json" >"$OUT/baseline-$name.txt" 2>&1 && RC=0 || RC=$?
-    grep -E "^(torch_baseline|parity|pytorch|placement|note: (parity|device syncs))" "$OUT/baseline-$name.txt" | sed "s/^/$name: /"
-    if [ "$RC" != 0 ]; then
-      tail -5 "$OUT/baseline-$name.txt"
-      baseline_fail "$name exited $RC (see $OUT/baseline-$name.txt)"
-    elif grep -q '"error"' "$OUT/baseline-$name.json"; then
-      baseline_fail "$name: a mode failed (see $OUT/baseline-$name.json)"
-    fi
+  [ -s "$OUT/baseline-$name.json" ] && echo "--baseline-json $OUT/baseline-$name.json"
+  return 0
+}
+
+log "5. every real-export fixture kind on the cuda engine's programs (issue 14)"
+# Per kind: `reflex inspect` says RUNS, then `bench engines --export-engine cuda`: tract vs
+# cuda (graphs on, graphs off) on 4 requests, every prefix tensor and action within
+# cos >= 0.9999 and max |d| <= 1e-3 of scale, repeats bit-identical, graphs on = off.
+# ENGINE=cpu runs the same programs on the CPU reference executor instead.
+PROG_ENGINE=cuda; [ "$ENGINE" = cpu ] && PROG_ENGINE=reference
+for kind in pi05 pi05-per-step pi05-monolithic pi0 smolvla smolvla-four-graph; do
+  "$BIN" export-demo --kind "$kind" "$W/$kind" >/dev/null
+  "$BIN" inspect "$W/$kind" --engine cuda >"$OUT/inspect-$kind.txt" 2>&1 \
+    || { cat "$OUT/inspect-$kind.txt"; echo "FAIL: inspect $kind"; exit 1; }
+  sed -n 2p "$OUT/inspect-$kind.txt" | sed "s/^/$kind: /"
+  # The baseline beside ours on the tiny pi0.5 exports when the full-scale ones do not run.
+  BJ=""
+  if [ "${FULL:-1}" != 1 ] && { [ "$kind" = pi05 ] || { [ "$kind" = pi05-per-step ] && [ "$ENGINE" != cpu ]; }; }; then
+    BJ=$(run_baseline "$kind" "$W/$kind")
+  fi
+  # shellcheck disable=SC2086
+  "$BIN" bench engines --export "$W/$kind" --export-engine "$PROG_ENGINE" --precision f32,f16,bf16 \
+    --calls "${KIND_CALLS:-20}" --warmup 2 $BJ >"$OUT/bench-$kind.txt" 2>&1 \
+    || { cat "$OUT/bench-$kind.txt"; echo "FAIL: $kind on $PROG_ENGINE"; exit 1; }
+  grep -E "^(engine|cpu \(tract\)|cuda|reference|baseline|  )|vs cpu|graphs on vs off" "$OUT/bench-$kind.txt" | sed "s/^/  /"
+done
+
+log "6. a real export: a cpu trace replayed against reflex serve --engine cuda"
+"$BIN" demo --model "$W/pi05-per-step" --trace-dir "$W/v2-cpu-traces" --calls 30 >"$OUT/demo-v2.txt" 2>&1 \
+  || { cat "$OUT/demo-v2.txt"; exit 1; }
+TRACE=$(ls "$W"/v2-cpu-traces/*.jsonl.gz | head -1)
+RUST_LOG=info "$BIN" serve "$W/pi05-per-step" --engine "$ENGINE" --listen "unix://$W/v2.sock" \
+  2>"$OUT/serve-v2.log" &
+V2=$!
+wait_socket "$W/v2.sock"
+"$BIN" replay "$TRACE" --target "unix://$W/v2.sock" --diff actions --fail-on actions \
+  --output "$OUT/replay-v2-report.json" >"$OUT/replay-v2.txt" 2>&1 && RC=0 || RC=$?
+kill -TERM "$V2"; wait "$V2" || true
+# The prefix (every layer's KV cache) stays on the device: the cache's worst case is device memory.
+grep -m1 'prefix cache bounded' "$OUT/serve-v2.log" || { echo "FAIL: no prefix cache bound logged"; exit 1; }
+WHERE=device; [ "$ENGINE" = cpu ] && WHERE=host
+grep -m1 'prefix cache bounded' "$OUT/serve-v2.log" | grep -q "location=\"\?$WHERE" \
+  || { echo "FAIL: the prefix cache should be in $WHERE memory"; exit 1; }
+tail -6 "$OUT/replay-v2.txt"
+echo "replay exit: $RC"
+[ "$RC" = 0 ] || { cat "$OUT/serve-v2.log"; echo "FAIL: replay of a real export's cpu trace on $ENGINE"; exit 1; }
+
+if [ "${FULL:-1}" = 1 ]; then
+  log "7. full-scale exports written here, on the cuda engine (FULL=0 skips)"
+  for scale in smolvla-size pi05-widths; do
+    "$BIN" export-demo --kind pi05 --scale "$scale" "$W/full-$scale" >/dev/null
+    "$BIN" inspect "$W/full-$scale" --engine cuda >"$OUT/inspect-full-$scale.txt" 2>&1 || true
+    grep -E "^engine cuda|^weights|^launches|^one prefix" "$OUT/inspect-full-$scale.txt"
+    "$BIN" inspect "$W/full-$scale" --engine cuda --precision bf16 >"$OUT/inspect-full-$scale-bf16.txt" 2>&1 || true
+    grep -E "device memory|precision" "$OUT/inspect-full-$scale-bf16.txt"
+    BJ=$(run_baseline "full-$scale" "$W/full-$scale")
+    # shellcheck disable=SC2086
+    "$BIN" bench engines --export "$W/full-$scale" --export-engine "$PROG_ENGINE" --precision f32,bf16 \
+      --calls "${FULL_CALLS:-5}" --warmup 1 $BJ >"$OUT/bench-full-$scale.txt" 2>&1 \
+      || { cat "$OUT/bench-full-$scale.txt"; echo "FAIL: full $scale on $PROG_ENGINE"; exit 1; }
+    grep -E "^(engine|cpu \(tract\)|cuda|reference|baseline|  )|vs cpu|graphs on vs off" "$OUT/bench-full-$scale.txt"
+    rm -rf "$W/full-$scale"
   done
 fi
-rm -rf "$W"/full-*
+
 if [ "$ENGINE" = cpu ]; then
   echo "ALL CHECKS PASSED (ENGINE=cpu: the script's own run, no GPU checked; baseline: $BASELINE_STATUS)"
 else

@@ -389,21 +389,38 @@ fn inspect_says_whether_an_export_runs_on_the_cuda_engine_and_names_what_does_no
 #[test]
 fn bench_engines_runs_a_real_export_on_the_compiled_programs_and_checks_parity() {
     let dir = tempfile::tempdir().unwrap();
-    for kind in ["pi05-per-step", "smolvla-four-graph"] {
+    // The shape `deploy/torch_baseline.py --json` writes (its own run needs PyTorch, which
+    // the GPU script brings): printed beside ours with the speed-up over its best mode.
+    let baseline = dir.path().join("baseline.json");
+    std::fs::write(
+        &baseline,
+        r#"{"baseline": "pytorch 2.9 onnx2torch 1.5.15", "device": "cpu",
+            "modes": [
+              {"name": "pytorch eager", "load_s": 1.5, "prefix_ms": {"p50": 400.0, "p99": 410.0},
+               "denoise_ms": {"p50": 600.0, "p99": 620.0}, "act_ms": {"p50": 1000.0, "p99": 1030.0}},
+              {"name": "pytorch + cuda graphs", "error": "needs a GPU"}],
+            "parity": {"vs": "onnxruntime cpu", "worst_cos": 0.9999999, "ok": true}}"#,
+    )
+    .unwrap();
+    for (kind, extra) in [
+        ("pi05-per-step", vec!["--precision", "f32,bf16", "--baseline-json"]),
+        ("smolvla-four-graph", vec![]),
+    ] {
         let export = export_demo(dir.path(), kind);
-        let out = std::process::Command::new(BIN)
-            .args(["bench", "engines", "--export"])
-            .arg(&export)
-            .args([
-                "--export-engine",
-                "reference",
-                "--calls",
-                "4",
-                "--warmup",
-                "1",
-            ])
-            .output()
-            .unwrap();
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["bench", "engines", "--export"]).arg(&export).args([
+            "--export-engine",
+            "reference",
+            "--calls",
+            "4",
+            "--warmup",
+            "1",
+        ]);
+        cmd.args(&extra);
+        if !extra.is_empty() {
+            cmd.arg(&baseline);
+        }
+        let out = cmd.output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{kind}: {text}{err}");
@@ -421,7 +438,22 @@ fn bench_engines_runs_a_real_export_on_the_compiled_programs_and_checks_parity()
             .filter(|l| l.starts_with("cpu (tract) ") || l.starts_with("reference executor "))
             .filter(|l| l.trim_end().ends_with('x'))
             .collect();
-        assert_eq!(rows.len(), 2, "{kind}: {text}");
+        assert_eq!(rows.len(), 2 + usize::from(!extra.is_empty()), "{kind}: {text}");
+        if !extra.is_empty() {
+            // bf16 beside f32, held to its own bound; the baseline's rows and our ratios.
+            for needle in [
+                "reference executor bf16 vs cpu (tract): worst cos ",
+                "(bound: cos ≥ 0.999)",
+                "reference executor bf16: repeats bit-identical",
+                "baseline pytorch 2.9 onnx2torch 1.5.15 on cpu",
+                "pytorch + cuda graphs  failed: needs a GPU",
+                "parity vs onnxruntime cpu: worst cos 0.9999999, ok true",
+                "reference executor bf16 act p50 ",
+                "vs pytorch eager 1000.000 ms: ",
+            ] {
+                assert!(text.contains(needle), "{kind}: {needle:?} in\n{text}");
+            }
+        }
     }
     let export = dir.path().join("pi05-per-step");
     let out = std::process::Command::new(BIN)
