@@ -403,19 +403,24 @@ fn bench_engines_runs_a_real_export_on_the_compiled_programs_and_checks_parity()
     )
     .unwrap();
     for (kind, extra) in [
-        ("pi05-per-step", vec!["--precision", "f32,bf16", "--baseline-json"]),
+        (
+            "pi05-per-step",
+            vec!["--precision", "f32,bf16", "--baseline-json"],
+        ),
         ("smolvla-four-graph", vec![]),
     ] {
         let export = export_demo(dir.path(), kind);
         let mut cmd = std::process::Command::new(BIN);
-        cmd.args(["bench", "engines", "--export"]).arg(&export).args([
-            "--export-engine",
-            "reference",
-            "--calls",
-            "4",
-            "--warmup",
-            "1",
-        ]);
+        cmd.args(["bench", "engines", "--export"])
+            .arg(&export)
+            .args([
+                "--export-engine",
+                "reference",
+                "--calls",
+                "4",
+                "--warmup",
+                "1",
+            ]);
         cmd.args(&extra);
         if !extra.is_empty() {
             cmd.arg(&baseline);
@@ -438,7 +443,11 @@ fn bench_engines_runs_a_real_export_on_the_compiled_programs_and_checks_parity()
             .filter(|l| l.starts_with("cpu (tract) ") || l.starts_with("reference executor "))
             .filter(|l| l.trim_end().ends_with('x'))
             .collect();
-        assert_eq!(rows.len(), 2 + usize::from(!extra.is_empty()), "{kind}: {text}");
+        assert_eq!(
+            rows.len(),
+            2 + usize::from(!extra.is_empty()),
+            "{kind}: {text}"
+        );
         if !extra.is_empty() {
             // bf16 beside f32, held to its own bound; the baseline's rows and our ratios.
             for needle in [

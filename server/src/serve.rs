@@ -458,7 +458,11 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         anyhow::bail!(
             "--precision {} needs --engine cuda (or auto): the {} engine computes in f32",
             args.precision,
-            if args.engine == EngineKind::Cpu { "cpu" } else { "ort" }
+            if args.engine == EngineKind::Cpu {
+                "cpu"
+            } else {
+                "ort"
+            }
         );
     }
     let popts = PolicyOptions {
@@ -495,7 +499,11 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             entry_bytes = c.entry_bytes,
             max_bytes = c.max_bytes,
             location = c.location,
-            limited_by = if c.limited_by_bytes { "--cache-mb" } else { "--cache-entries" },
+            limited_by = if c.limited_by_bytes {
+                "--cache-mb"
+            } else {
+                "--cache-entries"
+            },
             "prefix cache bounded (worst case: every entry in use)"
         );
     }

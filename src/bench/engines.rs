@@ -69,8 +69,13 @@ pub struct EnginesBench {
     /// With --export-engine cuda|reference: the precisions to run, side by side (e.g.
     /// `f32,bf16`). f32 is held to cos ≥ 0.9999 and max |Δ| ≤ 1e-3 of scale against tract;
     /// f16 and bf16 to cos ≥ 0.999.
-    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "f32",
-          requires = "export")]
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "f32",
+        requires = "export"
+    )]
     pub precision: Vec<reflex_engine::engine::graph::Precision>,
     /// With --export-engine cuda|reference: a baseline's figures to print beside ours, with
     /// the ratio (the JSON `deploy/torch_baseline.py --json` writes: PyTorch eager and with

@@ -182,7 +182,11 @@ pub fn run(export: &Path, o: Options<'_>) -> anyhow::Result<()> {
         "export {}: {} on {}; {REQUESTS} distinct requests, {warmup} warm-up and {calls} measured calls per engine, interleaved",
         export.display(),
         sides[0].model.spec.model_type,
-        sides.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
+        sides
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     for i in 0..warmup + calls {
         let r = i % REQUESTS;
@@ -281,7 +285,10 @@ pub fn run(export: &Path, o: Options<'_>) -> anyhow::Result<()> {
     // CUDA graphs replay the same kernels: on = off, bit for bit, in each precision.
     for on in sides.iter().filter(|s| s.name.ends_with(" + graphs")) {
         let stem = on.name.trim_end_matches(" + graphs");
-        let Some(off) = sides.iter().find(|s| s.name == format!("{stem}, no graphs")) else {
+        let Some(off) = sides
+            .iter()
+            .find(|s| s.name == format!("{stem}, no graphs"))
+        else {
             continue;
         };
         let same = (0..REQUESTS).all(|r| match (&on.first[r], &off.first[r]) {
@@ -350,7 +357,9 @@ fn print_baseline(path: &Path, sides: &[Side]) -> anyhow::Result<()> {
         }
         println!(
             "  {mode:<22}{:>8}{:>20}{:>20}{:>20}",
-            m["load_s"].as_f64().map_or("-".into(), |s| format!("{s:.2}")),
+            m["load_s"]
+                .as_f64()
+                .map_or("-".into(), |s| format!("{s:.2}")),
             pp(&m["prefix_ms"]),
             pp(&m["denoise_ms"]),
             pp(&m["act_ms"])

@@ -270,7 +270,11 @@ pub fn inspect_cuda(
         .all(|g| g.unsupported.is_empty() && g.error.is_none());
     let mut load_error = None;
     if covered && !eg.v1 {
-        match crate::policy::load_vla_model(dir, seed, &crate::vla::Backend::Reference { precision }) {
+        match crate::policy::load_vla_model(
+            dir,
+            seed,
+            &crate::vla::Backend::Reference { precision },
+        ) {
             Ok(m) => {
                 for (file, p) in m.programs() {
                     let Some(((role, _), g)) = eg

@@ -1381,13 +1381,24 @@ mod tests {
                 cache_max_bytes,
                 ..Default::default()
             };
-            (dir.path().to_path_buf(), Policy::load(dir.path(), &opts).unwrap(), dir)
+            (
+                dir.path().to_path_buf(),
+                Policy::load(dir.path(), &opts).unwrap(),
+                dir,
+            )
         };
-        let entry = load(1024, DEFAULT_CACHE_BYTES).1.cache_capacity().unwrap().entry_bytes;
+        let entry = load(1024, DEFAULT_CACHE_BYTES)
+            .1
+            .cache_capacity()
+            .unwrap()
+            .entry_bytes;
         // Room for two and a half entries: two, whatever --cache-entries says.
         let (_, p, _d) = load(1024, entry * 5 / 2);
         let cap = p.cache_capacity().unwrap();
-        assert_eq!((cap.entries, cap.location, cap.limited_by_bytes), (2, "host", true));
+        assert_eq!(
+            (cap.entries, cap.location, cap.limited_by_bytes),
+            (2, "host", true)
+        );
         assert!(cap.max_bytes <= entry * 5 / 2);
         for shade in [1u8, 2, 3] {
             let mut i = input(Some(1));

@@ -613,7 +613,9 @@ impl Graph {
     ) -> Result<TVec<TValue>, EngineError> {
         let err = |message: String| self.run_err(message);
         if kept.is_some() && !matches!(self.exec, Exec::Program(_)) {
-            return Err(err("kept tensors fed to a graph that runs on tract or onnxruntime".into()));
+            return Err(err(
+                "kept tensors fed to a graph that runs on tract or onnxruntime".into(),
+            ));
         }
         // tract and onnxruntime take every input in the graph's own type, in order.
         let inputs = || -> Result<TVec<TValue>, EngineError> {
@@ -756,7 +758,10 @@ enum PrefixTensors {
     Host(Vec<TValue>),
     /// The handoff kept by the prefix graph's executor; the made tensors (an assembled
     /// prefix's length and mask, made on the host) beside it.
-    Kept { kept: Box<dyn Kept>, made: Vec<TValue> },
+    Kept {
+        kept: Box<dyn Kept>,
+        made: Vec<TValue>,
+    },
 }
 
 impl Prefix {
@@ -1672,7 +1677,10 @@ impl VlaModel {
         let handoff: Vec<&str> = self.handoff.iter().map(|(_, n)| n.as_str()).collect();
         let kept = match &prefix.tensors {
             PrefixTensors::Host(tensors) => {
-                let names = handoff.iter().copied().chain(self.made.iter().map(String::as_str));
+                let names = handoff
+                    .iter()
+                    .copied()
+                    .chain(self.made.iter().map(String::as_str));
                 for (name, t) in names.zip(tensors) {
                     feed.insert(name, t.clone());
                 }
@@ -2106,7 +2114,12 @@ mod tests {
                 crate::policy::load_vla_model(d.path(), &Default::default(), b)
                     .unwrap_or_else(|e| panic!("{kind} on {}: {e}", b.name()))
             };
-            let (tract, ours) = (load(&Backend::Tract), load(&Backend::Reference { precision: Precision::F32 }));
+            let (tract, ours) = (
+                load(&Backend::Tract),
+                load(&Backend::Reference {
+                    precision: Precision::F32,
+                }),
+            );
             assert_eq!(ours.engine, "reference");
             let cams = ours.spec.cameras.len();
             let frame = vec![0u8; ours.height * ours.width * 3];
@@ -2188,7 +2201,10 @@ mod tests {
                 };
                 let noise = crate::policy::gaussian_noise(9, m.chunk * m.action_width);
                 if m.is_monolithic() {
-                    (vec![], m.run_monolithic(&obs, &noise, state.as_deref()).unwrap())
+                    (
+                        vec![],
+                        m.run_monolithic(&obs, &noise, state.as_deref()).unwrap(),
+                    )
                 } else {
                     let p = m.prefix(&obs).unwrap();
                     let a = m.denoise(&p, &noise, state.as_deref()).unwrap();
@@ -2216,12 +2232,24 @@ mod tests {
                     let (cos, _) = crate::engine::cos_and_max_abs(ours, theirs);
                     assert!(cos >= 0.999, "{what}: cos {cos}");
                 };
-                check(format!("{kind} {precision} actions"), &actions, &f32_actions);
+                check(
+                    format!("{kind} {precision} actions"),
+                    &actions,
+                    &f32_actions,
+                );
                 for (i, (o, t)) in prefix.iter().zip(&f32_prefix).enumerate() {
                     check(format!("{kind} {precision} prefix tensor {i}"), o, t);
                 }
-                assert_ne!(bits(&actions), bits(&f32_ours), "{kind} {precision}: f32 bits");
-                assert_eq!(bits(&actions), bits(&run(&m).1), "{kind} {precision}: repeats");
+                assert_ne!(
+                    bits(&actions),
+                    bits(&f32_ours),
+                    "{kind} {precision}: f32 bits"
+                );
+                assert_eq!(
+                    bits(&actions),
+                    bits(&run(&m).1),
+                    "{kind} {precision}: repeats"
+                );
             }
         }
     }

@@ -759,7 +759,11 @@ fn load_program(
                 let half = match (bufs[g.a].half, bufs[g.b].half) {
                     (true, true) => Some((
                         half_type,
-                        if bufs[g.c].half { half_type } else { CUDA_R_32F },
+                        if bufs[g.c].half {
+                            half_type
+                        } else {
+                            CUDA_R_32F
+                        },
                     )),
                     (false, false) if !bufs[g.c].half => None,
                     _ => return Err(format!("op {i}: a GEMM mixes half and f32 operands")),
@@ -1513,10 +1517,7 @@ impl ProgramInner {
                 if part.bytes != want || part.buf != p.buffers[port.buf].dtype {
                     return Err(format!(
                         "input {} takes {want} bytes of {:?}, the kept tensor has {} of {:?}",
-                        port.name,
-                        p.buffers[port.buf].dtype,
-                        part.bytes,
-                        part.buf
+                        port.name, p.buffers[port.buf].dtype, part.bytes, part.buf
                     ));
                 }
                 fed[i] = true;
@@ -1536,18 +1537,31 @@ impl ProgramInner {
 
     /// Enqueues `before` (not captured: kept tensors' addresses differ per call), then the
     /// program's steps, replayed from a captured graph when graphs are on; waits.
-    fn launch(&mut self, before: &[Step], fed: Vec<bool>, to_host: Vec<bool>) -> Result<(), String> {
+    fn launch(
+        &mut self,
+        before: &[Step],
+        fed: Vec<bool>,
+        to_host: Vec<bool>,
+    ) -> Result<(), String> {
         self.dev.ctx.bind_to_thread().map_err(drv)?;
         exec(&self.dev.stream, &self.dev.blas, before)?;
         if self.graphs {
             let key = (fed, to_host);
             if !self.captured.contains_key(&key) {
-                let g = capture(&self.dev.stream, &self.dev.blas, &self.steps(&key.0, &key.1))?;
+                let g = capture(
+                    &self.dev.stream,
+                    &self.dev.blas,
+                    &self.steps(&key.0, &key.1),
+                )?;
                 self.captured.insert(key.clone(), g);
             }
             self.captured[&key].launch().map_err(drv)?;
         } else {
-            exec(&self.dev.stream, &self.dev.blas, &self.steps(&fed, &to_host))?;
+            exec(
+                &self.dev.stream,
+                &self.dev.blas,
+                &self.steps(&fed, &to_host),
+            )?;
         }
         self.dev.stream.synchronize().map_err(drv)
     }

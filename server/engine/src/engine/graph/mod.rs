@@ -1307,11 +1307,8 @@ fn half_precision(p: &mut Program, precision: Precision) {
     let mut half = vec![false; n];
     for b in 0..n {
         let buf = &p.buffers[b];
-        half[b] = storable[b]
-            && gathered[b]
-            && !loaded[b]
-            && buf.init.is_some()
-            && buf.len >= 1 << 16;
+        half[b] =
+            storable[b] && gathered[b] && !loaded[b] && buf.init.is_some() && buf.len >= 1 << 16;
     }
     let mut ops = Vec::with_capacity(p.ops.len());
     for op in std::mem::take(&mut p.ops) {

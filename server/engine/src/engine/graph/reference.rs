@@ -4,8 +4,8 @@
 //! slow and exists to test the compiler where no GPU is.
 
 use super::{
-    Precision,
-    AxisKind, BinOp, Buffer, CublasCall, DType, DeviceLoop, Expr, Op, Program, UnOp, cublas_call,
+    AxisKind, BinOp, Buffer, CublasCall, DType, DeviceLoop, Expr, Op, Precision, Program, UnOp,
+    cublas_call,
 };
 
 /// A value fed to or read from a whole program on the host, row-major.

@@ -912,16 +912,26 @@ fn half_precision_stores_only_what_maps_and_deep_gemms_touch() {
         // Every product a GEMM, as at full size.
         let f32p = compile_with(&model, file, Precision::F32, 0).unwrap();
         let mut p = compile_with(&model, file, Precision::BF16, 0).unwrap();
-        assert_eq!((f32p.precision, p.precision), (Precision::F32, Precision::BF16));
+        assert_eq!(
+            (f32p.precision, p.precision),
+            (Precision::F32, Precision::BF16)
+        );
         assert!(f32p.buffers.iter().all(|b| !b.half) && f32p.half_gemms == 0);
         let deep = p
             .ops
             .iter()
             .filter(|op| matches!(op, Op::Gemm(g) if g.k >= HALF_GEMM_K))
             .count();
-        assert!(deep > 0 && p.half_gemms == deep, "{file}: {deep} deep gemms");
+        assert!(
+            deep > 0 && p.half_gemms == deep,
+            "{file}: {deep} deep gemms"
+        );
         for port in p.inputs.iter().chain(&p.outputs) {
-            assert!(!p.buffers[port.buf].half, "{file}: port {} in half", port.name);
+            assert!(
+                !p.buffers[port.buf].half,
+                "{file}: port {} in half",
+                port.name
+            );
         }
         let half: Vec<bool> = p.buffers.iter().map(|b| b.half).collect();
         let mut copies = 0;
@@ -1002,12 +1012,21 @@ fn half_precision_programs_with_every_product_a_gemm_agree_with_tract() {
             inputs.push(t.into_tvalue());
             feeds.push((port.name.clone(), v));
         }
-        let feed = |name: &str| feeds.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        let feed = |name: &str| {
+            feeds
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
         let theirs = tract_outputs(&model, inputs);
         let f32_ours = super::reference::run_program(&f32p, &feed).unwrap();
         for precision in [Precision::BF16, Precision::F16] {
             let p = compile_with(&model, file, precision, 0).unwrap();
-            let gemms = p.ops.iter().filter(|op| matches!(op, super::Op::Gemm(_))).count();
+            let gemms = p
+                .ops
+                .iter()
+                .filter(|op| matches!(op, super::Op::Gemm(_)))
+                .count();
             assert!(
                 p.half_gemms * 2 > gemms,
                 "{file} {precision}: {} of {gemms} gemms in half",
@@ -1049,7 +1068,11 @@ fn half_precision_programs_with_every_product_a_gemm_agree_with_tract() {
                 if k == 0 {
                     assert_ne!(
                         o.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                        f32_ours[0].to_f32().iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        f32_ours[0]
+                            .to_f32()
+                            .iter()
+                            .map(|x| x.to_bits())
+                            .collect::<Vec<_>>(),
                         "{file} {precision}: the f32 bits"
                     );
                 }
@@ -1057,4 +1080,3 @@ fn half_precision_programs_with_every_product_a_gemm_agree_with_tract() {
         }
     }
 }
-
