@@ -718,7 +718,12 @@ fn load_program(
     }
     stream.synchronize().map_err(drv)?;
 
-    let (layernorm, softmax) = (f("rf_layernorm")?, f("rf_softmax")?);
+    // The row kernels' instantiation for their output's storage.
+    let suffix = |out: usize| match (program.buffers[out].half, program.precision) {
+        (true, graph::Precision::F16) => "_f16",
+        (true, graph::Precision::BF16) => "_bf16",
+        _ => "",
+    };
     let blocks = |n: usize| n.div_ceil(MAP_BLOCK as usize) as u32;
     let along_axis =
         |func, x: usize, out: usize, outer: usize, len: usize, inner: usize| Step::Kernel {
@@ -786,7 +791,7 @@ fn load_program(
                 dim,
                 eps,
             } => Step::Kernel {
-                func: layernorm.clone(),
+                func: f(&format!("rf_layernorm{}", suffix(*out)))?,
                 grid: *rows as u32,
                 block: ROW_BLOCK,
                 args: vec![
@@ -799,7 +804,7 @@ fn load_program(
                 ],
             },
             Op::Softmax { x, out, rows, dim } => Step::Kernel {
-                func: softmax.clone(),
+                func: f(&format!("rf_softmax{}", suffix(*out)))?,
                 grid: *rows as u32,
                 block: ROW_BLOCK,
                 args: vec![p(*x), p(*out), Arg::I32(*dim as i32)],
@@ -1935,6 +1940,11 @@ mod tests {
                 let text = ptx.to_src();
                 for k in kernels.iter().flatten() {
                     assert!(text.contains(&format!(".entry {}(", k.name)), "{}", k.name);
+                }
+                for k in ["rf_softmax", "rf_layernorm"] {
+                    for suffix in ["", "_f16", "_bf16"] {
+                        assert!(text.contains(&format!(".entry {k}{suffix}(")), "{k}{suffix}");
+                    }
                 }
             }
         }

@@ -16,11 +16,40 @@ pub const ROW_BLOCK: u32 = 128;
 
 /// Kernels every program uses; argument order is the launch order in the engine.
 pub const FIXED: &str = r#"
-extern "C" __global__ void rf_layernorm(const float* __restrict__ x, const float* __restrict__ g,
-        const float* __restrict__ b, float* __restrict__ y, int dim, float eps) {
+// Half storage (`--precision f16|bf16`): 2-byte values, computed in f32. Conversions round
+// to nearest even, as the reference executor's (the `half` crate's) do.
+struct rf_f16 { unsigned short x; };
+struct rf_bf16 { unsigned short x; };
+__device__ __forceinline__ float rf_ld(float v) { return v; }
+__device__ __forceinline__ float rf_ld(rf_f16 v) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x)); return f;
+}
+__device__ __forceinline__ float rf_ld(rf_bf16 v) {
+    return __uint_as_float(((unsigned)v.x) << 16);
+}
+__device__ __forceinline__ rf_f16 rf_to_f16(float f) {
+    rf_f16 r; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(f)); return r;
+}
+__device__ __forceinline__ rf_bf16 rf_to_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    rf_bf16 r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) { r.x = (unsigned short)((u >> 16) | 0x40u); return r; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    r.x = (unsigned short)(u >> 16);
+    return r;
+}
+__device__ __forceinline__ void rf_st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void rf_st(rf_f16* p, float v) { *p = rf_to_f16(v); }
+__device__ __forceinline__ void rf_st(rf_bf16* p, float v) { *p = rf_to_bf16(v); }
+
+// The row kernels write their output in its buffer's storage (float, or half under
+// `--precision`): one template, an instantiation per storage.
+template <typename T>
+__device__ __forceinline__ void rf_layernorm_t(const float* __restrict__ x, const float* __restrict__ g,
+        const float* __restrict__ b, T* __restrict__ y, int dim, float eps) {
     __shared__ float sh[128];
     const float* row = x + (long long)blockIdx.x * dim;
-    float* out = y + (long long)blockIdx.x * dim;
+    T* out = y + (long long)blockIdx.x * dim;
     float s = 0.f;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) s += row[i];
     sh[threadIdx.x] = s;
@@ -40,13 +69,15 @@ extern "C" __global__ void rf_layernorm(const float* __restrict__ x, const float
         __syncthreads();
     }
     const float inv = 1.f / sqrtf(sh[0] / dim + eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[i] = (row[i] - mean) * inv * g[i] + b[i];
+    for (int i = threadIdx.x; i < dim; i += blockDim.x)
+        rf_st(out + i, (row[i] - mean) * inv * g[i] + b[i]);
 }
 
-extern "C" __global__ void rf_softmax(const float* __restrict__ x, float* __restrict__ y, int dim) {
+template <typename T>
+__device__ __forceinline__ void rf_softmax_t(const float* __restrict__ x, T* __restrict__ y, int dim) {
     __shared__ float sh[128];
     const float* row = x + (long long)blockIdx.x * dim;
-    float* out = y + (long long)blockIdx.x * dim;
+    T* out = y + (long long)blockIdx.x * dim;
     float m = -__int_as_float(0x7f800000);
     for (int i = threadIdx.x; i < dim; i += blockDim.x) m = fmaxf(m, row[i]);
     sh[threadIdx.x] = m;
@@ -66,8 +97,18 @@ extern "C" __global__ void rf_softmax(const float* __restrict__ x, float* __rest
         __syncthreads();
     }
     const float inv = 1.f / sh[0];
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[i] = expf(row[i] - mx) * inv;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) rf_st(out + i, expf(row[i] - mx) * inv);
 }
+
+#define RF_ROWS(SUFFIX, T) \
+extern "C" __global__ void rf_layernorm##SUFFIX(const float* __restrict__ x, \
+        const float* __restrict__ g, const float* __restrict__ b, T* __restrict__ y, int dim, \
+        float eps) { rf_layernorm_t<T>(x, g, b, y, dim, eps); } \
+extern "C" __global__ void rf_softmax##SUFFIX(const float* __restrict__ x, T* __restrict__ y, \
+        int dim) { rf_softmax_t<T>(x, y, dim); }
+RF_ROWS(, float)
+RF_ROWS(_f16, rf_f16)
+RF_ROWS(_bf16, rf_bf16)
 
 extern "C" __global__ void rf_mean(const float* __restrict__ x, float* __restrict__ y,
         int outer, int len, int inner) {
@@ -138,29 +179,6 @@ __device__ __forceinline__ float rf_gelu(float x) {
 
 __device__ __forceinline__ float rf_gelu_tanh(float x) {
     return 0.5f * x * (1.f + tanhf(0.79788456080286535588f * (x + 0.044715f * x * x * x)));
-}
-
-// Half storage (`--precision f16|bf16`): 2-byte values, computed in f32. Conversions round
-// to nearest even, as the reference executor's (the `half` crate's) do.
-struct rf_f16 { unsigned short x; };
-struct rf_bf16 { unsigned short x; };
-__device__ __forceinline__ float rf_ld(float v) { return v; }
-__device__ __forceinline__ float rf_ld(rf_f16 v) {
-    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x)); return f;
-}
-__device__ __forceinline__ float rf_ld(rf_bf16 v) {
-    return __uint_as_float(((unsigned)v.x) << 16);
-}
-__device__ __forceinline__ rf_f16 rf_to_f16(float f) {
-    rf_f16 r; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(f)); return r;
-}
-__device__ __forceinline__ rf_bf16 rf_to_bf16(float f) {
-    unsigned u = __float_as_uint(f);
-    rf_bf16 r;
-    if ((u & 0x7fffffffu) > 0x7f800000u) { r.x = (unsigned short)((u >> 16) | 0x40u); return r; }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    r.x = (unsigned short)(u >> 16);
-    return r;
 }
 
 __device__ __forceinline__ long long rf_row(long long r, long long rows) {

@@ -1273,8 +1273,9 @@ fn visit_reads(e: &Expr, f: &mut dyn FnMut(usize, bool)) {
 /// - a GEMM of depth ≥ [`HALF_GEMM_K`] takes half operands (tensor cores; cuBLAS
 ///   `GemmEx`, f32 accumulation) and writes a half result where it may;
 /// - a buffer may be half when it is a float32 activation or weight that only maps and such
-///   GEMMs touch: graph inputs and outputs (the host's staging, the prefix's handoff), the
-///   norms', softmax's and the loop's buffers, bools and integers stay f32;
+///   GEMMs touch, or a LayerNorm's or Softmax's output (its kernel stores half): graph inputs
+///   and outputs (the host's staging, the prefix's handoff), what the row kernels read, the
+///   reductions' and the loop's buffers, bools and integers stay f32;
 /// - an operand that must stay f32 is copied to a half buffer just before the GEMM;
 /// - an embedding table (a weight of ≥ 64Ki values that is only gathered from) is half.
 ///
@@ -1301,6 +1302,14 @@ fn half_precision(p: &mut Program, precision: Precision) {
                     loaded[b] = true;
                 }
             }),
+            // The row kernels read f32 and may write half (one instantiation per storage).
+            Op::LayerNorm { .. } | Op::Softmax { .. } => {
+                op.clone().for_each_buf(&mut |b, written| {
+                    if !written {
+                        storable[*b] = false;
+                    }
+                })
+            }
             other => other.clone().for_each_buf(&mut |b, _| storable[*b] = false),
         }
     }
