@@ -3,6 +3,8 @@
 #
 #   cargo build --release            # on any x86-64 machine; no CUDA needed to build
 #   bash deploy/gpu-check.sh          # on the GPU machine, next to target/release/reflex
+# or, where only 64 MiB can be carried: `bash deploy/gpu-prep.sh` here, then carry
+# target/gpu-carry and target/baseline-wheels and run `bash deploy/gpu-check.sh` there.
 #
 # Needs: an NVIDIA driver (libcuda.so.1) and the CUDA 13 libcublas/libnvrtc, found through
 # LD_LIBRARY_PATH (default below: /usr/local/cuda-13.0). It checks, and exits non-zero when
@@ -40,6 +42,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${REFLEX_BIN:-$PWD/target/release/reflex}
+# What deploy/gpu-prep.sh carries: the stripped binary, xz-compressed (unpacked with Python's
+# lzma, which every Python has).
+if [ ! -x "$BIN" ] && [ -f target/gpu-carry/reflex.xz ]; then
+  BIN=$PWD/target/gpu-carry/reflex
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    target/gpu-carry/reflex.xz "$BIN"
+  chmod +x "$BIN"
+fi
 CUDA_LIB=${CUDA_LIB:-/usr/local/cuda-13.0/targets/x86_64-linux/lib}
 export LD_LIBRARY_PATH="$CUDA_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 OUT=${OUT:-$(mktemp -d)}
