@@ -834,16 +834,17 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_eager(model, feed, c, calls, warmup):
-    dev = model.device
+def time_acts(step_prefix, step_denoise, dev, calls, warmup):
+    """Times `warmup + calls` Acts: step_prefix(), then step_denoise(its result), the device
+    synchronised around each; the measured ones' prefix, denoise and Act ms."""
     pre_ms, den_ms, act_ms = [], [], []
     for i in range(warmup + calls):
         sync(dev)
         t0 = time.perf_counter()
-        pre = model.prefix(feed, c)
+        pre = step_prefix()
         sync(dev)
         t1 = time.perf_counter()
-        model.denoise(feed, pre, c)
+        step_denoise(pre)
         sync(dev)
         t2 = time.perf_counter()
         if i >= warmup:
@@ -851,6 +852,16 @@ def time_eager(model, feed, c, calls, warmup):
             den_ms.append((t2 - t1) * 1e3)
             act_ms.append((t2 - t0) * 1e3)
     return pre_ms, den_ms, act_ms
+
+
+def time_eager(model, feed, c, calls, warmup):
+    return time_acts(
+        lambda: model.prefix(feed, c),
+        lambda pre: model.denoise(feed, pre, c),
+        model.device,
+        calls,
+        warmup,
+    )
 
 
 def time_graphs(model, feed, c, calls, warmup):
@@ -877,21 +888,13 @@ def time_graphs(model, feed, c, calls, warmup):
         out = model.denoise(feed, pre, c)
     sync(dev)
     capture_s = time.perf_counter() - t0
-    pre_ms, den_ms, act_ms = [], [], []
-    for i in range(warmup + calls):
-        sync(dev)
-        t0 = time.perf_counter()
-        if not monolithic:
-            g_pre.replay()
-            sync(dev)
-        t1 = time.perf_counter()
-        g_den.replay()
-        sync(dev)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            pre_ms.append((t1 - t0) * 1e3)
-            den_ms.append((t2 - t1) * 1e3)
-            act_ms.append((t2 - t0) * 1e3)
+    pre_ms, den_ms, act_ms = time_acts(
+        (lambda: None) if monolithic else g_pre.replay,
+        lambda _: g_den.replay(),
+        dev,
+        calls,
+        warmup,
+    )
     return pre_ms, den_ms, act_ms, capture_s, out
 
 

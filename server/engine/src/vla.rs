@@ -2142,24 +2142,19 @@ mod tests {
             };
             let noise = crate::policy::gaussian_noise(3, ours.chunk * ours.action_width);
             let run = |m: &VlaModel| -> (Vec<Vec<f32>>, Vec<f32>) {
-                if m.is_monolithic() {
-                    (
-                        vec![],
-                        m.run_monolithic(&obs, &noise, state.as_deref()).unwrap(),
-                    )
-                } else {
-                    let p = m.prefix(&obs).unwrap();
-                    let actions = m.denoise(&p, &noise, state.as_deref()).unwrap();
-                    if m.engine == "reference" {
-                        // The programs' prefix stays with their executor (the device, for
-                        // cuda); fed from the host instead, the expert gives the same bits.
-                        assert!(matches!(p.tensors, PrefixTensors::Kept { .. }), "{kind}");
-                        let host = on_host(m, &p);
-                        let again = m.denoise(&host, &noise, state.as_deref()).unwrap();
-                        assert_eq!(bits(&actions), bits(&again), "{kind}: kept vs host prefix");
-                    }
-                    (p.to_f32().unwrap(), actions)
+                let (p, actions) = model_act(m, &obs, &noise, state.as_deref());
+                let Some(p) = p else {
+                    return (vec![], actions);
+                };
+                if m.engine == "reference" {
+                    // The programs' prefix stays with their executor (the device, for cuda);
+                    // fed from the host instead, the expert gives the same bits.
+                    assert!(matches!(p.tensors, PrefixTensors::Kept { .. }), "{kind}");
+                    let host = on_host(m, &p);
+                    let again = m.denoise(&host, &noise, state.as_deref()).unwrap();
+                    assert_eq!(bits(&actions), bits(&again), "{kind}: kept vs host prefix");
                 }
+                (p.to_f32().unwrap(), actions)
             };
             let (their_prefix, theirs) = run(&tract);
             let (our_prefix, actions) = run(&ours);
@@ -2200,16 +2195,8 @@ mod tests {
                     state: state.as_deref(),
                 };
                 let noise = crate::policy::gaussian_noise(9, m.chunk * m.action_width);
-                if m.is_monolithic() {
-                    (
-                        vec![],
-                        m.run_monolithic(&obs, &noise, state.as_deref()).unwrap(),
-                    )
-                } else {
-                    let p = m.prefix(&obs).unwrap();
-                    let a = m.denoise(&p, &noise, state.as_deref()).unwrap();
-                    (p.to_f32().unwrap(), a)
-                }
+                let (p, a) = model_act(m, &obs, &noise, state.as_deref());
+                (p.map_or(vec![], |p| p.to_f32().unwrap()), a)
             };
             let (f32_prefix, f32_actions) = run(&load(&Backend::Tract));
             let f32_ours = run(&load(&Backend::Reference {
@@ -2252,6 +2239,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// One Act at the model level: the prefix (none for a monolithic export) and the actions.
+    fn model_act(
+        m: &VlaModel,
+        obs: &Observation<'_>,
+        noise: &[f32],
+        state: Option<&[f32]>,
+    ) -> (Option<Prefix>, Vec<f32>) {
+        if m.is_monolithic() {
+            return (None, m.run_monolithic(obs, noise, state).unwrap());
+        }
+        let p = m.prefix(obs).unwrap();
+        let a = m.denoise(&p, noise, state).unwrap();
+        (Some(p), a)
     }
 
     /// A kept prefix's tensors brought to the host, as tract's prefix holds them.

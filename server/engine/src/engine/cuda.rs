@@ -1943,7 +1943,10 @@ mod tests {
                 }
                 for k in ["rf_softmax", "rf_layernorm"] {
                     for suffix in ["", "_f16", "_bf16"] {
-                        assert!(text.contains(&format!(".entry {k}{suffix}(")), "{k}{suffix}");
+                        assert!(
+                            text.contains(&format!(".entry {k}{suffix}(")),
+                            "{k}{suffix}"
+                        );
                     }
                 }
             }

@@ -216,31 +216,11 @@ fn longest_dot(e: &Expr) -> i64 {
 }
 
 fn collect_bufs(e: &Expr, out: &mut Vec<usize>) {
-    let mut add = |b: usize| {
+    super::visit_reads(e, &mut |b, _| {
         if !out.contains(&b) {
             out.push(b);
         }
-    };
-    match e {
-        Expr::Load { src, .. } => add(*src),
-        Expr::Gather { table, index, .. } => {
-            add(*table);
-            add(*index);
-        }
-        Expr::Const(_) => {}
-        Expr::Unary(_, x) => collect_bufs(x, out),
-        Expr::Binary(_, a, b) | Expr::Dot { a, b, .. } => {
-            collect_bufs(a, out);
-            collect_bufs(b, out);
-        }
-        Expr::Where(c, a, b) => {
-            collect_bufs(c, out);
-            collect_bufs(a, out);
-            collect_bufs(b, out);
-        }
-        Expr::Select { parts, .. } => parts.iter().for_each(|p| collect_bufs(p, out)),
-        Expr::Reshape { expr, .. } => collect_bufs(expr, out),
-    }
+    });
 }
 
 /// Names of the coordinates in scope and the shape they index.
@@ -292,29 +272,18 @@ impl Printer<'_> {
     /// immediately-invoked lambdas, so a select evaluates only its branch.
     fn print(&mut self, e: &Expr, sc: &Scope) -> String {
         let buf = |b: usize| format!("b{b}");
-        let half = |b: usize| c_type(self.program, b).starts_with("rf_");
+        // A half buffer's element is read as f32 through rf_ld.
+        let read = |b: usize, at: String| {
+            if c_type(self.program, b).starts_with("rf_") {
+                format!("rf_ld({at})")
+            } else {
+                at
+            }
+        };
         match e {
-            Expr::Load { src, coefs, offset } if half(*src) => {
-                format!("rf_ld({}[{}])", buf(*src), index(coefs, *offset, &sc.vars))
-            }
-            Expr::Load { src, coefs, offset } => {
-                format!("{}[{}]", buf(*src), index(coefs, *offset, &sc.vars))
-            }
-            Expr::Gather {
-                table,
-                rows,
-                row_len,
-                index: idx,
-                index_coefs,
-                index_offset,
-                row_coefs,
-                row_offset,
-            } if half(*table) => format!(
-                "rf_ld({}[rf_row({}[{}], {rows}LL) * {row_len}LL + {}])",
-                buf(*table),
-                buf(*idx),
-                index(index_coefs, *index_offset, &sc.vars),
-                index(row_coefs, *row_offset, &sc.vars)
+            Expr::Load { src, coefs, offset } => read(
+                *src,
+                format!("{}[{}]", buf(*src), index(coefs, *offset, &sc.vars)),
             ),
             Expr::Gather {
                 table,
@@ -325,12 +294,15 @@ impl Printer<'_> {
                 index_offset,
                 row_coefs,
                 row_offset,
-            } => format!(
-                "{}[rf_row({}[{}], {rows}LL) * {row_len}LL + {}]",
-                buf(*table),
-                buf(*idx),
-                index(index_coefs, *index_offset, &sc.vars),
-                index(row_coefs, *row_offset, &sc.vars)
+            } => read(
+                *table,
+                format!(
+                    "{}[rf_row({}[{}], {rows}LL) * {row_len}LL + {}]",
+                    buf(*table),
+                    buf(*idx),
+                    index(index_coefs, *index_offset, &sc.vars),
+                    index(row_coefs, *row_offset, &sc.vars)
+                ),
             ),
             // Exact bits, whatever the value.
             Expr::Const(c) => format!("__int_as_float({:#010x})", c.to_bits()),

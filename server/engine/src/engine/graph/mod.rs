@@ -1246,8 +1246,8 @@ pub fn compile_with(
 /// times a frequency) stay f32.
 pub const HALF_GEMM_K: usize = 16;
 
-/// Every buffer an expression reads: `f(buffer, as a gather table)`.
-fn visit_reads(e: &Expr, f: &mut dyn FnMut(usize, bool)) {
+/// Every buffer an expression reads, in order: `f(buffer, as a gather table)`.
+pub(crate) fn visit_reads(e: &Expr, f: &mut dyn FnMut(usize, bool)) {
     match e {
         Expr::Load { src, .. } => f(*src, false),
         Expr::Gather { table, index, .. } => {

@@ -969,7 +969,10 @@ fn half_precision_stores_only_what_maps_and_deep_gemms_touch() {
         }
         assert!(copies >= p.half_copies, "{file}");
         // Attention's probabilities (softmax) feed P·V without a copy.
-        assert!(row_outputs_in_half > 0, "{file}: no softmax or norm writes half");
+        assert!(
+            row_outputs_in_half > 0,
+            "{file}: no softmax or norm writes half"
+        );
         for b in p.buffers.iter().filter(|b| b.half) {
             assert_eq!(b.dtype, DType::F32);
             assert_eq!(b.bytes(Precision::BF16), b.len * 2);
@@ -1091,4 +1094,3 @@ fn half_precision_programs_with_every_product_a_gemm_agree_with_tract() {
         }
     }
 }
-
