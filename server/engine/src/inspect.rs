@@ -86,6 +86,8 @@ pub struct Plan {
     pub nodes_without_launch: usize,
     /// Exact-GELU five-node patterns fused into one function.
     pub fused_gelu: usize,
+    /// RMSNorm statistics `mean(x·x)` read as one row reduction (the square not written).
+    pub fused_square_means: usize,
     pub weight_bytes: u64,
     pub activation_bytes: u64,
     /// `f32`, `f16` or `bf16` (`--precision`), and in half: the GEMMs on half operands and
@@ -157,6 +159,7 @@ pub fn plan(p: &Program) -> Plan {
         reductions,
         nodes_without_launch: p.nodes.saturating_sub(p.launches()),
         fused_gelu: p.fused_gelu,
+        fused_square_means: p.fused_square_means,
         weight_bytes: p
             .buffers
             .iter()
@@ -486,13 +489,14 @@ pub fn render(r: &Report) -> String {
         if let Some(p) = &g.plan {
             let _ = writeln!(
                 s,
-                "  plan: {} ({}, {}, {}); {} without a launch of their own (fused, views, load-time constants; {} fused)",
+                "  plan: {} ({}, {}, {}); {} without a launch of their own (fused, views, load-time constants; {} fused, {} RMSNorm squares read in their mean)",
                 plural(p.launches, "launch"),
                 plural(p.maps, "map"),
                 plural(p.gemms, "gemm"),
                 plural(p.reductions, "row reduction"),
                 plural(p.nodes_without_launch, "node"),
-                plural(p.fused_gelu, "GELU pattern")
+                plural(p.fused_gelu, "GELU pattern"),
+                p.fused_square_means
             );
             let _ = writeln!(
                 s,

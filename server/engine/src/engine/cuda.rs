@@ -819,12 +819,28 @@ fn load_program(
                 len,
                 inner,
             } => {
-                let func = f(match kind {
-                    graph::AxisKind::Mean => "rf_mean",
-                    graph::AxisKind::Sum => "rf_sum",
-                    graph::AxisKind::CumSum => "rf_cumsum",
-                })?;
-                along_axis(func, *x, *out, *outer, *len, *inner)
+                use graph::AxisKind;
+                if *inner == 1 && *kind != AxisKind::CumSum {
+                    // Contiguous rows: a block per row.
+                    Step::Kernel {
+                        func: f(match kind {
+                            AxisKind::Mean => "rf_row_mean",
+                            AxisKind::MeanSquare => "rf_row_mean_sq",
+                            _ => "rf_row_sum",
+                        })?,
+                        grid: *outer as u32,
+                        block: ROW_BLOCK,
+                        args: vec![p(*x), p(*out), Arg::I32(*len as i32)],
+                    }
+                } else {
+                    let func = f(match kind {
+                        AxisKind::Sum => "rf_sum",
+                        AxisKind::CumSum => "rf_cumsum",
+                        // MeanSquare is only made for contiguous rows.
+                        _ => "rf_mean",
+                    })?;
+                    along_axis(func, *x, *out, *outer, *len, *inner)
+                }
             }
             Op::Fill { .. } | Op::Step { .. } => {
                 return Err("a graph program holds no loop steps".into());
@@ -1974,7 +1990,13 @@ mod tests {
                     k.name
                 );
             }
-            for k in ["rf_sum", "rf_cumsum"] {
+            for k in [
+                "rf_sum",
+                "rf_cumsum",
+                "rf_row_mean",
+                "rf_row_sum",
+                "rf_row_mean_sq",
+            ] {
                 assert!(text.contains(&format!(".entry {k}(")), "{k} missing");
             }
         }

@@ -110,6 +110,39 @@ RF_ROWS(, float)
 RF_ROWS(_f16, rf_f16)
 RF_ROWS(_bf16, rf_bf16)
 
+// The mean or sum of each contiguous row (an axis with nothing inside it: RMSNorm's mean of
+// squares, a pooling): a block per row, the same tree as the norms, so a long row is read by
+// all the block's threads instead of one thread walking it.
+template <bool SQUARE>
+__device__ __forceinline__ float rf_row_total(const float* __restrict__ row, int len) {
+    __shared__ float sh[128];
+    float s = 0.f;
+    for (int i = threadIdx.x; i < len; i += blockDim.x) { const float v = row[i]; s += SQUARE ? v * v : v; }
+    sh[threadIdx.x] = s;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) sh[threadIdx.x] += sh[threadIdx.x + o];
+        __syncthreads();
+    }
+    return sh[0];
+}
+
+extern "C" __global__ void rf_row_mean(const float* __restrict__ x, float* __restrict__ y, int len) {
+    const float t = rf_row_total<false>(x + (long long)blockIdx.x * len, len);
+    if (threadIdx.x == 0) y[blockIdx.x] = t / len;
+}
+
+// RMSNorm's statistic: the square read in the reduction (AxisKind::MeanSquare).
+extern "C" __global__ void rf_row_mean_sq(const float* __restrict__ x, float* __restrict__ y, int len) {
+    const float t = rf_row_total<true>(x + (long long)blockIdx.x * len, len);
+    if (threadIdx.x == 0) y[blockIdx.x] = t / len;
+}
+
+extern "C" __global__ void rf_row_sum(const float* __restrict__ x, float* __restrict__ y, int len) {
+    const float t = rf_row_total<false>(x + (long long)blockIdx.x * len, len);
+    if (threadIdx.x == 0) y[blockIdx.x] = t;
+}
+
 extern "C" __global__ void rf_mean(const float* __restrict__ x, float* __restrict__ y,
         int outer, int len, int inner) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;

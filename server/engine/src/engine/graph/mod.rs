@@ -468,6 +468,9 @@ pub enum AxisKind {
     Mean,
     Sum,
     CumSum,
+    /// The mean of the squares of contiguous rows (`inner` = 1): RMSNorm's statistic, the
+    /// x·x map fused into the reduction instead of written out.
+    MeanSquare,
 }
 
 /// A graph input or output: its name, buffer and shape.
@@ -490,6 +493,8 @@ pub struct Program {
     pub nodes: usize,
     /// Exact-GELU five-node patterns fused into one function (see `fuse_gelu`).
     pub fused_gelu: usize,
+    /// `mean(x·x)` over rows (RMSNorm) read as one reduction ([`AxisKind::MeanSquare`]).
+    pub fused_square_means: usize,
     /// Float64 work on a run-time scalar, done on the host per call ([`host`]); its
     /// results are inputs of this program.
     pub host: Option<host::HostIsland>,
@@ -927,6 +932,8 @@ struct Lowering {
     seqs: HashMap<String, Vec<Value>>,
     /// Products up to this many multiply-adds are fused dots ([`DOT_MACS`]).
     dot_macs: usize,
+    /// RMSNorm statistics whose square was fused into the reduction.
+    fused_square_means: usize,
 }
 
 fn strides(shape: &[usize]) -> Vec<i64> {
@@ -1377,6 +1384,7 @@ fn lower(model: &pb::ModelProto, name: &str, dot_macs: usize) -> Result<Program,
         uses: HashMap::new(),
         seqs: HashMap::new(),
         dot_macs,
+        fused_square_means: 0,
     };
     let nodes = fuse_gelu(graph);
     for node in &nodes {
@@ -1467,6 +1475,7 @@ fn lower(model: &pb::ModelProto, name: &str, dot_macs: usize) -> Result<Program,
         ops: l.ops,
         nodes: graph.node.len(),
         fused_gelu: (graph.node.len() - nodes.len()) / 4,
+        fused_square_means: l.fused_square_means,
         host: None,
         precision: Precision::F32,
         half_gemms: 0,
@@ -2675,11 +2684,45 @@ impl Lowering {
                 }
                 let axis = norm_axis(axes[0], rank)?;
                 let outer = x.shape[..axis].iter().product();
-                let inner = x.shape[axis + 1..].iter().product();
-                let xb = self.materialize(&x);
+                let inner: usize = x.shape[axis + 1..].iter().product();
+                // mean(x·x) over the last axis (RMSNorm): the square is read in the reduction.
+                let squared = match &x.src {
+                    Source::Pending(Expr::Binary(op, a, b))
+                        if inner == 1
+                            && match op {
+                                BinOp::Mul => a == b,
+                                BinOp::Pow => **b == Expr::Const(2.0),
+                                _ => false,
+                            } =>
+                    {
+                        match a.as_ref() {
+                            // Contiguous: row-major strides (any coefficient on a size-1 axis).
+                            Expr::Load { src, coefs, offset }
+                                if *offset == 0
+                                    && coefs.len() == x.shape.len()
+                                    && coefs
+                                        .iter()
+                                        .zip(strides(&x.shape))
+                                        .zip(&x.shape)
+                                        .all(|((c, s), &n)| n == 1 || *c == s) =>
+                            {
+                                Some(*src)
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                let (kind, xb) = match squared {
+                    Some(b) => {
+                        self.fused_square_means += 1;
+                        (AxisKind::MeanSquare, b)
+                    }
+                    None => (AxisKind::Mean, self.materialize(&x)),
+                };
                 let o = self.buffer(outer * inner, DType::F32, None);
                 self.ops.push(Op::Axis {
-                    kind: AxisKind::Mean,
+                    kind,
                     x: xb,
                     out: o,
                     outer,

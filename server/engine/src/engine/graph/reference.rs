@@ -452,14 +452,21 @@ fn run_op(op: &Op, m: &mut Memory) {
                     for i in 0..*inner {
                         let mut s = 0.0f32;
                         for l in 0..*len {
-                            s += m.f[*x][(o * len + l) * inner + i];
+                            let v = m.f[*x][(o * len + l) * inner + i];
+                            s += if *kind == AxisKind::MeanSquare {
+                                v * v
+                            } else {
+                                v
+                            };
                             if *kind == AxisKind::CumSum {
                                 m.f[*out][(o * len + l) * inner + i] = s;
                             }
                         }
                         match kind {
                             AxisKind::Sum => m.f[*out][o * inner + i] = s,
-                            AxisKind::Mean => m.f[*out][o * inner + i] = s / *len as f32,
+                            AxisKind::Mean | AxisKind::MeanSquare => {
+                                m.f[*out][o * inner + i] = s / *len as f32
+                            }
                             AxisKind::CumSum => {}
                         }
                     }

@@ -282,6 +282,7 @@ fn the_supported_operator_list_is_what_the_lowering_accepts() {
         uses: HashMap::new(),
         seqs: HashMap::new(),
         dot_macs: DOT_MACS,
+        fused_square_means: 0,
     };
     let node = |op: &str| pb::NodeProto {
         op_type: op.into(),
@@ -1090,6 +1091,58 @@ fn half_precision_programs_with_every_product_a_gemm_agree_with_tract() {
                         "{file} {precision}: the f32 bits"
                     );
                 }
+            }
+        }
+    }
+}
+
+/// RMSNorm's `mean(x²)`: the square is read inside the row reduction, not written out by a
+/// map first (one launch and one activation fewer per norm); the pi0.5 fixture programs
+/// agree with tract through it (the fixture tests above).
+#[test]
+fn rmsnorm_squares_are_read_in_their_mean() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::fixtures::write(crate::fixtures::Kind::Pi05, dir.path(), 1).unwrap();
+    for file in ["vlm_prefix.onnx", "expert_denoise.onnx"] {
+        let p = compile_file(&dir.path().join(file)).unwrap();
+        let fused = p
+            .ops
+            .iter()
+            .filter(|op| {
+                matches!(
+                    op,
+                    super::Op::Axis {
+                        kind: AxisKind::MeanSquare,
+                        inner: 1,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert!(
+            fused > 0 && fused == p.fused_square_means,
+            "{file}: {fused}"
+        );
+        // The squared rows are read from the norm's input itself: a buffer some other op
+        // also reads (the `x ·` of x / rms), not a map's private output.
+        for op in &p.ops {
+            if let super::Op::Axis {
+                kind: AxisKind::MeanSquare,
+                x,
+                ..
+            } = op
+            {
+                let readers = p
+                    .ops
+                    .iter()
+                    .filter(|o| {
+                        let mut o = (*o).clone();
+                        let mut reads = false;
+                        o.for_each_buf(&mut |b, w| reads |= !w && *b == *x);
+                        reads
+                    })
+                    .count();
+                assert!(readers >= 2, "{file}: buffer {x} read by {readers}");
             }
         }
     }
