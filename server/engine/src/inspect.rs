@@ -127,14 +127,6 @@ fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-/// Bytes of one value on the device (bools are held in float32 buffers).
-fn dtype_bytes(d: DType) -> u64 {
-    match d {
-        DType::F32 | DType::Bool => 4,
-        DType::I64 => 8,
-    }
-}
-
 /// The plan of a compiled program.
 pub fn plan(p: &Program) -> Plan {
     let (mut maps, mut gemms, mut reductions) = (0, 0, 0);
@@ -150,7 +142,7 @@ pub fn plan(p: &Program) -> Plan {
         name: q.name.clone(),
         dtype: dtype_name(q.dtype),
         shape: q.shape.clone(),
-        bytes: q.shape.iter().product::<usize>() as u64 * dtype_bytes(q.dtype),
+        bytes: p.port_bytes(q) as u64,
     };
     Plan {
         launches: p.launches(),

@@ -72,10 +72,6 @@ enum Exec {
 /// cache, the masks), on the device for cuda (one allocation, freed when the last holder
 /// drops it: a prefix-cache entry is a device allocation). Opaque to the runtime.
 pub trait Kept: Send + Sync {
-    /// Bytes held where the executor keeps them (device memory for cuda).
-    fn bytes(&self) -> usize;
-    /// Whether they live in device memory (the prefix cache's log says where).
-    fn on_device(&self) -> bool;
     /// A copy on the host, in order (for comparing engines).
     fn to_host(&self) -> Result<Vec<HostValue>, String>;
     fn as_any(&self) -> &dyn std::any::Any;
@@ -136,20 +132,6 @@ struct ReferenceRun(Program);
 struct HostKept(Vec<HostValue>);
 
 impl Kept for HostKept {
-    fn bytes(&self) -> usize {
-        self.0
-            .iter()
-            .map(|v| match v {
-                HostValue::F32(x) => x.len() * 4,
-                HostValue::F64(x) => x.len() * 8,
-                HostValue::I64(x) => x.len() * 8,
-                HostValue::Bool(x) => x.len(),
-            })
-            .sum()
-    }
-    fn on_device(&self) -> bool {
-        false
-    }
     fn to_host(&self) -> Result<Vec<HostValue>, String> {
         Ok(self.0.clone())
     }
@@ -570,12 +552,7 @@ impl Graph {
         match &self.exec {
             Exec::Program(run) => {
                 let p = run.program();
-                let port = &p.outputs[ix];
-                let width = match p.buffers[port.buf].dtype {
-                    crate::engine::graph::DType::I64 => 8,
-                    _ => 4,
-                };
-                port.shape.iter().product::<usize>() * width
+                p.port_bytes(&p.outputs[ix])
             }
             _ => self.outputs[ix].len() * self.outputs[ix].dt.size_of(),
         }
@@ -768,11 +745,6 @@ impl Prefix {
     /// Bytes of its tensors (what the prefix cache counts).
     pub fn bytes(&self) -> usize {
         self.bytes
-    }
-
-    /// Whether its handoff lives in device memory (the cuda engine's programs).
-    pub fn on_device(&self) -> bool {
-        matches!(&self.tensors, PrefixTensors::Kept { kept, .. } if kept.on_device())
     }
 
     /// Its tensors as f32 (bools 0/1), in order: for comparing engines. A kept prefix is

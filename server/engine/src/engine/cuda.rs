@@ -247,12 +247,9 @@ impl CudaEngine {
             staging.insert(key, Stage::new(&ctx, bytes, flags).map_err(unavailable)?);
             Ok(())
         };
-        let port_bytes = |p: &Port| -> usize {
-            p.shape.iter().product::<usize>() * if p.dtype == DType::I64 { 8 } else { 4 }
-        };
         let pin = |p: &Program, name: &str| -> Result<usize, EngineError> {
             p.input(name)
-                .map(port_bytes)
+                .map(|port| p.port_bytes(port))
                 .ok_or_else(|| EngineError::Load {
                     graph: p.name.clone(),
                     message: format!("no input named {name:?}"),
@@ -260,7 +257,10 @@ impl CudaEngine {
         };
         stage("pixels", pin(&prefix.program, "pixels")?)?;
         stage("tokens", pin(&prefix.program, "tokens")?)?;
-        stage("prefix_out", port_bytes(&prefix.program.outputs[0]))?;
+        stage(
+            "prefix_out",
+            prefix.program.port_bytes(&prefix.program.outputs[0]),
+        )?;
         let pixel_port = prefix.program.input("pixels").cloned();
         let (cams, frame_bytes) = match &pixel_port {
             Some(p) if p.shape.len() == 4 => (p.shape[0], p.shape.iter().product::<usize>()),
@@ -268,11 +268,11 @@ impl CudaEngine {
         };
         stage("frames", frame_bytes)?;
         stage("present", cams * 4)?;
-        stage("x", port_bytes(&den.x))?;
+        stage("x", expert.program.port_bytes(&den.x))?;
         stage("t", 4)?;
         stage("prefix", pin(&expert.program, "prefix")?)?;
         stage("state", pin(&expert.program, "state")?)?;
-        stage("x_out", port_bytes(&den.x))?;
+        stage("x_out", expert.program.port_bytes(&den.x))?;
 
         let frames_dev = stream
             .alloc_zeros::<u8>(frame_bytes)
@@ -718,11 +718,19 @@ fn load_program(
     }
     stream.synchronize().map_err(drv)?;
 
-    // The row kernels' instantiation for their output's storage.
-    let suffix = |out: usize| match (program.buffers[out].half, program.precision) {
-        (true, graph::Precision::F16) => "_f16",
-        (true, graph::Precision::BF16) => "_bf16",
-        _ => "",
+    // The row kernels, one instantiation per output storage (f32, f16, bf16), loaded once.
+    let row = |name: &str| -> Result<[CudaFunction; 3], String> {
+        Ok([
+            f(name)?,
+            f(&format!("{name}_f16"))?,
+            f(&format!("{name}_bf16"))?,
+        ])
+    };
+    let (layernorm, softmax) = (row("rf_layernorm")?, row("rf_softmax")?);
+    let storage = |out: usize| match (program.buffers[out].half, program.precision) {
+        (true, graph::Precision::F16) => 1,
+        (true, graph::Precision::BF16) => 2,
+        _ => 0,
     };
     let blocks = |n: usize| n.div_ceil(MAP_BLOCK as usize) as u32;
     let along_axis =
@@ -791,7 +799,7 @@ fn load_program(
                 dim,
                 eps,
             } => Step::Kernel {
-                func: f(&format!("rf_layernorm{}", suffix(*out)))?,
+                func: layernorm[storage(*out)].clone(),
                 grid: *rows as u32,
                 block: ROW_BLOCK,
                 args: vec![
@@ -804,7 +812,7 @@ fn load_program(
                 ],
             },
             Op::Softmax { x, out, rows, dim } => Step::Kernel {
-                func: f(&format!("rf_softmax{}", suffix(*out)))?,
+                func: softmax[storage(*out)].clone(),
                 grid: *rows as u32,
                 block: ROW_BLOCK,
                 args: vec![p(*x), p(*out), Arg::I32(*dim as i32)],
@@ -1234,7 +1242,6 @@ struct KeptPart {
 struct DeviceKept {
     ctx: Arc<CudaContext>,
     ptr: u64,
-    bytes: usize,
     parts: Vec<KeptPart>,
 }
 
@@ -1256,14 +1263,7 @@ impl Drop for DeviceKept {
 }
 
 impl crate::vla::Kept for DeviceKept {
-    fn bytes(&self) -> usize {
-        self.bytes
-    }
-    fn on_device(&self) -> bool {
-        true
-    }
     fn to_host(&self) -> Result<Vec<graph::reference::HostValue>, String> {
-        use graph::reference::HostValue;
         self.ctx.bind_to_thread().map_err(drv)?;
         self.parts
             .iter()
@@ -1274,23 +1274,7 @@ impl crate::vla::Kept for DeviceKept {
                     driver::result::memcpy_dtoh_sync(&mut raw, self.ptr + part.offset as u64)
                 }
                 .map_err(drv)?;
-                Ok(match (part.buf, part.port) {
-                    (DType::I64, _) => HostValue::I64(
-                        raw.chunks_exact(8)
-                            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-                            .collect(),
-                    ),
-                    (_, port) => {
-                        let v = raw
-                            .chunks_exact(4)
-                            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")));
-                        if port == DType::Bool {
-                            HostValue::Bool(v.map(|x| x != 0.0).collect())
-                        } else {
-                            HostValue::F32(v.collect())
-                        }
-                    }
-                })
+                Ok(host_value(&raw, part.buf, part.port))
             })
             .collect()
     }
@@ -1299,14 +1283,25 @@ impl crate::vla::Kept for DeviceKept {
     }
 }
 
-/// Bytes of a port's buffer on the device.
-fn port_bytes(p: &Program, port: &Port) -> usize {
-    let width = if p.buffers[port.buf].dtype == DType::I64 {
-        8
+/// A port's values as the host takes them, from the bytes its buffer holds (`buf`): int64,
+/// bools (0/1 floats on the device) as the port declares them (`port`), or f32.
+fn host_value(raw: &[u8], buf: DType, port: DType) -> graph::reference::HostValue {
+    use graph::reference::HostValue;
+    if buf == DType::I64 {
+        return HostValue::I64(
+            raw.chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+        );
+    }
+    let v = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")));
+    if port == DType::Bool {
+        HostValue::Bool(v.map(|x| x != 0.0).collect())
     } else {
-        4
-    };
-    port.shape.iter().product::<usize>() * width
+        HostValue::F32(v.collect())
+    }
 }
 
 /// A host value into a port's pinned staging, in the buffer's element type.
@@ -1424,7 +1419,7 @@ impl CudaProgram {
         let loaded = load_program(&dev.ctx, &dev.stream, program, "g", dev.arch).map_err(err)?;
         let p = &loaded.program;
         let stage = |port: &Port| -> Result<Stage, EngineError> {
-            let bytes = port_bytes(p, port).max(4);
+            let bytes = p.port_bytes(port).max(4);
             // Cached pinned memory (flags 0), as `Staging::Cached`: the host reads the
             // outputs back, and reads of write-combined memory are uncached and slow.
             Stage::new(&dev.ctx, bytes, 0).map_err(unavailable)
@@ -1534,7 +1529,7 @@ impl ProgramInner {
                     .parts
                     .get(j)
                     .ok_or_else(|| format!("input {}: no kept tensor {j}", port.name))?;
-                let want = port_bytes(p, port);
+                let want = p.port_bytes(port);
                 if part.bytes != want || part.buf != p.buffers[port.buf].dtype {
                     return Err(format!(
                         "input {} takes {want} bytes of {:?}, the kept tensor has {} of {:?}",
@@ -1592,7 +1587,6 @@ impl ProgramInner {
         feed: &dyn Fn(&str) -> Option<graph::reference::HostValue>,
         kept: Option<&crate::vla::KeptFeed<'_>>,
     ) -> Result<Vec<graph::reference::HostValue>, String> {
-        use graph::reference::HostValue;
         let (fed, copies) = self.stage_inputs(feed, kept, None)?;
         let outs = vec![true; self.loaded.program.outputs.len()];
         self.launch(&copies, fed, outs)?;
@@ -1601,20 +1595,11 @@ impl ProgramInner {
             .iter()
             .zip(&self.outs)
             .map(|(port, s)| {
-                let n: usize = port.shape.iter().product();
-                // SAFETY: written by the copy out that the synchronise above waited for.
-                if p.buffers[port.buf].dtype == DType::I64 {
-                    HostValue::I64(
-                        unsafe { std::slice::from_raw_parts(s.ptr as *const i64, n) }.to_vec(),
-                    )
-                } else {
-                    let v = unsafe { std::slice::from_raw_parts(s.ptr as *const f32, n) };
-                    if port.dtype == DType::Bool {
-                        HostValue::Bool(v.iter().map(|&x| x != 0.0).collect())
-                    } else {
-                        HostValue::F32(v.to_vec())
-                    }
-                }
+                // SAFETY: written by the copy out that the synchronise above waited for; the
+                // staging holds at least the port's bytes.
+                let raw =
+                    unsafe { std::slice::from_raw_parts(s.ptr as *const u8, p.port_bytes(port)) };
+                host_value(raw, p.buffers[port.buf].dtype, port.dtype)
             })
             .collect())
     }
@@ -1634,7 +1619,7 @@ impl ProgramInner {
                 .outputs
                 .get(i)
                 .ok_or_else(|| format!("no output {i} to keep"))?;
-            let bytes = port_bytes(p, port);
+            let bytes = p.port_bytes(port);
             parts.push(KeptPart {
                 offset: total,
                 bytes,
@@ -1656,7 +1641,6 @@ impl ProgramInner {
         let kept = DeviceKept {
             ctx: self.dev.ctx.clone(),
             ptr,
-            bytes: total,
             parts,
         };
         let copies: Vec<Step> = kept
@@ -1919,9 +1903,8 @@ mod tests {
         assert!(!compile_cached(&src, "sm_90", None).unwrap().1);
     }
 
-    /// The kernels of the view and shape operators (Slice with negative steps, Pow as
-    /// powf, Reciprocal, broadcasts) and of the run-time masks (comparisons, logic, Where,
-    /// CumSum, ReduceSum) compile too.
+    /// `--precision`: programs with half buffers compile, their maps loading and storing half
+    /// and the row kernels in every storage.
     #[test]
     fn nvrtc_compiles_half_precision_programs() {
         use crate::fixtures::Kind;
@@ -1969,6 +1952,9 @@ mod tests {
         }
     }
 
+    /// The kernels of the view and shape operators (Slice with negative steps, Pow as
+    /// powf, Reciprocal, broadcasts) and of the run-time masks (comparisons, logic, Where,
+    /// CumSum, ReduceSum) compile too.
     #[test]
     fn nvrtc_compiles_the_view_and_mask_operators_kernels() {
         let _lib = load_nvrtc();

@@ -618,6 +618,17 @@ impl Program {
     pub fn launches(&self) -> usize {
         self.ops.len()
     }
+
+    /// Bytes of a port's values on the device: int64 in 8, floats and bools in 4 (a port is
+    /// never stored in half).
+    pub fn port_bytes(&self, port: &Port) -> usize {
+        let width = if self.buffers[port.buf].dtype == DType::I64 {
+            8
+        } else {
+            4
+        };
+        port.shape.iter().product::<usize>() * width
+    }
 }
 
 /// The Euler loop unrolled: `first(0)`, then per step k the body and
@@ -866,11 +877,6 @@ fn load_err(graph: &Path, message: impl Into<String>) -> EngineError {
 /// Reads and lowers one ONNX file.
 pub fn compile_file(path: &Path) -> Result<Program, EngineError> {
     compile_model(read_model(path)?, path)
-}
-
-/// Reads and lowers one ONNX file at `precision`.
-pub fn compile_file_at(path: &Path, precision: Precision) -> Result<Program, EngineError> {
-    compile_model_at(read_model(path)?, path, precision)
 }
 
 /// Reads one ONNX file, not yet lowered (its external data still outside it).
@@ -1371,6 +1377,35 @@ fn half_precision(p: &mut Program, precision: Precision) {
     p.ops = ops;
     for (b, h) in p.buffers.iter_mut().zip(half) {
         b.half = h;
+    }
+}
+
+/// The buffer `x` squares, when `x` is a pending `b·b` or `b^2` of a contiguous load of buffer
+/// `b` (row-major strides; any coefficient on a size-1 axis): RMSNorm's `x²`, which a mean
+/// over rows can read from `b` itself ([`AxisKind::MeanSquare`]).
+fn contiguous_square(x: &Value) -> Option<usize> {
+    let Source::Pending(Expr::Binary(op, a, b)) = &x.src else {
+        return None;
+    };
+    let square = match op {
+        BinOp::Mul => a == b,
+        BinOp::Pow => **b == Expr::Const(2.0),
+        _ => false,
+    };
+    match a.as_ref() {
+        Expr::Load { src, coefs, offset }
+            if square
+                && *offset == 0
+                && coefs.len() == x.shape.len()
+                && coefs
+                    .iter()
+                    .zip(strides(&x.shape))
+                    .zip(&x.shape)
+                    .all(|((c, s), &n)| n == 1 || *c == s) =>
+        {
+            Some(*src)
+        }
+        _ => None,
     }
 }
 
@@ -2686,33 +2721,7 @@ impl Lowering {
                 let outer = x.shape[..axis].iter().product();
                 let inner: usize = x.shape[axis + 1..].iter().product();
                 // mean(x·x) over the last axis (RMSNorm): the square is read in the reduction.
-                let squared = match &x.src {
-                    Source::Pending(Expr::Binary(op, a, b))
-                        if inner == 1
-                            && match op {
-                                BinOp::Mul => a == b,
-                                BinOp::Pow => **b == Expr::Const(2.0),
-                                _ => false,
-                            } =>
-                    {
-                        match a.as_ref() {
-                            // Contiguous: row-major strides (any coefficient on a size-1 axis).
-                            Expr::Load { src, coefs, offset }
-                                if *offset == 0
-                                    && coefs.len() == x.shape.len()
-                                    && coefs
-                                        .iter()
-                                        .zip(strides(&x.shape))
-                                        .zip(&x.shape)
-                                        .all(|((c, s), &n)| n == 1 || *c == s) =>
-                            {
-                                Some(*src)
-                            }
-                            _ => None,
-                        }
-                    }
-                    _ => None,
-                };
+                let squared = if inner == 1 { contiguous_square(&x) } else { None };
                 let (kind, xb) = match squared {
                     Some(b) => {
                         self.fused_square_means += 1;
