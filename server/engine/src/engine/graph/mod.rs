@@ -379,6 +379,20 @@ impl Expr {
         }
     }
 
+    /// A few unary and binary functions of loads: cheap to compute again for every
+    /// element it broadcasts to.
+    fn small_pointwise(&self) -> bool {
+        fn pointwise(e: &Expr) -> bool {
+            match e {
+                Expr::Load { .. } | Expr::Const(_) => true,
+                Expr::Unary(_, x) => pointwise(x),
+                Expr::Binary(_, a, b) => pointwise(a) && pointwise(b),
+                _ => false,
+            }
+        }
+        self.nodes() <= 8 && pointwise(self)
+    }
+
     /// Small enough to compute again in each consumer rather than store.
     fn cheap(&self) -> bool {
         self.nodes() <= 4
@@ -504,6 +518,27 @@ pub struct Program {
     /// operands that must stay f32 elsewhere (a port, a norm's input).
     pub half_gemms: usize,
     pub half_copies: usize,
+    /// The transformer patterns the compiler fused (see [`Fusions`]).
+    pub fusions: Fusions,
+}
+
+/// Counts of what the compiler fused beyond elementwise chains, for `reflex inspect`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fusions {
+    /// Pieces of a split concatenation read from their parts where they lie (a stacked KV
+    /// cache split per layer) instead of a copy of the whole stack per piece.
+    pub split_parts: usize,
+    /// Products whose constant factor (attention's 1/√d) is the GEMM's alpha.
+    pub scaled_gemms: usize,
+    /// Softmaxes that read their input as an expression (attention's scores + mask) instead
+    /// of a stored tensor.
+    pub fused_softmax_inputs: usize,
+    /// GEMMs that write their result in the layout a following transpose wants (attention's
+    /// heads back to tokens), the copy dropped.
+    pub transposed_outputs: usize,
+    /// Products of one input with several weights (Q/K/V, gate/up) run as one GEMM over the
+    /// weights side by side; the count of products merged away.
+    pub merged_gemms: usize,
 }
 
 /// The ONNX operators [`compile`] lowers (`Gelu` also as the five-node exact pattern).
@@ -940,6 +975,7 @@ struct Lowering {
     dot_macs: usize,
     /// RMSNorm statistics whose square was fused into the reduction.
     fused_square_means: usize,
+    fusions: Fusions,
 }
 
 fn strides(shape: &[usize]) -> Vec<i64> {
@@ -1420,6 +1456,7 @@ fn lower(model: &pb::ModelProto, name: &str, dot_macs: usize) -> Result<Program,
         seqs: HashMap::new(),
         dot_macs,
         fused_square_means: 0,
+        fusions: Fusions::default(),
     };
     let nodes = fuse_gelu(graph);
     for node in &nodes {
@@ -1515,6 +1552,7 @@ fn lower(model: &pb::ModelProto, name: &str, dot_macs: usize) -> Result<Program,
         precision: Precision::F32,
         half_gemms: 0,
         half_copies: 0,
+        fusions: l.fusions,
     };
     Ok(p)
 }
@@ -1697,7 +1735,11 @@ impl Lowering {
         match &v.src {
             Source::Scalar(x) => Expr::Const(*x),
             Source::Pending(e) if v.shape == out => e.clone(),
-            Source::Pending(e) if e.cheap() => rebroadcast(e, &v.shape, out),
+            // A single-use small pointwise value (RMSNorm's 1/√(mean + ε) per row) is
+            // computed again for each element it broadcasts to rather than stored.
+            Source::Pending(e) if e.cheap() || e.small_pointwise() => {
+                rebroadcast(e, &v.shape, out)
+            }
             _ => {
                 let src = self.materialize(v);
                 Expr::Load {
@@ -2389,13 +2431,7 @@ impl Lowering {
                 let drop_axis = op == "SplitToSequence"
                     && node.input.get(1).is_none_or(|n| n.is_empty())
                     && attr_int(node, "keepdims", 1) == 0;
-                let mut pieces = vec![];
-                let mut at = 0usize;
-                for size in sizes {
-                    let piece = self.piece(&v, axis, at, size, drop_axis)?;
-                    pieces.push(piece);
-                    at += size;
-                }
+                let pieces = self.split(v, axis, &sizes, drop_axis)?;
                 if op == "Split" {
                     if pieces.len() != outputs {
                         return Err(format!("{} pieces for {outputs} outputs", pieces.len()));
@@ -2827,6 +2863,88 @@ impl Lowering {
             DType::F32 if f.len() == 1 => Source::Scalar(f[0]),
             DType::F32 => Source::Buf(self.buffer(f.len(), DType::F32, Some(f))),
         }
+    }
+
+    /// The pieces of `v` along `axis`. A concatenation (a pending [`Expr::Select`], as
+    /// exports stack every layer's KV cache before splitting it per layer) gives back its
+    /// parts where a piece is exactly one; any other pending value is written once and the
+    /// pieces are views of it — never once per piece.
+    fn split(
+        &mut self,
+        mut v: Value,
+        axis: usize,
+        sizes: &[usize],
+        drop_axis: bool,
+    ) -> Result<Vec<Value>, String> {
+        let mut at = 0usize;
+        let mut pieces = vec![];
+        let parts = match &v.src {
+            Source::Pending(Expr::Select {
+                axis: a,
+                starts,
+                parts,
+            }) if *a == axis && parts.iter().all(Expr::cheap) => {
+                Some((starts.clone(), parts.clone()))
+            }
+            _ => None,
+        };
+        if let Some((starts, parts)) = &parts {
+            let ends: Vec<i64> = starts[1..]
+                .iter()
+                .copied()
+                .chain([v.shape[axis] as i64])
+                .collect();
+            let whole = sizes.iter().all(|&size| {
+                let j = starts.iter().position(|&s| s == at as i64);
+                at += size;
+                j.is_some_and(|j| ends[j] == at as i64)
+            });
+            if whole {
+                at = 0;
+                for &size in sizes {
+                    let j = starts.iter().position(|&s| s == at as i64).expect("checked");
+                    let mut shape = v.shape.clone();
+                    shape[axis] = size;
+                    let part = parts[j].clone();
+                    let (shape, expr) = match (drop_axis, part) {
+                        (false, e) => (shape, e),
+                        (true, Expr::Load { src, mut coefs, offset }) => {
+                            coefs.remove(axis);
+                            shape.remove(axis);
+                            (shape, Expr::Load { src, coefs, offset })
+                        }
+                        (true, e) => {
+                            let mut to = shape.clone();
+                            to.remove(axis);
+                            let e = Expr::Reshape {
+                                from: shape,
+                                expr: Box::new(e),
+                            };
+                            (to, e)
+                        }
+                    };
+                    pieces.push(Value {
+                        shape,
+                        dtype: v.dtype,
+                        src: Source::Pending(expr),
+                    });
+                    at += size;
+                }
+                self.fusions.split_parts += pieces.len();
+                return Ok(pieces);
+            }
+            at = 0;
+        }
+        if let Source::Pending(e) = &v.src
+            && !matches!(e, Expr::Load { .. })
+        {
+            v.src = Source::Buf(self.emit_map(v.shape.clone(), e.clone()));
+        }
+        for &size in sizes {
+            pieces.push(self.piece(&v, axis, at, size, drop_axis)?);
+            at += size;
+        }
+        Ok(pieces)
     }
 
     /// `v[.., at..at+size, ..]` along `axis` (dropped when `drop_axis`, size 1): a view of

@@ -283,6 +283,7 @@ fn the_supported_operator_list_is_what_the_lowering_accepts() {
         seqs: HashMap::new(),
         dot_macs: DOT_MACS,
         fused_square_means: 0,
+        fusions: Fusions::default(),
     };
     let node = |op: &str| pb::NodeProto {
         op_type: op.into(),
@@ -1145,5 +1146,20 @@ fn rmsnorm_squares_are_read_in_their_mean() {
                 assert!(readers >= 2, "{file}: buffer {x} read by {readers}");
             }
         }
+    }
+}
+
+#[test]
+#[ignore = "scratch"]
+fn scratch_dump_ops() {
+    let path = std::path::Path::new(&std::env::var("DUMP").unwrap()).to_path_buf();
+    let p = compile_file(&path).unwrap();
+    for (i, op) in p.ops.iter().enumerate() {
+        let s = match op {
+            super::Op::Map { out, shape, expr } => format!("Map out={out} {shape:?} nodes={} {}", expr.nodes(), format!("{expr:?}").chars().take(300).collect::<String>()),
+            super::Op::Gemm(g) => format!("Gemm {g:?}"),
+            o => format!("{o:?}"),
+        };
+        eprintln!("{i}: {s}");
     }
 }
