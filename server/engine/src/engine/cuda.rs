@@ -811,6 +811,17 @@ fn load_program(
                     Arg::F32(*eps),
                 ],
             },
+            Op::SoftmaxOf { out, .. } => {
+                let k = kernels[i].as_ref().expect("a kernel for every generated softmax");
+                let mut args = vec![p(*out)];
+                args.extend(k.params.iter().map(|&b| p(b)));
+                Step::Kernel {
+                    func: f(&k.name)?,
+                    grid: k.elements as u32,
+                    block: ROW_BLOCK,
+                    args,
+                }
+            }
             Op::Softmax { x, out, rows, dim } => Step::Kernel {
                 func: softmax[storage(*out)].clone(),
                 grid: *rows as u32,

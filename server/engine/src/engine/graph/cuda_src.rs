@@ -73,13 +73,15 @@ __device__ __forceinline__ void rf_layernorm_t(const float* __restrict__ x, cons
         rf_st(out + i, (row[i] - mean) * inv * g[i] + b[i]);
 }
 
-template <typename T>
-__device__ __forceinline__ void rf_softmax_t(const float* __restrict__ x, T* __restrict__ y, int dim) {
+// Softmax of row blockIdx.x, its elements read through `ld(flat index)`: a stored tensor, or
+// an expression computed as it is read (a generated kernel, Op::SoftmaxOf).
+template <typename T, typename F>
+__device__ __forceinline__ void rf_softmax_f(F ld, T* __restrict__ y, int dim) {
     __shared__ float sh[128];
-    const float* row = x + (long long)blockIdx.x * dim;
-    T* out = y + (long long)blockIdx.x * dim;
+    const long long base = (long long)blockIdx.x * dim;
+    T* out = y + base;
     float m = -__int_as_float(0x7f800000);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) m = fmaxf(m, row[i]);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) m = fmaxf(m, ld(base + i));
     sh[threadIdx.x] = m;
     __syncthreads();
     for (int o = blockDim.x / 2; o > 0; o >>= 1) {
@@ -89,7 +91,7 @@ __device__ __forceinline__ void rf_softmax_t(const float* __restrict__ x, T* __r
     const float mx = sh[0];
     __syncthreads();
     float s = 0.f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += expf(row[i] - mx);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += expf(ld(base + i) - mx);
     sh[threadIdx.x] = s;
     __syncthreads();
     for (int o = blockDim.x / 2; o > 0; o >>= 1) {
@@ -97,7 +99,12 @@ __device__ __forceinline__ void rf_softmax_t(const float* __restrict__ x, T* __r
         __syncthreads();
     }
     const float inv = 1.f / sh[0];
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) rf_st(out + i, expf(row[i] - mx) * inv);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) rf_st(out + i, expf(ld(base + i) - mx) * inv);
+}
+
+template <typename T>
+__device__ __forceinline__ void rf_softmax_t(const float* __restrict__ x, T* __restrict__ y, int dim) {
+    rf_softmax_f<T>([=](long long i) { return x[i]; }, y, dim);
 }
 
 #define RF_ROWS(SUFFIX, T) \
@@ -496,6 +503,65 @@ fn narrow_ints(body: &str) -> String {
     out
 }
 
+/// Writes the coordinates of flat index `r` over `shape` (`c0`, `c1`, …) and returns the C
+/// expression of `expr`'s value there.
+fn element(p: &Program, shape: &[usize], expr: &Expr, warp: bool, src: &mut String) -> String {
+    for d in (0..shape.len()).rev() {
+        if d == 0 {
+            let _ = writeln!(src, "    const long long c0 = r;");
+        } else {
+            let _ = writeln!(
+                src,
+                "    const long long c{d} = r % {0}LL; r /= {0}LL;",
+                shape[d]
+            );
+        }
+    }
+    if shape.is_empty() {
+        let _ = writeln!(src, "    (void)r;");
+    }
+    let scope = Scope {
+        vars: (0..shape.len()).map(|d| format!("c{d}")).collect(),
+        shape: shape.to_vec(),
+    };
+    Printer {
+        next: 0,
+        warp,
+        program: p,
+    }
+    .print(expr, &scope)
+}
+
+/// The kernel of an [`Op::SoftmaxOf`]: a block per row ([`ROW_BLOCK`] threads), each element
+/// of the input computed from `expr` where the softmax reads it.
+pub fn softmax_kernel(p: &Program, name: &str, out: usize, shape: &[usize], expr: &Expr) -> MapKernel {
+    let mut params = vec![];
+    collect_bufs(expr, &mut params);
+    let out_ty = c_type(p, out);
+    let mut head = format!("extern \"C\" __global__ void {name}({out_ty}* __restrict__ out");
+    for &b in &params {
+        let _ = write!(head, ", const {}* __restrict__ b{b}", c_type(p, b));
+    }
+    let n: usize = shape.iter().product();
+    let dim = shape.last().copied().unwrap_or(1);
+    let mut src = String::from(") {\n    auto ld = [&](long long i) -> float {\n    long long r = i;\n");
+    let value = element(p, shape, expr, false, &mut src);
+    let _ = writeln!(
+        src,
+        "    return {value};\n    }};\n    rf_softmax_f<{out_ty}>(ld, out, {dim});\n}}"
+    );
+    let fits = |x: usize| x < (1usize << 31);
+    let narrow = fits(n) && params.iter().all(|&b| fits(p.buffers[b].len));
+    let body = if narrow { narrow_ints(&src) } else { src };
+    MapKernel {
+        name: name.to_string(),
+        source: head + &body,
+        params,
+        elements: n / dim.max(1),
+        threads_per_element: ROW_BLOCK as usize,
+    }
+}
+
 /// The kernel of one map op, named `{prefix}_{op index}`.
 pub fn map_kernel(p: &Program, name: &str, out: usize, shape: &[usize], expr: &Expr) -> MapKernel {
     let mut params = vec![];
@@ -524,30 +590,7 @@ pub fn map_kernel(p: &Program, name: &str, out: usize, shape: &[usize], expr: &E
             ") {{\n    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n    if (i >= {n}LL) return;\n    long long r = i;\n"
         );
     }
-    for d in (0..shape.len()).rev() {
-        if d == 0 {
-            let _ = writeln!(src, "    const long long c0 = r;");
-        } else {
-            let _ = writeln!(
-                src,
-                "    const long long c{d} = r % {0}LL; r /= {0}LL;",
-                shape[d]
-            );
-        }
-    }
-    if shape.is_empty() {
-        let _ = writeln!(src, "    (void)r;");
-    }
-    let scope = Scope {
-        vars: (0..shape.len()).map(|d| format!("c{d}")).collect(),
-        shape: shape.to_vec(),
-    };
-    let value = Printer {
-        next: 0,
-        warp,
-        program: p,
-    }
-    .print(expr, &scope);
+    let value = element(p, shape, expr, warp, &mut src);
     if warp {
         let _ = writeln!(
             src,
@@ -580,6 +623,11 @@ pub fn program_source(p: &Program, prefix: &str) -> (Vec<Option<MapKernel>>, Str
         .map(|(i, op)| match op {
             Op::Map { out, shape, expr } => {
                 let k = map_kernel(p, &format!("{prefix}_{i}"), *out, shape, expr);
+                src.push_str(&k.source);
+                Some(k)
+            }
+            Op::SoftmaxOf { out, shape, expr } => {
+                let k = softmax_kernel(p, &format!("{prefix}_{i}"), *out, shape, expr);
                 src.push_str(&k.source);
                 Some(k)
             }

@@ -379,6 +379,18 @@ impl Expr {
         }
     }
 
+    /// Whether a product ([`Expr::Dot`]) is computed inside it.
+    fn has_dot(&self) -> bool {
+        match self {
+            Expr::Load { .. } | Expr::Gather { .. } | Expr::Const(_) => false,
+            Expr::Dot { .. } => true,
+            Expr::Unary(_, x) | Expr::Reshape { expr: x, .. } => x.has_dot(),
+            Expr::Binary(_, a, b) => a.has_dot() || b.has_dot(),
+            Expr::Where(c, a, b) => c.has_dot() || a.has_dot() || b.has_dot(),
+            Expr::Select { parts, .. } => parts.iter().any(Expr::has_dot),
+        }
+    }
+
     /// A few unary and binary functions of loads: cheap to compute again for every
     /// element it broadcasts to.
     fn small_pointwise(&self) -> bool {
@@ -449,6 +461,14 @@ pub enum Op {
         out: usize,
         rows: usize,
         dim: usize,
+    },
+    /// Softmax over the last axis of an expression over `shape` (attention's
+    /// `scores + mask`), read as it is computed: one generated row kernel, the input never
+    /// stored.
+    SoftmaxOf {
+        out: usize,
+        shape: Vec<usize>,
+        expr: Expr,
     },
     /// Along the middle axis of `x[outer, len, inner]`: the mean or the sum
     /// (`out[o, i]`), or the running sum (`out[o, l, i]`, ONNX CumSum), added in index order.
@@ -1344,7 +1364,9 @@ fn half_precision(p: &mut Program, precision: Precision) {
     for op in &p.ops {
         match op {
             Op::Gemm(g) if g.k >= HALF_GEMM_K => {}
-            Op::Map { expr, .. } => visit_reads(expr, &mut |b, table| {
+            // A generated softmax reads its expression as a map does and stores like the
+            // row kernels.
+            Op::Map { expr, .. } | Op::SoftmaxOf { expr, .. } => visit_reads(expr, &mut |b, table| {
                 if table {
                     gathered[b] = true;
                 } else {
@@ -1590,6 +1612,7 @@ impl Op {
             Op::Map { out, .. }
             | Op::LayerNorm { out, .. }
             | Op::Softmax { out, .. }
+            | Op::SoftmaxOf { out, .. }
             | Op::Axis { out, .. }
             | Op::Fill { out, .. } => Some(*out),
             Op::Gemm(g) => Some(g.c),
@@ -1600,7 +1623,7 @@ impl Op {
     /// Every buffer the op touches: `f(buffer, written)`, reads first.
     fn for_each_buf(&mut self, f: &mut dyn FnMut(&mut usize, bool)) {
         match self {
-            Op::Map { out, expr, .. } => {
+            Op::Map { out, expr, .. } | Op::SoftmaxOf { out, expr, .. } => {
                 expr.for_each_buf(&mut |b| f(b, false));
                 f(out, true);
             }
@@ -2733,8 +2756,22 @@ impl Lowering {
                     return Err("only last-axis softmax is supported".into());
                 }
                 let dim = x.shape[rank - 1];
-                let xb = self.materialize(&x);
                 let o = self.buffer(x.shape.iter().product(), DType::F32, None);
+                // Scores + mask (or any pending elementwise input without a product in it):
+                // read inside the softmax, three times per element, instead of stored.
+                if let Source::Pending(e) = &x.src
+                    && !e.has_dot()
+                {
+                    self.fusions.fused_softmax_inputs += 1;
+                    self.ops.push(Op::SoftmaxOf {
+                        out: o,
+                        shape: x.shape.clone(),
+                        expr: e.clone(),
+                    });
+                    self.put_buf(&out, x.shape.clone(), o);
+                    return Ok(());
+                }
+                let xb = self.materialize(&x);
                 self.ops.push(Op::Softmax {
                     x: xb,
                     out: o,

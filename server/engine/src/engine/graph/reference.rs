@@ -391,22 +391,40 @@ pub fn run_ops(ops: &[Op], m: &mut Memory) {
     }
 }
 
+/// Every element of `e` over `shape`, in row-major order.
+fn eval_all(e: &Expr, shape: &[usize], m: &Memory) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let mut coords = vec![0i64; shape.len()];
+    let mut vals = Vec::with_capacity(n);
+    for idx in 0..n {
+        let mut r = idx;
+        for d in (0..shape.len()).rev() {
+            coords[d] = (r % shape[d]) as i64;
+            r /= shape[d];
+        }
+        vals.push(eval(e, &coords, shape, m));
+    }
+    vals
+}
+
+/// Softmax of each `dim`-long row of `x` into `out`.
+fn softmax_rows(x: &[f32], out: &mut [f32], dim: usize) {
+    for (row, o) in x.chunks(dim).zip(out.chunks_mut(dim)) {
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
+        let s: f32 = e.iter().sum();
+        for (o, v) in o.iter_mut().zip(&e) {
+            *o = v / s;
+        }
+    }
+}
+
 fn run_op(op: &Op, m: &mut Memory) {
     {
         match op {
             Op::Map { out, shape, expr } => {
-                let n: usize = shape.iter().product();
-                let mut coords = vec![0i64; shape.len()];
-                let mut vals = Vec::with_capacity(n);
-                for idx in 0..n {
-                    let mut r = idx;
-                    for d in (0..shape.len()).rev() {
-                        coords[d] = (r % shape[d]) as i64;
-                        r /= shape[d];
-                    }
-                    vals.push(eval(expr, &coords, shape, m));
-                }
-                m.f[*out][..n].copy_from_slice(&vals);
+                let vals = eval_all(expr, shape, m);
+                m.f[*out][..vals.len()].copy_from_slice(&vals);
             }
             Op::Gemm(g) => sgemm(&cublas_call(g), g.alpha, m),
             Op::LayerNorm {
@@ -431,14 +449,12 @@ fn run_op(op: &Op, m: &mut Memory) {
                 }
             }
             Op::Softmax { x, out, rows, dim } => {
-                for r in 0..*rows {
-                    let row = &m.f[*x][r * dim..(r + 1) * dim];
-                    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    let e: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
-                    let s: f32 = e.iter().sum();
-                    let vals: Vec<f32> = e.iter().map(|v| v / s).collect();
-                    m.f[*out][r * dim..(r + 1) * dim].copy_from_slice(&vals);
-                }
+                let x = m.f[*x][..rows * dim].to_vec();
+                softmax_rows(&x, &mut m.f[*out], *dim);
+            }
+            Op::SoftmaxOf { out, shape, expr } => {
+                let x = eval_all(expr, shape, m);
+                softmax_rows(&x, &mut m.f[*out], *shape.last().unwrap_or(&1));
             }
             Op::Axis {
                 kind,

@@ -953,6 +953,12 @@ fn half_precision_stores_only_what_maps_and_deep_gemms_touch() {
                         copies += 1;
                     }
                 }
+                // A generated softmax reads its expression as a map does, and may store half.
+                Op::SoftmaxOf { out, .. } => {
+                    if half[*out] {
+                        row_outputs_in_half += 1;
+                    }
+                }
                 other => {
                     // The row kernels may store half; nothing but maps and deep GEMMs reads it.
                     let writes_half = matches!(other, Op::LayerNorm { .. } | Op::Softmax { .. });
