@@ -437,6 +437,12 @@ pub struct Gemm {
     pub b_stride: usize,
     pub c: usize,
     pub alpha: f32,
+    /// Where C's elements go: row `i` of batch `b` starts at `b·c_stride + i·c_ld` (row
+    /// length `n`, contiguous). Contiguous C is `c_ld = n`, `c_stride = m·n`; attention's
+    /// P·V writes its heads straight into token-major layout with `c_ld = heads·n`,
+    /// `c_stride = n` ([`gemm_layouts`]).
+    pub c_ld: usize,
+    pub c_stride: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -913,8 +919,8 @@ pub fn cublas_call(g: &Gemm) -> CublasCall {
         ld_second: if g.a_trans { g.m } else { g.k } as i32,
         stride_second: g.a_stride as i64,
         c: g.c,
-        ldc: g.n as i32,
-        stride_c: (g.m * g.n) as i64,
+        ldc: g.c_ld as i32,
+        stride_c: g.c_stride as i64,
         batch: g.batch as i32,
     }
 }
@@ -1306,9 +1312,102 @@ pub fn compile_with(
         }
         None => lower(model, name, dot_macs)?,
     };
+    gemm_layouts(&mut p);
     half_precision(&mut p, precision);
     share_activations(&mut p);
     Ok(p)
+}
+
+/// A map that only moves a GEMM's result into another layout (attention's context
+/// `[heads, tokens, d]` transposed to `[tokens, heads·d]` for the output projection) is
+/// dropped: the GEMM writes that layout itself through its C strides ([`Gemm::c_ld`],
+/// [`Gemm::c_stride`]) when rows stay contiguous and nothing else reads the result.
+fn gemm_layouts(p: &mut Program) {
+    let mut reads = vec![0usize; p.buffers.len()];
+    for op in &mut p.ops {
+        op.for_each_buf(&mut |b, written| {
+            if !written {
+                reads[*b] += 1;
+            }
+        });
+    }
+    for port in &p.outputs {
+        reads[port.buf] += 1;
+    }
+    let mut drop = vec![false; p.ops.len()];
+    for i in 0..p.ops.len() {
+        let Op::Map { out, shape, expr } = &p.ops[i] else {
+            continue;
+        };
+        let (from, load) = match expr {
+            Expr::Reshape { from, expr } => (from.as_slice(), &**expr),
+            e => (shape.as_slice(), e),
+        };
+        let Expr::Load {
+            src,
+            coefs,
+            offset: 0,
+        } = load
+        else {
+            continue;
+        };
+        if reads[*src] != 1 || p.outputs.iter().any(|o| o.buf == *out) {
+            continue;
+        }
+        let Some(w) = p.ops[..i]
+            .iter()
+            .rposition(|op| matches!(op, Op::Gemm(g) if g.c == *src))
+        else {
+            continue;
+        };
+        let Op::Gemm(g) = &p.ops[w] else { continue };
+        if g.c_ld != g.n || g.c_stride != g.m * g.n {
+            continue;
+        }
+        // The output stride of the from-axis whose load coefficient is `coef` and extent
+        // `extent` (an axis of extent 1 is free); every other axis must have extent 1.
+        let ostr = strides(from);
+        let axis_for = |coef: usize, extent: usize| -> Option<Option<usize>> {
+            if extent == 1 {
+                return Some(None);
+            }
+            let d = (0..from.len()).find(|&d| from[d] == extent && coefs[d] == coef as i64)?;
+            Some(Some(d))
+        };
+        let (Some(j), Some(r), Some(b)) = (
+            axis_for(1, g.n),
+            axis_for(g.n, g.m),
+            axis_for(g.m * g.n, g.batch),
+        ) else {
+            continue;
+        };
+        let used: Vec<usize> = [j, r, b].into_iter().flatten().collect();
+        let others_trivial = (0..from.len()).all(|d| used.contains(&d) || from[d] == 1);
+        if !others_trivial || j.is_some_and(|d| ostr[d] != 1) {
+            continue;
+        }
+        let (out, c_ld, c_stride) = (
+            *out,
+            r.map_or(g.n, |d| ostr[d] as usize),
+            b.map_or(g.m * g.n, |d| ostr[d] as usize),
+        );
+        if (c_ld, c_stride) == (g.n, g.m * g.n) {
+            // Already the layout: a copy all the same (not expected from the lowering).
+            continue;
+        }
+        let Op::Gemm(g) = &mut p.ops[w] else { continue };
+        p.buffers[g.c].len = 1;
+        g.c = out;
+        g.c_ld = c_ld;
+        g.c_stride = c_stride;
+        drop[i] = true;
+        p.fusions.transposed_outputs += 1;
+    }
+    let mut k = 0;
+    p.ops.retain(|_| {
+        k += 1;
+        !drop[k - 1]
+    });
 }
 
 /// GEMMs at least this deep run on half operands (tensor cores); shallower ones (a position
@@ -1875,6 +1974,28 @@ impl Lowering {
         );
     }
 
+    /// `product · s`, `s · product` or `product / s` for a constant `s` and a GEMM's result
+    /// that nothing else reads (attention's `QKᵀ · 1/√d`): the GEMM's alpha takes the factor
+    /// and its buffer is the result. Returns that buffer.
+    fn scale_gemm(&mut self, op: BinOp, xn: &str, x: &Value, yn: &str, y: &Value) -> Option<usize> {
+        let (name, product, factor) = match (op, &x.src, &y.src) {
+            (BinOp::Mul, Source::Buf(c), Source::Scalar(s)) => (xn, *c, *s),
+            (BinOp::Mul, Source::Scalar(s), Source::Buf(c)) => (yn, *c, *s),
+            (BinOp::Div, Source::Buf(c), Source::Scalar(s)) if *s != 0.0 => (xn, *c, 1.0 / *s),
+            _ => return None,
+        };
+        if self.uses.get(name).copied() != Some(1) || !factor.is_finite() {
+            return None;
+        }
+        let gemm = self.ops.iter_mut().rev().find_map(|op| match op {
+            Op::Gemm(g) if g.c == product => Some(g),
+            _ => None,
+        })?;
+        gemm.alpha *= factor;
+        self.fusions.scaled_gemms += 1;
+        Some(product)
+    }
+
     fn put_buf(&mut self, name: &str, shape: Vec<usize>, buf: usize) {
         self.set(
             name,
@@ -2044,6 +2165,10 @@ impl Lowering {
                 let v = reference::binary(b, *p, *q);
                 let src = Source::Scalar(v);
                 self.set(&out, Value { shape, dtype, src });
+                return Ok(());
+            }
+            if let Some(c) = self.scale_gemm(b, input(0)?, &x, input(1)?, &y) {
+                self.put_buf(&out, shape, c);
                 return Ok(());
             }
             let ex = self.expr(&x, &shape);
@@ -3161,6 +3286,8 @@ impl Lowering {
             b_stride,
             c,
             alpha,
+            c_ld: n,
+            c_stride: m * n,
         }));
         Ok((shape, Source::Buf(c)))
     }
@@ -3221,6 +3348,8 @@ impl Lowering {
             b_stride: kk * pp,
             c: y,
             alpha: 1.0,
+            c_ld: pp,
+            c_stride: mo * pp,
         }));
         let shape = vec![nb, mo, oh, ow];
         match node.input.get(2).filter(|s| !s.is_empty()) {

@@ -196,6 +196,8 @@ fn cublas_arguments_compute_the_row_major_product() {
             b_stride: if b_batched { k * n } else { 0 },
             c: 2,
             alpha: 0.5,
+            c_ld: n,
+            c_stride: m * n,
         };
         let mut mem = Memory {
             f: vec![a.clone(), b.clone(), vec![0.0; batch * m * n]],
