@@ -1002,6 +1002,63 @@ struct Lowering {
     /// RMSNorm statistics whose square was fused into the reduction.
     fused_square_means: usize,
     fusions: Fusions,
+    /// Products of one input with several constant weights ([`sibling_products`]): a
+    /// MatMul's output name → its group.
+    siblings: HashMap<String, usize>,
+    groups: Vec<Siblings>,
+    /// Merged weights by their members' names.
+    merged_weights: HashMap<Vec<String>, usize>,
+}
+
+/// MatMuls that multiply the same input by constant `[k, n_i]` weights (a layer's Q, K and V
+/// projections; an MLP's gate and up): one GEMM over the weights side by side.
+#[derive(Debug, Clone)]
+struct Siblings {
+    /// (output name, weight name), in node order.
+    members: Vec<(String, String)>,
+    state: SiblingState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SiblingState {
+    Waiting,
+    Merged,
+    /// Small enough to be fused dots: each product on its own.
+    Separate,
+}
+
+/// Groups of MatMuls over one input with constant 2-D weights of the same depth.
+fn sibling_products(nodes: &[pb::NodeProto], l: &Lowering) -> Vec<Siblings> {
+    let weight = |name: &str| match l.values.get(name) {
+        Some(Value {
+            shape,
+            src: Source::Buf(b),
+            ..
+        }) if shape.len() == 2 && l.buffers[*b].init.is_some() => Some(shape[0]),
+        _ => None,
+    };
+    let mut groups: Vec<(String, usize, Vec<(String, String)>)> = vec![];
+    for n in nodes {
+        if n.op_type != "MatMul" || n.input.len() != 2 || n.output.len() != 1 {
+            continue;
+        }
+        let Some(k) = weight(&n.input[1]) else {
+            continue;
+        };
+        let member = (n.output[0].clone(), n.input[1].clone());
+        match groups.iter_mut().find(|(a, gk, _)| *a == n.input[0] && *gk == k) {
+            Some((_, _, m)) => m.push(member),
+            None => groups.push((n.input[0].clone(), k, vec![member])),
+        }
+    }
+    groups
+        .into_iter()
+        .filter(|(_, _, m)| m.len() > 1)
+        .map(|(_, _, members)| Siblings {
+            members,
+            state: SiblingState::Waiting,
+        })
+        .collect()
 }
 
 fn strides(shape: &[usize]) -> Vec<i64> {
@@ -1578,6 +1635,9 @@ fn lower(model: &pb::ModelProto, name: &str, dot_macs: usize) -> Result<Program,
         dot_macs,
         fused_square_means: 0,
         fusions: Fusions::default(),
+        siblings: HashMap::new(),
+        groups: vec![],
+        merged_weights: HashMap::new(),
     };
     let nodes = fuse_gelu(graph);
     for node in &nodes {
@@ -1607,6 +1667,12 @@ fn lower(model: &pb::ModelProto, name: &str, dot_macs: usize) -> Result<Program,
         let (dtype, f, i) = tensor_data(t)?;
         let src = l.constant(dtype, f, i);
         l.values.insert(t.name.clone(), Value { shape, dtype, src });
+    }
+    l.groups = sibling_products(&nodes, &l);
+    for (g, s) in l.groups.iter().enumerate() {
+        for (out, _) in &s.members {
+            l.siblings.insert(out.clone(), g);
+        }
     }
     let mut inputs = vec![];
     for v in &graph.input {
@@ -1659,6 +1725,18 @@ fn lower(model: &pb::ModelProto, name: &str, dot_macs: usize) -> Result<Program,
                 _ => DType::F32,
             },
         });
+    }
+    // Weights no op reads (each one's products merged into a GEMM over merged weights) are
+    // not uploaded.
+    let mut read = vec![false; l.buffers.len()];
+    for op in &mut l.ops {
+        op.for_each_buf(&mut |b, _| read[*b] = true);
+    }
+    for (b, buf) in l.buffers.iter_mut().enumerate() {
+        if buf.init.is_some() && !read[b] && !outputs.iter().any(|o: &Port| o.buf == b) {
+            buf.init = None;
+            buf.len = 1;
+        }
     }
     let p = Program {
         name: name.to_string(),
@@ -1935,6 +2013,29 @@ impl Lowering {
         }
     }
 
+    /// A broadcast view of one matrix that cuBLAS cannot read in place (a KV head that is a
+    /// strided column range of a merged projection): the matrix is written once,
+    /// contiguous, and read with batch stride 0 — not copied once per head.
+    fn shared_matrix(&mut self, v: &Value) -> Option<usize> {
+        let Source::Pending(Expr::Load { src, coefs, offset }) = &v.src else {
+            return None;
+        };
+        let r = v.shape.len();
+        if r < 3
+            || coefs.len() != r
+            || coefs[..r - 2].iter().any(|&c| c != 0)
+            || v.shape[..r - 2].iter().product::<usize>() == 1
+        {
+            return None;
+        }
+        let matrix = Expr::Load {
+            src: *src,
+            coefs: coefs[r - 2..].to_vec(),
+            offset: *offset,
+        };
+        Some(self.emit_map(v.shape[r - 2..].to_vec(), matrix))
+    }
+
     /// A float32 buffer of the value: an int64 graph input is converted by a map.
     fn f32_buf(&mut self, v: &Value) -> usize {
         match &v.src {
@@ -1972,6 +2073,79 @@ impl Lowering {
                 src,
             },
         );
+    }
+
+    /// Group `g`'s products as one GEMM of the input by the weights side by side
+    /// (`[k, Σn]`, built at load; a weight nothing else reads is not kept twice); each
+    /// member's value is a view of its columns. False (and each product on its own) when
+    /// the merged product is small enough to be fused dots.
+    fn merge_siblings(&mut self, g: usize, a_name: &str) -> Result<bool, String> {
+        let a = self.f32_value(a_name)?;
+        let members = self.groups[g].members.clone();
+        let k = *a.shape.last().ok_or("MatMul of a scalar")?;
+        let mut weights = vec![];
+        for (_, w) in &members {
+            let v = self.get(w)?;
+            let Source::Buf(b) = v.src else {
+                return Err(format!("weight {w} is not a constant"));
+            };
+            if v.shape[0] != k {
+                return Err(format!("MatMul of {:?} and {:?}", a.shape, v.shape));
+            }
+            weights.push((b, v.shape[1], w.clone()));
+        }
+        let total: usize = weights.iter().map(|w| w.1).sum();
+        let rows = a.shape.iter().product::<usize>() / k.max(1);
+        if rows * k * total <= self.dot_macs {
+            self.groups[g].state = SiblingState::Separate;
+            return Ok(false);
+        }
+        let mut merged = vec![0f32; k * total];
+        let mut col = 0;
+        for (b, n, _) in &weights {
+            let w = self.buffers[*b].init.as_ref().ok_or("weight without values")?;
+            for r in 0..k {
+                merged[r * total + col..r * total + col + n].copy_from_slice(&w[r * n..(r + 1) * n]);
+            }
+            col += n;
+        }
+        // The baked loop multiplies by the same weights every step: one merged copy.
+        let key: Vec<String> = members.iter().map(|(_, w)| w.clone()).collect();
+        let wb = match self.merged_weights.get(&key) {
+            Some(&b) => b,
+            None => {
+                let b = self.buffer(k * total, DType::F32, Some(merged));
+                self.merged_weights.insert(key, b);
+                b
+            }
+        };
+        let wv = Value {
+            shape: vec![k, total],
+            dtype: DType::F32,
+            src: Source::Buf(wb),
+        };
+        let (shape, src) = self.product(&a, false, &wv, false, 1.0)?;
+        let c = match src {
+            Source::Buf(c) => c,
+            Source::Pending(e) => self.emit_map(shape.clone(), e),
+            _ => return Err("a product without a result".into()),
+        };
+        let coefs = strides(&shape);
+        let mut col = 0i64;
+        for ((out, _), (_, n, _)) in members.iter().zip(&weights) {
+            let mut s = shape.clone();
+            *s.last_mut().expect("rank ≥ 2") = *n;
+            let view = Expr::Load {
+                src: c,
+                coefs: coefs.clone(),
+                offset: col,
+            };
+            self.put_elementwise(out, s, view);
+            col += *n as i64;
+        }
+        self.fusions.merged_gemms += members.len() - 1;
+        self.groups[g].state = SiblingState::Merged;
+        Ok(true)
     }
 
     /// `product · s`, `s · product` or `product / s` for a constant `s` and a GEMM's result
@@ -2774,6 +2948,17 @@ impl Lowering {
                 self.put_elementwise(&out, shape, expr);
             }
             "MatMul" => {
+                if let Some(&g) = self.siblings.get(&out) {
+                    let state = self.groups[g].state;
+                    match state {
+                        // Computed with its first sibling: its value is a view already.
+                        SiblingState::Merged => return Ok(()),
+                        SiblingState::Waiting if self.merge_siblings(g, input(0)?)? => {
+                            return Ok(());
+                        }
+                        _ => {}
+                    }
+                }
                 let a = self.f32_value(input(0)?)?;
                 let b = self.f32_value(input(1)?)?;
                 let (shape, src) = self.product(&a, false, &b, false, 1.0)?;
@@ -2989,6 +3174,19 @@ impl Lowering {
                         }
                     })
                     .collect();
+                let e = Expr::Load {
+                    src: *src,
+                    coefs,
+                    offset: *offset,
+                };
+                self.put_elementwise(out, shape, e);
+                return;
+            }
+            // A strided view (one of several products computed side by side) whose axes
+            // split or merge where its strides allow: still a view.
+            Source::Pending(Expr::Load { src, coefs, offset })
+                if let Some(coefs) = reshape_view(&v.shape, coefs, &shape) =>
+            {
                 let e = Expr::Load {
                     src: *src,
                     coefs,
@@ -3266,11 +3464,17 @@ impl Lowering {
         // transposed or not) is not copied: batch stride 0.
         let (abuf, a_trans, a_stride) = match self.broadcast_operand(a, a_trans) {
             Some((buf, t)) => (buf, t, 0),
-            None => (self.materialize(a), a_trans, stride(&a.shape, ra, m * k)?),
+            None => match self.shared_matrix(a) {
+                Some(buf) => (buf, a_trans, 0),
+                None => (self.materialize(a), a_trans, stride(&a.shape, ra, m * k)?),
+            },
         };
         let (bbuf, b_trans, b_stride) = match self.broadcast_operand(b, b_trans) {
             Some((buf, t)) => (buf, t, 0),
-            None => (self.materialize(b), b_trans, stride(&b.shape, rb, k * n)?),
+            None => match self.shared_matrix(b) {
+                Some(buf) => (buf, b_trans, 0),
+                None => (self.materialize(b), b_trans, stride(&b.shape, rb, k * n)?),
+            },
         };
         let c = self.buffer(batch * m * n, DType::F32, None);
         self.ops.push(Op::Gemm(Gemm {
@@ -3381,6 +3585,47 @@ impl Lowering {
 /// ONNX Reshape's shape argument (0 copies, -1 infers) applied to `from`.
 /// ONNX Slice on one axis of length `len`: (first index, element count, step), with
 /// negative indices counted from the end and out-of-range ones clamped as the spec says.
+/// The load coefficients of a strided view of `from` (coefficients `coefs`) reshaped to `to`,
+/// when no copy is needed: each run of axes merged into one must be contiguous with respect
+/// to each other, as numpy's reshape without a copy.
+fn reshape_view(from: &[usize], coefs: &[i64], to: &[usize]) -> Option<Vec<i64>> {
+    if from.iter().product::<usize>() != to.iter().product::<usize>() {
+        return None;
+    }
+    let fa: Vec<usize> = (0..from.len()).filter(|&d| from[d] != 1).collect();
+    let ta: Vec<usize> = (0..to.len()).filter(|&d| to[d] != 1).collect();
+    let mut out = vec![0i64; to.len()];
+    let (mut i, mut j) = (0, 0);
+    while i < fa.len() && j < ta.len() {
+        // One group: the fewest axes on each side with equal products.
+        let (i0, j0) = (i, j);
+        let (mut pf, mut pt) = (from[fa[i]], to[ta[j]]);
+        i += 1;
+        j += 1;
+        while pf != pt {
+            if pf < pt {
+                pf *= *from.get(*fa.get(i)?)?;
+                i += 1;
+            } else {
+                pt *= *to.get(*ta.get(j)?)?;
+                j += 1;
+            }
+        }
+        // The merged input axes must be one strided run.
+        for k in i0..i - 1 {
+            if coefs[fa[k]] != coefs[fa[k + 1]] * from[fa[k + 1]] as i64 {
+                return None;
+            }
+        }
+        let mut c = coefs[fa[i - 1]];
+        for k in (j0..j).rev() {
+            out[ta[k]] = c;
+            c *= to[ta[k]] as i64;
+        }
+    }
+    (i == fa.len() && j == ta.len()).then_some(out)
+}
+
 fn slice_range(start: i64, end: i64, step: i64, len: i64) -> Result<(i64, usize, i64), String> {
     if step == 0 {
         return Err("Slice step 0".into());

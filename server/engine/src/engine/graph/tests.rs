@@ -286,6 +286,9 @@ fn the_supported_operator_list_is_what_the_lowering_accepts() {
         dot_macs: DOT_MACS,
         fused_square_means: 0,
         fusions: Fusions::default(),
+        siblings: HashMap::new(),
+        groups: vec![],
+        merged_weights: HashMap::new(),
     };
     let node = |op: &str| pb::NodeProto {
         op_type: op.into(),
