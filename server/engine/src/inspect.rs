@@ -88,6 +88,8 @@ pub struct Plan {
     pub fused_gelu: usize,
     /// RMSNorm statistics `mean(x·x)` read as one row reduction (the square not written).
     pub fused_square_means: usize,
+    /// Attention and projection fusions ([`graph::Fusions`]).
+    pub fusions: graph::Fusions,
     pub weight_bytes: u64,
     pub activation_bytes: u64,
     /// `f32`, `f16` or `bf16` (`--precision`), and in half: the GEMMs on half operands and
@@ -152,6 +154,7 @@ pub fn plan(p: &Program) -> Plan {
         nodes_without_launch: p.nodes.saturating_sub(p.launches()),
         fused_gelu: p.fused_gelu,
         fused_square_means: p.fused_square_means,
+        fusions: p.fusions.clone(),
         weight_bytes: p
             .buffers
             .iter()
@@ -489,6 +492,16 @@ pub fn render(r: &Report) -> String {
                 plural(p.nodes_without_launch, "node"),
                 plural(p.fused_gelu, "GELU pattern"),
                 p.fused_square_means
+            );
+            let f = &p.fusions;
+            let _ = writeln!(
+                s,
+                "  fused: {} merged into a sibling's GEMM (Q/K/V, gate/up), {} with its scale as alpha, {} reading scores + mask in the kernel, {} writing a transposed layout, {} of a split concatenation read in place",
+                plural(f.merged_gemms, "product"),
+                plural(f.scaled_gemms, "product"),
+                plural(f.fused_softmax_inputs, "softmax"),
+                plural(f.transposed_outputs, "GEMM"),
+                plural(f.split_parts, "piece"),
             );
             let _ = writeln!(
                 s,

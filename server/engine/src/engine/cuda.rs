@@ -1945,6 +1945,11 @@ mod tests {
                 let (kernels, src) = cuda_src::program_source(p, "h");
                 assert!(p.half_gemms > 0, "{file}");
                 assert!(src.contains("rf_ld(b") && src.contains(store), "{file}");
+                // Attention's softmax reads scores + mask in a generated kernel.
+                assert!(
+                    p.fusions.fused_softmax_inputs > 0 && src.contains("rf_softmax_f<"),
+                    "{file}"
+                );
                 let (ptx, _) = compile_cached(&src, "sm_90", None)
                     .unwrap_or_else(|e| panic!("{kind} {precision} {file}: {e}"));
                 let text = ptx.to_src();

@@ -549,7 +549,7 @@ pub struct Program {
 }
 
 /// Counts of what the compiler fused beyond elementwise chains, for `reflex inspect`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Fusions {
     /// Pieces of a split concatenation read from their parts where they lie (a stacked KV
     /// cache split per layer) instead of a copy of the whole stack per piece.
@@ -1861,39 +1861,29 @@ fn share_activations(p: &mut Program) {
             last[*b] = last[*b].max(i);
         });
     }
+    // Largest first (TFLite's greedy-by-size): a slot takes the size of its first, largest
+    // buffer, and a later one joins the first slot of its type whose buffers' lives it does
+    // not overlap — a big buffer never lands in a small slot that then has to grow.
     let mut order: Vec<usize> = (0..n)
         .filter(|&b| !fixed[b] && first[b] != usize::MAX)
         .collect();
-    order.sort_by_key(|&b| first[b]);
-    // Slots: (the buffer standing for them, the last op touching them so far).
-    let mut slots: Vec<(usize, usize)> = vec![];
+    order.sort_by_key(|&b| (std::cmp::Reverse(p.buffers[b].len), first[b]));
+    // Slots: (the buffer standing for them, the lives of the buffers in it).
+    let mut slots: Vec<(usize, Vec<(usize, usize)>)> = vec![];
     let mut rep: Vec<usize> = (0..n).collect();
     for b in order {
-        let len = p.buffers[b].len;
         let kind = (p.buffers[b].dtype, p.buffers[b].half);
-        // Best fit among the free slots of the same type and storage: the smallest that
-        // holds it, else the largest (grown).
-        let free = slots
-            .iter()
-            .enumerate()
-            .filter(|(_, (r, end))| {
-                *end < first[b] && (p.buffers[*r].dtype, p.buffers[*r].half) == kind
-            })
-            .map(|(s, (r, _))| (s, p.buffers[*r].len));
-        let pick = free
-            .clone()
-            .filter(|(_, l)| *l >= len)
-            .min_by_key(|(_, l)| *l)
-            .or_else(|| free.max_by_key(|(_, l)| *l))
-            .map(|(s, _)| s);
+        let life = (first[b], last[b]);
+        let pick = slots.iter().position(|(r, lives)| {
+            (p.buffers[*r].dtype, p.buffers[*r].half) == kind
+                && lives.iter().all(|&(f, l)| l < life.0 || life.1 < f)
+        });
         match pick {
             Some(s) => {
-                let r = slots[s].0;
-                rep[b] = r;
-                slots[s].1 = last[b];
-                p.buffers[r].len = p.buffers[r].len.max(len);
+                rep[b] = slots[s].0;
+                slots[s].1.push(life);
             }
-            None => slots.push((b, last[b])),
+            None => slots.push((b, vec![life])),
         }
     }
     for op in &mut p.ops {
