@@ -136,7 +136,9 @@ pub fn plan(p: &Program) -> Plan {
         match op {
             Op::Map { .. } | Op::Fill { .. } | Op::Step { .. } => maps += 1,
             Op::Gemm(_) => gemms += 1,
-            Op::LayerNorm { .. } | Op::Softmax { .. } | Op::SoftmaxOf { .. } | Op::Axis { .. } => reductions += 1,
+            Op::LayerNorm { .. } | Op::Softmax { .. } | Op::SoftmaxOf { .. } | Op::Axis { .. } => {
+                reductions += 1
+            }
         }
     }
     let bytes = |b: &graph::Buffer| b.bytes(p.precision) as u64;

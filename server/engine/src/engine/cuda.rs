@@ -812,7 +812,9 @@ fn load_program(
                 ],
             },
             Op::SoftmaxOf { out, .. } => {
-                let k = kernels[i].as_ref().expect("a kernel for every generated softmax");
+                let k = kernels[i]
+                    .as_ref()
+                    .expect("a kernel for every generated softmax");
                 let mut args = vec![p(*out)];
                 args.extend(k.params.iter().map(|&b| p(b)));
                 Step::Kernel {

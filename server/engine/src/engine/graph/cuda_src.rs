@@ -534,7 +534,13 @@ fn element(p: &Program, shape: &[usize], expr: &Expr, warp: bool, src: &mut Stri
 
 /// The kernel of an [`Op::SoftmaxOf`]: a block per row ([`ROW_BLOCK`] threads), each element
 /// of the input computed from `expr` where the softmax reads it.
-pub fn softmax_kernel(p: &Program, name: &str, out: usize, shape: &[usize], expr: &Expr) -> MapKernel {
+pub fn softmax_kernel(
+    p: &Program,
+    name: &str,
+    out: usize,
+    shape: &[usize],
+    expr: &Expr,
+) -> MapKernel {
     let mut params = vec![];
     collect_bufs(expr, &mut params);
     let out_ty = c_type(p, out);
@@ -544,7 +550,8 @@ pub fn softmax_kernel(p: &Program, name: &str, out: usize, shape: &[usize], expr
     }
     let n: usize = shape.iter().product();
     let dim = shape.last().copied().unwrap_or(1);
-    let mut src = String::from(") {\n    auto ld = [&](long long i) -> float {\n    long long r = i;\n");
+    let mut src =
+        String::from(") {\n    auto ld = [&](long long i) -> float {\n    long long r = i;\n");
     let value = element(p, shape, expr, false, &mut src);
     let _ = writeln!(
         src,

@@ -1046,7 +1046,10 @@ fn sibling_products(nodes: &[pb::NodeProto], l: &Lowering) -> Vec<Siblings> {
             continue;
         };
         let member = (n.output[0].clone(), n.input[1].clone());
-        match groups.iter_mut().find(|(a, gk, _)| *a == n.input[0] && *gk == k) {
+        match groups
+            .iter_mut()
+            .find(|(a, gk, _)| *a == n.input[0] && *gk == k)
+        {
             Some((_, _, m)) => m.push(member),
             None => groups.push((n.input[0].clone(), k, vec![member])),
         }
@@ -1522,13 +1525,15 @@ fn half_precision(p: &mut Program, precision: Precision) {
             Op::Gemm(g) if g.k >= HALF_GEMM_K => {}
             // A generated softmax reads its expression as a map does and stores like the
             // row kernels.
-            Op::Map { expr, .. } | Op::SoftmaxOf { expr, .. } => visit_reads(expr, &mut |b, table| {
-                if table {
-                    gathered[b] = true;
-                } else {
-                    loaded[b] = true;
-                }
-            }),
+            Op::Map { expr, .. } | Op::SoftmaxOf { expr, .. } => {
+                visit_reads(expr, &mut |b, table| {
+                    if table {
+                        gathered[b] = true;
+                    } else {
+                        loaded[b] = true;
+                    }
+                })
+            }
             // The row kernels read f32 and may write half (one instantiation per storage).
             Op::LayerNorm { .. } | Op::Softmax { .. } => {
                 op.clone().for_each_buf(&mut |b, written| {
@@ -1927,9 +1932,7 @@ impl Lowering {
             Source::Pending(e) if v.shape == out => e.clone(),
             // A single-use small pointwise value (RMSNorm's 1/√(mean + ε) per row) is
             // computed again for each element it broadcasts to rather than stored.
-            Source::Pending(e) if e.cheap() || e.small_pointwise() => {
-                rebroadcast(e, &v.shape, out)
-            }
+            Source::Pending(e) if e.cheap() || e.small_pointwise() => rebroadcast(e, &v.shape, out),
             _ => {
                 let src = self.materialize(v);
                 Expr::Load {
@@ -2093,9 +2096,13 @@ impl Lowering {
         let mut merged = vec![0f32; k * total];
         let mut col = 0;
         for (b, n, _) in &weights {
-            let w = self.buffers[*b].init.as_ref().ok_or("weight without values")?;
+            let w = self.buffers[*b]
+                .init
+                .as_ref()
+                .ok_or("weight without values")?;
             for r in 0..k {
-                merged[r * total + col..r * total + col + n].copy_from_slice(&w[r * n..(r + 1) * n]);
+                merged[r * total + col..r * total + col + n]
+                    .copy_from_slice(&w[r * n..(r + 1) * n]);
             }
             col += n;
         }
@@ -3252,13 +3259,23 @@ impl Lowering {
             if whole {
                 at = 0;
                 for &size in sizes {
-                    let j = starts.iter().position(|&s| s == at as i64).expect("checked");
+                    let j = starts
+                        .iter()
+                        .position(|&s| s == at as i64)
+                        .expect("checked");
                     let mut shape = v.shape.clone();
                     shape[axis] = size;
                     let part = parts[j].clone();
                     let (shape, expr) = match (drop_axis, part) {
                         (false, e) => (shape, e),
-                        (true, Expr::Load { src, mut coefs, offset }) => {
+                        (
+                            true,
+                            Expr::Load {
+                                src,
+                                mut coefs,
+                                offset,
+                            },
+                        ) => {
                             coefs.remove(axis);
                             shape.remove(axis);
                             (shape, Expr::Load { src, coefs, offset })

@@ -1168,7 +1168,10 @@ fn rmsnorm_squares_are_read_in_their_mean() {
 #[test]
 fn transformer_fusions_at_gemm_scale_agree_with_tract() {
     use tract_onnx::prelude::*;
-    for kind in [crate::fixtures::Kind::Pi05, crate::fixtures::Kind::Pi05PerStep] {
+    for kind in [
+        crate::fixtures::Kind::Pi05,
+        crate::fixtures::Kind::Pi05PerStep,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         crate::fixtures::write(kind, dir.path(), 6).unwrap();
         for file in ["vlm_prefix.onnx", "expert_denoise.onnx"] {
@@ -1286,4 +1289,60 @@ fn strided_views_reshape_in_place_only_where_their_strides_allow() {
         Some(vec![1, 64])
     );
     assert_eq!(reshape_view(&[4, 6], &[6, 1], &[5, 5]), None);
+}
+
+/// Rotary embedding costs no launch of its own: `x·cos + rotate_half(x)·sin` is computed in
+/// the map that reads each projection's columns (q's, and k's where the expert joins it to
+/// the cached keys), the rotated half never stored; the cos/sin tables once per graph.
+#[test]
+fn rotary_is_applied_inside_the_maps_that_read_the_projections() {
+    fn has_rotate_half(e: &Expr) -> bool {
+        match e {
+            Expr::Select { parts, .. } => {
+                parts
+                    .iter()
+                    .any(|p| matches!(p, Expr::Unary(super::UnOp::Neg, _)))
+                    || parts.iter().any(has_rotate_half)
+            }
+            Expr::Unary(_, x) | Expr::Reshape { expr: x, .. } => has_rotate_half(x),
+            Expr::Binary(_, a, b) | Expr::Dot { a, b, .. } => {
+                has_rotate_half(a) || has_rotate_half(b)
+            }
+            Expr::Where(c, a, b) => has_rotate_half(c) || has_rotate_half(a) || has_rotate_half(b),
+            _ => false,
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    crate::fixtures::write(crate::fixtures::Kind::Pi05PerStep, dir.path(), 6).unwrap();
+    let path = dir.path().join("expert_denoise.onnx");
+    let mut model = read_model(&path).unwrap();
+    crate::onnx::inline_external(&mut model, dir.path()).unwrap();
+    let p = compile_with(&model, "e.onnx", Precision::F32, 0).unwrap();
+    let layers = p
+        .ops
+        .iter()
+        .filter(|op| matches!(op, super::Op::SoftmaxOf { .. }))
+        .count();
+    assert!(layers > 0);
+    let rope_maps: Vec<&Expr> = p
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            super::Op::Map { expr, .. } if has_rotate_half(expr) => Some(expr),
+            _ => None,
+        })
+        .collect();
+    // q and k per layer, each in one map, and that map is the whole rotation (a sum of two
+    // products), not a stored rotated half.
+    assert_eq!(rope_maps.len(), 2 * layers, "{rope_maps:?}");
+    for e in rope_maps {
+        let root = match e {
+            Expr::Reshape { expr, .. } => &**expr,
+            e => e,
+        };
+        let whole = matches!(root, Expr::Binary(BinOp::Add, _, _))
+            || matches!(root, Expr::Select { parts, .. }
+                if parts.iter().any(|p| matches!(p, Expr::Binary(BinOp::Add, _, _))));
+        assert!(whole, "{root:?}");
+    }
 }
