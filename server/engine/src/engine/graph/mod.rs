@@ -1014,10 +1014,12 @@ struct Lowering {
 /// projections; an MLP's gate and up): one GEMM over the weights side by side.
 #[derive(Debug, Clone)]
 struct Siblings {
-    /// (output name, weight name), in node order.
-    members: Vec<(String, String)>,
+    members: Members,
     state: SiblingState,
 }
+
+/// (output name, weight name) of each product, in node order.
+type Members = Vec<(String, String)>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SiblingState {
@@ -1037,7 +1039,8 @@ fn sibling_products(nodes: &[pb::NodeProto], l: &Lowering) -> Vec<Siblings> {
         }) if shape.len() == 2 && l.buffers[*b].init.is_some() => Some(shape[0]),
         _ => None,
     };
-    let mut groups: Vec<(String, usize, Vec<(String, String)>)> = vec![];
+    // (input name, depth k, members)
+    let mut groups: Vec<(String, usize, Members)> = vec![];
     for n in nodes {
         if n.op_type != "MatMul" || n.input.len() != 2 || n.output.len() != 1 {
             continue;
@@ -1394,7 +1397,7 @@ fn gemm_layouts(p: &mut Program) {
     for port in &p.outputs {
         reads[port.buf] += 1;
     }
-    let mut drop = vec![false; p.ops.len()];
+    let mut dropped = vec![];
     for i in 0..p.ops.len() {
         let Op::Map { out, shape, expr } = &p.ops[i] else {
             continue;
@@ -1460,13 +1463,13 @@ fn gemm_layouts(p: &mut Program) {
         g.c = out;
         g.c_ld = c_ld;
         g.c_stride = c_stride;
-        drop[i] = true;
+        dropped.push(i);
         p.fusions.transposed_outputs += 1;
     }
     let mut k = 0;
     p.ops.retain(|_| {
         k += 1;
-        !drop[k - 1]
+        !dropped.contains(&(k - 1))
     });
 }
 
