@@ -498,10 +498,10 @@ pub fn render(r: &Report) -> String {
             let f = &p.fusions;
             let _ = writeln!(
                 s,
-                "  fused: {} merged into a sibling's GEMM (Q/K/V, gate/up), {} with its scale as alpha, {} reading scores + mask in the kernel, {} writing a transposed layout, {} of a split concatenation read in place",
+                "  fused: {} merged into a sibling's GEMM (Q/K/V, gate/up), {} with its scale as alpha, {} computing scores + mask as they read them, {} writing a transposed layout, {} of a split concatenation read in place",
                 plural(f.merged_gemms, "product"),
                 plural(f.scaled_gemms, "product"),
-                plural(f.fused_softmax_inputs, "softmax"),
+                plural(f.fused_softmax_inputs, "softmax kernel"),
                 plural(f.transposed_outputs, "GEMM"),
                 plural(f.split_parts, "piece"),
             );

@@ -532,6 +532,24 @@ fn element(p: &Program, shape: &[usize], expr: &Expr, warp: bool, src: &mut Stri
     .print(expr, &scope)
 }
 
+/// A generated kernel's signature up to its last parameter: the output, then every buffer
+/// `expr` reads (returned, in order), each in its storage type (also returned for the output).
+fn kernel_head(
+    p: &Program,
+    name: &str,
+    out: usize,
+    expr: &Expr,
+) -> (Vec<usize>, &'static str, String) {
+    let mut params = vec![];
+    collect_bufs(expr, &mut params);
+    let out_ty = c_type(p, out);
+    let mut head = format!("extern \"C\" __global__ void {name}({out_ty}* __restrict__ out");
+    for &b in &params {
+        let _ = write!(head, ", const {}* __restrict__ b{b}", c_type(p, b));
+    }
+    (params, out_ty, head)
+}
+
 /// The kernel of an [`Op::SoftmaxOf`]: a block per row ([`ROW_BLOCK`] threads), each element
 /// of the input computed from `expr` where the softmax reads it.
 pub fn softmax_kernel(
@@ -541,13 +559,7 @@ pub fn softmax_kernel(
     shape: &[usize],
     expr: &Expr,
 ) -> MapKernel {
-    let mut params = vec![];
-    collect_bufs(expr, &mut params);
-    let out_ty = c_type(p, out);
-    let mut head = format!("extern \"C\" __global__ void {name}({out_ty}* __restrict__ out");
-    for &b in &params {
-        let _ = write!(head, ", const {}* __restrict__ b{b}", c_type(p, b));
-    }
+    let (params, out_ty, head) = kernel_head(p, name, out, expr);
     let n: usize = shape.iter().product();
     let dim = shape.last().copied().unwrap_or(1);
     let mut src =
@@ -571,13 +583,7 @@ pub fn softmax_kernel(
 
 /// The kernel of one map op, named `{prefix}_{op index}`.
 pub fn map_kernel(p: &Program, name: &str, out: usize, shape: &[usize], expr: &Expr) -> MapKernel {
-    let mut params = vec![];
-    collect_bufs(expr, &mut params);
-    let out_ty = c_type(p, out);
-    let mut head = format!("extern \"C\" __global__ void {name}({out_ty}* __restrict__ out");
-    for &b in &params {
-        let _ = write!(head, ", const {}* __restrict__ b{b}", c_type(p, b));
-    }
+    let (params, out_ty, head) = kernel_head(p, name, out, expr);
     let store = |v: &str| match out_ty {
         "rf_f16" => format!("rf_to_f16({v})"),
         "rf_bf16" => format!("rf_to_bf16({v})"),

@@ -3151,39 +3151,9 @@ impl Lowering {
             {
                 Source::Buf(*src)
             }
-            // Only size-1 axes come or go (Unsqueeze, Squeeze): a view stays a view.
-            Source::Pending(Expr::Load { src, coefs, offset })
-                if v.shape
-                    .iter()
-                    .filter(|&&d| d != 1)
-                    .eq(shape.iter().filter(|&&d| d != 1)) =>
-            {
-                let mut kept = v
-                    .shape
-                    .iter()
-                    .zip(coefs)
-                    .filter(|(d, _)| **d != 1)
-                    .map(|(_, c)| *c);
-                let coefs = shape
-                    .iter()
-                    .map(|&d| {
-                        if d == 1 {
-                            0
-                        } else {
-                            kept.next().expect("same non-1 axes")
-                        }
-                    })
-                    .collect();
-                let e = Expr::Load {
-                    src: *src,
-                    coefs,
-                    offset: *offset,
-                };
-                self.put_elementwise(out, shape, e);
-                return;
-            }
-            // A strided view (one of several products computed side by side) whose axes
-            // split or merge where its strides allow: still a view.
+            // A view whose axes split or merge where its strides allow (size-1 axes coming
+            // or going: Unsqueeze, Squeeze; a column range of products computed side by side
+            // split into heads): still a view.
             Source::Pending(Expr::Load { src, coefs, offset })
                 if let Some(coefs) = reshape_view(&v.shape, coefs, &shape) =>
             {
