@@ -88,6 +88,15 @@ impl KeptFeed<'_> {
     pub fn index(&self, name: &str) -> Option<usize> {
         self.names.iter().position(|n| *n == name)
     }
+
+    /// The kept tensors as the executor's own type `T`, or `mismatch` when another executor
+    /// kept them.
+    pub fn held<T: 'static>(&self, mismatch: &str) -> Result<&T, String> {
+        self.tensors
+            .as_any()
+            .downcast_ref::<T>()
+            .ok_or_else(|| mismatch.to_string())
+    }
 }
 
 /// Runs one compiled graph program: inputs by name ([`Program::feeds`]) from the host
@@ -145,16 +154,14 @@ fn with_host_kept<'a>(
     feed: &'a dyn Fn(&str) -> Option<HostValue>,
     kept: Option<&'a KeptFeed<'a>>,
 ) -> Result<impl Fn(&str) -> Option<HostValue> + 'a, String> {
-    let held = match kept {
-        Some(k) => Some((
-            k,
-            k.tensors
-                .as_any()
-                .downcast_ref::<HostKept>()
-                .ok_or("these tensors were kept by another executor")?,
-        )),
-        None => None,
-    };
+    let held = kept
+        .map(|k| {
+            Ok::<_, String>((
+                k,
+                k.held::<HostKept>("these tensors were kept by another executor")?,
+            ))
+        })
+        .transpose()?;
     Ok(move |name: &str| match held {
         Some((k, h)) => match k.index(name) {
             Some(i) => h.0.get(i).cloned(),

@@ -750,14 +750,17 @@ fn load_program(
     for (i, op) in program.ops.iter().enumerate() {
         let p = |b: usize| Arg::Ptr(ptrs[b]);
         steps.push(match op {
-            Op::Map { out, .. } => {
-                let k = kernels[i].as_ref().expect("a kernel for every map");
+            // Generated kernels: the output, then the buffers the expression reads.
+            Op::Map { out, .. } | Op::SoftmaxOf { out, .. } => {
+                let k = kernels[i]
+                    .as_ref()
+                    .expect("a kernel for every generated op");
                 let mut args = vec![p(*out)];
                 args.extend(k.params.iter().map(|&b| p(b)));
                 Step::Kernel {
                     func: f(&k.name)?,
-                    grid: blocks(k.elements * k.threads_per_element),
-                    block: MAP_BLOCK,
+                    grid: k.grid,
+                    block: k.block,
                     args,
                 }
             }
@@ -811,19 +814,6 @@ fn load_program(
                     Arg::F32(*eps),
                 ],
             },
-            Op::SoftmaxOf { out, .. } => {
-                let k = kernels[i]
-                    .as_ref()
-                    .expect("a kernel for every generated softmax");
-                let mut args = vec![p(*out)];
-                args.extend(k.params.iter().map(|&b| p(b)));
-                Step::Kernel {
-                    func: f(&k.name)?,
-                    grid: k.elements as u32,
-                    block: ROW_BLOCK,
-                    args,
-                }
-            }
             Op::Softmax { x, out, rows, dim } => Step::Kernel {
                 func: softmax[storage(*out)].clone(),
                 grid: *rows as u32,
@@ -1510,16 +1500,14 @@ impl ProgramInner {
         in_loop: Option<&graph::DeviceLoop>,
     ) -> Result<(Vec<bool>, Vec<Step>), String> {
         let p = &self.loaded.program;
-        let held = match kept {
-            Some(k) => Some((
-                k,
-                k.tensors
-                    .as_any()
-                    .downcast_ref::<DeviceKept>()
-                    .ok_or("these tensors were not kept on the device by the cuda engine")?,
-            )),
-            None => None,
-        };
+        let held = kept
+            .map(|k| {
+                let on_device = k.held::<DeviceKept>(
+                    "these tensors were not kept on the device by the cuda engine",
+                )?;
+                Ok::<_, String>((k, on_device))
+            })
+            .transpose()?;
         // A device loop tables the host island per step itself; a run evaluates it here.
         let island;
         let feed: &dyn Fn(&str) -> Option<graph::reference::HostValue> = match in_loop {

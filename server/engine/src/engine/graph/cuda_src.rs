@@ -227,15 +227,17 @@ __device__ __forceinline__ long long rf_row(long long r, long long rows) {
 }
 "#;
 
-/// One map kernel: its name, source and the buffers it takes after `out`.
+/// One generated kernel (a map, or a softmax of an expression): its name, source, the
+/// buffers it takes after `out`, and its launch shape.
 #[derive(Debug, Clone)]
 pub struct MapKernel {
     pub name: String,
     pub source: String,
     pub params: Vec<usize>,
-    pub elements: usize,
-    /// 1, or 32 when a warp computes each element (long dot products).
-    pub threads_per_element: usize,
+    /// Blocks and threads per block: a map's threads cover its elements (a warp per element
+    /// for long dot products, [`MAP_BLOCK`] per block); a softmax runs a block per row.
+    pub grid: u32,
+    pub block: u32,
 }
 
 /// Dots at least this long are summed by a whole warp per output element
@@ -576,8 +578,8 @@ pub fn softmax_kernel(
         name: name.to_string(),
         source: head + &body,
         params,
-        elements: n / dim.max(1),
-        threads_per_element: ROW_BLOCK as usize,
+        grid: (n / dim.max(1)) as u32,
+        block: ROW_BLOCK,
     }
 }
 
@@ -621,8 +623,8 @@ pub fn map_kernel(p: &Program, name: &str, out: usize, shape: &[usize], expr: &E
         name: name.to_string(),
         source: head + &body,
         params,
-        elements: n,
-        threads_per_element: if warp { 32 } else { 1 },
+        grid: (n * if warp { 32 } else { 1 }).div_ceil(MAP_BLOCK as usize) as u32,
+        block: MAP_BLOCK,
     }
 }
 

@@ -2088,7 +2088,7 @@ impl Lowering {
             if v.shape[0] != k {
                 return Err(format!("MatMul of {:?} and {:?}", a.shape, v.shape));
             }
-            weights.push((b, v.shape[1], w.clone()));
+            weights.push((b, v.shape[1]));
         }
         let total: usize = weights.iter().map(|w| w.1).sum();
         let rows = a.shape.iter().product::<usize>() / k.max(1);
@@ -2096,24 +2096,24 @@ impl Lowering {
             self.groups[g].state = SiblingState::Separate;
             return Ok(false);
         }
-        let mut merged = vec![0f32; k * total];
-        let mut col = 0;
-        for (b, n, _) in &weights {
-            let w = self.buffers[*b]
-                .init
-                .as_ref()
-                .ok_or("weight without values")?;
-            for r in 0..k {
-                merged[r * total + col..r * total + col + n]
-                    .copy_from_slice(&w[r * n..(r + 1) * n]);
-            }
-            col += n;
-        }
-        // The baked loop multiplies by the same weights every step: one merged copy.
+        // The baked loop multiplies by the same weights every step: merged once.
         let key: Vec<String> = members.iter().map(|(_, w)| w.clone()).collect();
         let wb = match self.merged_weights.get(&key) {
             Some(&b) => b,
             None => {
+                let mut merged = vec![0f32; k * total];
+                let mut col = 0;
+                for &(b, n) in &weights {
+                    let w = self.buffers[b]
+                        .init
+                        .as_ref()
+                        .ok_or("weight without values")?;
+                    for r in 0..k {
+                        merged[r * total + col..r * total + col + n]
+                            .copy_from_slice(&w[r * n..(r + 1) * n]);
+                    }
+                    col += n;
+                }
                 let b = self.buffer(k * total, DType::F32, Some(merged));
                 self.merged_weights.insert(key, b);
                 b
@@ -2132,16 +2132,16 @@ impl Lowering {
         };
         let coefs = strides(&shape);
         let mut col = 0i64;
-        for ((out, _), (_, n, _)) in members.iter().zip(&weights) {
+        for ((out, _), &(_, n)) in members.iter().zip(&weights) {
             let mut s = shape.clone();
-            *s.last_mut().expect("rank ≥ 2") = *n;
+            *s.last_mut().expect("rank ≥ 2") = n;
             let view = Expr::Load {
                 src: c,
                 coefs: coefs.clone(),
                 offset: col,
             };
             self.put_elementwise(out, s, view);
-            col += *n as i64;
+            col += n as i64;
         }
         self.fusions.merged_gemms += members.len() - 1;
         self.groups[g].state = SiblingState::Merged;
@@ -3206,80 +3206,70 @@ impl Lowering {
         sizes: &[usize],
         drop_axis: bool,
     ) -> Result<Vec<Value>, String> {
-        let mut at = 0usize;
-        let mut pieces = vec![];
-        let parts = match &v.src {
+        // Which part each piece is, when every piece is exactly one part.
+        let whole_parts = match &v.src {
             Source::Pending(Expr::Select {
                 axis: a,
                 starts,
                 parts,
             }) if *a == axis && parts.iter().all(Expr::cheap) => {
-                Some((starts.clone(), parts.clone()))
+                let mut at = 0i64;
+                sizes
+                    .iter()
+                    .map(|&size| {
+                        let j = starts.iter().position(|&s| s == at)?;
+                        at += size as i64;
+                        let end = starts.get(j + 1).copied().unwrap_or(v.shape[axis] as i64);
+                        (end == at).then(|| parts[j].clone())
+                    })
+                    .collect::<Option<Vec<Expr>>>()
             }
             _ => None,
         };
-        if let Some((starts, parts)) = &parts {
-            let ends: Vec<i64> = starts[1..]
-                .iter()
-                .copied()
-                .chain([v.shape[axis] as i64])
-                .collect();
-            let whole = sizes.iter().all(|&size| {
-                let j = starts.iter().position(|&s| s == at as i64);
-                at += size;
-                j.is_some_and(|j| ends[j] == at as i64)
-            });
-            if whole {
-                at = 0;
-                for &size in sizes {
-                    let j = starts
-                        .iter()
-                        .position(|&s| s == at as i64)
-                        .expect("checked");
-                    let mut shape = v.shape.clone();
-                    shape[axis] = size;
-                    let part = parts[j].clone();
-                    let (shape, expr) = match (drop_axis, part) {
-                        (false, e) => (shape, e),
-                        (
-                            true,
-                            Expr::Load {
-                                src,
-                                mut coefs,
-                                offset,
-                            },
-                        ) => {
-                            coefs.remove(axis);
-                            shape.remove(axis);
-                            (shape, Expr::Load { src, coefs, offset })
-                        }
-                        (true, e) => {
-                            let mut to = shape.clone();
-                            to.remove(axis);
-                            let e = Expr::Reshape {
-                                from: shape,
-                                expr: Box::new(e),
-                            };
-                            (to, e)
-                        }
-                    };
-                    pieces.push(Value {
-                        shape,
-                        dtype: v.dtype,
-                        src: Source::Pending(expr),
-                    });
-                    at += size;
-                }
-                self.fusions.split_parts += pieces.len();
-                return Ok(pieces);
+        if let Some(parts) = whole_parts {
+            let mut pieces = vec![];
+            for (&size, part) in sizes.iter().zip(parts) {
+                let mut shape = v.shape.clone();
+                shape[axis] = size;
+                let (shape, expr) = match (drop_axis, part) {
+                    (false, e) => (shape, e),
+                    (
+                        true,
+                        Expr::Load {
+                            src,
+                            mut coefs,
+                            offset,
+                        },
+                    ) => {
+                        coefs.remove(axis);
+                        shape.remove(axis);
+                        (shape, Expr::Load { src, coefs, offset })
+                    }
+                    (true, e) => {
+                        let mut to = shape.clone();
+                        to.remove(axis);
+                        let e = Expr::Reshape {
+                            from: shape,
+                            expr: Box::new(e),
+                        };
+                        (to, e)
+                    }
+                };
+                pieces.push(Value {
+                    shape,
+                    dtype: v.dtype,
+                    src: Source::Pending(expr),
+                });
             }
-            at = 0;
+            self.fusions.split_parts += pieces.len();
+            return Ok(pieces);
         }
         if let Source::Pending(e) = &v.src
             && !matches!(e, Expr::Load { .. })
         {
             v.src = Source::Buf(self.emit_map(v.shape.clone(), e.clone()));
         }
+        let (mut at, mut pieces) = (0, vec![]);
         for &size in sizes {
             pieces.push(self.piece(&v, axis, at, size, drop_axis)?);
             at += size;
@@ -3562,9 +3552,6 @@ impl Lowering {
     }
 }
 
-/// ONNX Reshape's shape argument (0 copies, -1 infers) applied to `from`.
-/// ONNX Slice on one axis of length `len`: (first index, element count, step), with
-/// negative indices counted from the end and out-of-range ones clamped as the spec says.
 /// The load coefficients of a strided view of `from` (coefficients `coefs`) reshaped to `to`,
 /// when no copy is needed: each run of axes merged into one must be contiguous with respect
 /// to each other, as numpy's reshape without a copy.
@@ -3606,6 +3593,8 @@ fn reshape_view(from: &[usize], coefs: &[i64], to: &[usize]) -> Option<Vec<i64>>
     (i == fa.len() && j == ta.len()).then_some(out)
 }
 
+/// ONNX Slice on one axis of length `len`: (first index, element count, step), with
+/// negative indices counted from the end and out-of-range ones clamped as the spec says.
 fn slice_range(start: i64, end: i64, step: i64, len: i64) -> Result<(i64, usize, i64), String> {
     if step == 0 {
         return Err("Slice step 0".into());
@@ -3629,6 +3618,7 @@ fn slice_range(start: i64, end: i64, step: i64, len: i64) -> Result<(i64, usize,
     Ok((first, count as usize, step))
 }
 
+/// ONNX Reshape's shape argument (0 copies, -1 infers) applied to `from`.
 fn reshape(from: &[usize], spec: &[i64]) -> Result<Vec<usize>, String> {
     let total: usize = from.iter().product();
     let mut shape = vec![];

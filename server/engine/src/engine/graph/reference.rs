@@ -420,89 +420,86 @@ fn softmax_rows(x: &[f32], out: &mut [f32], dim: usize) {
 }
 
 fn run_op(op: &Op, m: &mut Memory) {
-    {
-        match op {
-            Op::Map { out, shape, expr } => {
-                let vals = eval_all(expr, shape, m);
-                m.f[*out][..vals.len()].copy_from_slice(&vals);
+    match op {
+        Op::Map { out, shape, expr } => {
+            let vals = eval_all(expr, shape, m);
+            m.f[*out][..vals.len()].copy_from_slice(&vals);
+        }
+        Op::Gemm(g) => sgemm(&cublas_call(g), g.alpha, m),
+        Op::LayerNorm {
+            x,
+            gamma,
+            beta,
+            out,
+            rows,
+            dim,
+            eps,
+        } => {
+            for r in 0..*rows {
+                let row = &m.f[*x][r * dim..(r + 1) * dim];
+                let mean = row.iter().sum::<f32>() / *dim as f32;
+                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / *dim as f32;
+                let inv = 1.0 / (var + eps).sqrt();
+                let vals: Vec<f32> = (0..*dim)
+                    .map(|i| (row[i] - mean) * inv * m.f[*gamma][i] + m.f[*beta][i])
+                    .collect();
+                m.f[*out][r * dim..(r + 1) * dim].copy_from_slice(&vals);
             }
-            Op::Gemm(g) => sgemm(&cublas_call(g), g.alpha, m),
-            Op::LayerNorm {
-                x,
-                gamma,
-                beta,
-                out,
-                rows,
-                dim,
-                eps,
-            } => {
-                for r in 0..*rows {
-                    let row = &m.f[*x][r * dim..(r + 1) * dim];
-                    let mean = row.iter().sum::<f32>() / *dim as f32;
-                    let var =
-                        row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / *dim as f32;
-                    let inv = 1.0 / (var + eps).sqrt();
-                    let vals: Vec<f32> = (0..*dim)
-                        .map(|i| (row[i] - mean) * inv * m.f[*gamma][i] + m.f[*beta][i])
-                        .collect();
-                    m.f[*out][r * dim..(r + 1) * dim].copy_from_slice(&vals);
-                }
-            }
-            Op::Softmax { x, out, rows, dim } => {
-                let x = m.f[*x][..rows * dim].to_vec();
-                softmax_rows(&x, &mut m.f[*out], *dim);
-            }
-            Op::SoftmaxOf { out, shape, expr } => {
-                let x = eval_all(expr, shape, m);
-                softmax_rows(&x, &mut m.f[*out], *shape.last().unwrap_or(&1));
-            }
-            Op::Axis {
-                kind,
-                x,
-                out,
-                outer,
-                len,
-                inner,
-            } => {
-                for o in 0..*outer {
-                    for i in 0..*inner {
-                        let mut s = 0.0f32;
-                        for l in 0..*len {
-                            let v = m.f[*x][(o * len + l) * inner + i];
-                            s += if *kind == AxisKind::MeanSquare {
-                                v * v
-                            } else {
-                                v
-                            };
-                            if *kind == AxisKind::CumSum {
-                                m.f[*out][(o * len + l) * inner + i] = s;
-                            }
+        }
+        Op::Softmax { x, out, rows, dim } => {
+            let x = m.f[*x][..rows * dim].to_vec();
+            softmax_rows(&x, &mut m.f[*out], *dim);
+        }
+        Op::SoftmaxOf { out, shape, expr } => {
+            let x = eval_all(expr, shape, m);
+            softmax_rows(&x, &mut m.f[*out], *shape.last().unwrap_or(&1));
+        }
+        Op::Axis {
+            kind,
+            x,
+            out,
+            outer,
+            len,
+            inner,
+        } => {
+            for o in 0..*outer {
+                for i in 0..*inner {
+                    let mut s = 0.0f32;
+                    for l in 0..*len {
+                        let v = m.f[*x][(o * len + l) * inner + i];
+                        s += if *kind == AxisKind::MeanSquare {
+                            v * v
+                        } else {
+                            v
+                        };
+                        if *kind == AxisKind::CumSum {
+                            m.f[*out][(o * len + l) * inner + i] = s;
                         }
-                        match kind {
-                            AxisKind::Sum => m.f[*out][o * inner + i] = s,
-                            AxisKind::Mean | AxisKind::MeanSquare => {
-                                m.f[*out][o * inner + i] = s / *len as f32
-                            }
-                            AxisKind::CumSum => {}
+                    }
+                    match kind {
+                        AxisKind::Sum => m.f[*out][o * inner + i] = s,
+                        AxisKind::Mean | AxisKind::MeanSquare => {
+                            m.f[*out][o * inner + i] = s / *len as f32
                         }
+                        AxisKind::CumSum => {}
                     }
                 }
             }
-            Op::Fill { out, len, value } => m.f[*out][..*len].fill(*value),
-            Op::Step {
-                x,
-                v,
-                len,
-                dt,
-                t,
-                t_next,
-            } => {
-                for i in 0..*len {
-                    let d = dt * m.f[*v][i];
-                    m.f[*x][i] += d;
-                }
-                m.f[*t][0] = *t_next;
+        }
+        Op::Fill { out, len, value } => m.f[*out][..*len].fill(*value),
+        Op::Step {
+            x,
+            v,
+            len,
+            dt,
+            t,
+            t_next,
+        } => {
+            for i in 0..*len {
+                let d = dt * m.f[*v][i];
+                m.f[*x][i] += d;
             }
+            m.f[*t][0] = *t_next;
         }
     }
 }

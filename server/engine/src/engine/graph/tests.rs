@@ -461,6 +461,55 @@ pub(crate) fn views_model() -> pb::ModelProto {
     g.model(17)
 }
 
+/// A fixture graph with its external weights inlined (as tract reads it).
+fn inlined_model(dir: &Path, file: &str) -> pb::ModelProto {
+    let mut model = read_model(&dir.join(file)).unwrap();
+    crate::onnx::inline_external(&mut model, dir).unwrap();
+    model
+}
+
+/// Random feeds for `p`'s callers' inputs, in order, each both as the reference executor's
+/// host value and as tract's tensor: f32 uniform in ±1 from `seed`, token ids cycling below
+/// 53, masks with the last two positions off, float64 times counting up from 0.3.
+fn random_feeds(
+    p: &Program,
+    seed: u64,
+) -> (
+    Vec<(String, super::reference::HostValue)>,
+    tract_onnx::prelude::TVec<tract_onnx::prelude::TValue>,
+) {
+    use super::reference::HostValue;
+    use tract_onnx::prelude::*;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut feeds = vec![];
+    let mut inputs: TVec<TValue> = tvec![];
+    for feed in p.feeds() {
+        let n: usize = feed.shape.iter().product();
+        let (t, v) = match feed.elem {
+            7 => {
+                let v: Vec<i64> = (0..n as i64).map(|k| 3 + (k * 7) % 50).collect();
+                (Tensor::from_shape(&feed.shape, &v), HostValue::I64(v))
+            }
+            9 => {
+                let last = *feed.shape.last().unwrap_or(&1);
+                let v: Vec<bool> = (0..n).map(|k| k % last + 2 < last.max(3)).collect();
+                (Tensor::from_shape(&feed.shape, &v), HostValue::Bool(v))
+            }
+            11 => {
+                let v: Vec<f64> = (0..n).map(|k| 0.3 + k as f64 * 0.1).collect();
+                (Tensor::from_shape(&feed.shape, &v), HostValue::F64(v))
+            }
+            _ => {
+                let v = uniform(&mut rng, n, 1.0);
+                (Tensor::from_shape(&feed.shape, &v), HostValue::F32(v))
+            }
+        };
+        inputs.push(t.unwrap().into_tvalue());
+        feeds.push((feed.name.clone(), v));
+    }
+    (feeds, inputs)
+}
+
 /// `model` run by tract as the cpu engine runs it (`prepare` first: tract takes the
 /// sequence operators and the CumSum of a cast mask only rewritten; the cuda compiler takes
 /// the graph as exported), every output as f32.
@@ -913,9 +962,7 @@ fn half_precision_stores_only_what_maps_and_deep_gemms_touch() {
     let dir = tempfile::tempdir().unwrap();
     crate::fixtures::write(crate::fixtures::Kind::Pi05, dir.path(), 1).unwrap();
     for file in ["vlm_prefix.onnx", "expert_denoise.onnx"] {
-        let path = dir.path().join(file);
-        let mut model = read_model(&path).unwrap();
-        crate::onnx::inline_external(&mut model, dir.path()).unwrap();
+        let model = inlined_model(dir.path(), file);
         // Every product a GEMM, as at full size.
         let f32p = compile_with(&model, file, Precision::F32, 0).unwrap();
         let mut p = compile_with(&model, file, Precision::BF16, 0).unwrap();
@@ -999,46 +1046,12 @@ fn half_precision_stores_only_what_maps_and_deep_gemms_touch() {
 /// half (no copy per call), so the weights take well under f32's memory.
 #[test]
 fn half_precision_programs_with_every_product_a_gemm_agree_with_tract() {
-    use tract_onnx::prelude::*;
     let dir = tempfile::tempdir().unwrap();
     crate::fixtures::write(crate::fixtures::Kind::Pi05, dir.path(), 2).unwrap();
     for file in ["vlm_prefix.onnx", "expert_denoise.onnx"] {
-        let path = dir.path().join(file);
-        let mut model = read_model(&path).unwrap();
-        crate::onnx::inline_external(&mut model, dir.path()).unwrap();
+        let model = inlined_model(dir.path(), file);
         let f32p = compile_with(&model, file, Precision::F32, 0).unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(4);
-        let mut feeds: Vec<(String, super::reference::HostValue)> = vec![];
-        let mut inputs: TVec<TValue> = tvec![];
-        for port in &f32p.inputs {
-            let n: usize = port.shape.iter().product();
-            let (t, v) = match port.dtype {
-                DType::I64 => {
-                    let v: Vec<i64> = (0..n as i64).map(|k| 3 + (k * 7) % 50).collect();
-                    (
-                        Tensor::from_shape(&port.shape, &v).unwrap(),
-                        super::reference::HostValue::I64(v),
-                    )
-                }
-                DType::Bool => {
-                    let last = *port.shape.last().unwrap();
-                    let v: Vec<bool> = (0..n).map(|k| k % last + 2 < last.max(3)).collect();
-                    (
-                        Tensor::from_shape(&port.shape, &v).unwrap(),
-                        super::reference::HostValue::Bool(v),
-                    )
-                }
-                DType::F32 => {
-                    let v = uniform(&mut rng, n, 1.0);
-                    (
-                        Tensor::from_shape(&port.shape, &v).unwrap(),
-                        super::reference::HostValue::F32(v),
-                    )
-                }
-            };
-            inputs.push(t.into_tvalue());
-            feeds.push((port.name.clone(), v));
-        }
+        let (feeds, inputs) = random_feeds(&f32p, 4);
         let feed = |name: &str| {
             feeds
                 .iter()
@@ -1167,7 +1180,6 @@ fn rmsnorm_squares_are_read_in_their_mean() {
 /// found in the pi0.5 programs, which still agree with tract output by output.
 #[test]
 fn transformer_fusions_at_gemm_scale_agree_with_tract() {
-    use tract_onnx::prelude::*;
     for kind in [
         crate::fixtures::Kind::Pi05,
         crate::fixtures::Kind::Pi05PerStep,
@@ -1175,9 +1187,7 @@ fn transformer_fusions_at_gemm_scale_agree_with_tract() {
         let dir = tempfile::tempdir().unwrap();
         crate::fixtures::write(kind, dir.path(), 6).unwrap();
         for file in ["vlm_prefix.onnx", "expert_denoise.onnx"] {
-            let path = dir.path().join(file);
-            let mut model = read_model(&path).unwrap();
-            crate::onnx::inline_external(&mut model, dir.path()).unwrap();
+            let model = inlined_model(dir.path(), file);
             let Ok(p) = compile_with(&model, file, Precision::F32, 0) else {
                 panic!("{kind:?} {file} does not compile")
             };
@@ -1205,45 +1215,7 @@ fn transformer_fusions_at_gemm_scale_agree_with_tract() {
                     }
                 }
             }
-            let mut rng = ChaCha8Rng::seed_from_u64(12);
-            let mut feeds: Vec<(String, super::reference::HostValue)> = vec![];
-            let mut inputs: TVec<TValue> = tvec![];
-            for feed in p.feeds() {
-                let n: usize = feed.shape.iter().product();
-                let (t, v) = match feed.elem {
-                    7 => {
-                        let v: Vec<i64> = (0..n as i64).map(|k| 3 + (k * 7) % 50).collect();
-                        (
-                            Tensor::from_shape(&feed.shape, &v).unwrap(),
-                            super::reference::HostValue::I64(v),
-                        )
-                    }
-                    9 => {
-                        let last = *feed.shape.last().unwrap_or(&1);
-                        let v: Vec<bool> = (0..n).map(|k| k % last + 2 < last.max(3)).collect();
-                        (
-                            Tensor::from_shape(&feed.shape, &v).unwrap(),
-                            super::reference::HostValue::Bool(v),
-                        )
-                    }
-                    11 => {
-                        let v: Vec<f64> = (0..n).map(|k| 0.3 + k as f64 * 0.1).collect();
-                        (
-                            Tensor::from_shape(&feed.shape, &v).unwrap(),
-                            super::reference::HostValue::F64(v),
-                        )
-                    }
-                    _ => {
-                        let v = uniform(&mut rng, n, 1.0);
-                        (
-                            Tensor::from_shape(&feed.shape, &v).unwrap(),
-                            super::reference::HostValue::F32(v),
-                        )
-                    }
-                };
-                inputs.push(t.into_tvalue());
-                feeds.push((feed.name.clone(), v));
-            }
+            let (feeds, inputs) = random_feeds(&p, 12);
             let theirs = tract_outputs(&model, inputs);
             let ours = super::reference::run_program(&p, &|name: &str| {
                 feeds
@@ -1314,9 +1286,7 @@ fn rotary_is_applied_inside_the_maps_that_read_the_projections() {
     }
     let dir = tempfile::tempdir().unwrap();
     crate::fixtures::write(crate::fixtures::Kind::Pi05PerStep, dir.path(), 6).unwrap();
-    let path = dir.path().join("expert_denoise.onnx");
-    let mut model = read_model(&path).unwrap();
-    crate::onnx::inline_external(&mut model, dir.path()).unwrap();
+    let model = inlined_model(dir.path(), "expert_denoise.onnx");
     let p = compile_with(&model, "e.onnx", Precision::F32, 0).unwrap();
     let layers = p
         .ops
