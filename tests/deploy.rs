@@ -440,6 +440,17 @@ async fn without_a_notify_socket_nothing_changes() {
 /// listening socket as fd 3, `LISTEN_FDS=1`, `LISTEN_PID` = its own PID (set by the
 /// shell it `exec`s from), flags from `REFLEX_RECORDER_*`.
 fn activated_recorder(fd3: &impl AsRawFd, traces: &Path, notify: &str) -> Proc {
+    spawn_activated_recorder(fd3, traces, notify, false)
+}
+
+/// [`activated_recorder`], optionally held to one CPU (as on a loaded machine: its runtime
+/// gets one worker, so tasks it wakes together run one after the other).
+fn spawn_activated_recorder(
+    fd3: &impl AsRawFd,
+    traces: &Path,
+    notify: &str,
+    one_cpu: bool,
+) -> Proc {
     let fd = fd3.as_raw_fd();
     let mut cmd = Command::new("/bin/sh");
     cmd.args(["-c", r#"LISTEN_PID=$$ exec "$0" "$@""#, BIN, "recorder"])
@@ -448,9 +459,17 @@ fn activated_recorder(fd3: &impl AsRawFd, traces: &Path, notify: &str) -> Proc {
         .env("NOTIFY_SOCKET", notify)
         .env("REFLEX_RECORDER_DIR", traces)
         .env("RUST_LOG", "info");
-    // SAFETY: dup2 and fcntl are async-signal-safe; nothing else runs between fork and exec.
+    // SAFETY: dup2, fcntl and sched_setaffinity are system calls (async-signal-safe);
+    // nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            if one_cpu {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(0, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if fd == 3 {
                 // Already in place; dup2 would keep close-on-exec.
                 if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
@@ -545,6 +564,33 @@ async fn grpcurl_socket_activated_recorder_status_no_rst_stream_protocol_error()
     rec.wait_for_log("using the socket passed by the service manager");
     let status = grpcurl_recorder_status(&rsock);
     assert_eq!(status["dir"], traces.display().to_string(), "{status}");
+}
+
+/// Regression (a CI failure): an idle recorder stops as soon as it is told to, and it used to
+/// abort the task that sends STOPPING=1 before that task had run. On one CPU (CI's loaded
+/// two cores hit it) that lost the notice about once in 150 stops, so it stops 200 times.
+#[test]
+fn an_idle_recorder_says_stopping_each_time_it_is_told_to_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let rsock = dir.path().join("recorder.sock");
+    let listener = UnixListener::bind(&rsock).unwrap();
+    for round in 0..200 {
+        let notes = Notifications::abstract_name();
+        let traces = dir.path().join("traces");
+        let mut rec = spawn_activated_recorder(&listener, &traces, &notes.value, true);
+        notes.wait_for("READY=1", &rec);
+        rec.signal(libc::SIGTERM);
+        let status = rec.wait_exit(TIMEOUT).expect("exits");
+        assert!(status.success(), "round {round}: {}", rec.stderr());
+        notes.wait_for("STOPPING=1", &rec);
+        assert_eq!(
+            notes.count("STOPPING=1"),
+            1,
+            "round {round}: got {:?}; stderr:\n{}",
+            notes.all(),
+            rec.stderr()
+        );
+    }
 }
 
 #[test]

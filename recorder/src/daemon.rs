@@ -512,8 +512,15 @@ pub async fn run(args: RecorderArgs, shutdown: CancellationToken) -> anyhow::Res
     });
     let status = format!("recording into {} from {socket}", config.dir.display());
     let ready = move || notify(&[Notice::Ready, Notice::Status(&status)]);
+    let cancelled = shutdown.clone();
     let served = serve_with(listener, config, shutdown, ready).await;
-    notice.abort();
+    if cancelled.is_cancelled() {
+        // Shutdown began: STOPPING=1 goes out even when serving ended before the notice task
+        // ran (an idle recorder stops at once; aborting here lost the notice).
+        let _ = notice.await;
+    } else {
+        notice.abort();
+    }
     if let Some(path) = owned_path {
         let _ = fs::remove_file(path);
     }
