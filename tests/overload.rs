@@ -113,6 +113,12 @@ async fn refusals_are_counted_in_the_footer_not_written_one_by_one() {
 /// A call whose `grpc-timeout` ran out while it waited for a worker was still run, late,
 /// for nobody. It is now answered DEADLINE_EXCEEDED by the server (recorded, with its seq),
 /// and the worker skips it.
+///
+/// The one worker is held by a call that takes long for a reason of its own (two cameras
+/// of 4096x4096 pixels to decode and resize), timed on this machine first; the short calls
+/// arrive while it runs, with deadlines well inside its time. (Forty short calls used to be
+/// the whole load: they only outlasted their deadlines while other tests loaded the
+/// machine, and alone on two idle cores all forty finished in time.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_call_whose_deadline_passes_in_the_queue_is_answered_and_not_run() {
     let (_dir, server, target, traces) = serving(
@@ -127,29 +133,40 @@ async fn a_call_whose_deadline_passes_in_the_queue_is_answered_and_not_run() {
         true,
     )
     .await;
-    // Warm the engine so that the first call's set-up does not count.
-    policy_client(&target)
-        .await
-        .act(act_request(0, None))
-        .await
-        .unwrap();
     let sock = target.strip_prefix("unix://").unwrap().to_string();
-    let mut calls = tokio::task::JoinSet::new();
-    for i in 0..40u8 {
+    let mut c = policy_client(&target).await;
+    // Warm the engine so that the first call's set-up does not count.
+    c.act(act_request(0, None)).await.unwrap();
+    // Built before anything is timed: encoding the JPEGs takes longer than decoding them.
+    // Two sets of pixels: the prefix cache must not answer the second without decoding.
+    let (measured, holding) = (heavy_request(1), heavy_request(2));
+    let started = Instant::now();
+    c.act(measured).await.unwrap();
+    let held = started.elapsed();
+    eprintln!("a heavy call takes {held:?}");
+
+    let blocker = {
         let sock = sock.clone();
+        tokio::spawn(async move { client_without_timer(&sock).await.act(holding).await })
+    };
+    // The blocker is the only call: a worker takes it at once. The short calls come a
+    // quarter of its time later and fall due between a quarter and a half of it after that.
+    tokio::time::sleep(held / 4).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..40u32 {
+        let sock = sock.clone();
+        // Spread out, so that the expired answers do not all fall due in the same
+        // millisecond: on a loaded machine a stampede of them, each recording its answer,
+        // could let tonic's server-side timer drop some first.
+        let deadline = (held / 4 + held * i / 160).max(Duration::from_millis(20));
         calls.spawn(async move {
             let mut c = client_without_timer(&sock).await;
-            // Each call takes a few ms on one worker: 40 of them cannot all finish within
-            // their 50–128 ms. The deadlines are spread out so that the expired answers do
-            // not all fall due in the same millisecond: on a loaded machine a stampede of
-            // them, each recording its answer, could let tonic's server-side timer drop some
-            // first.
-            let mut req = tonic::Request::new(act_request(i + 1, None));
-            req.set_timeout(Duration::from_millis(50 + 2 * u64::from(i)));
+            let mut req = tonic::Request::new(act_request(i as u8 + 1, None));
+            req.set_timeout(deadline);
             c.act(req).await
         });
     }
-    let (mut ok, mut expired, mut cancelled) = (1u64, 0u64, 0u64);
+    let (mut ok, mut expired, mut cancelled) = (2u64, 0u64, 0u64);
     while let Some(r) = calls.join_next().await {
         match r.unwrap() {
             Ok(_) => ok += 1,
@@ -164,6 +181,11 @@ async fn a_call_whose_deadline_passes_in_the_queue_is_answered_and_not_run() {
             Err(s) => panic!("unexpected answer {s:?}"),
         }
     }
+    timeout(blocker)
+        .await
+        .unwrap()
+        .expect("the call holding the worker is answered");
+    ok += 1;
     eprintln!("ok {ok}, expired {expired}, cancelled {cancelled}");
     assert!(
         expired > 0,
@@ -199,6 +221,27 @@ async fn a_call_whose_deadline_passes_in_the_queue_is_answered_and_not_run() {
         (ok..=ok + cancelled).contains(&ok_records),
         "{ok_records} OK records for {ok} OK answers"
     );
+}
+
+/// An Act call that costs a worker far more than [`act_request`]: both cameras at the
+/// largest size the server decodes (4096x4096), resized to the model's 224. Each `shade`
+/// gives other pixels.
+fn heavy_request(shade: u8) -> pb::ActRequest {
+    let side = reflex_engine::preprocess::MAX_SIDE;
+    let img = image::RgbImage::from_fn(side, side, |x, y| {
+        image::Rgb([(x / 16) as u8, (y / 16) as u8, shade.wrapping_mul(40)])
+    });
+    let data = reflex_engine::preprocess::encode_jpeg(&img, 90);
+    let mut req = act_request(0, None);
+    req.images = ["base", "wrist"]
+        .into_iter()
+        .map(|camera| pb::Image {
+            camera: camera.into(),
+            data: data.clone(),
+            sha256: String::new(),
+        })
+        .collect();
+    req
 }
 
 /// A Policy client on its own HTTP/2 connection to the Unix socket `sock` that sends a
