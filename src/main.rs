@@ -35,6 +35,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up and matched once: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve one export over gRPC (reflex.v1.Policy, health, reflection).

@@ -703,6 +703,18 @@ async fn raw_call(
     out
 }
 
+/// One malformed call: what it is, the path, extra headers, its DATA frames, whether the
+/// stream is ended, the gRPC code expected and words of the message expected.
+type FramingCase<'a> = (
+    &'a str,
+    &'a str,
+    Vec<(&'a str, &'a str)>,
+    Vec<Vec<u8>>,
+    bool,
+    tonic::Code,
+    &'a str,
+);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_grpc_framing_gets_a_clear_status_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -710,16 +722,7 @@ async fn malformed_grpc_framing_gets_a_clear_status_and_the_server_keeps_serving
     let good = act_request(4, Some(4)).encode_to_vec();
     let ok = tonic::Code::Ok as i32;
     for target in &targets {
-        // (what, path, extra headers, DATA frames, end the stream, the gRPC code, words of the message)
-        let cases: Vec<(
-            &str,
-            &str,
-            Vec<(&str, &str)>,
-            Vec<Vec<u8>>,
-            bool,
-            tonic::Code,
-            &str,
-        )> = vec![
+        let cases: Vec<FramingCase> = vec![
             (
                 "length prefix of 4 GiB, stream left open",
                 ACT,
@@ -910,12 +913,13 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;

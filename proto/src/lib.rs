@@ -226,6 +226,22 @@ impl Connector {
     }
 }
 
+/// `e` and its sources, joined, repeats skipped (tonic's transport and TLS
+/// errors say little at the top).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,20 +290,4 @@ mod tests {
             assert!(matches!(e, ConnectError::CaWithoutHttps(_)), "{plain}: {e}");
         }
     }
-}
-
-/// `e` and its sources, joined, repeats skipped (tonic's transport and TLS
-/// errors say little at the top).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
 }

@@ -122,10 +122,9 @@ impl Moments {
             .map(|(q, m)| (q / n - m * m).max(0.0).sqrt())
             .collect();
         let shape = |v: &[f64]| -> Value {
-            if rows > 0 {
-                json!(v.chunks(v.len() / rows).collect::<Vec<_>>())
-            } else {
-                json!(v)
+            match v.len().checked_div(rows) {
+                Some(width) => json!(v.chunks(width).collect::<Vec<_>>()),
+                None => json!(v),
             }
         };
         json!({
