@@ -574,9 +574,9 @@ fn an_idle_recorder_says_stopping_each_time_it_is_told_to_stop() {
     let dir = tempfile::tempdir().unwrap();
     let rsock = dir.path().join("recorder.sock");
     let listener = UnixListener::bind(&rsock).unwrap();
+    let traces = dir.path().join("traces");
     for round in 0..200 {
         let notes = Notifications::abstract_name();
-        let traces = dir.path().join("traces");
         let mut rec = spawn_activated_recorder(&listener, &traces, &notes.value, true);
         notes.wait_for("READY=1", &rec);
         rec.signal(libc::SIGTERM);

@@ -227,11 +227,7 @@ async fn a_call_whose_deadline_passes_in_the_queue_is_answered_and_not_run() {
 /// largest size the server decodes (4096x4096), resized to the model's 224. Each `shade`
 /// gives other pixels.
 fn heavy_request(shade: u8) -> pb::ActRequest {
-    let side = reflex_engine::preprocess::MAX_SIDE;
-    let img = image::RgbImage::from_fn(side, side, |x, y| {
-        image::Rgb([(x / 16) as u8, (y / 16) as u8, shade.wrapping_mul(40)])
-    });
-    let data = reflex_engine::preprocess::encode_jpeg(&img, 90);
+    let data = jpeg_of_side(shade, reflex_engine::preprocess::MAX_SIDE);
     let mut req = act_request(0, None);
     req.images = ["base", "wrist"]
         .into_iter()

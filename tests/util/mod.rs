@@ -185,7 +185,12 @@ pub async fn act_stream_all(
 
 /// A 224×224 JPEG with a pattern that depends on `shade`.
 pub fn jpeg(shade: u8) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(224, 224, |x, y| {
+    jpeg_of_side(shade, 224)
+}
+
+/// [`jpeg`] at `side`×`side` pixels (the pattern repeats every 256).
+pub fn jpeg_of_side(shade: u8, side: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(side, side, |x, y| {
         image::Rgb([
             (x as u8).wrapping_add(shade),
             (y as u8).wrapping_mul(3),
